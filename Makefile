@@ -1,0 +1,40 @@
+# Two commands from a clean clone: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+NUM_SAMPLES ?= 30
+ARGS ?=
+
+.PHONY: demo test test-fast install install-test bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# Stamp files: reinstall only when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(VENV)/.installed $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+demo: install
+	$(PY) -m tune_rice.search --num-samples $(NUM_SAMPLES) $(ARGS)
+
+test: install-test
+	$(PY) -m pytest -q $(ARGS)
+
+test-fast: install-test
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+bench: install
+	$(PY) benchmarks/bench_search.py
+	$(PY) benchmarks/bench_extract.py
+
+clean:
+	rm -rf runs .pytest_cache build *.egg-info

@@ -1,0 +1,65 @@
+"""Shared command-line plumbing and the ``tune-rice`` umbrella command.
+
+Every ``python -m tune_rice.<tool>`` entry point goes through :func:`run`, so that a :class:`UserError`
+is one clear line on stderr with exit code 2 (never a traceback) and logging looks the same everywhere.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from . import UserError
+
+TOOLS = {
+    "search": "run a hyperparameter search (the main job)",
+    "prepare": "scan class folders and write labels.csv with a leakage-safe split",
+    "demo": "generate the synthetic rice-leaf dataset",
+    "predict": "classify new images with a trained model",
+    "evaluate": "score a trained model on a labelled split",
+    "report": "write plots and tables for a finished search",
+    "export": "export a trained model to TorchScript or ONNX",
+}
+
+
+def setup_logging(verbose: bool = False) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", force=True)
+    for noisy in ("PIL", "matplotlib", "urllib3", "filelock", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
+    """Call ``main(argv)``; turn user errors and Ctrl-C into a message and an exit code."""
+    try:
+        return int(main(argv) or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in TOOLS:
+        width = max(map(len, TOOLS))
+        lines = [f"  {name:<{width}}  {text}" for name, text in TOOLS.items()]
+        print("usage: tune-rice TOOL [options]   (tune-rice TOOL --help for its options)\n\ntools:\n"
+              + "\n".join(lines))
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nerror: unknown tool {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    module = importlib.import_module(f"tune_rice.{argv[0]}")
+    os.environ.setdefault("TUNE_RICE_PROG", f"tune-rice {argv[0]}")
+    return module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

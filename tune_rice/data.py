@@ -1,0 +1,230 @@
+"""Reading the prepared dataset: labels.csv, robust image decoding, transform presets, a Dataset.
+
+No Ray here. Everything that turns a file on disk into a normalised tensor lives in this module, so the
+feature bank, the inline training path, evaluation and prediction all see the same pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision.transforms import v2 as T
+
+from . import UserError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SPLITS = ("train", "valid", "test")
+AUG_POLICIES = ("none", "light", "standard", "strong")
+REQUIRED_COLUMNS = ("path", "label", "split", "group")
+
+# A truncated JPEG must be an error we report, never silently half-grey pixels.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class ImageDecodeError(UserError):
+    """An image file that cannot be decoded; the message names the file and the reason."""
+
+
+def load_image(path: str | os.PathLike, *, draft_size: int | None = None) -> Image.Image:
+    """Decode ``path`` into an 8-bit RGB PIL image, whatever the file holds.
+
+    EXIF orientation is applied; greyscale, palette, RGBA/LA (composited on white), CMYK and 16-bit or
+    float images become RGB. ``draft_size`` lets the JPEG decoder scale down by a power of two while
+    decoding (much faster for large photos); the result is still at least ``draft_size`` on each side.
+    Raises :class:`ImageDecodeError` naming the path on anything unreadable.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            if draft_size and im.format == "JPEG":
+                im.draft("RGB", (draft_size, draft_size))
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return _to_rgb(im)
+    except FileNotFoundError:
+        raise ImageDecodeError(f"{path}: file not found") from None
+    except UnidentifiedImageError:
+        size = path.stat().st_size if path.exists() else 0
+        reason = "empty file" if size == 0 else "not an image (unknown format)"
+        raise ImageDecodeError(f"{path}: {reason}") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageDecodeError(f"{path}: cannot decode ({e})") from None
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # 16-bit / 32-bit greyscale: rescale the actual range into 0..255.
+        arr = np.asarray(im, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        if mode.startswith("I;16") and hi > 255:
+            arr = arr / 65535.0 * 255.0
+        elif hi > 255 or lo < 0:
+            arr = (arr - lo) / max(hi - lo, 1e-12) * 255.0
+        return Image.fromarray(arr.clip(0, 255).astype(np.uint8), mode="L").convert("RGB")
+    if mode == "P":
+        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
+        if im.mode == "RGB":
+            return im
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode in ("RGB;16", "BGR;16") or mode.startswith("RGB"):
+        return im.convert("RGB")
+    return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+# --------------------------------------------------------------------------------------------- labels
+@dataclass(frozen=True)
+class LabelTable:
+    """labels.csv read and checked: ``frame`` rows, ``root`` the dataset folder, ``classes`` sorted."""
+
+    frame: pd.DataFrame
+    root: Path
+    classes: tuple[str, ...]
+    csv_path: Path
+
+    def split(self, name: str) -> pd.DataFrame:
+        return self.frame[self.frame["split"] == name].reset_index(drop=True)
+
+    def paths(self, split: str) -> list[Path]:
+        return [self.root / p for p in self.split(split)["path"]]
+
+    def targets(self, split: str) -> np.ndarray:
+        index = {c: i for i, c in enumerate(self.classes)}
+        return np.asarray([index[c] for c in self.split(split)["label"]], dtype=np.int64)
+
+
+def read_labels(csv_path: str | os.PathLike, *, root: str | os.PathLike | None = None) -> LabelTable:
+    """Read and validate a labels.csv; ``root`` defaults to the folder that holds it.
+
+    Paths must be relative and stay inside ``root`` (no ``..``, no absolute paths): a labels.csv
+    from elsewhere must not make the tools read arbitrary files.
+    """
+    csv_path = Path(csv_path).resolve()
+    if not csv_path.is_file():
+        raise UserError(f"{csv_path}: labels file not found")
+    try:
+        frame = pd.read_csv(csv_path, dtype={"path": str, "label": str, "split": str, "group": str},
+                            keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
+        raise UserError(f"{csv_path}: not a readable CSV ({e})") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise UserError(f"{csv_path}: missing column(s) {', '.join(missing)}; "
+                        f"expected at least {', '.join(REQUIRED_COLUMNS)}")
+    if frame.empty:
+        raise UserError(f"{csv_path}: no rows")
+    bad_split = sorted(set(frame["split"]) - set(SPLITS))
+    if bad_split:
+        raise UserError(f"{csv_path}: unknown split value(s) {bad_split}; valid: {', '.join(SPLITS)}")
+    for p in frame["path"]:
+        pp = PurePosixPath(p)
+        if not p or pp.is_absolute() or ".." in pp.parts or Path(p).is_absolute() or "\\" in p:
+            raise UserError(f"{csv_path}: path {p!r} is not inside the dataset root "
+                            "(absolute paths and '..' are refused)")
+    root = Path(root).resolve() if root is not None else csv_path.parent
+    classes = tuple(sorted(frame["label"].unique()))
+    return LabelTable(frame=frame, root=root, classes=classes, csv_path=csv_path)
+
+
+# ----------------------------------------------------------------------------------------- transforms
+def eval_resize(image_size: int) -> int:
+    """Short-side resize before the centre crop (the 256/224 ImageNet convention)."""
+    return int(round(image_size * 256 / 224))
+
+
+def build_transform(image_size: int = 224, *, train: bool = False, policy: str = "standard") -> T.Compose:
+    """The preprocessing for one image: PIL RGB -> float tensor (3, S, S), ImageNet-normalised.
+
+    ``train=False`` (or policy ``none``) is deterministic: resize the short side then centre-crop.
+    Training policies: ``light`` (crop + horizontal flip), ``standard`` (RandomResizedCrop, flips, small
+    rotation, ColorJitter: the seed recipe's augmentation), ``strong`` (wider crops and jitter).
+    """
+    if policy not in AUG_POLICIES:
+        raise UserError(f"unknown augmentation policy {policy!r}; valid: {', '.join(AUG_POLICIES)}")
+    tail = [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if not train or policy == "none":
+        return T.Compose([T.Resize(eval_resize(image_size), antialias=True), T.CenterCrop(image_size), *tail])
+    if policy == "light":
+        aug = [T.RandomResizedCrop(image_size, scale=(0.7, 1.0), antialias=True), T.RandomHorizontalFlip()]
+    elif policy == "standard":
+        aug = [T.RandomResizedCrop(image_size, scale=(0.5, 1.0), antialias=True), T.RandomHorizontalFlip(),
+               T.RandomVerticalFlip(), T.RandomRotation(15),
+               T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02)]
+    else:  # strong
+        aug = [T.RandomResizedCrop(image_size, scale=(0.3, 1.0), antialias=True), T.RandomHorizontalFlip(),
+               T.RandomVerticalFlip(), T.RandomRotation(30),
+               T.ColorJitter(brightness=0.35, contrast=0.35, saturation=0.35, hue=0.05)]
+    return T.Compose([*aug, *tail])
+
+
+def preprocessing_spec(image_size: int) -> dict:
+    """How to turn a photo into the model's input, as plain data (saved inside model artifacts)."""
+    return {"image_size": int(image_size), "resize": eval_resize(image_size), "crop": "center",
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "color": "RGB",
+            "scale": "pixel/255 then (x - mean) / std"}
+
+
+# -------------------------------------------------------------------------------------------- dataset
+class ImageDataset(Dataset):
+    """Images and integer targets; item ``i`` is ``(tensor (3, S, S), target, i)``.
+
+    ``views`` > 1 returns a stacked tensor (V, 3, S, S) of ``views`` transforms of one decode: view 0
+    through ``first_transform`` (un-augmented) when given, the rest through ``transform``.
+    """
+
+    def __init__(self, paths, targets, transform, *, views: int = 1, first_transform=None,
+                 draft_size: int | None = None):
+        self.paths = [Path(p) for p in paths]
+        self.targets = np.asarray(targets, dtype=np.int64)
+        if len(self.paths) != len(self.targets):
+            raise ValueError("paths and targets differ in length")
+        self.transform = transform
+        self.first_transform = first_transform
+        self.views = int(views)
+        self.draft_size = draft_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        image = load_image(self.paths[i], draft_size=self.draft_size)
+        if self.views == 1:
+            return self.transform(image), int(self.targets[i]), i
+        first = self.first_transform or self.transform
+        stack = [first(image)] + [self.transform(image) for _ in range(self.views - 1)]
+        return torch.stack(stack), int(self.targets[i]), i
+
+
+def dataset_for_split(table: LabelTable, split: str, transform, **kwargs) -> ImageDataset:
+    return ImageDataset(table.paths(split), table.targets(split), transform, **kwargs)
+
+
+def find_images(paths) -> list[Path]:
+    """Expand files and folders (recursively) into a sorted list of image-looking files."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out.extend(sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS))
+        elif p.exists():
+            out.append(p)
+        else:
+            raise UserError(f"{p}: no such file or folder")
+    return out
