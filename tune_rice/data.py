@@ -188,10 +188,12 @@ class ImageDataset(Dataset):
 
     ``views`` > 1 returns a stacked tensor (V, 3, S, S) of ``views`` transforms of one decode: view 0
     through ``first_transform`` (un-augmented) when given, the rest through ``transform``.
+    ``seed`` makes random augmentation a function of (seed, index): the same views whatever the number
+    of loader workers or the batch size.
     """
 
     def __init__(self, paths, targets, transform, *, views: int = 1, first_transform=None,
-                 draft_size: int | None = None):
+                 draft_size: int | None = None, seed: int | None = None):
         self.paths = [Path(p) for p in paths]
         self.targets = np.asarray(targets, dtype=np.int64)
         if len(self.paths) != len(self.targets):
@@ -200,12 +202,21 @@ class ImageDataset(Dataset):
         self.first_transform = first_transform
         self.views = int(views)
         self.draft_size = draft_size
+        self.seed = seed
+        self.epoch = 0  # set by callers that want fresh augmentation per epoch
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         image = load_image(self.paths[i], draft_size=self.draft_size)
+        if self.seed is None:
+            return self._transform(image, i)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFF_FFFF_FFFF)
+            return self._transform(image, i)
+
+    def _transform(self, image, i: int):
         if self.views == 1:
             return self.transform(image), int(self.targets[i]), i
         first = self.first_transform or self.transform

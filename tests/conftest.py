@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny generated datasets so every test runs on CPU in seconds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+# No test may reach the network or the user's caches.
+os.environ.setdefault("TUNE_RICE_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_caches(tmp_path_factory, monkeypatch):
+    cache = tmp_path_factory.getbasetemp() / "tune_rice_cache"
+    monkeypatch.setenv("TUNE_RICE_CACHE", str(cache))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.getbasetemp() / "torch_home"))
+
+
+CLASS_COLOURS = {"alpha": (200, 60, 50), "beta": (50, 170, 60), "gamma": (60, 80, 200)}
+
+
+def make_separable_dataset(root: Path, *, per_class: int = 12, size: int = 48, seed: int = 0,
+                           splits=(0.5, 0.25, 0.25)) -> Path:
+    """Class folders of textured images whose mean colour identifies the class; writes labels.csv."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for label, colour in CLASS_COLOURS.items():
+        (root / label).mkdir(parents=True, exist_ok=True)
+        n_train = int(per_class * splits[0])
+        n_valid = int(per_class * splits[1])
+        for i in range(per_class):
+            base = np.array(colour, dtype=np.float64)
+            noise = rng.normal(0, 35, size=(size, size, 3))
+            arr = np.clip(base + noise, 0, 255).astype(np.uint8)
+            rel = f"{label}/{label}_{i:03d}.png"
+            Image.fromarray(arr).save(root / rel)
+            split = "train" if i < n_train else "valid" if i < n_train + n_valid else "test"
+            rows.append({"path": rel, "label": label, "split": split, "group": f"g{len(rows):04d}"})
+    csv = root / "labels.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    return csv
+
+
+@pytest.fixture
+def separable(tmp_path) -> Path:
+    """labels.csv of a tiny 3-class separable dataset (12 images per class, 48 px)."""
+    return make_separable_dataset(tmp_path / "data")

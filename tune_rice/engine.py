@@ -1,0 +1,359 @@
+"""Training and evaluation as plain functions, over a feature bank or over images.
+
+No Ray here: ``trainable.py`` wraps :class:`HeadRun` with reporting and checkpoints, and the same code
+runs in tests, benchmarks and on a GPU machine without Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from . import UserError
+from .data import AUG_POLICIES, LabelTable, build_transform, dataset_for_split
+from .features import FeatureBank, FeatureSpec, SplitFeatures, default_num_workers, resolve_device, run_backbone
+from .model import HEAD_KINDS, Classifier, FrozenBackbone, ResolvedWeights, build_backbone, build_head, \
+    feature_layer_for
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass
+class TrialConfig:
+    """Every knob of one trial. Search spaces may set any field; unknown keys are an error."""
+
+    # backbone side (changes the feature bank)
+    backbone: str = "resnet34"
+    image_size: int = 224
+    head: str = "pooled"  # pooled | seed (seed = the recipe's head on the 1000 ImageNet logits)
+    aug_policy: str = "standard"
+    views: int = 4  # K: views per training image in the bank (view 0 un-augmented)
+    # head side
+    hidden: int = 256  # 0 = linear classifier
+    dropout: float = 0.2
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = True  # sgd only
+    batch_size: int = 64
+    label_smoothing: float = 0.0
+    grad_clip: float = 0.0  # max gradient norm; 0 = off
+    schedule: str = "cosine"
+    warmup_epochs: int = 0
+    class_balanced: bool = False  # inverse-frequency class weights in the loss
+    epochs: int = 10
+    seed: int = 0
+
+    @classmethod
+    def fields(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrialConfig":
+        unknown = sorted(set(values) - set(cls.fields()))
+        if unknown:
+            raise UserError(f"unknown config key(s) {unknown}; valid: {', '.join(cls.fields())}")
+        cfg = cls()
+        for f in dataclasses.fields(cls):
+            if f.name in values:
+                setattr(cfg, f.name, _coerce(f.name, values[f.name], type(getattr(cfg, f.name))))
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        checks = [
+            (self.head in HEAD_KINDS, f"head must be one of {HEAD_KINDS}"),
+            (self.aug_policy in AUG_POLICIES, f"aug_policy must be one of {AUG_POLICIES}"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}"),
+            (self.views >= 1, "views must be >= 1"), (self.image_size >= 16, "image_size must be >= 16"),
+            (self.hidden >= 0, "hidden must be >= 0"), (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
+            (self.lr > 0, "lr must be > 0"), (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (self.batch_size >= 1, "batch_size must be >= 1"), (self.epochs >= 1, "epochs must be >= 1"),
+            (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
+            (self.grad_clip >= 0, "grad_clip must be >= 0"), (self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(f"invalid trial config: {message}")
+
+    def feature_spec(self) -> FeatureSpec:
+        return FeatureSpec(backbone=self.backbone, image_size=int(self.image_size),
+                           feature_layer=feature_layer_for(self.head), policy=self.aug_policy,
+                           views=int(self.views), seed=int(self.seed))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(name: str, value, kind: type):
+    if kind is bool:
+        if isinstance(value, str):
+            if value.lower() in ("true", "1", "yes"):
+                return True
+            if value.lower() in ("false", "0", "no"):
+                return False
+        return bool(value)
+    try:
+        if kind is int:
+            if isinstance(value, float) and not float(value).is_integer():
+                raise ValueError
+            return int(value)
+        return kind(value)
+    except (TypeError, ValueError):
+        raise UserError(f"config key {name!r}: {value!r} is not a {kind.__name__}") from None
+
+
+# -------------------------------------------------------------------------------------------- metrics
+def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> dict:
+    """Accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix (rows = true)."""
+    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(cm, (np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)), 1)
+    tp = np.diag(cm).astype(np.float64)
+    support = cm.sum(1)
+    predicted = cm.sum(0)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    present = support > 0
+    n = int(cm.sum())
+    return {"acc": float(tp.sum() / n) if n else 0.0,
+            "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+            "precision": precision.tolist(), "recall": recall.tolist(), "f1": f1.tolist(),
+            "support": support.tolist(), "confusion": cm.tolist(), "count": n}
+
+
+# ------------------------------------------------------------------------------------------ batches
+class BankBatches:
+    """Mini-batches from a bank split.
+
+    Training (``train=True``): every epoch draws, for each image, one of its K views (seeded by
+    ``seed`` and the epoch) and shuffles. Evaluation: view 0 in order.
+    """
+
+    def __init__(self, split: SplitFeatures, *, batch_size: int, train: bool, seed: int = 0,
+                 device: torch.device | str = "cpu"):
+        self.features = torch.from_numpy(np.ascontiguousarray(split.features))  # (N, K, D) float16, shared
+        self.targets = torch.from_numpy(np.asarray(split.targets, dtype=np.int64))
+        self.batch_size, self.train, self.seed = int(batch_size), train, seed
+        self.device = torch.device(device)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.targets) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n, k = self.features.shape[:2]
+        if self.train:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(n, generator=g)
+            views = torch.randint(k, (n,), generator=g)
+        else:
+            order = torch.arange(n)
+            views = torch.zeros(n, dtype=torch.long)
+        for start in range(0, n, self.batch_size):
+            idx = order[start:start + self.batch_size]
+            x = self.features[idx, views[idx]].float()  # (B, D)
+            yield x.to(self.device, non_blocking=True), self.targets[idx].to(self.device, non_blocking=True)
+
+
+class ImageBatches:
+    """Mini-batches of images through a DataLoader (the inline path); yields (x, y) like BankBatches."""
+
+    def __init__(self, dataset, *, batch_size: int, train: bool, seed: int = 0, num_workers: int = 0,
+                 device: torch.device | str = "cpu"):
+        self.dataset, self.batch_size, self.train, self.seed = dataset, int(batch_size), train, seed
+        self.num_workers, self.device = num_workers, torch.device(device)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.dataset) / self.batch_size)
+
+    def __iter__(self):
+        self.dataset.epoch = self.epoch
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=self.train, generator=g,
+                            num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
+        for x, y, _ in loader:
+            yield (x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last),
+                   y.to(self.device, non_blocking=True))
+
+
+# ------------------------------------------------------------------------------------ optimisation
+def make_optimizer(params: Iterable[nn.Parameter], cfg: TrialConfig) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.nesterov and cfg.momentum > 0)
+    raise UserError(f"Invalid optimizer {cfg.optimizer}. Only {', '.join(OPTIMIZERS)} are supported.")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrialConfig, steps_per_epoch: int):
+    """Per-step LR multiplier: linear warmup over ``warmup_epochs``, then cosine to 0 or constant."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = min(cfg.warmup_epochs * steps_per_epoch, total - 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_criterion(cfg: TrialConfig, class_counts: np.ndarray, device) -> nn.Module:
+    weight = None
+    if cfg.class_balanced:
+        counts = np.maximum(np.asarray(class_counts, dtype=np.float64), 1.0)
+        w = counts.sum() / (len(counts) * counts)  # inverse frequency, mean weight ~1
+        weight = torch.tensor(w, dtype=torch.float32, device=device)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+
+
+def train_one_epoch(model: nn.Module, batches, *, optimizer, criterion, scheduler=None,
+                    grad_clip: float = 0.0) -> dict:
+    """One pass over ``batches``; returns ``{"loss", "acc"}`` averaged over samples."""
+    model.train()
+    total_loss, correct, n = 0.0, 0, 0
+    params = [p for p in model.parameters() if p.requires_grad]
+    for x, y in batches:
+        logits = model(x)
+        loss = criterion(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip and grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        total_loss += float(loss.detach()) * len(y)
+        correct += int((logits.detach().argmax(1) == y).sum())
+        n += len(y)
+    if n == 0:
+        raise UserError("no training batches")
+    if not math.isfinite(total_loss):
+        raise FloatingPointError("training loss is not finite (learning rate too high?)")
+    return {"loss": total_loss / n, "acc": correct / n}
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, batches) -> tuple[torch.Tensor, torch.Tensor]:
+    model.eval()
+    outs, ys = [], []
+    for x, y in batches:
+        outs.append(model(x).float().cpu())
+        ys.append(y.cpu())
+    return torch.cat(outs), torch.cat(ys)
+
+
+def evaluate(model: nn.Module, batches, *, n_classes: int, criterion: nn.Module | None = None) -> dict:
+    """Loss (plain cross-entropy unless ``criterion``), accuracy, macro-F1, per-class metrics."""
+    logits, y = predict_logits(model, batches)
+    crit = criterion.cpu() if criterion is not None else nn.CrossEntropyLoss()
+    metrics = compute_metrics(y.numpy(), logits.argmax(1).numpy(), n_classes)
+    metrics["loss"] = float(crit(logits, y))
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------- one trial
+class HeadRun:
+    """One trial's training state: a head on a bank, or (``bank=None``) the full model on images.
+
+    ``step()`` trains one epoch and evaluates on valid; ``state_dict()``/``load_state_dict()`` let a
+    trial resume exactly where a checkpoint left it.
+    """
+
+    def __init__(self, cfg: TrialConfig, *, bank: FeatureBank | None = None, table: LabelTable | None = None,
+                 weights: str | ResolvedWeights = "auto", device: str | torch.device = "auto",
+                 num_workers: int | None = None):
+        if (bank is None) == (table is None):
+            raise ValueError("give exactly one of bank (feature-bank path) or table (inline path)")
+        self.cfg, self.device, self.epoch = cfg, resolve_device(device), 0
+        torch.manual_seed(cfg.seed)
+        if bank is not None:
+            self.classes = bank.classes
+            self.weights = bank.weights
+            n_classes = len(bank.classes)
+            self.head = build_head(cfg.head, in_dim=bank.dim, n_classes=n_classes, hidden=cfg.hidden,
+                                   dropout=cfg.dropout)
+            self.head.set_standardization(bank.mean, bank.std)
+            self.model = self.head.to(self.device)
+            self.train_batches = BankBatches(bank.splits["train"], batch_size=cfg.batch_size, train=True,
+                                             seed=cfg.seed, device=self.device)
+            self.valid_batches = BankBatches(bank.splits["valid"], batch_size=512, train=False, device=self.device)
+            counts = np.bincount(bank.splits["train"].targets, minlength=n_classes)
+        else:
+            self.classes = table.classes
+            n_classes = len(table.classes)
+            spec = cfg.feature_spec()
+            backbone, resolved = build_backbone(spec.backbone, weights=weights, seed=cfg.seed,
+                                                feature_layer=spec.feature_layer)
+            self.weights = resolved.identity
+            backbone = backbone.to(self.device).to(memory_format=torch.channels_last)
+            workers = default_num_workers() if num_workers is None else num_workers
+            eval_tf = build_transform(spec.image_size, train=False)
+            train_tf = build_transform(spec.image_size, train=True, policy=spec.policy)
+            # Standardisation statistics from un-augmented train images: the same numbers the bank uses.
+            stats_loader = DataLoader(dataset_for_split(table, "train", eval_tf), batch_size=64,
+                                      num_workers=workers)
+            f0 = run_backbone(backbone, stats_loader, n=len(table.split("train")), views=1, device=self.device,
+                              desc="feature statistics", progress=False)[:, 0].astype(np.float32)
+            self.head = build_head(cfg.head, in_dim=f0.shape[1], n_classes=n_classes, hidden=cfg.hidden,
+                                   dropout=cfg.dropout)
+            self.head.set_standardization(f0.mean(0), f0.std(0))
+            self.model = Classifier(backbone, self.head).to(self.device)
+            self.train_batches = ImageBatches(dataset_for_split(table, "train", train_tf, seed=cfg.seed),
+                                              batch_size=cfg.batch_size, train=True, seed=cfg.seed,
+                                              num_workers=workers, device=self.device)
+            self.valid_batches = ImageBatches(dataset_for_split(table, "valid", eval_tf), batch_size=64,
+                                              train=False, num_workers=workers, device=self.device)
+            counts = np.bincount(table.targets("train"), minlength=n_classes)
+        self.n_classes = n_classes
+        self.optimizer = make_optimizer(self.head.parameters(), cfg)
+        self.scheduler = make_scheduler(self.optimizer, cfg, len(self.train_batches))
+        self.criterion = make_criterion(cfg, counts, self.device)
+
+    def step(self) -> dict:
+        """Train one epoch, evaluate on valid; returns namespaced metrics for this epoch."""
+        self.train_batches.epoch = self.epoch
+        lr = self.optimizer.param_groups[0]["lr"]
+        tr = train_one_epoch(self.model, self.train_batches, optimizer=self.optimizer, criterion=self.criterion,
+                             scheduler=self.scheduler, grad_clip=self.cfg.grad_clip)
+        va = evaluate(self.model, self.valid_batches, n_classes=self.n_classes)
+        self.epoch += 1
+        out = {"epoch": self.epoch, "lr": lr, "train/loss": tr["loss"], "train/acc": tr["acc"],
+               "valid/loss": va["loss"], "valid/acc": va["acc"], "valid/macro_f1": va["macro_f1"]}
+        for c, r in zip(self.classes, va["recall"]):
+            out[f"valid/recall/{c}"] = r
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "config": self.cfg.to_dict(),
+                "classes": list(self.classes), "weights": self.weights, "torch_rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch = int(state["epoch"])
+        if "torch_rng" in state:
+            torch.set_rng_state(state["torch_rng"])

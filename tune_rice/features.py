@@ -1,0 +1,270 @@
+"""The feature bank: a frozen backbone's outputs, computed once and cached on disk.
+
+A frozen backbone in eval mode gives the same output for the same input, so running it in every epoch of
+every trial repeats identical arithmetic. Here each image is decoded once and passed through the backbone
+once per view: valid/test get one deterministic view, train gets view 0 un-augmented plus ``views - 1``
+augmented views that epochs draw among. Arrays are float16 ``(N, K, D)``.
+
+No Ray here. Banks are keyed by a hash of everything that changes their numbers, written atomically, and
+reused by later runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from . import UserError
+from .data import AUG_POLICIES, LabelTable, build_transform, dataset_for_split, read_labels
+from .model import FEATURE_LAYERS, FrozenBackbone, ResolvedWeights, build_backbone, resolve_weights
+
+log = logging.getLogger(__name__)
+
+BANK_FORMAT = 1
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("TUNE_RICE_CACHE")
+    return (Path(base) if base else Path.home() / ".cache" / "tune_rice") / "features"
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Everything about the backbone side that changes the bank's numbers (except the data)."""
+
+    backbone: str = "resnet34"
+    image_size: int = 224
+    feature_layer: str = "pooled"
+    policy: str = "standard"
+    views: int = 4
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.feature_layer not in FEATURE_LAYERS:
+            raise UserError(f"unknown feature layer {self.feature_layer!r}; valid: {', '.join(FEATURE_LAYERS)}")
+        if self.policy not in AUG_POLICIES:
+            raise UserError(f"unknown augmentation policy {self.policy!r}; valid: {', '.join(AUG_POLICIES)}")
+        if int(self.views) < 1:
+            raise UserError(f"views must be >= 1, got {self.views}")
+        if int(self.image_size) < 16:
+            raise UserError(f"image_size must be >= 16, got {self.image_size}")
+
+    @property
+    def name(self) -> str:
+        """Readable id of the spec, used as the key of a bank among several in one search."""
+        return f"{self.backbone}-{self.image_size}px-{self.feature_layer}-{self.policy}-k{self.views}"
+
+
+@dataclass
+class SplitFeatures:
+    features: np.ndarray  # (N, K, D) float16
+    targets: np.ndarray  # (N,) int64
+    paths: list[str]  # relative to the dataset root, as in labels.csv
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+@dataclass
+class FeatureBank:
+    spec: FeatureSpec
+    weights: str  # the weights identity
+    pretrained: bool
+    classes: tuple[str, ...]
+    splits: dict[str, SplitFeatures]
+    mean: np.ndarray  # (D,) float32, over train view 0
+    std: np.ndarray  # (D,) float32
+    key: str = ""
+    seconds: float = 0.0  # extraction time (0 when loaded from cache)
+    from_cache: bool = False
+    info: dict = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return int(self.mean.shape[0])
+
+    def nbytes(self) -> int:
+        return sum(s.features.nbytes for s in self.splits.values())
+
+
+# ------------------------------------------------------------------------------------------ cache key
+def data_fingerprint(table: LabelTable, splits) -> str:
+    """Hash of labels.csv content plus size and mtime of every image in ``splits``."""
+    h = hashlib.sha256()
+    h.update(table.csv_path.read_bytes())
+    h.update(str(table.root).encode())
+    for split in splits:
+        for p in table.paths(split):
+            try:
+                st = p.stat()
+                h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            except OSError:
+                h.update(f"{p}|missing\n".encode())
+    return h.hexdigest()
+
+
+def bank_key(table: LabelTable, spec: FeatureSpec, weights_identity: str, splits) -> str:
+    payload = json.dumps({"format": BANK_FORMAT, "data": data_fingerprint(table, splits), "spec": asdict(spec),
+                          "weights": weights_identity, "splits": sorted(splits)}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+# ------------------------------------------------------------------------------------------ extraction
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def default_num_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+@torch.inference_mode()
+def run_backbone(backbone: FrozenBackbone, loader, *, n: int, views: int, device: torch.device,
+                 desc: str = "extract", progress: bool = True) -> np.ndarray:
+    """Pass every item of ``loader`` through ``backbone``; returns float16 ``(n, views, D)``."""
+    out = None
+    bar = tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False, dynamic_ncols=True)
+    for x, _, idx in loader:
+        x = x.to(device, non_blocking=True)
+        if x.dim() == 5:  # (B, V, 3, S, S) -> (B*V, 3, S, S)
+            x = x.flatten(0, 1)
+        x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device):
+            f = backbone(x)
+        f = f.float().reshape(len(idx), views, -1).cpu().numpy()  # (B, V, D)
+        if out is None:
+            out = np.empty((n, views, f.shape[-1]), dtype=np.float16)
+        out[idx.numpy()] = f.astype(np.float16)
+        bar.update(len(idx))
+    bar.close()
+    if out is None:
+        raise UserError("no images to extract features from")
+    return out
+
+
+def extract_bank(labels: str | os.PathLike | LabelTable, spec: FeatureSpec, *,
+                 weights: str | ResolvedWeights = "auto", splits=("train", "valid"),
+                 cache_dir: str | os.PathLike | None = None, device: str | torch.device = "auto",
+                 batch_size: int = 64, num_workers: int | None = None, progress: bool = True,
+                 use_cache: bool = True) -> FeatureBank:
+    """Return the feature bank for ``labels`` x ``spec`` x ``weights``, from the cache when it is there.
+
+    Train gets ``spec.views`` views (view 0 un-augmented); every other split gets one un-augmented view.
+    ``cache_dir=None`` uses ``$TUNE_RICE_CACHE/features`` (default ``~/.cache/tune_rice/features``).
+    """
+    table = labels if isinstance(labels, LabelTable) else read_labels(labels)
+    splits = tuple(splits)
+    if "train" not in splits:
+        raise ValueError("a feature bank needs the train split (its statistics standardise the head)")
+    for s in splits:
+        if table.split(s).empty:
+            raise UserError(f"{table.csv_path}: split {s!r} has no images")
+    resolved = weights if isinstance(weights, ResolvedWeights) else \
+        resolve_weights(spec.backbone, weights, seed=spec.seed)
+    key = bank_key(table, spec, resolved.identity, splits)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    final = cache / key
+    if use_cache and (final / "meta.json").is_file():
+        try:
+            bank = load_bank(final)
+            log.info("feature bank %s: cache hit (%s)", spec.name, final)
+            return bank
+        except (OSError, ValueError, KeyError) as e:
+            log.warning("feature bank at %s is unreadable (%s): extracting again", final, e)
+
+    device = resolve_device(device)
+    backbone, _ = build_backbone(spec.backbone, weights=resolved, seed=spec.seed, feature_layer=spec.feature_layer)
+    backbone = backbone.to(device).to(memory_format=torch.channels_last)
+    workers = default_num_workers() if num_workers is None else num_workers
+    eval_tf = build_transform(spec.image_size, train=False)
+    train_tf = build_transform(spec.image_size, train=True, policy=spec.policy)
+    t0 = time.perf_counter()
+    result: dict[str, SplitFeatures] = {}
+    for split in splits:
+        views = spec.views if split == "train" else 1
+        ds = dataset_for_split(table, split, train_tf if views > 1 else eval_tf, views=views,
+                               first_transform=eval_tf, seed=spec.seed)
+        loader = DataLoader(ds, batch_size=max(1, batch_size // views), shuffle=False, num_workers=workers,
+                            pin_memory=device.type == "cuda", persistent_workers=False,
+                            prefetch_factor=4 if workers else None)
+        feats = run_backbone(backbone, loader, n=len(ds), views=views, device=device,
+                             desc=f"features {split}", progress=progress)
+        result[split] = SplitFeatures(feats, table.targets(split), list(table.split(split)["path"]))
+    seconds = time.perf_counter() - t0
+    train0 = result["train"].features[:, 0, :].astype(np.float32)  # (N, D)
+    n_images = sum(len(s) for s in result.values())
+    n_views = sum(len(s) * s.features.shape[1] for s in result.values())
+    bank = FeatureBank(spec=spec, weights=resolved.identity, pretrained=resolved.pretrained,
+                       classes=table.classes, splits=result, mean=train0.mean(0), std=train0.std(0),
+                       key=key, seconds=seconds, from_cache=False,
+                       info={"images": n_images, "views": n_views, "device": str(device),
+                             "images_per_s": n_images / max(seconds, 1e-9),
+                             "views_per_s": n_views / max(seconds, 1e-9)})
+    log.info("feature bank %s: %d images, %d backbone passes in %.1fs (%.1f img/s), %.1f MB",
+             spec.name, n_images, n_views, seconds, bank.info["images_per_s"], bank.nbytes() / 1e6)
+    if use_cache:
+        save_bank(bank, final)
+    return bank
+
+
+# ------------------------------------------------------------------------------------------ disk format
+def save_bank(bank: FeatureBank, final: Path) -> Path:
+    """Write the bank under ``final`` atomically: a temp folder renamed into place when complete."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        for split, sf in bank.splits.items():
+            np.save(tmp / f"{split}_features.npy", sf.features)
+            np.save(tmp / f"{split}_targets.npy", sf.targets)
+            (tmp / f"{split}_paths.json").write_text(json.dumps(sf.paths))
+        np.save(tmp / "mean.npy", bank.mean)
+        np.save(tmp / "std.npy", bank.std)
+        meta = {"format": BANK_FORMAT, "spec": asdict(bank.spec), "weights": bank.weights,
+                "pretrained": bank.pretrained, "classes": list(bank.classes), "splits": list(bank.splits),
+                "key": bank.key, "seconds": bank.seconds, "info": bank.info}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # written last: marks a complete bank
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished the same bank first; theirs is as good as ours
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def load_bank(path: str | os.PathLike) -> FeatureBank:
+    path = Path(path)
+    meta = json.loads((path / "meta.json").read_text())
+    if meta.get("format") != BANK_FORMAT:
+        raise ValueError(f"bank format {meta.get('format')} != {BANK_FORMAT}")
+    splits = {}
+    for split in meta["splits"]:
+        splits[split] = SplitFeatures(np.load(path / f"{split}_features.npy"), np.load(path / f"{split}_targets.npy"),
+                                      json.loads((path / f"{split}_paths.json").read_text()))
+    return FeatureBank(spec=FeatureSpec(**meta["spec"]), weights=meta["weights"], pretrained=meta["pretrained"],
+                       classes=tuple(meta["classes"]), splits=splits, mean=np.load(path / "mean.npy"),
+                       std=np.load(path / "std.npy"), key=meta["key"], seconds=0.0, from_cache=True,
+                       info=meta.get("info", {}))

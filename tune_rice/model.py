@@ -1,0 +1,324 @@
+"""Backbones (with weights resolution), a truly frozen backbone, heads, and the model artifact.
+
+No Ray here. The artifact written by :func:`save_artifact` is a plain dict of tensors and primitives so
+that it loads with ``torch.load(..., weights_only=True)``: nothing in it can run code on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from . import UserError
+
+log = logging.getLogger(__name__)
+
+TESTED_BACKBONES = ("resnet18", "resnet34", "resnet50")
+FEATURE_LAYERS = ("pooled", "logits")
+HEAD_KINDS = ("pooled", "seed")
+ARTIFACT_FORMAT = "tune-rice-model"
+ARTIFACT_VERSION = 1
+_CLASSIFIER_ATTRS = ("fc", "classifier", "head", "heads")
+
+
+# -------------------------------------------------------------------------------------------- weights
+@dataclass(frozen=True)
+class ResolvedWeights:
+    """Where a backbone's numbers come from.
+
+    ``identity`` is a short stable string that goes into cache keys, results and artifacts, e.g.
+    ``imagenet:ResNet34_Weights.IMAGENET1K_V1``, ``random:seed=0`` or ``file:my.pth:3f2a...``.
+    """
+
+    state_dict: dict | None
+    identity: str
+    pretrained: bool
+
+
+def _offline() -> bool:
+    return os.environ.get("TUNE_RICE_OFFLINE", "") not in ("", "0") or os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def hub_weights_file(name: str) -> tuple[object, Path]:
+    """The torchvision ``Weights`` enum member for ``name`` and where torch's hub cache keeps its file."""
+    try:
+        enum = torchvision.models.get_model_weights(name)
+    except (ValueError, KeyError):
+        raise UserError(f"no ImageNet weights known to torchvision for backbone {name!r}") from None
+    w = enum.DEFAULT
+    return w, Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(w.url)
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def safe_torch_load(path: str | os.PathLike, *, what: str = "file"):
+    """``torch.load(weights_only=True)`` with errors turned into one clear line; never unsafe loading."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: {what} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: refused to load: it is not a weights-only file and unpickling it could run "
+                        f"code ({first[:160]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read as a torch {what} ({str(e).splitlines()[0][:160]})") from None
+
+
+def resolve_weights(name: str, weights: str = "auto", *, seed: int = 0) -> ResolvedWeights:
+    """Turn the user's ``--weights`` value into a state dict (or None for random init) and an identity.
+
+    ``auto``: ImageNet weights through torchvision's weights API when they are in the torch hub cache
+    or can be downloaded, else random initialisation with a loud warning. ``imagenet``: the same but
+    failing when they cannot be had. ``none``: random init from ``seed``. Anything else: a state-dict file.
+    """
+    if weights == "none":
+        return ResolvedWeights(None, f"random:seed={seed}", False)
+    if weights in ("auto", "imagenet"):
+        w, cached = hub_weights_file(name) if weights == "imagenet" or _has_hub_weights(name) else (None, None)
+        if w is not None:
+            if cached.is_file() or not _offline():
+                try:
+                    sd = w.get_state_dict(progress=False)  # reads the hub cache; downloads only if absent
+                    return ResolvedWeights(sd, f"imagenet:{w}", True)
+                except Exception as e:  # network errors come in many types (URLError, socket, HTTP)
+                    reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            else:
+                reason = "offline (TUNE_RICE_OFFLINE is set)"
+            if weights == "imagenet":
+                raise UserError(
+                    f"ImageNet weights for {name} are not in the torch hub cache ({cached}) and could not be "
+                    f"downloaded: {reason}. Fetch {w.url} into {cached.parent} on a machine with internet "
+                    f"(or set TORCH_HOME to a cache that has it), or pass --weights FILE or --weights none.")
+            log.warning("ImageNet weights for %s unavailable (%s): using a RANDOMLY INITIALISED backbone "
+                        "(seed %d). Results will be far below what pretrained weights give; every result "
+                        "and artifact records this.", name, reason, seed)
+        else:
+            log.warning("no ImageNet weights known for %s: using a RANDOMLY INITIALISED backbone", name)
+        return ResolvedWeights(None, f"random:seed={seed}", False)
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise UserError(f"--weights {weights!r}: not 'auto', 'imagenet', 'none' or an existing file")
+    sd = safe_torch_load(path, what="state dict")
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f"{path}: not a state dict (a mapping of parameter names to tensors)")
+    return ResolvedWeights(sd, f"file:{path.name}:{_file_digest(path)}", True)
+
+
+def _has_hub_weights(name: str) -> bool:
+    try:
+        torchvision.models.get_model_weights(name)
+        return True
+    except (ValueError, KeyError):
+        return False
+
+
+# ------------------------------------------------------------------------------------------- backbone
+def _classifier_attr(net: nn.Module) -> str:
+    for attr in _CLASSIFIER_ATTRS:
+        if isinstance(getattr(net, attr, None), nn.Module):
+            return attr
+    raise UserError(f"{type(net).__name__}: cannot find its classifier layer ({', '.join(_CLASSIFIER_ATTRS)})")
+
+
+class FrozenBackbone(nn.Module):
+    """A torchvision classification network, frozen: no gradients and always in eval mode.
+
+    ``feature_layer="pooled"`` returns the penultimate pooled features (512-d for resnet18/34, 2048-d for
+    resnet50); ``"logits"`` returns the 1000 ImageNet logits (what the seed recipe's head consumes).
+    ``train()`` is overridden so that BatchNorm running statistics never drift, whatever calls it.
+    """
+
+    def __init__(self, net: nn.Module, *, name: str, feature_layer: str = "pooled"):
+        super().__init__()
+        if feature_layer not in FEATURE_LAYERS:
+            raise UserError(f"unknown feature layer {feature_layer!r}; valid: {', '.join(FEATURE_LAYERS)}")
+        self.name = name
+        self.feature_layer = feature_layer
+        if feature_layer == "pooled":
+            attr = _classifier_attr(net)
+            fc = getattr(net, attr)
+            self._out_dim = fc.in_features if isinstance(fc, nn.Linear) else None
+            setattr(net, attr, nn.Identity())
+        else:
+            self._out_dim = None
+        self.net = net
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "FrozenBackbone":
+        return super().train(False)  # frozen means frozen: BatchNorm stays in eval mode
+
+    @property
+    def out_dim(self) -> int:
+        if self._out_dim is None:
+            with torch.inference_mode():
+                self._out_dim = int(self.net(torch.zeros(1, 3, 64, 64)).shape[-1])
+        return self._out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) -> (B, D)
+        return self.net(x)
+
+
+def build_backbone(name: str = "resnet34", *, weights: str | ResolvedWeights = "auto", seed: int = 0,
+                   feature_layer: str = "pooled") -> tuple[FrozenBackbone, ResolvedWeights]:
+    """Build a frozen torchvision backbone; returns it and where its weights came from."""
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise UserError(f"unknown backbone {name!r}; tested: {', '.join(TESTED_BACKBONES)} "
+                        "(any torchvision classification model name may work)")
+    resolved = weights if isinstance(weights, ResolvedWeights) else resolve_weights(name, weights, seed=seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = torchvision.models.get_model(name, weights=None)
+    if resolved.state_dict is not None:
+        missing, unexpected = net.load_state_dict(resolved.state_dict, strict=False)
+        if missing or unexpected:
+            def show(keys):
+                return ", ".join(list(keys)[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+            raise UserError(f"weights {resolved.identity} do not fit {name}: "
+                            f"missing keys [{show(missing)}], unexpected keys [{show(unexpected)}]")
+    return FrozenBackbone(net, name=name, feature_layer=feature_layer), resolved
+
+
+# ----------------------------------------------------------------------------------------------- head
+class Head(nn.Module):
+    """The trainable classifier on top of frozen features.
+
+    Features are standardised with the training bank's per-dimension ``mean``/``std`` (buffers, saved
+    with the head): random-init resnet features have mean ~10 and std ~7 and an unscaled head trains badly.
+    ``kind="seed"``: ``Linear(D, H) -> ReLU -> Linear(H, C)`` (the seed recipe, on the 1000 logits).
+    ``kind="pooled"``: ``Dropout -> Linear(D, H) -> ReLU -> Dropout -> Linear(H, C)``; ``H = 0`` gives a
+    linear classifier ``Dropout -> Linear(D, C)``.
+    """
+
+    def __init__(self, in_dim: int, n_classes: int, *, hidden: int = 256, dropout: float = 0.0,
+                 kind: str = "pooled"):
+        super().__init__()
+        if kind not in HEAD_KINDS:
+            raise UserError(f"unknown head {kind!r}; valid: {', '.join(HEAD_KINDS)}")
+        self.in_dim, self.n_classes, self.hidden, self.dropout, self.kind = in_dim, n_classes, hidden, dropout, kind
+        self.register_buffer("mean", torch.zeros(in_dim))
+        self.register_buffer("std", torch.ones(in_dim))
+        if kind == "seed":
+            layers = [nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, n_classes)] if hidden else \
+                [nn.Linear(in_dim, n_classes)]
+        elif hidden:
+            layers = [nn.Dropout(dropout), nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout),
+                      nn.Linear(hidden, n_classes)]
+        else:
+            layers = [nn.Dropout(dropout), nn.Linear(in_dim, n_classes)]
+        self.net = nn.Sequential(*layers)
+
+    def set_standardization(self, mean, std) -> None:
+        mean = torch.as_tensor(mean, dtype=torch.float32)
+        std = torch.as_tensor(std, dtype=torch.float32).clamp_min(1e-6)
+        self.mean.copy_(mean)
+        self.std.copy_(std)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:  # (B, D) -> (B, C)
+        return self.net((features.float() - self.mean) / self.std)
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, "in_dim": self.in_dim, "n_classes": self.n_classes,
+                "hidden": self.hidden, "dropout": self.dropout}
+
+
+def build_head(kind: str = "pooled", *, in_dim: int, n_classes: int, hidden: int = 256,
+               dropout: float = 0.0) -> Head:
+    return Head(in_dim, n_classes, hidden=int(hidden), dropout=float(dropout), kind=kind)
+
+
+def feature_layer_for(head_kind: str) -> str:
+    """The seed head eats the 1000 ImageNet logits; the pooled head the penultimate features."""
+    return "logits" if head_kind == "seed" else "pooled"
+
+
+class Classifier(nn.Module):
+    """Frozen backbone + head: images (B, 3, S, S) -> logits (B, C)."""
+
+    def __init__(self, backbone: FrozenBackbone, head: Head):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+# ------------------------------------------------------------------------------------------- artifact
+def _plain(value):
+    """Config values reduced to what ``weights_only`` unpickling accepts."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def save_artifact(path: str | os.PathLike, model: Classifier, *, classes, preprocessing: dict,
+                  weights: ResolvedWeights | str, config: dict | None = None, metrics: dict | None = None) -> Path:
+    """Write a self-contained model file: backbone weights, head, classes, preprocessing, config."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    identity = weights.identity if isinstance(weights, ResolvedWeights) else str(weights)
+    payload = {
+        "format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION,
+        "backbone": {"name": model.backbone.name, "feature_layer": model.backbone.feature_layer,
+                     "state_dict": {k: v.detach().cpu().clone() for k, v in model.backbone.net.state_dict().items()}},
+        "head": {**model.head.spec(), "state_dict": {k: v.detach().cpu().clone() for k, v in model.head.state_dict().items()}},
+        "classes": list(classes),
+        "preprocessing": _plain(preprocessing),
+        "weights": identity,
+        "pretrained": not identity.startswith("random:"),
+        "config": _plain(config or {}),
+        "metrics": _plain(metrics or {}),
+        "torch_version": torch.__version__, "torchvision_version": torchvision.__version__,
+    }
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_artifact(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> tuple[Classifier, dict]:
+    """Load a model file written by :func:`save_artifact` (``weights_only=True``); returns (model, meta)."""
+    payload = safe_torch_load(path, what="model file")
+    if not isinstance(payload, dict) or payload.get("format") != ARTIFACT_FORMAT:
+        raise UserError(f"{path}: not a tune-rice model artifact (expected a file written by the search, "
+                        "e.g. runs/<name>/best/model.pt)")
+    b, h = payload["backbone"], payload["head"]
+    with torch.random.fork_rng(devices=[]):
+        net = torchvision.models.get_model(b["name"], weights=None)
+    backbone = FrozenBackbone(net, name=b["name"], feature_layer=b["feature_layer"])
+    backbone.net.load_state_dict(b["state_dict"])
+    head = build_head(h["kind"], in_dim=h["in_dim"], n_classes=h["n_classes"], hidden=h["hidden"],
+                      dropout=h["dropout"])
+    head.load_state_dict(h["state_dict"])
+    model = Classifier(backbone, head).to(map_location).eval()
+    meta = {k: v for k, v in payload.items() if k not in ("backbone", "head")}
+    meta["backbone"] = b["name"]
+    meta["feature_layer"] = b["feature_layer"]
+    meta["head"] = {k: v for k, v in h.items() if k != "state_dict"}
+    return model, meta
