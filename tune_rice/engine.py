@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -146,7 +147,9 @@ class BankBatches:
 
     def __init__(self, split: SplitFeatures, *, batch_size: int, train: bool, seed: int = 0,
                  device: torch.device | str = "cpu"):
-        self.features = torch.from_numpy(np.ascontiguousarray(split.features))  # (N, K, D) float16, shared
+        with warnings.catch_warnings():  # banks from Ray's object store are read-only; we never write them
+            warnings.simplefilter("ignore", UserWarning)
+            self.features = torch.from_numpy(np.ascontiguousarray(split.features))  # (N, K, D) float16, shared
         self.targets = torch.from_numpy(np.asarray(split.targets, dtype=np.int64))
         self.batch_size, self.train, self.seed = int(batch_size), train, seed
         self.device = torch.device(device)

@@ -13,6 +13,7 @@ import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision
 from torch import nn
@@ -73,11 +74,14 @@ def safe_torch_load(path: str | os.PathLike, *, what: str = "file"):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # torch's first line is generic advice to retry unsafely; the line naming the refused global is the news.
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        first = next((ln for ln in lines if "GLOBAL" in ln), lines[0])
         raise UserError(f"{path}: refused to load: it is not a weights-only file and unpickling it could run "
                         f"code ({first[:160]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read as a torch {what} ({str(e).splitlines()[0][:160]})") from None
+    except Exception as e:  # garbage bytes surface as KeyError, EOFError, RuntimeError, ... from the unpickler
+        reason = (str(e).splitlines() or [""])[0][:160] or type(e).__name__
+        raise UserError(f"{path}: cannot read as a torch {what} ({reason})") from None
 
 
 def resolve_weights(name: str, weights: str = "auto", *, seed: int = 0) -> ResolvedWeights:
@@ -94,7 +98,9 @@ def resolve_weights(name: str, weights: str = "auto", *, seed: int = 0) -> Resol
         if w is not None:
             if cached.is_file() or not _offline():
                 try:
-                    sd = w.get_state_dict(progress=False)  # reads the hub cache; downloads only if absent
+                    # Reads the hub cache, downloads only if absent. weights_only: torch.hub's default is
+                    # False, which would let a tampered cache file run code.
+                    sd = w.get_state_dict(progress=False, weights_only=True)
                     return ResolvedWeights(sd, f"imagenet:{w}", True)
                 except Exception as e:  # network errors come in many types (URLError, socket, HTTP)
                     reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
@@ -170,8 +176,9 @@ class FrozenBackbone(nn.Module):
     @property
     def out_dim(self) -> int:
         if self._out_dim is None:
+            p = next(self.net.parameters())
             with torch.inference_mode():
-                self._out_dim = int(self.net(torch.zeros(1, 3, 64, 64)).shape[-1])
+                self._out_dim = int(self.net(torch.zeros(1, 3, 64, 64, device=p.device, dtype=p.dtype)).shape[-1])
         return self._out_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) -> (B, D)
@@ -189,7 +196,11 @@ def build_backbone(name: str = "resnet34", *, weights: str | ResolvedWeights = "
         torch.manual_seed(seed)
         net = torchvision.models.get_model(name, weights=None)
     if resolved.state_dict is not None:
-        missing, unexpected = net.load_state_dict(resolved.state_dict, strict=False)
+        try:
+            missing, unexpected = net.load_state_dict(resolved.state_dict, strict=False)
+        except RuntimeError as e:  # shape mismatches, e.g. a classifier fine-tuned on another class count
+            detail = "; ".join(ln.strip() for ln in str(e).splitlines()[1:4] if ln.strip())
+            raise UserError(f"weights {resolved.identity} do not fit {name}: {detail[:300]}") from None
         if missing or unexpected:
             def show(keys):
                 return ", ".join(list(keys)[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
@@ -228,8 +239,8 @@ class Head(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def set_standardization(self, mean, std) -> None:
-        mean = torch.as_tensor(mean, dtype=torch.float32)
-        std = torch.as_tensor(std, dtype=torch.float32).clamp_min(1e-6)
+        mean = torch.tensor(np.asarray(mean, dtype=np.float32))
+        std = torch.tensor(np.asarray(std, dtype=np.float32)).clamp_min(1e-6)
         self.mean.copy_(mean)
         self.std.copy_(std)
 
@@ -294,7 +305,8 @@ def save_artifact(path: str | os.PathLike, model: Classifier, *, classes, prepro
         "pretrained": not identity.startswith("random:"),
         "config": _plain(config or {}),
         "metrics": _plain(metrics or {}),
-        "torch_version": torch.__version__, "torchvision_version": torchvision.__version__,
+        "torch_version": str(torch.__version__),  # TorchVersion is not a weights_only-loadable type
+        "torchvision_version": str(torchvision.__version__),
     }
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(payload, tmp)

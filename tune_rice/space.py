@@ -1,0 +1,200 @@
+"""Search spaces: plain YAML files, validated on load, turned into Ray Tune domains.
+
+Only the distributions OptunaSearch can convert are accepted: ``uniform``, ``loguniform``, ``randint``,
+``choice`` and constants. Parameters that change the feature bank (backbone, image size, head kind,
+augmentation policy, views) must be constants or ``choice`` so every bank can be extracted before the
+trials start.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from . import UserError
+from .engine import TrialConfig
+from .features import FeatureSpec
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
+METRICS = {"valid/acc": "max", "valid/macro_f1": "max", "valid/loss": "min"}
+FEATURE_PARAMS = ("backbone", "image_size", "head", "aug_policy", "views")
+# Set by the command line, not by a space: the epoch budget and the seed.
+RESERVED = ("epochs", "seed")
+TOP_LEVEL_KEYS = ("metric", "mode", "max_epochs", "params", "description")
+
+
+def searchable_params() -> tuple[str, ...]:
+    return tuple(f for f in TrialConfig.fields() if f not in RESERVED)
+
+
+def resolve_space_path(name_or_path: str | os.PathLike) -> Path:
+    """A file path, or the name of a bundled space (``quick`` or ``quick.yaml``)."""
+    p = Path(name_or_path).expanduser()
+    if p.is_file():
+        return p.resolve()
+    for candidate in (SPACES_DIR / p.name, SPACES_DIR / f"{p.name}.yaml"):
+        if not p.parent.parts and candidate.is_file():
+            return candidate
+    bundled = ", ".join(sorted(q.stem for q in SPACES_DIR.glob("*.yaml"))) or "none found"
+    raise UserError(f"{name_or_path}: search space file not found (bundled spaces: {bundled})")
+
+
+@dataclass
+class SearchSpace:
+    path: Path
+    metric: str
+    mode: str
+    max_epochs: int | None
+    constants: dict = field(default_factory=dict)  # name -> value
+    distributions: dict = field(default_factory=dict)  # name -> (kind, args)
+    description: str = ""
+
+    @property
+    def searched(self) -> list[str]:
+        return list(self.distributions)
+
+    @property
+    def log_scaled(self) -> set[str]:
+        return {n for n, (kind, _) in self.distributions.items() if kind == "loguniform"}
+
+    def bounds(self) -> dict:
+        """Numeric bounds of the searched parameters, for edge-of-space checks."""
+        return {n: tuple(args) for n, (kind, args) in self.distributions.items() if kind != "choice"}
+
+    def tune_space(self) -> dict:
+        """The ``param_space`` for ``tune.Tuner``: Tune domains and constants."""
+        from ray import tune
+
+        out = dict(self.constants)
+        for name, (kind, args) in self.distributions.items():
+            if kind == "uniform":
+                out[name] = tune.uniform(*args)
+            elif kind == "loguniform":
+                out[name] = tune.loguniform(*args)
+            elif kind == "randint":
+                out[name] = tune.randint(args[0], args[1] + 1)  # YAML bounds are inclusive
+            else:
+                out[name] = tune.choice(list(args))
+        return out
+
+    def feature_specs(self, *, seed: int = 0) -> list[FeatureSpec]:
+        """Every distinct feature bank this space can ask for (the product of feature-param choices)."""
+        defaults = TrialConfig()
+        axes = []
+        for name in FEATURE_PARAMS:
+            if name in self.distributions:
+                axes.append(list(self.distributions[name][1]))
+            else:
+                axes.append([self.constants.get(name, getattr(defaults, name))])
+        specs = []
+        for backbone, size, head, policy, views in itertools.product(*axes):
+            cfg = TrialConfig(backbone=backbone, image_size=int(size), head=head, aug_policy=policy,
+                              views=int(views), seed=seed)
+            spec = cfg.feature_spec()
+            if spec not in specs:
+                specs.append(spec)
+        return specs
+
+
+def _number(path: Path, key: str, value):
+    # PyYAML reads "1e-4" as a string (YAML 1.1 wants "1.0e-4"); accept it as the number it means.
+    if isinstance(value, bool):
+        raise UserError(f"{path}: {key}: expected a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise UserError(f"{path}: {key}: expected a number, got {value!r}")
+
+
+def _check_value(path: Path, key: str, name: str, value) -> None:
+    """Check one concrete value by building a TrialConfig with it (reuses the config's own checks)."""
+    try:
+        TrialConfig.from_dict({name: value})
+    except UserError as e:
+        raise UserError(f"{path}: {key}: {e}") from None
+
+
+def load_search_space(name_or_path: str | os.PathLike) -> SearchSpace:
+    """Read and validate a search-space YAML file; errors name the file and the key in one line."""
+    path = resolve_space_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping with 'params:' at the top level")
+    unknown = sorted(set(raw) - set(TOP_LEVEL_KEYS))
+    if unknown:
+        raise UserError(f"{path}: unknown top-level key(s) {unknown}; valid: {', '.join(TOP_LEVEL_KEYS)}")
+    metric = raw.get("metric", "valid/acc")
+    if metric not in METRICS:
+        raise UserError(f"{path}: metric: {metric!r} is not one of {', '.join(METRICS)}")
+    mode = raw.get("mode", METRICS[metric])
+    if mode not in ("min", "max"):
+        raise UserError(f"{path}: mode: {mode!r} must be 'min' or 'max'")
+    max_epochs = raw.get("max_epochs")
+    if max_epochs is not None and (isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1):
+        raise UserError(f"{path}: max_epochs: expected a whole number >= 1, got {max_epochs!r}")
+    params = raw.get("params") or {}
+    if not isinstance(params, dict):
+        raise UserError(f"{path}: params: expected a mapping of parameter names")
+    valid = searchable_params()
+    space = SearchSpace(path=path, metric=metric, mode=mode, max_epochs=max_epochs,
+                        description=str(raw.get("description", "")))
+    for name, spec in params.items():
+        key = f"params.{name}"
+        if name not in valid:
+            hint = " (set by --max-epochs / --seed)" if name in RESERVED else ""
+            raise UserError(f"{path}: {key}: unknown parameter{hint}; valid: {', '.join(valid)}")
+        if not isinstance(spec, dict):
+            _check_value(path, key, name, spec)
+            space.constants[name] = spec
+            continue
+        if len(spec) != 1:
+            raise UserError(f"{path}: {key}: expected one of {{{', '.join(DISTRIBUTIONS)}: ...}}, got {spec!r}")
+        (kind, args), = spec.items()
+        if kind not in DISTRIBUTIONS:
+            raise UserError(f"{path}: {key}: unknown distribution {kind!r}; valid: {', '.join(DISTRIBUTIONS)}")
+        if not isinstance(args, list) or not args:
+            raise UserError(f"{path}: {key}.{kind}: expected a non-empty list")
+        if kind == "choice":
+            for v in args:
+                _check_value(path, f"{key}.choice", name, v)
+            space.distributions[name] = (kind, list(args))
+            continue
+        if name in FEATURE_PARAMS:
+            raise UserError(f"{path}: {key}: a parameter that changes the feature bank must be a constant "
+                            f"or a choice, not {kind}")
+        if len(args) != 2:
+            raise UserError(f"{path}: {key}.{kind}: expected [low, high], got {args!r}")
+        kind_type = type(getattr(TrialConfig(), name))
+        if kind_type is not float and kind != "randint" or kind_type not in (int, float):
+            hint = "randint" if kind_type is int else "choice"
+            raise UserError(f"{path}: {key}: {name} is a {kind_type.__name__}; use {hint}, not {kind}")
+        lo, hi = (_number(path, f"{key}.{kind}", v) for v in args)
+        if not lo < hi:
+            raise UserError(f"{path}: {key}.{kind}: low must be < high, got [{lo}, {hi}]")
+        if kind == "loguniform" and lo <= 0:
+            raise UserError(f"{path}: {key}.loguniform: bounds must be > 0, got [{lo}, {hi}]")
+        if kind == "randint":
+            if not (float(lo).is_integer() and float(hi).is_integer()):
+                raise UserError(f"{path}: {key}.randint: bounds must be whole numbers, got [{lo}, {hi}]")
+            lo, hi = int(lo), int(hi)
+        for v in (lo, hi):
+            _check_value(path, f"{key}.{kind}", name, v)
+        if not all(math.isfinite(float(v)) for v in (lo, hi)):
+            raise UserError(f"{path}: {key}.{kind}: bounds must be finite")
+        space.distributions[name] = (kind, [lo, hi])
+    if not space.distributions:
+        raise UserError(f"{path}: params: nothing to search (every parameter is a constant)")
+    return space

@@ -1,0 +1,75 @@
+"""The Ray Tune function trainable: :class:`tune_rice.engine.HeadRun` wired to reports and checkpoints.
+
+Big inputs (the feature banks) arrive through ``tune.with_parameters``, so they sit in the object store
+once and every trial on a node maps the same memory; nothing is decoded or extracted inside a trial.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import ray
+import torch
+from ray import tune
+
+from .data import read_labels
+from .engine import HeadRun, TrialConfig
+from .features import FeatureBank
+
+CHECKPOINT_FILE = "state.pt"
+# Test-only hook: a trial whose config has lr above this value raises at its second epoch, so that
+# tests can prove retries and errored-trial accounting without a real crash.
+CRASH_ENV = "TUNE_RICE_TEST_CRASH_LR_ABOVE"
+
+
+def _better(value: float, best: float | None, mode: str) -> bool:
+    return best is None or (value > best if mode == "max" else value < best)
+
+
+def trial_device() -> str:
+    """``cuda`` when Ray gave this trial a GPU and one is really there, else ``cpu``."""
+    if ray.get_gpu_ids() and torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def train_head(config: dict, *, banks: dict[str, FeatureBank] | None = None, labels_csv: str | None = None,
+               weights: dict | None = None, base: dict | None = None, metric: str = "valid/acc",
+               mode: str = "max") -> None:
+    """Train one trial for ``epochs`` epochs, reporting every epoch and checkpointing improvements.
+
+    ``banks`` maps a FeatureSpec name to its bank (the fast path); with ``banks=None`` the trial trains
+    the full model on the images listed in ``labels_csv`` (``--feature-cache off``, the reference path),
+    with ``weights`` mapping a backbone name to its resolved weights.
+    """
+    cfg = TrialConfig.from_dict({**(base or {}), **config})
+    device = trial_device()
+    if banks is not None:
+        run = HeadRun(cfg, bank=banks[cfg.feature_spec().name], device=device)
+    else:
+        run = HeadRun(cfg, table=read_labels(labels_csv), weights=weights[cfg.backbone], device=device,
+                      num_workers=max(0, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)) - 1))
+    best = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location=device, weights_only=True)
+        run.load_state_dict(state)
+        best = state.get("best")
+    context = ray.get_runtime_context()
+    where = {"node_id": context.get_node_id(), "gpu_ids": ",".join(map(str, ray.get_gpu_ids())),
+             "device": device, "weights": run.weights}
+    crash_lr = os.environ.get(CRASH_ENV)
+    while run.epoch < cfg.epochs:
+        if crash_lr and cfg.lr > float(crash_lr) and run.epoch == 1:
+            raise RuntimeError(f"test hook {CRASH_ENV}={crash_lr}: crashing trial with lr={cfg.lr:g}")
+        metrics = {**run.step(), **where}
+        if _better(metrics[metric], best, mode):
+            best = metrics[metric]
+            with tempfile.TemporaryDirectory() as d:
+                torch.save({**run.state_dict(), "best": best}, Path(d) / CHECKPOINT_FILE)
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+        else:
+            tune.report(metrics)
