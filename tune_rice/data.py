@@ -69,10 +69,12 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         return im
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         # 16-bit / 32-bit greyscale: rescale the actual range into 0..255.
-        arr = np.asarray(im, dtype=np.float64)
+        arr = np.nan_to_num(np.asarray(im, dtype=np.float64))
         lo, hi = float(arr.min()), float(arr.max())
         if mode.startswith("I;16") and hi > 255:
             arr = arr / 65535.0 * 255.0
+        elif mode == "F" and lo >= 0 and hi <= 1:
+            arr = arr * 255.0  # float images conventionally hold 0..1 (they decoded all black before)
         elif hi > 255 or lo < 0:
             arr = (arr - lo) / max(hi - lo, 1e-12) * 255.0
         return Image.fromarray(arr.clip(0, 255).astype(np.uint8), mode="L").convert("RGB")
