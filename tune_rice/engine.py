@@ -6,6 +6,7 @@ runs in tests, benchmarks and on a GPU machine without Ray.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -106,6 +107,7 @@ def _coerce(name: str, value, kind: type):
                 return True
             if value.lower() in ("false", "0", "no"):
                 return False
+            raise UserError(f"config key {name!r}: {value!r} is not a bool (true/false)")  # bool("no") is True
         return bool(value)
     try:
         if kind is int:
@@ -270,7 +272,8 @@ def predict_logits(model: nn.Module, batches) -> tuple[torch.Tensor, torch.Tenso
 def evaluate(model: nn.Module, batches, *, n_classes: int, criterion: nn.Module | None = None) -> dict:
     """Loss (plain cross-entropy unless ``criterion``), accuracy, macro-F1, per-class metrics."""
     logits, y = predict_logits(model, batches)
-    crit = criterion.cpu() if criterion is not None else nn.CrossEntropyLoss()
+    # A copy: Module.cpu() moves in place, and the caller's training criterion must stay on its device.
+    crit = copy.deepcopy(criterion).cpu() if criterion is not None else nn.CrossEntropyLoss()
     metrics = compute_metrics(y.numpy(), logits.argmax(1).numpy(), n_classes)
     metrics["loss"] = float(crit(logits, y))
     return metrics
@@ -349,9 +352,12 @@ class HeadRun:
         return out
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "config": self.cfg.to_dict(),
-                "classes": list(self.classes), "weights": self.weights, "torch_rng": torch.get_rng_state()}
+        state = {"epoch": self.epoch, "head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "config": self.cfg.to_dict(),
+                 "classes": list(self.classes), "weights": self.weights, "torch_rng": torch.get_rng_state()}
+        if self.device.type == "cuda":  # dropout on the GPU draws from the CUDA generator, not the CPU one
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.head.load_state_dict(state["head"])
@@ -360,3 +366,5 @@ class HeadRun:
         self.epoch = int(state["epoch"])
         if "torch_rng" in state:
             torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)

@@ -189,8 +189,9 @@ def extract_bank(labels: str | os.PathLike | LabelTable, spec: FeatureSpec, *,
             bank = load_bank(final)
             log.info("feature bank %s: cache hit (%s)", spec.name, final)
             return bank
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, TypeError, EOFError, UserError) as e:
             log.warning("feature bank at %s is unreadable (%s): extracting again", final, e)
+            shutil.rmtree(final, ignore_errors=True)  # else save_bank finds the key taken and keeps the broken one
 
     device = resolve_device(device)
     backbone, _ = build_backbone(spec.backbone, weights=resolved, seed=spec.seed, feature_layer=spec.feature_layer)
@@ -247,7 +248,14 @@ def save_bank(bank: FeatureBank, final: Path) -> Path:
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # written last: marks a complete bank
         try:
             os.rename(tmp, final)
-        except OSError:  # another process finished the same bank first; theirs is as good as ours
+        except OSError:
+            if not (final / "meta.json").is_file():  # a folder that is not a complete bank: replace it
+                shutil.rmtree(final, ignore_errors=True)
+                try:
+                    os.rename(tmp, final)
+                except OSError:
+                    pass
+            # else another process finished the same bank first; theirs is as good as ours
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

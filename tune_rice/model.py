@@ -75,8 +75,10 @@ def safe_torch_load(path: str | os.PathLike, *, what: str = "file"):
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's first line is generic advice to retry unsafely; the line naming the refused global is the news.
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
-        first = next((ln for ln in lines if "GLOBAL" in ln), lines[0])
+        text = str(e).split("WeightsUnpickler error:", 1)[-1]
+        lines = [ln.strip() for ln in text.splitlines()
+                 if ln.strip() and not ln.strip().startswith(("Weights only load failed", "Check the documentation"))]
+        first = next((ln for ln in lines if "GLOBAL" in ln), lines[0] if lines else type(e).__name__)
         raise UserError(f"{path}: refused to load: it is not a weights-only file and unpickling it could run "
                         f"code ({first[:160]})") from None
     except Exception as e:  # garbage bytes surface as KeyError, EOFError, RuntimeError, ... from the unpickler
@@ -240,7 +242,11 @@ class Head(nn.Module):
 
     def set_standardization(self, mean, std) -> None:
         mean = torch.tensor(np.asarray(mean, dtype=np.float32))
-        std = torch.tensor(np.asarray(std, dtype=np.float32)).clamp_min(1e-6)
+        std = torch.tensor(np.asarray(std, dtype=np.float32))
+        # A dim constant on the un-augmented train images (dead ReLU units: dozens with random weights) still
+        # moves on augmented views and new images; dividing by its ~0 std made values of 1e4-1e5 and train
+        # losses of ~50. So no dim is amplified more than 10x an average one.
+        std = std.clamp_min(max(1e-6, 0.1 * float(std.mean())))
         self.mean.copy_(mean)
         self.std.copy_(std)
 

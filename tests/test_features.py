@@ -1,0 +1,253 @@
+"""The feature bank against the inline reference, its views, its determinism and its cache (resnet18, 32 px)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_separable_dataset
+
+import tune_rice.features as features
+from tune_rice.data import build_transform, load_image, read_labels
+from tune_rice.engine import HeadRun, TrialConfig, evaluate
+from tune_rice.features import FeatureSpec, bank_key, extract_bank, load_bank, save_bank
+from tune_rice.model import Classifier, build_backbone
+
+SPEC = FeatureSpec(backbone="resnet18", image_size=32, views=3, policy="standard", seed=0)
+QUICK = dict(weights="none", num_workers=0, progress=False, device="cpu")
+
+# float16 has an 11-bit significand: a stored feature is within 2**-11 (relative) of the float32 value.
+# Different batch compositions may also move float32 conv results by a few ulps on CPU.
+FP16_RTOL, FP16_ATOL = 2e-3, 1e-4
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_separable_dataset(tmp_path_factory.mktemp("separable") / "data")
+
+
+@pytest.fixture(scope="module")
+def bank(dataset):
+    return extract_bank(dataset, SPEC, use_cache=False, **QUICK)
+
+
+def _inline_features(table, split: str, image_size: int, *, seed: int = 0) -> torch.Tensor:
+    """The reference: each image through the eval transform and the frozen backbone, float32. (N, D)"""
+    backbone, _ = build_backbone("resnet18", weights="none", seed=seed)
+    tf = build_transform(image_size, train=False)
+    x = torch.stack([tf(load_image(p)) for p in table.paths(split)])  # (N, 3, S, S)
+    with torch.no_grad():
+        return backbone(x)
+
+
+# ------------------------------------------------------------------------------------ bank vs inline
+def test_bank_logits_match_the_inline_model(dataset, bank):
+    table = read_labels(dataset)
+    backbone, _ = build_backbone("resnet18", weights="none", seed=SPEC.seed)
+    run = HeadRun(TrialConfig(backbone="resnet18", image_size=32, views=3, hidden=32, dropout=0.0, lr=1e-2,
+                              batch_size=8, epochs=2), bank=bank, device="cpu")
+    run.step()  # a trained head: logits of a realistic scale, not the near-zero ones of a fresh init
+    head = run.head.eval()
+    model = Classifier(backbone, head).eval()
+    tf = build_transform(SPEC.image_size, train=False)
+    images = torch.stack([tf(load_image(p)) for p in table.paths("valid")])  # (N, 3, 32, 32)
+    with torch.no_grad():
+        inline = model(images)  # (N, C)
+        banked = head(torch.from_numpy(bank.splits["valid"].features[:, 0]))  # (N, C) from float16 storage
+    scale = float(inline.abs().max())
+    diff = float((inline - banked).abs().max())
+    # Measured: max |diff| 3.4e-4 to 6.8e-4 at a logit scale of 6.6 to 8.1 (resnet18, random init, 32 px,
+    # CPU, three dataset seeds); the source is the float16 storage of the features (2**-11 relative).
+    # Allowed: 2e-3 relative to the logit scale (>= 1), a margin of 20x or more.
+    assert diff <= 2e-3 * max(1.0, scale), (diff, scale)
+    assert torch.equal(inline.argmax(1), banked.argmax(1))
+
+
+def test_bank_statistics_match_the_inline_run(dataset, bank):
+    table = read_labels(dataset)
+    cfg = TrialConfig(backbone="resnet18", image_size=32, views=3, hidden=32, dropout=0.0, epochs=1, seed=SPEC.seed)
+    inline = HeadRun(cfg, table=table, weights="none", device="cpu", num_workers=0)
+    banked = HeadRun(cfg, bank=bank, device="cpu")
+    # The inline path computes train statistics itself; they must be the bank's (both from float16 features).
+    np.testing.assert_allclose(inline.head.mean.numpy(), bank.mean, rtol=FP16_RTOL, atol=FP16_ATOL)
+    np.testing.assert_allclose(inline.head.std.numpy(), banked.head.std.numpy(), rtol=FP16_RTOL, atol=FP16_ATOL)
+    np.testing.assert_allclose(banked.head.mean.numpy(), bank.mean, rtol=0, atol=0)
+    assert inline.weights == bank.weights == "random:seed=0"
+
+    # The same head weights score the same on valid through both paths (engine.evaluate end to end).
+    banked.head.load_state_dict(inline.head.state_dict())
+    a = evaluate(inline.model, inline.valid_batches, n_classes=3)
+    b = evaluate(banked.model, banked.valid_batches, n_classes=3)
+    assert a["confusion"] == b["confusion"]
+    assert a["loss"] == pytest.approx(b["loss"], abs=5e-3)
+
+
+def test_standardised_views_stay_bounded(bank):
+    """Statistics come from view 0; augmented views must not explode on dims that view 0 never moves."""
+    cfg = TrialConfig(backbone="resnet18", image_size=32, views=3)
+    head = HeadRun(cfg, bank=bank, device="cpu").head
+    assert (bank.std == 0).any()  # dead units exist in this random-init bank: the case that matters
+    z = (torch.from_numpy(bank.splits["train"].features).float() - head.mean) / head.std  # (N, K, D)
+    assert float(z.abs().max()) < 100
+
+
+def test_head_on_the_bank_learns_the_separable_dataset(bank):
+    cfg = TrialConfig(backbone="resnet18", image_size=32, views=3, hidden=64, dropout=0.1, lr=3e-3,
+                      batch_size=8, epochs=4, seed=0)
+    run = HeadRun(cfg, bank=bank, device="cpu")
+    history = [run.step() for _ in range(cfg.epochs)]
+    assert history[-1]["valid/acc"] > 0.95, [h["valid/acc"] for h in history]  # chance is 1/3
+    assert history[-1]["train/loss"] < history[0]["train/loss"]
+    assert set(history[-1]) >= {"train/loss", "valid/loss", "valid/acc", "valid/macro_f1", "valid/recall/alpha"}
+
+
+# ---------------------------------------------------------------------------------------------- views
+def test_views_shape_and_view0_is_the_unaugmented_image(dataset, bank):
+    table = read_labels(dataset)
+    train, valid = bank.splits["train"], bank.splits["valid"]
+    n_train, n_valid = len(table.split("train")), len(table.split("valid"))
+    assert train.features.shape == (n_train, 3, 512) and train.features.dtype == np.float16
+    assert valid.features.shape == (n_valid, 1, 512)
+    assert train.paths == list(table.split("train")["path"]) and np.array_equal(train.targets, table.targets("train"))
+    assert bank.classes == ("alpha", "beta", "gamma") and bank.dim == 512
+
+    reference = _inline_features(table, "train", SPEC.image_size).numpy()  # eval transform, float32
+    np.testing.assert_allclose(train.features[:, 0].astype(np.float32), reference, rtol=FP16_RTOL, atol=FP16_ATOL)
+    np.testing.assert_allclose(bank.mean, train.features[:, 0].astype(np.float32).mean(0), rtol=1e-6)
+    for v in (1, 2):  # augmented views are other pictures of the same image
+        assert all(not np.array_equal(train.features[i, v], train.features[i, 0]) for i in range(n_train))
+    assert not np.array_equal(train.features[:, 1], train.features[:, 2])
+
+
+def test_extraction_is_deterministic_whatever_the_workers(dataset, bank):
+    spec = FeatureSpec(backbone="resnet18", image_size=32, views=3, seed=0)
+    serial = extract_bank(dataset, spec, splits=("train",), use_cache=False, weights="none", num_workers=0,
+                          batch_size=16, progress=False, device="cpu")
+    parallel = extract_bank(dataset, spec, splits=("train",), use_cache=False, weights="none", num_workers=2,
+                            batch_size=16, progress=False, device="cpu")
+    assert np.array_equal(serial.splits["train"].features, parallel.splits["train"].features)
+    # Same seed, other batch size: the same augmentations (the views are a function of seed and image).
+    np.testing.assert_allclose(serial.splits["train"].features.astype(np.float32),
+                               bank.splits["train"].features.astype(np.float32), rtol=FP16_RTOL, atol=FP16_ATOL)
+
+
+# ---------------------------------------------------------------------------------------------- cache
+SMALL = FeatureSpec(backbone="resnet18", image_size=32, views=2, seed=0)
+
+
+def _forbid_backbone(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("the backbone was built although the bank is cached")
+
+    monkeypatch.setattr(features, "build_backbone", boom)
+
+
+def _count_backbone_builds(monkeypatch) -> list:
+    calls = []
+    real = features.build_backbone
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(features, "build_backbone", counting)
+    return calls
+
+
+def test_cache_hit_and_misses(separable, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    first = extract_bank(separable, SMALL, cache_dir=cache, **QUICK)
+    assert not first.from_cache and (cache / first.key / "meta.json").is_file()
+    assert json.loads((cache / first.key / "meta.json").read_text())["weights"] == "random:seed=0"
+
+    with monkeypatch.context() as m:
+        _forbid_backbone(m)
+        hit = extract_bank(separable, SMALL, cache_dir=cache, **QUICK)
+    assert hit.from_cache and hit.key == first.key and hit.spec == SMALL and hit.classes == first.classes
+    for split in ("train", "valid"):
+        assert np.array_equal(hit.splits[split].features, first.splits[split].features)
+        assert np.array_equal(hit.splits[split].targets, first.splits[split].targets)
+        assert hit.splits[split].paths == first.splits[split].paths
+    assert np.array_equal(hit.mean, first.mean) and np.array_equal(hit.std, first.std)
+
+    table = read_labels(separable)
+    image = table.paths("valid")[0]
+    st = image.stat()
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))  # touched: same bytes, new mtime
+    touched = extract_bank(separable, SMALL, cache_dir=cache, **QUICK)
+    assert not touched.from_cache and touched.key != first.key
+
+    resized = FeatureSpec(backbone="resnet18", image_size=40, views=2, seed=0)
+    other = extract_bank(separable, resized, cache_dir=cache, **QUICK)
+    assert not other.from_cache and other.key not in (first.key, touched.key)
+    assert other.key != bank_key(table, SMALL, "random:seed=0", ("train", "valid"))
+    assert bank_key(table, SMALL, "random:seed=1", ("train", "valid")) != touched.key  # weights identity counts
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temp folder left
+
+
+def test_incomplete_folders_are_not_banks(separable, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    bank = extract_bank(separable, SMALL, cache_dir=cache, **QUICK)
+    final = cache / bank.key
+
+    # A crashed writer's temp folder, complete inside, is not the bank.
+    leftover = cache / f".{bank.key}.tmp-999-deadbeef"
+    os.rename(final, leftover)
+    calls = _count_backbone_builds(monkeypatch)
+    again = extract_bank(separable, SMALL, cache_dir=cache, **QUICK)
+    assert not again.from_cache and len(calls) == 1 and (final / "meta.json").is_file()
+
+    # A folder under the key without meta.json is not the bank either; extraction replaces it with one.
+    (final / "meta.json").unlink()
+    again = extract_bank(separable, SMALL, cache_dir=cache, **QUICK)
+    assert not again.from_cache and len(calls) == 2
+    assert (final / "meta.json").is_file()
+    assert extract_bank(separable, SMALL, cache_dir=cache, **QUICK).from_cache and len(calls) == 2
+
+
+def test_unreadable_bank_is_extracted_again_and_repaired(separable, tmp_path, monkeypatch, caplog):
+    cache = tmp_path / "cache"
+    bank = extract_bank(separable, SMALL, cache_dir=cache, **QUICK)
+    features_file = cache / bank.key / "train_features.npy"
+    features_file.write_bytes(features_file.read_bytes()[:200])  # truncated
+    with caplog.at_level(logging.WARNING, logger="tune_rice.features"):
+        again = extract_bank(separable, SMALL, cache_dir=cache, **QUICK)
+    assert not again.from_cache and "unreadable" in caplog.text
+    assert np.array_equal(again.splits["train"].features, bank.splits["train"].features)
+    repaired = load_bank(cache / bank.key)
+    assert np.array_equal(repaired.splits["train"].features, bank.splits["train"].features)
+
+
+def test_crash_while_saving_leaves_nothing(separable, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    real_save = np.save
+    calls = []
+
+    def failing_save(file, arr, *args, **kwargs):
+        calls.append(file)
+        if len(calls) == 3:  # after the train arrays, before valid: a half-written bank
+            raise OSError(28, "No space left on device")
+        return real_save(file, arr, *args, **kwargs)
+
+    monkeypatch.setattr(np, "save", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        extract_bank(separable, SMALL, cache_dir=cache, **QUICK)
+    assert len(calls) == 3
+    assert list(cache.iterdir()) == []  # neither the final folder nor the temp folder
+
+    monkeypatch.setattr(np, "save", real_save)
+    bank = extract_bank(separable, SMALL, cache_dir=cache, **QUICK)
+    assert not bank.from_cache and [p.name for p in cache.iterdir()] == [bank.key]
+
+
+def test_save_bank_keeps_a_bank_another_process_finished_first(separable, tmp_path):
+    cache = tmp_path / "cache"
+    bank = extract_bank(separable, SMALL, cache_dir=cache, **QUICK)
+    marker = cache / bank.key / "theirs"
+    marker.write_text("x")
+    save_bank(bank, cache / bank.key)
+    assert marker.exists() and [p.name for p in cache.iterdir()] == [bank.key]
