@@ -1,0 +1,101 @@
+"""export: TorchScript that reproduces the artifact's logits and that predict accepts; ONNX gated on `onnx`."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from tune_rice import export, predict
+from tune_rice.data import build_transform, load_image
+from tune_rice.model import load_artifact
+
+# Shared session fixtures (tiny_model, real_search): registered once as a plugin so every module
+# gets the same trained model and the same real search.
+pytest_plugins = ["helpers_artifacts"]
+
+# The stated tolerance: |exported - original| <= ATOL + RTOL * |original|, elementwise on the logits.
+assert (export.ATOL, export.RTOL) == (1e-4, 1e-4)
+
+
+@pytest.fixture(scope="module")
+def torchscript(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "model.ts"
+    assert export.main(["--model", str(tiny_model.model_path), "--format", "torchscript", "--out", str(out)]) == 0
+    return out
+
+
+def test_torchscript_gives_the_artifacts_logits_and_carries_its_metadata(tiny_model, torchscript):
+    original, meta = load_artifact(tiny_model.model_path)
+    scripted, info = predict.read_torchscript(torchscript)
+    assert info["classes"] == meta["classes"]
+    assert info["preprocessing"] == meta["preprocessing"]
+    assert info["weights"] == meta["weights"] == "random:seed=0"
+    assert info["config"]["backbone"] == "resnet18"
+    size = meta["preprocessing"]["image_size"]
+    tf = build_transform(size, train=False)
+    images = torch.stack([tf(load_image(p)) for p in sorted(tiny_model.root.glob("*/*.png"))[:7]])  # (7, 3, S, S)
+    noise = torch.randn(5, 3, size, size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for x in (images, noise):
+            ref, got = original(x), scripted(x)
+            assert got.shape == ref.shape == (len(x), len(meta["classes"]))
+            assert torch.allclose(got, ref, rtol=export.RTOL, atol=export.ATOL), float((got - ref).abs().max())
+
+
+def test_predict_accepts_the_torchscript_file_and_agrees(tiny_model, torchscript, tmp_path, capsys):
+    a, b = tmp_path / "pt.csv", tmp_path / "ts.csv"
+    folder = tiny_model.root / "beta"
+    assert predict.main(["--model", str(tiny_model.model_path), str(folder), "--out", str(a)]) == 0
+    assert predict.main(["--model", str(torchscript), str(folder), "--out", str(b)]) == 0
+    capsys.readouterr()
+    pa, pb = pd.read_csv(a), pd.read_csv(b)
+    assert len(pa) == 12
+    assert (pa["label"] == pb["label"]).all() and (pa["top3_label"] == pb["top3_label"]).all()
+    assert (pa["score"] - pb["score"]).abs().max() < 1e-5
+    loaded = predict.load_model(torchscript)
+    assert loaded.kind == "torchscript" and loaded.classes == ["alpha", "beta", "gamma"]
+
+
+def test_existing_output_needs_force(tiny_model, torchscript, capsys):
+    before = torchscript.stat().st_mtime_ns
+    args = ["--model", str(tiny_model.model_path), "--out", str(torchscript)]
+    assert export.main(args) == 2
+    assert "already exists" in capsys.readouterr().err and torchscript.stat().st_mtime_ns == before
+    assert export.main(args + ["--force"]) == 0
+    assert "max difference" in capsys.readouterr().out
+    assert predict.load_model(torchscript).kind == "torchscript"  # the replaced file is whole
+
+
+def test_default_out_is_next_to_the_model(tiny_model, tmp_path):
+    assert export.default_out(tiny_model.model_path, "torchscript") == tiny_model.model_path.with_name("model.ts")
+    assert export.default_out(tiny_model.model_path, "onnx") == tiny_model.model_path.with_name("model.onnx")
+
+
+def test_exporting_a_torchscript_file_or_a_non_model_is_a_user_error(torchscript, tmp_path, capsys):
+    assert export.main(["--model", str(torchscript), "--out", str(tmp_path / "again.ts")]) == 2
+    assert "already a TorchScript export" in capsys.readouterr().err
+    (tmp_path / "notes.pt").write_text("hello")
+    assert export.main(["--model", str(tmp_path / "notes.pt")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+    assert not (tmp_path / "notes.ts").exists() and not (tmp_path / "again.ts").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnx") is not None, reason="onnx is installed")
+def test_onnx_without_onnx_installed_says_how_to_get_it(tiny_model, tmp_path, capsys):
+    rc = export.main(["--model", str(tiny_model.model_path), "--format", "onnx", "--out", str(tmp_path / "m.onnx")])
+    assert rc == 2
+    assert "pip install tune-rice[onnx]" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="needs onnx and onnxruntime")
+def test_onnx_export_matches_and_writes_its_metadata(tiny_model, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    assert export.main(["--model", str(tiny_model.model_path), "--format", "onnx", "--out", str(out)]) == 0
+    meta = json.loads((tmp_path / "m.onnx.json").read_text())
+    assert meta["classes"] == ["alpha", "beta", "gamma"] and meta["export_format"] == "onnx"
+    assert "max difference" in capsys.readouterr().out

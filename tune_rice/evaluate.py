@@ -1,0 +1,170 @@
+"""``python -m tune_rice.evaluate``: score a trained model on a labelled split.
+
+    python -m tune_rice.evaluate --model runs/<name>/best/model.pt --data data/labels.csv --split test
+
+The numbers and the JSON are those of a search's ``test_metrics.json`` (accuracy, macro_f1, loss,
+test_count, classes, per_class{precision, recall, f1, support}, confusion_matrix with rows = true class),
+computed the same way: the full model on the images, ``engine.evaluate`` over ``ImageBatches`` with the
+evaluation transform of the model's image size. ``test_count`` is the number of images scored, whatever
+the split (the name is kept so both files read the same). The JSON goes to ``--out``
+(default ``eval_<split>.json`` in the current folder); the search's own ``test_metrics.json`` is never
+overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import UserError, cli
+from .data import SPLITS, ImageDecodeError, LabelTable, build_transform, dataset_for_split, read_labels
+from .engine import ImageBatches, evaluate
+from .features import resolve_device
+from .predict import load_model
+
+log = logging.getLogger(__name__)
+
+
+def resolve_labels(data: str | os.PathLike) -> Path:
+    """``--data``: a labels.csv, or a folder holding one."""
+    p = Path(data).expanduser()
+    if p.is_file():
+        return p
+    if p.is_dir():
+        if (p / "labels.csv").is_file():
+            return p / "labels.csv"
+        raise UserError(f"{p}: no labels.csv in this folder; write one with `python -m tune_rice.prepare {p}`")
+    raise UserError(f"--data {data}: no such file or folder")
+
+
+def align_classes(table: LabelTable, model_classes: Sequence[str]) -> LabelTable:
+    """``table`` with its targets indexed by the model's classes; every label must be one of them."""
+    model_classes = tuple(model_classes)
+    unknown = sorted(set(table.classes) - set(model_classes))
+    if unknown:
+        raise UserError(f"{table.csv_path}: its classes ({', '.join(table.classes)}) do not match the model's "
+                        f"({', '.join(model_classes)}); not known to the model: {', '.join(unknown)}")
+    if table.classes != model_classes:
+        missing = sorted(set(model_classes) - set(table.classes))
+        log.warning("%s has no images of %s: scored on the model's classes, with support 0 for those",
+                    table.csv_path, ", ".join(missing))
+    return dataclasses.replace(table, classes=model_classes)
+
+
+def evaluate_model(model: nn.Module, table: LabelTable, split: str, image_size: int,
+                   device: str | torch.device = "auto", *, batch_size: int = 64,
+                   num_workers: int | None = None) -> dict:
+    """Score ``model`` on the ``split`` images of ``table``; the dict of a search's test_metrics.json.
+
+    ``table.classes`` must be the model's classes in the model's order (see :func:`align_classes`).
+    """
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    if table.split(split).empty:
+        raise UserError(f"{table.csv_path}: the {split} split has no images")
+    device = resolve_device(device)
+    workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
+    ds = dataset_for_split(table, split, build_transform(image_size, train=False))
+    batches = ImageBatches(ds, batch_size=batch_size, train=False, num_workers=workers, device=device)
+    try:
+        metrics = evaluate(model.to(device), batches, n_classes=len(table.classes))
+    except ImageDecodeError as e:
+        # From a loader worker the message is a whole traceback; its last line is the one that matters.
+        last = str(e).strip().splitlines()[-1].split("ImageDecodeError: ", 1)[-1]
+        raise UserError(f"{last} (every image of the split must decode; fix it or drop its row from "
+                        f"{table.csv_path.name})") from None
+    classes = list(table.classes)
+    return {"accuracy": metrics["acc"], "macro_f1": metrics["macro_f1"], "loss": metrics["loss"],
+            "test_count": metrics["count"], "classes": classes,
+            "per_class": {c: {"precision": metrics["precision"][i], "recall": metrics["recall"][i],
+                              "f1": metrics["f1"][i], "support": metrics["support"][i]}
+                          for i, c in enumerate(classes)},
+            "confusion_matrix": metrics["confusion"]}
+
+
+def format_metrics(result: dict, *, title: str = "") -> str:
+    """Per-class precision/recall/F1/support, accuracy, macro-F1, loss and the confusion matrix as text."""
+    classes = result["classes"]
+    w = max(len("macro-F1"), *map(len, classes))
+    lines = [title] if title else []
+    lines.append(f"{'class':<{w}}  {'precision':>9}  {'recall':>6}  {'f1':>6}  {'support':>7}")
+    for c in classes:
+        m = result["per_class"][c]
+        lines.append(f"{c:<{w}}  {m['precision']:>9.4f}  {m['recall']:>6.4f}  {m['f1']:>6.4f}  {m['support']:>7d}")
+    lines.append(f"{'accuracy':<{w}}  {result['accuracy']:.4f}   macro-F1 {result['macro_f1']:.4f}   "
+                 f"loss {result['loss']:.4f}   images {result['test_count']}")
+    cm = np.asarray(result["confusion_matrix"])
+    cw = max(5, *map(len, classes), len(str(cm.max() if cm.size else 0)))
+    lines.append("")
+    lines.append("confusion matrix (rows = true, columns = predicted):")
+    lines.append(" " * w + "  " + " ".join(f"{c:>{cw}}" for c in classes))
+    for c, row in zip(classes, cm):
+        lines.append(f"{c:<{w}}  " + " ".join(f"{v:>{cw}d}" for v in row))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=os.environ.get("TUNE_RICE_PROG", "python -m tune_rice.evaluate"),
+        description="Score a trained tune-rice model on a labelled split: accuracy, macro-F1, per-class "
+                    "precision/recall/F1, confusion matrix (the metrics of the search's test_metrics.json).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="runs/<name>/best/model.pt, an exported TorchScript file, "
+                                                  "or an experiment folder")
+    p.add_argument("--data", required=True, help="a labels.csv, or a dataset folder holding one")
+    p.add_argument("--split", choices=SPLITS, default="test", help="which rows of labels.csv to score")
+    p.add_argument("--out", help="JSON file to write (default: eval_<split>.json in the current folder)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = GPU when present")
+    p.add_argument("--num-workers", type=int, help="image-decoding worker processes (default: up to 4)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    cli.setup_logging(args.verbose)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available to PyTorch here (use --device auto or cpu)")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    out = Path(args.out) if args.out else Path(f"eval_{args.split}.json")
+    if out.name == "test_metrics.json":
+        raise UserError(f"--out {out}: refusing to write test_metrics.json (the search's own record of its "
+                        "one test read); choose another name")
+    device = resolve_device(args.device)
+    loaded = load_model(args.model, device=device)
+    table = align_classes(read_labels(resolve_labels(args.data)), loaded.classes)
+    result = evaluate_model(loaded.module, table, args.split, loaded.image_size, device,
+                            batch_size=args.batch_size, num_workers=args.num_workers)
+    record = {"model": str(loaded.path), "data": str(table.csv_path), "split": args.split,
+              "weights": loaded.weights, **result}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1))
+    print(format_metrics(result, title=f"{loaded.path} on {table.csv_path} [{args.split}]"))
+    if args.split != "test":
+        print(f"note: the {args.split} split was seen while searching (train to fit, valid to choose); "
+              "its score is optimistic")
+    if loaded.weights.startswith("random:"):
+        print(f"note: this model's backbone was RANDOMLY INITIALISED ({loaded.weights})")
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.run(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

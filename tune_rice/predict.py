@@ -1,0 +1,306 @@
+"""``python -m tune_rice.predict``: classify new images with a trained model.
+
+    python -m tune_rice.predict --model runs/<name>/best/model.pt photos/ more/leaf.jpg --out predictions.csv
+
+The model is a search's ``best/model.pt`` (loaded with ``weights_only=True``: nothing in it can run code)
+or a TorchScript file written by ``python -m tune_rice.export`` (TorchScript holds its own graph code;
+load only exports you trust). Images are preprocessed exactly as in
+evaluation (the image size stored in the model, ``data.build_transform(train=False)``), batched, and run
+in inference mode on the GPU when there is one. A file that will not decode is never a crash: it gets a
+row with the ``error`` column filled and is listed in a "skipped" report.
+
+CSV columns: ``path, label, score, top1_label, top1_score, ..., topK_label, topK_score, error``; ``score``
+is the softmax probability of ``label`` (= ``top1``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from . import UserError, cli
+from .data import IMAGE_EXTENSIONS, build_transform, find_images, load_image, preprocessing_spec
+from .features import resolve_device
+from .model import load_artifact
+
+log = logging.getLogger(__name__)
+
+TORCHSCRIPT_META = "tune_rice.json"  # the extra file inside an exported TorchScript archive
+DEFAULT_TOPK = 3
+
+
+# --------------------------------------------------------------------------------------------- loading
+@dataclass
+class LoadedModel:
+    """A model ready for inference: normalised images (B, 3, S, S) float32 -> logits (B, C)."""
+
+    module: nn.Module
+    classes: list[str]
+    preprocessing: dict
+    weights: str
+    path: Path
+    kind: str  # "artifact" | "torchscript"
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.preprocessing["image_size"])
+
+
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """``--model`` may also name an experiment folder (``runs/<name>``) or its ``best/`` folder."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        for candidate in (p / "best" / "model.pt", p / "model.pt"):
+            if candidate.is_file():
+                return candidate
+        raise UserError(f"{p}: a folder without best/model.pt or model.pt; pass the model file")
+    return p
+
+
+def is_torchscript(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(name.endswith("constants.pkl") or "/code/" in name for name in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def read_torchscript(path: str | os.PathLike, *, map_location="cpu") -> tuple[nn.Module, dict]:
+    """Load a TorchScript file written by ``tune_rice.export``; returns (module, its tune_rice.json)."""
+    extra = {TORCHSCRIPT_META: ""}
+    with warnings.catch_warnings():  # torch.jit is deprecated in favour of torch.export; still supported
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            module = torch.jit.load(str(path), map_location=map_location, _extra_files=extra)
+        except Exception as e:  # torch.jit raises RuntimeError (and others) with multi-line messages
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise UserError(f"{path}: cannot load as TorchScript ({reason})") from None
+    raw = extra[TORCHSCRIPT_META]
+    if not raw:
+        raise UserError(f"{path}: a TorchScript file without {TORCHSCRIPT_META}: not written by "
+                        "tune_rice.export, so its classes and preprocessing are unknown")
+    try:
+        meta = json.loads(raw)
+        meta["classes"], meta["preprocessing"]["image_size"]  # noqa: B018 (presence check)
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{path}: its {TORCHSCRIPT_META} is not valid tune-rice metadata") from None
+    return module.eval(), meta
+
+
+def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a tune-rice artifact, or failing that a TorchScript export, onto ``device``.
+
+    The artifact format is tried first (``weights_only=True``; a pickle that would run code is refused,
+    never retried unsafely). Only a file that is a TorchScript archive goes to ``torch.jit.load``.
+    """
+    path = resolve_model_path(path)
+    device = torch.device(device)
+    try:
+        with warnings.catch_warnings():  # torch.load's note on meeting a TorchScript archive: handled below
+            warnings.filterwarnings("ignore", message=".*TorchScript archive", category=UserWarning)
+            module, meta = load_artifact(path, map_location=device)
+        return LoadedModel(module, list(meta["classes"]), dict(meta["preprocessing"]), str(meta["weights"]),
+                           path, "artifact", meta)
+    except UserError as e:
+        if not is_torchscript(path):
+            if "cannot read as" in str(e):  # not a torch file at all: say what would have been one
+                raise UserError(f"{e}; --model wants a tune-rice model (runs/<name>/best/model.pt) or a "
+                                "TorchScript file written by tune_rice.export") from None
+            raise  # refused pickles and foreign torch files: model.py's message says it all
+    module, meta = read_torchscript(path, map_location=device)
+    return LoadedModel(module, list(meta["classes"]), dict(meta["preprocessing"]), str(meta.get("weights", "?")),
+                       path, "torchscript", meta)
+
+
+def eval_transform(preprocessing: dict):
+    """The evaluation transform for a stored preprocessing spec; refuses a spec this version cannot honour."""
+    size = int(preprocessing["image_size"])
+    expected = preprocessing_spec(size)
+    differ = [k for k in ("resize", "mean", "std") if k in preprocessing
+              and not np.allclose(np.asarray(preprocessing[k], dtype=float), np.asarray(expected[k], dtype=float))]
+    if preprocessing.get("crop", "center") != "center":
+        differ.append("crop")
+    if differ:
+        raise UserError(f"the model's preprocessing differs from this version's in {', '.join(differ)} "
+                        f"(model: {preprocessing}; expected: {expected})")
+    return build_transform(size, train=False)
+
+
+# ---------------------------------------------------------------------------------------------- images
+class PredictImages(Dataset):
+    """Item ``i``: ``(tensor (3, S, S), i, "")``, or ``(None, i, "why")`` for a file that will not decode."""
+
+    def __init__(self, paths: Sequence[Path], transform):
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        path = self.paths[i]
+        try:
+            return self.transform(load_image(path)), i, ""
+        except UserError as e:  # ImageDecodeError: the message already names the file
+            return None, i, str(e)
+        except Exception as e:  # noqa: BLE001 - one odd file must not end a run over thousands
+            return None, i, f"{path}: cannot preprocess ({type(e).__name__}: {e})"
+
+
+def collate_skipping_failures(items):
+    """Stack the decoded images; hand the failures on separately: (x (B, 3, S, S) | None, idx, failures)."""
+    good = [(x, i) for x, i, _ in items if x is not None]
+    failures = [(i, err) for x, i, err in items if x is None]
+    x = torch.stack([g[0] for g in good]) if good else None
+    return x, [g[1] for g in good], failures
+
+
+@dataclass
+class Predictions:
+    table: pd.DataFrame  # one row per input file, in input order
+    classes: list[str]
+    topk: int
+
+    @property
+    def skipped(self) -> pd.DataFrame:
+        return self.table[self.table["error"] != ""]
+
+    def counts(self) -> pd.Series:
+        ok = self.table[self.table["error"] == ""]
+        return ok["label"].value_counts().reindex(self.classes, fill_value=0)
+
+
+@torch.inference_mode()
+def predict_files(loaded: LoadedModel, files: Sequence[Path], *, topk: int | None = None, batch_size: int = 64,
+                  num_workers: int = 0, device: str | torch.device = "cpu", progress: bool = True) -> Predictions:
+    """Classify ``files``; unreadable ones get a row with ``error`` set and no label."""
+    n_classes = len(loaded.classes)
+    topk = min(DEFAULT_TOPK, n_classes) if topk is None else int(topk)
+    if not 1 <= topk <= n_classes:
+        raise UserError(f"--topk {topk}: must be between 1 and the model's {n_classes} classes")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    device = torch.device(device)
+    model = loaded.module.to(device).eval()
+    loader = DataLoader(PredictImages(files, eval_transform(loaded.preprocessing)), batch_size=batch_size,
+                        shuffle=False, num_workers=num_workers, collate_fn=collate_skipping_failures,
+                        pin_memory=device.type == "cuda")
+    probs = np.full((len(files), topk), np.nan, dtype=np.float64)
+    labels = np.full((len(files), topk), -1, dtype=np.int64)
+    errors = [""] * len(files)
+    bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress or len(files) <= batch_size,
+               leave=False, dynamic_ncols=True)
+    for x, idx, failures in loader:
+        for i, err in failures:
+            errors[i] = err
+            log.debug("skipped %s", err)  # the caller reports them all at the end
+        if x is not None:
+            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)  # (B, 3, S, S)
+            p = torch.softmax(model(x).float(), dim=1)  # (B, C)
+            top_p, top_i = p.topk(topk, dim=1)  # (B, K)
+            probs[idx] = top_p.cpu().numpy()
+            labels[idx] = top_i.cpu().numpy()
+        bar.update(len(idx) + len(failures))
+    bar.close()
+    rows = {"path": [str(f) for f in files]}
+    names = np.asarray(loaded.classes + [""], dtype=object)  # index -1 -> "" for skipped files
+    rows["label"] = names[labels[:, 0]]
+    rows["score"] = probs[:, 0]
+    for k in range(topk):
+        rows[f"top{k + 1}_label"] = names[labels[:, k]]
+        rows[f"top{k + 1}_score"] = probs[:, k]
+    rows["error"] = errors
+    return Predictions(pd.DataFrame(rows), list(loaded.classes), topk)
+
+
+def format_summary(pred: Predictions, *, out: Path | None = None) -> str:
+    n, skipped = len(pred.table), len(pred.skipped)
+    lines = [f"{n - skipped} of {n} images classified" + (f" -> {out}" if out else "")]
+    counts = pred.counts()
+    width = max(map(len, pred.classes))
+    for cls, count in counts.items():
+        share = count / max(1, n - skipped)
+        lines.append(f"  {cls:<{width}}  {count:>6}  {share:6.1%}")
+    return "\n".join(lines)
+
+
+def format_skipped(pred: Predictions, *, limit: int = 20) -> str:
+    skipped = pred.skipped
+    if skipped.empty:
+        return ""
+    lines = [f"skipped {len(skipped)} unreadable file(s) (rows with the error column filled):"]
+    lines += [f"  {err}" for err in skipped["error"].head(limit)]
+    if len(skipped) > limit:
+        lines.append(f"  ... and {len(skipped) - limit} more")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=os.environ.get("TUNE_RICE_PROG", "python -m tune_rice.predict"),
+        description="Classify images with a trained tune-rice model (best/model.pt or an exported .ts file).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
+    p.add_argument("--model", required=True, help="runs/<name>/best/model.pt, an exported TorchScript file, "
+                                                  "or an experiment folder")
+    p.add_argument("--out", default="predictions.csv", help="CSV file to write")
+    p.add_argument("--topk", type=int, help=f"how many ranked classes per image (default: {DEFAULT_TOPK}, "
+                                            "or the class count if smaller)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = GPU when present")
+    p.add_argument("--num-workers", type=int, help="image-decoding worker processes (default: up to 4)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available to PyTorch here (use --device auto or cpu)")
+    return resolve_device(name)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    cli.setup_logging(args.verbose)
+    device = _device(args.device)
+    files = find_images(args.paths)
+    if not files:
+        raise UserError(f"no images found in {', '.join(args.paths)} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    loaded = load_model(args.model, device=device)
+    workers = args.num_workers if args.num_workers is not None else min(4, max(0, (os.cpu_count() or 1) - 1),
+                                                                          len(files) // args.batch_size)
+    pred = predict_files(loaded, files, topk=args.topk, batch_size=args.batch_size, num_workers=workers,
+                         device=device, progress=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pred.table.to_csv(out, index=False, float_format="%.6f")
+    skipped = format_skipped(pred)
+    if skipped:
+        print(skipped, file=sys.stderr)
+    print(format_summary(pred, out=out))
+    return 0 if len(pred.skipped) < len(pred.table) else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.run(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

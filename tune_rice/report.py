@@ -1,0 +1,637 @@
+"""``python -m tune_rice.report runs/<name>``: plots and tables that explain a finished search.
+
+Writes ``runs/<name>/report/``:
+
+- ``curves.png``: the optimised metric per epoch for every trial, the best five in colour, trials that
+  ASHA stopped early ending in an ``x``, errored trials in a red square;
+- ``params.png``: one panel per searched hyperparameter, each trial's best metric against its value
+  (log axis for log-scaled parameters, strip plots for choices, dashed lines at the search bounds);
+- ``importance.png``: hyperparameter importance by Optuna's PED-ANOVA evaluator (it needs only
+  numpy/scipy; fANOVA would need scikit-learn), computed on an in-memory Optuna study rebuilt from
+  results.csv with the distributions of the search space;
+- ``confusion.png``: the test confusion matrix from test_metrics.json;
+- ``report.md``: the headline numbers, flags (best value at the edge of the space, errored and stopped
+  trials, a randomly initialised backbone), the top trials and the figures.
+
+Reads only files the search wrote (results.csv, search_args.json, test_metrics.json, trial_*/progress.csv);
+no Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import UserError, cli
+from .engine import TrialConfig
+from .space import METRICS, SearchSpace, load_search_space
+
+log = logging.getLogger(__name__)
+
+REPORT_DIR = "report"
+FIGURES = ("curves.png", "params.png", "importance.png", "confusion.png")
+TOP_CURVES = 5
+TOP_TABLE = 10
+EDGE_FRACTION = 0.05  # a best value this close to a bound (as a fraction of the range) says: widen the space
+MIN_TRIALS_FOR_IMPORTANCE = 4
+DPI = 130
+COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd")  # the top five, best first
+GREY = "#9a9a9a"
+ERROR_COLOUR = "#c0392b"
+
+
+# ------------------------------------------------------------------------------------------ reading
+@dataclass
+class Experiment:
+    """What a finished search left on disk, read and cross-checked."""
+
+    exp_dir: Path
+    results: pd.DataFrame  # results.csv, sorted best first; trial_id as str
+    metric: str
+    mode: str
+    max_epochs: int | None
+    space: SearchSpace | None
+    args: dict = field(default_factory=dict)
+    test: dict | None = None
+    histories: dict = field(default_factory=dict)  # trial_id -> progress.csv frame
+
+    @property
+    def key(self) -> str:
+        return f"best/{self.metric}"
+
+    @property
+    def searched(self) -> list[str]:
+        if self.space is not None:
+            return [p for p in self.space.searched if f"config/{p}" in self.results]
+        # Space file gone (moved experiment): every config column that varies was searched.
+        return [c[len("config/"):] for c in self.results.columns
+                if c.startswith("config/") and self.results[c].nunique(dropna=True) > 1]
+
+    def status(self, row) -> str:
+        if row.get("status") == "ERROR":
+            return "errored"
+        return "stopped early" if _truthy(row.get("stopped_early")) else "completed"
+
+    @property
+    def weights(self) -> str:
+        if self.test and self.test.get("weights"):
+            return str(self.test["weights"])
+        if "weights" in self.results and self.results["weights"].notna().any():
+            return str(self.results["weights"].dropna().iloc[0])
+        return str(self.args.get("weights", "unknown"))
+
+
+def _truthy(value) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1", "yes")
+    return bool(value) and not (isinstance(value, float) and math.isnan(value))
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        log.warning("%s: not valid JSON (%s); ignored", path, e)
+        return None
+
+
+def _trial_dir(exp_dir: Path, row) -> Path | None:
+    """The trial's folder: under ``exp_dir`` first (the experiment may have moved), then as recorded."""
+    candidates = []
+    recorded = row.get("trial_dir")
+    if isinstance(recorded, str) and recorded:
+        candidates += [exp_dir / Path(recorded).name, Path(recorded)]
+    candidates.append(exp_dir / f"trial_{row['trial_id']}")
+    return next((c for c in candidates if c.is_dir()), None)
+
+
+def load_experiment(exp_dir: str | os.PathLike) -> Experiment:
+    exp_dir = Path(exp_dir).expanduser().resolve()
+    csv = exp_dir / "results.csv"
+    if not exp_dir.is_dir():
+        raise UserError(f"{exp_dir}: no such experiment folder")
+    if not csv.is_file():
+        raise UserError(f"{exp_dir}: no results.csv (not a finished tune-rice search; runs/<name> after "
+                        "`python -m tune_rice.search` finishes)")
+    try:
+        results = pd.read_csv(csv, dtype={"trial_id": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise UserError(f"{csv}: not a readable CSV ({e})") from None
+    if results.empty or "trial_id" not in results:
+        raise UserError(f"{csv}: no trials in it")
+    args = _read_json(exp_dir / "search_args.json") or {}
+    space = None
+    if args.get("search_space"):
+        try:
+            space = load_search_space(args["search_space"])
+        except UserError as e:
+            log.warning("search space not readable (%s): bounds and scales are guessed from results.csv", e)
+    if space is not None:
+        metric, mode = space.metric, space.mode
+    else:
+        keys = [c[len("best/"):] for c in results.columns if c.startswith("best/")]
+        metric = keys[0] if keys else "valid/acc"
+        mode = METRICS.get(metric, "max")
+    max_epochs = args.get("max_epochs") or (space.max_epochs if space else None)
+    if not max_epochs:  # search's own default, unless the space that might have set it is gone
+        ran = pd.to_numeric(results.get("epochs"), errors="coerce") if "epochs" in results else None
+        max_epochs = 10 if space is not None or ran is None or ran.isna().all() else int(ran.max())
+    exp = Experiment(exp_dir, results, metric, mode, int(max_epochs), space, args,
+                     _read_json(exp_dir / "test_metrics.json"))
+    if exp.key in results:
+        exp.results = results.sort_values(exp.key, ascending=(mode == "min"), na_position="last",
+                                          kind="stable").reset_index(drop=True)
+    for _, row in exp.results.iterrows():
+        d = _trial_dir(exp_dir, row)
+        if d is None or not (d / "progress.csv").is_file():
+            continue
+        try:
+            hist = pd.read_csv(d / "progress.csv")
+        except (pd.errors.ParserError, pd.errors.EmptyDataError):
+            continue
+        if metric in hist and not hist.empty:
+            x = "training_iteration" if "training_iteration" in hist else "epoch"
+            exp.histories[row["trial_id"]] = hist.assign(_epoch=hist[x].astype(int))
+    return exp
+
+
+# -------------------------------------------------------------------------------------------- flags
+def edge_flags(exp: Experiment) -> list[str]:
+    """Numeric parameters whose best value sits within EDGE_FRACTION of a search bound."""
+    if exp.space is None or exp.key not in exp.results or exp.results[exp.key].isna().all():
+        return []
+    best = exp.results.iloc[0]
+    flags = []
+    for name, (lo, hi) in exp.space.bounds().items():
+        col = f"config/{name}"
+        if col not in exp.results or pd.isna(best.get(col)):
+            continue
+        value = float(best[col])
+        log_scale = name in exp.space.log_scaled
+        if log_scale and value <= 0:
+            continue
+        f = (lambda v: math.log(v)) if log_scale else float
+        position = (f(value) - f(lo)) / (f(hi) - f(lo))
+        if position <= EDGE_FRACTION or position >= 1 - EDGE_FRACTION:
+            side, bound = ("lower", lo) if position <= EDGE_FRACTION else ("upper", hi)
+            if not _can_widen(name, lo, hi, side, log_scale):
+                continue  # e.g. dropout 0 or warmup 0: the edge of what the parameter can take, not of the space
+            scale = " (measured on a log scale)" if log_scale else ""
+            flags.append(f"`{name}` = {value:.4g} in the best trial is within {EDGE_FRACTION:.0%} of the {side} "
+                         f"bound {bound:g} of [{lo:g}, {hi:g}]{scale}: **widen the space** past that bound.")
+    return flags
+
+
+def _can_widen(name: str, lo, hi, side: str, log_scale: bool) -> bool:
+    """Whether a value past ``side`` of [lo, hi] is one the trial config accepts."""
+    if log_scale:
+        beyond = lo / 2 if side == "lower" else hi * 2
+    else:
+        step = max((hi - lo) * EDGE_FRACTION, 1 if isinstance(lo, int) and isinstance(hi, int) else 0)
+        beyond = lo - step if side == "lower" else hi + step
+        if isinstance(lo, int) and isinstance(hi, int):
+            beyond = int(beyond)
+    try:
+        TrialConfig.from_dict({name: beyond})
+        return True
+    except UserError:
+        return False
+
+
+def trial_flags(exp: Experiment) -> list[str]:
+    df = exp.results
+    n = len(df)
+    statuses = [exp.status(r) for _, r in df.iterrows()]
+    errored = [t for t, s in zip(df["trial_id"], statuses) if s == "errored"]
+    stopped = [t for t, s in zip(df["trial_id"], statuses) if s == "stopped early"]
+    lines = []
+    share = len(errored) / n
+    text = f"{len(errored)} of {n} trials errored ({share:.0%})."
+    if errored:
+        first = df.loc[df["status"] == "ERROR", "error"].dropna() if "error" in df else pd.Series(dtype=str)
+        if not first.empty:
+            text += f" First error: `{str(first.iloc[0])[:200]}`."
+        if share >= 0.2:
+            text = "**" + text + "** Check the space for values that break training (learning rates too high)."
+    lines.append(text)
+    shown = ", ".join(f"`{t}`" for t in stopped[:12]) + (f" and {len(stopped) - 12} more" if len(stopped) > 12 else "")
+    lines.append(f"{len(stopped)} of {n} trials were stopped early by ASHA"
+                 + (f" ({shown})." if stopped else ".") +
+                 (" Their best values come from fewer epochs than the others'." if stopped else ""))
+    return lines
+
+
+def weights_flag(exp: Experiment) -> str:
+    w = exp.weights
+    if w.startswith("random:"):
+        return (f"**The backbone was randomly initialised ({w}), not pretrained: every score here is far below "
+                "what ImageNet weights would give, and the best hyperparameters may differ.**")
+    return f"Backbone weights: `{w}`."
+
+
+# ------------------------------------------------------------------------------------------- figures
+def _figure(**kwargs):
+    from matplotlib.figure import Figure
+
+    return Figure(layout="constrained", dpi=DPI, **kwargs)
+
+
+def curves_figure(exp: Experiment):
+    """Metric per epoch for every trial; the best five coloured; ASHA stops and errors marked."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _figure(figsize=(11, 5.5))
+    ax = fig.add_subplot()
+    order = list(exp.results["trial_id"])
+    top = [t for t in order if t in exp.histories][:TOP_CURVES]
+    handles = []
+    # Grey first, then the top five over them.
+    for trial_id in [t for t in order if t not in top] + top:
+        hist = exp.histories.get(trial_id)
+        if hist is None:
+            continue
+        row = exp.results.loc[exp.results["trial_id"] == trial_id].iloc[0]
+        status = exp.status(row)
+        is_top = trial_id in top
+        colour = COLOURS[top.index(trial_id)] if is_top else GREY
+        x, y = hist["_epoch"].to_numpy(), hist[exp.metric].to_numpy(dtype=float)
+        # The best is drawn widest and lowest, each next one narrower on top of it: curves that coincide
+        # (several trials at 100% accuracy) show as nested bands instead of hiding one another.
+        width = 1.6 + 0.8 * (len(top) - 1 - top.index(trial_id)) if is_top else 1.0
+        line, = ax.plot(x, y, color=colour, lw=width, alpha=1.0 if is_top else 0.55, marker="o" if is_top else None,
+                        ms=1.5 + width, zorder=3 + 0.1 * top.index(trial_id) if is_top else 2)
+        if status == "stopped early":
+            ax.plot(x[-1], y[-1], "x", color=colour, ms=9, mew=2.2, zorder=4)
+        elif status == "errored":
+            ax.plot(x[-1], y[-1], "s", color=ERROR_COLOUR, ms=7, mfc="none", mew=1.8, zorder=4)
+        if is_top:
+            best = row.get(exp.key)
+            handles.append((top.index(trial_id), line, f"#{top.index(trial_id) + 1} {trial_id}: {best:.4g}"))
+    handles = [h[1:] for h in sorted(handles)]
+    extra = [Line2D([], [], color=GREY, lw=1.0, label="other trials")] if len(exp.histories) > len(top) else []
+    extra.append(Line2D([], [], color="black", marker="x", ls="none", ms=8, mew=2, label="stopped early (ASHA)"))
+    if any(exp.status(r) == "errored" for _, r in exp.results.iterrows()):
+        extra.append(Line2D([], [], color=ERROR_COLOUR, marker="s", ls="none", mfc="none", ms=7, mew=1.8,
+                            label="errored"))
+    if exp.max_epochs:
+        ax.axvline(exp.max_epochs, color="black", ls=":", lw=1)
+        extra.append(Line2D([], [], color="black", ls=":", lw=1, label=f"max epochs ({exp.max_epochs})"))
+    fig.legend([h[0] for h in handles] + extra, [h[1] for h in handles] + [e.get_label() for e in extra],
+               loc="outside right upper", fontsize=9, title=f"top {len(handles)} by best {exp.metric}",
+               title_fontsize=9)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"{exp.metric} ({exp.mode} is better)")
+    ax.set_title(f"{exp.metric} per epoch: {len(exp.histories)} trials, best {len(handles)} in colour")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _match_choice(value, choices):
+    """The choice a CSV cell stands for (pandas reads 0 as 0, 0.0 or '0'; True as True or 'True')."""
+    for c in choices:
+        if isinstance(c, (int, float)) and not isinstance(c, bool):
+            try:
+                if not isinstance(value, bool) and float(value) == float(c):
+                    return c
+            except (TypeError, ValueError):
+                pass
+        if str(c).strip().lower() == str(value).strip().lower():
+            return c
+    return None
+
+
+def _param_kind(exp: Experiment, name: str) -> tuple[str, list | tuple | None]:
+    """(``log`` | ``linear`` | ``int`` | ``choice``, bounds or choices)."""
+    if exp.space is not None and name in exp.space.distributions:
+        kind, args = exp.space.distributions[name]
+        if kind == "choice":
+            return "choice", list(args)
+        return {"loguniform": "log", "uniform": "linear", "randint": "int"}[kind], tuple(args)
+    col = exp.results[f"config/{name}"].dropna()
+    numeric = pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col)
+    if numeric and col.nunique() > 5:  # a handful of distinct numbers was most likely a choice
+        lo, hi = float(col.min()), float(col.max())
+        # A guess without the space file: values spread over two decades or more were drawn log-uniformly.
+        return ("log" if lo > 0 and hi / lo >= 100 else "linear"), (lo, hi)
+    return "choice", sorted(col.unique(), key=float if numeric else str)
+
+
+def params_figure(exp: Experiment):
+    """Each trial's best metric against each searched hyperparameter."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    names = exp.searched
+    ncols = min(3, max(1, len(names)))
+    nrows = max(1, math.ceil(len(names) / ncols))
+    fig = _figure(figsize=(max(7.0, 4.3 * ncols + 0.4), 3.5 * nrows + 0.9))
+    df = exp.results
+    statuses = np.asarray([exp.status(r) for _, r in df.iterrows()])
+    y = df[exp.key].to_numpy(dtype=float) if exp.key in df else np.full(len(df), np.nan)
+    rng = np.random.default_rng(0)
+    kinds = set()
+    for k, name in enumerate(names):
+        ax = fig.add_subplot(nrows, ncols, k + 1)
+        kind, spec = _param_kind(exp, name)
+        kinds.add(kind)
+        raw = df[f"config/{name}"]
+        if kind == "choice":
+            index = {str(c): i for i, c in enumerate(spec)}
+            matched = [_match_choice(v, spec) for v in raw]
+            x = np.asarray([index[str(m)] if m is not None else np.nan for m in matched], dtype=float)
+            x = x + rng.uniform(-0.15, 0.15, len(x))
+            ax.set_xticks(range(len(spec)), [str(c) for c in spec])
+            ax.set_xlim(-0.6, len(spec) - 0.4)
+            for i in range(len(spec)):  # the mean of each category as a short bar
+                sel = (np.abs(x - i) < 0.5) & np.isfinite(y) & (statuses != "errored")
+                if sel.any():
+                    ax.plot([i - 0.28, i + 0.28], [y[sel].mean()] * 2, color="black", lw=1.5, alpha=0.7)
+        else:
+            x = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=float)
+            if kind == "log":
+                ax.set_xscale("log")
+            elif kind == "int":  # few distinct values: spread the points a little, tick whole numbers
+                x = x + rng.uniform(-0.12, 0.12, len(x)) * max(1.0, (spec[1] - spec[0]) / 10)
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if exp.space is not None:  # without the space file the bounds are unknown
+                for bound in spec:
+                    ax.axvline(float(bound), color="black", ls="--", lw=0.9, alpha=0.6)
+        done = statuses == "completed"
+        early = statuses == "stopped early"
+        ax.scatter(x[done], y[done], s=30, color=COLOURS[0], alpha=0.8, zorder=3)
+        ax.scatter(x[early], y[early], s=34, marker="x", color=GREY, linewidths=1.6, zorder=2)
+        failed = statuses == "errored"
+        ax.scatter(x[failed], y[failed], s=34, marker="s", facecolor="none", edgecolor=ERROR_COLOUR, lw=1.4, zorder=2)
+        finite = np.isfinite(y) & np.isfinite(x)
+        if finite.any():
+            b = int(np.flatnonzero(finite)[0])  # results are sorted best first
+            ax.scatter([x[b]], [y[b]], s=170, marker="*", color=COLOURS[1], edgecolor="black", lw=0.6, zorder=4)
+        ax.set_title(name + (" (log scale)" if kind == "log" else ""), fontsize=11)
+        ax.set_xlabel(name)
+        ax.set_ylabel(f"best {exp.metric}")
+        ax.grid(alpha=0.3)
+    legend = [Line2D([], [], color=COLOURS[0], marker="o", ls="none", label="trial that ran to the end"),
+              Line2D([], [], color=GREY, marker="x", ls="none", mew=1.6, label="stopped early (ASHA)"),
+              Line2D([], [], color=COLOURS[1], marker="*", ls="none", ms=13, mec="black", label="best trial"),
+              Line2D([], [], color="black", ls="--", lw=0.9, label="search bounds"),
+              Line2D([], [], color="black", lw=1.5, label="mean per choice")]
+    if exp.space is None or kinds <= {"choice"}:
+        legend = [h for h in legend if h.get_label() != "search bounds"]
+    if "choice" not in kinds:
+        legend = [h for h in legend if h.get_label() != "mean per choice"]
+    if (statuses == "errored").any():
+        legend.insert(2, Line2D([], [], color=ERROR_COLOUR, marker="s", ls="none", mfc="none", label="errored"))
+    fig.legend(handles=legend, loc="outside lower center", ncol=3 if ncols == 1 else len(legend), fontsize=9)
+    fig.suptitle(f"best {exp.metric} of each trial against each searched hyperparameter", fontsize=12)
+    return fig
+
+
+def importances(exp: Experiment) -> tuple[dict[str, float] | None, str]:
+    """PED-ANOVA importances of the searched parameters; (None, why) when they cannot be computed."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    names = exp.searched
+    if exp.key not in exp.results or not names:
+        return None, "no metric values or no searched parameters"
+    dists = {}
+    for name in names:
+        kind, spec = _param_kind(exp, name)
+        if kind == "choice":
+            dists[name] = CategoricalDistribution([_plain(c) for c in spec])
+        elif kind == "int":
+            dists[name] = IntDistribution(int(spec[0]), int(spec[1]))
+        elif float(spec[0]) < float(spec[1]):
+            dists[name] = FloatDistribution(float(spec[0]), float(spec[1]), log=kind == "log")
+    previous = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.create_study(direction="maximize" if exp.mode == "max" else "minimize")
+        for _, row in exp.results.iterrows():
+            value = row.get(exp.key)
+            if pd.isna(value) or not math.isfinite(float(value)):
+                continue
+            params = {}
+            for name, dist in dists.items():
+                v = row.get(f"config/{name}")
+                if isinstance(dist, CategoricalDistribution):
+                    v = _match_choice(v, dist.choices)
+                    if v is None:
+                        break
+                elif pd.isna(v):
+                    break
+                elif isinstance(dist, IntDistribution):
+                    v = int(min(max(int(round(float(v))), dist.low), dist.high))
+                else:
+                    v = float(min(max(float(v), dist.low), dist.high))
+                params[name] = v
+            else:
+                study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=float(value)))
+        n = len(study.trials)
+        if n < MIN_TRIALS_FOR_IMPORTANCE:
+            return None, f"only {n} trials with a value (need {MIN_TRIALS_FOR_IMPORTANCE})"
+        if len({t.value for t in study.trials}) < 2:
+            return None, f"all {n} trials have the same {exp.metric}: nothing to explain"
+        # The top group must hold at least two trials, or one lucky trial decides everything.
+        evaluator = optuna.importance.PedAnovaImportanceEvaluator(target_quantile=max(0.1, 2 / n))
+        result = optuna.importance.get_param_importances(study, evaluator=evaluator)
+    except Exception as e:  # noqa: BLE001 - an importance estimate is a nicety; the report goes on
+        return None, f"Optuna could not compute it ({type(e).__name__}: {e})"
+    finally:
+        optuna.logging.set_verbosity(previous)
+    return {k: float(v) for k, v in result.items()}, f"{n} trials"
+
+
+def _plain(value):
+    return value.item() if hasattr(value, "item") else value
+
+
+def importance_figure(values: dict[str, float], note: str):
+    fig = _figure(figsize=(7.5, 1.0 + 0.55 * max(3, len(values))))
+    ax = fig.add_subplot()
+    names = list(values)[::-1]  # most important on top
+    bars = ax.barh(names, [values[n] for n in names], color=COLOURS[0])
+    ax.bar_label(bars, fmt="%.2f", padding=3, fontsize=9)
+    ax.set_xlim(0, max(1.0, max(values.values()) * 1.15))
+    ax.set_xlabel("importance (normalised, sums to 1)")
+    ax.set_ylabel("hyperparameter")
+    ax.set_title(f"hyperparameter importance (Optuna PED-ANOVA, {note})", fontsize=11)
+    ax.grid(axis="x", alpha=0.3)
+    return fig
+
+
+def confusion_figure(test: dict):
+    """The test confusion matrix of test_metrics.json (drawn by search's own figure function)."""
+    import matplotlib.pyplot as plt
+
+    from . import search
+
+    title = (f"test confusion matrix (trial {test.get('trial_id', '?')}): "
+             f"accuracy {test['accuracy']:.3f}, n={test['test_count']}")
+    fig = search.confusion_figure(np.asarray(test["confusion_matrix"]), test["classes"], title=title)
+    plt.close(fig)  # pyplot made it; only the file is wanted, so pyplot need not keep it
+    w, h = fig.get_size_inches()
+    fig.set_size_inches(max(w, 6.0), max(h, 5.0))
+    fig.tight_layout()
+    return fig
+
+
+# -------------------------------------------------------------------------------------------- report
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|")
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    for _, row in frame.iterrows():
+        lines.append("| " + " | ".join(_fmt(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def top_table(exp: Experiment, n: int = TOP_TABLE) -> pd.DataFrame:
+    df = exp.results.head(n)
+    out = pd.DataFrame({"rank": range(1, len(df) + 1), "trial": df["trial_id"].to_numpy()})
+    if exp.key in df:
+        out[exp.metric] = df[exp.key].to_numpy()
+    for col in ("best_epoch", "epochs"):
+        if col in df:
+            out[col.replace("_", " ")] = df[col].astype("Int64").to_numpy()
+    out["status"] = [exp.status(r) for _, r in df.iterrows()]
+    for name in exp.searched:
+        out[name] = df[f"config/{name}"].to_numpy()
+    return out
+
+
+def write_report(exp_dir: str | os.PathLike) -> Path:
+    """Write ``<exp_dir>/report/`` (report.md and PNGs) for a finished search; returns report.md's path."""
+    exp = load_experiment(exp_dir)
+    out = exp.exp_dir / REPORT_DIR
+    out.mkdir(exist_ok=True)
+    for name in FIGURES:  # a figure this run cannot draw must not be left over from an earlier run
+        (out / name).unlink(missing_ok=True)
+    df = exp.results
+    n = len(df)
+    statuses = [exp.status(r) for _, r in df.iterrows()]
+    md = [f"# Search report: {exp.exp_dir.name}", ""]
+    md.append(f"- experiment: `{exp.exp_dir}`")
+    if exp.args.get("data"):
+        md.append(f"- data: `{exp.args['data']}`")
+    space_name = f"`{exp.space.path}`" if exp.space else \
+        f"`{exp.args.get('search_space', 'unknown')}` (not readable now: scales and bounds guessed from the trials)"
+    md.append(f"- search space: {space_name}; optimised `{exp.metric}` ({exp.mode}), "
+              f"up to {exp.max_epochs} epochs per trial")
+    md.append(f"- trials: {n}: {statuses.count('completed')} ran to the end, "
+              f"{statuses.count('stopped early')} stopped early by ASHA, {statuses.count('errored')} errored")
+    if exp.key in df and df[exp.key].notna().any():
+        best = df.iloc[0]
+        epoch = f" at epoch {int(best['best_epoch'])}" if pd.notna(best.get("best_epoch")) else ""
+        md.append(f"- best trial: `{best['trial_id']}`, {exp.metric} {best[exp.key]:.4f}{epoch}")
+    if exp.test:
+        t = exp.test
+        md.append(f"- test (scored once, with the best trial's best checkpoint): accuracy {t['accuracy']:.4f}, "
+                  f"macro-F1 {t['macro_f1']:.4f} on {t['test_count']} images")
+    md.append(f"- backbone weights: `{exp.weights}`" + (" (randomly initialised)" if exp.weights.startswith("random:")
+                                                        else ""))
+    md.append("")
+
+    md += ["## Flags", ""]
+    flags = edge_flags(exp)
+    md += [f"- {f}" for f in flags] or ["- No best value sits at the edge of a numeric search range."]
+    md += [f"- {f}" for f in trial_flags(exp)]
+    md += [f"- {weights_flag(exp)}", ""]
+
+    md += ["## Top trials", "", markdown_table(top_table(exp)), ""]
+
+    drawn = []
+
+    def draw(name: str, make) -> bool:
+        """Save the figure ``make()`` returns as ``name``; a failure costs that figure, not the report."""
+        try:
+            fig = make()
+            fig.savefig(out / name, dpi=DPI)
+            drawn.append(name)
+            return True
+        except Exception as e:  # noqa: BLE001 - the search calls this after its results are safe on disk
+            log.warning("report: %s not drawn (%s: %s)", name, type(e).__name__, e)
+            md.extend([f"({name} could not be drawn: {type(e).__name__}: {e})", ""])
+            return False
+
+    md += ["## Learning curves", ""]
+    if not exp.histories:
+        md += ["No trial folder with a progress.csv was found.", ""]
+    elif draw("curves.png", lambda: curves_figure(exp)):
+        md += [f"![{exp.metric} per epoch for every trial](curves.png)", "",
+               f"The best {min(TOP_CURVES, len(exp.histories))} trials are in colour; an `x` marks a trial "
+               "ASHA stopped before the last epoch.", ""]
+    if exp.searched:
+        md += ["## Hyperparameters", ""]
+        if draw("params.png", lambda: params_figure(exp)):
+            md += ["![best metric against each hyperparameter](params.png)", ""]
+    values, note = importances(exp)
+    md += ["## Hyperparameter importance", ""]
+    if not values:
+        md += [f"Not computed: {note}.", ""]
+    elif draw("importance.png", lambda: importance_figure(values, note)):
+        md += ["![hyperparameter importance](importance.png)", "",
+               f"Optuna's PED-ANOVA evaluator on {note}: how much each parameter's distribution among the best "
+               "trials differs from its distribution over all trials. With few trials this is a rough guide.", "",
+               markdown_table(pd.DataFrame({"parameter": list(values), "importance": list(values.values())})), ""]
+    if exp.test and exp.test.get("confusion_matrix"):
+        md += ["## Test confusion matrix", ""]
+        if draw("confusion.png", lambda: confusion_figure(exp.test)):
+            md += ["![test confusion matrix](confusion.png)", "",
+                   "Rows are the true class, columns the predicted class.", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(md))
+    log.info("report: %s (%s)", path, ", ".join(drawn) or "no figures")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=os.environ.get("TUNE_RICE_PROG", "python -m tune_rice.report"),
+        description="Write plots and a markdown report for a finished search into runs/<name>/report/.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("experiment", help="the experiment folder, runs/<name>")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    cli.setup_logging(args.verbose)
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    path = write_report(args.experiment)
+    print(f"wrote {path}")
+    for png in sorted(path.parent.glob("*.png")):
+        print(f"      {png}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.run(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
