@@ -8,6 +8,7 @@ test split -> ``runs/<name>/`` with results.csv, best/model.pt, test_metrics.jso
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -131,15 +132,21 @@ def resolve_data(data: str | None, *, seed: int = 0) -> Path:
 
 # ------------------------------------------------------------------------------------------ Ray edge
 def _optuna_search_cls():
+    import optuna
     from optuna.trial import TrialState
     from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory" per search
 
     class PruningAwareOptunaSearch(OptunaSearch):
         """OptunaSearch that records ASHA-stopped trials as PRUNED, not COMPLETE.
 
         Ray reports a trial stopped by the scheduler as completed with its last (early) value, so TPE
-        would take an epoch-2 score as a final one. Optuna already has each trial's per-epoch values
+        would take an epoch-2 score as a final one. Optuna has each trial's per-epoch values
         (``on_trial_result`` reports them), so a trial that ended before ``max_t`` is told PRUNED.
+        Tune does not pass the result that made the scheduler stop a trial to ``on_trial_result``, so
+        that last value is reported here before the trial is told; and an errored trial is FAIL even
+        when a result comes with it (OptunaSearch would tell it COMPLETE).
         """
 
         def __init__(self, *args, max_t: int, **kwargs):
@@ -147,15 +154,25 @@ def _optuna_search_cls():
             self._max_t = max_t
 
         def on_trial_complete(self, trial_id, result=None, error=False):
-            stopped_early = (not error and result and trial_id in self._ot_trials
-                             and trial_id not in self._completed_trials
-                             and result.get("training_iteration", self._max_t) < self._max_t)
-            if not stopped_early:
+            ot_trial = self._ot_trials.get(trial_id)
+            if ot_trial is None or trial_id in self._completed_trials:
+                return super().on_trial_complete(trial_id, result, error)
+            step = (result or {}).get("training_iteration")
+            value = (result or {}).get(self.metric)
+            if not error and step is not None and value is not None:
+                reported = self._ot_study.get_trials(deepcopy=False)[ot_trial.number].intermediate_values
+                if step not in reported:
+                    ot_trial.report(float(value), int(step))
+            if error:
+                state = TrialState.FAIL
+            elif step is not None and step < self._max_t:
+                state = TrialState.PRUNED  # Optuna takes the last reported value as its value
+            else:
                 return super().on_trial_complete(trial_id, result, error)
             try:
-                self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
+                self._ot_study.tell(ot_trial, state=state)
             except Exception as e:  # Optuna refuses e.g. a trial already told; keep the search going
-                log.warning("optuna could not record trial %s as pruned: %s", trial_id, e)
+                log.warning("optuna could not record trial %s as %s: %s", trial_id, state.name, e)
             self._completed_trials.add(trial_id)
 
     return PruningAwareOptunaSearch
@@ -221,6 +238,23 @@ def _cluster_gpus() -> tuple[float, float]:
 
     per_node = [n.get("Resources", {}).get("GPU", 0.0) for n in ray.nodes() if n.get("Alive")]
     return float(sum(per_node)), float(max(per_node, default=0.0))
+
+
+def _trials_at_once(cpus_per_trial: float, gpus_per_trial: float, num_samples: int) -> int:
+    """How many trials the cluster's resources hold at once now: how many Tune may keep pending.
+
+    With a searcher (and no ``max_concurrent_trials``) Tune keeps only ONE trial pending, so a trial
+    starts only once the previous one is running, and trials shorter than a worker's start-up (seconds,
+    for heads on a bank) never run side by side. A pending limit, unlike a concurrency limit, still
+    lets an autoscaling cluster grow: pending trials are what it scales for.
+    """
+    import ray
+
+    resources = ray.cluster_resources()
+    n = int(resources.get("CPU", 1.0) // cpus_per_trial)
+    if gpus_per_trial > 0:
+        n = min(n, int(resources.get("GPU", 0.0) // gpus_per_trial))
+    return max(1, min(n, num_samples))
 
 
 def _resolve_gpus(value: str) -> float:
@@ -292,14 +326,17 @@ def summarize_trials(result_grid, metric: str, mode: str, max_epochs: int) -> pd
 
 
 def _best_result(result_grid, metric: str, mode: str):
-    best, best_value = None, None
+    """The trial with the best ``metric`` at any epoch. A trial that errored (diverged, crashed) is
+    chosen only when no trial ended cleanly: its config is not one to recommend, even on a tie."""
+    best, best_key = None, None
     for r in result_grid:
         hist = r.metrics_dataframe
         if hist is None or hist.empty or metric not in hist or not r.best_checkpoints:
             continue
         v = float(hist[metric].max() if mode == "max" else hist[metric].min())
-        if best is None or (v > best_value if mode == "max" else v < best_value):
-            best, best_value = r, v
+        key = (r.error is None, v if mode == "max" else -v)
+        if best is None or key > best_key:
+            best, best_key = r, key
     return best
 
 
@@ -453,8 +490,6 @@ def run_search(args) -> dict:
         if table.split(split).empty:
             raise UserError(f"{labels_csv}: the {split} split is empty")
     phases["data"] = time.perf_counter() - t
-    if not args.resume:
-        _save_args(exp_dir, args)
 
     _init_ray(args.address)
     import ray
@@ -480,7 +515,7 @@ def run_search(args) -> dict:
                               max_t=max_epochs, grace_period=args.grace_period,
                               reduction_factor=args.reduction_factor)
     run_config = tune.RunConfig(
-        name=args.name, storage_path=storage, verbose=1,
+        name=args.name, storage_path=storage, verbose=1, progress_reporter=_progress_reporter(space),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=space.metric,
                                                 checkpoint_score_order=space.mode),
         failure_config=tune.FailureConfig(max_failures=2),
@@ -493,13 +528,17 @@ def run_search(args) -> dict:
         tuner = tune.Tuner.restore(ray_exp_path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
     else:
+        # Written only now: an input error found above (GPUs, weights, images) leaves no folder behind.
+        _save_args(exp_dir, args)
         tuner = tune.Tuner(
             trainable, param_space=space.tune_space(),
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=args.num_samples,
                                         max_concurrent_trials=args.max_concurrent or None,
                                         trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
             run_config=run_config)
-    result_grid = tuner.fit()
+    pending = args.max_concurrent or _trials_at_once(args.cpus_per_trial, gpus, args.num_samples)
+    with _env_default("TUNE_MAX_PENDING_TRIALS_PG", str(pending)):
+        result_grid = tuner.fit()
     phases["trials"] = time.perf_counter() - t
 
     df = summarize_trials(result_grid, space.metric, space.mode, max_epochs)
@@ -557,6 +596,38 @@ def _upload(local: Path, uri: str) -> None:
             pyarrow.fs.copy_files(str(src), f"{path}/{name}", source_filesystem=pyarrow.fs.LocalFileSystem(),
                                   destination_filesystem=fs)
     log.info("outputs copied to %s", uri)
+
+
+@contextlib.contextmanager
+def _env_default(name: str, value: str):
+    """Set environment variable ``name`` for the duration, unless the user has set it."""
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+
+
+def _progress_reporter(space: SearchSpace):
+    """Ray's trial status table with the columns that matter, and nothing per trial.
+
+    Ray's newer console output (``RAY_AIR_NEW_OUTPUT=1``) adds a config box when each trial starts and
+    a box of every metric when it ends: about 40 lines a trial, which buries the status table. The
+    classic reporter prints the table alone. Each improvement forces an experiment snapshot (we keep
+    one checkpoint per trial), which Ray would otherwise warn about on every fast trial.
+    """
+    from ray import tune
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    metrics = {"training_iteration": "epochs", space.metric: space.metric}
+    for key in ("valid/acc", "valid/loss"):
+        metrics.setdefault(key, key)
+    return tune.CLIReporter(metric_columns=metrics, parameter_columns=space.searched, metric=space.metric,
+                            mode=space.mode, max_report_frequency=30, max_column_length=16)
 
 
 def _trial_name(trial) -> str:

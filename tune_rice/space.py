@@ -116,10 +116,14 @@ def _number(path: Path, key: str, value):
     raise UserError(f"{path}: {key}: expected a number, got {value!r}")
 
 
-def _check_value(path: Path, key: str, name: str, value) -> None:
-    """Check one concrete value by building a TrialConfig with it (reuses the config's own checks)."""
+def _check_value(path: Path, key: str, name: str, value):
+    """Check one concrete value by building a TrialConfig with it (reuses the config's own checks).
+
+    Returns the value as the config types it (``"1e-3"`` -> 0.001), so trials, Optuna and results.csv
+    see numbers, not strings.
+    """
     try:
-        TrialConfig.from_dict({name: value})
+        return getattr(TrialConfig.from_dict({name: value}), name)
     except UserError as e:
         raise UserError(f"{path}: {key}: {e}") from None
 
@@ -157,8 +161,7 @@ def load_search_space(name_or_path: str | os.PathLike) -> SearchSpace:
             hint = " (set by --max-epochs / --seed)" if name in RESERVED else ""
             raise UserError(f"{path}: {key}: unknown parameter{hint}; valid: {', '.join(valid)}")
         if not isinstance(spec, dict):
-            _check_value(path, key, name, spec)
-            space.constants[name] = spec
+            space.constants[name] = _check_value(path, key, name, spec)
             continue
         if len(spec) != 1:
             raise UserError(f"{path}: {key}: expected one of {{{', '.join(DISTRIBUTIONS)}: ...}}, got {spec!r}")
@@ -168,9 +171,7 @@ def load_search_space(name_or_path: str | os.PathLike) -> SearchSpace:
         if not isinstance(args, list) or not args:
             raise UserError(f"{path}: {key}.{kind}: expected a non-empty list")
         if kind == "choice":
-            for v in args:
-                _check_value(path, f"{key}.choice", name, v)
-            space.distributions[name] = (kind, list(args))
+            space.distributions[name] = (kind, [_check_value(path, f"{key}.choice", name, v) for v in args])
             continue
         if name in FEATURE_PARAMS:
             raise UserError(f"{path}: {key}: a parameter that changes the feature bank must be a constant "

@@ -6,6 +6,7 @@ once and every trial on a node maps the same memory; nothing is decoded or extra
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -44,6 +45,9 @@ def train_head(config: dict, *, banks: dict[str, FeatureBank] | None = None, lab
     the full model on the images listed in ``labels_csv`` (``--feature-cache off``, the reference path),
     with ``weights`` mapping a backbone name to its resolved weights.
     """
+    # Ray logs "Checkpoint successfully created at ..." at INFO for every checkpoint of every trial, and
+    # forwards it to the driver's console; the status table already says what each trial is doing.
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     cfg = TrialConfig.from_dict({**(base or {}), **config})
     device = trial_device()
     if banks is not None:

@@ -1,0 +1,437 @@
+"""The search end to end on a tiny dataset: one local Ray shared by the module, CPU only.
+
+Trials run in Ray worker processes. A worker setup hook (installed with the module's ``ray.init``)
+records every image a worker decodes, so the tests can prove that trials never read the test split,
+and that with the feature cache on they decode no image at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import make_separable_dataset
+
+from tune_rice import search
+from tune_rice.data import build_transform, load_image, read_labels
+from tune_rice.model import load_artifact
+
+ray = pytest.importorskip("ray")
+
+SPACE = """\
+metric: {metric}
+max_epochs: {epochs}
+params:
+  backbone: resnet18
+  image_size: 32
+  views: {views}
+  lr: {{loguniform: [1.0e-3, 3.0e-2]}}
+  hidden: {{choice: [0, 32]}}
+"""
+
+
+def _worker_hook(trace: str, control: str):
+    """Runs in every Ray worker of this module's job.
+
+    Logs ``pid path`` for each decoded image to ``trace``; and while the JSON file ``control`` says
+    ``{"crash_lr_above": x}``, a trial with a larger lr raises in its second epoch (every attempt).
+    """
+
+    def hook():
+        import json
+        from pathlib import Path
+
+        import tune_rice.data as data
+        from tune_rice.engine import HeadRun
+
+        load_image, step = data.load_image, HeadRun.step
+
+        def traced(path, **kwargs):
+            with open(trace, "a") as f:
+                f.write(f"{os.getpid()} {path}\n")
+            return load_image(path, **kwargs)
+
+        def crashing(self):
+            settings = json.loads(Path(control).read_text()) if Path(control).exists() else {}
+            limit = settings.get("crash_lr_above")
+            if limit is not None and self.cfg.lr > limit and self.epoch == 1:
+                raise RuntimeError(f"test crash: lr {self.cfg.lr:g} > {limit:g}")
+            return step(self)
+
+        data.load_image = traced
+        HeadRun.step = crashing
+
+    return hook
+
+
+@pytest.fixture(scope="module")
+def ray_local(tmp_path_factory):
+    """One local Ray for the module (``search._init_ray`` leaves an initialised Ray alone)."""
+    if ray.is_initialized():
+        ray.shutdown()
+    base = tmp_path_factory.getbasetemp()
+    hooks = tmp_path_factory.mktemp("hooks")
+    trace, control = hooks / "reads.txt", hooks / "control.json"
+    # Workers inherit the driver's environment at ray.init: the same caches as the autouse fixture.
+    env = {"TUNE_RICE_CACHE": str(base / "tune_rice_cache"), "TORCH_HOME": str(base / "torch_home"),
+           "TUNE_RICE_OFFLINE": "1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+             runtime_env={"worker_process_setup_hook": _worker_hook(str(trace), str(control))})
+    try:
+        yield {"trace": trace, "control": control, "address": ray.get_runtime_context().gcs_address}
+    finally:
+        ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def labels(tmp_path_factory) -> Path:
+    """24 train / 12 valid / 12 test images, 32 px, 3 classes."""
+    return make_separable_dataset(tmp_path_factory.mktemp("search") / "data", per_class=16, size=32)
+
+
+def _space(folder: Path, *, metric="valid/acc", epochs=3, views=2, name="space.yaml") -> Path:
+    path = folder / name
+    path.write_text(SPACE.format(metric=metric, epochs=epochs, views=views))
+    return path
+
+
+def _argv(labels: Path, space: Path, storage: Path, name: str, *extra) -> list[str]:
+    return ["--data", str(labels), "--search-space", str(space), "--weights", "none", "--storage-path",
+            str(storage), "--name", name, "--no-report", *map(str, extra)]
+
+
+def _reads(trace: Path) -> list[tuple[int, Path]]:
+    if not trace.exists():
+        return []
+    return [(int(pid), Path(p)) for pid, p in (line.split(" ", 1) for line in trace.read_text().splitlines())]
+
+
+def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def _optuna_trials(exp_dir: Path, metric: str, mode: str, max_t: int) -> dict:
+    """Tune trial id -> Optuna FrozenTrial, from the searcher state Tune saved in the experiment."""
+    searcher = search._optuna_search_cls()(metric=metric, mode=mode, max_t=max_t)
+    searcher.restore_from_dir(str(exp_dir))
+    frozen = searcher._ot_study.get_trials(deepcopy=False)
+    return {tid: frozen[t.number] for tid, t in searcher._ot_trials.items()}
+
+
+def _history(trial_dir: str, metric: str) -> dict[int, float]:
+    progress = pd.read_csv(Path(trial_dir) / "progress.csv")
+    return dict(zip(progress["training_iteration"].astype(int), progress[metric].astype(float)))
+
+
+# ------------------------------------------------------------------------------------------ smoke
+@pytest.mark.slow
+def test_search_end_to_end(ray_local, labels, tmp_path, capsys, monkeypatch):
+    produced = {}
+
+    def run_and_keep(args):
+        produced.update(run_search(args))
+        return produced
+
+    run_search = search.run_search
+    monkeypatch.setattr(search, "run_search", run_and_keep)
+    ray_local["trace"].unlink(missing_ok=True)
+    storage = tmp_path / "runs"
+    rc = search.main(_argv(labels, _space(tmp_path), storage, "smoke", "--num-samples", 3, "--seed", 1))
+    out = capsys.readouterr().out
+    assert rc == 0
+    exp = storage / "smoke"
+    table = read_labels(labels)
+
+    # results.csv: one row per trial, every trial trained on the CPU and reported its metrics
+    df = pd.read_csv(exp / "results.csv")
+    assert len(df) == 3 and df["trial_id"].is_unique
+    assert set(df["status"]) == {"TERMINATED"}
+    assert (df["device"] == "cpu").all() and (df["weights"] == "random:seed=1").all()
+    assert df["config/lr"].between(1e-3, 3e-2).all() and set(df["config/hidden"]) <= {0, 32}
+    assert (df["epochs"] <= 3).all() and (df["epochs"] >= 2).all()  # ASHA may stop one at its grace period
+
+    # the best model: self-contained, loads both ways, classifies test images as test_metrics says
+    test = json.loads((exp / "test_metrics.json").read_text())
+    assert test["trial_id"] in set(df["trial_id"])
+    assert df.loc[df["trial_id"] == test["trial_id"], "best/valid/acc"].item() == df["best/valid/acc"].max()
+    cm = np.asarray(test["confusion_matrix"])
+    assert cm.shape == (3, 3) and cm.sum() == test["test_count"] == len(table.split("test"))
+    assert test["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
+    assert set(test["per_class"]) == set(table.classes) and 0 <= test["macro_f1"] <= 1
+    payload = torch.load(exp / "best" / "model.pt", map_location="cpu", weights_only=True)
+    assert payload["classes"] == list(table.classes)
+    assert payload["metrics"]["trial_id"] == test["trial_id"]
+    assert payload["config"]["image_size"] == 32 and payload["config"]["backbone"] == "resnet18"
+    model, meta = load_artifact(exp / "best" / "model.pt")
+    transform = build_transform(meta["preprocessing"]["image_size"], train=False)
+    x = torch.stack([transform(load_image(p)) for p in table.paths("test")])  # (12, 3, 32, 32)
+    with torch.inference_mode():
+        predicted = model(x).argmax(1).numpy()
+    accuracy = float((predicted == table.targets("test")).mean())
+    assert accuracy == pytest.approx(test["accuracy"])
+    assert accuracy > 1 / 3  # above chance, with a random backbone on colour-coded classes
+
+    # TensorBoard: every trial is a run with our scalars and Ray's copies; the test run has test/acc
+    for _, row in df.iterrows():
+        scalars = _scalars(Path(row["trial_dir"]))
+        steps = [s for s, _ in scalars["valid/acc"]]
+        assert steps == list(range(1, int(row["epochs"]) + 1)), row["trial_id"]
+        assert max(v for _, v in scalars["valid/acc"]) == pytest.approx(row["best/valid/acc"])
+        for tag in ("train/loss", "valid/loss", "lr", "ray/tune/valid/acc"):
+            assert tag in scalars, (tag, row["trial_id"])
+    test_scalars = _scalars(exp / "test")
+    assert test_scalars["test/acc"] == [(0, pytest.approx(test["accuracy"]))]
+
+    # the console summary
+    assert "TEST" in out and "3 trials:" in out and str(exp) in out
+    assert (exp / "summary.txt").read_text().strip() in out
+
+    # the banks handed to the trials: train and valid only, no test image among them
+    test_paths = set(table.split("test")["path"])
+    banks = produced["banks"]
+    assert banks and all(set(b.splits) == {"train", "valid"} for b in banks.values())
+    for bank in banks.values():
+        for split, features in bank.splits.items():
+            assert set(features.paths) == set(table.split(split)["path"])
+            assert not set(features.paths) & test_paths
+    assert _reads(ray_local["trace"]) == []  # with the feature cache on, trials decode no image
+
+
+# ------------------------------------------------------------------------------------------ pruning
+@pytest.mark.slow
+def test_asha_stops_are_recorded_as_pruned_in_optuna(ray_local, labels, tmp_path):
+    # valid/loss never ties (valid/acc often does on tiny data), and rf=4 stops all but the top quarter
+    space = _space(tmp_path, metric="valid/loss", epochs=4, views=1)
+    storage = tmp_path / "runs"
+    rc = search.main(_argv(labels, space, storage, "asha", "--num-samples", 6, "--grace-period", 1,
+                           "--reduction-factor", 4))
+    assert rc == 0
+    exp = storage / "asha"
+    df = pd.read_csv(exp / "results.csv")
+    assert len(df) == 6
+    stopped = df[df["stopped_early"]]
+    assert len(stopped) >= 1, df[["trial_id", "epochs", "best/valid/loss"]]
+    assert (stopped["epochs"] < 4).all() and (df.loc[~df["stopped_early"], "epochs"] == 4).all()
+
+    trials = _optuna_trials(exp, "valid/loss", "min", max_t=4)
+    assert set(trials) == set(df["trial_id"])
+    for _, row in df.iterrows():
+        frozen = trials[row["trial_id"]]
+        history = _history(row["trial_dir"], "valid/loss")
+        assert len(history) == row["epochs"]
+        # every epoch's value, the one that made ASHA stop the trial included
+        assert frozen.intermediate_values == pytest.approx(history), row["trial_id"]
+        assert frozen.value == pytest.approx(history[max(history)])
+        expected = "PRUNED" if row["stopped_early"] else "COMPLETE"
+        assert frozen.state.name == expected, row["trial_id"]
+
+
+def test_searcher_records_complete_pruned_and_failed_trials(tmp_path):
+    """The Optuna searcher driven as Tune drives it, without Ray running."""
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    metric = "valid/acc"
+    space = OptunaSearch.convert_search_space({"lr": tune.loguniform(1e-3, 3e-2), "hidden": tune.choice([0, 32])})
+    searcher = search._optuna_search_cls()(space=space, metric=metric, mode="max", seed=0, max_t=4)
+    for tid in ("done", "stopped", "crashed", "crashed_late", "removed"):
+        config = searcher.suggest(tid)
+        assert 1e-3 <= config["lr"] <= 3e-2 and config["hidden"] in (0, 32)
+
+    def result(step, value):
+        return {metric: value, "training_iteration": step}
+
+    for step, value in enumerate([0.5, 0.6, 0.7], start=1):
+        searcher.on_trial_result("done", result(step, value))
+    searcher.on_trial_complete("done", result(4, 0.8))  # ASHA stops at max_t: no on_trial_result first
+    searcher.on_trial_result("stopped", result(1, 0.3))
+    searcher.on_trial_complete("stopped", result(2, 0.35))  # stopped by ASHA at its second rung
+    searcher.on_trial_result("crashed", result(1, 0.4))
+    searcher.on_trial_complete("crashed", error=True)  # what Tune passes for an errored trial
+    searcher.on_trial_complete("crashed_late", result(2, 0.9), error=True)
+    searcher.on_trial_complete("removed")  # ended while pending: no result
+    searcher.on_trial_complete("done", result(4, 0.1))  # a second completion is ignored
+
+    def states(s):
+        frozen = s._ot_study.get_trials(deepcopy=False)
+        return {tid: frozen[t.number] for tid, t in s._ot_trials.items()}
+
+    trials = states(searcher)
+    assert trials["done"].state.name == "COMPLETE" and trials["done"].value == 0.8
+    assert trials["done"].intermediate_values == {1: 0.5, 2: 0.6, 3: 0.7, 4: 0.8}
+    assert trials["stopped"].state.name == "PRUNED"
+    assert trials["stopped"].intermediate_values == {1: 0.3, 2: 0.35} and trials["stopped"].value == 0.35
+    assert trials["crashed"].state.name == "FAIL" and trials["crashed"].value is None
+    assert trials["crashed_late"].state.name == "FAIL"
+    assert trials["removed"].state.name == "PRUNED" and trials["removed"].value is None
+
+    # the state survives Tune's save / restore, and the restored searcher keeps proposing
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    restored = search._optuna_search_cls()(metric=metric, mode="max", max_t=4)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert {t: f.state for t, f in states(restored).items()} == {t: f.state for t, f in trials.items()}
+    assert restored.suggest("next")["hidden"] in (0, 32)
+
+
+@pytest.mark.slow
+def test_crashing_trials_are_retried_then_reported_as_errors(ray_local, labels, tmp_path, capsys):
+    control = ray_local["control"]
+    control.write_text(json.dumps({"crash_lr_above": 5e-3}))
+    storage = tmp_path / "runs"
+    try:
+        rc = search.main(_argv(labels, _space(tmp_path), storage, "crash", "--num-samples", 4,
+                               "--grace-period", 3))
+    finally:
+        control.unlink()
+    out = capsys.readouterr().out
+    assert rc == 0  # the search goes on, and its best surviving trial is scored
+    exp = storage / "crash"
+    df = pd.read_csv(exp / "results.csv")
+    crashed = df["config/lr"] > 5e-3
+    assert crashed.any() and (~crashed).any(), df[["trial_id", "config/lr"]]  # seed 0 samples both sides
+    assert (df.loc[crashed, "status"] == "ERROR").all() and (df.loc[~crashed, "status"] == "TERMINATED").all()
+    assert df.loc[crashed, "error"].str.contains("test crash").all()
+    assert (df.loc[~crashed, "epochs"] == 3).all()
+    assert f"{int(crashed.sum())} errored" in out
+    trials = _optuna_trials(exp, "valid/acc", "max", max_t=3)
+    for _, row in df.iterrows():
+        assert trials[row["trial_id"]].state.name == ("FAIL" if row["status"] == "ERROR" else "COMPLETE")
+    states = _trial_states(exp)
+    for _, row in df.iterrows():  # FailureConfig(max_failures=2): a crashing trial ran 3 times
+        assert states[row["trial_id"]] == (row["status"], 3 if row["status"] == "ERROR" else 0)
+    # tied on valid/acc with the crashed trials' first epoch, a clean trial is the one scored on test
+    test = json.loads((exp / "test_metrics.json").read_text())
+    assert test["trial_id"] in set(df.loc[~crashed, "trial_id"])
+
+
+# ------------------------------------------------------------------------------------------ test split
+@pytest.mark.slow
+def test_trials_never_read_the_test_split_with_the_feature_cache_off(ray_local, labels, tmp_path):
+    trace = ray_local["trace"]
+    trace.unlink(missing_ok=True)
+    storage = tmp_path / "runs"
+    rc = search.main(_argv(labels, _space(tmp_path, epochs=2, views=1), storage, "inline", "--num-samples", 2,
+                           "--feature-cache", "off"))
+    assert rc == 0
+    table = read_labels(labels)
+    reads = _reads(trace)
+    assert reads, "the trace hook recorded nothing: the inline path decoded no image?"
+    assert os.getpid() not in {pid for pid, _ in reads}  # only trial workers are traced
+    read_paths = {p for _, p in reads}
+    assert read_paths == set(table.paths("train")) | set(table.paths("valid"))
+    assert not read_paths & set(table.paths("test"))
+    test = json.loads((storage / "inline" / "test_metrics.json").read_text())
+    assert test["test_count"] == len(table.split("test"))  # scored once, by the driver, after the search
+    df = pd.read_csv(storage / "inline" / "results.csv")
+    assert len(df) == 2 and (df["device"] == "cpu").all()
+
+
+# ------------------------------------------------------------------------------------------ resume
+def _trial_states(exp_dir: Path) -> dict[str, tuple[str, int]]:
+    """Trial id -> (status, number of failures) in Tune's saved experiment state."""
+    states = {}
+    for f in sorted(exp_dir.glob("experiment_state-*.json")):
+        try:
+            state = json.loads(f.read_text())
+        except (OSError, ValueError):  # being rewritten
+            continue
+        for trial_json, run_json in state.get("trial_data", []):
+            trial, run = json.loads(trial_json), json.loads(run_json)
+            states[trial["trial_id"]] = (trial.get("status"), int(run.get("num_failures", 0)))
+    return states
+
+
+def _terminated(exp_dir: Path) -> set[str]:
+    return {tid for tid, (status, _) in _trial_states(exp_dir).items() if status == "TERMINATED"}
+
+
+@pytest.mark.slow
+def test_resume_after_the_driver_is_killed(ray_local, labels, tmp_path):
+    storage = tmp_path / "runs"
+    exp = storage / "r"
+    argv = _argv(labels, _space(tmp_path), storage, "r", "--num-samples", 4, "--max-concurrent", 1,
+                 "--address", ray_local["address"])
+    log = tmp_path / "first.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "tune_rice.search", *argv], stdout=out,
+                                stderr=subprocess.STDOUT, cwd=tmp_path, env=dict(os.environ))
+    try:
+        deadline = time.monotonic() + 180
+        while len(_terminated(exp)) < 2:
+            assert proc.poll() is None, f"the search ended before it was killed:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no 2 finished trials in time:\n{log.read_text()[-3000:]}"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finished = _terminated(exp)
+    kept = {tid: (exp / f"trial_{tid}" / "result.json").read_bytes() for tid in finished}
+    assert not (exp / "results.csv").exists()
+
+    rc = search.main(["--resume", "--name", "r", "--storage-path", str(storage)])  # the rest is restored
+    assert rc == 0
+    df = pd.read_csv(exp / "results.csv")
+    assert len(df) == 4 and df["trial_id"].is_unique
+    assert set(df["status"]) == {"TERMINATED"}
+    assert finished <= set(df["trial_id"])
+    for tid, before in kept.items():  # finished trials were not run again
+        assert (exp / f"trial_{tid}" / "result.json").read_bytes() == before, tid
+    assert (exp / "best" / "model.pt").is_file() and (exp / "test_metrics.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("case", ["num_samples", "missing_data", "bad_space", "existing", "resume_unknown",
+                                  "grace_period", "reduction_factor"])
+def test_bad_input_is_one_line_and_writes_nothing(case, labels, tmp_path, capsys):
+    storage = tmp_path / "runs"
+    space = _space(tmp_path)
+    name, words = "x", []
+    if case == "num_samples":
+        argv, words = _argv(labels, space, storage, name, "--num-samples", 0), ["--num-samples", ">= 1"]
+    elif case == "missing_data":
+        argv = _argv(tmp_path / "no-such-folder", space, storage, name)
+        words = [str(tmp_path / "no-such-folder"), "no such file"]
+    elif case == "bad_space":
+        space.write_text(space.read_text().replace("loguniform", "lognormal"))
+        argv, words = _argv(labels, space, storage, name), [str(space), "params.lr", "lognormal"]
+    elif case == "existing":
+        (storage / name / "trial_x").mkdir(parents=True)
+        (storage / name / "results.csv").write_text("precious\n")
+        argv, words = _argv(labels, space, storage, name), ["already exists", "--resume"]
+    elif case == "resume_unknown":
+        argv, words = ["--resume", "--name", "nope", "--storage-path", str(storage)], ["nope", "--resume"]
+        name = "nope"
+    elif case == "grace_period":
+        argv, words = _argv(labels, space, storage, name, "--grace-period", 5), ["--grace-period 5", "3 epochs"]
+    else:
+        argv, words = _argv(labels, space, storage, name, "--reduction-factor", 1), ["--reduction-factor"]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    rc = search.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    for w in words:
+        assert w in err, err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    if case == "existing":
+        assert (storage / name / "results.csv").read_text() == "precious\n"

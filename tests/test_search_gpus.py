@@ -1,0 +1,120 @@
+"""GPU scheduling without GPUs: Ray's logical GPUs (``ray.init(num_gpus=2)``) on a CPU machine.
+
+Its own module because it needs its own local Ray. A worker setup hook slows each epoch a little and
+records when it ran, so the test can see trials overlap in time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import make_separable_dataset
+
+from tune_rice import search
+
+ray = pytest.importorskip("ray")
+
+SPACE = """\
+max_epochs: 3
+params:
+  backbone: resnet18
+  image_size: 32
+  views: 1
+  lr: {loguniform: [1.0e-3, 3.0e-2]}
+  hidden: {choice: [0, 32]}
+"""
+EPOCH_SECONDS = 0.4
+
+
+def _timing_hook(log: str, seconds: float):
+    """Runs in every Ray worker: each epoch sleeps ``seconds`` and logs ``pid start end``."""
+
+    def hook():
+        import time
+
+        from tune_rice.engine import HeadRun
+
+        step = HeadRun.step
+
+        def timed(self):
+            start = time.time()
+            time.sleep(seconds)
+            out = step(self)
+            with open(log, "a") as f:
+                f.write(f"{os.getpid()} {start} {time.time()}\n")
+            return out
+
+        HeadRun.step = timed
+
+    return hook
+
+
+@pytest.fixture(scope="module")
+def ray_with_logical_gpus(tmp_path_factory):
+    if ray.is_initialized():
+        ray.shutdown()
+    base = tmp_path_factory.getbasetemp()
+    log = tmp_path_factory.mktemp("timing") / "epochs.txt"
+    env = {"TUNE_RICE_CACHE": str(base / "tune_rice_cache"), "TORCH_HOME": str(base / "torch_home"),
+           "TUNE_RICE_OFFLINE": "1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="WARNING",
+             runtime_env={"worker_process_setup_hook": _timing_hook(str(log), EPOCH_SECONDS)})
+    try:
+        yield log
+    finally:
+        ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _argv(tmp_path: Path, name: str, *extra) -> list[str]:
+    labels = make_separable_dataset(tmp_path / "data", per_class=12, size=32)
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE)
+    return ["--data", str(labels), "--search-space", str(space), "--weights", "none", "--storage-path",
+            str(tmp_path / "runs"), "--name", name, "--no-report", *map(str, extra)]
+
+
+@pytest.mark.slow
+def test_fractional_logical_gpus_run_trials_side_by_side(ray_with_logical_gpus, tmp_path):
+    log = ray_with_logical_gpus
+    log.unlink(missing_ok=True)
+    rc = search.main(_argv(tmp_path, "gpus", "--num-samples", 4, "--gpus-per-trial", 0.5,
+                           "--cpus-per-trial", 0.5, "--grace-period", 3))
+    assert rc == 0
+    exp = tmp_path / "runs" / "gpus"
+    df = pd.read_csv(exp / "results.csv", dtype={"gpu_ids": str})
+    assert len(df) == 4 and set(df["status"]) == {"TERMINATED"}
+    assert (df["epochs"] == 3).all()
+    assert df["gpu_ids"].notna().all() and set(df["gpu_ids"]) <= {"0", "1"}  # a (logical) GPU each
+    assert (df["device"] == "cpu").all()  # ... that is not there, so the trial trains on the CPU
+    assert json.loads((exp / "test_metrics.json").read_text())["test_count"] == 9  # 3 of 12 images per class
+
+    # 4 trials x 0.5 GPU on 2 GPUs and 2 CPUs: they overlap in time rather than queue
+    epochs = [(int(pid), float(a), float(b)) for pid, a, b in (line.split() for line in log.read_text().splitlines())]
+    assert len(epochs) == 12
+    spans = {}
+    for pid, a, b in epochs:
+        lo, hi = spans.get(pid, (a, b))
+        spans[pid] = (min(lo, a), max(hi, b))
+    assert len(spans) >= 2
+    overlapping = max(sum(lo <= t < hi for lo, hi in spans.values()) for t in (lo for lo, _ in spans.values()))
+    assert overlapping >= 2, spans
+
+
+def test_more_gpus_per_trial_than_any_node_has_is_a_user_error(ray_with_logical_gpus, tmp_path, capsys):
+    rc = search.main(_argv(tmp_path, "toomany", "--gpus-per-trial", 3))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.startswith("error: --gpus-per-trial 3") and "\n" not in err, err
+    assert "the most on one node: 2" in err
+    assert not (tmp_path / "runs" / "toomany").exists()  # nothing left behind to block a retry
