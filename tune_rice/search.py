@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "every trial with online augmentation (the slow reference path)")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                    help="Ray cluster to join (default: $RAY_ADDRESS, else start a local Ray)")
+    p.add_argument("--wait-for-gpus", type=float, default=0, metavar="SECONDS",
+                   help="autoscaling cluster whose GPU nodes scale from zero: if no GPU node is up, ask the "
+                        "autoscaler for one and wait up to SECONDS before sizing trials and extracting")
     p.add_argument("--no-report", action="store_true", help="skip the plots and report.md at the end")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -257,6 +260,30 @@ def _trials_at_once(cpus_per_trial: float, gpus_per_trial: float, num_samples: i
     return max(1, min(n, num_samples))
 
 
+def _wait_for_gpus(seconds: float) -> None:
+    """Make sure a GPU node is up before GPUs are counted (a no-op when one is, or ``seconds`` is 0).
+
+    With GPU workers at ``min_workers: 0`` the cluster has no GPU when the search starts: ``auto`` would
+    then mean CPU trials and the autoscaler would never be asked for a GPU node.
+    """
+    if seconds <= 0 or _cluster_gpus()[0] > 0:
+        return
+    from ray.autoscaler.sdk import request_resources
+
+    log.info("no GPU node in the cluster: asking the autoscaler for one, waiting up to %.0fs", seconds)
+    request_resources(bundles=[{"GPU": 1}])
+    deadline = time.monotonic() + seconds
+    try:
+        while _cluster_gpus()[0] == 0:
+            if time.monotonic() > deadline:
+                raise UserError(f"--wait-for-gpus {seconds:g}: no GPU node joined the cluster in time "
+                                "(check the cluster's GPU node type and `ray status`)")
+            time.sleep(5)
+    finally:
+        request_resources(bundles=[])  # a standing request would keep the GPU node up after the search
+    log.info("a GPU node joined the cluster")
+
+
 def _resolve_gpus(value: str) -> float:
     total, per_node = _cluster_gpus()
     if value == "auto":
@@ -275,7 +302,11 @@ def _extract_banks(specs: list[FeatureSpec], table: LabelTable, weights: dict[st
     if use_gpu:  # on a GPU cluster extraction runs as Ray tasks on GPU nodes
         import ray
 
-        remote = ray.remote(num_gpus=1, num_cpus=2)(extract_bank)
+        # 2 CPUs to decode for the GPU, but never more than a GPU node has: a task that no node can hold
+        # waits forever (a GPU node started with 1 CPU would hang the search here).
+        gpu_node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes()
+                         if n.get("Alive") and n["Resources"].get("GPU", 0.0) >= 1]
+        remote = ray.remote(num_gpus=1, num_cpus=min(2.0, max(gpu_node_cpus, default=1.0)))(extract_bank)
         refs = {s.name: remote.remote(table, s, weights=weights[s.backbone], splits=("train", "valid"),
                                       progress=False) for s in specs}
         for name, ref in refs.items():
@@ -471,6 +502,8 @@ def run_search(args) -> dict:
     storage, exp_dir = _experiment_paths(args)
     ray_exp_path = f"{storage.rstrip('/')}/{args.name}"
     if args.resume:
+        if _is_uri(args.storage_path) and not (exp_dir / ARGS_FILE).is_file():
+            _fetch_args(exp_dir, ray_exp_path)
         if not (exp_dir / ARGS_FILE).is_file():
             raise UserError(f"--resume: no experiment {args.name!r} under {args.storage_path} "
                             f"({exp_dir / ARGS_FILE} not found)")
@@ -496,6 +529,7 @@ def run_search(args) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    _wait_for_gpus(args.wait_for_gpus)
     gpus = _resolve_gpus(args.gpus_per_trial)
     specs = space.feature_specs(seed=args.seed)
     weights = {b: resolve_weights(b, args.weights, seed=args.seed) for b in {s.backbone for s in specs}}
@@ -530,6 +564,8 @@ def run_search(args) -> dict:
     else:
         # Written only now: an input error found above (GPUs, weights, images) leaves no folder behind.
         _save_args(exp_dir, args)
+        if _is_uri(args.storage_path):  # next to Ray's experiment state, so that --resume finds it anywhere
+            _upload(exp_dir, ray_exp_path)
         tuner = tune.Tuner(
             trainable, param_space=space.tune_space(),
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=args.num_samples,
@@ -590,12 +626,30 @@ def _upload(local: Path, uri: str) -> None:
     import pyarrow.fs
 
     fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    fs.create_dir(path, recursive=True)  # object stores need no folders; file systems (file://) do
     for name in ("results.csv", "test_metrics.json", "summary.txt", ARGS_FILE, "best", "test", "report"):
         src = local / name
         if src.exists():
+            if src.is_dir():
+                fs.create_dir(f"{path}/{name}", recursive=True)
             pyarrow.fs.copy_files(str(src), f"{path}/{name}", source_filesystem=pyarrow.fs.LocalFileSystem(),
                                   destination_filesystem=fs)
     log.info("outputs copied to %s", uri)
+
+
+def _fetch_args(exp_dir: Path, uri: str) -> None:
+    """``--resume`` with a URI storage path from another machine or job (``ray job submit`` runs each job
+    in a fresh working directory): bring ``search_args.json`` back from the storage path."""
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    try:
+        with fs.open_input_stream(f"{path}/{ARGS_FILE}") as f:
+            data = f.read()
+    except (FileNotFoundError, OSError):
+        return
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    (exp_dir / ARGS_FILE).write_bytes(data)
 
 
 @contextlib.contextmanager
