@@ -3,8 +3,10 @@
 Each node is its own ``ray start`` (own raylet, object store and worker processes; see
 ``benchmarks/local_cluster.py``), and each advertises 2 GPUs (logical ones on a CPU-only machine: Ray still
 assigns GPU ids to trials, and ``torch.cuda`` reports none, so trials train on the CPU). One trial slot
-per node is 1 CPU / 2 trials of 0.5 CPU, so six trials, four at a time, cannot all fit on one node.
-The search runs in a subprocess, exactly as a user runs it, so this test process never touches Ray.
+per node is 1 CPU and trials take 1 CPU, two at a time, so the first two are placed one on each node;
+40 epochs a trial keep the head busy while the worker starts its trial process (with Tune reusing
+actors, trials of a few milliseconds could otherwise all run in the head's process). The search runs in
+a subprocess, exactly as a user runs it, so this test process never touches Ray.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from local_cluster import LocalCluster  # noqa: E402
 SPACE = """\
 metric: valid/acc
 mode: max
-max_epochs: 3
+max_epochs: 40
 params:
   backbone: resnet18
   image_size: 32
@@ -64,8 +66,8 @@ def test_search_spreads_over_two_nodes(separable, tmp_path):
         t_up = time.perf_counter() - t0
         cmd = [sys.executable, "-m", "tune_rice.search", "--address", cluster.address, "--data", str(separable),
                "--search-space", str(tmp_path / "space.yaml"), "--num-samples", str(NUM_SAMPLES),
-               "--weights", "none", "--gpus-per-trial", "0.5", "--cpus-per-trial", "0.5", "--max-concurrent", "4",
-               "--storage-path", str(storage), "--name", "multinode", "--no-report"]
+               "--weights", "none", "--gpus-per-trial", "0.5", "--cpus-per-trial", "1", "--max-concurrent", "2",
+               "--grace-period", "40", "--storage-path", str(storage), "--name", "multinode", "--no-report"]
         proc = subprocess.run(cmd, env={**os.environ, **cluster.client_env}, cwd=tmp_path, capture_output=True,
                               text=True, timeout=240)
         t_search = time.perf_counter() - t0 - t_up
@@ -76,6 +78,8 @@ def test_search_spreads_over_two_nodes(separable, tmp_path):
     exp = storage / "multinode"
     df = pd.read_csv(exp / "results.csv", dtype={"trial_id": str, "node_id": str, "gpu_ids": str})
     assert len(df) == NUM_SAMPLES and (df["status"] == "TERMINATED").all(), df
+    print("trials per node:", df["node_id"].map({head["node_id"]: "head", worker["node_id"]: "worker"})
+          .value_counts().to_dict())
     # trials really ran on both nodes, each with GPU ids assigned by Ray
     assert set(df["node_id"]) == {head["node_id"], worker["node_id"]}, df[["trial_id", "node_id"]]
     assert df["gpu_ids"].notna().all() and (df["gpu_ids"].str.len() > 0).all(), df[["trial_id", "gpu_ids"]]
