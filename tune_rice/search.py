@@ -508,6 +508,12 @@ def run_search(args) -> dict:
             raise UserError(f"--resume: no experiment {args.name!r} under {args.storage_path} "
                             f"({exp_dir / ARGS_FILE} not found)")
         _restore_args(exp_dir, args)
+        if (exp_dir / "test_metrics.json").is_file():
+            # Finished already: the test split was scored once; scoring it again would break that promise.
+            summary = exp_dir / "summary.txt"
+            print(summary.read_text() if summary.is_file() else f"{exp_dir}: finished", flush=True)
+            raise UserError(f"--resume: {args.name!r} already finished (test split scored, results in {exp_dir}); "
+                            "nothing to resume")
         log.info("resuming %s with its original arguments", exp_dir)
     elif exp_dir.exists() and any(exp_dir.iterdir()):
         raise UserError(f"{exp_dir} already exists: pass --resume to continue it, or another --name")
@@ -570,6 +576,9 @@ def run_search(args) -> dict:
             trainable, param_space=space.tune_space(),
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=args.num_samples,
                                         max_concurrent_trials=args.max_concurrent or None,
+                                        # A trial on a bank trains in seconds; starting a fresh worker
+                                        # process (torch import) for each costs more than that.
+                                        reuse_actors=True,
                                         trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
             run_config=run_config)
     pending = args.max_concurrent or _trials_at_once(args.cpus_per_trial, gpus, args.num_samples)
@@ -617,6 +626,11 @@ def run_search(args) -> dict:
     summary = format_summary(df, test, metric=space.metric, exp_dir=exp_dir, seconds=seconds, phases=phases,
                              weights=resolved.identity)
     (exp_dir / "summary.txt").write_text(summary + "\n")
+    trial_seconds = [float(r.metrics.get("time_total_s", 0.0)) for r in result_grid if r.metrics]
+    (exp_dir / "timings.json").write_text(json.dumps(
+        {"seconds": seconds, "phases": phases, "trial_seconds": trial_seconds,
+         "banks": {name: {"seconds": b.seconds, "from_cache": b.from_cache, "mb": b.nbytes() / 1e6, **b.info}
+                   for name, b in (banks or {}).items()}}, indent=1))
     print("\n" + summary, flush=True)
     return {"exp_dir": exp_dir, "results": df, "test": test_out, "phases": phases, "seconds": seconds,
             "banks": banks, "best_trial": best_id}
