@@ -207,7 +207,10 @@ def scan_dataset(data_dir: str | os.PathLike) -> Scan:
     skipped: list[tuple[str, str]] = []
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
         if _is_hidden(entry.name):
-            skipped.append((entry.name, "hidden " + ("folder" if _is_dir(entry) else "file")))
+            # A hidden top-level file (.DS_Store, the demo's marker) is not data: ignored quietly, like
+            # labels.csv. A hidden folder could be a class the user expects: reported.
+            if _is_dir(entry):
+                skipped.append((entry.name, "hidden folder"))
         elif _bad_name(entry.name):
             if _is_dir(entry) or Path(entry.name).suffix.lower() in data.IMAGE_EXTENSIONS:
                 skipped.append((_printable(entry.name), "name is not valid UTF-8"))
