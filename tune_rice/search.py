@@ -445,7 +445,8 @@ def confusion_figure(cm: np.ndarray, classes, *, title: str = "confusion matrix"
 
 
 def format_summary(df: pd.DataFrame, test: dict | None, *, metric: str, exp_dir: Path, seconds: float,
-                   phases: dict, weights: str, top: int = 5) -> str:
+                   phases: dict, weights: str, top: int = 5, searched: Sequence[str] | None = None) -> str:
+    """The console summary; the top-trials table shows only the ``searched`` parameters (default: all)."""
     lines = []
     n = len(df)
     errored = int((df["status"] == "ERROR").sum())
@@ -454,7 +455,7 @@ def format_summary(df: pd.DataFrame, test: dict | None, *, metric: str, exp_dir:
                  f"{errored} errored")
     key = f"best/{metric}"
     show = [c for c in ("trial_id", key, "best_epoch", "epochs") if c in df] + \
-        [c for c in df.columns if c.startswith("config/")]
+        [c for c in df.columns if c.startswith("config/") and (searched is None or c[7:] in searched)]
     if key in df:
         table = df[df[key].notna()].head(top)[show].rename(columns=lambda c: c.replace("config/", ""))
         lines.append(f"top {min(top, len(table))} by {metric}:")
@@ -624,7 +625,7 @@ def run_search(args) -> dict:
         _upload(exp_dir, ray_exp_path)
     seconds = time.perf_counter() - t_start
     summary = format_summary(df, test, metric=space.metric, exp_dir=exp_dir, seconds=seconds, phases=phases,
-                             weights=resolved.identity)
+                             weights=resolved.identity, searched=space.searched)
     (exp_dir / "summary.txt").write_text(summary + "\n")
     trial_seconds = [float(r.metrics.get("time_total_s", 0.0)) for r in result_grid if r.metrics]
     (exp_dir / "timings.json").write_text(json.dumps(
