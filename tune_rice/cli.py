@@ -6,6 +6,7 @@ is one clear line on stderr with exit code 2 (never a traceback) and logging loo
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import logging
 import os
@@ -23,6 +24,17 @@ TOOLS = {
     "report": "write plots and tables for a finished search",
     "export": "export a trained model to TorchScript or ONNX",
 }
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` only where there is a default worth showing and the help does not say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
+                or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def setup_logging(verbose: bool = False) -> None:

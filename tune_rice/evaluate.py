@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=os.environ.get("TUNE_RICE_PROG", "python -m tune_rice.evaluate"),
         description="Score a trained tune-rice model on a labelled split: accuracy, macro-F1, per-class "
                     "precision/recall/F1, confusion matrix (the metrics of the search's test_metrics.json).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=cli.HelpFormatter)
     p.add_argument("--model", required=True, help="runs/<name>/best/model.pt, an exported TorchScript file, "
                                                   "or an experiment folder")
     p.add_argument("--data", required=True, help="a labels.csv, or a dataset folder holding one")

@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=os.environ.get("TUNE_RICE_PROG", "python -m tune_rice.export"),
         description="Export a trained tune-rice model (best/model.pt) to TorchScript or ONNX. The export takes "
                     "a normalised image batch (B, 3, S, S) float32 and returns logits (B, C).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=cli.HelpFormatter)
     p.add_argument("--model", required=True, help="runs/<name>/best/model.pt (or the experiment folder)")
     p.add_argument("--format", choices=tuple(FORMATS), default="torchscript", help="what to write")
     p.add_argument("--out", help="file to write (default: next to the model, model.ts / model.onnx)")

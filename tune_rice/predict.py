@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=os.environ.get("TUNE_RICE_PROG", "python -m tune_rice.predict"),
         description="Classify images with a trained tune-rice model (best/model.pt or an exported .ts file).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=cli.HelpFormatter)
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
     p.add_argument("--model", required=True, help="runs/<name>/best/model.pt, an exported TorchScript file, "
                                                   "or an experiment folder")

@@ -610,7 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=os.environ.get("TUNE_RICE_PROG", "python -m tune_rice.report"),
         description="Write plots and a markdown report for a finished search into runs/<name>/report/.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=cli.HelpFormatter)
     p.add_argument("experiment", help="the experiment folder, runs/<name>")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p

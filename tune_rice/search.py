@@ -44,12 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog=os.environ.get("TUNE_RICE_PROG", "python -m tune_rice.search"),
         description="Search hyperparameters of a frozen-backbone image classifier with Ray Tune "
                     "(Optuna proposes, ASHA stops early), then score the best model once on the test split.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=cli.HelpFormatter)
     p.add_argument("--data", help="dataset folder (class sub-folders; prepared if it has no labels.csv) or a "
                                   "labels.csv; default: the built-in synthetic rice-leaf demo set")
     p.add_argument("--num-samples", type=int, default=30, help="number of trials")
     p.add_argument("--search-space", default="default",
-                   help="YAML file, or the name of a bundled space (default, quick, wide)")
+                   help="YAML file, or the name of a bundled space: default, quick or wide (default: default)")
     p.add_argument("--max-epochs", type=int, help="epochs per trial (default: the space's max_epochs, else 10)")
     p.add_argument("--grace-period", type=int, default=2, help="ASHA: epochs before a trial can be stopped")
     p.add_argument("--reduction-factor", type=float, default=3, help="ASHA: keep 1/R of trials at each rung")
