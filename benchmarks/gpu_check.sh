@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# GPU check, for a machine with a GPU and no network (see ../shared/device/README.md for Ray/Optuna):
+#   1. extraction efficiency: full pipeline (JPEG decode + transforms + backbone) vs a bare backbone
+#      forward on preloaded tensors, resnet34 @ 224, bf16 autocast + channels_last;
+#   2. the quick search, 30 samples, with the feature bank vs --feature-cache off, trials on
+#      fractional GPUs (results.csv records each trial's device and GPU ids).
+# Runs from the source tree (PYTHONPATH), --weights none, a demo set generated on the spot.
+# Tiny CPU setting for tests: DEVICE=cpu SAMPLES=2 PER_CLASS=8 EPOCHS=2 BACKBONE=resnet18 SIZE=32
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TUNE_RICE_OFFLINE=1
+DEVICE=${DEVICE:-cuda}; SAMPLES=${SAMPLES:-30}; PER_CLASS=${PER_CLASS:-200}
+BACKBONE=${BACKBONE:-resnet34}; SIZE=${SIZE:-224}; EPOCHS=${EPOCHS:-}
+OUT=${OUT:-${TMPDIR:-/tmp}/tune-rice-gpu-check}
+mkdir -p "$OUT"
+export TUNE_RICE_CACHE="$OUT/cache"
+PY=${PYTHON:-python3}
+
+if [ "$DEVICE" = cuda ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  GPU_ARGS=(--gpus-per-trial 0.25 --cpus-per-trial 2 --concurrency 4)
+else
+  GPU_ARGS=(--cpus-per-trial 1 --concurrency 2)
+fi
+EPOCH_ARGS=(); [ -n "$EPOCHS" ] && EPOCH_ARGS=(--max-epochs "$EPOCHS")
+
+$PY benchmarks/bench_extract.py --device "$DEVICE" --backbone "$BACKBONE" --image-size "$SIZE" \
+    --batch-size 128 --per-class "$PER_CLASS" --out "$OUT/extract.json"
+$PY benchmarks/bench_search.py --space quick --num-samples "$SAMPLES" --per-class "$PER_CLASS" \
+    --work "$OUT/search" "${GPU_ARGS[@]}" "${EPOCH_ARGS[@]}" --out "$OUT/search.json"
+
+$PY - "$OUT" <<'PYEOF'
+import json, sys
+from pathlib import Path
+import pandas as pd
+out = Path(sys.argv[1])
+e = json.loads((out / "extract.json").read_text())
+s = json.loads((out / "search.json").read_text())
+print("\n== gpu_check summary ==")
+print(f"device {e['device']} {e.get('gpu') or ''} | torch {e['torch']} | {e['backbone']} @ {e['image_size']}px, batch {e['batch_size']}")
+print(f"extraction: bare {e['bare_images_per_s']:.0f} img/s, full {e['full_images_per_s']:.0f} img/s, efficiency {e['efficiency']:.2f}")
+runs = {r["mode"]: r for r in s["runs"]}
+for mode, r in runs.items():
+    res = pd.read_csv(Path(r["log"]).with_suffix("").parent / "runs" / Path(r["log"]).stem / "results.csv")
+    devices = ",".join(sorted(set(map(str, res["device"].dropna()))))
+    gpus = ",".join(sorted(set(map(str, res["gpu_ids"].dropna()))))
+    print(f"search {mode:3}: {r['wall_s']:7.1f}s wall (extract {r['phases'].get('extract', 0):.1f}s, trials "
+          f"{r['phases'].get('trials', 0):.1f}s), best valid {r['best_valid']:.4f}, test {r['test_acc']:.4f}, "
+          f"ASHA-stopped {r['stopped_early']}/{r['trials']}, trial devices [{devices}] gpu ids [{gpus}]")
+if "on" in runs and "off" in runs:
+    print(f"search speed-up (off / on): {runs['off']['wall_s'] / runs['on']['wall_s']:.1f}x")
+PYEOF
