@@ -13,8 +13,8 @@ Writes ``runs/<name>/report/``:
 - ``report.md``: the headline numbers, flags (best value at the edge of the space, errored and stopped
   trials, a randomly initialised backbone), the top trials and the figures.
 
-Reads only files the search wrote (results.csv, search_args.json, test_metrics.json, trial_*/progress.csv);
-no Ray.
+Reads only files the search wrote (results.csv, search_args.json, test_metrics.json, trial_*/result.json or
+trial_*/progress.csv); no Ray.
 """
 
 from __future__ import annotations
@@ -97,6 +97,36 @@ def _truthy(value) -> bool:
     return bool(value) and not (isinstance(value, float) and math.isnan(value))
 
 
+def _read_history(trial_dir: Path) -> pd.DataFrame | None:
+    """A trial's results, one row per epoch: its result.json (a JSON object a line), else progress.csv.
+
+    After ``--resume``, Tune appends to a restored trial's progress.csv with the columns of its first new
+    result under the old header (one column fewer shifts the rest), while result.json stays sound. An
+    epoch run again after a restore is listed twice; the later row is kept.
+    """
+    rows = []
+    if (trial_dir / "result.json").is_file():
+        for line in (trial_dir / "result.json").read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:  # a line cut short by a killed driver
+                continue
+            if isinstance(row, dict):
+                rows.append({k: v for k, v in row.items() if k != "config"})
+    if rows:
+        hist = pd.DataFrame(rows)
+    elif (trial_dir / "progress.csv").is_file():
+        try:
+            hist = pd.read_csv(trial_dir / "progress.csv")
+        except (pd.errors.ParserError, pd.errors.EmptyDataError):
+            return None
+    else:
+        return None
+    if "training_iteration" in hist:
+        hist = hist.drop_duplicates("training_iteration", keep="last").reset_index(drop=True)
+    return hist
+
+
 def _read_json(path: Path) -> dict | None:
     if not path.is_file():
         return None
@@ -155,11 +185,8 @@ def load_experiment(exp_dir: str | os.PathLike) -> Experiment:
                                           kind="stable").reset_index(drop=True)
     for _, row in exp.results.iterrows():
         d = _trial_dir(exp_dir, row)
-        if d is None or not (d / "progress.csv").is_file():
-            continue
-        try:
-            hist = pd.read_csv(d / "progress.csv")
-        except (pd.errors.ParserError, pd.errors.EmptyDataError):
+        hist = _read_history(d) if d is not None else None
+        if hist is None:
             continue
         if metric in hist and not hist.empty:
             x = "training_iteration" if "training_iteration" in hist else "epoch"

@@ -108,7 +108,7 @@ def _is_uri(path: str) -> bool:
 # ----------------------------------------------------------------------------------------------- data
 def resolve_data(data: str | None, *, seed: int = 0) -> Path:
     """--data (folder, labels.csv, or nothing for the demo set) -> the path of a labels.csv."""
-    from .prepare import prepare_dataset
+    from .prepare import format_report, prepare_dataset
 
     if data is None:
         from .demo import ensure_demo
@@ -130,6 +130,9 @@ def resolve_data(data: str | None, *, seed: int = 0) -> Path:
         return csv
     log.info("%s has no labels.csv: preparing it now with the default split fractions", p)
     result = prepare_dataset(p, seed=seed)
+    # prepare's own warning says the skipped files are "listed in the report": this is that report
+    log.log(logging.WARNING if result.skipped or result.empty_classes else logging.INFO, "prepared %s:\n%s",
+            p, format_report(result))
     return result.labels_csv
 
 
@@ -371,6 +374,20 @@ def _best_result(result_grid, metric: str, mode: str):
     return best
 
 
+def _prune_checkpoints(result_grid, metric: str, mode: str) -> None:
+    """Once the trials are over, delete every checkpoint but each trial's best and latest."""
+    for r in result_grid:
+        keep = {r.checkpoint.path} if r.checkpoint else set()
+        with contextlib.suppress(Exception):  # RuntimeError when no checkpoint has the metric
+            keep.add(r.get_best_checkpoint(metric, mode).path)
+        for checkpoint, _ in r.best_checkpoints or []:
+            if checkpoint.path not in keep:
+                try:
+                    checkpoint.filesystem.delete_dir(checkpoint.path)
+                except OSError as e:
+                    log.warning("could not delete %s: %s", checkpoint.path, e)
+
+
 def build_best_model(result, base: dict, weights: dict[str, ResolvedWeights], metric: str, mode: str):
     """The best checkpoint (not the latest) of ``result`` rebuilt as backbone + head."""
     checkpoint = result.get_best_checkpoint(metric, mode)
@@ -557,7 +574,10 @@ def run_search(args) -> dict:
                               reduction_factor=args.reduction_factor)
     run_config = tune.RunConfig(
         name=args.name, storage_path=storage, verbose=1, progress_reporter=_progress_reporter(space),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=space.metric,
+        # Every checkpoint is kept until the search ends (then _prune_checkpoints): with num_to_keep, Tune
+        # deletes a trial's previous checkpoint before its experiment snapshot stops naming it, and a driver
+        # killed in between left a trial that --resume could only mark errored.
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=None, checkpoint_score_attribute=space.metric,
                                                 checkpoint_score_order=space.mode),
         failure_config=tune.FailureConfig(max_failures=2),
         callbacks=[_tensorboard_callback_cls()()])
@@ -590,6 +610,7 @@ def run_search(args) -> dict:
     df = summarize_trials(result_grid, space.metric, space.mode, max_epochs)
     exp_dir.mkdir(parents=True, exist_ok=True)
     df.to_csv(exp_dir / "results.csv", index=False)
+    _prune_checkpoints(result_grid, space.metric, space.mode)
     best = _best_result(result_grid, space.metric, space.mode)
     if best is None:
         first = next((r.error for r in result_grid if r.error), None)

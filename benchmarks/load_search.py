@@ -1,0 +1,136 @@
+"""Load: many more trials than slots (default 60 samples, 2 at a time) on a tiny dataset; memory must not
+grow with the number of trials.
+
+One fresh ``python -m tune_rice.search`` process (its own local Ray) on a generated 3-class set of tiny
+images, random-init resnet18 at 32 px, 2 epochs per trial. Reported: wall time, peak PSS of the whole
+process tree (``procmem.run_measured``: Ray's GCS, raylet and workers included, shared pages counted
+once), and the peak PSS while each third of the trials was running: a leak per trial shows as a peak that
+climbs from the first third to the last.
+
+    python benchmarks/load_search.py                       # 60 samples, 2 concurrent
+    python benchmarks/load_search.py --num-samples 120 --max-concurrent 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from procmem import _children, pss_mb, run_measured  # noqa: E402
+
+SPACE = """\
+metric: valid/acc
+max_epochs: {epochs}
+params:
+  backbone: resnet18
+  image_size: 32
+  views: 1
+  lr: {{loguniform: [1.0e-3, 3.0e-2]}}
+  hidden: {{choice: [0, 32]}}
+  dropout: {{uniform: [0.0, 0.5]}}
+"""
+
+
+def make_dataset(root: Path, per_class: int = 12, seed: int = 0) -> None:
+    """3 class folders of 24 px textured JPEGs whose mean colour tells the class (no labels.csv: the search
+    prepares it)."""
+    rng = np.random.default_rng(seed)
+    for label, colour in {"alpha": (200, 60, 50), "beta": (50, 170, 60), "gamma": (60, 80, 200)}.items():
+        (root / label).mkdir(parents=True)
+        for k in range(per_class):
+            arr = np.clip(np.array(colour) + rng.normal(0, 35, (24, 24, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(root / label / f"{label}_{k:03d}.jpg", quality=92)
+
+
+class Timeline:
+    """Every ``interval`` s: (seconds, trials started, PSS of this process's children and their trees)."""
+
+    def __init__(self, exp: Path, interval: float = 1.0):
+        self.exp, self.interval, self.samples = exp, interval, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        t0 = time.perf_counter()
+        while not self._stop.is_set():
+            kids = _children().get(os.getpid(), [])
+            mb = sum(pss_mb(k) for k in kids)
+            started = len(list(self.exp.glob("trial_*"))) if self.exp.is_dir() else 0
+            self.samples.append((time.perf_counter() - t0, started, mb))
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--num-samples", type=int, default=60)
+    p.add_argument("--max-concurrent", type=int, default=2)
+    p.add_argument("--max-epochs", type=int, default=2)
+    p.add_argument("--work", help="folder for data, cache and runs (default: a temporary one)")
+    args = p.parse_args()
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="load_search_"))
+    data = work / "data"
+    if not data.exists():
+        make_dataset(data)
+    space = work / "space.yaml"
+    space.write_text(SPACE.format(epochs=args.max_epochs))
+    name = f"load-{time.strftime('%H%M%S')}"
+    exp = work / "runs" / name
+    env = {**os.environ, "TUNE_RICE_CACHE": str(work / "cache"), "TUNE_RICE_OFFLINE": "1",
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "tune_rice.search", "--data", str(data), "--search-space", str(space),
+           "--num-samples", str(args.num_samples), "--max-concurrent", str(args.max_concurrent),
+           "--max-epochs", str(args.max_epochs), "--grace-period", "1", "--weights", "none", "--no-report",
+           "--storage-path", str(work / "runs"), "--name", name]
+    log = work / f"{name}.log"
+    print(f"{len(os.sched_getaffinity(0))} CPUs; {' '.join(cmd[1:])}", flush=True)
+    with Timeline(exp) as timeline:
+        m = run_measured(cmd, env=env, log_path=log)
+    if m["rc"] != 0:
+        print(log.read_text()[-3000:])
+        raise SystemExit(f"search failed (rc {m['rc']}), log: {log}")
+
+    results = pd.read_csv(exp / "results.csv")
+    test = json.loads((exp / "test_metrics.json").read_text())
+    statuses = results["status"].value_counts().to_dict()
+    stopped = int(results["stopped_early"].sum())
+    print(f"trials: {len(results)} ({statuses}; {stopped} stopped early by ASHA), "
+          f"best valid/acc {results['best/valid/acc'].max():.3f}, test accuracy {test['accuracy']:.3f}")
+    print(f"wall: {m['seconds']:.1f} s ({m['seconds'] / len(results):.2f} s per trial, "
+          f"{args.max_concurrent} at a time)")
+    print(f"peak PSS of the process tree: {m['peak_pss_mb']:.0f} MB")
+    during = [(n, mb) for _, n, mb in timeline.samples if n > 0]
+    thirds = np.array_split(np.arange(1, args.num_samples + 1), 3)
+    for part in thirds:
+        lo, hi = int(part[0]), int(part[-1])
+        peak = max((mb for n, mb in during if lo <= n <= hi), default=float("nan"))
+        print(f"  peak PSS while trials {lo:>3}-{hi:<3} were starting: {peak:.0f} MB")
+    checkpoints = sorted(exp.glob("trial_*/checkpoint_*"))
+    print(f"checkpoints left after the search: {len(checkpoints)} "
+          f"({sum(f.stat().st_size for c in checkpoints for f in c.rglob('*') if f.is_file()) / 1e6:.1f} MB)")
+    print(f"outputs: {exp}")
+
+
+if __name__ == "__main__":
+    main()
