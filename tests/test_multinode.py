@@ -68,8 +68,10 @@ def test_search_spreads_over_two_nodes(separable, tmp_path):
                "--search-space", str(tmp_path / "space.yaml"), "--num-samples", str(NUM_SAMPLES),
                "--weights", "none", "--gpus-per-trial", "0.5", "--cpus-per-trial", "1", "--max-concurrent", "2",
                "--grace-period", "40", "--storage-path", str(storage), "--name", "multinode", "--no-report"]
-        proc = subprocess.run(cmd, env={**os.environ, **cluster.client_env}, cwd=tmp_path, capture_output=True,
-                              text=True, timeout=240)
+        # Trials on a bank finish faster than a worker process starts; with reused actors one node could
+        # then run them all. Slowing each epoch (trainable's test hook) lets both nodes' workers take trials.
+        proc = subprocess.run(cmd, env={**os.environ, **cluster.client_env, "TUNE_RICE_TEST_EPOCH_SECONDS": "0.1"},
+                              cwd=tmp_path, capture_output=True, text=True, timeout=240)
         t_search = time.perf_counter() - t0 - t_up
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]

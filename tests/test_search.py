@@ -373,8 +373,11 @@ def test_resume_after_the_driver_is_killed(ray_local, labels, tmp_path):
                  "--address", ray_local["address"])
     log = tmp_path / "first.log"
     with open(log, "w") as out:
+        # Trials on a bank take well under a second: slow each epoch (trainable's test hook) so that the
+        # kill lands mid-search rather than after the last trial.
         proc = subprocess.Popen([sys.executable, "-m", "tune_rice.search", *argv], stdout=out,
-                                stderr=subprocess.STDOUT, cwd=tmp_path, env=dict(os.environ))
+                                stderr=subprocess.STDOUT, cwd=tmp_path,
+                                env={**os.environ, "TUNE_RICE_TEST_EPOCH_SECONDS": "1.0"})
     try:
         deadline = time.monotonic() + 180
         while len(_terminated(exp)) < 2:

@@ -230,6 +230,11 @@ def _init_ray(address: str | None):
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     kwargs = dict(ignore_reinit_error=True, log_to_driver=True, logging_level=logging.WARNING)
+    # The trainable's test hooks (TUNE_RICE_TEST_*) must reach workers that a cluster started, which do
+    # not inherit this process's environment. Only when set: a job's own runtime_env stays untouched.
+    hooks = {k: v for k, v in os.environ.items() if k.startswith("TUNE_RICE_TEST_")}
+    if hooks:
+        kwargs["runtime_env"] = {"env_vars": hooks}
     if address:
         ray.init(address=address, **kwargs)
         log.info("joined Ray cluster at %s", address)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import ray
@@ -23,6 +24,9 @@ CHECKPOINT_FILE = "state.pt"
 # Test-only hook: a trial whose config has lr above this value raises at its second epoch, so that
 # tests can prove retries and errored-trial accounting without a real crash.
 CRASH_ENV = "TUNE_RICE_TEST_CRASH_LR_ABOVE"
+# Test-only hook: sleep this many seconds per epoch, so that tests can interrupt a search mid-way or
+# make trials outlast a worker's start-up (spreading them over nodes) without large data.
+EPOCH_SLEEP_ENV = "TUNE_RICE_TEST_EPOCH_SECONDS"
 
 
 def _better(value: float, best: float | None, mode: str) -> bool:
@@ -66,9 +70,11 @@ def train_head(config: dict, *, banks: dict[str, FeatureBank] | None = None, lab
     where = {"node_id": context.get_node_id(), "gpu_ids": ",".join(map(str, ray.get_gpu_ids())),
              "device": device, "weights": run.weights}
     crash_lr = os.environ.get(CRASH_ENV)
+    epoch_sleep = float(os.environ.get(EPOCH_SLEEP_ENV) or 0)
     while run.epoch < cfg.epochs:
         if crash_lr and cfg.lr > float(crash_lr) and run.epoch == 1:
             raise RuntimeError(f"test hook {CRASH_ENV}={crash_lr}: crashing trial with lr={cfg.lr:g}")
+        time.sleep(epoch_sleep)
         metrics = {**run.step(), **where}
         if _better(metrics[metric], best, mode):
             best = metrics[metric]
