@@ -394,12 +394,13 @@ def params_figure(exp: Experiment):
             elif kind == "int":  # few distinct values: spread the points a little, tick whole numbers
                 x = x + rng.uniform(-0.12, 0.12, len(x)) * max(1.0, (spec[1] - spec[0]) / 10)
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            if exp.space is not None:  # without the space file the bounds are unknown
-                for bound in spec:
-                    ax.axvline(float(bound), color="black", ls="--", lw=0.9, alpha=0.6)
         done = statuses == "completed"
         early = statuses == "stopped early"
         ax.scatter(x[done], y[done], s=30, color=COLOURS[0], alpha=0.8, zorder=3)
+        if kind != "choice" and exp.space is not None:  # without the space file the bounds are unknown
+            # drawn after the points: on an empty log axis matplotlib warns about singular limits
+            for bound in spec:
+                ax.axvline(float(bound), color="black", ls="--", lw=0.9, alpha=0.6)
         ax.scatter(x[early], y[early], s=34, marker="x", color=GREY, linewidths=1.6, zorder=2)
         failed = statuses == "errored"
         ax.scatter(x[failed], y[failed], s=34, marker="s", facecolor="none", edgecolor=ERROR_COLOUR, lw=1.4, zorder=2)
