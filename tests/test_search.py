@@ -402,6 +402,23 @@ def test_resume_after_the_driver_is_killed(ray_local, labels, tmp_path):
     assert (exp / "best" / "model.pt").is_file() and (exp / "test_metrics.json").is_file()
 
 
+@pytest.mark.slow
+def test_an_unreadable_test_image_keeps_the_best_model(ray_local, tmp_path, capsys):
+    """A test image broken after labels.csv was written: one clear error, and the winner is still saved."""
+    csv = make_separable_dataset(tmp_path / "data", per_class=12, size=32)
+    table = read_labels(csv)
+    broken = table.paths("test")[0]
+    broken.write_bytes(broken.read_bytes()[:40])  # a truncated PNG
+    storage = tmp_path / "runs"
+    rc = search.main(_argv(csv, _space(tmp_path), storage, "broken", "--num-samples", 2))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert "scoring the test split failed" in err[-1] and broken.name in err[-1]
+    model, meta = load_artifact(storage / "broken" / "best" / "model.pt")
+    assert meta["classes"] == list(table.classes) and "test_accuracy" not in meta["metrics"]
+    assert not (storage / "broken" / "test_metrics.json").exists()
+
+
 # ------------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("case", ["num_samples", "missing_data", "bad_space", "existing", "resume_unknown",
                                   "grace_period", "reduction_factor"])

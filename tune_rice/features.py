@@ -37,7 +37,7 @@ BANK_FORMAT = 1
 
 def default_cache_dir() -> Path:
     base = os.environ.get("TUNE_RICE_CACHE")
-    return (Path(base) if base else Path.home() / ".cache" / "tune_rice") / "features"
+    return (Path(base).expanduser() if base else Path.home() / ".cache" / "tune_rice") / "features"
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -184,6 +184,11 @@ class FrozenBackbone(nn.Module):
         return self._out_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) -> (B, D)
+        if x.is_cuda:
+            # bf16 on CUDA for every caller (bank extraction, inline training, test scoring, predict), so
+            # the features a head was trained on and those it is scored on come from the same arithmetic.
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return self.net(x).float()
         return self.net(x)
 
 

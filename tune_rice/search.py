@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -26,8 +25,8 @@ import torch
 import yaml
 
 from . import UserError, cli
-from .data import LabelTable, build_transform, dataset_for_split, preprocessing_spec, read_labels
-from .engine import HeadRun, ImageBatches, TrialConfig, evaluate
+from .data import ImageDecodeError, LabelTable, build_transform, dataset_for_split, preprocessing_spec, read_labels
+from .engine import ImageBatches, TrialConfig, evaluate
 from .features import FeatureBank, FeatureSpec, extract_bank, resolve_device
 from .model import Classifier, ResolvedWeights, build_backbone, resolve_weights, save_artifact
 from .space import SearchSpace, load_search_space
@@ -106,17 +105,20 @@ def _is_uri(path: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- data
-def resolve_data(data: str | None, *, seed: int = 0) -> Path:
-    """--data (folder, labels.csv, or nothing for the demo set) -> the path of a labels.csv."""
+def resolve_data(data: str | None) -> Path:
+    """--data (folder, labels.csv, or nothing for the demo set) -> the path of a labels.csv.
+
+    Data and split never depend on the search's --seed: seeds compare searches on the same data."""
     from .prepare import format_report, prepare_dataset
 
     if data is None:
         from .demo import ensure_demo
 
-        folder = ensure_demo(seed=seed)
+        # The demo data and its split stay fixed (seed 0) whatever --seed: seeds compare searches, not data.
+        folder = ensure_demo()
         csv = folder / "labels.csv"
         if not csv.is_file():
-            prepare_dataset(folder, seed=seed, progress=False)
+            prepare_dataset(folder, progress=False)
         log.info("no --data given: using the synthetic rice-leaf demo set at %s", folder)
         return csv
     p = Path(data).expanduser().resolve()
@@ -129,7 +131,7 @@ def resolve_data(data: str | None, *, seed: int = 0) -> Path:
         log.info("using %s", csv)
         return csv
     log.info("%s has no labels.csv: preparing it now with the default split fractions", p)
-    result = prepare_dataset(p, seed=seed)
+    result = prepare_dataset(p)  # the default split (seed 0), the same as `python -m tune_rice.prepare`
     # prepare's own warning says the skipped files are "listed in the report": this is that report
     log.log(logging.WARNING if result.skipped or result.empty_classes else logging.INFO, "prepared %s:\n%s",
             p, format_report(result))
@@ -505,6 +507,13 @@ def _experiment_paths(args) -> tuple[str, Path]:
 
 def _save_args(exp_dir: Path, args) -> None:
     exp_dir.mkdir(parents=True, exist_ok=True)
+    # --resume may run from another working directory: keep paths absolute.
+    if args.data is not None:
+        args.data = str(Path(args.data).expanduser().resolve())
+    if Path(args.search_space).expanduser().is_file():
+        args.search_space = str(Path(args.search_space).expanduser().resolve())
+    if args.weights not in ("auto", "imagenet", "none") and Path(args.weights).expanduser().is_file():
+        args.weights = str(Path(args.weights).expanduser().resolve())
     keep = {k: v for k, v in vars(args).items() if k not in ("resume", "verbose", "address")}
     (exp_dir / ARGS_FILE).write_text(json.dumps(keep, indent=1))
 
@@ -546,7 +555,7 @@ def run_search(args) -> dict:
     if args.grace_period > max_epochs:
         raise UserError(f"--grace-period {args.grace_period} is more than the {max_epochs} epochs per trial")
     t = time.perf_counter()
-    labels_csv = resolve_data(args.data, seed=args.seed)
+    labels_csv = resolve_data(args.data)
     table = read_labels(labels_csv)
     for split in ("train", "valid", "test"):
         if table.split(split).empty:
@@ -623,14 +632,24 @@ def run_search(args) -> dict:
                         f" (details in {exp_dir})")
     t = time.perf_counter()
     model, cfg, state, resolved = build_best_model(best, base, weights, space.metric, space.mode)
-    test = score_on_test(model, table, cfg.image_size)
     best_dir = exp_dir / "best"
     best_id = best.metrics.get("trial_id") or Path(best.path).name
-    trial_config = {k: v for k, v in cfg.to_dict().items()}
-    save_artifact(best_dir / "model.pt", model, classes=table.classes, preprocessing=preprocessing_spec(cfg.image_size),
-                  weights=resolved, config=trial_config,
-                  metrics={"trial_id": best_id, "best_epoch": int(state["epoch"]), space.metric: float(state["best"]),
-                           "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"]})
+    trial_config = cfg.to_dict()
+    metrics = {"trial_id": best_id, "best_epoch": int(state["epoch"]), space.metric: float(state["best"])}
+
+    def save_best(extra: dict) -> None:
+        save_artifact(best_dir / "model.pt", model, classes=table.classes,
+                      preprocessing=preprocessing_spec(cfg.image_size), weights=resolved, config=trial_config,
+                      metrics={**metrics, **extra})
+
+    save_best({})  # before the test images are read: a bad test file must not lose the winner
+    try:
+        test = score_on_test(model, table, cfg.image_size)
+    except ImageDecodeError as e:
+        reason = str(e).strip().splitlines()[-1]  # from a loader worker the message carries its traceback
+        raise UserError(f"scoring the test split failed: {reason}. The best model is saved at {best_dir / 'model.pt'}; "
+                        "fix or remove the file, then score it with python -m tune_rice.evaluate") from None
+    save_best({"test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"]})
     (best_dir / "config.yaml").write_text(yaml.safe_dump(
         {"trial_id": best_id, "metric": space.metric, "best_value": float(state["best"]), "epoch": int(state["epoch"]),
          "weights": resolved.identity, "config": trial_config}, sort_keys=False))
@@ -647,8 +666,6 @@ def run_search(args) -> dict:
         except UserError as e:
             log.warning("report not written: %s", e)
         phases["report"] = time.perf_counter() - t
-    if _is_uri(args.storage_path):
-        _upload(exp_dir, ray_exp_path)
     seconds = time.perf_counter() - t_start
     summary = format_summary(df, test, metric=space.metric, exp_dir=exp_dir, seconds=seconds, phases=phases,
                              weights=resolved.identity, searched=space.searched)
@@ -658,6 +675,8 @@ def run_search(args) -> dict:
         {"seconds": seconds, "phases": phases, "trial_seconds": trial_seconds,
          "banks": {name: {"seconds": b.seconds, "from_cache": b.from_cache, "mb": b.nbytes() / 1e6, **b.info}
                    for name, b in (banks or {}).items()}}, indent=1))
+    if _is_uri(args.storage_path):
+        _upload(exp_dir, ray_exp_path)
     print("\n" + summary, flush=True)
     return {"exp_dir": exp_dir, "results": df, "test": test_out, "phases": phases, "seconds": seconds,
             "banks": banks, "best_trial": best_id}
@@ -668,7 +687,8 @@ def _upload(local: Path, uri: str) -> None:
 
     fs, path = pyarrow.fs.FileSystem.from_uri(uri)
     fs.create_dir(path, recursive=True)  # object stores need no folders; file systems (file://) do
-    for name in ("results.csv", "test_metrics.json", "summary.txt", ARGS_FILE, "best", "test", "report"):
+    for name in ("results.csv", "test_metrics.json", "summary.txt", "timings.json", ARGS_FILE, "best", "test",
+                 "report"):
         src = local / name
         if src.exists():
             if src.is_dir():
