@@ -20,7 +20,9 @@ from . import UserError
 from .engine import TrialConfig
 from .features import FeatureSpec
 
-SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+# The repository's search_spaces/, reached through the package's link to it so that a wheel (which
+# copies the linked files) finds them as well as a source tree or an editable install.
+SPACES_DIR = Path(__file__).resolve().parent / "search_spaces"
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
 METRICS = {"valid/acc": "max", "valid/macro_f1": "max", "valid/loss": "min"}
 FEATURE_PARAMS = ("backbone", "image_size", "head", "aug_policy", "views")
