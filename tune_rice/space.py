@@ -42,7 +42,7 @@ def resolve_space_path(name_or_path: str | os.PathLike) -> Path:
         return p.resolve()
     for candidate in (SPACES_DIR / p.name, SPACES_DIR / f"{p.name}.yaml"):
         if not p.parent.parts and candidate.is_file():
-            return candidate
+            return candidate.resolve()
     bundled = ", ".join(sorted(q.stem for q in SPACES_DIR.glob("*.yaml"))) or "none found"
     raise UserError(f"{name_or_path}: search space file not found (bundled spaces: {bundled})")
 
