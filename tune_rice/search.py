@@ -25,9 +25,9 @@ import torch
 import yaml
 
 from . import UserError, cli
-from .data import ImageDecodeError, LabelTable, build_transform, dataset_for_split, preprocessing_spec, read_labels
-from .engine import ImageBatches, TrialConfig, evaluate
-from .features import FeatureBank, FeatureSpec, extract_bank, resolve_device
+from .data import LabelTable, preprocessing_spec, read_labels
+from .engine import TrialConfig
+from .features import FeatureBank, FeatureSpec, extract_bank
 from .model import Classifier, ResolvedWeights, build_backbone, resolve_weights, save_artifact
 from .space import SearchSpace, load_search_space
 
@@ -414,18 +414,10 @@ def build_best_model(result, base: dict, weights: dict[str, ResolvedWeights], me
 
 def score_on_test(model: Classifier, table: LabelTable, image_size: int, *, device="auto",
                   batch_size: int = 64) -> dict:
-    """The one read of the test split: full model on the test images."""
-    device = resolve_device(device)
-    ds = dataset_for_split(table, "test", build_transform(image_size, train=False))
-    batches = ImageBatches(ds, batch_size=batch_size, train=False, num_workers=min(4, os.cpu_count() or 1),
-                           device=device)
-    metrics = evaluate(model.to(device), batches, n_classes=len(table.classes))
-    return {"accuracy": metrics["acc"], "macro_f1": metrics["macro_f1"], "loss": metrics["loss"],
-            "test_count": metrics["count"], "classes": list(table.classes),
-            "per_class": {c: {"precision": metrics["precision"][i], "recall": metrics["recall"][i],
-                              "f1": metrics["f1"][i], "support": metrics["support"][i]}
-                          for i, c in enumerate(table.classes)},
-            "confusion_matrix": metrics["confusion"]}
+    """The one read of the test split: full model on the test images (the metrics ``evaluate`` gives)."""
+    from .evaluate import evaluate_model
+
+    return evaluate_model(model, table, "test", image_size, device, batch_size=batch_size)
 
 
 def write_test_tensorboard(folder: Path, test: dict, config: dict, trial_id: str) -> None:
@@ -563,7 +555,6 @@ def run_search(args) -> dict:
     phases["data"] = time.perf_counter() - t
 
     _init_ray(args.address)
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -645,9 +636,8 @@ def run_search(args) -> dict:
     save_best({})  # before the test images are read: a bad test file must not lose the winner
     try:
         test = score_on_test(model, table, cfg.image_size)
-    except ImageDecodeError as e:
-        reason = str(e).strip().splitlines()[-1]  # from a loader worker the message carries its traceback
-        raise UserError(f"scoring the test split failed: {reason}. The best model is saved at {best_dir / 'model.pt'}; "
+    except UserError as e:  # an unreadable test image, already reduced to one line
+        raise UserError(f"scoring the test split failed: {e}. The best model is saved at {best_dir / 'model.pt'}; "
                         "fix or remove the file, then score it with python -m tune_rice.evaluate") from None
     save_best({"test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"]})
     (best_dir / "config.yaml").write_text(yaml.safe_dump(
