@@ -270,14 +270,17 @@ def test_resume_after_a_kill_mid_trial_loses_nothing_and_repeats_exactly(ray_loc
     """
     labels = tmp_path / "data"
     make_plain_folder(labels, per_class=8)
-    epochs, samples = 60, 5  # an epoch of a head on this bank takes ~10 ms: enough to be killed mid-way
+    # An epoch of a head on this bank takes a few ms, so a whole search can end between two polls on a
+    # fast machine: the trainable's test hook makes each epoch last >= 50 ms (a trial >= 3 s), which
+    # changes no number the test compares.
+    epochs, samples = 60, 5
     storage = tmp_path / "runs"
     exp = storage / "r"
     argv = _argv(labels, _space(tmp_path, epochs=epochs, views=1), storage, "r", "--num-samples", samples,
                  "--max-concurrent", 1, "--grace-period", epochs, "--address", ray_local["address"])
     log = tmp_path / "first.log"
     # A snapshot every second (Tune's default is >= 10 s): the kill then finds finished trials in it.
-    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", "TUNE_RICE_TEST_EPOCH_SECONDS": "0.05"}
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "tune_rice.search", *argv], stdout=out,
                                 stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
