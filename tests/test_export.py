@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pandas as pd
@@ -84,18 +83,48 @@ def test_exporting_a_torchscript_file_or_a_non_model_is_a_user_error(torchscript
     assert not (tmp_path / "notes.ts").exists() and not (tmp_path / "again.ts").exists()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("onnx") is not None, reason="onnx is installed")
-def test_onnx_without_onnx_installed_says_how_to_get_it(tiny_model, tmp_path, capsys):
+def test_onnx_without_onnx_installed_says_how_to_get_it(tiny_model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(export, "installed", lambda module: False)
     rc = export.main(["--model", str(tiny_model.model_path), "--format", "onnx", "--out", str(tmp_path / "m.onnx")])
     assert rc == 2
     assert "pip install tune-rice[onnx]" in capsys.readouterr().err
     assert not (tmp_path / "m.onnx").exists()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="needs onnx and onnxruntime")
+needs_onnx = pytest.mark.skipif(not (export.installed("onnx") and export.installed("onnxruntime")),
+                                reason="needs onnx and onnxruntime (the test extra installs both)")
+
+
+@needs_onnx
 def test_onnx_export_matches_and_writes_its_metadata(tiny_model, tmp_path, capsys):
+    import onnxruntime as ort
+
     out = tmp_path / "m.onnx"
     assert export.main(["--model", str(tiny_model.model_path), "--format", "onnx", "--out", str(out)]) == 0
     meta = json.loads((tmp_path / "m.onnx.json").read_text())
     assert meta["classes"] == ["alpha", "beta", "gamma"] and meta["export_format"] == "onnx"
     assert "max difference" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.json"]  # no temporary left
+
+    # What a user of the file does: real images, preprocessed as the metadata says, any batch size.
+    original, art_meta = load_artifact(tiny_model.model_path)
+    assert meta["preprocessing"] == art_meta["preprocessing"]
+    tf = build_transform(meta["preprocessing"]["image_size"], train=False)
+    images = torch.stack([tf(load_image(p)) for p in sorted(tiny_model.root.glob("*/*.png"))[:5]])
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    (got,) = session.run(["logits"], {"image": images.numpy()})
+    with torch.no_grad():
+        want = original.eval()(images)
+    assert got.shape == (5, 3)
+    assert torch.allclose(torch.from_numpy(got), want, atol=export.ATOL, rtol=export.RTOL)
+
+
+@needs_onnx
+def test_onnx_without_onnxruntime_is_written_but_says_it_was_not_checked(tiny_model, tmp_path, capsys,
+                                                                         monkeypatch):
+    monkeypatch.setattr(export, "installed", lambda module: module != "onnxruntime")
+    out = tmp_path / "m.onnx"
+    assert export.main(["--model", str(tiny_model.model_path), "--format", "onnx", "--out", str(out)]) == 0
+    assert out.is_file() and (tmp_path / "m.onnx.json").is_file()
+    assert "not checked (onnxruntime missing)" in capsys.readouterr().out

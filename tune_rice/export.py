@@ -98,10 +98,15 @@ def export_torchscript(model: nn.Module, meta: dict, out: Path) -> float:
         return check_close(model(x), loaded(x), what=f"{out} (TorchScript)")
 
 
+def installed(module: str) -> bool:
+    """Whether an optional dependency (onnx, onnxruntime) can be imported."""
+    return importlib.util.find_spec(module) is not None
+
+
 def export_onnx(model: nn.Module, meta: dict, out: Path) -> float | None:
     """``model`` to ONNX (dynamic batch axis) plus ``out.json``; returns the checked difference, or None
     when onnxruntime is not installed to check it."""
-    if importlib.util.find_spec("onnx") is None:
+    if not installed("onnx"):
         raise UserError(ONNX_MISSING)
     size = int(meta["preprocessing"]["image_size"])
     model = model.cpu().eval()
@@ -117,7 +122,7 @@ def export_onnx(model: nn.Module, meta: dict, out: Path) -> float | None:
             raise UserError(f"ONNX export failed: {reason}") from None
     sidecar = out.with_name(out.name + ".json")
     sidecar.write_text(json.dumps(export_metadata(meta, "onnx"), indent=1))
-    if importlib.util.find_spec("onnxruntime") is None:
+    if not installed("onnxruntime"):
         log.warning("onnxruntime is not installed: the ONNX file was not checked against the original "
                     "(pip install tune-rice[onnx])")
         return None
@@ -135,7 +140,7 @@ def export_model(model_path: str | os.PathLike, fmt: str, *, out: str | os.PathL
     """Export a tune-rice artifact; returns (written file, checked max logit difference or None)."""
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
-    if fmt == "onnx" and importlib.util.find_spec("onnx") is None:
+    if fmt == "onnx" and not installed("onnx"):
         raise UserError(ONNX_MISSING)
     model_path = resolve_model_path(model_path)
     if is_torchscript(model_path):
