@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -251,3 +255,34 @@ def test_save_bank_keeps_a_bank_another_process_finished_first(separable, tmp_pa
     marker.write_text("x")
     save_bank(bank, cache / bank.key)
     assert marker.exists() and [p.name for p in cache.iterdir()] == [bank.key]
+
+
+def test_temp_folders_of_killed_writes_are_swept_and_live_ones_kept(tmp_path):
+    host = socket.gethostname()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead_pid = int(dead.stdout)  # a process that has exited
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        names = {
+            "dead": f".abc.tmp-{host}-{dead_pid}-0123abcd",
+            "live": f".abc.tmp-{host}-{live.pid}-0123abcd",
+            "mine": f".abc.tmp-{host}-{os.getpid()}-0123abcd",  # this process may be writing it
+            "foreign_old": ".abc.tmp-other-node-7-0123abcd",
+            "foreign_new": ".abc.tmp-other-node-8-0123abcd",
+            "bank": "abc",
+            "unrelated": ".abc.tmp-notes",
+        }
+        for name in names.values():
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "train_features.npy").write_bytes(b"x")
+        old = time.time() - features.STALE_FOREIGN_TEMP_S - 60
+        os.utime(tmp_path / names["foreign_old"], (old, old))
+        removed = features.sweep_stale_temps(tmp_path)
+    finally:
+        live.kill()
+        live.wait()
+    assert sorted(p.name for p in removed) == sorted([names["dead"], names["foreign_old"]])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        n for k, n in names.items() if k not in ("dead", "foreign_old"))
+    assert features.sweep_stale_temps(tmp_path / "missing") == []

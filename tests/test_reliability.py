@@ -451,6 +451,7 @@ def test_a_killed_extraction_leaves_no_bank_and_the_next_one_is_identical(separa
     quick = dict(weights="none", device="cpu", num_workers=0, progress=False)
     again = extract_bank(separable, spec, cache_dir=cache, **quick)
     assert not again.from_cache  # the leftover is not trusted
+    assert sorted(p.name for p in cache.iterdir()) == [again.key]  # and it was swept when the bank was saved
     reference = extract_bank(separable, spec, use_cache=False, **quick)  # an uninterrupted run
     for split in ("train", "valid"):
         assert np.array_equal(again.splits[split].features, reference.splits[split].features)

@@ -15,7 +15,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -229,11 +231,50 @@ def extract_bank(labels: str | os.PathLike | LabelTable, spec: FeatureSpec, *,
 
 
 # ------------------------------------------------------------------------------------------ disk format
+# A bank is written to ".<key>.tmp-<host>-<pid>-<random>" and renamed into place when complete.
+_TEMP = re.compile(r"^\..+\.tmp-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}$")
+# A temp folder from another host (a shared cache) is taken as abandoned only after this long.
+STALE_FOREIGN_TEMP_S = 24 * 3600
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def sweep_stale_temps(cache_dir: Path) -> list[Path]:
+    """Remove the temp folders of bank writes that were killed: on this host, those whose process is
+    gone; from another host (a shared cache), those untouched for a day. Returns what was removed."""
+    removed, host, now = [], socket.gethostname(), time.time()
+    for entry in Path(cache_dir).iterdir() if Path(cache_dir).is_dir() else ():
+        m = _TEMP.match(entry.name)
+        if not m or not entry.is_dir():
+            continue
+        try:
+            if m["host"] == host:
+                stale = int(m["pid"]) != os.getpid() and not _alive(int(m["pid"]))
+            else:
+                stale = now - entry.stat().st_mtime > STALE_FOREIGN_TEMP_S
+        except OSError:  # removed meanwhile
+            continue
+        if stale:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+            log.info("removed %s, left by a bank write that did not finish", entry)
+    return removed
+
+
 def save_bank(bank: FeatureBank, final: Path) -> Path:
     """Write the bank under ``final`` atomically: a temp folder renamed into place when complete."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    sweep_stale_temps(final.parent)
+    tmp = final.parent / f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         for split, sf in bank.splits.items():
