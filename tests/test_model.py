@@ -242,6 +242,12 @@ def test_head_shapes():
     assert (seed.net[0].in_features, seed.net[0].out_features) == (1000, 64)
     assert (seed.net[2].in_features, seed.net[2].out_features) == (64, 3)
     assert Classifier(logits_backbone, seed).eval()(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    # dropout (searched by wide.yaml for both heads) reaches the seed head's hidden units
+    dropped = build_head("seed", in_dim=1000, n_classes=3, hidden=64, dropout=0.5)
+    assert [type(m) for m in dropped.net] == [nn.Linear, nn.ReLU, nn.Dropout, nn.Linear]
+    assert dropped.net[2].p == 0.5
+    x = torch.randn(4, 1000)
+    assert not torch.equal(dropped.train()(x), dropped(x)) and torch.equal(dropped.eval()(x), dropped(x))
 
     with pytest.raises(UserError, match="valid: pooled, seed"):
         build_head("transformer", in_dim=8, n_classes=2)

@@ -222,7 +222,8 @@ class Head(nn.Module):
 
     Features are standardised with the training bank's per-dimension ``mean``/``std`` (buffers, saved
     with the head): random-init resnet features have mean ~10 and std ~7 and an unscaled head trains badly.
-    ``kind="seed"``: ``Linear(D, H) -> ReLU -> Linear(H, C)`` (the seed recipe, on the 1000 logits).
+    ``kind="seed"``: ``Linear(D, H) -> ReLU -> Linear(H, C)`` (the seed recipe, on the 1000 logits), with
+    ``Dropout`` after the ReLU when ``dropout > 0``.
     ``kind="pooled"``: ``Dropout -> Linear(D, H) -> ReLU -> Dropout -> Linear(H, C)``; ``H = 0`` gives a
     linear classifier ``Dropout -> Linear(D, C)``.
     """
@@ -235,9 +236,9 @@ class Head(nn.Module):
         self.in_dim, self.n_classes, self.hidden, self.dropout, self.kind = in_dim, n_classes, hidden, dropout, kind
         self.register_buffer("mean", torch.zeros(in_dim))
         self.register_buffer("std", torch.ones(in_dim))
-        if kind == "seed":
-            layers = [nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, n_classes)] if hidden else \
-                [nn.Linear(in_dim, n_classes)]
+        if kind == "seed":  # the recipe's head exactly at dropout 0; dropout > 0 acts on its hidden units
+            layers = ([nn.Linear(in_dim, hidden), nn.ReLU(), *([nn.Dropout(dropout)] if dropout else []),
+                       nn.Linear(hidden, n_classes)] if hidden else [nn.Linear(in_dim, n_classes)])
         elif hidden:
             layers = [nn.Dropout(dropout), nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout),
                       nn.Linear(hidden, n_classes)]
