@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from test_search import _argv, _optuna_trials, _space, _terminated, _trial_states, ray_local  # noqa: F401
+from test_search import _argv, _optuna_trials, _scalars, _space, _terminated, _trial_states, ray_local  # noqa: F401
 
 import tune_rice.data as data
 from tune_rice import report, search
@@ -261,7 +261,8 @@ METRIC_COLUMNS = ["epoch", "lr", "train/loss", "train/acc", "valid/loss", "valid
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:The reported value is ignored:UserWarning")  # Optuna, on a repeated epoch
+# Optuna warns when a step is reported twice: the search must not pass repeated epochs on to it
+@pytest.mark.filterwarnings("error:The reported value is ignored:UserWarning")
 def test_resume_after_a_kill_mid_trial_loses_nothing_and_repeats_exactly(ray_local, tmp_path):  # noqa: F811
     """test_search's resume test kills between trials; here a trial is half done when the driver dies.
 
@@ -322,6 +323,12 @@ def test_resume_after_a_kill_mid_trial_loses_nothing_and_repeats_exactly(ray_loc
         unique = history[METRIC_COLUMNS].drop_duplicates()
         assert unique["epoch"].is_unique, history[METRIC_COLUMNS]
         repeated += len(history) - epochs
+        # TensorBoard shows each epoch once: the repeats are identical and not written again
+        scalars = _scalars(Path(row["trial_dir"]))
+        for tag in ("valid/acc", "train/loss", "lr"):
+            assert [step for step, _ in scalars[tag]] == list(range(1, epochs + 1)), (row["trial_id"], tag)
+        first = history.drop_duplicates("epoch").set_index("epoch")["valid/acc"]
+        assert np.allclose([v for _, v in scalars["valid/acc"]], first.loc[range(1, epochs + 1)], atol=1e-6)
     print(f"epochs run again after the restore: {repeated} (epochs done per trial at the kill: {half})")
     assert report.main([str(exp)]) == 0  # reads those histories (it crashed on the shifted columns)
     assert (exp / "report" / "report.md").is_file()

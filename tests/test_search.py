@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import make_separable_dataset
+from torch.utils.tensorboard import SummaryWriter
 
 from tune_rice import search
 from tune_rice.data import build_transform, load_image, read_labels
@@ -246,6 +248,41 @@ def test_asha_stops_are_recorded_as_pruned_in_optuna(ray_local, labels, tmp_path
         assert frozen.state.name == expected, row["trial_id"]
 
 
+def test_tensorboard_callback_writes_each_epoch_once_across_restarts(tmp_path):
+    """A trial restored from a checkpoint runs its last epochs again: by a retry in the same driver, or
+    under a new driver after --resume. TensorBoard gets every epoch once."""
+    class FakeTrial:
+        local_path = str(tmp_path / "trial_x")
+
+        def init_local_path(self):
+            Path(self.local_path).mkdir(exist_ok=True)
+
+    def epochs(cb, trial, steps):
+        for step in steps:
+            cb.log_trial_result(step, trial, {"epoch": step, "valid/acc": step / 10, "lr": 0.1, "node": "n"})
+
+    trial = FakeTrial()
+    first = search._tensorboard_callback_cls()()
+    first.log_trial_start(trial)
+    epochs(first, trial, [1, 2, 3, 4])
+    first.log_trial_start(trial)  # retried after a crash, restored from epoch 2's checkpoint
+    epochs(first, trial, [3, 4, 5])
+    first.log_trial_end(trial)
+    # Ray's own copies share the folder; they do not count as ours
+    ray_writer = SummaryWriter(trial.local_path)
+    ray_writer.add_scalar("ray/tune/valid/acc", 0.9, global_step=50)
+    ray_writer.close()
+    assert search._last_logged_step(trial.local_path) == 5
+
+    resumed, again = search._tensorboard_callback_cls()(), FakeTrial()  # a new driver: --resume
+    resumed.log_trial_start(again)
+    epochs(resumed, again, [4, 5, 6])
+    resumed.log_trial_end(again)
+    scalars = _scalars(Path(trial.local_path))
+    assert scalars["valid/acc"] == [(s, pytest.approx(s / 10)) for s in range(1, 7)]
+    assert [s for s, _ in scalars["lr"]] == list(range(1, 7)) and "node" not in scalars
+
+
 def test_searcher_records_complete_pruned_and_failed_trials(tmp_path):
     """The Optuna searcher driven as Tune drives it, without Ray running."""
     from ray import tune
@@ -263,6 +300,9 @@ def test_searcher_records_complete_pruned_and_failed_trials(tmp_path):
 
     for step, value in enumerate([0.5, 0.6, 0.7], start=1):
         searcher.on_trial_result("done", result(step, value))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Optuna warns on a step reported twice
+        searcher.on_trial_result("done", result(3, 0.7))  # epoch 3 again, after a restore from epoch 2
     searcher.on_trial_complete("done", result(4, 0.8))  # ASHA stops at max_t: no on_trial_result first
     searcher.on_trial_result("stopped", result(1, 0.3))
     searcher.on_trial_complete("stopped", result(2, 0.35))  # stopped by ASHA at its second rung

@@ -161,6 +161,19 @@ def _optuna_search_cls():
             super().__init__(*args, **kwargs)
             self._max_t = max_t
 
+        def _reported(self, trial_id) -> dict:
+            ot_trial = self._ot_trials[trial_id]
+            return self._ot_study.get_trials(deepcopy=False)[ot_trial.number].intermediate_values
+
+        def on_trial_result(self, trial_id, result):
+            # A trial restored from a checkpoint runs the epochs after it again, with the same values
+            # (tested): Optuna keeps the first and would warn for each repeat, so repeats are not passed on.
+            step = result.get("training_iteration")
+            if (trial_id in self._ot_trials and trial_id not in self._completed_trials
+                    and step is not None and int(step) in self._reported(trial_id)):
+                return None
+            return super().on_trial_result(trial_id, result)
+
         def on_trial_complete(self, trial_id, result=None, error=False):
             ot_trial = self._ot_trials.get(trial_id)
             if ot_trial is None or trial_id in self._completed_trials:
@@ -168,8 +181,7 @@ def _optuna_search_cls():
             step = (result or {}).get("training_iteration")
             value = (result or {}).get(self.metric)
             if not error and step is not None and value is not None:
-                reported = self._ot_study.get_trials(deepcopy=False)[ot_trial.number].intermediate_values
-                if step not in reported:
+                if step not in self._reported(trial_id):
                     ot_trial.report(float(value), int(step))
             if error:
                 state = TrialState.FAIL
@@ -186,6 +198,22 @@ def _optuna_search_cls():
     return PruningAwareOptunaSearch
 
 
+def _last_logged_step(trial_dir: str | os.PathLike) -> int:
+    """The highest step of the TrialScalars metrics already in ``trial_dir``'s event files (0: none).
+    Ray's own ``ray/tune/*`` copies live in the same files and are not counted."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    last = 0
+    for path in sorted(Path(trial_dir).glob("events.out.tfevents.*")):
+        try:
+            for event in EventFileLoader(str(path)).Load():
+                if any(not v.tag.startswith(("ray/", "_hparams_")) for v in event.summary.value):
+                    last = max(last, int(event.step))
+        except Exception as e:  # a truncated file from a killed driver: use what could be read
+            log.debug("reading %s: %s", path, e)
+    return last
+
+
 def _tensorboard_callback_cls():
     from ray.tune.logger import LoggerCallback
     from torch.utils.tensorboard import SummaryWriter
@@ -200,11 +228,14 @@ def _tensorboard_callback_cls():
 
         def __init__(self):
             self._writers = {}
+            self._last_step = {}  # trial -> the last epoch written (kept across restarts of the trial)
 
         def log_trial_start(self, trial):
             if trial in self._writers:
                 self._writers[trial].close()
             trial.init_local_path()
+            if trial not in self._last_step:  # a trial resumed by a new driver: what is on disk already
+                self._last_step[trial] = _last_logged_step(trial.local_path)
             self._writers[trial] = SummaryWriter(trial.local_path, flush_secs=10)
 
         def log_trial_result(self, iteration, trial, result):
@@ -212,6 +243,11 @@ def _tensorboard_callback_cls():
                 self.log_trial_start(trial)
             writer = self._writers[trial]
             step = int(result.get("epoch", iteration))
+            if step <= self._last_step[trial]:
+                # An epoch run again after a restore from a checkpoint: the same numbers as the first
+                # time (tested), already in TensorBoard; writing them twice draws the curve back over itself.
+                return
+            self._last_step[trial] = step
             for key, value in result.items():
                 if ("/" in key or key == "lr") and isinstance(value, (int, float)) and not isinstance(value, bool):
                     writer.add_scalar(key, value, global_step=step)
