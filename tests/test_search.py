@@ -206,6 +206,8 @@ def test_search_end_to_end(ray_local, labels, tmp_path, capsys, monkeypatch):
 
     # the console summary
     assert "TEST" in out and "3 trials:" in out and str(exp) in out
+    # Ray's status table names the experiment folder, not its own staging folder under /tmp/ray
+    assert f"Results: {exp}\n" in out and "Result logdir" not in out
     assert (exp / "summary.txt").read_text().strip() in out
 
     # the banks handed to the trials: train and valid only, no test image among them

@@ -614,7 +614,7 @@ def run_search(args) -> dict:
                               max_t=max_epochs, grace_period=args.grace_period,
                               reduction_factor=args.reduction_factor)
     run_config = tune.RunConfig(
-        name=args.name, storage_path=storage, verbose=1, progress_reporter=_progress_reporter(space),
+        name=args.name, storage_path=storage, verbose=1, progress_reporter=_progress_reporter(space, ray_exp_path),
         # Every checkpoint is kept until the search ends (then _prune_checkpoints): with num_to_keep, Tune
         # deletes a trial's previous checkpoint before its experiment snapshot stops naming it, and a driver
         # killed in between left a trial that --resume could only mark errored.
@@ -752,8 +752,11 @@ def _env_default(name: str, value: str):
         os.environ.pop(name, None)
 
 
-def _progress_reporter(space: SearchSpace):
+def _progress_reporter(space: SearchSpace, results: str):
     """Ray's trial status table with the columns that matter, and nothing per trial.
+
+    Ray heads the table with ``Result logdir: <its staging folder under /tmp/ray>``, where nothing of the
+    search is kept; that line names ``results`` (the experiment folder or URI) instead.
 
     Ray's newer console output (``RAY_AIR_NEW_OUTPUT=1``) adds a config box when each trial starts and
     a box of every metric when it ends: about 40 lines a trial, which buries the status table. The
@@ -767,8 +770,14 @@ def _progress_reporter(space: SearchSpace):
     metrics = {"training_iteration": "epochs", space.metric: space.metric}
     for key in ("valid/acc", "valid/loss"):
         metrics.setdefault(key, key)
-    return tune.CLIReporter(metric_columns=metrics, parameter_columns=space.searched, metric=space.metric,
-                            mode=space.mode, max_report_frequency=30, max_column_length=16)
+
+    class Reporter(tune.CLIReporter):
+        def _print(self, msg: str):
+            super()._print("\n".join(f"Results: {results}" if line.startswith("Result logdir: ") else line
+                                     for line in msg.splitlines()))
+
+    return Reporter(metric_columns=metrics, parameter_columns=space.searched, metric=space.metric,
+                    mode=space.mode, max_report_frequency=30, max_column_length=16)
 
 
 def _trial_name(trial) -> str:
