@@ -461,6 +461,44 @@ def test_an_unreadable_test_image_keeps_the_best_model(ray_local, tmp_path, caps
     assert not (storage / "broken" / "test_metrics.json").exists()
 
 
+@pytest.mark.slow
+def test_uri_storage_keeps_everything_there_and_guards_the_name(ray_local, labels, tmp_path, monkeypatch, capsys):
+    """``--storage-path`` as a URI (s3://, gs://; file:// here, through the same pyarrow file systems): the
+    outputs reach it, and a later job in a fresh working directory (``ray job submit`` gives each job its
+    own) sees the experiment there: the same --name is refused, --resume of a finished one too."""
+    remote = tmp_path / "bucket"
+    uri = f"file://{remote}/tune-rice"
+    first, second = tmp_path / "job1", tmp_path / "job2"
+    first.mkdir()
+    second.mkdir()
+    monkeypatch.chdir(first)
+    assert search.main(_argv(labels, _space(tmp_path), uri, "u", "--num-samples", 2)) == 0
+    out = capsys.readouterr().out
+    exp = remote / "tune-rice" / "u"
+    assert f"Results: {uri}/u\n" in out
+    for name in ("results.csv", "test_metrics.json", "summary.txt", "timings.json", "search_args.json",
+                 "best/model.pt", "best/config.yaml"):
+        assert (exp / name).is_file(), name
+    assert (first / "runs" / "u" / "best" / "model.pt").is_file()  # and the driver's local copy
+    df = pd.read_csv(exp / "results.csv")
+    assert len(df) == 2 and all((exp / f"trial_{t}" / "result.json").is_file() for t in df["trial_id"])
+    assert json.loads((exp / "test_metrics.json").read_text()) == json.loads(
+        (first / "runs" / "u" / "test_metrics.json").read_text())
+    model, meta = load_artifact(exp / "best" / "model.pt")
+    assert meta["classes"] == list(read_labels(labels).classes)
+
+    monkeypatch.chdir(second)  # a new job: nothing local
+    before = {p: p.stat().st_mtime_ns for p in exp.rglob("*") if p.is_file()}
+    assert search.main(_argv(labels, _space(tmp_path), uri, "u", "--num-samples", 2)) == 2
+    err = capsys.readouterr().err
+    assert f"{uri}/u already exists" in err and "--resume" in err
+    assert search.main(["--resume", "--name", "u", "--storage-path", uri]) == 2
+    captured = capsys.readouterr()
+    assert "already finished" in captured.err and (exp / "summary.txt").read_text().strip() in captured.out
+    assert {p: p.stat().st_mtime_ns for p in exp.rglob("*") if p.is_file()} == before  # nothing rewritten
+    assert not (second / "runs").exists() or not any((second / "runs").rglob("*.pt"))
+
+
 # ------------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("case", ["num_samples", "missing_data", "bad_space", "existing", "resume_unknown",
                                   "grace_period", "reduction_factor"])

@@ -568,15 +568,21 @@ def run_search(args) -> dict:
             raise UserError(f"--resume: no experiment {args.name!r} under {args.storage_path} "
                             f"({exp_dir / ARGS_FILE} not found)")
         _restore_args(exp_dir, args)
-        if (exp_dir / "test_metrics.json").is_file():
+        uri = _is_uri(args.storage_path)
+        if (exp_dir / "test_metrics.json").is_file() or (uri and _remote_read(ray_exp_path, "test_metrics.json")):
             # Finished already: the test split was scored once; scoring it again would break that promise.
-            summary = exp_dir / "summary.txt"
-            print(summary.read_text() if summary.is_file() else f"{exp_dir}: finished", flush=True)
-            raise UserError(f"--resume: {args.name!r} already finished (test split scored, results in {exp_dir}); "
+            where = ray_exp_path if uri else exp_dir
+            summary = (exp_dir / "summary.txt").read_bytes() if (exp_dir / "summary.txt").is_file() else \
+                (_remote_read(ray_exp_path, "summary.txt") if uri else None)
+            print(summary.decode() if summary else f"{where}: finished", flush=True)
+            raise UserError(f"--resume: {args.name!r} already finished (test split scored, results in {where}); "
                             "nothing to resume")
         log.info("resuming %s with its original arguments", exp_dir)
     elif exp_dir.exists() and any(exp_dir.iterdir()):
         raise UserError(f"{exp_dir} already exists: pass --resume to continue it, or another --name")
+    elif _is_uri(args.storage_path) and _remote_exists(ray_exp_path):
+        # Another job (or machine) ran this name: a new search would write into its experiment.
+        raise UserError(f"{ray_exp_path} already exists: pass --resume to continue it, or another --name")
 
     space: SearchSpace = load_search_space(args.search_space)
     max_epochs = args.max_epochs or space.max_epochs or 10
@@ -724,19 +730,36 @@ def _upload(local: Path, uri: str) -> None:
     log.info("outputs copied to %s", uri)
 
 
-def _fetch_args(exp_dir: Path, uri: str) -> None:
-    """``--resume`` with a URI storage path from another machine or job (``ray job submit`` runs each job
-    in a fresh working directory): bring ``search_args.json`` back from the storage path."""
+def _remote_read(uri: str, name: str) -> bytes | None:
+    """The file ``name`` under the experiment ``uri``, or None when it is not there."""
     import pyarrow.fs
 
     fs, path = pyarrow.fs.FileSystem.from_uri(uri)
     try:
-        with fs.open_input_stream(f"{path}/{ARGS_FILE}") as f:
-            data = f.read()
+        with fs.open_input_stream(f"{path}/{name}") as f:
+            return f.read()
     except (FileNotFoundError, OSError):
-        return
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    (exp_dir / ARGS_FILE).write_bytes(data)
+        return None
+
+
+def _remote_exists(uri: str) -> bool:
+    """Whether the experiment ``uri`` holds anything (an object store has no empty folders)."""
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    try:
+        return bool(fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True)))
+    except (NotADirectoryError, OSError):
+        return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+
+def _fetch_args(exp_dir: Path, uri: str) -> None:
+    """``--resume`` with a URI storage path from another machine or job (``ray job submit`` runs each job
+    in a fresh working directory): bring ``search_args.json`` back from the storage path."""
+    data = _remote_read(uri, ARGS_FILE)
+    if data is not None:
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        (exp_dir / ARGS_FILE).write_bytes(data)
 
 
 @contextlib.contextmanager
