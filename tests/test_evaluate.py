@@ -98,6 +98,23 @@ def test_a_subset_of_the_classes_is_scored_on_the_models_classes(tiny_model, tmp
     assert got["test_count"] == 6
 
 
+def test_a_labels_csv_kept_outside_the_dataset_needs_and_takes_data_root(tiny_model, tmp_path, capsys):
+    elsewhere = tmp_path / "meta" / "labels.csv"  # what `prepare DATA --out meta/labels.csv` writes
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(tiny_model.labels_csv.read_bytes())
+    base = ["--model", str(tiny_model.model_path), "--data", str(elsewhere), "--num-workers", "0"]
+    assert evaluate.main(base + ["--out", str(tmp_path / "a.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "9 of 9 listed images are not under" in err and "--data-root" in err
+    assert not (tmp_path / "a.json").exists()
+    assert evaluate.main(base + ["--data-root", str(tiny_model.root), "--out", str(tmp_path / "b.json")]) == 0
+    direct = tmp_path / "c.json"
+    assert evaluate.main(["--model", str(tiny_model.model_path), "--data", str(tiny_model.labels_csv),
+                          "--num-workers", "0", "--out", str(direct)]) == 0
+    got, want = json.loads((tmp_path / "b.json").read_text()), json.loads(direct.read_text())
+    assert got["confusion_matrix"] == want["confusion_matrix"] and got["accuracy"] == want["accuracy"]
+
+
 def test_a_folder_without_labels_csv_and_an_unreadable_image(tiny_model, tmp_path, capsys):
     assert evaluate.main(["--model", str(tiny_model.model_path), "--data", str(tmp_path)]) == 2
     assert "tune_rice.prepare" in capsys.readouterr().err

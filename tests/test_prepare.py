@@ -313,6 +313,9 @@ def test_out_elsewhere_keeps_paths_relative_to_data_dir(dataset, tmp_path):
     table = data.read_labels(out, root=dataset)
     assert all(p.is_file() for p in table.paths("train"))
     assert not list(out.parent.glob(".*.tmp"))  # the temporary file was renamed, not left behind
+    # the report says how the tools that read images find them
+    assert format_report(result).endswith(f"search with --data {out.resolve()} --data-root {dataset.resolve()}")
+    assert "--data-root" not in format_report(prepare_dataset(dataset, progress=False))
 
 
 def test_allow_small_classes(dataset, caplog):

@@ -445,6 +445,23 @@ def test_resume_after_the_driver_is_killed(ray_local, labels, tmp_path):
 
 
 @pytest.mark.slow
+def test_data_root_reaches_the_trials_that_read_images(ray_local, labels, tmp_path):
+    """A labels.csv outside its dataset (prepare --out elsewhere) with --data-root, on the path where the
+    trials themselves decode the images (--feature-cache off); --resume keeps the root."""
+    meta = tmp_path / "meta" / "labels.csv"
+    meta.parent.mkdir()
+    meta.write_bytes(labels.read_bytes())
+    storage = tmp_path / "runs"
+    argv = _argv(meta, _space(tmp_path, epochs=1, views=1), storage, "root", "--num-samples", 1,
+                 "--feature-cache", "off", "--grace-period", 1, "--data-root", labels.parent)
+    assert search.main(argv) == 0
+    test = json.loads((storage / "root" / "test_metrics.json").read_text())
+    assert test["test_count"] == len(read_labels(labels).split("test"))
+    saved = json.loads((storage / "root" / "search_args.json").read_text())
+    assert saved["data_root"] == str(labels.parent.resolve()) and saved["data"] == str(meta.resolve())
+
+
+@pytest.mark.slow
 def test_an_unreadable_test_image_keeps_the_best_model(ray_local, tmp_path, capsys):
     """A test image broken after labels.csv was written: one clear error, and the winner is still saved."""
     csv = make_separable_dataset(tmp_path / "data", per_class=12, size=32)
@@ -501,7 +518,7 @@ def test_uri_storage_keeps_everything_there_and_guards_the_name(ray_local, label
 
 # ------------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("case", ["num_samples", "missing_data", "bad_space", "existing", "resume_unknown",
-                                  "grace_period", "reduction_factor"])
+                                  "grace_period", "reduction_factor", "labels_elsewhere"])
 def test_bad_input_is_one_line_and_writes_nothing(case, labels, tmp_path, capsys):
     storage = tmp_path / "runs"
     space = _space(tmp_path)
@@ -521,6 +538,11 @@ def test_bad_input_is_one_line_and_writes_nothing(case, labels, tmp_path, capsys
     elif case == "resume_unknown":
         argv, words = ["--resume", "--name", "nope", "--storage-path", str(storage)], ["nope", "--resume"]
         name = "nope"
+    elif case == "labels_elsewhere":  # `prepare DATA --out meta/labels.csv` and no --data-root
+        (tmp_path / "meta").mkdir()
+        (tmp_path / "meta" / "labels.csv").write_bytes(labels.read_bytes())
+        argv = _argv(tmp_path / "meta" / "labels.csv", space, storage, name)
+        words = ["48 of 48 listed images are not under", str(tmp_path / "meta"), "--data-root DATA_DIR"]
     elif case == "grace_period":
         argv, words = _argv(labels, space, storage, name, "--grace-period", 5), ["--grace-period 5", "3 epochs"]
     else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -144,6 +145,21 @@ def read_labels(csv_path: str | os.PathLike, *, root: str | os.PathLike | None =
     root = Path(root).resolve() if root is not None else csv_path.parent
     classes = tuple(sorted(frame["label"].unique()))
     return LabelTable(frame=frame, root=root, classes=classes, csv_path=csv_path)
+
+
+def read_labels_checked(csv_path: str | os.PathLike, root: str | os.PathLike | None = None, *,
+                        splits: Sequence[str] = SPLITS) -> LabelTable:
+    """``read_labels`` for the tools that read the images (search, evaluate): every file listed in
+    ``splits`` must be there, under ``root`` (``--data-root``) or else the labels file's folder."""
+    table = read_labels(csv_path, root=root)
+    listed = table.frame.loc[table.frame["split"].isin(splits), "path"]
+    missing = [p for p in listed if not (table.root / p).is_file()]
+    if missing:
+        hint = ("" if root is not None else "; paths in a labels.csv are relative to its folder: if the images "
+                "live elsewhere (prepare --out outside DATA_DIR), pass --data-root DATA_DIR")
+        raise UserError(f"{table.csv_path}: {len(missing)} of {len(listed)} listed images are not under "
+                        f"{table.root} (first: {missing[0]}){hint}")
+    return table
 
 
 # ----------------------------------------------------------------------------------------- transforms

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import UserError, cli
-from .data import SPLITS, ImageDecodeError, LabelTable, build_transform, dataset_for_split, read_labels
+from .data import SPLITS, ImageDecodeError, LabelTable, build_transform, dataset_for_split, read_labels_checked
 from .engine import ImageBatches, evaluate
 from .features import resolve_device
 from .predict import load_model
@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="runs/<name>/best/model.pt, an exported TorchScript file, "
                                                   "or an experiment folder")
     p.add_argument("--data", required=True, help="a labels.csv, or a dataset folder holding one")
+    p.add_argument("--data-root", metavar="DIR", help="folder the labels.csv paths are relative to "
+                                                      "(default: the folder holding the labels.csv)")
     p.add_argument("--split", choices=SPLITS, default="test", help="which rows of labels.csv to score")
     p.add_argument("--out", help="JSON file to write (default: eval_<split>.json in the current folder)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch")
@@ -145,7 +147,8 @@ def _main(argv: Sequence[str] | None) -> int:
                         "one test read); choose another name")
     device = resolve_device(args.device)
     loaded = load_model(args.model, device=device)
-    table = align_classes(read_labels(resolve_labels(args.data)), loaded.classes)
+    table = align_classes(read_labels_checked(resolve_labels(args.data), args.data_root,
+                                                    splits=(args.split,)), loaded.classes)
     result = evaluate_model(loaded.module, table, args.split, loaded.image_size, device,
                             batch_size=args.batch_size, num_workers=args.num_workers)
     record = {"model": str(loaded.path), "data": str(table.csv_path), "split": args.split,

@@ -585,6 +585,9 @@ def format_report(result: PrepareResult) -> str:
         lines.append("warnings:")
         lines.extend(f"  {w}" for w in result.warnings)
     lines.append(f"labels written to {result.labels_csv}")
+    if result.labels_csv.parent != result.data_dir:  # its paths are relative to DATA_DIR, not to its folder
+        lines.append(f"its paths are relative to {result.data_dir}: search with "
+                     f"--data {result.labels_csv} --data-root {result.data_dir}")
     return "\n".join(lines)
 
 
@@ -651,7 +654,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("data_dir", metavar="DATA_DIR", help="folder with one subfolder per class")
     p.add_argument("--out", metavar="FILE", default=None,
                    help="where to write labels.csv (default: DATA_DIR/labels.csv); paths in it stay "
-                        "relative to DATA_DIR")
+                        "relative to DATA_DIR (elsewhere: search and evaluate then need --data-root DATA_DIR)")
     p.add_argument("--valid-frac", type=float, default=0.15,
                    help="fraction of each class's images for valid, > 0 (default 0.15)")
     p.add_argument("--test-frac", type=float, default=0.15,

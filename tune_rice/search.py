@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from . import UserError, cli
-from .data import LabelTable, preprocessing_spec, read_labels
+from .data import LabelTable, preprocessing_spec, read_labels_checked
 from .engine import TrialConfig
 from .features import FeatureBank, FeatureSpec, extract_bank
 from .model import Classifier, ResolvedWeights, build_backbone, resolve_weights, save_artifact
@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=cli.HelpFormatter)
     p.add_argument("--data", help="dataset folder (class sub-folders; prepared if it has no labels.csv) or a "
                                   "labels.csv; default: the built-in synthetic rice-leaf demo set")
+    p.add_argument("--data-root", metavar="DIR", help="folder the labels.csv paths are relative to (default: the "
+                                                      "folder holding it; for `prepare --out` outside DATA_DIR)")
     p.add_argument("--num-samples", type=int, default=30, help="number of trials")
     p.add_argument("--search-space", default="default",
                    help="YAML file, or the name of a bundled space: default, quick or wide (default: default)")
@@ -538,6 +540,8 @@ def _save_args(exp_dir: Path, args) -> None:
     # --resume may run from another working directory: keep paths absolute.
     if args.data is not None:
         args.data = str(Path(args.data).expanduser().resolve())
+    if args.data_root is not None:
+        args.data_root = str(Path(args.data_root).expanduser().resolve())
     if Path(args.search_space).expanduser().is_file():
         args.search_space = str(Path(args.search_space).expanduser().resolve())
     if args.weights not in ("auto", "imagenet", "none") and Path(args.weights).expanduser().is_file():
@@ -590,7 +594,7 @@ def run_search(args) -> dict:
         raise UserError(f"--grace-period {args.grace_period} is more than the {max_epochs} epochs per trial")
     t = time.perf_counter()
     labels_csv = resolve_data(args.data)
-    table = read_labels(labels_csv)
+    table = read_labels_checked(labels_csv, args.data_root)
     for split in ("train", "valid", "test"):
         if table.split(split).empty:
             raise UserError(f"{labels_csv}: the {split} split is empty")
@@ -613,6 +617,7 @@ def run_search(args) -> dict:
     base = {"epochs": max_epochs, "seed": args.seed}
     trainable = tune.with_parameters(
         _trainable(), banks=banks, labels_csv=str(table.csv_path) if banks is None else None,
+        data_root=str(table.root) if banks is None else None,
         weights=weights if banks is None else None, base=base, metric=space.metric, mode=space.mode)
     trainable = tune.with_resources(trainable, {"cpu": args.cpus_per_trial, "gpu": gpus})
     searcher = _optuna_search_cls()(metric=space.metric, mode=space.mode, seed=args.seed, max_t=max_epochs)

@@ -41,12 +41,13 @@ def trial_device() -> str:
 
 
 def train_head(config: dict, *, banks: dict[str, FeatureBank] | None = None, labels_csv: str | None = None,
-               weights: dict | None = None, base: dict | None = None, metric: str = "valid/acc",
-               mode: str = "max") -> None:
+               data_root: str | None = None, weights: dict | None = None, base: dict | None = None,
+               metric: str = "valid/acc", mode: str = "max") -> None:
     """Train one trial for ``epochs`` epochs, reporting every epoch and checkpointing improvements.
 
     ``banks`` maps a FeatureSpec name to its bank (the fast path); with ``banks=None`` the trial trains
-    the full model on the images listed in ``labels_csv`` (``--feature-cache off``, the reference path),
+    the full model on the images listed in ``labels_csv`` (relative to ``data_root``, default its folder;
+    ``--feature-cache off``, the reference path),
     with ``weights`` mapping a backbone name to its resolved weights.
     """
     # Ray logs "Checkpoint successfully created at ..." at INFO for every checkpoint of every trial, and
@@ -57,7 +58,7 @@ def train_head(config: dict, *, banks: dict[str, FeatureBank] | None = None, lab
     if banks is not None:
         run = HeadRun(cfg, bank=banks[cfg.feature_spec().name], device=device)
     else:
-        run = HeadRun(cfg, table=read_labels(labels_csv), weights=weights[cfg.backbone], device=device,
+        run = HeadRun(cfg, table=read_labels(labels_csv, root=data_root), weights=weights[cfg.backbone], device=device,
                       num_workers=max(0, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)) - 1))
     best = None
     checkpoint = tune.get_checkpoint()
