@@ -72,6 +72,16 @@ def test_top_trials_table_and_importance(fake):
     assert "24 trials" in note
 
 
+@pytest.mark.filterwarnings("error")  # nothing reaches the console as a Python warning
+def test_importance_on_ties_at_the_top_is_not_computed_and_says_why(tmp_path, fake_experiment):
+    exp = fake_experiment(tmp_path, n_trials=6, n_errored=0)
+    frame = report.load_experiment(exp)
+    # what a tiny search gives: one trial a little better, the rest tied
+    frame.results[frame.key] = [0.6667, 0.3333, 0.3333, 0.3333, 0.3333, 0.3333]
+    values, note = report.importances(frame)
+    assert values is None and "cannot be told apart" in note and "2 distinct" in note
+
+
 def test_pretrained_weights_and_a_missing_space_file(tmp_path, fake_experiment):
     exp = fake_experiment(tmp_path, n_trials=6, n_errored=0, weights="imagenet:ResNet34_Weights.IMAGENET1K_V1")
     (tmp_path / "fake_space.yaml").unlink()  # an experiment copied without its space file

@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -476,7 +477,13 @@ def importances(exp: Experiment) -> tuple[dict[str, float] | None, str]:
             return None, f"all {n} trials have the same {exp.metric}: nothing to explain"
         # The top group must hold at least two trials, or one lucky trial decides everything.
         evaluator = optuna.importance.PedAnovaImportanceEvaluator(target_quantile=max(0.1, 2 / n))
-        result = optuna.importance.get_param_importances(study, evaluator=evaluator)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = optuna.importance.get_param_importances(study, evaluator=evaluator)
+        if any("select the same set of trials" in str(w.message) for w in caught):
+            # ties at the top: the "best" group is every trial, and Optuna returns equal importances
+            return None, (f"the best trials cannot be told apart from the rest ({n} trials, "
+                          f"{len({t.value for t in study.trials})} distinct {exp.metric} values)")
     except Exception as e:  # noqa: BLE001 - an importance estimate is a nicety; the report goes on
         return None, f"Optuna could not compute it ({type(e).__name__}: {e})"
     finally:
