@@ -18,7 +18,6 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from procmem import _children, pss_mb, run_measured  # noqa: E402
+from procmem import Sampler, _children, pss_mb, run_measured  # noqa: E402
 
 SPACE = """\
 metric: valid/acc
@@ -55,30 +54,18 @@ def make_dataset(root: Path, per_class: int = 12, seed: int = 0) -> None:
             Image.fromarray(arr).save(root / label / f"{label}_{k:03d}.jpg", quality=92)
 
 
-class Timeline:
+class Timeline(Sampler):
     """Every ``interval`` s: (seconds, trials started, PSS of this process's children and their trees)."""
 
     def __init__(self, exp: Path, interval: float = 1.0):
-        self.exp, self.interval, self.samples = exp, interval, []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(interval)
+        self.exp, self.samples, self._t0 = exp, [], time.perf_counter()
 
-    def _run(self):
-        t0 = time.perf_counter()
-        while not self._stop.is_set():
-            kids = _children().get(os.getpid(), [])
-            mb = sum(pss_mb(k) for k in kids)
-            started = len(list(self.exp.glob("trial_*"))) if self.exp.is_dir() else 0
-            self.samples.append((time.perf_counter() - t0, started, mb))
-            self._stop.wait(self.interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+    def sample(self) -> None:
+        kids = _children().get(os.getpid(), [])
+        mb = sum(pss_mb(k) for k in kids)
+        started = len(list(self.exp.glob("trial_*"))) if self.exp.is_dir() else 0
+        self.samples.append((time.perf_counter() - self._t0, started, mb))
 
 
 def main() -> None:

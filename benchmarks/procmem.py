@@ -51,17 +51,20 @@ def pss_mb(pid: int) -> float:
     return total / 1024
 
 
-class PeakSampler:
-    """Samples the PSS of a process tree every ``interval`` seconds; ``peak_mb`` is the maximum seen."""
+class Sampler:
+    """Calls ``sample()`` every ``interval`` seconds on a background thread, inside a ``with`` block."""
 
-    def __init__(self, pid: int, interval: float = 0.5):
-        self.pid, self.interval, self.peak_mb = pid, interval, 0.0
+    def __init__(self, interval: float):
+        self.interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def sample(self) -> None:
+        raise NotImplementedError
+
     def _run(self):
         while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, pss_mb(self.pid))
+            self.sample()
             self._stop.wait(self.interval)
 
     def __enter__(self):
@@ -71,6 +74,17 @@ class PeakSampler:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+
+
+class PeakSampler(Sampler):
+    """Samples the PSS of a process tree every ``interval`` seconds; ``peak_mb`` is the maximum seen."""
+
+    def __init__(self, pid: int, interval: float = 0.5):
+        super().__init__(interval)
+        self.pid, self.peak_mb = pid, 0.0
+
+    def sample(self) -> None:
+        self.peak_mb = max(self.peak_mb, pss_mb(self.pid))
 
 
 def run_measured(cmd: list[str], *, env: dict | None = None, log_path: Path | None = None) -> dict:
