@@ -244,10 +244,16 @@ def test_head_shapes():
     assert Classifier(logits_backbone, seed).eval()(torch.randn(2, 3, 32, 32)).shape == (2, 3)
     # dropout (searched by wide.yaml for both heads) reaches the seed head's hidden units
     dropped = build_head("seed", in_dim=1000, n_classes=3, hidden=64, dropout=0.5)
-    assert [type(m) for m in dropped.net] == [nn.Linear, nn.ReLU, nn.Dropout, nn.Linear]
-    assert dropped.net[2].p == 0.5
+    assert dropped.hidden_dropout.p == 0.5
     x = torch.randn(4, 1000)
     assert not torch.equal(dropped.train()(x), dropped(x)) and torch.equal(dropped.eval()(x), dropped(x))
+    # dropout changes no weight name: a seed head saved with one dropout loads into any other
+    plain = build_head("seed", in_dim=1000, n_classes=3, hidden=64, dropout=0.0).eval()
+    assert [type(m) for m in plain.net] == [nn.Linear, nn.ReLU, nn.Linear] and plain.hidden_dropout is None
+    plain.load_state_dict(dropped.state_dict())
+    assert torch.equal(plain(x), dropped.eval()(x))
+    h = torch.relu(dropped.net[0]((x - dropped.mean) / dropped.std))
+    assert torch.allclose(dropped(x), dropped.net[2](h))  # eval: Linear -> ReLU -> Linear
 
     with pytest.raises(UserError, match="valid: pooled, seed"):
         build_head("transformer", in_dim=8, n_classes=2)

@@ -236,9 +236,12 @@ class Head(nn.Module):
         self.in_dim, self.n_classes, self.hidden, self.dropout, self.kind = in_dim, n_classes, hidden, dropout, kind
         self.register_buffer("mean", torch.zeros(in_dim))
         self.register_buffer("std", torch.ones(in_dim))
-        if kind == "seed":  # the recipe's head exactly at dropout 0; dropout > 0 acts on its hidden units
-            layers = ([nn.Linear(in_dim, hidden), nn.ReLU(), *([nn.Dropout(dropout)] if dropout else []),
-                       nn.Linear(hidden, n_classes)] if hidden else [nn.Linear(in_dim, n_classes)])
+        # The seed head's dropout (on its hidden units) sits outside ``net``: it has no weights, and ``net``
+        # keeps the recipe's layer indices whatever the dropout, so every saved seed head loads.
+        self.hidden_dropout = nn.Dropout(dropout) if kind == "seed" and hidden and dropout else None
+        if kind == "seed":
+            layers = [nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, n_classes)] if hidden else \
+                [nn.Linear(in_dim, n_classes)]
         elif hidden:
             layers = [nn.Dropout(dropout), nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout),
                       nn.Linear(hidden, n_classes)]
@@ -257,7 +260,10 @@ class Head(nn.Module):
         self.std.copy_(std)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:  # (B, D) -> (B, C)
-        return self.net((features.float() - self.mean) / self.std)
+        z = (features.float() - self.mean) / self.std
+        if self.hidden_dropout is not None:  # seed head: Linear -> ReLU -> Dropout -> Linear
+            return self.net[2](self.hidden_dropout(self.net[1](self.net[0](z))))
+        return self.net(z)
 
     def spec(self) -> dict:
         return {"kind": self.kind, "in_dim": self.in_dim, "n_classes": self.n_classes,
