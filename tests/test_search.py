@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -252,18 +253,28 @@ def test_asha_stops_are_recorded_as_pruned_in_optuna(ray_local, labels, tmp_path
 
 def test_tensorboard_callback_writes_each_epoch_once_across_restarts(tmp_path):
     """A trial restored from a checkpoint runs its last epochs again: by a retry in the same driver, or
-    under a new driver after --resume. TensorBoard gets every epoch once."""
-    class FakeTrial:
-        local_path = str(tmp_path / "trial_x")
+    under a new driver after --resume, in a new Ray session whose staging folder for the trial is new and
+    empty (the earlier event files are then only on the storage path). TensorBoard gets every epoch once."""
+    import pyarrow.fs
+
+    storage = tmp_path / "storage" / "trial_x"
+
+    class FakeTrial:  # what TrialScalars uses of a Tune trial
+        def __init__(self, staging: Path):
+            self.local_path, self.path = str(staging), str(storage)
+            self.storage = type("Storage", (), {"storage_filesystem": pyarrow.fs.LocalFileSystem()})()
 
         def init_local_path(self):
-            Path(self.local_path).mkdir(exist_ok=True)
+            Path(self.local_path).mkdir(parents=True, exist_ok=True)
 
     def epochs(cb, trial, steps):
         for step in steps:
             cb.log_trial_result(step, trial, {"epoch": step, "valid/acc": step / 10, "lr": 0.1, "node": "n"})
 
-    trial = FakeTrial()
+    def sync(trial):  # what Tune does for a trial folder: staging -> storage
+        shutil.copytree(trial.local_path, storage, dirs_exist_ok=True)
+
+    trial = FakeTrial(tmp_path / "session1" / "trial_x")
     first = search._tensorboard_callback_cls()()
     first.log_trial_start(trial)
     epochs(first, trial, [1, 2, 3, 4])
@@ -274,13 +285,17 @@ def test_tensorboard_callback_writes_each_epoch_once_across_restarts(tmp_path):
     ray_writer = SummaryWriter(trial.local_path)
     ray_writer.add_scalar("ray/tune/valid/acc", 0.9, global_step=50)
     ray_writer.close()
+    sync(trial)
     assert search._last_logged_step(trial.local_path) == 5
 
-    resumed, again = search._tensorboard_callback_cls()(), FakeTrial()  # a new driver: --resume
+    again = FakeTrial(tmp_path / "session2" / "trial_x")  # --resume: a new driver in a new Ray session
+    assert search._last_logged_step(again.local_path, again.storage.storage_filesystem, again.path) == 5
+    resumed = search._tensorboard_callback_cls()()
     resumed.log_trial_start(again)
     epochs(resumed, again, [4, 5, 6])
     resumed.log_trial_end(again)
-    scalars = _scalars(Path(trial.local_path))
+    sync(again)
+    scalars = _scalars(storage)
     assert scalars["valid/acc"] == [(s, pytest.approx(s / 10)) for s in range(1, 7)]
     assert [s for s, _ in scalars["lr"]] == list(range(1, 7)) and "node" not in scalars
 

@@ -200,19 +200,39 @@ def _optuna_search_cls():
     return PruningAwareOptunaSearch
 
 
-def _last_logged_step(trial_dir: str | os.PathLike) -> int:
-    """The highest step of the TrialScalars metrics already in ``trial_dir``'s event files (0: none).
+def _last_logged_step(trial_dir: str | os.PathLike | None, storage_fs=None, storage_dir: str | None = None) -> int:
+    """The highest step of the TrialScalars metrics already written for a trial (0: none), from the
+    event files in its local folder and, with ``storage_fs``, in its folder on the storage path: a driver
+    that resumes in a new Ray session gets a new, empty local folder, and the old files are only there.
     Ray's own ``ray/tune/*`` copies live in the same files and are not counted."""
+    import tempfile
+
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
+    prefix = "events.out.tfevents."
+    files = sorted(Path(trial_dir).glob(prefix + "*")) if trial_dir else []
     last = 0
-    for path in sorted(Path(trial_dir).glob("events.out.tfevents.*")):
-        try:
-            for event in EventFileLoader(str(path)).Load():
-                if any(not v.tag.startswith(("ray/", "_hparams_")) for v in event.summary.value):
-                    last = max(last, int(event.step))
-        except Exception as e:  # a truncated file from a killed driver: use what could be read
-            log.debug("reading %s: %s", path, e)
+    with tempfile.TemporaryDirectory() as tmp:
+        if storage_fs is not None and storage_dir:
+            import pyarrow.fs
+
+            try:
+                infos = storage_fs.get_file_info(pyarrow.fs.FileSelector(storage_dir, allow_not_found=True))
+                for info in infos:
+                    if info.is_file and info.base_name.startswith(prefix) and \
+                            info.base_name not in {f.name for f in files}:
+                        with storage_fs.open_input_stream(info.path) as src:
+                            (Path(tmp) / info.base_name).write_bytes(src.readall())
+                        files.append(Path(tmp) / info.base_name)
+            except OSError as e:  # storage not reachable now: the local files are all there is to go by
+                log.debug("reading event files under %s: %s", storage_dir, e)
+        for path in files:
+            try:
+                for event in EventFileLoader(str(path)).Load():
+                    if any(not v.tag.startswith(("ray/", "_hparams_")) for v in event.summary.value):
+                        last = max(last, int(event.step))
+            except Exception as e:  # a truncated file from a killed driver: use what could be read
+                log.debug("reading %s: %s", path, e)
     return last
 
 
@@ -236,8 +256,9 @@ def _tensorboard_callback_cls():
             if trial in self._writers:
                 self._writers[trial].close()
             trial.init_local_path()
-            if trial not in self._last_step:  # a trial resumed by a new driver: what is on disk already
-                self._last_step[trial] = _last_logged_step(trial.local_path)
+            if trial not in self._last_step:  # a trial resumed by a new driver: what is written already
+                self._last_step[trial] = _last_logged_step(trial.local_path, trial.storage.storage_filesystem,
+                                                           trial.path)
             self._writers[trial] = SummaryWriter(trial.local_path, flush_secs=10)
 
         def log_trial_result(self, iteration, trial, result):
