@@ -257,32 +257,39 @@ def test_save_bank_keeps_a_bank_another_process_finished_first(separable, tmp_pa
     assert marker.exists() and [p.name for p in cache.iterdir()] == [bank.key]
 
 
-def test_temp_folders_of_killed_writes_are_swept_and_live_ones_kept(tmp_path):
+def test_temp_folders_of_killed_writes_are_swept_and_live_ones_kept(tmp_path, monkeypatch):
     host = socket.gethostname()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True)
     dead_pid = int(dead.stdout)  # a process that has exited
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    idle, day = features.STALE_TEMP_S + 60, features.STALE_FOREIGN_TEMP_S + 60
+    cases = {  # name -> (seconds untouched, swept?)
+        f".a.tmp-{host}-{dead_pid}-0123abcd": (idle, True),  # its process is gone
+        f".b.tmp-{host}-{dead_pid}-0123abcd": (60, False),  # gone, but touched a minute ago
+        f".c.tmp-{host}-{live.pid}-0123abcd": (idle, False),  # still running
+        f".d.tmp-{host}-{live.pid}-0123abcd": (day, True),  # "running" for a day: a reused pid
+        f".e.tmp-{host}-{os.getpid()}-0123abcd": (idle, False),  # this process may be writing it
+        ".f.tmp-other-node-7-0123abcd": (day, True),  # another host's, a day old
+        ".g.tmp-other-node-8-0123abcd": (idle, False),  # another host's, recent
+        f".h.tmp-{dead_pid}-0123abcd": (day, True),  # the older naming, a day old
+        f".i.tmp-{dead_pid}-0123abcd": (idle, False),  # the older naming, recent
+        "abc": (day, False),  # a bank
+        ".abc.notes": (day, False),  # not ours
+    }
     try:
-        names = {
-            "dead": f".abc.tmp-{host}-{dead_pid}-0123abcd",
-            "live": f".abc.tmp-{host}-{live.pid}-0123abcd",
-            "mine": f".abc.tmp-{host}-{os.getpid()}-0123abcd",  # this process may be writing it
-            "foreign_old": ".abc.tmp-other-node-7-0123abcd",
-            "foreign_new": ".abc.tmp-other-node-8-0123abcd",
-            "bank": "abc",
-            "unrelated": ".abc.tmp-notes",
-        }
-        for name in names.values():
+        for name, (age, _) in cases.items():
             (tmp_path / name).mkdir()
             (tmp_path / name / "train_features.npy").write_bytes(b"x")
-        old = time.time() - features.STALE_FOREIGN_TEMP_S - 60
-        os.utime(tmp_path / names["foreign_old"], (old, old))
+            t = time.time() - age
+            os.utime(tmp_path / name, (t, t))
         removed = features.sweep_stale_temps(tmp_path)
+        # the live check matters: the same folders with every process taken for dead
+        monkeypatch.setattr(features, "_alive", lambda pid: False)
+        for name in (f".c.tmp-{host}-{live.pid}-0123abcd",):
+            assert features.sweep_stale_temps(tmp_path) == [tmp_path / name]
     finally:
         live.kill()
         live.wait()
-    assert sorted(p.name for p in removed) == sorted([names["dead"], names["foreign_old"]])
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        n for k, n in names.items() if k not in ("dead", "foreign_old"))
+    assert sorted(p.name for p in removed) == sorted(n for n, (_, swept) in cases.items() if swept)
     assert features.sweep_stale_temps(tmp_path / "missing") == []

@@ -28,7 +28,7 @@ from PIL import Image
 from test_search import _argv, _optuna_trials, _scalars, _space, _terminated, _trial_states, ray_local  # noqa: F401
 
 import tune_rice.data as data
-from tune_rice import report, search
+from tune_rice import features, report, search
 from tune_rice.features import FeatureSpec, extract_bank, load_bank
 from tune_rice.model import load_artifact
 
@@ -461,6 +461,9 @@ def test_a_killed_extraction_leaves_no_bank_and_the_next_one_is_identical(separa
 
     spec = FeatureSpec(backbone="resnet18", image_size=32, views=3, seed=0)
     quick = dict(weights="none", device="cpu", num_workers=0, progress=False)
+    for leftover in cache.iterdir():  # as if the kill was a while ago (a fresh one may be a write going on)
+        t = time.time() - features.STALE_TEMP_S - 1
+        os.utime(leftover, (t, t))
     again = extract_bank(separable, spec, cache_dir=cache, **quick)
     assert not again.from_cache  # the leftover is not trusted
     assert sorted(p.name for p in cache.iterdir()) == [again.key]  # and it was swept when the bank was saved

@@ -233,7 +233,12 @@ def extract_bank(labels: str | os.PathLike | LabelTable, spec: FeatureSpec, *,
 # ------------------------------------------------------------------------------------------ disk format
 # A bank is written to ".<key>.tmp-<host>-<pid>-<random>" and renamed into place when complete.
 _TEMP = re.compile(r"^\..+\.tmp-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}$")
-# A temp folder from another host (a shared cache) is taken as abandoned only after this long.
+_ANY_TEMP = re.compile(r"^\..+\.tmp-")  # also the older ".<key>.tmp-<pid>-<random>"
+# A write in progress adds files to its folder every few seconds. A folder untouched this long whose
+# process is gone (same host) is abandoned; pid checks alone could be fooled by a reused pid or by a
+# container that shares the host name but not the pid namespace.
+STALE_TEMP_S = 10 * 60
+# From another host (a shared cache), or in the older naming: untouched for a day.
 STALE_FOREIGN_TEMP_S = 24 * 3600
 
 
@@ -248,20 +253,23 @@ def _alive(pid: int) -> bool:
 
 
 def sweep_stale_temps(cache_dir: Path) -> list[Path]:
-    """Remove the temp folders of bank writes that were killed: on this host, those whose process is
-    gone; from another host (a shared cache), those untouched for a day. Returns what was removed."""
+    """Remove the temp folders of bank writes that were killed: from this host, those whose process is
+    gone and that were untouched for ``STALE_TEMP_S``; any other, untouched for ``STALE_FOREIGN_TEMP_S``.
+    Returns what was removed."""
     removed, host, now = [], socket.gethostname(), time.time()
     for entry in Path(cache_dir).iterdir() if Path(cache_dir).is_dir() else ():
-        m = _TEMP.match(entry.name)
-        if not m or not entry.is_dir():
+        if not _ANY_TEMP.match(entry.name):
             continue
+        m = _TEMP.match(entry.name)
         try:
-            if m["host"] == host:
-                stale = int(m["pid"]) != os.getpid() and not _alive(int(m["pid"]))
-            else:
-                stale = now - entry.stat().st_mtime > STALE_FOREIGN_TEMP_S
+            if not entry.is_dir():
+                continue
+            idle = now - entry.stat().st_mtime
         except OSError:  # removed meanwhile
             continue
+        mine = m is not None and m["host"] == host
+        stale = idle > STALE_FOREIGN_TEMP_S or (
+            mine and idle > STALE_TEMP_S and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])))
         if stale:
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
