@@ -533,7 +533,7 @@ def test_uri_storage_keeps_everything_there_and_guards_the_name(ray_local, label
 
 # ------------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("case", ["num_samples", "missing_data", "bad_space", "existing", "resume_unknown",
-                                  "grace_period", "reduction_factor", "labels_elsewhere"])
+                                  "grace_period", "reduction_factor", "labels_elsewhere", "bad_uri"])
 def test_bad_input_is_one_line_and_writes_nothing(case, labels, tmp_path, capsys):
     storage = tmp_path / "runs"
     space = _space(tmp_path)
@@ -558,6 +558,8 @@ def test_bad_input_is_one_line_and_writes_nothing(case, labels, tmp_path, capsys
         (tmp_path / "meta" / "labels.csv").write_bytes(labels.read_bytes())
         argv = _argv(tmp_path / "meta" / "labels.csv", space, storage, name)
         words = ["48 of 48 listed images are not under", str(tmp_path / "meta"), "--data-root DATA_DIR"]
+    elif case == "bad_uri":  # a scheme pyarrow has no file system for
+        argv, words = _argv(labels, space, "foo://bucket/runs", name), ["--storage-path: cannot open foo://bucket/runs"]
     elif case == "grace_period":
         argv, words = _argv(labels, space, storage, name, "--grace-period", 5), ["--grace-period 5", "3 epochs"]
     else:

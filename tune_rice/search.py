@@ -743,7 +743,7 @@ def run_search(args) -> dict:
 def _upload(local: Path, uri: str) -> None:
     import pyarrow.fs
 
-    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    fs, path = _storage_fs(uri)
     fs.create_dir(path, recursive=True)  # object stores need no folders; file systems (file://) do
     for name in ("results.csv", "test_metrics.json", "summary.txt", "timings.json", ARGS_FILE, "best", "test",
                  "report"):
@@ -756,27 +756,46 @@ def _upload(local: Path, uri: str) -> None:
     log.info("outputs copied to %s", uri)
 
 
-def _remote_read(uri: str, name: str) -> bytes | None:
-    """The file ``name`` under the experiment ``uri``, or None when it is not there."""
+def _storage_fs(uri: str):
+    """(pyarrow file system, path) for a URI storage path; a URI it cannot open is a UserError."""
+    import pyarrow
     import pyarrow.fs
 
-    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
     try:
+        return pyarrow.fs.FileSystem.from_uri(uri)
+    except (pyarrow.ArrowInvalid, pyarrow.ArrowNotImplementedError, OSError, ValueError) as e:
+        raise UserError(f"--storage-path: cannot open {uri} ({e})") from None
+
+
+def _remote_read(uri: str, name: str) -> bytes | None:
+    """The file ``name`` under the experiment ``uri``, or None when it is not there. Any other failure
+    (credentials, permissions, network) is a UserError: "not there" would mislead."""
+    import pyarrow.fs
+
+    fs, path = _storage_fs(uri)
+    try:
+        if fs.get_file_info(f"{path}/{name}").type == pyarrow.fs.FileType.NotFound:
+            return None
         with fs.open_input_stream(f"{path}/{name}") as f:
             return f.read()
-    except (FileNotFoundError, OSError):
+    except FileNotFoundError:
         return None
+    except OSError as e:
+        raise UserError(f"--storage-path: cannot read {uri}/{name} ({e})") from None
 
 
 def _remote_exists(uri: str) -> bool:
     """Whether the experiment ``uri`` holds anything (an object store has no empty folders)."""
     import pyarrow.fs
 
-    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    fs, path = _storage_fs(uri)
     try:
+        info = fs.get_file_info(path)
+        if info.type != pyarrow.fs.FileType.Directory:
+            return info.type != pyarrow.fs.FileType.NotFound
         return bool(fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True)))
-    except (NotADirectoryError, OSError):
-        return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+    except OSError as e:
+        raise UserError(f"--storage-path: cannot list {uri} ({e})") from None
 
 
 def _fetch_args(exp_dir: Path, uri: str) -> None:
