@@ -20,13 +20,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tune_rice.data import build_transform, load_image, read_labels  # noqa: E402
-from tune_rice.features import FeatureSpec, _autocast, extract_bank, resolve_device  # noqa: E402
+from tune_rice.features import FeatureSpec, _autocast, extract_bank, extract_banks, resolve_device  # noqa: E402
 from tune_rice.model import build_backbone  # noqa: E402
 
 
@@ -82,6 +83,9 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: the library's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--scaling", action="store_true", help="also time 2-3 dataset sizes and K = 1, 2, 4")
+    p.add_argument("--together", action="store_true",
+                   help="also time 4 banks (resnet18, resnet34 x pooled, logits; K=2) extracted together "
+                        "vs one at a time, as wide.yaml needs them")
     p.add_argument("--out", help="write the figures as JSON here")
     args = p.parse_args()
 
@@ -129,6 +133,23 @@ def main() -> int:
         for r in rows:
             print(f"  {r['per_class']:9d} {r['train_images']:6d} {r['valid_images']:6d} {r['views']:2d} "
                   f"{r['seconds']:8.1f} {r['bank_mb']:8.2f}")
+    if args.together:
+        specs = [FeatureSpec(backbone=b, image_size=args.image_size, views=2, feature_layer=layer, policy="standard")
+                 for b in ("resnet18", "resnet34") for layer in ("pooled", "logits")]
+        quick = dict(weights="none", device=device, batch_size=args.batch_size, num_workers=args.workers,
+                     progress=False, use_cache=False)
+        t0 = time.perf_counter()
+        alone = {s.name: extract_bank(csv, s, **quick) for s in specs}
+        t_alone = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        together = extract_banks(csv, specs, **quick)
+        t_together = time.perf_counter() - t0
+        same = all(np.array_equal(alone[n].splits[k].features, together[n].splits[k].features)
+                   for n in alone for k in alone[n].splits)
+        out["together"] = {"banks": [s.name for s in specs], "seconds_one_at_a_time": t_alone,
+                           "seconds_together": t_together, "speedup": t_alone / t_together, "identical": same}
+        print(f"\n  4 banks one at a time : {t_alone:6.1f} s")
+        print(f"  4 banks together      : {t_together:6.1f} s  ({t_alone / t_together:.2f}x, identical: {same})")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1))

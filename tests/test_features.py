@@ -19,7 +19,7 @@ import tune_rice.features as features
 from tune_rice.data import build_transform, load_image, read_labels
 from tune_rice.engine import HeadRun, TrialConfig, evaluate
 from tune_rice.features import FeatureSpec, bank_key, extract_bank, load_bank, save_bank
-from tune_rice.model import Classifier, build_backbone
+from tune_rice.model import Classifier, FrozenBackbone, build_backbone
 
 SPEC = FeatureSpec(backbone="resnet18", image_size=32, views=3, policy="standard", seed=0)
 QUICK = dict(weights="none", num_workers=0, progress=False, device="cpu")
@@ -160,6 +160,44 @@ def _count_backbone_builds(monkeypatch) -> list:
 
     monkeypatch.setattr(features, "build_backbone", counting)
     return calls
+
+
+def test_banks_extracted_together_equal_banks_extracted_one_at_a_time(dataset, tmp_path, monkeypatch):
+    """wide.yaml's case: several backbones and both feature layers at one image size share one decode and
+    augmentation pass, and a backbone wanted for pooled features and logits runs once for both."""
+    specs = [FeatureSpec(backbone=b, image_size=32, views=2, feature_layer=layer, seed=0)
+             for b in ("resnet18", "resnet34") for layer in ("pooled", "logits")]
+    specs.append(FeatureSpec(backbone="resnet18", image_size=48, views=2, seed=0))  # another pass
+    decoded, forwards = [], []
+    real_load, real_forward = features.dataset_for_split, FrozenBackbone.forward
+
+    def counting_dataset(*args, **kwargs):
+        decoded.append(args[1])
+        return real_load(*args, **kwargs)
+
+    def counting_forward(self, x):
+        forwards.append((self.name, self.feature_layer))
+        return real_forward(self, x)
+
+    monkeypatch.setattr(features, "dataset_for_split", counting_dataset)
+    monkeypatch.setattr(FrozenBackbone, "forward", counting_forward)
+    together = features.extract_banks(dataset, specs, cache_dir=tmp_path / "cache", **QUICK)
+    assert list(together) == [s.name for s in specs]
+    assert decoded == ["train", "valid"] * 2  # 2 passes over the images, not 5
+    assert set(forwards) == {("resnet18", "logits"), ("resnet34", "logits"), ("resnet18", "pooled")}
+    monkeypatch.undo()
+
+    for spec in specs:
+        alone = extract_bank(dataset, spec, use_cache=False, **QUICK)
+        bank = together[spec.name]
+        assert bank.spec == spec and bank.key == alone.key
+        for split in ("train", "valid"):
+            assert bank.splits[split].features.shape == alone.splits[split].features.shape
+            assert np.array_equal(bank.splits[split].features, alone.splits[split].features), (spec.name, split)
+        assert np.array_equal(bank.mean, alone.mean) and np.array_equal(bank.std, alone.std)
+        # each is cached under its own key, as if extracted alone
+        assert extract_bank(dataset, spec, cache_dir=tmp_path / "cache", **QUICK).from_cache
+    assert together[specs[1].name].dim == 1000 and together[specs[0].name].dim == 512
 
 
 def test_cache_hit_and_misses(separable, tmp_path, monkeypatch):

@@ -421,11 +421,11 @@ _EXTRACT_CHILD = textwrap.dedent("""\
             time.sleep(0.5)
         np.save = slow_save
     else:  # "extracting": say when the backbone starts, then take a while per batch
-        real_run = features.run_backbone
-        def slow_run(backbone, loader, **k):
+        real_run = features.run_backbones
+        def slow_run(backbones, loader, **k):
             Path(cache, "started").touch()
-            return real_run(backbone, (time.sleep(0.5) or batch for batch in loader), **k)
-        features.run_backbone = slow_run
+            return real_run(backbones, (time.sleep(0.5) or batch for batch in loader), **k)
+        features.run_backbones = slow_run
     extract_bank(labels, FeatureSpec(backbone="resnet18", image_size=32, views=3, seed=0), weights="none",
                  cache_dir=cache, device="cpu", num_workers=0, batch_size=6, progress=False)
     print("finished")

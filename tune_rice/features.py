@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 
 from . import UserError
 from .data import AUG_POLICIES, LabelTable, build_transform, dataset_for_split, read_labels
-from .model import FEATURE_LAYERS, FrozenBackbone, ResolvedWeights, build_backbone, resolve_weights
+from .model import (FEATURE_LAYERS, FrozenBackbone, ResolvedWeights, _classifier_attr, build_backbone,
+                    resolve_weights)
 
 log = logging.getLogger(__name__)
 
@@ -140,39 +141,90 @@ def default_num_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
+def _forward_layers(backbone: FrozenBackbone, x: torch.Tensor, layers: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """``backbone``'s output for each of ``layers`` from one forward pass.
+
+    A backbone built for ``"logits"`` also yields ``"pooled"``: the input of its classifier layer, which
+    is exactly what the same network built for ``"pooled"`` (classifier replaced by Identity) returns.
+    """
+    if layers == (backbone.feature_layer,):
+        return {backbone.feature_layer: backbone(x)}
+    if backbone.feature_layer != "logits" or set(layers) != {"logits", "pooled"}:
+        raise ValueError(f"cannot give {layers} from a {backbone.feature_layer!r} backbone")
+    seen = []
+    classifier = getattr(backbone.net, _classifier_attr(backbone.net))
+    hook = classifier.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        logits = backbone(x)
+    finally:
+        hook.remove()
+    return {"logits": logits, "pooled": seen[0].float()}
+
+
 @torch.inference_mode()
-def run_backbone(backbone: FrozenBackbone, loader, *, n: int, views: int, device: torch.device,
-                 desc: str = "extract", progress: bool = True) -> np.ndarray:
-    """Pass every item of ``loader`` through ``backbone``; returns float16 ``(n, views, D)``."""
-    out = None
+def run_backbones(backbones: dict[str, tuple[FrozenBackbone, tuple[str, ...]]], loader, *, n: int, views: int,
+                  device: torch.device, desc: str = "extract",
+                  progress: bool = True) -> dict[tuple[str, str], np.ndarray]:
+    """Pass every item of ``loader`` (decoded and transformed once) through each backbone; returns float16
+    ``(n, views, D)`` per (backbone name, feature layer)."""
+    out: dict[tuple[str, str], np.ndarray] = {}
     bar = tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False, dynamic_ncols=True)
     for x, _, idx in loader:
         x = x.to(device, non_blocking=True)
         if x.dim() == 5:  # (B, V, 3, S, S) -> (B*V, 3, S, S)
             x = x.flatten(0, 1)
         x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(device):
-            f = backbone(x)
-        f = f.float().reshape(len(idx), views, -1).cpu().numpy()  # (B, V, D)
-        if out is None:
-            out = np.empty((n, views, f.shape[-1]), dtype=np.float16)
-        out[idx.numpy()] = f.astype(np.float16)
+        rows = idx.numpy()
+        for name, (backbone, layers) in backbones.items():
+            with _autocast(device):
+                got = _forward_layers(backbone, x, layers)
+            for layer, f in got.items():
+                f = f.float().reshape(len(idx), views, -1).cpu().numpy()  # (B, V, D)
+                if (name, layer) not in out:
+                    out[name, layer] = np.empty((n, views, f.shape[-1]), dtype=np.float16)
+                out[name, layer][rows] = f.astype(np.float16)
         bar.update(len(idx))
     bar.close()
-    if out is None:
+    if not out:
         raise UserError("no images to extract features from")
     return out
 
 
+def run_backbone(backbone: FrozenBackbone, loader, *, n: int, views: int, device: torch.device,
+                 desc: str = "extract", progress: bool = True) -> np.ndarray:
+    """Pass every item of ``loader`` through ``backbone``; returns float16 ``(n, views, D)``."""
+    key = (backbone.name, backbone.feature_layer)
+    return run_backbones({key[0]: (backbone, (key[1],))}, loader, n=n, views=views, device=device, desc=desc,
+                         progress=progress)[key]
+
+
 def extract_bank(labels: str | os.PathLike | LabelTable, spec: FeatureSpec, *,
-                 weights: str | ResolvedWeights = "auto", splits=("train", "valid"),
-                 cache_dir: str | os.PathLike | None = None, device: str | torch.device = "auto",
-                 batch_size: int = 64, num_workers: int | None = None, progress: bool = True,
-                 use_cache: bool = True) -> FeatureBank:
+                 weights: str | ResolvedWeights = "auto", **kwargs) -> FeatureBank:
     """Return the feature bank for ``labels`` x ``spec`` x ``weights``, from the cache when it is there.
 
     Train gets ``spec.views`` views (view 0 un-augmented); every other split gets one un-augmented view.
     ``cache_dir=None`` uses ``$TUNE_RICE_CACHE/features`` (default ``~/.cache/tune_rice/features``).
+    Other keyword arguments as for ``extract_banks``.
+    """
+    return extract_banks(labels, [spec], weights={spec.backbone: weights}, **kwargs)[spec.name]
+
+
+def pass_key(spec: FeatureSpec) -> tuple:
+    """Specs with the same pass key see the same input tensors: one decode and augmentation pass."""
+    return spec.image_size, spec.policy, spec.views, spec.seed
+
+
+def extract_banks(labels: str | os.PathLike | LabelTable, specs, *,
+                  weights: str | ResolvedWeights | dict = "auto", splits=("train", "valid"),
+                  cache_dir: str | os.PathLike | None = None, device: str | torch.device = "auto",
+                  batch_size: int = 64, num_workers: int | None = None, progress: bool = True,
+                  use_cache: bool = True) -> dict[str, FeatureBank]:
+    """The feature banks of several specs, by spec name, from the cache where they are there.
+
+    The rest are extracted sharing work, with the same numbers as one at a time: the images are decoded
+    and augmented once for all specs with the same image size, policy, views and seed, and a backbone
+    wanted for both its pooled features and its logits runs once for the two. ``weights`` is one
+    setting for every backbone, or a dict by backbone name.
     """
     table = labels if isinstance(labels, LabelTable) else read_labels(labels)
     splits = tuple(splits)
@@ -181,52 +233,85 @@ def extract_bank(labels: str | os.PathLike | LabelTable, spec: FeatureSpec, *,
     for s in splits:
         if table.split(s).empty:
             raise UserError(f"{table.csv_path}: split {s!r} has no images")
-    resolved = weights if isinstance(weights, ResolvedWeights) else \
-        resolve_weights(spec.backbone, weights, seed=spec.seed)
-    key = bank_key(table, spec, resolved.identity, splits)
+    specs = list(dict.fromkeys(specs))
+    resolved = {}
+    for spec in specs:
+        w = weights.get(spec.backbone, "auto") if isinstance(weights, dict) else weights
+        resolved[spec] = w if isinstance(w, ResolvedWeights) else resolve_weights(spec.backbone, w, seed=spec.seed)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    final = cache / key
-    if use_cache and (final / "meta.json").is_file():
-        try:
-            bank = load_bank(final)
-            log.info("feature bank %s: cache hit (%s)", spec.name, final)
-            return bank
-        except (OSError, ValueError, KeyError, TypeError, EOFError, UserError) as e:
-            log.warning("feature bank at %s is unreadable (%s): extracting again", final, e)
-            shutil.rmtree(final, ignore_errors=True)  # else save_bank finds the key taken and keeps the broken one
+    banks: dict[str, FeatureBank] = {}
+    todo: dict[tuple, list[FeatureSpec]] = {}
+    for spec in specs:
+        key = bank_key(table, spec, resolved[spec].identity, splits)
+        final = cache / key
+        if use_cache and (final / "meta.json").is_file():
+            try:
+                banks[spec.name] = load_bank(final)
+                log.info("feature bank %s: cache hit (%s)", spec.name, final)
+                continue
+            except (OSError, ValueError, KeyError, TypeError, EOFError, UserError) as e:
+                log.warning("feature bank at %s is unreadable (%s): extracting again", final, e)
+                shutil.rmtree(final, ignore_errors=True)  # else save_bank finds the key taken and keeps the broken one
+        todo.setdefault(pass_key(spec), []).append(spec)
+
+    def net_key(spec: FeatureSpec) -> str:  # one network per backbone and weights within a pass
+        return f"{spec.backbone}|{resolved[spec].identity}"
 
     device = resolve_device(device)
-    backbone, _ = build_backbone(spec.backbone, weights=resolved, seed=spec.seed, feature_layer=spec.feature_layer)
-    backbone = backbone.to(device).to(memory_format=torch.channels_last)
     workers = default_num_workers() if num_workers is None else num_workers
-    eval_tf = build_transform(spec.image_size, train=False)
-    train_tf = build_transform(spec.image_size, train=True, policy=spec.policy)
-    t0 = time.perf_counter()
-    result: dict[str, SplitFeatures] = {}
-    for split in splits:
-        views = spec.views if split == "train" else 1
-        ds = dataset_for_split(table, split, train_tf if views > 1 else eval_tf, views=views,
-                               first_transform=eval_tf, seed=spec.seed)
-        loader = DataLoader(ds, batch_size=max(1, batch_size // views), shuffle=False, num_workers=workers,
-                            pin_memory=device.type == "cuda", persistent_workers=False,
-                            prefetch_factor=4 if workers else None)
-        feats = run_backbone(backbone, loader, n=len(ds), views=views, device=device,
-                             desc=f"features {split}", progress=progress)
-        result[split] = SplitFeatures(feats, table.targets(split), list(table.split(split)["path"]))
-    seconds = time.perf_counter() - t0
+    for group in todo.values():
+        # one network per (backbone, seed, weights); built for logits when any spec wants them (its
+        # pooled features come from the same pass)
+        wanted: dict[str, tuple[FeatureSpec, set[str]]] = {}
+        for spec in group:
+            wanted.setdefault(net_key(spec), (spec, set()))[1].add(spec.feature_layer)
+        nets: dict[str, tuple[FrozenBackbone, tuple[str, ...]]] = {}
+        for name, (spec, layers) in wanted.items():
+            backbone, _ = build_backbone(spec.backbone, weights=resolved[spec], seed=spec.seed,
+                                         feature_layer="logits" if "logits" in layers else "pooled")
+            nets[name] = (backbone.to(device).to(memory_format=torch.channels_last), tuple(sorted(layers)))
+        first = group[0]
+        eval_tf = build_transform(first.image_size, train=False)
+        train_tf = build_transform(first.image_size, train=True, policy=first.policy)
+        t0 = time.perf_counter()
+        feats: dict[str, dict[tuple[str, str], np.ndarray]] = {}
+        for split in splits:
+            views = first.views if split == "train" else 1
+            ds = dataset_for_split(table, split, train_tf if views > 1 else eval_tf, views=views,
+                                   first_transform=eval_tf, seed=first.seed)
+            loader = DataLoader(ds, batch_size=max(1, batch_size // views), shuffle=False, num_workers=workers,
+                                pin_memory=device.type == "cuda", persistent_workers=False,
+                                prefetch_factor=4 if workers else None)
+            feats[split] = run_backbones(nets, loader, n=len(ds), views=views, device=device,
+                                         desc=f"features {split}", progress=progress)
+        seconds = time.perf_counter() - t0
+        for spec in group:
+            result = {split: SplitFeatures(feats[split][net_key(spec), spec.feature_layer], table.targets(split),
+                                           list(table.split(split)["path"])) for split in splits}
+            banks[spec.name] = _finish_bank(table, spec, resolved[spec], result, splits, seconds, device,
+                                            shared=len(group), cache=cache if use_cache else None)
+    return {spec.name: banks[spec.name] for spec in specs}
+
+
+def _finish_bank(table: LabelTable, spec: FeatureSpec, resolved: ResolvedWeights,
+                 result: dict[str, SplitFeatures], splits, seconds: float, device: torch.device, *,
+                 shared: int, cache: Path | None) -> FeatureBank:
+    """A FeatureBank from extracted splits (train view-0 statistics), saved into ``cache`` when given."""
     train0 = result["train"].features[:, 0, :].astype(np.float32)  # (N, D)
     n_images = sum(len(s) for s in result.values())
     n_views = sum(len(s) * s.features.shape[1] for s in result.values())
+    key = bank_key(table, spec, resolved.identity, splits)
     bank = FeatureBank(spec=spec, weights=resolved.identity, pretrained=resolved.pretrained,
                        classes=table.classes, splits=result, mean=train0.mean(0), std=train0.std(0),
                        key=key, seconds=seconds, from_cache=False,
                        info={"images": n_images, "views": n_views, "device": str(device),
                              "images_per_s": n_images / max(seconds, 1e-9),
-                             "views_per_s": n_views / max(seconds, 1e-9)})
-    log.info("feature bank %s: %d images, %d backbone passes in %.1fs (%.1f img/s), %.1f MB",
-             spec.name, n_images, n_views, seconds, bank.info["images_per_s"], bank.nbytes() / 1e6)
-    if use_cache:
-        save_bank(bank, final)
+                             "views_per_s": n_views / max(seconds, 1e-9), "extracted_with": shared})
+    log.info("feature bank %s: %d images, %d backbone passes in %.1fs (%.1f img/s)%s, %.1f MB",
+             spec.name, n_images, n_views, seconds, bank.info["images_per_s"],
+             f" (one decode pass shared by {shared} banks)" if shared > 1 else "", bank.nbytes() / 1e6)
+    if cache is not None:
+        save_bank(bank, cache / key)
     return bank
 
 

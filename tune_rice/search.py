@@ -27,7 +27,7 @@ import yaml
 from . import UserError, cli
 from .data import LabelTable, preprocessing_spec, read_labels_checked
 from .engine import TrialConfig
-from .features import FeatureBank, FeatureSpec, extract_bank
+from .features import FeatureBank, FeatureSpec, extract_banks, pass_key
 from .model import Classifier, ResolvedWeights, build_backbone, resolve_weights, save_artifact
 from .space import SearchSpace, load_search_space
 
@@ -366,23 +366,27 @@ def _resolve_gpus(value: str) -> float:
 
 def _extract_banks(specs: list[FeatureSpec], table: LabelTable, weights: dict[str, ResolvedWeights],
                    use_gpu: bool) -> dict[str, FeatureBank]:
-    """One bank per spec, train and valid only (the test split is not touched before the end)."""
+    """One bank per spec, train and valid only (the test split is not touched before the end). Specs
+    that see the same input tensors are extracted together (one decode pass; see extract_banks)."""
     banks = {}
-    if use_gpu:  # on a GPU cluster extraction runs as Ray tasks on GPU nodes
+    if use_gpu:  # on a GPU cluster extraction runs as Ray tasks on GPU nodes, one per shared pass
         import ray
 
         # 2 CPUs to decode for the GPU, but never more than a GPU node has: a task that no node can hold
         # waits forever (a GPU node started with 1 CPU would hang the search here).
         gpu_node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes()
                          if n.get("Alive") and n["Resources"].get("GPU", 0.0) >= 1]
-        remote = ray.remote(num_gpus=1, num_cpus=min(2.0, max(gpu_node_cpus, default=1.0)))(extract_bank)
-        refs = {s.name: remote.remote(table, s, weights=weights[s.backbone], splits=("train", "valid"),
-                                      progress=False) for s in specs}
-        for name, ref in refs.items():
-            banks[name] = ray.get(ref)
-    else:
+        remote = ray.remote(num_gpus=1, num_cpus=min(2.0, max(gpu_node_cpus, default=1.0)))(extract_banks)
+        groups: dict[tuple, list[FeatureSpec]] = {}
         for s in specs:
-            banks[s.name] = extract_bank(table, s, weights=weights[s.backbone], splits=("train", "valid"))
+            groups.setdefault(pass_key(s), []).append(s)
+        refs = [remote.remote(table, group, weights=weights, splits=("train", "valid"), progress=False)
+                for group in groups.values()]
+        for ref in refs:
+            banks.update(ray.get(ref))
+        banks = {s.name: banks[s.name] for s in specs}
+    else:
+        banks = extract_banks(table, specs, weights=weights, splits=("train", "valid"))
     for name, bank in banks.items():
         log.info("bank %s: %s, %.1f MB, %s", name, "from cache" if bank.from_cache else f"{bank.seconds:.1f}s",
                  bank.nbytes() / 1e6, bank.weights)
