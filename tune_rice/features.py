@@ -124,8 +124,11 @@ def data_fingerprint(table: LabelTable, splits) -> str:
     return h.hexdigest()
 
 
-def bank_key(table: LabelTable, spec: FeatureSpec, weights_identity: str, splits) -> str:
-    payload = json.dumps({"format": BANK_FORMAT, "data": data_fingerprint(table, splits), "spec": asdict(spec),
+def bank_key(table: LabelTable, spec: FeatureSpec, weights_identity: str, splits, *,
+             fingerprint: str | None = None) -> str:
+    """``fingerprint``: ``data_fingerprint(table, splits)`` when the caller has it (it stats every image)."""
+    data = fingerprint if fingerprint is not None else data_fingerprint(table, splits)
+    payload = json.dumps({"format": BANK_FORMAT, "data": data, "spec": asdict(spec),
                           "weights": weights_identity, "splits": sorted(splits)}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
@@ -239,11 +242,13 @@ def extract_banks(labels: str | os.PathLike | LabelTable, specs, *,
         w = weights.get(spec.backbone, "auto") if isinstance(weights, dict) else weights
         resolved[spec] = w if isinstance(w, ResolvedWeights) else resolve_weights(spec.backbone, w, seed=spec.seed)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    fingerprint = data_fingerprint(table, splits)  # once: it reads labels.csv and stats every image
+    keys = {spec: bank_key(table, spec, resolved[spec].identity, splits, fingerprint=fingerprint)
+            for spec in specs}
     banks: dict[str, FeatureBank] = {}
     todo: dict[tuple, list[FeatureSpec]] = {}
     for spec in specs:
-        key = bank_key(table, spec, resolved[spec].identity, splits)
-        final = cache / key
+        final = cache / keys[spec]
         if use_cache and (final / "meta.json").is_file():
             try:
                 banks[spec.name] = load_bank(final)
@@ -260,8 +265,8 @@ def extract_banks(labels: str | os.PathLike | LabelTable, specs, *,
     device = resolve_device(device)
     workers = default_num_workers() if num_workers is None else num_workers
     for group in todo.values():
-        # one network per (backbone, seed, weights); built for logits when any spec wants them (its
-        # pooled features come from the same pass)
+        # one network per backbone and weights (the seed is the pass's); built for logits when any spec
+        # wants them (its pooled features come from the same pass)
         wanted: dict[str, tuple[FeatureSpec, set[str]]] = {}
         for spec in group:
             wanted.setdefault(net_key(spec), (spec, set()))[1].add(spec.feature_layer)
@@ -288,19 +293,20 @@ def extract_banks(labels: str | os.PathLike | LabelTable, specs, *,
         for spec in group:
             result = {split: SplitFeatures(feats[split][net_key(spec), spec.feature_layer], table.targets(split),
                                            list(table.split(split)["path"])) for split in splits}
-            banks[spec.name] = _finish_bank(table, spec, resolved[spec], result, splits, seconds, device,
-                                            shared=len(group), cache=cache if use_cache else None)
+            bank = _finish_bank(table, spec, resolved[spec], result, keys[spec], seconds, device, shared=len(group))
+            if use_cache:
+                save_bank(bank, cache / bank.key)
+            banks[spec.name] = bank
     return {spec.name: banks[spec.name] for spec in specs}
 
 
 def _finish_bank(table: LabelTable, spec: FeatureSpec, resolved: ResolvedWeights,
-                 result: dict[str, SplitFeatures], splits, seconds: float, device: torch.device, *,
-                 shared: int, cache: Path | None) -> FeatureBank:
-    """A FeatureBank from extracted splits (train view-0 statistics), saved into ``cache`` when given."""
+                 result: dict[str, SplitFeatures], key: str, seconds: float, device: torch.device, *,
+                 shared: int) -> FeatureBank:
+    """A FeatureBank from extracted splits, with the train view-0 statistics that standardise a head."""
     train0 = result["train"].features[:, 0, :].astype(np.float32)  # (N, D)
     n_images = sum(len(s) for s in result.values())
     n_views = sum(len(s) * s.features.shape[1] for s in result.values())
-    key = bank_key(table, spec, resolved.identity, splits)
     bank = FeatureBank(spec=spec, weights=resolved.identity, pretrained=resolved.pretrained,
                        classes=table.classes, splits=result, mean=train0.mean(0), std=train0.std(0),
                        key=key, seconds=seconds, from_cache=False,
@@ -310,8 +316,6 @@ def _finish_bank(table: LabelTable, spec: FeatureSpec, resolved: ResolvedWeights
     log.info("feature bank %s: %d images, %d backbone passes in %.1fs (%.1f img/s)%s, %.1f MB",
              spec.name, n_images, n_views, seconds, bank.info["images_per_s"],
              f" (one decode pass shared by {shared} banks)" if shared > 1 else "", bank.nbytes() / 1e6)
-    if cache is not None:
-        save_bank(bank, cache / key)
     return bank
 
 
