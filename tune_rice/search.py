@@ -216,11 +216,11 @@ def _last_logged_step(trial_dir: str | os.PathLike | None, storage_fs=None, stor
         if storage_fs is not None and storage_dir:
             import pyarrow.fs
 
+            local = {f.name for f in files}  # already read from the local folder
             try:
                 infos = storage_fs.get_file_info(pyarrow.fs.FileSelector(storage_dir, allow_not_found=True))
                 for info in infos:
-                    if info.is_file and info.base_name.startswith(prefix) and \
-                            info.base_name not in {f.name for f in files}:
+                    if info.is_file and info.base_name.startswith(prefix) and info.base_name not in local:
                         with storage_fs.open_input_stream(info.path) as src:
                             (Path(tmp) / info.base_name).write_bytes(src.readall())
                         files.append(Path(tmp) / info.base_name)
@@ -598,11 +598,15 @@ def run_search(args) -> dict:
                             f"({exp_dir / ARGS_FILE} not found)")
         _restore_args(exp_dir, args)
         uri = _is_uri(args.storage_path)
-        if (exp_dir / "test_metrics.json").is_file() or (uri and _remote_read(ray_exp_path, "test_metrics.json")):
+
+        def finished_file(name: str) -> bytes | None:  # from the local folder, else from the storage URI
+            local = exp_dir / name
+            return local.read_bytes() if local.is_file() else (_remote_read(ray_exp_path, name) if uri else None)
+
+        if finished_file("test_metrics.json") is not None:
             # Finished already: the test split was scored once; scoring it again would break that promise.
             where = ray_exp_path if uri else exp_dir
-            summary = (exp_dir / "summary.txt").read_bytes() if (exp_dir / "summary.txt").is_file() else \
-                (_remote_read(ray_exp_path, "summary.txt") if uri else None)
+            summary = finished_file("summary.txt")
             print(summary.decode() if summary else f"{where}: finished", flush=True)
             raise UserError(f"--resume: {args.name!r} already finished (test split scored, results in {where}); "
                             "nothing to resume")
