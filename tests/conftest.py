@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -19,6 +20,31 @@ def _isolated_caches(tmp_path_factory, monkeypatch):
     cache = tmp_path_factory.getbasetemp() / "tune_rice_cache"
     monkeypatch.setenv("TUNE_RICE_CACHE", str(cache))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.getbasetemp() / "torch_home"))
+
+
+@contextlib.contextmanager
+def local_ray(tmp_path_factory, **init_kwargs):
+    """A local Ray for a test module, its workers on the same isolated caches as ``_isolated_caches``
+    (workers inherit the driver's environment at ``ray.init``, so it is set here, for the module)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    base = tmp_path_factory.getbasetemp()
+    env = {"TUNE_RICE_CACHE": str(base / "tune_rice_cache"), "TORCH_HOME": str(base / "torch_home"),
+           "TUNE_RICE_OFFLINE": "1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", **init_kwargs)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 CLASS_COLOURS = {"alpha": (200, 60, 50), "beta": (50, 170, 60), "gamma": (60, 80, 200)}

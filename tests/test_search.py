@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import make_separable_dataset
+from conftest import local_ray, make_separable_dataset
 from torch.utils.tensorboard import SummaryWriter
 
 from tune_rice import search
@@ -79,27 +79,11 @@ def _worker_hook(trace: str, control: str):
 @pytest.fixture(scope="module")
 def ray_local(tmp_path_factory):
     """One local Ray for the module (``search._init_ray`` leaves an initialised Ray alone)."""
-    if ray.is_initialized():
-        ray.shutdown()
-    base = tmp_path_factory.getbasetemp()
     hooks = tmp_path_factory.mktemp("hooks")
     trace, control = hooks / "reads.txt", hooks / "control.json"
-    # Workers inherit the driver's environment at ray.init: the same caches as the autouse fixture.
-    env = {"TUNE_RICE_CACHE": str(base / "tune_rice_cache"), "TORCH_HOME": str(base / "torch_home"),
-           "TUNE_RICE_OFFLINE": "1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"worker_process_setup_hook": _worker_hook(str(trace), str(control))})
-    try:
+    with local_ray(tmp_path_factory,
+                   runtime_env={"worker_process_setup_hook": _worker_hook(str(trace), str(control))}):
         yield {"trace": trace, "control": control, "address": ray.get_runtime_context().gcs_address}
-    finally:
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -278,10 +262,15 @@ def test_tensorboard_callback_writes_each_epoch_once_across_restarts(tmp_path):
     first = search._tensorboard_callback_cls()()
     first.log_trial_start(trial)
     epochs(first, trial, [1, 2, 3, 4])
+    # An event file is named by the second it was opened, then a per-process counter compared as text
+    # ("10" < "9"), and TensorBoard reads a folder's files in name order. Real restarts are seconds
+    # apart; so are the writers here, or their files could be read out of order.
+    time.sleep(1.05)
     first.log_trial_start(trial)  # retried after a crash, restored from epoch 2's checkpoint
     epochs(first, trial, [3, 4, 5])
     first.log_trial_end(trial)
     # Ray's own copies share the folder; they do not count as ours
+    time.sleep(1.05)
     ray_writer = SummaryWriter(trial.local_path)
     ray_writer.add_scalar("ray/tune/valid/acc", 0.9, global_step=50)
     ray_writer.close()
@@ -290,6 +279,7 @@ def test_tensorboard_callback_writes_each_epoch_once_across_restarts(tmp_path):
 
     again = FakeTrial(tmp_path / "session2" / "trial_x")  # --resume: a new driver in a new Ray session
     assert search._last_logged_step(again.local_path, again.storage.storage_filesystem, again.path) == 5
+    time.sleep(1.05)
     resumed = search._tensorboard_callback_cls()()
     resumed.log_trial_start(again)
     epochs(resumed, again, [4, 5, 6])

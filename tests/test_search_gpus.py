@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_separable_dataset
+from conftest import local_ray, make_separable_dataset
 
 from tune_rice import search
 
@@ -56,25 +56,10 @@ def _timing_hook(log: str, seconds: float):
 
 @pytest.fixture(scope="module")
 def ray_with_logical_gpus(tmp_path_factory):
-    if ray.is_initialized():
-        ray.shutdown()
-    base = tmp_path_factory.getbasetemp()
     log = tmp_path_factory.mktemp("timing") / "epochs.txt"
-    env = {"TUNE_RICE_CACHE": str(base / "tune_rice_cache"), "TORCH_HOME": str(base / "torch_home"),
-           "TUNE_RICE_OFFLINE": "1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"worker_process_setup_hook": _timing_hook(str(log), EPOCH_SECONDS)})
-    try:
+    with local_ray(tmp_path_factory, num_gpus=2,
+                   runtime_env={"worker_process_setup_hook": _timing_hook(str(log), EPOCH_SECONDS)}):
         yield log
-    finally:
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _argv(tmp_path: Path, name: str, *extra) -> list[str]:
