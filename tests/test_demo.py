@@ -127,11 +127,11 @@ def test_fills_an_existing_empty_folder(tmp_path):
 def test_failed_run_leaves_nothing_behind(tmp_path, monkeypatch):
     calls = []
 
-    def flaky(job, size, seed):
+    def flaky(job, *args):
         calls.append(job)
         if len(calls) == 5:
             raise RuntimeError("killed")
-        return real(job, size, seed)
+        return real(job, *args)
 
     real = demo._render_job
     monkeypatch.setattr(demo, "_render_job", flaky)
@@ -210,3 +210,117 @@ def test_colour_histogram_nearest_centroid_beats_chance(tmp_path):
     majority = np.bincount(y[test]).max() / test.sum()
     assert test.sum() > 120
     assert accuracy > 0.5 and accuracy > majority + 0.12, (accuracy, majority)
+
+
+# ----------------------------------------------------------------------------------- other families
+@pytest.fixture(scope="module", params=["plain", "scans"])
+def family_set(request, tmp_path_factory) -> tuple[str, Path]:
+    """A tiny set of each non-default family: per_class=8, 64 px, seed 0."""
+    family = request.param
+    root = demo.generate_demo(tmp_path_factory.mktemp(family) / "out", per_class=8, size=SIZE, seed=0,
+                              family=family)
+    return family, root
+
+
+def _border(a: np.ndarray) -> np.ndarray:
+    """The left and right eighths of a greyscale image, flattened: beside an upright leaf."""
+    w = a.shape[1] // 8
+    return np.concatenate([a[:, :w].ravel(), a[:, -w:].ravel()])
+
+
+def test_families_layout_mode_and_character(family_set, small):
+    family, root = family_set
+    counts = demo.class_counts(8)
+    assert _marker(root)["family"] == family
+    for label in demo.CLASSES:
+        files = sorted((root / label).glob("*.jpg"))
+        assert len(files) == counts[label]
+        for f in files:
+            with Image.open(f) as im:
+                assert im.size == (SIZE, SIZE)
+                assert im.mode == ("L" if family == "scans" else "RGB")
+    # The background is a plain sheet (or paper): the left and right eighths vary far less than a field
+    # picture's, and the middle (where the leaf lies) differs from the border.
+    spread = {}
+    for name, folder in ((family, root), ("field", small)):
+        files = sorted(folder.glob("*/*.jpg"))
+        arrays = [np.asarray(Image.open(f).convert("L"), dtype=np.float64) for f in files]
+        spread[name] = np.median([_border(a).std() for a in arrays])
+        if name == family:
+            centre_vs_border = [abs(a[SIZE // 3: 2 * SIZE // 3, SIZE // 2 - 4: SIZE // 2 + 4].mean()
+                                    - _border(a).mean()) for a in arrays]
+            assert np.median(centre_vs_border) > 10
+    assert spread[family] < 0.5 * spread["field"], spread
+
+
+def test_families_same_seed_is_byte_identical_and_differs_from_field(family_set, small, tmp_path):
+    family, root = family_set
+    again = demo.generate_demo(tmp_path / "again", per_class=8, size=SIZE, seed=0, family=family)
+    assert _snapshot(again) == _snapshot(root)
+    a, b = _snapshot(root), _snapshot(small)
+    assert sum(a[k] == b[k] for k in a if not k.startswith(".")) == 0
+    before = _snapshot(root)
+    with pytest.raises(UserError, match="other parameters"):  # another family is another data set
+        demo.generate_demo(root, per_class=8, size=SIZE, seed=0)
+    assert _snapshot(root) == before
+
+
+def test_families_near_duplicates_look_like_their_source(family_set):
+    family, root = family_set
+    dups = _marker(root)["near_duplicates"]
+    assert len(dups) >= 1
+    def corr(p: Path, q: Path) -> float:  # brightness-blind: distinct pictures here differ less than that
+        x, y = (np.asarray(Image.open(f).convert("L"), dtype=np.float64).ravel() for f in (p, q))
+        return float(np.corrcoef(x, y)[0, 1])
+
+    for d in dups:
+        others = [p for p in (root / d["source"]).parent.glob("*.jpg")
+                  if p.name not in (Path(d["path"]).name, Path(d["source"]).name)]
+        # Closer to its source than any other image of the class is.
+        assert corr(root / d["path"], root / d["source"]) > max(corr(root / d["path"], p) for p in others)
+
+
+def test_scans_are_drawn_small_and_upscaled():
+    # Upscaled 2-3x, an image is locally linear between neighbouring pixels: a step of two pixels
+    # changes it about twice as much as a step of one. A picture drawn at full size (sensor noise,
+    # sharp edges) is far from that.
+    def step_ratio(arr: np.ndarray) -> float:
+        a = arr.astype(np.float64)
+        return np.abs(a[:, 2:] - a[:, :-2]).mean() / np.abs(np.diff(a, axis=1)).mean()
+
+    scans = [step_ratio(demo.render_image("Hispa", i, size=256, family="scans")[0]) for i in range(1, 4)]
+    field = [step_ratio(np.asarray(Image.fromarray(demo.render_image("Hispa", i, size=256)[0]).convert("L")))
+             for i in range(1, 4)]
+    assert min(scans) > 1.7 > max(field), (scans, field)
+
+
+def test_old_marker_without_family_is_a_field_set(small, tmp_path):
+    import shutil
+    old = tmp_path / "old"
+    shutil.copytree(small, old)
+    marker = _marker(old)
+    del marker["family"]
+    (old / demo.MARKER).write_text(json.dumps(marker))
+    assert demo.generate_demo(old, per_class=8, size=SIZE, seed=0) == old  # still "ready"
+    with pytest.raises(UserError, match="other parameters"):
+        demo.generate_demo(old, per_class=8, size=SIZE, seed=0, family="plain")
+
+
+def test_family_names_and_cli(tmp_path, capsys, monkeypatch):
+    with pytest.raises(UserError, match="unknown image family 'photos'.*field, plain, scans"):
+        demo.generate_demo(tmp_path / "x", per_class=2, size=SIZE, family="photos")
+    assert not (tmp_path / "x").exists()
+    assert demo.dataset_name(per_class=2, size=48, seed=1, family="plain") == "rice-plain-p2-s48-seed1"
+    assert demo.dataset_name(per_class=2, size=48, seed=1) == "rice-p2-s48-seed1"
+    monkeypatch.setenv("TUNE_RICE_CACHE", str(tmp_path / "cache"))
+    root = demo.ensure_demo(per_class=2, size=48, seed=1, family="scans")
+    assert root.name == "rice-scans-p2-s48-seed1" and _marker(root)["family"] == "scans"
+    out = tmp_path / "cli"
+    assert demo.main([str(out), "--family", "plain", "--per-class", "2", "--size", "48"]) == 0
+    assert _marker(out)["family"] == "plain"
+    capsys.readouterr()
+    assert demo.main([str(tmp_path / "bad"), "--family", "photos"]) == 2
+    assert "photos" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    assert demo.main(["--help"]) == 0
+    assert "scans" in capsys.readouterr().out

@@ -21,6 +21,12 @@ Counts are imbalanced like the real set (Healthy largest, see :data:`CLASS_MULTI
 of the files are near-duplicates of another image of the same class (re-encoded, shifted by a few
 pixels or brightened), listed in the marker file ``OUT/.tune_rice_demo.json``.
 
+Two more families of picture carry the same classes and marks (``--family``, :data:`FAMILIES`), for
+features that must hold on data of other character: ``plain``, a cut piece of leaf laid centred and
+upright on a grey or white sheet (distinct pictures whose layout is nearly the same, as many public
+disease sets are shot), and ``scans``, greyscale pen drawings of such leaves drawn at a third to a half
+of the size and upscaled. ``field``, the pictures above, is the default.
+
 Each image depends only on ``(seed, class, index)``: its random numbers come from a numpy Generator
 seeded with exactly that, so the same seed gives byte-identical files whatever the order or the number
 of worker processes (with the same numpy and Pillow versions).
@@ -61,6 +67,14 @@ DUPLICATE_FRACTION = 0.02
 MARKER = ".tune_rice_demo.json"
 FORMAT = 1  # bump when the pictures change, so an old cached dataset is not taken for a new one
 MAX_PER_CLASS = 100_000
+# The kinds of picture: the same classes and marks, in three settings of different character.
+FAMILIES = {
+    "field": "one blade in the field over soil, water or other leaves, any angle and scale (the default)",
+    "plain": "a cut piece of leaf laid centred and upright on a grey or white sheet: distinct images "
+             "with near-identical layout, as many disease sets are shot",
+    "scans": "greyscale pen drawings of such leaves (outlines, hatched marks), scanned small and upscaled",
+}
+DEFAULT_FAMILY = "field"
 MIN_SIZE, MAX_SIZE = 32, 2048
 
 # Extra entropy words after (seed, class, index): separate streams for the plan and the duplicates.
@@ -69,6 +83,12 @@ _DUP_STREAM = 2
 
 
 # ------------------------------------------------------------------------------------------ the plan
+def check_family(family: str) -> str:
+    if family not in FAMILIES:
+        raise UserError(f"unknown image family {family!r}; valid: {', '.join(FAMILIES)}")
+    return family
+
+
 def class_counts(per_class: int) -> dict[str, int]:
     """Images per class for ``per_class`` (originals and near-duplicates together)."""
     return {c: max(1, int(math.floor(CLASS_MULTIPLIERS[c] * per_class + 0.5))) for c in CLASSES}
@@ -162,6 +182,13 @@ def _background(rng: np.random.Generator, S: int, sc: float) -> np.ndarray:
     return np.asarray(canvas, dtype=np.float32) / 255.0
 
 
+def _sheet(rng: np.random.Generator, S: int) -> np.ndarray:
+    """A plain backdrop (S, S, 3) float32: a grey card or a white sheet, faintly tinted and uneven."""
+    level = rng.uniform(0.5, 0.72) if rng.random() < 0.5 else rng.uniform(0.84, 0.96)
+    tint = (level * rng.uniform(0.97, 1.03, size=3)).astype(np.float32)
+    return tint * (1 + 0.03 * (_smooth_noise(rng, S, 4) - 0.5))[..., None]
+
+
 @dataclass
 class _Blade:
     """The main leaf in image pixels: ``u`` runs along the axis towards the tip, ``v`` across it."""
@@ -174,6 +201,7 @@ class _Blade:
     taper: float  # length over which the blade narrows to the tip (px)
     bend: float  # curvature: v is measured from the curve v = bend * u^2 / S
     S: int
+    base: float = -math.inf  # u where a cut piece of leaf ends (px); -inf: it runs out of the frame
 
     @classmethod
     def random(cls, rng: np.random.Generator, S: int) -> _Blade:
@@ -182,6 +210,15 @@ class _Blade:
                    theta=rng.uniform(0, 2 * math.pi), width=S * rng.uniform(0.25, 0.45),
                    tip=S * (rng.uniform(0.2, 0.6) if tip_in_frame else rng.uniform(1.0, 1.5)),
                    taper=S * rng.uniform(0.5, 1.1), bend=rng.uniform(-0.25, 0.25), S=S)
+
+    @classmethod
+    def laid_out(cls, rng: np.random.Generator, S: int) -> _Blade:
+        """A cut piece of leaf laid on a sheet the way a photographer does it every time: centred,
+        tip up, nearly upright, the whole piece in the frame. Distinct leaves look alike as a whole."""
+        return cls(cx=S * (0.5 + rng.uniform(-0.04, 0.04)), cy=S * (0.5 + rng.uniform(-0.04, 0.04)),
+                   theta=-math.pi / 2 + rng.uniform(-0.15, 0.15), width=S * rng.uniform(0.2, 0.3),
+                   tip=S * rng.uniform(0.36, 0.46), taper=S * rng.uniform(0.3, 0.6),
+                   bend=rng.uniform(-0.12, 0.12), S=S, base=-S * rng.uniform(0.36, 0.46))
 
     def frame(self, xx: np.ndarray, yy: np.ndarray, dx: float = 0.0, dy: float = 0.0):
         """Per pixel: (u, v, half-width at u), all (S, S) px; ``dx, dy`` shift the blade (its shadow)."""
@@ -404,19 +441,43 @@ def _distractors(leaf: _Leaf, p: float) -> None:
 _SIGNATURES = {"BrownSpot": _brown_spots, "LeafBlast": _blast_lesions, "Hispa": _hispa_damage}
 
 
-def render_image(label: str, index: int, *, size: int = 256, seed: int = 0) -> tuple[np.ndarray, int]:
-    """Draw image ``index`` of class ``label``: (uint8 RGB array (size, size, 3), its JPEG quality)."""
+def render_image(label: str, index: int, *, size: int = 256, seed: int = 0,
+                 family: str = "field") -> tuple[np.ndarray, int]:
+    """Draw image ``index`` of class ``label`` in ``family``: (uint8 array, its JPEG quality).
+
+    The array is RGB (size, size, 3) for ``field`` and ``plain``, greyscale (size, size) for ``scans``.
+    """
     if label not in CLASSES:
         raise UserError(f"unknown class {label!r}; valid: {', '.join(CLASSES)}")
+    check_family(family)
     rng = image_rng(seed, label, index)
-    S, sc = int(size), size / 256.0
+    if family == "scans":
+        # Drawn small, then upscaled like an old scan blown up to the set's size.
+        small = max(MIN_SIZE // 2, int(round(size * rng.uniform(0.33, 0.5))))
+        grey = _scan(rng, _photo(rng, label, small, "plain"), small)
+        resample = Image.Resampling.BILINEAR if rng.random() < 0.5 else Image.Resampling.BICUBIC
+        up = Image.fromarray((np.clip(grey, 0, 1) * 255 + 0.5).astype(np.uint8)).resize((size, size), resample)
+        return np.asarray(up), int(rng.integers(70, 96))
+    # A sheet is shot under even studio light: a third of the field's lighting gradient and vignette.
+    light = 1.0 if family == "field" else 1 / 3
+    return _camera(rng, _photo(rng, label, int(size), family), int(size), light=light)
+
+
+def _photo(rng: np.random.Generator, label: str, S: int, family: str) -> np.ndarray:
+    """The scene before the camera (S, S, 3) float32: the background, the leaf and its shadow."""
+    sc = S / 256.0
     healthy = label == "Healthy"
     yy, xx = np.mgrid[0:S, 0:S].astype(np.float32) + 0.5
-    img = _background(rng, S, sc)
-
-    blade = _Blade.random(rng, S)
+    if family == "field":
+        img = _background(rng, S, sc)
+        blade = _Blade.random(rng, S)
+    else:
+        img = _sheet(rng, S)
+        blade = _Blade.laid_out(rng, S)
     u, v, hw = blade.frame(xx, yy)
     alpha = np.clip(hw - np.abs(v) + 0.5, 0, 1) * np.clip(2 * hw, 0, 1)  # antialiased edge, fading tip
+    if family != "field":  # a cut piece of leaf: its base ends inside the frame too
+        alpha *= np.clip(u - blade.base + 0.5, 0, 1)
     colour = _leaf_colour(rng, label, blade, u, v, hw, S)
     if rng.random() < (0.5 if healthy else 0.2):  # a torn tip: ragged cut, dried edge
         u_cut = blade.tip - rng.uniform(0.15, 0.5) * blade.taper
@@ -434,24 +495,53 @@ def render_image(label: str, index: int, *, size: int = 256, seed: int = 0) -> t
 
     # The blade's soft shadow on what is behind it, then the blade itself.
     shift, ang = rng.uniform(2, 8) * sc, rng.uniform(0, 2 * math.pi)
-    _, sv, shw = blade.frame(xx, yy, shift * math.cos(ang), shift * math.sin(ang))
+    su, sv, shw = blade.frame(xx, yy, shift * math.cos(ang), shift * math.sin(ang))
     shadow = np.clip(shw - np.abs(sv), 0, 1) * np.clip(2 * shw, 0, 1)
+    if family != "field":
+        shadow *= np.clip(su - blade.base + 0.5, 0, 1)
     shadow = ndimage.gaussian_filter(shadow, sigma=max(rng.uniform(2, 6) * sc, 0.5))
     img *= (1 - rng.uniform(0.15, 0.45) * shadow)[..., None]
     img += (leaf.colour - img) * alpha[..., None]
 
-    # Camera: lighting gradient and vignette, exposure, white balance, a little blur, sensor noise.
+    return img
+
+
+def _camera(rng: np.random.Generator, img: np.ndarray, S: int, *, light: float = 1.0) -> tuple[np.ndarray, int]:
+    """The camera's marks on a scene (S, S, 3): uint8 RGB and the JPEG quality to save it at.
+
+    ``light`` scales the strength of the lighting gradient and the vignette."""
+    sc = S / 256.0
+    yy, xx = np.mgrid[0:S, 0:S].astype(np.float32) + 0.5
+    # Lighting gradient and vignette, exposure, white balance, a little blur, sensor noise.
     phi = rng.uniform(0, 2 * math.pi)
-    light = 1 + rng.uniform(0.15, 0.5) * ((xx - S / 2) * math.cos(phi) + (yy - S / 2) * math.sin(phi)) / S
-    light *= 1 - rng.uniform(0.0, 0.25) * ((xx - S / 2) ** 2 + (yy - S / 2) ** 2) / (S / 2) ** 2
+    gradient = light * rng.uniform(0.15, 0.5)
+    shade = 1 + gradient * ((xx - S / 2) * math.cos(phi) + (yy - S / 2) * math.sin(phi)) / S
+    shade *= 1 - light * rng.uniform(0.0, 0.25) * ((xx - S / 2) ** 2 + (yy - S / 2) ** 2) / (S / 2) ** 2
     gain = rng.uniform(0.85, 1.2) * rng.uniform(0.93, 1.07, size=3).astype(np.float32)
-    img *= light[..., None] * gain
+    img *= shade[..., None] * gain
     sigma = rng.uniform(0.3, 0.9) * sc
     if sigma >= 0.25:
         img = ndimage.gaussian_filter(img, sigma=(sigma, sigma, 0))
     img += rng.standard_normal(img.shape, dtype=np.float32) * rng.uniform(0.004, 0.018)
     quality = int(rng.integers(70, 96))
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), quality
+
+
+def _scan(rng: np.random.Generator, scene: np.ndarray, S: int) -> np.ndarray:
+    """A pen drawing of a scene on paper (S, S) float32 in 0..1: outlines and veins in ink, the dark
+    marks hatched, on slightly uneven paper, as a flatbed scanner sees it."""
+    grey = scene @ np.array([0.299, 0.587, 0.114], np.float32)  # (S, S)
+    soft = ndimage.gaussian_filter(grey, 0.6 * max(S / 128.0, 0.5))
+    edges = np.hypot(ndimage.sobel(soft, 0), ndimage.sobel(soft, 1))
+    ink = np.clip((edges - 0.06) * rng.uniform(2.5, 4.0), 0, 1)
+    yy, xx = np.mgrid[0:S, 0:S].astype(np.float32)
+    period = max(3.0, S / rng.uniform(24, 40))
+    hatch = (((xx + yy) % period) < 0.45 * period).astype(np.float32)
+    dark = np.clip((rng.uniform(0.38, 0.48) - grey) * 3.0, 0, 1)
+    paper = rng.uniform(0.86, 0.97) * (1 + 0.04 * (_smooth_noise(rng, S, 5) - 0.5))
+    out = paper * (1 - rng.uniform(0.75, 0.95) * ink) * (1 - 0.5 * dark * hatch)
+    out = ndimage.gaussian_filter(out, rng.uniform(0.3, 0.6))
+    return out + rng.standard_normal(out.shape, dtype=np.float32) * rng.uniform(0.003, 0.012)
 
 
 def _jpeg(image: Image.Image | np.ndarray, quality: int) -> bytes:
@@ -465,7 +555,7 @@ def _jpeg(image: Image.Image | np.ndarray, quality: int) -> bytes:
 def _near_duplicate(original: bytes, rng: np.random.Generator, quality: int) -> tuple[bytes, str]:
     """Another file of the same picture: decoded, maybe shifted and/or brightened, re-encoded."""
     with Image.open(io.BytesIO(original)) as im:
-        im = im.convert("RGB")
+        im = im.convert("L" if im.mode == "L" else "RGB")  # a greyscale scan stays greyscale
     S = im.width
     how = []
     kind = rng.choice(3)  # 0: re-encode only, 1: shift, 2: brighten (each also re-encodes)
@@ -485,12 +575,12 @@ def _near_duplicate(original: bytes, rng: np.random.Generator, quality: int) -> 
     return _jpeg(im, q), "+".join(how)
 
 
-def _render_job(job: _Job, size: int, seed: int) -> tuple[str, bytes, str]:
+def _render_job(job: _Job, size: int, seed: int, family: str = DEFAULT_FAMILY) -> tuple[str, bytes, str]:
     """(relative path, JPEG bytes, how it was made) for one file."""
     if job.source is None:
-        arr, quality = render_image(job.label, job.index, size=size, seed=seed)
+        arr, quality = render_image(job.label, job.index, size=size, seed=seed, family=family)
         return job.relpath, _jpeg(arr, quality), ""
-    arr, quality = render_image(job.label, job.source, size=size, seed=seed)
+    arr, quality = render_image(job.label, job.source, size=size, seed=seed, family=family)
     data, how = _near_duplicate(_jpeg(arr, quality), image_rng(seed, job.label, job.index, _DUP_STREAM), quality)
     return job.relpath, data, how
 
@@ -500,8 +590,9 @@ def _render_star(args):
 
 
 # ---------------------------------------------------------------------------------- the dataset folder
-def _params(per_class: int, size: int, seed: int) -> dict:
-    return {"generator": "tune_rice.demo", "format": FORMAT, "per_class": per_class, "size": size, "seed": seed}
+def _params(per_class: int, size: int, seed: int, family: str = DEFAULT_FAMILY) -> dict:
+    return {"generator": "tune_rice.demo", "format": FORMAT, "family": family, "per_class": per_class,
+            "size": size, "seed": seed}
 
 
 def _check_params(per_class, size, seed, *, names=("per_class", "size", "seed")) -> tuple[int, int, int]:
@@ -534,10 +625,12 @@ def _existing(out: Path, params: dict) -> str:
                         "choose a new or empty folder") from None
     except (OSError, ValueError) as e:
         raise UserError(f"{marker}: unreadable marker ({e}); delete {out} or choose another folder") from None
-    got = {k: found.get(k) for k in params} if isinstance(found, dict) else {}
+    # Markers written before there were families hold field pictures.
+    got = {k: found.get(k, DEFAULT_FAMILY if k == "family" else None) for k in params} \
+        if isinstance(found, dict) else {}
     if got != params:
         def show(d):
-            return ", ".join(f"{k}={d.get(k)}" for k in ("per_class", "size", "seed", "format"))
+            return ", ".join(f"{k}={d.get(k)}" for k in ("family", "per_class", "size", "seed", "format"))
         raise UserError(f"{out}: holds a demo dataset made with other parameters ({show(got)}, not "
                         f"{show(params)}); delete it or choose another folder")
     for label, n in found.get("counts", {}).items():
@@ -554,21 +647,23 @@ def _default_workers(n_images: int) -> int:
 
 
 def generate_demo(out_dir: str | os.PathLike, *, per_class: int = 200, size: int = 256, seed: int = 0,
-                  workers: int | None = None) -> Path:
+                  family: str = DEFAULT_FAMILY, workers: int | None = None) -> Path:
     """Write the synthetic dataset to ``out_dir`` and return it as a Path.
 
     ``per_class`` scales the class sizes (:func:`class_counts`), ``size`` is the square image side in
-    pixels, ``seed`` fixes every pixel. Idempotent: if ``out_dir`` already holds a demo made with the
+    pixels, ``seed`` fixes every pixel, ``family`` is the kind of picture (:data:`FAMILIES`). Idempotent: if ``out_dir`` already holds a demo made with the
     same parameters nothing is written. A non-empty folder that is not such a demo is refused
     (:class:`UserError`) and left alone. Files are generated in ``<out_dir>.tmp-<pid>`` and renamed at
     the end, so an interrupted run never leaves a half dataset at ``out_dir``. ``workers`` processes
     draw in parallel (default: by CPU count and dataset size; the output does not depend on it).
     """
     per_class, size, seed = _check_params(per_class, size, seed)
+    check_family(family)
     out = Path(out_dir).expanduser()
-    params = _params(per_class, size, seed)
+    params = _params(per_class, size, seed, family)
     if _existing(out, params) == "ready":
-        log.info("%s: demo dataset already there (per_class=%d, size=%d, seed=%d)", out, per_class, size, seed)
+        log.info("%s: demo dataset already there (family=%s, per_class=%d, size=%d, seed=%d)", out, family,
+                 per_class, size, seed)
         return out
     jobs = _plan(per_class, seed)
     workers = _default_workers(len(jobs)) if workers is None else max(1, int(workers))
@@ -584,7 +679,7 @@ def generate_demo(out_dir: str | os.PathLike, *, per_class: int = 200, size: int
         for label in CLASSES:
             (tmp / label).mkdir(parents=True)
         duplicates = []
-        args = [(job, size, seed) for job in jobs]
+        args = [(job, size, seed, family) for job in jobs]
         with _progress(len(jobs)) as bar:
             if workers > 1:
                 ctx = multiprocessing.get_context("spawn")  # no fork of a parent that may hold torch threads
@@ -633,8 +728,9 @@ def _progress(total: int):
     return tqdm(total=total, desc="demo images", unit="img", disable=None, leave=False)
 
 
-def dataset_name(*, per_class: int = 200, size: int = 256, seed: int = 0) -> str:
-    return f"rice-p{per_class}-s{size}-seed{seed}"
+def dataset_name(*, per_class: int = 200, size: int = 256, seed: int = 0, family: str = DEFAULT_FAMILY) -> str:
+    kind = "" if family == DEFAULT_FAMILY else f"{family}-"
+    return f"rice-{kind}p{per_class}-s{size}-seed{seed}"
 
 
 def default_demo_dir() -> Path:
@@ -643,16 +739,18 @@ def default_demo_dir() -> Path:
     return (Path(base).expanduser() if base else Path.home() / ".cache" / "tune_rice") / "demo"
 
 
-def ensure_demo(*, per_class: int = 200, size: int = 256, seed: int = 0,
+def ensure_demo(*, per_class: int = 200, size: int = 256, seed: int = 0, family: str = DEFAULT_FAMILY,
                 root: str | os.PathLike | None = None) -> Path:
     """The demo dataset folder ``<root>/rice-p<N>-s<PX>-seed<S>``, generated first if missing.
 
-    ``root`` defaults to :func:`default_demo_dir`.
+    Families other than ``field`` get ``rice-<family>-p<N>-...``. ``root`` defaults to
+    :func:`default_demo_dir`.
     """
     per_class, size, seed = _check_params(per_class, size, seed)
+    check_family(family)
     root = Path(root).expanduser() if root is not None else default_demo_dir()
-    return generate_demo(root / dataset_name(per_class=per_class, size=size, seed=seed),
-                         per_class=per_class, size=size, seed=seed)
+    return generate_demo(root / dataset_name(per_class=per_class, size=size, seed=seed, family=family),
+                         per_class=per_class, size=size, seed=seed, family=family)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -672,6 +770,9 @@ def build_parser() -> argparse.ArgumentParser:
                "OUT that is not such a dataset is refused.")
     parser.add_argument("out", metavar="OUT", help="output folder: new, empty, or a previous demo with the "
                                                    "same parameters")
+    parser.add_argument("--family", default=DEFAULT_FAMILY, choices=list(FAMILIES),
+                        help="kind of picture, same classes and marks in each: "
+                             + "; ".join(f"{k}: {v}" for k, v in FAMILIES.items()))
     parser.add_argument("--per-class", type=int, default=200, metavar="N",
                         help="images per class before the imbalance multipliers (default: %(default)s)")
     parser.add_argument("--size", type=int, default=256, metavar="PX",
@@ -692,7 +793,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
     _check_params(args.per_class, args.size, args.seed, names=("--per-class", "--size", "--seed"))
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
-    generate_demo(args.out, per_class=args.per_class, size=args.size, seed=args.seed, workers=args.workers)
+    generate_demo(args.out, per_class=args.per_class, size=args.size, seed=args.seed, family=args.family,
+                  workers=args.workers)
     return 0
 
 
