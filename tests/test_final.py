@@ -1,0 +1,189 @@
+"""The final model's numbers against direct computations: selection, temperature, calibration, coverage."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tune_rice import UserError, final
+
+
+def _candidates(seed=0, n=300, c=4, m=8):
+    """``m`` noisy candidates' logits for ``n`` images of ``c`` classes: each sees the truth plus its own
+    noise, so averaging helps, and the scales differ so that calibration is off."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, c, n)
+    truth = np.eye(c)[y] * 2.0
+    return [(truth + rng.normal(0, 1.6 + 0.1 * i, (n, c))) * (0.6 + 0.3 * i) for i in range(m)], y
+
+
+# ------------------------------------------------------------------------------------------ metrics
+def test_nll_and_brier_match_torch_and_the_definition():
+    logits, y = _candidates(1)[0][0], _candidates(1)[1]
+    ref = torch.nn.functional.cross_entropy(torch.tensor(logits), torch.tensor(y)).item()
+    assert final.nll(logits, y) == pytest.approx(ref, rel=1e-12)
+    p = torch.softmax(torch.tensor(logits), 1).numpy()
+    assert np.allclose(final.softmax(logits), p)
+    by_hand = np.mean([sum((p[i, c] - (c == y[i])) ** 2 for c in range(p.shape[1])) for i in range(len(y))])
+    assert final.brier(p, y) == pytest.approx(by_hand, rel=1e-12)
+
+
+def test_ece_against_a_hand_computation():
+    # Five images, 2 classes. Top probabilities 0.95, 0.95, 0.6, 0.6, 0.55; correct: yes, no, yes, yes, no.
+    probs = np.array([[0.95, 0.05], [0.95, 0.05], [0.4, 0.6], [0.4, 0.6], [0.55, 0.45]])
+    y = np.array([0, 1, 1, 1, 1])
+    # 15 bins of width 1/15: 0.95 is in bin 14 (14/15 = 0.933, 1], 0.6 in bin 8 (0.533, 0.6],
+    # 0.55 in bin 8 too.
+    # bin 14: 2 images, conf 0.95, acc 0.5 -> |0.5 - 0.95| = 0.45
+    # bin 8: 3 images, conf (0.6 + 0.6 + 0.55) / 3 = 0.58333, acc 2/3 -> |0.66667 - 0.58333| = 0.08333
+    expected = 2 / 5 * 0.45 + 3 / 5 * abs(2 / 3 - 1.75 / 3)
+    assert final.ece(probs, y) == pytest.approx(expected, abs=1e-12)
+    bins = final.reliability_bins(probs, y)
+    assert bins["count"][14] == 2 and bins["count"][8] == 3 and sum(bins["count"]) == 5
+    assert bins["accuracy"][8] == pytest.approx(2 / 3) and np.isnan(bins["accuracy"][0])
+    # A bin's upper edge belongs to it: conf exactly 0.6 = 9/15 is in bin 8, not bin 9.
+    assert bins["count"][9] == 0
+
+
+def test_calibration_metrics_at_a_temperature_are_those_of_the_scaled_logits():
+    (z, *_), y = _candidates(2)
+    m = final.calibration_metrics(z, y, temperature=2.5)
+    p = final.softmax(z / 2.5)
+    assert m["nll"] == pytest.approx(final.nll(z / 2.5, y))
+    assert m["ece"] == pytest.approx(final.ece(p, y)) and m["brier"] == pytest.approx(final.brier(p, y))
+    assert m["acc"] == pytest.approx(np.mean(z.argmax(1) == y))  # a temperature never changes the argmax
+
+
+# -------------------------------------------------------------------------------------- temperature
+@pytest.mark.parametrize("seed", [0, 3])
+def test_fitted_temperature_minimises_valid_nll_on_a_grid(seed):
+    logits, y = _candidates(seed)
+    for z in (logits[0], logits[-1], sum(logits)):  # under-confident, over-confident, a sum
+        t = final.fit_temperature(z, y)
+        grid = np.exp(np.linspace(np.log(0.05), np.log(20), 4001))
+        losses = np.array([final.nll(z / g, y) for g in grid])
+        assert final.nll(z / t, y) <= losses.min() + 1e-9
+        # the grid's best is next to it (grid step in log T: 0.0015)
+        assert abs(np.log(t) - np.log(grid[losses.argmin()])) < 0.003
+
+
+def test_temperature_stops_at_its_bound_when_valid_is_separated():
+    y = np.array([0, 1, 0, 1])
+    z = np.array([[3.0, 0.0], [0.0, 3.0], [2.0, 0.0], [0.0, 2.0]])  # all right: NLL falls as T -> 0
+    assert final.fit_temperature(z, y) == pytest.approx(final.TEMPERATURE_BOUNDS[0])
+
+
+# ----------------------------------------------------------------------------------------- selection
+def test_ensemble_logits_are_the_weighted_mean_of_the_members():
+    logits, _ = _candidates(0)
+    got = final.ensemble_logits(logits, [3, 0, 5], [0.5, 0.3, 0.2])
+    assert np.allclose(got, 0.5 * logits[3] + 0.3 * logits[0] + 0.2 * logits[5], rtol=0, atol=1e-12)
+
+
+def test_greedy_selection_replays_by_direct_computation():
+    logits, y = _candidates(0)
+    sel = final.select_ensemble(logits, y, k=5, rounds=12)
+    assert sel.picks[0] == 0 and len(sel.picks) == 12 and len(set(sel.picks)) <= 5
+    # Replay: each pick is the argmin over the allowed candidates of the NLL of the mean of all picks.
+    for step in range(1, len(sel.picks)):
+        before = sel.picks[:step]
+        allowed = sorted(set(before)) if len(set(before)) >= 5 else range(len(logits))
+        scores = {c: final.nll(np.mean([logits[i] for i in before + [c]], axis=0), y) for c in allowed}
+        assert sel.picks[step] == min(scores, key=lambda c: (scores[c], c))
+        assert sel.history[step] == pytest.approx(scores[sel.picks[step]], abs=1e-12)
+    # The kept prefix is the best one; members/weights are its pick counts.
+    keep = int(np.argmin(sel.history)) + 1
+    kept = sel.picks[:keep]
+    assert sel.members == list(dict.fromkeys(kept))
+    assert sel.weights == pytest.approx([kept.count(m) / keep for m in sel.members]) and sum(sel.weights) == pytest.approx(1)
+    ens = final.ensemble_logits(logits, sel.members, sel.weights)
+    assert final.nll(ens, y) == pytest.approx(min(sel.history), abs=1e-12)
+    assert final.nll(ens, y) < final.nll(logits[0], y)  # on this data averaging helps
+    assert len(sel.members) >= 2
+    # Deterministic: same inputs, same ensemble.
+    assert final.select_ensemble(logits, y, k=5, rounds=12) == sel
+
+
+def test_selection_with_k1_or_no_improvement_is_the_single_best():
+    logits, y = _candidates(0)
+    sel = final.select_ensemble(logits, y, k=1)
+    assert sel.members == [0] and sel.weights == [1.0]
+    # Candidate 0 is perfect and confident; the others are noise: nothing is added.
+    rng = np.random.default_rng(0)
+    good = np.eye(4)[y] * 8.0
+    noise = [rng.normal(0, 1, good.shape) for _ in range(3)]
+    sel = final.select_ensemble([good] + noise, y, k=5)
+    assert sel.members == [0] and sel.weights == [1.0]
+
+
+def test_selection_limits_distinct_members_to_k():
+    logits, y = _candidates(5, m=10)
+    for k in (2, 3):
+        sel = final.select_ensemble(logits, y, k=k, rounds=30)
+        assert len(set(sel.picks)) <= k
+
+
+def test_bad_selection_inputs_are_clear():
+    logits, y = _candidates(0)
+    with pytest.raises(UserError, match="--ensemble must be >= 1"):
+        final.select_ensemble(logits, y, k=0)
+    with pytest.raises(ValueError, match="candidate 1"):
+        final.select_ensemble([logits[0], logits[1][:, :3]], y)
+
+
+# ------------------------------------------------------------------------------------------ coverage
+def test_coverage_curve_and_threshold_by_hand():
+    # top probabilities 0.9 (right), 0.8 (right), 0.8 (wrong), 0.6 (right), 0.5 (wrong)
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.2, 0.8], [0.4, 0.6], [0.5, 0.5]])
+    y = np.array([0, 0, 0, 1, 1])
+    curve = final.coverage_curve(probs, y)
+    assert curve["threshold"] == pytest.approx([0.9, 0.8, 0.6, 0.5])
+    assert curve["coverage"] == pytest.approx([0.2, 0.6, 0.8, 1.0])  # the tie at 0.8 is kept together
+    assert curve["accuracy"] == pytest.approx([1.0, 2 / 3, 3 / 4, 3 / 5])
+    assert final.suggest_threshold(probs, y, target_accuracy=0.7) == pytest.approx(
+        {"target_accuracy": 0.7, "threshold": 0.6, "coverage": 0.8, "accuracy": 0.75})
+    assert final.suggest_threshold(probs, y, target_accuracy=0.6)["threshold"] == 0.0  # all kept already
+    assert final.suggest_threshold(probs, y, target_accuracy=1.0)["threshold"] == pytest.approx(0.9)
+    wrong = np.array([1, 1, 1, 0, 0])
+    assert final.suggest_threshold(probs, wrong, target_accuracy=0.9)["threshold"] is None
+
+
+def test_coverage_curve_is_thinned_but_keeps_full_coverage():
+    logits, y = _candidates(0, n=1000)
+    curve = final.coverage_curve(final.softmax(logits[0]), y, max_points=50)
+    assert len(curve["coverage"]) <= 50 and curve["coverage"][-1] == 1.0
+    assert curve["accuracy"][-1] == pytest.approx(np.mean(logits[0].argmax(1) == y))
+
+
+# -------------------------------------------------------------------------------------------- decide
+def test_decide_deploys_the_ensemble_only_when_valid_says_so():
+    logits, y = _candidates(0)
+    names = [f"t{i}" for i in range(len(logits))]
+    choice = final.decide(names, logits, y, k=5)
+    ens = final.ensemble_logits(logits, choice.selection.members, choice.selection.weights)
+    better = np.mean(ens.argmax(1) == y) >= np.mean(logits[0].argmax(1) == y)
+    assert choice.deployed == ("ensemble" if better else "single")
+    deployed = ens if better else logits[0]
+    assert choice.temperature == pytest.approx(final.fit_temperature(deployed, y))
+    assert choice.valid["deployed_calibrated"]["nll"] <= choice.valid["deployed"]["nll"] + 1e-12
+    assert choice.valid["single"]["acc"] == pytest.approx(np.mean(logits[0].argmax(1) == y))
+    d = choice.to_dict()
+    assert d["selection"]["members"] == [names[i] for i in choice.selection.members]
+    assert d["members"] == (d["selection"]["members"] if better else ["t0"])
+
+    # --ensemble 1: the single best, calibrated.
+    one = final.decide(names, logits, y, k=1)
+    assert one.deployed == "single" and one.members == ["t0"] and one.weights == [1.0]
+    assert one.temperature == pytest.approx(final.fit_temperature(logits[0], y))
+
+
+def test_decide_keeps_the_single_best_when_the_ensemble_loses_accuracy():
+    # Candidate 1 lowers NLL (it is sure where candidate 0 hesitates) but flips two right answers.
+    y = np.array([0, 0, 1, 1, 0, 1])
+    z0 = np.array([[0.2, 0.0], [0.2, 0.0], [0.0, 0.2], [0.0, 0.2], [0.2, 0.0], [0.0, 0.2]])  # all right, unsure
+    z1 = np.array([[0.0, 0.3], [0.0, 0.3], [0.0, 5.0], [0.0, 5.0], [5.0, 0.0], [0.0, 5.0]])
+    choice = final.decide(["a", "b"], [z0, z1], y, k=2, rounds=2)
+    assert choice.selection.members == [0, 1]  # the selection took b (lower NLL) ...
+    assert choice.valid["ensemble"]["acc"] < choice.valid["single"]["acc"]
+    assert choice.deployed == "single" and choice.members == ["a"]  # ... but valid accuracy says no
