@@ -128,3 +128,50 @@ def test_onnx_without_onnxruntime_is_written_but_says_it_was_not_checked(tiny_mo
     assert export.main(["--model", str(tiny_model.model_path), "--format", "onnx", "--out", str(out)]) == 0
     assert out.is_file() and (tmp_path / "m.onnx.json").is_file()
     assert "not checked (onnxruntime missing)" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ ensembles
+@pytest.fixture(scope="module")
+def ensemble_artifact(tmp_path_factory):
+    """Three heads on two resnet18s (two heads share one), weights and a temperature, as the search saves."""
+    from tune_rice.model import Classifier, build_backbone, build_ensemble, build_head, save_artifact
+
+    members, identities = [], []
+    for seed, backbone_seed in ((0, 0), (1, 0), (2, 5)):
+        backbone, resolved = build_backbone("resnet18", weights="none", seed=backbone_seed)
+        torch.manual_seed(seed)
+        head = build_head("pooled", in_dim=backbone.out_dim, n_classes=3, hidden=16 * (seed + 1))
+        head.set_standardization(torch.rand(backbone.out_dim), torch.rand(backbone.out_dim) + 0.5)
+        members.append(Classifier(backbone, head).eval())
+        identities.append(resolved)
+    ens = build_ensemble(members, weights=[0.4, 0.4, 0.2], temperature=1.6, names=["t0", "t1", "t2"])
+    assert len(ens.backbones) == 2
+    out = tmp_path_factory.mktemp("ensemble") / "model.pt"
+    save_artifact(out, ens, classes=["alpha", "beta", "gamma"], preprocessing={"image_size": 32},
+                  weights=[identities[0], identities[2]])
+    return out, members
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", pytest.param("onnx", marks=needs_onnx)])
+def test_an_ensemble_exports_as_one_graph_with_its_weights_and_temperature(ensemble_artifact, fmt, tmp_path,
+                                                                           capsys):
+    path, members = ensemble_artifact
+    out = tmp_path / ("m.ts" if fmt == "torchscript" else "m.onnx")
+    assert export.main(["--model", str(path), "--format", fmt, "--out", str(out)]) == 0
+    assert "max difference" in capsys.readouterr().out
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():  # the direct computation: each member alone, weighted, divided by the temperature
+        want = (0.4 * members[0](x) + 0.4 * members[1](x) + 0.2 * members[2](x)) / 1.6
+    if fmt == "torchscript":
+        module, info = predict.read_torchscript(out)
+        with torch.no_grad():
+            got = module(x)
+    else:
+        import onnxruntime as ort
+
+        info = json.loads(out.with_name(out.name + ".json").read_text())
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(["logits"], {"image": x.numpy()})[0])
+    assert torch.allclose(got, want, atol=export.ATOL, rtol=export.RTOL), float((got - want).abs().max())
+    assert info["temperature"] == 1.6 and [m["name"] for m in info["members"]] == ["t0", "t1", "t2"]
+    assert [m["weight"] for m in info["members"]] == [0.4, 0.4, 0.2]

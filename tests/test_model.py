@@ -13,8 +13,9 @@ import torchvision
 from torch import nn
 
 from tune_rice import UserError
-from tune_rice.model import (Classifier, ResolvedWeights, build_backbone, build_head, hub_weights_file,
-                             load_artifact, resolve_weights, safe_torch_load, save_artifact)
+from tune_rice.model import (ARTIFACT_FORMAT, Classifier, Ensemble, ResolvedWeights, build_backbone, build_ensemble,
+                             build_head, hub_weights_file, load_artifact, resolve_weights, safe_torch_load,
+                             save_artifact)
 
 
 def _random_resnet18_state(seed: int) -> dict:
@@ -304,7 +305,78 @@ def test_artifact_round_trip(tmp_path, kind):
     assert meta["config"] == {"lr": 1e-3, "path": str(tmp_path)}
 
     raw = torch.load(path, weights_only=True)  # the contract: plain tensors and primitives only
-    assert raw["format"] == "tune-rice-model" and "mean" in raw["head"]["state_dict"]
+    assert raw["format"] == "tune-rice-model" and "mean" in raw["heads"][0]["state_dict"]
+
+
+def _member(name: str, seed: int, layer: str = "pooled", *, hidden: int = 16):
+    backbone, resolved = build_backbone(name, weights="none", seed=seed, feature_layer=layer)
+    torch.manual_seed(seed + 100)
+    head = build_head("seed" if layer == "logits" else "pooled", in_dim=backbone.out_dim, n_classes=3,
+                      hidden=hidden)
+    head.set_standardization(torch.rand(backbone.out_dim), torch.rand(backbone.out_dim) + 0.5)
+    return Classifier(backbone, head).eval(), resolved
+
+
+def test_ensemble_shares_backbones_and_round_trips(tmp_path):
+    # Three heads: two on one resnet18 (built twice, equal numbers), one on that resnet18's logits layer.
+    (a, wa), (b, _), (c, _) = _member("resnet18", 0), _member("resnet18", 0, hidden=8), _member("resnet18", 0, "logits")
+    b.head.load_state_dict({k: v + 0.01 for k, v in b.head.state_dict().items()})  # a different head
+    weights, temperature = [0.5, 0.3, 0.2], 1.7
+    ens = build_ensemble([a, b, c], weights=weights, temperature=temperature, names=["t1", "t2", "t3"]).eval()
+    assert isinstance(ens, Ensemble) and len(ens.backbones) == 2 and ens.backbone_index == [0, 0, 1]
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        direct = (0.5 * a(x) + 0.3 * b(x) + 0.2 * c(x)) / temperature  # each member on its own backbone
+        assert torch.allclose(ens(x), direct, atol=1e-5)
+
+    path = save_artifact(tmp_path / "model.pt", ens, classes=["a", "b", "c"], preprocessing={"image_size": 32},
+                         weights=[wa, wa], config={"k": 3}, metrics={"valid/acc": 0.5},
+                         calibration={"method": "temperature", "fitted_on": "valid"})
+    loaded, meta = load_artifact(path)
+    assert meta["calibration"] == {"method": "temperature", "fitted_on": "valid"}
+    assert isinstance(loaded, Ensemble) and len(loaded.backbones) == 2
+    with torch.no_grad():
+        assert torch.equal(loaded(x), ens(x))
+    assert meta["temperature"] == temperature and [m["name"] for m in meta["members"]] == ["t1", "t2", "t3"]
+    assert [m["weight"] for m in meta["members"]] == weights
+    assert [m["feature_layer"] for m in meta["members"]] == ["pooled", "pooled", "logits"]
+    assert meta["weights"] == "random:seed=0" and not meta["pretrained"] and meta["head"]["kind"] == "ensemble"
+    raw = torch.load(path, weights_only=True)
+    assert len(raw["backbones"]) == 2 and [h["backbone"] for h in raw["heads"]] == [0, 0, 1]
+
+    # Different numbers are different backbones, each kept.
+    (d, _) = _member("resnet18", 1)
+    assert len(build_ensemble([a, d], weights=[0.5, 0.5]).backbones) == 2
+    # One member: a Classifier that carries the temperature through save and load.
+    single = build_ensemble([a], weights=[1.0], temperature=2.0, names=["t1"])
+    assert isinstance(single, Classifier)
+    path = save_artifact(tmp_path / "single.pt", single, classes=["a", "b", "c"], preprocessing={"image_size": 32},
+                         weights=wa)
+    loaded, meta = load_artifact(path)
+    assert isinstance(loaded, Classifier) and meta["temperature"] == 2.0 and meta["head"]["kind"] == "pooled"
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), a(x) / 2.0, atol=1e-6)
+
+
+def test_version_1_single_head_files_still_load(tmp_path):
+    model, resolved = _member("resnet18", 2)
+    # The layout version 1 wrote (before ensembles): one "backbone", one "head", no temperature.
+    v1 = {"format": ARTIFACT_FORMAT, "version": 1,
+          "backbone": {"name": "resnet18", "feature_layer": "pooled", "state_dict": model.backbone.net.state_dict()},
+          "head": {**model.head.spec(), "state_dict": model.head.state_dict()},
+          "classes": ["a", "b", "c"], "preprocessing": {"image_size": 32}, "weights": resolved.identity,
+          "pretrained": False, "config": {"lr": 0.1}, "metrics": {}, "torch_version": "2.1",
+          "torchvision_version": "0.16"}
+    torch.save(v1, tmp_path / "v1.pt")
+    loaded, meta = load_artifact(tmp_path / "v1.pt")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert isinstance(loaded, Classifier) and torch.equal(loaded(x), model(x))
+    assert meta["temperature"] == 1.0 and meta["backbone"] == "resnet18" and meta["head"]["kind"] == "pooled"
+    assert meta["weights"] == resolved.identity and meta["config"] == {"lr": 0.1}
+    torch.save({**v1, "version": 99}, tmp_path / "v99.pt")
+    with pytest.raises(UserError, match="format version 99"):
+        load_artifact(tmp_path / "v99.pt")
 
 
 def test_non_artifact_file_is_a_user_error(tmp_path):

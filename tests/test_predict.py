@@ -157,3 +157,34 @@ def test_every_file_unreadable_still_writes_the_csv_and_exits_1(tiny_model, tmp_
     table = pd.read_csv(out_csv, keep_default_na=False)
     assert table["error"].str.contains("empty file").all()
     assert "0 of 1 images classified" in out
+
+
+def test_min_confidence_labels_uncertain_and_keeps_the_topk(tiny_model, photo_folder, tmp_path, capsys):
+    plain, unsure = tmp_path / "plain.csv", tmp_path / "unsure.csv"
+    assert _run(capsys, "--model", tiny_model.model_path, photo_folder, "--out", plain)[0] == 0
+    reference = pd.read_csv(plain, keep_default_na=False)
+    scores = reference.loc[reference["error"] == "", "score"].astype(float)
+    p = float(np.median(scores))  # some images above, some below (three distinct scores)
+    rc, out, err = _run(capsys, "--model", tiny_model.model_path, photo_folder, "--out", unsure,
+                        "--min-confidence", str(p))
+    assert rc == 0, err
+    table = pd.read_csv(unsure, keep_default_na=False)
+    good = table["error"] == ""
+    below = good & (table["score"].replace("", np.nan).astype(float) < p)
+    assert below.sum() == 1 and (good & ~below).sum() == 2
+    assert (table.loc[below, "label"] == predict.UNCERTAIN).all()
+    assert (table.loc[good & ~below, "label"] == table.loc[good & ~below, "top1_label"]).all()
+    # Everything but the label column is what predict gives without the option; skipped rows keep "".
+    pd.testing.assert_frame_equal(table.drop(columns="label"), reference.drop(columns="label"))
+    assert (table.loc[~good, "label"] == "").all()
+    assert f"uncertain = top probability below {p:g}" in out
+    assert "not calibrated" in err  # this model holds no temperature fitted on valid, and predict says so
+    assert any(line.split()[:2] == [predict.UNCERTAIN, "1"] for line in out.splitlines()), out
+
+
+@pytest.mark.parametrize("p", ["1.5", "-0.1"])
+def test_min_confidence_outside_0_1_is_a_user_error(tiny_model, photo_folder, tmp_path, capsys, p):
+    rc, _, err = _run(capsys, "--model", tiny_model.model_path, photo_folder, "--min-confidence", p,
+                      "--out", tmp_path / "x.csv")
+    assert rc == 2 and err.startswith("error: --min-confidence") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.csv").exists()

@@ -4,8 +4,10 @@
 
 The exported model takes a NORMALISED image batch ``(B, 3, S, S)`` float32 (see the preprocessing saved
 with it: resize the short side to ``resize``, centre-crop ``image_size``, pixel/255, ``(x - mean) / std``)
-and returns the logits ``(B, C)`` in the order of ``classes``. Every export is checked before it is kept:
-its logits must equal the original model's within ``|a - b| <= ATOL + RTOL * |b|`` (1e-4, 1e-4) on a random
+and returns the logits ``(B, C)`` in the order of ``classes``, already divided by the model's temperature
+(softmax gives the calibrated probabilities). An ensemble exports as one graph: each distinct backbone
+once, every head, the weighted mean of their logits and the temperature. Every export is checked before
+it is kept: its logits must equal the original model's within ``|a - b| <= ATOL + RTOL * |b|`` (1e-4, 1e-4) on a random
 normalised batch whose size differs from the one used to trace it.
 
 TorchScript files carry their metadata inside (``_extra_files={"tune_rice.json": ...}``), so
@@ -55,6 +57,9 @@ def export_metadata(meta: dict, fmt: str) -> dict:
                    "note": "softmax over the last axis gives class probabilities"},
         "weights": meta.get("weights"), "pretrained": meta.get("pretrained"),
         "backbone": meta.get("backbone"), "head": meta.get("head"),
+        # An ensemble is one graph: each backbone once, every head, the weighted mean and the temperature.
+        "members": meta.get("members", []), "temperature": meta.get("temperature", 1.0),
+        "calibration": meta.get("calibration"),
         "config": meta.get("config", {}), "metrics": meta.get("metrics", {}),
         "tolerance": {"rtol": RTOL, "atol": ATOL},
     }

@@ -11,6 +11,7 @@ import logging
 import os
 import pickle
 from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ TESTED_BACKBONES = ("resnet18", "resnet34", "resnet50")
 FEATURE_LAYERS = ("pooled", "logits")
 HEAD_KINDS = ("pooled", "seed")
 ARTIFACT_FORMAT = "tune-rice-model"
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2  # 2: backbones/heads lists, ensemble weights and temperature; 1 (one head) still loads
 _CLASSIFIER_ATTRS = ("fc", "classifier", "head", "heads")
 
 
@@ -281,15 +282,82 @@ def feature_layer_for(head_kind: str) -> str:
 
 
 class Classifier(nn.Module):
-    """Frozen backbone + head: images (B, 3, S, S) -> logits (B, C)."""
+    """Frozen backbone + head: images (B, 3, S, S) -> logits (B, C), divided by ``temperature`` (1 while
+    training; the deployed model's is fitted on valid, see ``final.fit_temperature``)."""
 
-    def __init__(self, backbone: FrozenBackbone, head: Head):
+    def __init__(self, backbone: FrozenBackbone, head: Head, *, temperature: float = 1.0):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.temperature = float(temperature)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+        logits = self.head(self.backbone(x))
+        return logits if self.temperature == 1.0 else logits / self.temperature
+
+
+def _same_backbone(a: FrozenBackbone, b: FrozenBackbone) -> bool:
+    if a is b:
+        return True
+    if (a.name, a.feature_layer) != (b.name, b.feature_layer):
+        return False
+    sa, sb = a.net.state_dict(), b.net.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+class Ensemble(nn.Module):
+    """Frozen backbones, each distinct one held once, and the heads on them: images (B, 3, S, S) ->
+    ``sum_i weights[i] * head_i(backbone_of_i(x)) / temperature`` (B, C).
+
+    Heads that share a backbone share its forward pass, so an ensemble of M heads on one backbone costs
+    one backbone pass plus M small heads. ``names`` say where each head came from (trial ids).
+    """
+
+    def __init__(self, backbones: Sequence[FrozenBackbone], heads: Sequence[Head], *, backbone_index: Sequence[int],
+                 weights: Sequence[float], temperature: float = 1.0, names: Sequence[str] | None = None):
+        super().__init__()
+        if not heads or not (len(heads) == len(backbone_index) == len(weights)):
+            raise ValueError("an ensemble needs one backbone index and one weight per head, and a head")
+        if not all(0 <= i < len(backbones) for i in backbone_index) or set(backbone_index) != set(range(len(backbones))):
+            raise ValueError(f"backbone_index {list(backbone_index)} does not cover {len(backbones)} backbones")
+        self.backbones = nn.ModuleList(backbones)
+        self.heads = nn.ModuleList(heads)
+        self.backbone_index = [int(i) for i in backbone_index]
+        self.weights = [float(w) for w in weights]
+        self.temperature = float(temperature)
+        self.names = [str(n) for n in names] if names is not None else [f"head{i}" for i in range(len(heads))]
+
+    def member_logits(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each head's own logits (B, C), before weighting and temperature; one pass per backbone."""
+        features = [b(x) for b in self.backbones]  # one (B, D_j) per distinct backbone
+        return [head(features[j]) for head, j in zip(self.heads, self.backbone_index)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.member_logits(x)
+        out = logits[0] * self.weights[0]
+        for z, w in zip(logits[1:], self.weights[1:]):
+            out = out + z * w
+        return out if self.temperature == 1.0 else out / self.temperature
+
+
+def build_ensemble(members: Sequence[Classifier], *, weights: Sequence[float], temperature: float = 1.0,
+                   names: Sequence[str] | None = None) -> Classifier | Ensemble:
+    """The deployed model from (backbone, head) members: a :class:`Classifier` for one member, else an
+    :class:`Ensemble` that keeps each distinct backbone (same network, layer and numbers) once."""
+    if len(members) != len(weights):
+        raise ValueError("one weight per member")
+    if len(members) == 1:
+        return Classifier(members[0].backbone, members[0].head, temperature=temperature)
+    backbones: list[FrozenBackbone] = []
+    index = []
+    for m in members:
+        j = next((j for j, b in enumerate(backbones) if _same_backbone(b, m.backbone)), None)
+        if j is None:
+            backbones.append(m.backbone)
+            j = len(backbones) - 1
+        index.append(j)
+    return Ensemble(backbones, [m.head for m in members], backbone_index=index, weights=weights,
+                    temperature=temperature, names=names)
 
 
 # ------------------------------------------------------------------------------------------- artifact
@@ -306,23 +374,50 @@ def _plain(value):
     return str(value)
 
 
-def save_artifact(path: str | os.PathLike, model: Classifier, *, classes, preprocessing: dict,
-                  weights: ResolvedWeights | str, config: dict | None = None, metrics: dict | None = None) -> Path:
-    """Write a self-contained model file: backbone weights, head, classes, preprocessing, config."""
+def _state(module: nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def _identity(weights: ResolvedWeights | str) -> str:
+    return weights.identity if isinstance(weights, ResolvedWeights) else str(weights)
+
+
+def save_artifact(path: str | os.PathLike, model: Classifier | Ensemble, *, classes, preprocessing: dict,
+                  weights: ResolvedWeights | str | Sequence[ResolvedWeights | str], config: dict | None = None,
+                  metrics: dict | None = None, calibration: dict | None = None) -> Path:
+    """Write a self-contained model file: backbone weights, heads, classes, preprocessing, config.
+
+    One layout for a single head and for an ensemble: ``backbones`` (each distinct one once), ``heads``
+    (each naming its backbone), ``ensemble`` (weights, member names, temperature). ``weights``: where
+    the backbones' numbers came from, one per backbone (or one for all). ``calibration``: how the
+    model's temperature was fitted (None: it was not, the temperature is whatever the model holds).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    identity = weights.identity if isinstance(weights, ResolvedWeights) else str(weights)
+    if isinstance(model, Ensemble):
+        backbones, heads, index = list(model.backbones), list(model.heads), model.backbone_index
+        mix, names = model.weights, model.names
+    else:
+        backbones, heads, index, mix, names = [model.backbone], [model.head], [0], [1.0], ["head0"]
+    identities = [_identity(w) for w in weights] if isinstance(weights, (list, tuple)) else [_identity(weights)]
+    if len(identities) == 1:
+        identities = identities * len(backbones)
+    if len(identities) != len(backbones):
+        raise ValueError(f"{len(identities)} weights identities for {len(backbones)} backbones")
     payload = {
         "format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION,
-        "backbone": {"name": model.backbone.name, "feature_layer": model.backbone.feature_layer,
-                     "state_dict": {k: v.detach().cpu().clone() for k, v in model.backbone.net.state_dict().items()}},
-        "head": {**model.head.spec(), "state_dict": {k: v.detach().cpu().clone() for k, v in model.head.state_dict().items()}},
+        "backbones": [{"name": b.name, "feature_layer": b.feature_layer, "weights": w, "state_dict": _state(b.net)}
+                      for b, w in zip(backbones, identities)],
+        "heads": [{**h.spec(), "backbone": int(j), "state_dict": _state(h)} for h, j in zip(heads, index)],
+        "ensemble": {"weights": [float(w) for w in mix], "members": [str(n) for n in names],
+                     "temperature": float(model.temperature)},
         "classes": list(classes),
         "preprocessing": _plain(preprocessing),
-        "weights": identity,
-        "pretrained": not identity.startswith("random:"),
+        "weights": " + ".join(dict.fromkeys(identities)),
+        "pretrained": not any(i.startswith("random:") for i in identities),
         "config": _plain(config or {}),
         "metrics": _plain(metrics or {}),
+        "calibration": _plain(calibration) if calibration else None,
         "torch_version": str(torch.__version__),  # TorchVersion is not a weights_only-loadable type
         "torchvision_version": str(torchvision.__version__),
     }
@@ -332,23 +427,61 @@ def save_artifact(path: str | os.PathLike, model: Classifier, *, classes, prepro
     return path
 
 
-def load_artifact(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> tuple[Classifier, dict]:
-    """Load a model file written by :func:`save_artifact` (``weights_only=True``); returns (model, meta)."""
+def _upgrade_v1(payload: dict) -> dict:
+    """A version-1 file (one ``backbone``, one ``head``, no temperature) in today's layout."""
+    b, h = payload["backbone"], payload["head"]
+    rest = {k: v for k, v in payload.items() if k not in ("backbone", "head")}
+    return {**rest, "backbones": [{**b, "weights": payload.get("weights")}], "heads": [{**h, "backbone": 0}],
+            "ensemble": {"weights": [1.0], "members": ["head0"], "temperature": 1.0}}
+
+
+def load_artifact(path: str | os.PathLike, *,
+                  map_location: str | torch.device = "cpu") -> tuple[Classifier | Ensemble, dict]:
+    """Load a model file written by :func:`save_artifact` (``weights_only=True``); returns (model, meta).
+
+    A file with one head gives a :class:`Classifier`, one with several an :class:`Ensemble`; both map
+    images to (calibrated) logits. Files of format version 1 (a single head) still load.
+    """
     payload = safe_torch_load(path, what="model file")
     if not isinstance(payload, dict) or payload.get("format") != ARTIFACT_FORMAT:
         raise UserError(f"{path}: not a tune-rice model artifact (expected a file written by the search, "
                         "e.g. runs/<name>/best/model.pt)")
-    b, h = payload["backbone"], payload["head"]
-    with torch.random.fork_rng(devices=[]):
-        net = torchvision.models.get_model(b["name"], weights=None)
-    backbone = FrozenBackbone(net, name=b["name"], feature_layer=b["feature_layer"])
-    backbone.net.load_state_dict(b["state_dict"])
-    head = build_head(h["kind"], in_dim=h["in_dim"], n_classes=h["n_classes"], hidden=h["hidden"],
-                      dropout=h["dropout"])
-    head.load_state_dict(h["state_dict"])
-    model = Classifier(backbone, head).to(map_location).eval()
-    meta = {k: v for k, v in payload.items() if k not in ("backbone", "head")}
-    meta["backbone"] = b["name"]
-    meta["feature_layer"] = b["feature_layer"]
-    meta["head"] = {k: v for k, v in h.items() if k != "state_dict"}
+    version = payload.get("version")
+    if version == 1:
+        payload = _upgrade_v1(payload)
+    elif version != ARTIFACT_VERSION:
+        raise UserError(f"{path}: model format version {version!r}; this tune-rice reads versions 1 and "
+                        f"{ARTIFACT_VERSION} (a newer tune-rice wrote it?)")
+    backbones = []
+    for b in payload["backbones"]:
+        with torch.random.fork_rng(devices=[]):
+            net = torchvision.models.get_model(b["name"], weights=None)
+        backbone = FrozenBackbone(net, name=b["name"], feature_layer=b["feature_layer"])
+        backbone.net.load_state_dict(b["state_dict"])
+        backbones.append(backbone)
+    heads = []
+    for h in payload["heads"]:
+        head = build_head(h["kind"], in_dim=h["in_dim"], n_classes=h["n_classes"], hidden=h["hidden"],
+                          dropout=h["dropout"])
+        head.load_state_dict(h["state_dict"])
+        heads.append(head)
+    ens = payload["ensemble"]
+    index = [int(h["backbone"]) for h in payload["heads"]]
+    if len(heads) == 1:
+        model = Classifier(backbones[index[0]], heads[0], temperature=ens["temperature"])
+    else:
+        model = Ensemble(backbones, heads, backbone_index=index, weights=ens["weights"],
+                         temperature=ens["temperature"], names=ens["members"])
+    model = model.to(map_location).eval()
+    meta = {k: v for k, v in payload.items() if k not in ("backbones", "heads", "ensemble")}
+    specs = [{k: v for k, v in h.items() if k != "state_dict"} for h in payload["heads"]]
+    meta["members"] = [{"name": n, "weight": float(w), "backbone": payload["backbones"][s["backbone"]]["name"],
+                        "feature_layer": payload["backbones"][s["backbone"]]["feature_layer"],
+                        "weights": payload["backbones"][s["backbone"]].get("weights"),
+                        "head": {k: v for k, v in s.items() if k != "backbone"}}
+                       for n, w, s in zip(ens["members"], ens["weights"], specs)]
+    meta["temperature"] = float(ens["temperature"])
+    meta["backbone"] = " + ".join(dict.fromkeys(m["backbone"] for m in meta["members"]))
+    meta["feature_layer"] = " + ".join(dict.fromkeys(m["feature_layer"] for m in meta["members"]))
+    meta["head"] = meta["members"][0]["head"] if len(heads) == 1 else {"kind": "ensemble", "members": len(heads)}
     return model, meta

@@ -10,7 +10,10 @@ in inference mode on the GPU when there is one. A file that will not decode is n
 row with the ``error`` column filled and is listed in a "skipped" report.
 
 CSV columns: ``path, label, score, top1_label, top1_score, ..., topK_label, topK_score, error``; ``score``
-is the softmax probability of ``label`` (= ``top1``).
+is the softmax probability of ``top1`` and ``label`` is ``top1`` itself, or ``uncertain`` with
+``--min-confidence P`` when that probability is below P (the top-k columns are kept). A search's model
+divides its logits by the temperature fitted on valid, so these probabilities are calibrated; the search's
+report suggests P for a target accuracy.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ log = logging.getLogger(__name__)
 
 TORCHSCRIPT_META = "tune_rice.json"  # the extra file inside an exported TorchScript archive
 DEFAULT_TOPK = 3
+UNCERTAIN = "uncertain"  # the label of an image whose top probability is below --min-confidence
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -176,6 +180,7 @@ class Predictions:
     table: pd.DataFrame  # one row per input file, in input order
     classes: list[str]
     topk: int
+    min_confidence: float | None = None
 
     @property
     def skipped(self) -> pd.DataFrame:
@@ -183,17 +188,38 @@ class Predictions:
 
     def counts(self) -> pd.Series:
         ok = self.table[self.table["error"] == ""]
-        return ok["label"].value_counts().reindex(self.classes, fill_value=0)
+        labels = self.classes + ([UNCERTAIN] if self.min_confidence is not None else [])
+        return ok["label"].value_counts().reindex(labels, fill_value=0)
+
+
+def calibration_note(loaded: LoadedModel) -> str:
+    """Empty for a model whose temperature was fitted on valid; else why its probabilities may be off."""
+    if not loaded.meta.get("calibration"):
+        return (f"{loaded.path} holds no temperature fitted on valid: its probabilities are not calibrated, "
+                "so --min-confidence compares P with uncalibrated scores")
+    return ""
+
+
+def check_min_confidence(p: float) -> None:
+    if not 0.0 <= p <= 1.0:
+        raise UserError(f"--min-confidence {p:g}: must be a probability between 0 and 1")
 
 
 @torch.inference_mode()
 def predict_files(loaded: LoadedModel, files: Sequence[Path], *, topk: int | None = None, batch_size: int = 64,
-                  num_workers: int = 0, device: str | torch.device = "cpu", progress: bool = True) -> Predictions:
-    """Classify ``files``; unreadable ones get a row with ``error`` set and no label."""
+                  num_workers: int = 0, device: str | torch.device = "cpu", progress: bool = True,
+                  min_confidence: float | None = None) -> Predictions:
+    """Classify ``files``; unreadable ones get a row with ``error`` set and no label. With
+    ``min_confidence`` P, an image whose top probability is below P is labelled ``uncertain``."""
     n_classes = len(loaded.classes)
     topk = min(DEFAULT_TOPK, n_classes) if topk is None else int(topk)
     if not 1 <= topk <= n_classes:
         raise UserError(f"--topk {topk}: must be between 1 and the model's {n_classes} classes")
+    if min_confidence is not None:
+        check_min_confidence(min_confidence)
+        if UNCERTAIN in loaded.classes:
+            raise UserError(f"--min-confidence: the model has a class named {UNCERTAIN!r}, so that label "
+                            "would be ambiguous")
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     device = torch.device(device)
@@ -221,19 +247,24 @@ def predict_files(loaded: LoadedModel, files: Sequence[Path], *, topk: int | Non
     rows = {"path": [str(f) for f in files]}
     names = np.asarray(loaded.classes + [""], dtype=object)  # index -1 -> "" for skipped files
     rows["label"] = names[labels[:, 0]]
+    if min_confidence is not None:
+        unsure = probs[:, 0] < min_confidence  # NaN (skipped files) compares False: they keep label ""
+        rows["label"] = np.where(unsure, UNCERTAIN, rows["label"]).astype(object)
     rows["score"] = probs[:, 0]
     for k in range(topk):
         rows[f"top{k + 1}_label"] = names[labels[:, k]]
         rows[f"top{k + 1}_score"] = probs[:, k]
     rows["error"] = errors
-    return Predictions(pd.DataFrame(rows), list(loaded.classes), topk)
+    return Predictions(pd.DataFrame(rows), list(loaded.classes), topk, min_confidence)
 
 
 def format_summary(pred: Predictions, *, out: Path | None = None) -> str:
     n, skipped = len(pred.table), len(pred.skipped)
     lines = [f"{n - skipped} of {n} images classified" + (f" -> {out}" if out else "")]
+    if pred.min_confidence is not None:
+        lines[0] += f"; {UNCERTAIN} = top probability below {pred.min_confidence:g}"
     counts = pred.counts()
-    width = max(map(len, pred.classes))
+    width = max(map(len, counts.index))
     for cls, count in counts.items():
         share = count / max(1, n - skipped)
         lines.append(f"  {cls:<{width}}  {count:>6}  {share:6.1%}")
@@ -263,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="predictions.csv", help="CSV file to write")
     p.add_argument("--topk", type=int, help=f"how many ranked classes per image (default: {DEFAULT_TOPK}, "
                                             "or the class count if smaller)")
+    p.add_argument("--min-confidence", type=float, metavar="P",
+                   help=f"label an image {UNCERTAIN!r} when its (calibrated) top probability is below P; the "
+                        "row keeps its top-k. The search's report suggests P for a target accuracy")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = GPU when present")
     p.add_argument("--num-workers", type=int, help="image-decoding worker processes (default: up to 4)")
@@ -279,15 +313,19 @@ def _device(name: str) -> torch.device:
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging(args.verbose)
+    if args.min_confidence is not None:
+        check_min_confidence(args.min_confidence)
     device = _device(args.device)
     files = find_images(args.paths)
     if not files:
         raise UserError(f"no images found in {', '.join(args.paths)} (looked for {', '.join(IMAGE_EXTENSIONS)})")
     loaded = load_model(args.model, device=device)
+    if args.min_confidence is not None and calibration_note(loaded):
+        log.warning("%s", calibration_note(loaded))
     workers = args.num_workers if args.num_workers is not None else min(4, max(0, (os.cpu_count() or 1) - 1),
                                                                           len(files) // args.batch_size)
     pred = predict_files(loaded, files, topk=args.topk, batch_size=args.batch_size, num_workers=workers,
-                         device=device, progress=True)
+                         device=device, progress=True, min_confidence=args.min_confidence)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     pred.table.to_csv(out, index=False, float_format="%.6f")
