@@ -187,3 +187,83 @@ def test_decide_keeps_the_single_best_when_the_ensemble_loses_accuracy():
     assert choice.selection.members == [0, 1]  # the selection took b (lower NLL) ...
     assert choice.valid["ensemble"]["acc"] < choice.valid["single"]["acc"]
     assert choice.deployed == "single" and choice.members == ["a"]  # ... but valid accuracy says no
+
+
+# ------------------------------------------------------------------- from banks to the deployed model
+def _scans_dataset(root):
+    """Demo greyscale scans (4 classes), split by index within each class (no prepare: small and fixed)."""
+    import pandas as pd
+
+    from tune_rice import demo
+
+    folder = demo.generate_demo(root, per_class=10, size=64, family="scans", workers=1)
+    rows = []
+    for label in demo.CLASSES:
+        files = sorted(p.relative_to(folder).as_posix() for p in (folder / label).glob("*.jpg"))
+        for i, rel in enumerate(files):
+            split = ("train", "train", "valid", "test")[i % 4]
+            rows.append({"path": rel, "label": label, "split": split, "group": rel})
+    pd.DataFrame(rows).to_csv(folder / "labels.csv", index=False)
+    return folder / "labels.csv"
+
+
+@pytest.fixture(params=["colour", "scans"])
+def tiny_candidates(request, tmp_path):
+    """Six heads trained a few epochs on one resnet18 bank (random init, 32 px), as trials would."""
+    from conftest import make_separable_dataset
+
+    from tune_rice import data, engine, features
+
+    labels = make_separable_dataset(tmp_path / "data") if request.param == "colour" else \
+        _scans_dataset(tmp_path / "scans")
+    cfg = engine.TrialConfig(backbone="resnet18", image_size=32, views=1, aug_policy="none", epochs=4, seed=0)
+    bank = features.extract_bank(labels, cfg.feature_spec(), weights="none", cache_dir=tmp_path / "cache",
+                                 device="cpu", num_workers=0, progress=False)
+    candidates = []
+    for i, (hidden, lr) in enumerate([(32, 3e-3), (0, 1e-2), (64, 1e-3), (16, 3e-2), (0, 1e-3), (32, 1e-2)]):
+        run = engine.HeadRun(engine.TrialConfig(**{**cfg.to_dict(), "hidden": hidden, "lr": lr, "seed": i}),
+                             bank=bank, device="cpu")
+        scores = [run.step()["valid/acc"] for _ in range(cfg.epochs)]
+        candidates.append(final.Candidate(f"t{i}", cfg.feature_spec(), run.head.eval(), max(scores)))
+    candidates.sort(key=lambda c: -c.score)
+    table = data.read_labels(labels)
+    return candidates, {bank.spec.name: bank}, table, features.resolve_weights("resnet18", "none")
+
+
+def test_the_deployed_model_on_images_is_the_choice_made_on_bank_logits(tiny_candidates):
+    from tune_rice.data import build_transform, load_image
+    from tune_rice.evaluate import split_logits
+
+    candidates, banks, table, weights = tiny_candidates
+    choice, pool = final.choose_final(candidates, banks, k=3, rounds=6)
+    assert choice.candidates == [c.name for c in candidates] and choice.members[0] == candidates[0].name
+    # The valid logits the choice was made on are each head on the bank (no image decoded)...
+    bank = next(iter(banks.values()))
+    logits = [final.head_valid_logits(c.head, bank) for c in pool]
+    members = [choice.candidates.index(m) for m in choice.members]
+    want = final.ensemble_logits(logits, members, choice.weights) / choice.temperature  # (N, C)
+    # ... and the deployed model, run on the decoded valid images, gives the same calibrated logits
+    # (the bank holds float16 features, hence the tolerance).
+    model, resolved = final.build_final_model(choice, pool, {"resnet18": weights})
+    assert len(resolved) == 1  # every head here reads one backbone: held once
+    tf = build_transform(32, train=False)
+    x = torch.stack([tf(load_image(p)) for p in table.paths("valid")])
+    with torch.no_grad():
+        got = model(x).double().numpy()
+    assert np.allclose(got, want, atol=2e-2, rtol=1e-2), np.abs(got - want).max()
+
+    # The test record from one decode of the test split: the deployed model and the single best.
+    z, y = split_logits(final.MemberLogits(model), table, "test", 32, "cpu", num_workers=0)
+    assert z.shape == (len(table.split("test")), len(choice.members), len(table.classes))
+    record = final.record_test_scores(z.numpy(), y.numpy(), table.classes, choice)
+    xt = torch.stack([tf(load_image(p)) for p in table.paths("test")])
+    with torch.no_grad():
+        deployed = model(xt)
+        single = candidates[0].head(model.backbone(xt) if choice.deployed == "single" else model.backbones[0](xt))
+    yt = table.targets("test")
+    assert record["accuracy"] == pytest.approx(float((deployed.argmax(1).numpy() == yt).mean()))
+    assert record["single_best"]["accuracy"] == pytest.approx(float((single.argmax(1).numpy() == yt).mean()))
+    assert record["calibration"]["after"]["nll"] == pytest.approx(
+        final.nll(deployed.double().numpy(), yt), abs=1e-4)
+    assert record["single_best"]["deployed"] == (choice.deployed == "single")
+    assert record["members"] == choice.members and record["temperature"] == choice.temperature

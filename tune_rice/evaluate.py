@@ -4,7 +4,7 @@
 
 The numbers and the JSON are those of a search's ``test_metrics.json`` (accuracy, macro_f1, loss,
 test_count, classes, per_class{precision, recall, f1, support}, confusion_matrix with rows = true class),
-computed the same way: the full model on the images, ``engine.evaluate`` over ``ImageBatches`` with the
+computed the same way: the full model on the images, ``engine.predict_logits`` over ``ImageBatches`` with the
 evaluation transform of the model's image size. ``test_count`` is the number of images scored, whatever
 the split (the name is kept so both files read the same). The JSON goes to ``--out``
 (default ``eval_<split>.json`` in the current folder); the search's own ``test_metrics.json`` is never
@@ -28,7 +28,7 @@ from torch import nn
 
 from . import UserError, cli
 from .data import SPLITS, ImageDecodeError, LabelTable, build_transform, dataset_for_split, read_labels_checked
-from .engine import ImageBatches, evaluate
+from .engine import ImageBatches, compute_metrics, predict_logits
 from .features import resolve_device
 from .predict import load_model
 
@@ -61,13 +61,10 @@ def align_classes(table: LabelTable, model_classes: Sequence[str]) -> LabelTable
     return dataclasses.replace(table, classes=model_classes)
 
 
-def evaluate_model(model: nn.Module, table: LabelTable, split: str, image_size: int,
-                   device: str | torch.device = "auto", *, batch_size: int = 64,
-                   num_workers: int | None = None) -> dict:
-    """Score ``model`` on the ``split`` images of ``table``; the dict of a search's test_metrics.json.
-
-    ``table.classes`` must be the model's classes in the model's order (see :func:`align_classes`).
-    """
+def split_logits(model: nn.Module, table: LabelTable, split: str, image_size: int,
+                 device: str | torch.device = "auto", *, batch_size: int = 64,
+                 num_workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``model``'s outputs on the ``split`` images of ``table`` (decoded once, in order) and the targets."""
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     if table.split(split).empty:
@@ -77,19 +74,37 @@ def evaluate_model(model: nn.Module, table: LabelTable, split: str, image_size: 
     ds = dataset_for_split(table, split, build_transform(image_size, train=False))
     batches = ImageBatches(ds, batch_size=batch_size, train=False, num_workers=workers, device=device)
     try:
-        metrics = evaluate(model.to(device), batches, n_classes=len(table.classes))
+        return predict_logits(model.to(device), batches)
     except ImageDecodeError as e:
         # From a loader worker the message is a whole traceback; its last line is the one that matters.
         last = str(e).strip().splitlines()[-1].split("ImageDecodeError: ", 1)[-1]
         raise UserError(f"{last} (every image of the split must decode; fix it or drop its row from "
                         f"{table.csv_path.name})") from None
-    classes = list(table.classes)
-    return {"accuracy": metrics["acc"], "macro_f1": metrics["macro_f1"], "loss": metrics["loss"],
+
+
+def metrics_record(logits: torch.Tensor, y: torch.Tensor, classes: Sequence[str]) -> dict:
+    """The dict of a search's test_metrics.json from logits (N, C) and targets (N,)."""
+    classes = list(classes)
+    metrics = compute_metrics(y.numpy(), logits.argmax(1).numpy(), len(classes))
+    return {"accuracy": metrics["acc"], "macro_f1": metrics["macro_f1"],
+            "loss": float(nn.functional.cross_entropy(logits.float(), y)),
             "test_count": metrics["count"], "classes": classes,
             "per_class": {c: {"precision": metrics["precision"][i], "recall": metrics["recall"][i],
                               "f1": metrics["f1"][i], "support": metrics["support"][i]}
                           for i, c in enumerate(classes)},
             "confusion_matrix": metrics["confusion"]}
+
+
+def evaluate_model(model: nn.Module, table: LabelTable, split: str, image_size: int,
+                   device: str | torch.device = "auto", *, batch_size: int = 64,
+                   num_workers: int | None = None) -> dict:
+    """Score ``model`` on the ``split`` images of ``table``; the dict of a search's test_metrics.json.
+
+    ``table.classes`` must be the model's classes in the model's order (see :func:`align_classes`).
+    """
+    logits, y = split_logits(model, table, split, image_size, device, batch_size=batch_size,
+                             num_workers=num_workers)
+    return metrics_record(logits, y, table.classes)
 
 
 def format_metrics(result: dict, *, title: str = "") -> str:

@@ -21,10 +21,14 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import torch
 from scipy.optimize import minimize_scalar
+from torch import nn
 
 from . import UserError
-from .engine import compute_metrics
+from .engine import BankBatches, compute_metrics, predict_logits
+from .features import FeatureBank, FeatureSpec
+from .model import Classifier, Ensemble, Head, ResolvedWeights, build_backbone, build_ensemble
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +262,7 @@ class FinalChoice:
     members: list[str]  # the deployed members' names
     weights: list[float]
     temperature: float
+    single_temperature: float  # the single best's own, for the record when the ensemble is deployed
     valid: dict = field(default_factory=dict)  # {"single": {...}, "ensemble": {...}, "deployed_calibrated": {...}}
     threshold: dict = field(default_factory=dict)
     reliability: dict = field(default_factory=dict)  # {"before": bins, "after": bins} of the deployed model
@@ -295,14 +300,127 @@ def decide(names: Sequence[str], logits_list: Sequence[np.ndarray], targets, *, 
                  metric, s_ens, s_single)
     members, weights = (sel.members, sel.weights) if use_ensemble else ([0], [1.0])
     deployed = ens if use_ensemble else single
-    t = fit_temperature(deployed, y)
+    t_single = fit_temperature(single, y)
+    t = fit_temperature(deployed, y) if use_ensemble else t_single
     p_before, p_after = softmax(deployed), softmax(deployed / t)
     return FinalChoice(
         candidates=list(names), selection=sel, deployed="ensemble" if use_ensemble else "single",
-        members=[names[i] for i in members], weights=list(weights), temperature=t,
+        members=[names[i] for i in members], weights=list(weights), temperature=t, single_temperature=t_single,
         valid={"single": calibration_metrics(single, y), "ensemble": calibration_metrics(ens, y),
                "deployed": calibration_metrics(deployed, y),
                "deployed_calibrated": calibration_metrics(deployed, y, temperature=t)},
         threshold=suggest_threshold(p_after, y, target_accuracy=target_accuracy),
         reliability={"before": reliability_bins(p_before, y), "after": reliability_bins(p_after, y)},
         coverage=coverage_curve(p_after, y), metric=metric, mode=mode)
+
+
+# ------------------------------------------------------------------------ candidates, model, test
+@dataclass
+class Candidate:
+    """A trained head that may join the final model: its name (trial id), the bank it reads, its best
+    value of the search metric. Its valid logits come from the bank, so no image is decoded."""
+
+    name: str
+    spec: FeatureSpec
+    head: Head
+    score: float = float("nan")
+
+
+def head_valid_logits(head: Head, bank: FeatureBank) -> np.ndarray:
+    """``head`` on view 0 of the bank's valid split, as the trials evaluate it: (N, C) float64."""
+    batches = BankBatches(bank.splits["valid"], batch_size=512, train=False)
+    logits, _ = predict_logits(head.cpu(), batches)
+    return logits.double().numpy()
+
+
+def choose_final(candidates: Sequence[Candidate], banks: dict[str, FeatureBank], *, k: int = DEFAULT_ENSEMBLE,
+                 metric: str = "valid/acc", mode: str = "max", rounds: int = DEFAULT_ROUNDS,
+                 target_accuracy: float = DEFAULT_TARGET_ACCURACY) -> tuple[FinalChoice, list[Candidate]]:
+    """The final model from ``candidates`` (best first; ``candidates[0]`` is the single best).
+
+    Only candidates that take the single best's input (its image size, hence its preprocessing) can
+    join it, since the deployed model reads one image tensor. Returns the choice and the candidates it
+    was made among (``choice.candidates`` names them in that order).
+    """
+    if not candidates:
+        raise UserError("no trial left a checkpoint to build the final model from")
+    first = candidates[0]
+    pool = [c for c in candidates if c.spec.image_size == first.spec.image_size]
+    if len(pool) < len(candidates):
+        log.info("ensemble candidates: %d of %d take the best trial's %d px input", len(pool), len(candidates),
+                 first.spec.image_size)
+    reference = banks[first.spec.name].splits["valid"]
+    for c in pool:
+        valid = banks[c.spec.name].splits["valid"]
+        if valid.paths != reference.paths:
+            raise RuntimeError(f"bank {c.spec.name}: its valid images differ from those of {first.spec.name}")
+    logits = [head_valid_logits(c.head, banks[c.spec.name]) for c in pool]
+    choice = decide([c.name for c in pool], logits, reference.targets, k=k, metric=metric, mode=mode,
+                    rounds=rounds, target_accuracy=target_accuracy)
+    return choice, pool
+
+
+def build_final_model(choice: FinalChoice, pool: Sequence[Candidate],
+                      weights: dict[str, ResolvedWeights]) -> tuple[Classifier | Ensemble, list[ResolvedWeights]]:
+    """The deployed model of ``choice``: each member's head on its frozen backbone (built once per
+    backbone, layer and seed), weighted, with the fitted temperature. Also returns the weights of each
+    distinct backbone, in the model's order (what ``save_artifact`` records)."""
+    by_name = {c.name: c for c in pool}
+    built: dict[tuple, tuple] = {}
+    members = []
+    for name in choice.members:
+        spec = by_name[name].spec
+        key = (spec.backbone, spec.feature_layer, spec.seed)
+        if key not in built:
+            built[key] = build_backbone(spec.backbone, weights=weights[spec.backbone], seed=spec.seed,
+                                        feature_layer=spec.feature_layer)
+        members.append(Classifier(built[key][0], by_name[name].head.cpu()))
+    model = build_ensemble(members, weights=choice.weights, temperature=choice.temperature,
+                           names=choice.members).eval()
+    backbones = list(model.backbones) if isinstance(model, Ensemble) else [model.backbone]
+    resolved = {id(b): r for b, r in built.values()}
+    return model, [resolved[id(b)] for b in backbones]
+
+
+class MemberLogits(nn.Module):
+    """Images (B, 3, S, S) -> each member's own logits (B, M, C), before weights and temperature, one
+    pass per backbone: one decode of the test split scores the deployed model and the single best."""
+
+    def __init__(self, model: Classifier | Ensemble):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.model, Ensemble):
+            return torch.stack(self.model.member_logits(x), dim=1)
+        return self.model.head(self.model.backbone(x))[:, None]
+
+
+def record_test_scores(member_logits, targets, classes: Sequence[str], choice: FinalChoice) -> dict:
+    """test_metrics.json from the members' test logits (N, M, C): the deployed model's metrics at the top
+    level (calibrated logits), its calibration before/after the temperature, and the single best (member
+    0: the selection starts from it) with its own temperature, marked as not deployed when the ensemble is."""
+    from .evaluate import metrics_record
+
+    z = np.asarray(member_logits, dtype=np.float64)
+    y = np.asarray(targets, dtype=np.int64)
+    deployed_raw = np.einsum("nmc,m->nc", z, np.asarray(choice.weights, dtype=np.float64))
+    single_raw = z[:, 0]
+    yt = torch.from_numpy(y)
+
+    def record(raw, t):
+        return metrics_record(torch.from_numpy(raw / t), yt, classes)
+
+    out = {**record(deployed_raw, choice.temperature),
+           "deployed": choice.deployed, "members": list(choice.members), "weights": list(choice.weights),
+           "temperature": choice.temperature,
+           "calibration": {"before": calibration_metrics(deployed_raw, y),
+                           "after": calibration_metrics(deployed_raw, y, temperature=choice.temperature)}}
+    single = record(single_raw, choice.single_temperature)
+    out["single_best"] = {"trial_id": choice.candidates[0], "deployed": choice.deployed == "single",
+                          "temperature": choice.single_temperature,
+                          **{k: single[k] for k in ("accuracy", "macro_f1", "loss", "test_count")},
+                          "calibration": {"before": calibration_metrics(single_raw, y),
+                                          "after": calibration_metrics(single_raw, y,
+                                                                       temperature=choice.single_temperature)}}
+    return out
