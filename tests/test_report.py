@@ -113,3 +113,43 @@ def test_report_on_a_real_search(real_search, capsys):
     exp = report.load_experiment(real_search)
     assert len(exp.histories) == len(exp.results) == 4  # every trial's progress.csv was found
     assert exp.metric == "valid/acc" and exp.searched == ["lr", "hidden"]
+
+
+def test_final_model_section_shows_members_figures_and_the_suggested_threshold(tmp_path, fake_experiment):
+    import numpy as np
+
+    from tune_rice import final
+
+    exp = fake_experiment(tmp_path, n_trials=8, n_errored=0)
+    df = __import__("pandas").read_csv(exp / "results.csv", dtype={"trial_id": str})
+    names = list(df["trial_id"][:6])
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, 200)
+    logits = [(np.eye(5)[y] * 2 + rng.normal(0, 1.5, (200, 5))) * 2.5 for _ in names]  # over-confident
+    choice = final.decide(names, logits, y, k=4)
+    assert choice.deployed == "ensemble"
+    record = {**choice.to_dict(), "k": 4,
+              "candidate_info": [{"name": n, "score": float(s), "backbone": "resnet18", "head": "pooled",
+                                  "hidden": 64} for n, s in zip(names, df["best/valid/acc"][:6])]}
+    (exp / "final.json").write_text(json.dumps(record))
+    z = np.stack([lg[:50] for lg in logits], 1)[:, [names.index(m) for m in choice.members]]
+    test = {**json.loads((exp / "test_metrics.json").read_text()),
+            **final.record_test_scores(z, y[:50], report.load_experiment(exp).test["classes"], choice)}
+    (exp / "test_metrics.json").write_text(json.dumps(test))
+
+    md = report.write_report(exp).read_text()
+    _assert_pngs(exp / "report", FIGURES + ("reliability.png", "coverage.png"))
+    section = md.split("## Final model")[1].split("\n## ")[0]
+    assert f"an ensemble of {len(choice.members)} heads" in section and "among 6 candidates" in section
+    for m, w in zip(choice.members, choice.weights):
+        assert f"| {m} | {w:.4g} |" in section
+    v = choice.valid
+    assert f"| ensemble, valid | {v['ensemble']['acc']:.4g} | {v['ensemble']['macro_f1']:.4g} |" in section
+    after = test["calibration"]["after"]
+    assert f"| deployed, test, after temperature | {after['acc']:.4g} |" in section
+    assert "single best, test, after its temperature (not deployed)" in section
+    th = choice.threshold
+    assert th["threshold"] and f"--min-confidence {th['threshold']:.3g}` keeps {th['coverage']:.0%}" in section
+    assert v["deployed_calibrated"]["ece"] < v["deployed"]["ece"]  # the temperature helped here, as drawn
+    assert f"the deployed ensemble of {len(choice.members)} heads" in md
+    assert "](reliability.png)" in md and "](coverage.png)" in md

@@ -10,11 +10,14 @@ Writes ``runs/<name>/report/``:
   numpy/scipy; fANOVA would need scikit-learn), computed on an in-memory Optuna study rebuilt from
   results.csv with the distributions of the search space;
 - ``confusion.png``: the test confusion matrix from test_metrics.json;
+- ``reliability.png`` and ``coverage.png``: the deployed model's reliability diagram on valid before and
+  after its temperature, and its valid accuracy against coverage with the suggested ``--min-confidence``
+  (from final.json, the record of the final model's choice);
 - ``report.md``: the headline numbers, flags (best value at the edge of the space, errored and stopped
   trials, a randomly initialised backbone), the top trials and the figures.
 
-Reads only files the search wrote (results.csv, search_args.json, test_metrics.json, trial_*/result.json or
-trial_*/progress.csv); no Ray.
+Reads only files the search wrote (results.csv, search_args.json, test_metrics.json, final.json,
+trial_*/result.json or trial_*/progress.csv); no Ray.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from .space import METRICS, SearchSpace, load_search_space
 log = logging.getLogger(__name__)
 
 REPORT_DIR = "report"
-FIGURES = ("curves.png", "params.png", "importance.png", "confusion.png")
+FIGURES = ("curves.png", "params.png", "importance.png", "confusion.png", "reliability.png", "coverage.png")
 TOP_CURVES = 5
 TOP_TABLE = 10
 EDGE_FRACTION = 0.05  # a best value this close to a bound (as a fraction of the range) says: widen the space
@@ -65,6 +68,7 @@ class Experiment:
     args: dict = field(default_factory=dict)
     test: dict | None = None
     histories: dict = field(default_factory=dict)  # trial_id -> progress.csv frame
+    final: dict | None = None  # final.json: how the deployed model was chosen and calibrated on valid
 
     @property
     def key(self) -> str:
@@ -180,7 +184,7 @@ def load_experiment(exp_dir: str | os.PathLike) -> Experiment:
         ran = pd.to_numeric(results.get("epochs"), errors="coerce") if "epochs" in results else None
         max_epochs = 10 if space is not None or ran is None or ran.isna().all() else int(ran.max())
     exp = Experiment(exp_dir, results, metric, mode, int(max_epochs), space, args,
-                     _read_json(exp_dir / "test_metrics.json"))
+                     _read_json(exp_dir / "test_metrics.json"), final=_read_json(exp_dir / "final.json"))
     if exp.key in results:
         exp.results = results.sort_values(exp.key, ascending=(mode == "min"), na_position="last",
                                           kind="stable").reset_index(drop=True)
@@ -525,6 +529,104 @@ def confusion_figure(test: dict):
     return fig
 
 
+def reliability_figure(final: dict):
+    """The deployed model on valid: accuracy per bin of top probability, before and after its temperature."""
+    fig = _figure(figsize=(10, 4.4))
+    axes = fig.subplots(1, 2, sharey=True)
+    valid = final["valid"]
+    for ax, key, label in ((axes[0], "before", "deployed"), (axes[1], "after", "deployed_calibrated")):
+        bins = final["reliability"][key]
+        lo, hi = np.asarray(bins["lower"]), np.asarray(bins["upper"])
+        count = np.asarray(bins["count"])
+        acc = np.asarray(bins["accuracy"], dtype=float)
+        conf = np.asarray(bins["confidence"], dtype=float)
+        full = count > 0
+        ax.bar(lo[full], acc[full], width=(hi - lo)[full], align="edge", color=COLOURS[0], alpha=0.8,
+               edgecolor="white", label="accuracy in the bin")
+        ax.bar(lo[full], conf[full] - acc[full], bottom=acc[full], width=(hi - lo)[full], align="edge",
+               color=COLOURS[1], alpha=0.25, label="gap to the mean confidence")
+        ax.plot([0, 1], [0, 1], color="black", ls="--", lw=1, label="perfect calibration")
+        for x, h, n in zip(lo[full], acc[full], count[full]):
+            ax.text(x + (hi - lo)[0] / 2, min(h, 0.93) + 0.02, str(int(n)), ha="center", fontsize=7)
+        t = final["temperature"] if key == "after" else 1.0
+        m = valid[label]
+        ax.set_title(f"valid, {'after' if key == 'after' else 'before'} temperature (T = {t:.3g}): "
+                     f"ECE {m['ece']:.3f}, NLL {m['nll']:.3f}", fontsize=10)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("top probability (15 bins; numbers: images per bin)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(fontsize=8, loc="upper left")
+    return fig
+
+
+def coverage_figure(final: dict):
+    """Valid accuracy among the images kept against the share kept, with the suggested threshold."""
+    fig = _figure(figsize=(7, 4.6))
+    ax = fig.add_subplot()
+    curve, th = final["coverage"], final["threshold"]
+    ax.plot(curve["coverage"], curve["accuracy"], color=COLOURS[0], lw=2, drawstyle="steps-post",
+            label="accuracy among the images kept")
+    ax.axhline(th["target_accuracy"], color="black", ls=":", lw=1, label=f"target {th['target_accuracy']:.0%}")
+    if th.get("threshold") is not None:
+        ax.plot([th["coverage"]], [th["accuracy"]], "o", color=COLOURS[1], ms=8,
+                label=f"--min-confidence {th['threshold']:.3g}: keeps {th['coverage']:.0%}")
+    ax.set_xlim(0, 1.02)
+    ax.set_xlabel("coverage (share of valid images with top probability >= P)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("accuracy against coverage on valid (calibrated probabilities)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    return fig
+
+
+def final_lines(exp: Experiment) -> list[str]:
+    """The report's section on the deployed model: members, weights, valid and test figures."""
+    fin, test = exp.final, exp.test or {}
+    md = ["## Final model", ""]
+    n = len(fin["members"])
+    what = f"an ensemble of {n} heads" if fin["deployed"] == "ensemble" else "the single best trial's head"
+    md.append(f"Deployed: {what}, chosen on valid among {len(fin['candidates'])} candidates (the best "
+              f"checkpoints of the top trials) by greedy selection with replacement, up to "
+              f"{fin.get('k', '?')} members; temperature {fin['temperature']:.4g} fitted on valid.")
+    if fin["deployed"] == "single" and len(fin["selection"]["members"]) > 1:
+        md.append(f"An ensemble of {len(fin['selection']['members'])} lowered the valid NLL but not "
+                  f"{fin['metric']}, so it was not deployed.")
+    md.append("")
+    specs = {c["name"]: c for c in fin.get("candidate_info", [])}
+    rows = [{"member": m, "weight": w, **{k: specs.get(m, {}).get(k) for k in ("score", "backbone", "head", "hidden")}}
+            for m, w in zip(fin["members"], fin["weights"])]
+    md += [markdown_table(pd.DataFrame(rows).rename(columns={"score": f"best {exp.metric}"})), ""]
+    v = fin["valid"]
+    table = [("single best, valid", v["single"]), ("ensemble, valid", v["ensemble"]),
+             ("deployed, valid, before temperature", v["deployed"]),
+             ("deployed, valid, after temperature", v["deployed_calibrated"])]
+    if test.get("calibration"):
+        table += [("deployed, test, before temperature", test["calibration"]["before"]),
+                  ("deployed, test, after temperature", test["calibration"]["after"])]
+    single = test.get("single_best")
+    if single and single.get("calibration"):
+        note = "" if single.get("deployed") else " (not deployed)"
+        table.append((f"single best, test, after its temperature{note}", single["calibration"]["after"]))
+    frame = pd.DataFrame([{"model, split": name, **{k: m[k] for k in ("acc", "macro_f1", "ece", "nll", "brier")}}
+                          for name, m in table])
+    md += [markdown_table(frame), "",
+           "ECE: expected calibration error over 15 bins of the top probability; NLL: mean negative log "
+           "likelihood; Brier: mean squared error of the probability vector. Valid figures are optimistic: "
+           "valid chose the ensemble and fitted the temperature.", ""]
+    th = fin["threshold"]
+    if th.get("threshold") is None:
+        md += [f"No confidence threshold reaches {th['target_accuracy']:.0%} accuracy on valid.", ""]
+    elif th["threshold"] == 0:
+        md += [f"All valid images together reach {th['target_accuracy']:.0%} accuracy: no threshold is needed.", ""]
+    else:
+        md += [f"`predict --min-confidence {th['threshold']:.3g}` keeps {th['coverage']:.0%} of the valid images "
+               f"at {th['accuracy']:.1%} accuracy (target {th['target_accuracy']:.0%}); the rest are labelled "
+               "`uncertain`.", ""]
+    return md
+
+
 # -------------------------------------------------------------------------------------------- report
 def _fmt(value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -581,8 +683,14 @@ def write_report(exp_dir: str | os.PathLike) -> Path:
         md.append(f"- best trial: `{best['trial_id']}`, {exp.metric} {best[exp.key]:.4f}{epoch}")
     if exp.test:
         t = exp.test
-        md.append(f"- test (scored once, with the best trial's best checkpoint): accuracy {t['accuracy']:.4f}, "
+        scored = (f"the deployed ensemble of {len(t['members'])} heads" if t.get("deployed") == "ensemble"
+                  else "the best trial's best checkpoint")
+        md.append(f"- test (scored once, {scored}): accuracy {t['accuracy']:.4f}, "
                   f"macro-F1 {t['macro_f1']:.4f} on {t['test_count']} images")
+        single = t.get("single_best")
+        if single and not single.get("deployed"):
+            md.append(f"- single best trial on test (same pass, not deployed): accuracy {single['accuracy']:.4f}, "
+                      f"macro-F1 {single['macro_f1']:.4f}")
     md.append(f"- backbone weights: `{exp.weights}`" + (" (randomly initialised)" if exp.weights.startswith("random:")
                                                         else ""))
     md.append("")
@@ -629,6 +737,15 @@ def write_report(exp_dir: str | os.PathLike) -> Path:
                f"Optuna's PED-ANOVA evaluator on {note}: how much each parameter's distribution among the best "
                "trials differs from its distribution over all trials. With few trials this is a rough guide.", "",
                markdown_table(pd.DataFrame({"parameter": list(values), "importance": list(values.values())})), ""]
+    if exp.final:
+        try:
+            md += final_lines(exp)
+        except (KeyError, TypeError, ValueError) as e:  # a final.json from another version
+            md += [f"(final.json not understood: {type(e).__name__}: {e})", ""]
+        if draw("reliability.png", lambda: reliability_figure(exp.final)):
+            md += ["![reliability diagram on valid, before and after the temperature](reliability.png)", ""]
+        if draw("coverage.png", lambda: coverage_figure(exp.final)):
+            md += ["![accuracy against coverage on valid](coverage.png)", ""]
     if exp.test and exp.test.get("confusion_matrix"):
         md += ["## Test confusion matrix", ""]
         if draw("confusion.png", lambda: confusion_figure(exp.test)):
