@@ -20,6 +20,7 @@ TOOLS = {
     "prepare": "scan class folders and write labels.csv with a leakage-safe split",
     "demo": "generate the synthetic rice-leaf dataset",
     "predict": "classify new images with a trained model",
+    "explain": "show where a trained model finds its evidence (class activation maps)",
     "evaluate": "score a trained model on a labelled split",
     "report": "write plots and tables for a finished search",
     "export": "export a trained model to TorchScript or ONNX",

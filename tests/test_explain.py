@@ -1,0 +1,194 @@
+"""explain: class activation maps on the backbone's last spatial layer, the CLI, and that the maps localise."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from tune_rice import cli, explain, predict
+from tune_rice.model import Classifier, FrozenBackbone, build_backbone, build_head
+
+pytest_plugins = ["helpers_artifacts"]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _classifier(backbone: FrozenBackbone, in_dim: int, n_classes: int = 3) -> Classifier:
+    torch.manual_seed(0)
+    return Classifier(backbone, build_head("pooled", in_dim=in_dim, n_classes=n_classes, hidden=16)).eval()
+
+
+def _tiny_vit() -> FrozenBackbone:
+    torch.manual_seed(0)
+    net = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                               hidden_dim=16, mlp_dim=32)
+    return FrozenBackbone(net, name="vit", feature_layer="pooled")
+
+
+def _tiny_swin() -> FrozenBackbone:
+    torch.manual_seed(0)
+    net = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[1, 1], num_heads=[1, 1],
+                                             window_size=[2, 2])
+    return FrozenBackbone(net, name="swin", feature_layer="pooled")
+
+
+# ------------------------------------------------------------------------------------------ layer rule
+@pytest.mark.parametrize("name,size,layer,grid", [
+    ("resnet18", 64, "layer4", (2, 2)),
+    ("resnet18", 32, "layer3", (2, 2)),  # layer4 is 1x1 at 32 px: no map there, one layer earlier
+    ("mobilenet_v3_small", 64, "features", (2, 2)),
+])
+def test_last_spatial_layer_of_convnets(name, size, layer, grid):
+    backbone, _ = build_backbone(name, weights="none")
+    found = explain.find_spatial_layer(backbone.net, image_size=size)
+    assert (found.name, found.grid, found.reshape) == (layer, grid, None)
+    assert found.module is backbone.net.get_submodule(layer)
+
+
+def test_vit_maps_come_from_the_last_block_whose_patch_tokens_reach_the_class_token():
+    backbone = _tiny_vit()
+    found = explain.find_spatial_layer(backbone.net, image_size=32)
+    # After the last block only the class token is read: its output, and the final norm, give no map.
+    assert found.name == "encoder.layers.encoder_layer_1.ln_1"
+    assert found.grid == (4, 4) and (found.reshape.extra, found.reshape.h, found.reshape.w) == (1, 4, 4)
+    tokens = torch.arange(2 * 17 * 3, dtype=torch.float32).reshape(2, 17, 3)
+    grid = found.reshape(tokens)  # (B, D, h, w)
+    assert grid.shape == (2, 3, 4, 4) and torch.equal(grid[1, :, 0, 1], tokens[1, 2])  # token 2 = patch (0, 1)
+
+
+def test_swin_maps_come_from_its_channels_first_permute():
+    found = explain.find_spatial_layer(_tiny_swin().net, image_size=32)
+    assert found.name == "permute" and found.grid == (4, 4) and found.reshape is None
+
+
+# ---------------------------------------------------------------------------------------- the explainer
+@pytest.mark.parametrize("make", ["resnet18", "mobilenet_v3_small", "vit", "swin"])
+def test_backbone_stays_frozen_and_bit_equal_and_gradients_stop_at_the_layer(make):
+    if make == "vit":
+        backbone, dim = _tiny_vit(), 16
+    elif make == "swin":
+        backbone, dim = _tiny_swin(), 16
+    else:
+        backbone, _ = build_backbone(make, weights="none")
+        dim = backbone.out_dim
+    model = _classifier(backbone, dim)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    first = next(m for m in backbone.net.modules() if isinstance(m, torch.nn.Conv2d))  # the stem: before the layer
+    backward_calls = []
+    first.register_full_backward_hook(lambda *a: backward_calls.append(1))
+    side = 32 if make in ("vit", "swin") else 96  # 3x3 maps (a random 2x2 one may be all negative: all 0)
+    x = torch.randn(3, 3, side, side, generator=torch.Generator().manual_seed(1))
+
+    with torch.enable_grad():  # the control: an ordinary backward does reach the stem
+        model(x.clone().requires_grad_(True)).sum().backward()
+    assert backward_calls == [1]
+    backward_calls.clear()
+
+    size = x.shape[-1]
+    with explain.Explainer(model, image_size=size) as ex:
+        probs, maps = ex(x)
+        layer = ex.layers[0]
+    assert backward_calls == []  # nothing before the layer was differentiated
+    assert all(p.grad is None for p in model.parameters()), "a weight got a gradient"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not layer.module._forward_hooks  # every hook removed on close
+    with torch.no_grad():
+        np.testing.assert_allclose(probs, torch.softmax(model(x), 1).numpy(), atol=1e-5)
+    assert maps.shape == (3, size, size) and maps.dtype == np.float32
+    assert np.all((maps >= 0) & (maps <= 1 + 1e-6))
+    peaks = maps.reshape(3, -1).max(1)  # scaled per image: 1 at its peak, or all 0 (no positive evidence)
+    assert np.all(np.isclose(peaks, 1, atol=1e-3) | (peaks == 0)) and peaks.max() > 0.99
+
+
+def test_temperature_and_targets():
+    backbone, _ = build_backbone("resnet18", weights="none")
+    model = _classifier(backbone, backbone.out_dim)
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+    with explain.Explainer(model, image_size=96, temperature=2.5) as ex:
+        probs, own = ex(x)
+        _, other = ex(x, targets=[(int(c) + 1) % 3 for c in probs.argmax(1)])
+    with torch.no_grad():
+        np.testing.assert_allclose(probs, torch.softmax(model(x) / 2.5, 1).numpy(), atol=1e-5)
+    assert not np.allclose(own, other)  # another class, another map
+
+
+def test_ensemble_members_maps_are_averaged_with_their_weights():
+    class Pair(torch.nn.Module):  # the seam an ensemble model fills: .members and .weights
+        def __init__(self, a, b):
+            super().__init__()
+            self.members = torch.nn.ModuleList([a, b])
+            self.weights = [0.75, 0.25]
+
+        def forward(self, x):
+            return torch.log(sum(w * torch.softmax(m(x), 1) for w, m in zip(self.weights, self.members)))
+
+    a = _classifier(build_backbone("resnet18", weights="none", seed=1)[0], 512)
+    b = _classifier(build_backbone("resnet18", weights="none", seed=2)[0], 512)
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+    target = [0, 1]
+    with explain.Explainer(Pair(a, b), image_size=96) as ex:
+        _, both = ex(x, targets=target)
+    with explain.Explainer(a, image_size=96) as ex:
+        _, map_a = ex(x, targets=target)
+    with explain.Explainer(b, image_size=96) as ex:
+        _, map_b = ex(x, targets=target)
+    assert map_a.max() > 0 and map_b.max() > 0 and not np.allclose(map_a, map_b)
+    np.testing.assert_allclose(both, 0.75 * map_a + 0.25 * map_b, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+@pytest.fixture
+def photos(tiny_model, tmp_path) -> Path:
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for rel, dest in (("alpha/alpha_010.png", "a.png"), ("beta/beta_011.png", "b.png"),
+                      ("gamma/gamma_009.png", "sub/a.png")):  # two photos named a.png
+        shutil.copy(tiny_model.root / rel, folder / dest)
+    data = (tiny_model.root / "alpha/alpha_011.png").read_bytes()
+    (folder / "broken.png").write_bytes(data[: len(data) // 3])
+    (folder / "sub" / "fake.jpg").write_text("this is not a photo\n")
+    return folder
+
+
+def test_cli_writes_an_overlay_per_photo_and_skips_unreadable_ones(tiny_model, photos, tmp_path, capsys):
+    out = tmp_path / "explained"
+    rc = cli.main(["explain", "--model", str(tiny_model.model_path), str(photos), "--out", str(out)])
+    stdout, stderr = capsys.readouterr()
+    assert rc == 0, stderr
+    assert "3 of 5 images explained" in stdout and "skipped 2 unreadable" in stderr
+    table = pd.read_csv(out / "explain.csv", keep_default_na=False)
+    assert len(table) == 5
+    good = table[table["error"] == ""].copy()
+    for col in ("score", "top3_score", "peak_x", "peak_y"):
+        good[col] = good[col].astype(float)
+    assert sorted(good["overlay"]) == ["a-2.png", "a.png", "b.png"]
+    assert set(table.loc[table["error"] != "", "path"].map(lambda p: Path(p).name)) == {"broken.png", "fake.jpg"}
+    for name in good["overlay"]:
+        with Image.open(out / name) as im:
+            assert im.format == "PNG" and im.width > 300
+    # the same classes and probabilities as predict gives
+    loaded = predict.load_model(tiny_model.model_path)
+    pred = predict.predict_files(loaded, [Path(p) for p in good["path"]], topk=3, progress=False)
+    assert list(pred.table["label"]) == list(good["label"])
+    np.testing.assert_allclose(pred.table["top3_score"], good["top3_score"], atol=1e-5)
+    assert good["peak_x"].between(0, 1).all() and good["peak_y"].between(0, 1).all()
+
+
+def test_cli_bad_inputs_are_one_line_and_write_nothing(tiny_model, tmp_path, capsys):
+    out = tmp_path / "nothing"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert explain.main(["--model", str(tiny_model.model_path), str(empty), "--out", str(out)]) == 2
+    assert "no images found" in capsys.readouterr().err
+    photo = tiny_model.root / "alpha" / "alpha_000.png"
+    assert explain.main(["--model", str(tmp_path / "missing.pt"), str(photo), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "missing.pt" in err
+    assert not out.exists()
