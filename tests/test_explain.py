@@ -14,7 +14,7 @@ import torchvision
 from PIL import Image
 
 from tune_rice import cli, explain, predict
-from tune_rice.model import Classifier, FrozenBackbone, build_backbone, build_head
+from tune_rice.model import Classifier, FrozenBackbone, build_backbone, build_ensemble, build_head
 
 pytest_plugins = ["helpers_artifacts"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,40 +107,43 @@ def test_backbone_stays_frozen_and_bit_equal_and_gradients_stop_at_the_layer(mak
     assert np.all(np.isclose(peaks, 1, atol=1e-3) | (peaks == 0)) and peaks.max() > 0.99
 
 
-def test_temperature_and_targets():
+def test_the_models_temperature_and_other_targets():
     backbone, _ = build_backbone("resnet18", weights="none")
     model = _classifier(backbone, backbone.out_dim)
     x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
-    with explain.Explainer(model, image_size=96, temperature=2.5) as ex:
+    with torch.no_grad():
+        plain = torch.softmax(model(x), 1).numpy()
+    model.temperature = 2.5
+    with explain.Explainer(model, image_size=96) as ex:
         probs, own = ex(x)
         _, other = ex(x, targets=[(int(c) + 1) % 3 for c in probs.argmax(1)])
     with torch.no_grad():
-        np.testing.assert_allclose(probs, torch.softmax(model(x) / 2.5, 1).numpy(), atol=1e-5)
+        np.testing.assert_allclose(probs, torch.softmax(model(x), 1).numpy(), atol=1e-5)  # calibrated: softer
+    assert probs.max() < plain.max()
     assert not np.allclose(own, other)  # another class, another map
 
 
 def test_ensemble_members_maps_are_averaged_with_their_weights():
-    class Pair(torch.nn.Module):  # the seam an ensemble model fills: .members and .weights
-        def __init__(self, a, b):
-            super().__init__()
-            self.members = torch.nn.ModuleList([a, b])
-            self.weights = [0.75, 0.25]
-
-        def forward(self, x):
-            return torch.log(sum(w * torch.softmax(m(x), 1) for w, m in zip(self.weights, self.members)))
-
     a = _classifier(build_backbone("resnet18", weights="none", seed=1)[0], 512)
     b = _classifier(build_backbone("resnet18", weights="none", seed=2)[0], 512)
+    c = _classifier(a.backbone, 512)  # shares a's backbone: held once in the ensemble, one layer hooked once
+    torch.manual_seed(3)
+    c.head = build_head("pooled", in_dim=512, n_classes=3, hidden=16).eval()
+    ens = build_ensemble([a, b, c], weights=[0.5, 0.3, 0.2], temperature=1.7)
+    assert len(ens.backbones) == 2
     x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
     target = [0, 1]
-    with explain.Explainer(Pair(a, b), image_size=96) as ex:
-        _, both = ex(x, targets=target)
-    with explain.Explainer(a, image_size=96) as ex:
-        _, map_a = ex(x, targets=target)
-    with explain.Explainer(b, image_size=96) as ex:
-        _, map_b = ex(x, targets=target)
-    assert map_a.max() > 0 and map_b.max() > 0 and not np.allclose(map_a, map_b)
-    np.testing.assert_allclose(both, 0.75 * map_a + 0.25 * map_b, atol=1e-5)
+    with explain.Explainer(ens, image_size=96) as ex:
+        probs, mixed = ex(x, targets=target)
+        assert len(ex.parts) == 3
+    with torch.no_grad():
+        np.testing.assert_allclose(probs, torch.softmax(ens(x), 1).numpy(), atol=1e-5)
+    single = []
+    for m in (a, b, c):
+        with explain.Explainer(m, image_size=96) as ex:
+            single.append(ex(x, targets=target)[1])
+    assert all(m.max() > 0 for m in single) and not np.allclose(single[0], single[1])
+    np.testing.assert_allclose(mixed, 0.5 * single[0] + 0.3 * single[1] + 0.2 * single[2], atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------- CLI

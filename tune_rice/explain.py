@@ -15,8 +15,9 @@ the class token is read, so the patch tokens get no gradient; the map is taken w
 
 Gradients flow only to that layer's activations: every parameter is frozen and the activation is made
 a leaf of the graph, so nothing before it (the input, the early layers) is differentiated and no weight
-ever gets a ``.grad``; the backbone stays bit-equal. The probabilities are the model's softmax,
-divided by the model's temperature first when the artifact carries one (``meta["temperature"]``).
+ever gets a ``.grad``; the backbone stays bit-equal. The probabilities are the softmax of the model's
+output, which is divided by the temperature fitted on valid when the model holds one (calibrated). An
+ensemble's map is its members' maps (one per head, on that head's backbone) averaged with its weights.
 """
 
 from __future__ import annotations
@@ -150,68 +151,74 @@ def _as_leaf(module, inputs, out):
     return out.detach().requires_grad_(True)
 
 
-def members(module: nn.Module) -> list[tuple[nn.Module, float]]:
-    """``(classifier, weight)`` pairs whose maps make ``module``'s map: one member of weight 1 for a plain
-    classifier. An ensemble that exposes ``members`` and ``weights`` gets its members' maps averaged with
-    its weights."""
-    inner = getattr(module, "members", None)
-    if isinstance(inner, (nn.ModuleList, list, tuple)) and len(inner):
-        weights = getattr(module, "weights", None)
-        weights = [1.0] * len(inner) if weights is None else [float(w) for w in torch.as_tensor(weights).flatten()]
-        return list(zip(inner, weights))
-    return [(module, 1.0)]
+def members(model: nn.Module) -> list[tuple[nn.Module, float]]:
+    """``(classifier, weight)`` pairs whose maps make ``model``'s map: the model itself with weight 1, or for
+    an :class:`~tune_rice.model.Ensemble` one backbone + head classifier per head with the ensemble's weight."""
+    from .model import Classifier, Ensemble
+
+    if isinstance(model, Ensemble):
+        return [(Classifier(model.backbones[j], head), float(w))
+                for head, j, w in zip(model.heads, model.backbone_index, model.weights)]
+    return [(model, 1.0)]
 
 
 class Explainer:
-    """Class activation maps and probabilities for a tune-rice classifier (``backbone.net`` + head).
+    """Class activation maps and probabilities for a tune-rice model (a classifier or an ensemble).
 
-    ``explainer(x)`` with normalised images ``x`` (B, 3, S, S) returns ``(probs (B, C), maps (B, S, S))``;
-    each map is for the class in ``targets`` (default: the predicted class), scaled to [0, 1] per image.
-    Every parameter of ``model`` is set to ``requires_grad=False`` (they are frozen in use anyway).
+    ``explainer(x)`` with normalised images ``x`` (B, 3, S, S) returns ``(probs (B, C), maps (B, S, S))``:
+    the softmax of the model's output (calibrated when the model holds a fitted temperature) and, for the
+    class in ``targets`` (default: the predicted class), the map scaled to [0, 1] per image. An ensemble's
+    map is its members' maps averaged with the ensemble's weights. Every parameter of ``model`` is set to
+    ``requires_grad=False`` (they are frozen in use anyway).
     """
 
-    def __init__(self, model: nn.Module, *, image_size: int, method: str = DEFAULT_METHOD,
-                 temperature: float = 1.0):
+    def __init__(self, model: nn.Module, *, image_size: int, method: str = DEFAULT_METHOD):
         cam_class = _cam_class(method)
         if isinstance(model, torch.jit.ScriptModule):
             raise UserError("a TorchScript export has no layers to hook: explain needs the tune-rice model file "
                             "(runs/<name>/best/model.pt)")
         self.model = model.eval()
-        self.method, self.temperature = method, float(temperature)
+        self.method = method
         for p in model.parameters():
             p.requires_grad_(False)
-        self.parts = []
+        parts = []
         for member, weight in members(model):
             backbone = getattr(member, "backbone", None)
             if backbone is None or not hasattr(backbone, "net"):
                 raise UserError(f"{type(member).__name__}: not a frozen-backbone classifier; cannot explain it")
-            layer = find_spatial_layer(backbone.net, image_size=image_size)
-            handle = layer.module.register_forward_hook(_as_leaf)  # before the library's hooks: they see the leaf
-            cam = cam_class(model=member, target_layers=[layer.module], reshape_transform=layer.reshape)
-            self.parts.append((member, weight, layer, handle, cam))
-        self.layers = [part[2] for part in self.parts]
+            parts.append((member, weight, find_spatial_layer(backbone.net, image_size=image_size)))
+        # One leaf hook per layer (members may share a backbone), registered before any of the library's
+        # hooks so that every one of them sees the leaf the rest of the forward pass uses.
+        self._handles = {}
+        for _, _, layer in parts:
+            if id(layer.module) not in self._handles:
+                self._handles[id(layer.module)] = layer.module.register_forward_hook(_as_leaf)
+        self.parts = [(member, weight, layer, cam_class(model=member, target_layers=[layer.module],
+                                                        reshape_transform=layer.reshape))
+                      for member, weight, layer in parts]
+        self.layers = [layer for _, _, layer in parts]
 
     def __call__(self, x: torch.Tensor, targets: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
         with torch.no_grad():
-            logits = self.model(x).float()  # (B, C)
-        probs = torch.softmax(logits / self.temperature, dim=1).cpu().numpy()
+            probs = torch.softmax(self.model(x).float(), dim=1).cpu().numpy()  # (B, C)
         chosen = probs.argmax(1) if targets is None else np.asarray(targets, dtype=np.int64)
         wanted = [ClassifierOutputTarget(int(c)) for c in chosen]
-        total = sum(w for _, w, *_ in self.parts)
-        maps = None
-        for _, weight, _, _, cam in self.parts:
+        total = sum(weight for _, weight, _, _ in self.parts)
+        maps = np.zeros((x.shape[0], x.shape[-2], x.shape[-1]), dtype=np.float32)
+        for _, weight, _, cam in self.parts:
             with torch.enable_grad():
-                m = cam(input_tensor=x, targets=wanted).astype(np.float32)  # (B, S, S) in [0, 1]
-            maps = weight * m if maps is None else maps + weight * m
+                maps += weight * cam(input_tensor=x, targets=wanted).astype(np.float32)  # (B, S, S) in [0, 1]
+            cam.activations_and_grads.clear()  # members sharing a layer also recorded each other's passes
         return probs, maps / total
 
     def close(self) -> None:
-        for _, _, _, handle, cam in self.parts:
-            handle.remove()
+        for _, _, _, cam in self.parts:
             cam.activations_and_grads.release()
-        self.parts = []
+        for handle in self._handles.values():
+            handle.remove()
+        self.parts, self._handles = [], {}
 
     def __enter__(self):
         return self
@@ -293,14 +300,13 @@ def explain_files(loaded, files: Sequence[Path], out_dir: Path, *, method: str =
         raise UserError(f"{loaded.path}: a TorchScript export has no layers to hook: explain needs the tune-rice "
                         "model file (runs/<name>/best/model.pt)")
     model = loaded.module.to(device).eval()
-    temperature = float(loaded.meta.get("temperature", 1.0) or 1.0)
     loader = DataLoader(PredictImages(files, eval_transform(loaded.preprocessing)), batch_size=batch_size,
                         shuffle=False, num_workers=0, collate_fn=collate_skipping_failures)
     names = _output_names(files)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = [{} for _ in files]
     bar = tqdm(total=len(files), desc="explain", unit="img", disable=not progress, leave=False, dynamic_ncols=True)
-    with Explainer(model, image_size=loaded.image_size, method=method, temperature=temperature) as explainer:
+    with Explainer(model, image_size=loaded.image_size, method=method) as explainer:
         for x, idx, failures in loader:
             for i, err in failures:
                 rows[i] = {"path": str(files[i]), "overlay": "", "error": err}
