@@ -304,7 +304,8 @@ class HeadRun:
             self.model = self.head.to(self.device)
             self.train_batches = BankBatches(bank.splits["train"], batch_size=cfg.batch_size, train=True,
                                              seed=cfg.seed, device=self.device)
-            self.valid_batches = BankBatches(bank.splits["valid"], batch_size=512, train=False, device=self.device)
+            self.valid_batches = BankBatches(bank.splits["valid"], batch_size=512, train=False, device=self.device) \
+                if "valid" in bank.splits else None  # a refit on train+valid pooled has none
             counts = np.bincount(bank.splits["train"].targets, minlength=n_classes)
         else:
             self.classes = table.classes
@@ -337,16 +338,21 @@ class HeadRun:
         self.scheduler = make_scheduler(self.optimizer, cfg, len(self.train_batches))
         self.criterion = make_criterion(cfg, counts, self.device)
 
-    def step(self) -> dict:
-        """Train one epoch, evaluate on valid; returns namespaced metrics for this epoch."""
+    def train_epoch(self) -> dict:
+        """Train one epoch; returns ``{"epoch", "lr", "train/loss", "train/acc"}``."""
         self.train_batches.epoch = self.epoch
         lr = self.optimizer.param_groups[0]["lr"]
         tr = train_one_epoch(self.model, self.train_batches, optimizer=self.optimizer, criterion=self.criterion,
                              scheduler=self.scheduler, grad_clip=self.cfg.grad_clip)
-        va = evaluate(self.model, self.valid_batches, n_classes=self.n_classes)
         self.epoch += 1
-        out = {"epoch": self.epoch, "lr": lr, "train/loss": tr["loss"], "train/acc": tr["acc"],
-               "valid/loss": va["loss"], "valid/acc": va["acc"], "valid/macro_f1": va["macro_f1"]}
+        return {"epoch": self.epoch, "lr": lr, "train/loss": tr["loss"], "train/acc": tr["acc"]}
+
+    def step(self) -> dict:
+        """Train one epoch, evaluate on valid; returns namespaced metrics for this epoch."""
+        out = self.train_epoch()
+        va = evaluate(self.model, self.valid_batches, n_classes=self.n_classes)
+        out.update({"valid/loss": va["loss"], "valid/acc": va["acc"], "valid/macro_f1": va["macro_f1"],
+                    "valid_count": va["count"]})
         for c, r in zip(self.classes, va["recall"]):
             out[f"valid/recall/{c}"] = r
         return out
@@ -368,3 +374,274 @@ class HeadRun:
             torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
+
+
+# ------------------------------------------------------------------------- cross-validated trials
+class HeadStack:
+    """K heads of one architecture trained as one: their parameters stacked ``(K, ...)`` and the
+    forward vmapped over them, so a K-fold trial costs one batched pass per step, not K.
+
+    Each head's gradient is that of its own loss (the losses are summed), AdamW and SGD act element by
+    element, and gradient clipping is per head: one step equals K separate steps (tested).
+    """
+
+    def __init__(self, heads: list[nn.Module]):
+        from torch.func import stack_module_state
+
+        self.k = len(heads)
+        self.base = copy.deepcopy(heads[0]).to("meta")  # the architecture only; numbers come from params
+        params, buffers = stack_module_state(heads)
+        self.params = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}  # leaves
+        self.buffers = {n: b.detach().clone() for n, b in buffers.items()}
+        self.training = True
+
+    def to(self, device) -> "HeadStack":
+        self.params = {n: p.detach().to(device).requires_grad_(True) for n, p in self.params.items()}
+        self.buffers = {n: b.to(device) for n, b in self.buffers.items()}
+        return self
+
+    def train(self, mode: bool = True) -> "HeadStack":
+        self.training = mode
+        self.base.train(mode)
+        return self
+
+    def eval(self) -> "HeadStack":
+        return self.train(False)
+
+    def parameters(self) -> list[torch.Tensor]:
+        return list(self.params.values())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (K, B, D) -> (K, B, C)
+        from torch.func import functional_call, vmap
+
+        def one(params, buffers, xk):
+            return functional_call(self.base, (params, buffers), (xk,))
+
+        return vmap(one, randomness="different")(self.params, self.buffers, x)
+
+    def clip_grad_norm_(self, max_norm: float) -> None:
+        """Per head, as ``clip_grad_norm_`` on each head alone would."""
+        grads = [p.grad for p in self.params.values() if p.grad is not None]
+        norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0).sqrt()  # (K,)
+        scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(scale.view(-1, *([1] * (g.dim() - 1))))
+
+    def head(self, k: int, template: nn.Module) -> nn.Module:
+        """Head ``k`` as a plain module (``template``: a module of the same architecture, overwritten)."""
+        template.load_state_dict({**{n: p[k].detach().cpu() for n, p in self.params.items()},
+                                  **{n: b[k].cpu() for n, b in self.buffers.items()}})
+        return template
+
+    def state_dict(self) -> dict:
+        return {"params": {n: p.detach().cpu() for n, p in self.params.items()},
+                "buffers": {n: b.cpu() for n, b in self.buffers.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(state["params"][n])
+            for n, b in self.buffers.items():
+                b.copy_(state["buffers"][n])
+
+
+class PooledBank:
+    """Train and valid of a bank pooled (train rows first, as :func:`tune_rice.probe.pooled_view0`),
+    without copying: ``rows(idx, views)`` gathers features. Valid images have only their un-augmented
+    view, so they are drawn with view 0."""
+
+    def __init__(self, bank: FeatureBank):
+        with warnings.catch_warnings():  # read-only arrays from Ray's object store; never written
+            warnings.simplefilter("ignore", UserWarning)
+            self.train = torch.from_numpy(np.ascontiguousarray(bank.splits["train"].features))  # (Nt, V, D)
+            self.valid = torch.from_numpy(np.ascontiguousarray(bank.splits["valid"].features))  # (Nv, 1, D)
+        self.n_train, self.views = self.train.shape[0], self.train.shape[1]
+        self.targets = torch.from_numpy(np.concatenate([bank.splits["train"].targets,
+                                                        bank.splits["valid"].targets]).astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def rows(self, idx: torch.Tensor, views: torch.Tensor | None = None) -> torch.Tensor:
+        """Features (M, D) float32 of pooled rows ``idx`` (M,), train rows at ``views`` (default view 0)."""
+        out = torch.empty(len(idx), self.train.shape[2], dtype=torch.float32)
+        is_train = idx < self.n_train
+        t = idx[is_train]
+        out[is_train] = self.train[t, views[is_train] if views is not None else 0].float()
+        out[~is_train] = self.valid[idx[~is_train] - self.n_train, 0].float()
+        return out
+
+    def view0(self) -> torch.Tensor:
+        return self.rows(torch.arange(len(self)))  # (N, D)
+
+
+class FoldBatches:
+    """Training batches for K fold heads at once: ``(x (K, B, D), y (K, B), mask (K, B))``.
+
+    Each epoch, fold k's training images (those outside fold k) are shuffled and, for train images,
+    one of their K views drawn, seeded by ``seed``, the epoch and k. Folds differ in size by a few
+    images; the shorter ones are padded and ``mask`` marks real rows.
+    """
+
+    def __init__(self, pooled: PooledBank, folds: np.ndarray, *, batch_size: int, seed: int = 0,
+                 device: torch.device | str = "cpu"):
+        self.pooled, self.batch_size, self.seed = pooled, int(batch_size), seed
+        self.folds = torch.as_tensor(folds)
+        self.k = int(self.folds.max()) + 1
+        self.members = [torch.nonzero(self.folds != f).flatten() for f in range(self.k)]
+        self.n_max = max(len(m) for m in self.members)
+        self.device = torch.device(device)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return math.ceil(self.n_max / self.batch_size)
+
+    def __iter__(self):
+        idx = torch.full((self.k, len(self) * self.batch_size), -1, dtype=torch.long)
+        views = torch.zeros_like(idx)
+        for f, members in enumerate(self.members):
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 101 + f)
+            idx[f, :len(members)] = members[torch.randperm(len(members), generator=g)]
+            views[f, :len(members)] = torch.randint(self.pooled.views, (len(members),), generator=g)
+        for start in range(0, self.n_max, self.batch_size):
+            i, v = idx[:, start:start + self.batch_size], views[:, start:start + self.batch_size]  # (K, B)
+            mask = i >= 0
+            safe = i.clamp(min=0)
+            x = self.pooled.rows(safe.flatten(), v.flatten()).view(*i.shape, -1)
+            y = self.pooled.targets[safe]
+            yield x.to(self.device), y.to(self.device), mask.to(self.device)
+
+
+class CVHeadRun:
+    """One cross-validated trial: K heads (one per fold of train+valid pooled) trained batched.
+
+    ``step()`` trains every head one epoch and scores each on its held-out fold. ``valid/*`` are
+    out-of-fold scores over all N pooled images (so ``valid/acc`` is the size-weighted mean of the
+    fold accuracies); ``valid/acc_sd``, ``_min`` and ``_max`` are the spread over the K folds.
+    Each head is standardised with its own training images' statistics. The deployed model of a CV
+    trial is not one of these heads: see :func:`refit_pooled`.
+    """
+
+    def __init__(self, cfg: TrialConfig, *, bank: FeatureBank, folds: np.ndarray,
+                 device: str | torch.device = "auto"):
+        self.cfg, self.device, self.epoch = cfg, resolve_device(device), 0
+        torch.manual_seed(cfg.seed)
+        self.classes, self.weights = bank.classes, bank.weights
+        self.n_classes = len(bank.classes)
+        self.pooled = PooledBank(bank)
+        self.folds = np.asarray(folds, dtype=np.int64)
+        if len(self.folds) != len(self.pooled):
+            raise ValueError(f"{len(self.folds)} fold labels for {len(self.pooled)} pooled images")
+        self.batches = FoldBatches(self.pooled, self.folds, batch_size=cfg.batch_size, seed=cfg.seed,
+                                   device=self.device)
+        self.k = self.batches.k
+        x0 = self.pooled.view0().numpy()
+        heads, self.criteria = [], []
+        for f in range(self.k):
+            train = self.folds != f
+            head = build_head(cfg.head, in_dim=x0.shape[1], n_classes=self.n_classes, hidden=cfg.hidden,
+                              dropout=cfg.dropout)
+            head.set_standardization(x0[train].mean(0), x0[train].std(0))
+            heads.append(head)
+            counts = np.bincount(self.pooled.targets.numpy()[train], minlength=self.n_classes)
+            self.criteria.append(make_criterion(cfg, counts, self.device))
+        self.template = heads[0]
+        self.stack = HeadStack(heads).to(self.device)
+        self.optimizer = make_optimizer(self.stack.parameters(), cfg)
+        self.scheduler = make_scheduler(self.optimizer, cfg, len(self.batches))
+
+    def train_epoch(self) -> dict:
+        self.batches.epoch = self.epoch
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.stack.train()
+        total, correct, n = 0.0, 0, 0
+        for x, y, mask in self.batches:
+            logits = self.stack(x)  # (K, B, C)
+            losses = [self.criteria[f](logits[f][mask[f]], y[f][mask[f]]) for f in range(self.k) if mask[f].any()]
+            loss = torch.stack(losses).sum()  # each head's gradient is that of its own loss
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.cfg.grad_clip > 0:
+                self.stack.clip_grad_norm_(self.cfg.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            m = int(mask.sum())
+            total += float(loss.detach()) / len(losses) * m
+            correct += int(((logits.detach().argmax(-1) == y) & mask).sum())
+            n += m
+        if not math.isfinite(total):
+            raise FloatingPointError("training loss is not finite (learning rate too high?)")
+        self.epoch += 1
+        return {"epoch": self.epoch, "lr": lr, "train/loss": total / n, "train/acc": correct / n}
+
+    @torch.inference_mode()
+    def out_of_fold_logits(self) -> torch.Tensor:
+        """(N, C): each pooled image scored by the head that did not train on it."""
+        self.stack.eval()
+        x = self.pooled.view0()
+        out = torch.empty(len(x), self.n_classes)
+        folds = torch.as_tensor(self.folds)
+        for start in range(0, len(x), 1024):
+            xb = x[start:start + 1024].to(self.device)
+            logits = self.stack(xb.expand(self.k, *xb.shape)).float().cpu()  # (K, B, C)
+            rows = torch.arange(len(xb))
+            out[start:start + len(xb)] = logits[folds[start:start + len(xb)], rows]
+        return out
+
+    def step(self) -> dict:
+        out = self.train_epoch()
+        logits = self.out_of_fold_logits()
+        y = self.pooled.targets
+        va = compute_metrics(y.numpy(), logits.argmax(1).numpy(), self.n_classes)
+        hit = (logits.argmax(1) == y).numpy()
+        fold_acc = np.array([hit[self.folds == f].mean() for f in range(self.k)])
+        out.update({"valid/loss": float(nn.functional.cross_entropy(logits, y)), "valid/acc": va["acc"],
+                    "valid/macro_f1": va["macro_f1"], "valid_count": va["count"], "cv_folds": self.k,
+                    "valid/acc_sd": float(fold_acc.std(ddof=1)) if self.k > 1 else 0.0,
+                    "valid/acc_min": float(fold_acc.min()), "valid/acc_max": float(fold_acc.max())})
+        for c, r in zip(self.classes, va["recall"]):
+            out[f"valid/recall/{c}"] = r
+        return out
+
+    def fold_head(self, f: int) -> nn.Module:
+        template = copy.deepcopy(self.template)
+        return self.stack.head(f, template).eval()
+
+    def state_dict(self) -> dict:
+        state = {"epoch": self.epoch, "stack": self.stack.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "config": self.cfg.to_dict(), "folds": self.k,
+                 "classes": list(self.classes), "weights": self.weights, "torch_rng": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stack.load_state_dict(state["stack"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch = int(state["epoch"])
+        if "torch_rng" in state:
+            torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
+
+
+def pooled_bank(bank: FeatureBank) -> FeatureBank:
+    """``bank`` with valid merged into train (valid images' one view repeated to the train view count),
+    its statistics recomputed on the pooled view 0: what a CV search's deployed model is trained on."""
+    train, valid = bank.splits["train"], bank.splits["valid"]
+    k = train.features.shape[1]
+    features = np.concatenate([train.features, np.repeat(valid.features[:, :1], k, axis=1)])  # (N, K, D)
+    split = SplitFeatures(features, np.concatenate([train.targets, valid.targets]), train.paths + valid.paths)
+    x0 = features[:, 0].astype(np.float32)
+    return dataclasses.replace(bank, splits={"train": split}, mean=x0.mean(0), std=x0.std(0))
+
+
+def refit_pooled(cfg: TrialConfig, bank: FeatureBank, *, epochs: int, device: str | torch.device = "cpu"):
+    """The deployed head of a cross-validated trial: its configuration trained on train+valid pooled
+    for ``epochs`` epochs (the epoch its out-of-fold metric peaked; the learning-rate schedule is the
+    trial's, over ``cfg.epochs``, stopped there). Same seed, so the same call gives the same head."""
+    run = HeadRun(cfg, bank=pooled_bank(bank), device=device)
+    for _ in range(int(epochs)):
+        run.train_epoch()
+    return run.head.eval()

@@ -1,0 +1,227 @@
+"""The linear probe against a direct fit, the fold split against its constraints, and cross-validated
+heads (batched) against heads trained one at a time. Feature banks are synthetic or from two generated
+image families (no Ray)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tune_rice import UserError
+from tune_rice.engine import (CVHeadRun, HeadRun, HeadStack, TrialConfig, make_criterion, make_optimizer,
+                              pooled_bank, refit_pooled)
+from tune_rice.model import build_head
+from tune_rice.probe import (bank_folds, fit_logistic, fit_probe, fold_split, pooled_view0, probe_bank,
+                             probe_bank_cv, resolve_folds, standardize, wilson_interval)
+
+from test_engine import synthetic_bank
+
+
+# ------------------------------------------------------------------------------------------ the probe
+def test_logistic_fit_matches_scikit_learn():
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    bank = synthetic_bank(n_train=90, n_valid=30, d=12)
+    x, y = bank.splits["train"].features[:, 0].astype(np.float32), bank.splits["train"].targets
+    result = fit_probe(x, y, x[:10], y[:10], n_classes=3, Cs=(0.05,))
+    z = standardize(result.head, x).numpy()
+    ref = sklearn.LogisticRegression(C=0.05, tol=1e-10, max_iter=10_000).fit(z, y)
+    with torch.no_grad():
+        ours = torch.softmax(result.head(torch.from_numpy(x)), 1).numpy()
+    np.testing.assert_allclose(ours, ref.predict_proba(z), atol=2e-4)
+    np.testing.assert_allclose(result.head.net[-1].weight.detach().numpy(), ref.coef_, atol=2e-3)
+
+
+def test_probe_keeps_the_c_that_scores_best_on_valid():
+    bank = synthetic_bank(n_train=60, n_valid=60, d=24)
+    result = probe_bank(bank, Cs=(1e-4, 1e-2, 1.0, 100.0))
+    accs = {row["C"]: row["acc"] for row in result.path}
+    assert result.C in accs and result.valid["acc"] == max(accs.values())
+    assert result.valid["count"] == 60
+    # the head it returns is the fit at that C, standardised with the bank's statistics
+    valid = bank.splits["valid"]
+    with torch.no_grad():
+        pred = result.head(torch.from_numpy(valid.features[:, 0].astype(np.float32))).argmax(1).numpy()
+    assert (pred == valid.targets).mean() == pytest.approx(result.valid["acc"])
+    np.testing.assert_allclose(result.head.mean.numpy(), bank.mean, rtol=1e-6)
+    assert result.valid["acc"] > 0.8  # well-separated blobs
+
+
+def test_probe_cv_refits_on_everything():
+    bank = synthetic_bank(n_train=60, n_valid=30, d=8)
+    folds = (np.arange(90) // 3) % 3  # every class in every fold
+    result = probe_bank_cv(bank, folds, Cs=(0.01, 1.0))
+    assert result.folds == 3 and result.valid["count"] == 90
+    x, y = pooled_view0(bank)
+    z = standardize(result.head, x)
+    w, b = fit_logistic(z, torch.as_tensor(y), 3, C=result.C)
+    np.testing.assert_allclose(result.head.net[-1].weight.detach().numpy(), w.float().numpy(), atol=1e-5)
+
+
+def test_wilson_interval_by_hand():
+    lo, hi = wilson_interval(36, 45)  # 0.80 on 45 images
+    assert lo == pytest.approx(0.6611, abs=1e-3) and hi == pytest.approx(0.8909, abs=1e-3)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------------ folds
+def test_fold_split_keeps_groups_together_and_classes_balanced():
+    rng = np.random.default_rng(0)
+    labels, groups = [], []
+    for c, n_groups in (("a", 40), ("b", 25), ("c", 12)):
+        for g in range(n_groups):
+            size = int(rng.choice([1, 1, 1, 2, 3]))
+            labels += [c] * size
+            groups += [f"{c}{g}"] * size
+    labels, groups = np.array(labels), np.array(groups)
+    folds = fold_split(labels, groups, 5, seed=0)
+    assert set(folds) == set(range(5))
+    for g in np.unique(groups):
+        assert len(set(folds[groups == g])) == 1, g
+    for c in "abc":
+        counts = np.bincount(folds[labels == c], minlength=5)
+        assert counts.max() - counts.min() <= 3, (c, counts)  # within one largest group
+    assert np.array_equal(folds, fold_split(labels, groups, 5, seed=0))
+    assert not np.array_equal(folds, fold_split(labels, groups, 5, seed=1))
+
+
+def test_fold_split_refuses_too_few_groups_and_bad_values():
+    with pytest.raises(UserError, match="distinct image groups"):
+        fold_split(["a", "a", "b"], ["g", "g", "h"], 3)
+    with pytest.raises(UserError, match="at least 2"):
+        fold_split(["a", "b"], ["g", "h"], 1)
+    assert resolve_folds("auto", 45) == 5 and resolve_folds("auto", 400) == 0
+    assert resolve_folds("off", 10) == 0 and resolve_folds("3", 10) == 3
+    with pytest.raises(UserError, match="--cv"):
+        resolve_folds("x", 10)
+
+
+# ------------------------------------------------------------------------------------------ batched heads
+@pytest.mark.parametrize("kind, hidden", [("pooled", 16), ("pooled", 0), ("seed", 8)])
+def test_head_stack_step_equals_separate_steps(kind, hidden):
+    torch.manual_seed(0)
+    cfg = TrialConfig(optimizer="adamw", lr=1e-2, weight_decay=1e-2, grad_clip=0.5, dropout=0.0)
+    heads = [build_head(kind, in_dim=6, n_classes=3, hidden=hidden) for _ in range(3)]
+    for i, h in enumerate(heads):
+        h.set_standardization(np.full(6, 0.1 * i), np.full(6, 1.0 + i))
+    alone = [copy.deepcopy(h) for h in heads]
+    stack = HeadStack(heads)
+    x, y = torch.randn(3, 5, 6) * 3, torch.randint(3, (3, 5))
+    crit = make_criterion(cfg, np.ones(3), "cpu")
+    opt = make_optimizer(stack.parameters(), cfg)
+    for _ in range(3):
+        logits = stack(x)
+        loss = torch.stack([crit(logits[k], y[k]) for k in range(3)]).sum()
+        opt.zero_grad()
+        loss.backward()
+        stack.clip_grad_norm_(cfg.grad_clip)
+        opt.step()
+    for k, h in enumerate(alone):
+        o = make_optimizer(h.parameters(), cfg)
+        for _ in range(3):
+            loss = crit(h(x[k]), y[k])
+            o.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(h.parameters()), cfg.grad_clip)
+            o.step()
+        got = stack.head(k, copy.deepcopy(h))
+        for (name, a), b in zip(h.state_dict().items(), got.state_dict().values()):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_cv_run_learns_and_reports_out_of_fold_scores():
+    bank = synthetic_bank(n_train=60, n_valid=30, d=16)
+    folds = (np.arange(90) // 3) % 3  # every class in every fold
+    cfg = TrialConfig(hidden=16, lr=1e-2, epochs=4, batch_size=16, dropout=0.1)
+    run = CVHeadRun(cfg, bank=bank, folds=folds, device="cpu")
+    out = [run.step() for _ in range(4)]
+    last = out[-1]
+    assert last["valid_count"] == 90 and last["cv_folds"] == 3
+    assert last["valid/acc"] > 0.8
+    assert last["valid/acc_min"] <= last["valid/acc"] <= last["valid/acc_max"]
+    # out-of-fold: fold f's images scored by head f alone
+    x, y = pooled_view0(bank)
+    head1 = run.fold_head(1)
+    with torch.no_grad():
+        pred = head1(torch.from_numpy(x[folds == 1])).argmax(1)
+    assert torch.equal(run.out_of_fold_logits()[torch.from_numpy(folds == 1)].argmax(1), pred)
+    # each head is standardised with its own training images
+    np.testing.assert_allclose(head1.mean.numpy(), x[folds != 1].mean(0), rtol=1e-5)
+
+
+def test_cv_run_resume_matches_an_uninterrupted_run():
+    bank = synthetic_bank(n_train=40, n_valid=20, d=8)
+    folds = (np.arange(60) // 3) % 3
+    cfg = TrialConfig(hidden=8, epochs=4, batch_size=8, dropout=0.3)
+    full = CVHeadRun(cfg, bank=bank, folds=folds, device="cpu")
+    expected = [full.step() for _ in range(4)]
+    first = CVHeadRun(cfg, bank=bank, folds=folds, device="cpu")
+    first.step(), first.step()
+    state = copy.deepcopy(first.state_dict())
+    again = CVHeadRun(cfg, bank=bank, folds=folds, device="cpu")
+    again.load_state_dict(state)
+    assert [again.step() for _ in range(2)] == expected[2:]
+
+
+def test_refit_pooled_is_the_config_trained_on_train_plus_valid():
+    bank = synthetic_bank(n_train=40, n_valid=20, d=8)
+    cfg = TrialConfig(hidden=8, epochs=5, batch_size=8)
+    head = refit_pooled(cfg, bank, epochs=3)
+    pooled = pooled_bank(bank)
+    assert len(pooled.splits["train"]) == 60
+    run = HeadRun(cfg, bank=pooled, device="cpu")
+    for _ in range(3):
+        run.train_epoch()
+    for a, b in zip(head.state_dict().values(), run.head.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------ image families
+def _family(root, kind: str, per_class: int = 10):
+    """Two generated image families of different character: colour field-like textures and greyscale
+    drawings on a uniform background; groups of two near-copies."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for c, label in enumerate(("a", "b", "c")):
+        (root / label).mkdir(parents=True)
+        for i in range(per_class):
+            if kind == "field":
+                arr = rng.normal(0, 40, (40, 40, 3)) + np.array([[[90 + 50 * c, 140, 60]]])
+            else:
+                arr = np.full((40, 40, 3), 235.0)
+                r = 6 + 5 * c
+                yy, xx = np.mgrid[:40, :40]
+                ring = np.abs(np.hypot(yy - 20 - rng.integers(-4, 5), xx - 20 - rng.integers(-4, 5)) - r) < 2
+                arr[ring] = 30
+                arr = arr.mean(2, keepdims=True).repeat(3, 2) + rng.normal(0, 8, (40, 40, 1))
+            rel = f"{label}/{i:02d}.png"
+            Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(root / rel)
+            split = "test" if i >= per_class - 2 else "valid" if i >= per_class - 4 else "train"
+            rows.append({"path": rel, "label": label, "split": split, "group": f"{label}{i // 2}"})
+    pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
+    return root / "labels.csv"
+
+
+@pytest.mark.parametrize("kind", ["field", "scans"])
+def test_probe_and_folds_on_generated_images(tmp_path, kind):
+    from tune_rice.data import read_labels
+    from tune_rice.features import FeatureSpec, extract_bank
+
+    csv = _family(tmp_path / kind, kind)
+    bank = extract_bank(csv, FeatureSpec(backbone="resnet18", image_size=32, views=2), weights="none",
+                        num_workers=0, progress=False)
+    result = probe_bank(bank)
+    assert result.valid["count"] == 6 and result.valid["acc"] >= 0.5  # above chance (1/3) on separable images
+    table = read_labels(csv)
+    group_of = dict(zip(table.frame["path"], table.frame["group"]))
+    folds = bank_folds(bank, group_of, 3)
+    paths = bank.splits["train"].paths + bank.splits["valid"].paths
+    for g in set(group_of[p] for p in paths):
+        assert len({folds[i] for i, p in enumerate(paths) if group_of[p] == g}) == 1
+    cv = probe_bank_cv(bank, folds)
+    assert cv.valid["count"] == len(paths) and cv.valid["acc"] > 0.5

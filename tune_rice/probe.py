@@ -1,0 +1,263 @@
+"""The linear-probe baseline and the cross-validation folds, on a feature bank.
+
+The probe is the field's standard yardstick for frozen features: multinomial logistic regression fitted
+by full-batch L-BFGS on the un-augmented view of each training image, its L2 strength chosen on valid.
+It costs seconds, so every search fits it before its trials and says whether the trials beat it.
+
+The objective is scikit-learn's ``LogisticRegression(C=C)`` (lbfgs, multinomial):
+``0.5 * ||W||^2 + C * sum_i CE_i``, intercept not penalised, on the features standardised exactly as a
+head standardises them, so a fitted probe *is* a linear :class:`~tune_rice.model.Head` and can be
+deployed like any trial's head.
+
+No Ray here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import UserError
+from .features import FeatureBank
+from .model import Head, build_head
+
+log = logging.getLogger(__name__)
+
+# Inverse L2 strengths tried, strongest regularisation first (each fit warm-starts the next).
+DEFAULT_CS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
+# --cv auto turns cross-validation on when valid holds fewer images than this: below it one image
+# moves a valid accuracy by more than a third of a point, and picking the best of many trials on it
+# mostly picks noise.
+CV_AUTO_BELOW = 300
+CV_AUTO_FOLDS = 5
+
+
+# ------------------------------------------------------------------------------------------ intervals
+def wilson_interval(correct: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion ``correct / n`` (``correct`` may be fractional, e.g.
+    accuracy * n); ``(nan, nan)`` when ``n`` is 0."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = min(max(correct / n, 0.0), 1.0)
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def format_accuracy(acc: float, n: int) -> str:
+    """``0.800 on 45 [0.66, 0.89]``: an accuracy with its size and 95% Wilson interval."""
+    lo, hi = wilson_interval(acc * n, n)
+    return f"{acc:.3f} on {n} [{lo:.2f}, {hi:.2f}]"
+
+
+# ------------------------------------------------------------------------------------------ the fit
+def standardize(head: Head, x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """``x`` (N, D) standardised as ``head`` does it (float64 for the solver)."""
+    x = torch.as_tensor(np.asarray(x, dtype=np.float32))
+    return ((x - head.mean) / head.std).double()
+
+
+def fit_logistic(z: torch.Tensor, y: torch.Tensor, n_classes: int, *, C: float,
+                 init: tuple[torch.Tensor, torch.Tensor] | None = None, max_iter: int = 500,
+                 tol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression on ``z`` (N, D), labels ``y`` (N,): minimises
+    ``0.5 * ||W||^2 + C * sum CE`` by full-batch L-BFGS; returns ``(W (C, D), b (C,))`` in float64."""
+    n, d = z.shape
+    w = torch.zeros(n_classes, d, dtype=torch.float64) if init is None else init[0].clone()
+    b = torch.zeros(n_classes, dtype=torch.float64) if init is None else init[1].clone()
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    # Scaled by 1/(C n): the same minimiser, and gradients of order 1 for the solver's tolerances.
+    l2 = 1.0 / (2.0 * C * n)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=tol,
+                            tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(z @ w.T + b, y) + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach(), b.detach()
+
+
+@dataclass
+class ProbeResult:
+    """A fitted probe: its linear head (standardisation included), the chosen C and how it was chosen."""
+
+    head: Head
+    C: float
+    valid: dict  # acc, macro_f1, loss, count for the chosen C (out-of-fold when cross-validated)
+    path: list[dict] = field(default_factory=list)  # one row per C tried: C, acc, macro_f1, loss
+    seconds: float = 0.0
+    folds: int = 0  # 0: C chosen on valid; K: by K-fold cross-validation on train+valid pooled
+
+    def to_dict(self) -> dict:
+        return {"C": self.C, "valid": self.valid, "path": self.path, "seconds": self.seconds, "folds": self.folds}
+
+
+def _linear_head(in_dim: int, n_classes: int, mean, std) -> Head:
+    head = build_head("pooled", in_dim=in_dim, n_classes=n_classes, hidden=0, dropout=0.0)
+    head.set_standardization(mean, std)
+    return head.eval()
+
+
+def _set_weights(head: Head, w: torch.Tensor, b: torch.Tensor) -> Head:
+    linear = head.net[-1]
+    with torch.no_grad():
+        linear.weight.copy_(w.float())
+        linear.bias.copy_(b.float())
+    return head
+
+
+def _scores(logits: torch.Tensor, y: np.ndarray, n_classes: int) -> dict:
+    from .engine import compute_metrics
+
+    m = compute_metrics(y, logits.argmax(1).numpy(), n_classes)
+    loss = float(F.cross_entropy(logits.double(), torch.as_tensor(y, dtype=torch.long)))
+    return {"acc": m["acc"], "macro_f1": m["macro_f1"], "loss": loss, "count": m["count"]}
+
+
+def _better(a: dict, b: dict | None, metric: str) -> bool:
+    """``a`` beats ``b`` on ``metric`` (acc / macro_f1 higher, loss lower); ties go to the lower loss, so
+    among C values scoring the same on a small valid set the better-calibrated one wins."""
+    if b is None:
+        return True
+    sign = -1 if metric == "loss" else 1
+    return (sign * a[metric], -a["loss"]) > (sign * b[metric], -b["loss"])
+
+
+def fit_probe(train_x: np.ndarray, train_y: np.ndarray, valid_x: np.ndarray, valid_y: np.ndarray, *,
+              n_classes: int, mean: np.ndarray | None = None, std: np.ndarray | None = None,
+              Cs: Sequence[float] = DEFAULT_CS, metric: str = "acc") -> ProbeResult:
+    """Fit the probe on ``train_x`` (N, D) for each C, keep the C that scores best on ``valid_x`` by
+    ``metric`` (``acc``, ``macro_f1`` or ``loss``). ``mean``/``std`` standardise the features (default:
+    train's own), as :meth:`Head.set_standardization` does for a trained head."""
+    t0 = time.perf_counter()
+    train_x = np.asarray(train_x, dtype=np.float32)
+    mean = train_x.mean(0) if mean is None else mean
+    std = train_x.std(0) if std is None else std
+    head = _linear_head(train_x.shape[1], n_classes, mean, std)
+    z, zv = standardize(head, train_x), standardize(head, valid_x)
+    y = torch.as_tensor(np.asarray(train_y), dtype=torch.long)
+    best, best_wb, path, init = None, None, [], None
+    for C in sorted(Cs):
+        init = fit_logistic(z, y, n_classes, C=C, init=init)
+        scores = _scores((zv @ init[0].T + init[1]).float(), np.asarray(valid_y), n_classes)
+        path.append({"C": float(C), **scores})
+        if _better(scores, best, metric):
+            best, best_wb = {**scores, "C": float(C)}, init
+    _set_weights(head, *best_wb)
+    C = best.pop("C")
+    return ProbeResult(head=head, C=C, valid=best, path=path, seconds=time.perf_counter() - t0)
+
+
+def probe_bank(bank: FeatureBank, *, Cs: Sequence[float] = DEFAULT_CS, metric: str = "acc") -> ProbeResult:
+    """The probe on ``bank``: trained on train's un-augmented view 0, C chosen on valid, standardised
+    with the bank's statistics (the same as every trial's head)."""
+    train, valid = bank.splits["train"], bank.splits["valid"]
+    result = fit_probe(train.features[:, 0], train.targets, valid.features[:, 0], valid.targets,
+                       n_classes=len(bank.classes), mean=bank.mean, std=bank.std, Cs=Cs, metric=metric)
+    log.info("linear probe on %s: C=%g, valid acc %s (%.1fs)", bank.spec.name, result.C,
+             format_accuracy(result.valid["acc"], result.valid["count"]), result.seconds)
+    return result
+
+
+def probe_bank_cv(bank: FeatureBank, folds: np.ndarray, *, Cs: Sequence[float] = DEFAULT_CS,
+                  metric: str = "acc") -> ProbeResult:
+    """The probe with C chosen by K-fold cross-validation on train+valid pooled (``folds``: fold per
+    pooled image, see :func:`pooled_view0`), then refitted on all of it: the deployed probe of a
+    cross-validated search. Its ``valid`` scores are the out-of-fold predictions of the chosen C."""
+    t0 = time.perf_counter()
+    x, y = pooled_view0(bank)
+    n_classes, k = len(bank.classes), int(folds.max()) + 1
+    oof = {C: torch.zeros(len(y), n_classes) for C in Cs}
+    for f in range(k):
+        tr, va = folds != f, folds == f
+        head = _linear_head(x.shape[1], n_classes, x[tr].mean(0), x[tr].std(0))
+        z, zv = standardize(head, x[tr]), standardize(head, x[va])
+        init = None
+        for C in sorted(Cs):
+            init = fit_logistic(z, torch.as_tensor(y[tr]), n_classes, C=C, init=init)
+            oof[C][torch.as_tensor(np.flatnonzero(va))] = (zv @ init[0].T + init[1]).float()
+    best, path = None, []
+    for C in sorted(Cs):
+        scores = _scores(oof[C], y, n_classes)
+        path.append({"C": float(C), **scores})
+        if _better(scores, best, metric):
+            best = {**scores, "C": float(C)}
+    C = best.pop("C")
+    head = _linear_head(x.shape[1], n_classes, x.mean(0), x.std(0))
+    _set_weights(head, *fit_logistic(standardize(head, x), torch.as_tensor(y), n_classes, C=C))
+    result = ProbeResult(head=head, C=C, valid=best, path=path, seconds=time.perf_counter() - t0, folds=k)
+    log.info("linear probe on %s, %d-fold CV: C=%g, out-of-fold acc %s (%.1fs)", bank.spec.name, k, C,
+             format_accuracy(best["acc"], best["count"]), result.seconds)
+    return result
+
+
+# ------------------------------------------------------------------------------------------ folds
+def pooled_view0(bank: FeatureBank) -> tuple[np.ndarray, np.ndarray]:
+    """Train then valid, un-augmented view: ``(x (N, D) float32, y (N,))``, the pooled order of the folds."""
+    train, valid = bank.splits["train"], bank.splits["valid"]
+    x = np.concatenate([train.features[:, 0], valid.features[:, 0]]).astype(np.float32)
+    return x, np.concatenate([train.targets, valid.targets]).astype(np.int64)
+
+
+def fold_split(labels: Sequence, groups: Sequence, k: int, *, seed: int = 0) -> np.ndarray:
+    """Fold index (0..k-1) per image, keeping each group in one fold and each class spread evenly.
+
+    Groups (near-duplicates, from labels.csv) are stratified by their majority class with the same
+    greedy assignment as the train/valid/test split (``prepare.split_groups``, equal fractions): per
+    class, largest groups first, each to the fold furthest below its share.
+    """
+    from .prepare import split_groups
+
+    labels, groups = np.asarray(labels), np.asarray(groups)
+    if k < 2:
+        raise UserError(f"--cv needs at least 2 folds, got {k}")
+    classes, label_idx = np.unique(labels, return_inverse=True)
+    _, group_idx = np.unique(groups, return_inverse=True)
+    n_groups = int(group_idx.max()) + 1
+    if n_groups < k:
+        raise UserError(f"--cv {k}: train+valid hold only {n_groups} distinct image groups; use fewer folds")
+    votes = np.zeros((n_groups, len(classes)), dtype=np.int64)
+    np.add.at(votes, (group_idx, label_idx), 1)
+    fold_of_group, _ = split_groups(votes.argmax(1), votes.sum(1), [1.0 / k] * k, seed=seed,
+                                    classes=[str(c) for c in classes], allow_small_classes=True)
+    return fold_of_group[group_idx].astype(np.int64)
+
+
+def resolve_folds(cv: str | int | None, n_valid: int) -> int:
+    """``--cv`` value -> number of folds (0 = off). ``auto``: ``CV_AUTO_FOLDS`` when valid has fewer
+    than ``CV_AUTO_BELOW`` images, else off."""
+    if cv in (None, "", "off", 0, "0"):
+        return 0
+    if cv == "auto":
+        return CV_AUTO_FOLDS if n_valid < CV_AUTO_BELOW else 0
+    try:
+        k = int(cv)
+    except (TypeError, ValueError):
+        raise UserError(f"--cv must be a number of folds (>= 2), 'auto' or 'off', got {cv!r}") from None
+    if k < 2:
+        raise UserError(f"--cv must be a number of folds (>= 2), 'auto' or 'off', got {cv!r}")
+    return k
+
+
+def bank_folds(bank: FeatureBank, group_of_path: dict[str, str], k: int, *, seed: int = 0) -> np.ndarray:
+    """Folds for ``bank``'s pooled train+valid images (order of :func:`pooled_view0`), grouped by the
+    labels.csv ``group`` of each path."""
+    paths = list(bank.splits["train"].paths) + list(bank.splits["valid"].paths)
+    _, y = pooled_view0(bank)
+    missing = [p for p in paths if p not in group_of_path]
+    if missing:
+        raise UserError(f"{len(missing)} bank image(s) have no group in labels.csv, e.g. {missing[:2]}")
+    return fold_split(np.asarray(bank.classes)[y], [group_of_path[p] for p in paths], k, seed=seed)
