@@ -261,3 +261,69 @@ def bank_folds(bank: FeatureBank, group_of_path: dict[str, str], k: int, *, seed
     if missing:
         raise UserError(f"{len(missing)} bank image(s) have no group in labels.csv, e.g. {missing[:2]}")
     return fold_split(np.asarray(bank.classes)[y], [group_of_path[p] for p in paths], k, seed=seed)
+
+
+# ------------------------------------------------------------------------------------------ in a search
+PROBE_KIND = "probe"
+
+
+def metric_key(metric: str) -> str:
+    """``valid/acc`` -> ``acc``: the probe's score under a search space's metric name."""
+    key = metric.split("/", 1)[-1]
+    if key not in ("acc", "macro_f1", "loss"):
+        raise UserError(f"the linear probe is scored by acc, macro_f1 or loss, not {metric!r}")
+    return key
+
+
+def probe_row(name: str, result: ProbeResult, bank: FeatureBank, metric: str) -> dict:
+    """The probe's row in results.csv (``kind`` = probe): its valid scores where a trial has its best."""
+    v = result.valid
+    return {"kind": PROBE_KIND, "trial_id": f"probe:{name}", "status": "PROBE", f"best/{metric}": v[metric_key(metric)],
+            "valid_count": v["count"], "best/valid/acc": v["acc"], "last/valid/acc": v["acc"],
+            "last/valid/loss": v["loss"], "last/valid/macro_f1": v["macro_f1"], "cv_folds": result.folds,
+            "seconds": result.seconds, "weights": bank.weights, "config/C": result.C,
+            "config/backbone": bank.spec.backbone, "config/image_size": bank.spec.image_size,
+            "config/head": bank.spec.feature_layer}
+
+
+def best_probe(probes: dict[str, ProbeResult], metric: str, mode: str) -> tuple[str, ProbeResult]:
+    """The probe (one per bank) with the best valid ``metric``."""
+    key = metric_key(metric)
+    sign = 1 if mode == "max" else -1
+    name = max(probes, key=lambda n: sign * probes[n].valid[key])
+    return name, probes[name]
+
+
+def search_beats_probe(trial_value: float | None, probe_value: float, mode: str) -> bool:
+    """Whether the best trial's valid metric beats the probe's. A tie goes to the probe: the simpler
+    model, fitted in seconds."""
+    if trial_value is None or not math.isfinite(trial_value):
+        return False
+    return trial_value > probe_value if mode == "max" else trial_value < probe_value
+
+
+def probe_verdict(trial_value: float | None, probe_value: float, *, metric: str, mode: str) -> str:
+    """One plain line: did the search beat the probe on valid, and which one is deployed."""
+    if search_beats_probe(trial_value, probe_value, mode):
+        return (f"the search beat the linear probe on {metric} ({trial_value:.4g} vs {probe_value:.4g}): "
+                "the best trial is deployed")
+    shown = "no trial finished" if trial_value is None else f"{trial_value:.4g} vs {probe_value:.4g}"
+    return f"the search did NOT beat the linear probe on {metric} ({shown}): the probe is deployed"
+
+
+def write_probe_tensorboard(folder, probes: dict[str, ProbeResult], *, max_epochs: int) -> None:
+    """A ``probe`` run beside the trials: each bank's probe valid scores as a flat line over the trials'
+    epochs (so it reads as the bar to clear), and its C path as text."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(folder))
+    for name, result in probes.items():
+        suffix = "" if len(probes) == 1 else f"/{name}"
+        for step in sorted({1, max(1, int(max_epochs))}):
+            for key in ("acc", "macro_f1", "loss"):
+                writer.add_scalar(f"valid/{key}{suffix}", result.valid[key], step)
+        rows = "\n".join(f"    C={r['C']:g}: acc {r['acc']:.4f}, macro_f1 {r['macro_f1']:.4f}, loss {r['loss']:.4f}"
+                         for r in result.path)
+        how = f"{result.folds}-fold CV on train+valid" if result.folds else "valid"
+        writer.add_text(f"probe{suffix}", f"linear probe on {name}, C={result.C:g} chosen on {how}\n\n{rows}", 0)
+    writer.close()
