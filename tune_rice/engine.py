@@ -547,6 +547,7 @@ class CVHeadRun:
             self.criteria.append(make_criterion(cfg, counts, self.device))
         self.template = heads[0]
         self.stack = HeadStack(heads).to(self.device)
+        self.last_logits: torch.Tensor | None = None
         self.optimizer = make_optimizer(self.stack.parameters(), cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg, len(self.batches))
 
@@ -590,7 +591,7 @@ class CVHeadRun:
 
     def step(self) -> dict:
         out = self.train_epoch()
-        logits = self.out_of_fold_logits()
+        logits = self.last_logits = self.out_of_fold_logits()
         y = self.pooled.targets
         va = compute_metrics(y.numpy(), logits.argmax(1).numpy(), self.n_classes)
         hit = (logits.argmax(1) == y).numpy()
@@ -610,6 +611,8 @@ class CVHeadRun:
     def state_dict(self) -> dict:
         state = {"epoch": self.epoch, "stack": self.stack.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "config": self.cfg.to_dict(), "folds": self.k,
+                 # this epoch's out-of-fold logits (N, C): the trial's valid predictions, for the final choice
+                 "oof_logits": self.last_logits if self.last_logits is not None else torch.empty(0),
                  "classes": list(self.classes), "weights": self.weights, "torch_rng": torch.get_rng_state()}
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)

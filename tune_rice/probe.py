@@ -100,6 +100,7 @@ class ProbeResult:
     path: list[dict] = field(default_factory=list)  # one row per C tried: C, acc, macro_f1, loss
     seconds: float = 0.0
     folds: int = 0  # 0: C chosen on valid; K: by K-fold cross-validation on train+valid pooled
+    oof_logits: np.ndarray | None = None  # (N, C) out-of-fold logits of the chosen C (cross-validated only)
 
     def to_dict(self) -> dict:
         return {"C": self.C, "valid": self.valid, "path": self.path, "seconds": self.seconds, "folds": self.folds}
@@ -198,7 +199,8 @@ def probe_bank_cv(bank: FeatureBank, folds: np.ndarray, *, Cs: Sequence[float] =
     C = best.pop("C")
     head = _linear_head(x.shape[1], n_classes, x.mean(0), x.std(0))
     _set_weights(head, *fit_logistic(standardize(head, x), torch.as_tensor(y), n_classes, C=C))
-    result = ProbeResult(head=head, C=C, valid=best, path=path, seconds=time.perf_counter() - t0, folds=k)
+    result = ProbeResult(head=head, C=C, valid=best, path=path, seconds=time.perf_counter() - t0, folds=k,
+                         oof_logits=oof[C].double().numpy())
     log.info("linear probe on %s, %d-fold CV: C=%g, out-of-fold acc %s (%.1fs)", bank.spec.name, k, C,
              format_accuracy(best["acc"], best["count"]), result.seconds)
     return result
