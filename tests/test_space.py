@@ -45,9 +45,9 @@ def test_bundled_spaces_load_by_name_and_by_path(name):
 def test_quick_space_constants_and_distributions():
     space = load_search_space("quick")
     assert space.constants["backbone"] == "resnet18" and space.constants["image_size"] == 128
-    assert space.distributions["lr"] == ("loguniform", [1e-4, 3e-2])
+    assert space.distributions["lr"] == ("loguniform", [1e-3, 3e-2])
     assert space.distributions["hidden"] == ("choice", [0, 128, 256])
-    assert space.bounds()["dropout"] == (0.0, 0.5)
+    assert space.bounds()["dropout"] == (0.0, 0.3)
     assert len(space.feature_specs()) == 1
 
 
