@@ -246,24 +246,30 @@ def test_the_deployed_model_on_images_is_the_choice_made_on_bank_logits(tiny_can
     # (the bank holds float16 features, hence the tolerance).
     model, resolved = final.build_final_model(choice, pool, {"resnet18": weights})
     assert len(resolved) == 1  # every head here reads one backbone: held once
+    selected, _ = final.build_final_model(choice, pool, {"resnet18": weights}, selection=True)
     tf = build_transform(32, train=False)
     x = torch.stack([tf(load_image(p)) for p in table.paths("valid")])
     with torch.no_grad():
         got = model(x).double().numpy()
     assert np.allclose(got, want, atol=2e-2, rtol=1e-2), np.abs(got - want).max()
 
-    # The test record from one decode of the test split: the deployed model and the single best.
-    z, y = split_logits(final.MemberLogits(model), table, "test", 32, "cpu", num_workers=0)
-    assert z.shape == (len(table.split("test")), len(choice.members), len(table.classes))
+    # The test record from one decode of the test split: the deployed model, the single best and the
+    # selected ensemble, each against the model run directly.
+    z, y = split_logits(final.MemberLogits(selected), table, "test", 32, "cpu", num_workers=0)
+    assert z.shape == (len(table.split("test")), len(choice.selection.members), len(table.classes))
     record = final.record_test_scores(z.numpy(), y.numpy(), table.classes, choice)
     xt = torch.stack([tf(load_image(p)) for p in table.paths("test")])
-    with torch.no_grad():
-        deployed = model(xt)
-        single = candidates[0].head(model.backbone(xt) if choice.deployed == "single" else model.backbones[0](xt))
     yt = table.targets("test")
+    with torch.no_grad():
+        deployed, ensemble = model(xt), selected(xt)
+        single = candidates[0].head(model.backbone(xt) if choice.deployed == "single" else model.backbones[0](xt))
     assert record["accuracy"] == pytest.approx(float((deployed.argmax(1).numpy() == yt).mean()))
+    assert record["calibration"]["after"]["nll"] == pytest.approx(final.nll(deployed.double().numpy(), yt), abs=1e-4)
     assert record["single_best"]["accuracy"] == pytest.approx(float((single.argmax(1).numpy() == yt).mean()))
-    assert record["calibration"]["after"]["nll"] == pytest.approx(
-        final.nll(deployed.double().numpy(), yt), abs=1e-4)
     assert record["single_best"]["deployed"] == (choice.deployed == "single")
     assert record["members"] == choice.members and record["temperature"] == choice.temperature
+    if len(choice.selection.members) > 1:
+        assert record["ensemble"]["accuracy"] == pytest.approx(float((ensemble.argmax(1).numpy() == yt).mean()))
+        assert record["ensemble"]["calibration"]["after"]["nll"] == pytest.approx(
+            final.nll(ensemble.double().numpy(), yt), abs=1e-4)
+        assert record["ensemble"]["deployed"] == (choice.deployed == "ensemble")

@@ -132,7 +132,7 @@ def test_final_model_section_shows_members_figures_and_the_suggested_threshold(t
               "candidate_info": [{"name": n, "score": float(s), "backbone": "resnet18", "head": "pooled",
                                   "hidden": 64} for n, s in zip(names, df["best/valid/acc"][:6])]}
     (exp / "final.json").write_text(json.dumps(record))
-    z = np.stack([lg[:50] for lg in logits], 1)[:, [names.index(m) for m in choice.members]]
+    z = np.stack([lg[:50] for lg in logits], 1)[:, choice.selection.members]
     test = {**json.loads((exp / "test_metrics.json").read_text()),
             **final.record_test_scores(z, y[:50], report.load_experiment(exp).test["classes"], choice)}
     (exp / "test_metrics.json").write_text(json.dumps(test))
@@ -143,11 +143,14 @@ def test_final_model_section_shows_members_figures_and_the_suggested_threshold(t
     assert f"an ensemble of {len(choice.members)} heads" in section and "among 6 candidates" in section
     for m, w in zip(choice.members, choice.weights):
         assert f"| {m} | {w:.4g} |" in section
-    v = choice.valid
-    assert f"| ensemble, valid | {v['ensemble']['acc']:.4g} | {v['ensemble']['macro_f1']:.4g} |" in section
+    v, n, t = choice.valid, len(choice.members), choice.temperature
+    assert f"| ensemble of {n} (deployed) | valid | 1 | {v['ensemble']['acc']:.4g} | {v['ensemble']['macro_f1']:.4g} |" \
+        in section
     after = test["calibration"]["after"]
-    assert f"| deployed, test, after temperature | {after['acc']:.4g} |" in section
-    assert "single best, test, after its temperature (not deployed)" in section
+    assert f"| ensemble of {n} (deployed) | test | {t:.3g} | {after['acc']:.4g} | {after['macro_f1']:.4g} | " \
+        f"{after['ece']:.4g} | {after['nll']:.4g} | {after['brier']:.4g} |" in section
+    single = test["single_best"]["calibration"]["after"]
+    assert f"| single best | test | {choice.single_temperature:.3g} | {single['acc']:.4g} |" in section
     th = choice.threshold
     assert th["threshold"] and f"--min-confidence {th['threshold']:.3g}` keeps {th['coverage']:.0%}" in section
     assert v["deployed_calibrated"]["ece"] < v["deployed"]["ece"]  # the temperature helped here, as drawn

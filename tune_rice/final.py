@@ -262,7 +262,8 @@ class FinalChoice:
     members: list[str]  # the deployed members' names
     weights: list[float]
     temperature: float
-    single_temperature: float  # the single best's own, for the record when the ensemble is deployed
+    single_temperature: float  # the single best's own and the selected ensemble's own (each fitted on
+    ensemble_temperature: float  # valid): the one not deployed is still scored on test, for the record
     valid: dict = field(default_factory=dict)  # {"single": {...}, "ensemble": {...}, "deployed_calibrated": {...}}
     threshold: dict = field(default_factory=dict)
     reliability: dict = field(default_factory=dict)  # {"before": bins, "after": bins} of the deployed model
@@ -301,12 +302,17 @@ def decide(names: Sequence[str], logits_list: Sequence[np.ndarray], targets, *, 
     members, weights = (sel.members, sel.weights) if use_ensemble else ([0], [1.0])
     deployed = ens if use_ensemble else single
     t_single = fit_temperature(single, y)
-    t = fit_temperature(deployed, y) if use_ensemble else t_single
+    t_ens = fit_temperature(ens, y) if len(sel.members) > 1 else t_single
+    t = t_ens if use_ensemble else t_single
     p_before, p_after = softmax(deployed), softmax(deployed / t)
     return FinalChoice(
         candidates=list(names), selection=sel, deployed="ensemble" if use_ensemble else "single",
         members=[names[i] for i in members], weights=list(weights), temperature=t, single_temperature=t_single,
-        valid={"single": calibration_metrics(single, y), "ensemble": calibration_metrics(ens, y),
+        ensemble_temperature=t_ens,
+        valid={"single": calibration_metrics(single, y),
+               "single_calibrated": calibration_metrics(single, y, temperature=t_single),
+               "ensemble": calibration_metrics(ens, y),
+               "ensemble_calibrated": calibration_metrics(ens, y, temperature=t_ens),
                "deployed": calibration_metrics(deployed, y),
                "deployed_calibrated": calibration_metrics(deployed, y, temperature=t)},
         threshold=suggest_threshold(p_after, y, target_accuracy=target_accuracy),
@@ -360,23 +366,28 @@ def choose_final(candidates: Sequence[Candidate], banks: dict[str, FeatureBank],
     return choice, pool
 
 
-def build_final_model(choice: FinalChoice, pool: Sequence[Candidate],
-                      weights: dict[str, ResolvedWeights]) -> tuple[Classifier | Ensemble, list[ResolvedWeights]]:
-    """The deployed model of ``choice``: each member's head on its frozen backbone (built once per
-    backbone, layer and seed), weighted, with the fitted temperature. Also returns the weights of each
-    distinct backbone, in the model's order (what ``save_artifact`` records)."""
+def build_final_model(choice: FinalChoice, pool: Sequence[Candidate], weights: dict[str, ResolvedWeights], *,
+                      selection: bool = False) -> tuple[Classifier | Ensemble, list[ResolvedWeights]]:
+    """The deployed model of ``choice`` (``selection=True``: the selected ensemble, deployed or not):
+    each member's head on its frozen backbone (built once per backbone, layer and seed), weighted, with
+    the fitted temperature. Also returns the weights of each distinct backbone, in the model's order
+    (what ``save_artifact`` records)."""
     by_name = {c.name: c for c in pool}
+    if selection:
+        names = [choice.candidates[i] for i in choice.selection.members]
+        mix, temperature = choice.selection.weights, choice.ensemble_temperature
+    else:
+        names, mix, temperature = choice.members, choice.weights, choice.temperature
     built: dict[tuple, tuple] = {}
     members = []
-    for name in choice.members:
+    for name in names:
         spec = by_name[name].spec
         key = (spec.backbone, spec.feature_layer, spec.seed)
         if key not in built:
             built[key] = build_backbone(spec.backbone, weights=weights[spec.backbone], seed=spec.seed,
                                         feature_layer=spec.feature_layer)
         members.append(Classifier(built[key][0], by_name[name].head.cpu()))
-    model = build_ensemble(members, weights=choice.weights, temperature=choice.temperature,
-                           names=choice.members).eval()
+    model = build_ensemble(members, weights=mix, temperature=temperature, names=names).eval()
     backbones = list(model.backbones) if isinstance(model, Ensemble) else [model.backbone]
     resolved = {id(b): r for b, r in built.values()}
     return model, [resolved[id(b)] for b in backbones]
@@ -384,7 +395,8 @@ def build_final_model(choice: FinalChoice, pool: Sequence[Candidate],
 
 class MemberLogits(nn.Module):
     """Images (B, 3, S, S) -> each member's own logits (B, M, C), before weights and temperature, one
-    pass per backbone: one decode of the test split scores the deployed model and the single best."""
+    pass per backbone. Over the selected ensemble, one decode of the test split scores the deployed
+    model, the single best (member 0: the selection starts from it) and the ensemble together."""
 
     def __init__(self, model: Classifier | Ensemble):
         super().__init__()
@@ -397,30 +409,36 @@ class MemberLogits(nn.Module):
 
 
 def record_test_scores(member_logits, targets, classes: Sequence[str], choice: FinalChoice) -> dict:
-    """test_metrics.json from the members' test logits (N, M, C): the deployed model's metrics at the top
-    level (calibrated logits), its calibration before/after the temperature, and the single best (member
-    0: the selection starts from it) with its own temperature, marked as not deployed when the ensemble is."""
+    """test_metrics.json from the selected ensemble's members' test logits (N, M, C), members in
+    ``choice.selection`` order: the deployed model's metrics at the top level (calibrated logits), its
+    calibration before/after the temperature, and ``single_best`` and ``ensemble`` (when the selection has
+    several members) each with its own temperature, marked ``deployed`` or not."""
     from .evaluate import metrics_record
 
     z = np.asarray(member_logits, dtype=np.float64)
     y = np.asarray(targets, dtype=np.int64)
-    deployed_raw = np.einsum("nmc,m->nc", z, np.asarray(choice.weights, dtype=np.float64))
-    single_raw = z[:, 0]
+    if z.shape[1] != len(choice.selection.members):
+        raise ValueError(f"logits of {z.shape[1]} members for a selection of {len(choice.selection.members)}")
     yt = torch.from_numpy(y)
+    raw = {"single": z[:, 0],
+           "ensemble": np.einsum("nmc,m->nc", z, np.asarray(choice.selection.weights, dtype=np.float64))}
+    temperature = {"single": choice.single_temperature, "ensemble": choice.ensemble_temperature}
 
-    def record(raw, t):
-        return metrics_record(torch.from_numpy(raw / t), yt, classes)
+    def scored(which: str) -> dict:
+        m = metrics_record(torch.from_numpy(raw[which] / temperature[which]), yt, classes)
+        return {**m, "temperature": temperature[which],
+                "calibration": {"before": calibration_metrics(raw[which], y),
+                                "after": calibration_metrics(raw[which], y, temperature=temperature[which])}}
 
-    out = {**record(deployed_raw, choice.temperature),
-           "deployed": choice.deployed, "members": list(choice.members), "weights": list(choice.weights),
-           "temperature": choice.temperature,
-           "calibration": {"before": calibration_metrics(deployed_raw, y),
-                           "after": calibration_metrics(deployed_raw, y, temperature=choice.temperature)}}
-    single = record(single_raw, choice.single_temperature)
+    deployed = scored(choice.deployed)
+    out = {**deployed, "deployed": choice.deployed, "members": list(choice.members), "weights": list(choice.weights)}
+    keep = ("accuracy", "macro_f1", "loss", "test_count", "temperature", "calibration")
+    single = deployed if choice.deployed == "single" else scored("single")
     out["single_best"] = {"trial_id": choice.candidates[0], "deployed": choice.deployed == "single",
-                          "temperature": choice.single_temperature,
-                          **{k: single[k] for k in ("accuracy", "macro_f1", "loss", "test_count")},
-                          "calibration": {"before": calibration_metrics(single_raw, y),
-                                          "after": calibration_metrics(single_raw, y,
-                                                                       temperature=choice.single_temperature)}}
+                          **{k: single[k] for k in keep}}
+    if len(choice.selection.members) > 1:
+        ens = deployed if choice.deployed == "ensemble" else scored("ensemble")
+        out["ensemble"] = {"members": [choice.candidates[i] for i in choice.selection.members],
+                           "weights": list(choice.selection.weights), "deployed": choice.deployed == "ensemble",
+                           **{k: ens[k] for k in keep}}
     return out

@@ -599,18 +599,20 @@ def final_lines(exp: Experiment) -> list[str]:
             for m, w in zip(fin["members"], fin["weights"])]
     md += [markdown_table(pd.DataFrame(rows).rename(columns={"score": f"best {exp.metric}"})), ""]
     v = fin["valid"]
-    table = [("single best, valid", v["single"]), ("ensemble, valid", v["ensemble"]),
-             ("deployed, valid, before temperature", v["deployed"]),
-             ("deployed, valid, after temperature", v["deployed_calibrated"])]
-    if test.get("calibration"):
-        table += [("deployed, test, before temperature", test["calibration"]["before"]),
-                  ("deployed, test, after temperature", test["calibration"]["after"])]
-    single = test.get("single_best")
-    if single and single.get("calibration"):
-        note = "" if single.get("deployed") else " (not deployed)"
-        table.append((f"single best, test, after its temperature{note}", single["calibration"]["after"]))
-    frame = pd.DataFrame([{"model, split": name, **{k: m[k] for k in ("acc", "macro_f1", "ece", "nll", "brier")}}
-                          for name, m in table])
+    kinds = [("single best", "single", fin["single_temperature"])]
+    if len(fin["selection"]["members"]) > 1:
+        kinds.append((f"ensemble of {len(fin['selection']['members'])}", "ensemble", fin["ensemble_temperature"]))
+    rows = []
+    for label, key, t in kinds:
+        mark = " (deployed)" if fin["deployed"] == key else ""
+        rows += [(f"{label}{mark}", "valid", "1", v[key]), (f"{label}{mark}", "valid", f"{t:.3g}", v[f"{key}_calibrated"])]
+        scored = test.get("single_best" if key == "single" else "ensemble")
+        if scored and scored.get("calibration"):
+            rows += [(f"{label}{mark}", "test", "1", scored["calibration"]["before"]),
+                     (f"{label}{mark}", "test", f"{t:.3g}", scored["calibration"]["after"])]
+    frame = pd.DataFrame([{"model": name, "split": split, "temperature": t,
+                           **{k: m[k] for k in ("acc", "macro_f1", "ece", "nll", "brier")}}
+                          for name, split, t, m in rows])
     md += [markdown_table(frame), "",
            "ECE: expected calibration error over 15 bins of the top probability; NLL: mean negative log "
            "likelihood; Brier: mean squared error of the probability vector. Valid figures are optimistic: "
