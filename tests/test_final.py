@@ -235,11 +235,17 @@ def test_the_deployed_model_on_images_is_the_choice_made_on_bank_logits(tiny_can
     from tune_rice.evaluate import split_logits
 
     candidates, banks, table, weights = tiny_candidates
-    choice, pool = final.choose_final(candidates, banks, k=3, rounds=6)
+    pool = final.candidate_pool(candidates)
+    logits, y_valid = final.valid_logits_from_banks(pool, banks)
+    choice = final.choose_final(pool, logits, y_valid, k=3, rounds=6)
     assert choice.candidates == [c.name for c in candidates] and choice.members[0] == candidates[0].name
-    # The valid logits the choice was made on are each head on the bank (no image decoded)...
-    bank = next(iter(banks.values()))
-    logits = [final.head_valid_logits(c.head, bank) for c in pool]
+    # The valid logits the choice was made on are each head on the bank (no image decoded); without
+    # banks (--feature-cache off) they come from one decode of the valid images, to the bank's float16.
+    from_images, y_images = final.valid_logits_from_images(pool, table, {"resnet18": weights}, device="cpu",
+                                                           num_workers=0)
+    assert np.array_equal(y_images, y_valid)
+    for a, b in zip(logits, from_images):
+        assert np.allclose(a, b, atol=2e-2, rtol=1e-2), np.abs(a - b).max()
     members = [choice.candidates.index(m) for m in choice.members]
     want = final.ensemble_logits(logits, members, choice.weights) / choice.temperature  # (N, C)
     # ... and the deployed model, run on the decoded valid images, gives the same calibrated logits

@@ -339,15 +339,9 @@ def head_valid_logits(head: Head, bank: FeatureBank) -> np.ndarray:
     return logits.double().numpy()
 
 
-def choose_final(candidates: Sequence[Candidate], banks: dict[str, FeatureBank], *, k: int = DEFAULT_ENSEMBLE,
-                 metric: str = "valid/acc", mode: str = "max", rounds: int = DEFAULT_ROUNDS,
-                 target_accuracy: float = DEFAULT_TARGET_ACCURACY) -> tuple[FinalChoice, list[Candidate]]:
-    """The final model from ``candidates`` (best first; ``candidates[0]`` is the single best).
-
-    Only candidates that take the single best's input (its image size, hence its preprocessing) can
-    join it, since the deployed model reads one image tensor. Returns the choice and the candidates it
-    was made among (``choice.candidates`` names them in that order).
-    """
+def candidate_pool(candidates: Sequence[Candidate]) -> list[Candidate]:
+    """The candidates that can join the single best (``candidates[0]``): those taking its input (its image
+    size, hence its preprocessing), since the deployed model reads one image tensor."""
     if not candidates:
         raise UserError("no trial left a checkpoint to build the final model from")
     first = candidates[0]
@@ -355,29 +349,43 @@ def choose_final(candidates: Sequence[Candidate], banks: dict[str, FeatureBank],
     if len(pool) < len(candidates):
         log.info("ensemble candidates: %d of %d take the best trial's %d px input", len(pool), len(candidates),
                  first.spec.image_size)
-    reference = banks[first.spec.name].splits["valid"]
+    return pool
+
+
+def valid_logits_from_banks(pool: Sequence[Candidate],
+                            banks: dict[str, FeatureBank]) -> tuple[list[np.ndarray], np.ndarray]:
+    """Each candidate's valid logits (N, C) from its bank (no image decoded), and the valid targets."""
+    reference = banks[pool[0].spec.name].splits["valid"]
     for c in pool:
-        valid = banks[c.spec.name].splits["valid"]
-        if valid.paths != reference.paths:
-            raise RuntimeError(f"bank {c.spec.name}: its valid images differ from those of {first.spec.name}")
-    logits = [head_valid_logits(c.head, banks[c.spec.name]) for c in pool]
-    choice = decide([c.name for c in pool], logits, reference.targets, k=k, metric=metric, mode=mode,
-                    rounds=rounds, target_accuracy=target_accuracy)
-    return choice, pool
+        if banks[c.spec.name].splits["valid"].paths != reference.paths:
+            raise RuntimeError(f"bank {c.spec.name}: its valid images differ from those of {pool[0].spec.name}")
+    return [head_valid_logits(c.head, banks[c.spec.name]) for c in pool], np.asarray(reference.targets)
 
 
-def build_final_model(choice: FinalChoice, pool: Sequence[Candidate], weights: dict[str, ResolvedWeights], *,
-                      selection: bool = False) -> tuple[Classifier | Ensemble, list[ResolvedWeights]]:
-    """The deployed model of ``choice`` (``selection=True``: the selected ensemble, deployed or not):
-    each member's head on its frozen backbone (built once per backbone, layer and seed), weighted, with
-    the fitted temperature. Also returns the weights of each distinct backbone, in the model's order
-    (what ``save_artifact`` records)."""
+def valid_logits_from_images(pool: Sequence[Candidate], table, weights: dict[str, ResolvedWeights], *,
+                             device="auto", num_workers: int | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+    """Each candidate's valid logits from one decode of the valid images, each backbone run once: the
+    path without banks (``--feature-cache off``). Returns the logits and the valid targets."""
+    from .evaluate import split_logits
+
+    everyone = _assemble(pool, [c.name for c in pool], [1.0 / len(pool)] * len(pool), 1.0, weights)[0]
+    z, y = split_logits(MemberLogits(everyone), table, "valid", pool[0].spec.image_size, device,
+                        num_workers=num_workers)  # (N, M, C)
+    z = z.double().numpy()
+    return [z[:, i] for i in range(len(pool))], y.numpy()
+
+
+def choose_final(pool: Sequence[Candidate], logits: Sequence[np.ndarray], targets, *,
+                 k: int = DEFAULT_ENSEMBLE, metric: str = "valid/acc", mode: str = "max",
+                 rounds: int = DEFAULT_ROUNDS, target_accuracy: float = DEFAULT_TARGET_ACCURACY) -> FinalChoice:
+    """:func:`decide` over the pool's valid logits (``pool[0]``: the single best)."""
+    return decide([c.name for c in pool], logits, targets, k=k, metric=metric, mode=mode, rounds=rounds,
+                  target_accuracy=target_accuracy)
+
+
+def _assemble(pool: Sequence[Candidate], names: Sequence[str], mix: Sequence[float], temperature: float,
+              weights: dict[str, ResolvedWeights]) -> tuple[Classifier | Ensemble, list[ResolvedWeights]]:
     by_name = {c.name: c for c in pool}
-    if selection:
-        names = [choice.candidates[i] for i in choice.selection.members]
-        mix, temperature = choice.selection.weights, choice.ensemble_temperature
-    else:
-        names, mix, temperature = choice.members, choice.weights, choice.temperature
     built: dict[tuple, tuple] = {}
     members = []
     for name in names:
@@ -391,6 +399,18 @@ def build_final_model(choice: FinalChoice, pool: Sequence[Candidate], weights: d
     backbones = list(model.backbones) if isinstance(model, Ensemble) else [model.backbone]
     resolved = {id(b): r for b, r in built.values()}
     return model, [resolved[id(b)] for b in backbones]
+
+
+def build_final_model(choice: FinalChoice, pool: Sequence[Candidate], weights: dict[str, ResolvedWeights], *,
+                      selection: bool = False) -> tuple[Classifier | Ensemble, list[ResolvedWeights]]:
+    """The deployed model of ``choice`` (``selection=True``: the selected ensemble, deployed or not):
+    each member's head on its frozen backbone (built once per backbone, layer and seed), weighted, with
+    the fitted temperature. Also returns the weights of each distinct backbone, in the model's order
+    (what ``save_artifact`` records)."""
+    if selection:
+        return _assemble(pool, [choice.candidates[i] for i in choice.selection.members], choice.selection.weights,
+                         choice.ensemble_temperature, weights)
+    return _assemble(pool, choice.members, choice.weights, choice.temperature, weights)
 
 
 class MemberLogits(nn.Module):
