@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -41,7 +43,7 @@ def test_ece_against_a_hand_computation():
     assert final.ece(probs, y) == pytest.approx(expected, abs=1e-12)
     bins = final.reliability_bins(probs, y)
     assert bins["count"][14] == 2 and bins["count"][8] == 3 and sum(bins["count"]) == 5
-    assert bins["accuracy"][8] == pytest.approx(2 / 3) and np.isnan(bins["accuracy"][0])
+    assert bins["accuracy"][8] == pytest.approx(2 / 3) and bins["accuracy"][0] is None
     # A bin's upper edge belongs to it: conf exactly 0.6 = 9/15 is in bin 8, not bin 9.
     assert bins["count"][9] == 0
 
@@ -171,6 +173,9 @@ def test_decide_deploys_the_ensemble_only_when_valid_says_so():
     d = choice.to_dict()
     assert d["selection"]["members"] == [names[i] for i in choice.selection.members]
     assert d["members"] == (d["selection"]["members"] if better else ["t0"])
+
+    again = final.FinalChoice.from_dict(json.loads(json.dumps(d)))
+    assert again == choice  # final.json holds the whole choice: a resumed search reads it back
 
     # --ensemble 1: the single best, calibrated.
     one = final.decide(names, logits, y, k=1)

@@ -74,9 +74,8 @@ def brier(probs, targets) -> float:
     return float(((p - onehot) ** 2).sum(axis=1).mean())
 
 
-def reliability_bins(probs, targets, bins: int = ECE_BINS) -> dict:
-    """Per bin of top probability ``(i/bins, (i+1)/bins]``: image count, mean confidence, accuracy
-    (NaN for empty bins). The data of a reliability diagram and of :func:`ece`."""
+def _bin_stats(probs, targets, bins: int):
+    """(count, mean confidence, accuracy) per bin of top probability ``(i/bins, (i+1)/bins]``; NaN when empty."""
     p = np.asarray(probs, dtype=np.float64)
     y = _targets(targets, len(p))
     conf = p.max(axis=1)
@@ -87,16 +86,25 @@ def reliability_bins(probs, targets, bins: int = ECE_BINS) -> dict:
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_conf = np.bincount(idx, weights=conf, minlength=bins) / count
         acc = np.bincount(idx, weights=correct, minlength=bins) / count
+    return edges, count, mean_conf, acc
+
+
+def reliability_bins(probs, targets, bins: int = ECE_BINS) -> dict:
+    """Per bin of top probability ``(i/bins, (i+1)/bins]``: image count, mean confidence, accuracy
+    (None for empty bins): the data of a reliability diagram, as JSON-ready lists."""
+    edges, count, conf, acc = _bin_stats(probs, targets, bins)
+
+    def plain(a):
+        return [None if np.isnan(v) else float(v) for v in a]
+
     return {"lower": edges[:-1].tolist(), "upper": edges[1:].tolist(), "count": count.tolist(),
-            "confidence": mean_conf.tolist(), "accuracy": acc.tolist()}
+            "confidence": plain(conf), "accuracy": plain(acc)}
 
 
 def ece(probs, targets, bins: int = ECE_BINS) -> float:
     """Expected calibration error: ``sum_b n_b / N * |acc_b - conf_b|`` over equal-width bins."""
-    r = reliability_bins(probs, targets, bins)
-    n = np.asarray(r["count"], dtype=np.float64)
-    gap = np.abs(np.nan_to_num(np.asarray(r["accuracy"]) - np.asarray(r["confidence"])))
-    return float((n * gap).sum() / max(1.0, n.sum()))
+    _, count, conf, acc = _bin_stats(probs, targets, bins)
+    return float((count * np.abs(np.nan_to_num(acc - conf))).sum() / max(1, count.sum()))
 
 
 def calibration_metrics(logits, targets, *, temperature: float = 1.0) -> dict:
@@ -276,6 +284,15 @@ class FinalChoice:
         d["selection"] = {**self.selection.to_dict(),
                           "members": [self.candidates[i] for i in self.selection.members]}
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FinalChoice":
+        """The choice recorded by :meth:`to_dict` (final.json), so a resumed search does not choose again."""
+        names = d["candidates"]
+        sel = dict(d["selection"])
+        sel["members"] = [names.index(m) for m in sel["members"]]
+        fields = {k: d[k] for k in cls.__dataclass_fields__ if k in d and k != "selection"}
+        return cls(**fields, selection=Selection(**sel))
 
 
 def decide(names: Sequence[str], logits_list: Sequence[np.ndarray], targets, *, k: int = DEFAULT_ENSEMBLE,

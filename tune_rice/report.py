@@ -538,8 +538,8 @@ def reliability_figure(final: dict):
         bins = final["reliability"][key]
         lo, hi = np.asarray(bins["lower"]), np.asarray(bins["upper"])
         count = np.asarray(bins["count"])
-        acc = np.asarray(bins["accuracy"], dtype=float)
-        conf = np.asarray(bins["confidence"], dtype=float)
+        acc = np.asarray([np.nan if a is None else a for a in bins["accuracy"]], dtype=float)
+        conf = np.asarray([np.nan if c is None else c for c in bins["confidence"]], dtype=float)
         full = count > 0
         ax.bar(lo[full], acc[full], width=(hi - lo)[full], align="edge", color=COLOURS[0], alpha=0.8,
                edgecolor="white", label="accuracy in the bin")
