@@ -240,6 +240,8 @@ def test_the_deployed_model_on_images_is_the_choice_made_on_bank_logits(tiny_can
     from tune_rice.evaluate import split_logits
 
     candidates, banks, table, weights = tiny_candidates
+    # A cross-validated trial's fold heads are one candidate: their logits averaged.
+    candidates = candidates + [final.Candidate("cv", candidates[0].spec, [c.heads[0] for c in candidates[1:3]], 0.0)]
     pool = final.candidate_pool(candidates)
     logits, y_valid = final.valid_logits_from_banks(pool, banks)
     choice = final.choose_final(pool, logits, y_valid, k=3, rounds=6)
@@ -251,13 +253,14 @@ def test_the_deployed_model_on_images_is_the_choice_made_on_bank_logits(tiny_can
     assert np.array_equal(y_images, y_valid)
     for a, b in zip(logits, from_images):
         assert np.allclose(a, b, atol=2e-2, rtol=1e-2), np.abs(a - b).max()
+    assert np.allclose(logits[-1], (logits[1] + logits[2]) / 2)  # pool order = candidates order here
     members = [choice.candidates.index(m) for m in choice.members]
     want = final.ensemble_logits(logits, members, choice.weights) / choice.temperature  # (N, C)
     # ... and the deployed model, run on the decoded valid images, gives the same calibrated logits
     # (the bank holds float16 features, hence the tolerance).
-    model, resolved = final.build_final_model(choice, pool, {"resnet18": weights})
+    model, resolved, _ = final.build_final_model(choice, pool, {"resnet18": weights})
     assert len(resolved) == 1  # every head here reads one backbone: held once
-    selected, _ = final.build_final_model(choice, pool, {"resnet18": weights}, selection=True)
+    selected, _, groups = final.build_final_model(choice, pool, {"resnet18": weights}, selection=True)
     tf = build_transform(32, train=False)
     x = torch.stack([tf(load_image(p)) for p in table.paths("valid")])
     with torch.no_grad():
@@ -266,14 +269,14 @@ def test_the_deployed_model_on_images_is_the_choice_made_on_bank_logits(tiny_can
 
     # The test record from one decode of the test split: the deployed model, the single best and the
     # selected ensemble, each against the model run directly.
-    z, y = split_logits(final.MemberLogits(selected), table, "test", 32, "cpu", num_workers=0)
+    z, y = split_logits(final.MemberLogits(selected, groups), table, "test", 32, "cpu", num_workers=0)
     assert z.shape == (len(table.split("test")), len(choice.selection.members), len(table.classes))
     record = final.record_test_scores(z.numpy(), y.numpy(), table.classes, choice)
     xt = torch.stack([tf(load_image(p)) for p in table.paths("test")])
     yt = table.targets("test")
     with torch.no_grad():
         deployed, ensemble = model(xt), selected(xt)
-        single = candidates[0].head(model.backbone(xt) if choice.deployed == "single" else model.backbones[0](xt))
+        single = candidates[0].heads[0](model.backbone(xt) if choice.deployed == "single" else model.backbones[0](xt))
     assert record["accuracy"] == pytest.approx(float((deployed.argmax(1).numpy() == yt).mean()))
     assert record["calibration"]["after"]["nll"] == pytest.approx(final.nll(deployed.double().numpy(), yt), abs=1e-4)
     assert record["single_best"]["accuracy"] == pytest.approx(float((single.argmax(1).numpy() == yt).mean()))

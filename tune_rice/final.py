@@ -340,20 +340,28 @@ def decide(names: Sequence[str], logits_list: Sequence[np.ndarray], targets, *, 
 # ------------------------------------------------------------------------ candidates, model, test
 @dataclass
 class Candidate:
-    """A trained head that may join the final model: its name (trial id), the bank it reads, its best
-    value of the search metric. Its valid logits come from the bank, so no image is decoded."""
+    """What may join the final model: a trial's best checkpoint (one head; a cross-validated trial's fold
+    heads, averaged), its name (trial id), the bank it reads and its best value of the search metric.
+    Its valid logits come from the bank, so no image is decoded."""
 
     name: str
     spec: FeatureSpec
-    head: Head
+    heads: list[Head]
     score: float = float("nan")
 
+    def __post_init__(self):
+        if isinstance(self.heads, Head):
+            self.heads = [self.heads]
+        if not self.heads:
+            raise ValueError(f"candidate {self.name}: no head")
 
-def head_valid_logits(head: Head, bank: FeatureBank) -> np.ndarray:
-    """``head`` on view 0 of the bank's valid split, as the trials evaluate it: (N, C) float64."""
+
+def head_valid_logits(heads: Head | Sequence[Head], bank: FeatureBank) -> np.ndarray:
+    """The heads (their mean) on view 0 of the bank's valid split, as the trials evaluate them: (N, C)."""
+    heads = [heads] if isinstance(heads, Head) else list(heads)
     batches = BankBatches(bank.splits["valid"], batch_size=512, train=False)
-    logits, _ = predict_logits(head.cpu(), batches)
-    return logits.double().numpy()
+    out = [predict_logits(h.cpu(), batches)[0].double().numpy() for h in heads]
+    return np.mean(out, axis=0) if len(out) > 1 else out[0]
 
 
 def candidate_pool(candidates: Sequence[Candidate]) -> list[Candidate]:
@@ -376,7 +384,7 @@ def valid_logits_from_banks(pool: Sequence[Candidate],
     for c in pool:
         if banks[c.spec.name].splits["valid"].paths != reference.paths:
             raise RuntimeError(f"bank {c.spec.name}: its valid images differ from those of {pool[0].spec.name}")
-    return [head_valid_logits(c.head, banks[c.spec.name]) for c in pool], np.asarray(reference.targets)
+    return [head_valid_logits(c.heads, banks[c.spec.name]) for c in pool], np.asarray(reference.targets)
 
 
 def valid_logits_from_images(pool: Sequence[Candidate], table, weights: dict[str, ResolvedWeights], *,
@@ -385,8 +393,8 @@ def valid_logits_from_images(pool: Sequence[Candidate], table, weights: dict[str
     path without banks (``--feature-cache off``). Returns the logits and the valid targets."""
     from .evaluate import split_logits
 
-    everyone = _assemble(pool, [c.name for c in pool], [1.0 / len(pool)] * len(pool), 1.0, weights)[0]
-    z, y = split_logits(MemberLogits(everyone), table, "valid", pool[0].spec.image_size, device,
+    everyone, _, groups = _assemble(pool, [c.name for c in pool], [1.0 / len(pool)] * len(pool), 1.0, weights)
+    z, y = split_logits(MemberLogits(everyone, groups), table, "valid", pool[0].spec.image_size, device,
                         num_workers=num_workers)  # (N, M, C)
     z = z.double().numpy()
     return [z[:, i] for i in range(len(pool))], y.numpy()
@@ -401,29 +409,36 @@ def choose_final(pool: Sequence[Candidate], logits: Sequence[np.ndarray], target
 
 
 def _assemble(pool: Sequence[Candidate], names: Sequence[str], mix: Sequence[float], temperature: float,
-              weights: dict[str, ResolvedWeights]) -> tuple[Classifier | Ensemble, list[ResolvedWeights]]:
+              weights: dict[str, ResolvedWeights]) -> tuple[Classifier | Ensemble, list[ResolvedWeights], list[int]]:
+    """The model of candidates ``names`` weighted ``mix``: a candidate with K heads (fold heads) adds K
+    heads of weight w/K. Returns the model, each distinct backbone's weights, and each head's position
+    in ``names``."""
     by_name = {c.name: c for c in pool}
     built: dict[tuple, tuple] = {}
-    members = []
-    for name in names:
-        spec = by_name[name].spec
+    members, head_weights, head_names, groups = [], [], [], []
+    for i, (name, w) in enumerate(zip(names, mix)):
+        spec, heads = by_name[name].spec, by_name[name].heads
         key = (spec.backbone, spec.feature_layer, spec.seed)
         if key not in built:
             built[key] = build_backbone(spec.backbone, weights=weights[spec.backbone], seed=spec.seed,
                                         feature_layer=spec.feature_layer)
-        members.append(Classifier(built[key][0], by_name[name].head.cpu()))
-    model = build_ensemble(members, weights=mix, temperature=temperature, names=names).eval()
+        for j, head in enumerate(heads):
+            members.append(Classifier(built[key][0], head.cpu()))
+            head_weights.append(float(w) / len(heads))
+            head_names.append(name if len(heads) == 1 else f"{name}/fold{j}")
+            groups.append(i)
+    model = build_ensemble(members, weights=head_weights, temperature=temperature, names=head_names).eval()
     backbones = list(model.backbones) if isinstance(model, Ensemble) else [model.backbone]
     resolved = {id(b): r for b, r in built.values()}
-    return model, [resolved[id(b)] for b in backbones]
+    return model, [resolved[id(b)] for b in backbones], groups
 
 
 def build_final_model(choice: FinalChoice, pool: Sequence[Candidate], weights: dict[str, ResolvedWeights], *,
-                      selection: bool = False) -> tuple[Classifier | Ensemble, list[ResolvedWeights]]:
+                      selection: bool = False) -> tuple[Classifier | Ensemble, list[ResolvedWeights], list[int]]:
     """The deployed model of ``choice`` (``selection=True``: the selected ensemble, deployed or not):
-    each member's head on its frozen backbone (built once per backbone, layer and seed), weighted, with
+    each member's head(s) on its frozen backbone (built once per backbone, layer and seed), weighted, with
     the fitted temperature. Also returns the weights of each distinct backbone, in the model's order
-    (what ``save_artifact`` records)."""
+    (what ``save_artifact`` records), and each head's member position (for :class:`MemberLogits`)."""
     if selection:
         return _assemble(pool, [choice.candidates[i] for i in choice.selection.members], choice.selection.weights,
                          choice.ensemble_temperature, weights)
@@ -432,17 +447,22 @@ def build_final_model(choice: FinalChoice, pool: Sequence[Candidate], weights: d
 
 class MemberLogits(nn.Module):
     """Images (B, 3, S, S) -> each member's own logits (B, M, C), before weights and temperature, one
-    pass per backbone. Over the selected ensemble, one decode of the test split scores the deployed
-    model, the single best (member 0: the selection starts from it) and the ensemble together."""
+    pass per backbone (a member with several heads: their mean; ``groups``: each head's member).
+    Over the selected ensemble, one decode of the test split scores the deployed model, the single best
+    (member 0: the selection starts from it) and the ensemble together."""
 
-    def __init__(self, model: Classifier | Ensemble):
+    def __init__(self, model: Classifier | Ensemble, groups: Sequence[int] | None = None):
         super().__init__()
         self.model = model
+        self.groups = list(groups) if groups is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.model, Ensemble):
-            return torch.stack(self.model.member_logits(x), dim=1)
-        return self.model.head(self.model.backbone(x))[:, None]
+        if not isinstance(self.model, Ensemble):
+            return self.model.head(self.model.backbone(x))[:, None]
+        heads = self.model.member_logits(x)
+        groups = self.groups if self.groups is not None else list(range(len(heads)))
+        members = [torch.stack([z for z, g in zip(heads, groups) if g == m]).mean(0) for m in range(max(groups) + 1)]
+        return torch.stack(members, dim=1)
 
 
 def record_test_scores(member_logits, targets, classes: Sequence[str], choice: FinalChoice) -> dict:
