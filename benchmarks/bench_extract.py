@@ -27,7 +27,8 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tune_rice.data import build_transform, load_image, read_labels  # noqa: E402
-from tune_rice.features import FeatureSpec, _autocast, extract_bank, extract_banks, resolve_device  # noqa: E402
+from tune_rice.devices import resolve_device  # noqa: E402
+from tune_rice.features import FeatureSpec, _autocast, extract_bank, extract_banks  # noqa: E402
 from tune_rice.model import build_backbone  # noqa: E402
 
 

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tune_rice import export, predict
+from tune_rice import export, model, predict
 from tune_rice.data import build_transform, load_image
 from tune_rice.model import load_artifact
 
@@ -29,7 +29,7 @@ def torchscript(tiny_model, tmp_path_factory):
 
 def test_torchscript_gives_the_artifacts_logits_and_carries_its_metadata(tiny_model, torchscript):
     original, meta = load_artifact(tiny_model.model_path)
-    scripted, info = predict.read_torchscript(torchscript)
+    scripted, info = model.read_torchscript(torchscript)
     assert info["classes"] == meta["classes"]
     assert info["preprocessing"] == meta["preprocessing"]
     assert info["weights"] == meta["weights"] == "random:seed=0"
@@ -55,7 +55,7 @@ def test_predict_accepts_the_torchscript_file_and_agrees(tiny_model, torchscript
     assert len(pa) == 12
     assert (pa["label"] == pb["label"]).all() and (pa["top3_label"] == pb["top3_label"]).all()
     assert (pa["score"] - pb["score"]).abs().max() < 1e-5
-    loaded = predict.load_model(torchscript)
+    loaded = model.load_model(torchscript)
     assert loaded.kind == "torchscript" and loaded.classes == ["alpha", "beta", "gamma"]
 
 
@@ -66,7 +66,7 @@ def test_existing_output_needs_force(tiny_model, torchscript, capsys):
     assert "already exists" in capsys.readouterr().err and torchscript.stat().st_mtime_ns == before
     assert export.main(args + ["--force"]) == 0
     assert "max difference" in capsys.readouterr().out
-    assert predict.load_model(torchscript).kind == "torchscript"  # the replaced file is whole
+    assert model.load_model(torchscript).kind == "torchscript"  # the replaced file is whole
 
 
 def test_default_out_is_next_to_the_model(tiny_model, tmp_path):
@@ -163,7 +163,7 @@ def test_an_ensemble_exports_as_one_graph_with_its_weights_and_temperature(ensem
     with torch.no_grad():  # the direct computation: each member alone, weighted, divided by the temperature
         want = (0.4 * members[0](x) + 0.4 * members[1](x) + 0.2 * members[2](x)) / 1.6
     if fmt == "torchscript":
-        module, info = predict.read_torchscript(out)
+        module, info = model.read_torchscript(out)
         with torch.no_grad():
             got = module(x)
     else:

@@ -24,7 +24,7 @@ import torch
 from conftest import local_ray, make_separable_dataset
 from torch.utils.tensorboard import SummaryWriter
 
-from tune_rice import search
+from tune_rice import search, tune_glue
 from tune_rice.data import build_transform, load_image, read_labels
 from tune_rice.model import load_artifact
 
@@ -78,7 +78,7 @@ def _worker_hook(trace: str, control: str):
 
 @pytest.fixture(scope="module")
 def ray_local(tmp_path_factory):
-    """One local Ray for the module (``search._init_ray`` leaves an initialised Ray alone)."""
+    """One local Ray for the module (``tune_glue.init_ray`` leaves an initialised Ray alone)."""
     hooks = tmp_path_factory.mktemp("hooks")
     trace, control = hooks / "reads.txt", hooks / "control.json"
     with local_ray(tmp_path_factory,
@@ -119,7 +119,7 @@ def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
 
 def _optuna_trials(exp_dir: Path, metric: str, mode: str, max_t: int) -> dict:
     """Tune trial id -> Optuna FrozenTrial, from the searcher state Tune saved in the experiment."""
-    searcher = search._optuna_search_cls()(metric=metric, mode=mode, max_t=max_t)
+    searcher = tune_glue.optuna_search_cls()(metric=metric, mode=mode, max_t=max_t)
     searcher.restore_from_dir(str(exp_dir))
     frozen = searcher._ot_study.get_trials(deepcopy=False)
     return {tid: frozen[t.number] for tid, t in searcher._ot_trials.items()}
@@ -259,7 +259,7 @@ def test_tensorboard_callback_writes_each_epoch_once_across_restarts(tmp_path):
         shutil.copytree(trial.local_path, storage, dirs_exist_ok=True)
 
     trial = FakeTrial(tmp_path / "session1" / "trial_x")
-    first = search._tensorboard_callback_cls()()
+    first = tune_glue.tensorboard_callback_cls()()
     first.log_trial_start(trial)
     epochs(first, trial, [1, 2, 3, 4])
     # An event file is named by the second it was opened, then a per-process counter compared as text
@@ -275,12 +275,12 @@ def test_tensorboard_callback_writes_each_epoch_once_across_restarts(tmp_path):
     ray_writer.add_scalar("ray/tune/valid/acc", 0.9, global_step=50)
     ray_writer.close()
     sync(trial)
-    assert search._last_logged_step(trial.local_path) == 5
+    assert tune_glue.last_logged_step(trial.local_path) == 5
 
     again = FakeTrial(tmp_path / "session2" / "trial_x")  # --resume: a new driver in a new Ray session
-    assert search._last_logged_step(again.local_path, again.storage.storage_filesystem, again.path) == 5
+    assert tune_glue.last_logged_step(again.local_path, again.storage.storage_filesystem, again.path) == 5
     time.sleep(1.05)
-    resumed = search._tensorboard_callback_cls()()
+    resumed = tune_glue.tensorboard_callback_cls()()
     resumed.log_trial_start(again)
     epochs(resumed, again, [4, 5, 6])
     resumed.log_trial_end(again)
@@ -297,7 +297,7 @@ def test_searcher_records_complete_pruned_and_failed_trials(tmp_path):
 
     metric = "valid/acc"
     space = OptunaSearch.convert_search_space({"lr": tune.loguniform(1e-3, 3e-2), "hidden": tune.choice([0, 32])})
-    searcher = search._optuna_search_cls()(space=space, metric=metric, mode="max", seed=0, max_t=4)
+    searcher = tune_glue.optuna_search_cls()(space=space, metric=metric, mode="max", seed=0, max_t=4)
     for tid in ("done", "stopped", "crashed", "crashed_late", "removed"):
         config = searcher.suggest(tid)
         assert 1e-3 <= config["lr"] <= 3e-2 and config["hidden"] in (0, 32)
@@ -334,7 +334,7 @@ def test_searcher_records_complete_pruned_and_failed_trials(tmp_path):
 
     # the state survives Tune's save / restore, and the restored searcher keeps proposing
     searcher.save(str(tmp_path / "searcher.pkl"))
-    restored = search._optuna_search_cls()(metric=metric, mode="max", max_t=4)
+    restored = tune_glue.optuna_search_cls()(metric=metric, mode="max", max_t=4)
     restored.restore(str(tmp_path / "searcher.pkl"))
     assert {t: f.state for t, f in states(restored).items()} == {t: f.state for t, f in trials.items()}
     assert restored.suggest("next")["hidden"] in (0, 32)

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import tune_rice
-from tune_rice import evaluate, export, search
+from tune_rice import evaluate, export, search, tune_glue
 
 PACKAGE = Path(tune_rice.__file__).resolve().parent
 SOURCES = sorted(PACKAGE.glob("*.py"))
@@ -90,10 +90,10 @@ def test_no_other_unsafe_deserialisation():
     assert [w for w, _, node in _calls(lambda n: n in ("np.load", "numpy.load"))
             if _is_true(_keyword(node, "allow_pickle"))] == []
     assert _calls(lambda n: n in ("eval", "exec")) == []
-    # TorchScript archives carry their own code: loaded in one documented place only (predict --model
-    # with an export; the docstring tells to load only exports you trust)
+    # TorchScript archives carry their own code: loaded in one documented place only (model.py's
+    # read_torchscript, for --model with an export; its docstring tells to load only exports you trust)
     jit = _calls(lambda n: n == "torch.jit.load")
-    assert [w.split(":")[0] for w, _, _ in jit] == ["predict.py"]
+    assert [w.split(":")[0] for w, _, _ in jit] == ["model.py"]
     # Tune's experiment state is unpickled by Tuner.restore: only on --resume of the user's own --name
     restores = _calls(lambda n: n.endswith("Tuner.restore"))
     assert [w.split(":")[0] for w, _, _ in restores] == ["search.py"]
@@ -143,9 +143,9 @@ params:
 
 def _no_ray(monkeypatch):
     """The search up to its first use of Ray, without starting one (the checks below come first)."""
-    monkeypatch.setattr(search, "_init_ray", lambda address: None)
-    monkeypatch.setattr(search, "_wait_for_gpus", lambda seconds: None)
-    monkeypatch.setattr(search, "_resolve_gpus", lambda value: 0.0)
+    monkeypatch.setattr(tune_glue, "init_ray", lambda address: None)
+    monkeypatch.setattr(tune_glue, "wait_for_gpus", lambda seconds: None)
+    monkeypatch.setattr(tune_glue, "resolve_gpus", lambda value: 0.0)
 
 
 def test_search_weights_file_refuses_a_planted_pickle(evil_model, separable, tmp_path, capsys, monkeypatch):
@@ -184,7 +184,7 @@ def test_local_ray_is_started_without_a_dashboard(monkeypatch):
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda *a, **k: calls.append((a, k)))
-    search._init_ray(None)
+    tune_glue.init_ray(None)
     (args, kwargs), = calls
     assert not args and "address" not in kwargs
     assert kwargs["include_dashboard"] is False and kwargs["dashboard_host"] == "127.0.0.1"
@@ -193,8 +193,8 @@ def test_local_ray_is_started_without_a_dashboard(monkeypatch):
 _LISTENERS_CHILD = textwrap.dedent("""\
     import json, os, sys
     from pathlib import Path
-    from tune_rice import search
-    search._init_ray(None)
+    from tune_rice import tune_glue
+    tune_glue.init_ray(None)
     import ray
     ray.get(ray.remote(lambda: 1).remote())  # a worker process up, as in a search
 

@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader
 
 from . import UserError
 from .data import AUG_POLICIES, LabelTable, build_transform, dataset_for_split
-from .features import FeatureBank, FeatureSpec, SplitFeatures, default_num_workers, resolve_device, run_backbone
+from .devices import default_num_workers, resolve_device
+from .features import FeatureBank, FeatureSpec, SplitFeatures, run_backbone
 from .model import HEAD_KINDS, Classifier, ResolvedWeights, build_backbone, build_head, \
     feature_layer_for
 

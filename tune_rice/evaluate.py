@@ -28,9 +28,9 @@ from torch import nn
 
 from . import UserError, cli
 from .data import SPLITS, ImageDecodeError, LabelTable, build_transform, dataset_for_split, read_labels_checked
+from .devices import DEVICE_CHOICES, default_num_workers, device_from_arg, resolve_device
 from .engine import ImageBatches, compute_metrics, predict_logits
-from .features import resolve_device
-from .predict import load_model
+from .model import load_model
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def split_logits(model: nn.Module, table: LabelTable, split: str, image_size: in
     if table.split(split).empty:
         raise UserError(f"{table.csv_path}: the {split} split has no images")
     device = resolve_device(device)
-    workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
+    workers = default_num_workers(4) if num_workers is None else num_workers
     ds = dataset_for_split(table, split, build_transform(image_size, train=False))
     batches = ImageBatches(ds, batch_size=batch_size, train=False, num_workers=workers, device=device)
     try:
@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=SPLITS, default="test", help="which rows of labels.csv to score")
     p.add_argument("--out", help="JSON file to write (default: eval_<split>.json in the current folder)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = GPU when present")
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto = GPU when present")
     p.add_argument("--num-workers", type=int, help="image-decoding worker processes (default: up to 4)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -152,15 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging(args.verbose)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is available to PyTorch here (use --device auto or cpu)")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     out = Path(args.out) if args.out else Path(f"eval_{args.split}.json")
     if out.name == "test_metrics.json":
         raise UserError(f"--out {out}: refusing to write test_metrics.json (the search's own record of its "
                         "one test read); choose another name")
-    device = resolve_device(args.device)
+    device = device_from_arg(args.device)
     loaded = load_model(args.model, device=device)
     table = align_classes(read_labels_checked(resolve_labels(args.data), args.data_root,
                                                     splits=(args.split,)), loaded.classes)

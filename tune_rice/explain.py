@@ -367,14 +367,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main(argv: Sequence[str] | None) -> int:
     from .data import IMAGE_EXTENSIONS, find_images
-    from .predict import _device, load_model
+    from .devices import device_from_arg
+    from .model import load_model
 
     args = build_parser().parse_args(argv)
     cli.setup_logging(args.verbose)
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window
-    device = _device(args.device)
+    device = device_from_arg(args.device)
     files = find_images(args.paths)
     if not files:
         raise UserError(f"no images found in {', '.join(args.paths)} (looked for {', '.join(IMAGE_EXTENSIONS)})")

@@ -32,8 +32,7 @@ import torch
 from torch import nn
 
 from . import UserError, cli
-from .model import load_artifact
-from .predict import TORCHSCRIPT_META, is_torchscript, read_torchscript, resolve_model_path
+from .model import TORCHSCRIPT_META, is_torchscript, load_artifact, read_torchscript, resolve_model_path
 
 log = logging.getLogger(__name__)
 

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from . import UserError
 from .data import AUG_POLICIES, LabelTable, build_transform, dataset_for_split, read_labels
+from .devices import default_num_workers, resolve_device
 from .model import (FEATURE_LAYERS, FrozenBackbone, ResolvedWeights, _classifier_attr, build_backbone,
                     resolve_weights)
 
@@ -41,12 +42,6 @@ BANK_FORMAT = 1
 def default_cache_dir() -> Path:
     base = os.environ.get("TUNE_RICE_CACHE")
     return (Path(base).expanduser() if base else Path.home() / ".cache" / "tune_rice") / "features"
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @dataclass(frozen=True)
@@ -138,10 +133,6 @@ def _autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
-
-
-def default_num_workers() -> int:
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
 def _forward_layers(backbone: FrozenBackbone, x: torch.Tensor, layers: tuple[str, ...]) -> dict[str, torch.Tensor]:

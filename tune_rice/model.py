@@ -1,4 +1,5 @@
-"""Backbones (with weights resolution), a truly frozen backbone, heads, and the model artifact.
+"""Backbones (with weights resolution), a truly frozen backbone, heads, and the model artifact (saved and
+loaded here, with the loader of TorchScript exports for inference).
 
 No Ray here. The artifact written by :func:`save_artifact` is a plain dict of tensors and primitives so
 that it loads with ``torch.load(..., weights_only=True)``: nothing in it can run code on load.
@@ -7,11 +8,14 @@ that it loads with ``torch.load(..., weights_only=True)``: nothing in it can run
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import pickle
-from dataclasses import dataclass
+import warnings
+import zipfile
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -485,3 +489,93 @@ def load_artifact(path: str | os.PathLike, *,
     meta["feature_layer"] = " + ".join(dict.fromkeys(m["feature_layer"] for m in meta["members"]))
     meta["head"] = meta["members"][0]["head"] if len(heads) == 1 else {"kind": "ensemble", "members": len(heads)}
     return model, meta
+
+
+# ------------------------------------------------------------------------- loading for inference
+TORCHSCRIPT_META = "tune_rice.json"  # the extra file inside an archive written by tune_rice.export
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference: normalised images (B, 3, S, S) float32 -> logits (B, C)."""
+
+    module: nn.Module
+    classes: list[str]
+    preprocessing: dict
+    weights: str
+    path: Path
+    kind: str  # "artifact" | "torchscript"
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.preprocessing["image_size"])
+
+
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """``--model`` may also name an experiment folder (``runs/<name>``) or its ``best/`` folder."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        for candidate in (p / "best" / "model.pt", p / "model.pt"):
+            if candidate.is_file():
+                return candidate
+        raise UserError(f"{p}: a folder without best/model.pt or model.pt; pass the model file")
+    return p
+
+
+def is_torchscript(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(name.endswith("constants.pkl") or "/code/" in name for name in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def read_torchscript(path: str | os.PathLike, *, map_location="cpu") -> tuple[nn.Module, dict]:
+    """Load a TorchScript file written by ``tune_rice.export``; returns (module, its tune_rice.json).
+
+    TorchScript holds its own graph code, which runs when the module is called: load only exports you trust.
+    """
+    extra = {TORCHSCRIPT_META: ""}
+    with warnings.catch_warnings():  # torch.jit is deprecated in favour of torch.export; still supported
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            module = torch.jit.load(str(path), map_location=map_location, _extra_files=extra)
+        except Exception as e:  # torch.jit raises RuntimeError (and others) with multi-line messages
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise UserError(f"{path}: cannot load as TorchScript ({reason})") from None
+    raw = extra[TORCHSCRIPT_META]
+    if not raw:
+        raise UserError(f"{path}: a TorchScript file without {TORCHSCRIPT_META}: not written by "
+                        "tune_rice.export, so its classes and preprocessing are unknown")
+    try:
+        meta = json.loads(raw)
+        meta["classes"], meta["preprocessing"]["image_size"]  # noqa: B018 (presence check)
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{path}: its {TORCHSCRIPT_META} is not valid tune-rice metadata") from None
+    return module.eval(), meta
+
+
+def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a tune-rice artifact, or failing that a TorchScript export, onto ``device``.
+
+    The artifact format is tried first (``weights_only=True``; a pickle that would run code is refused,
+    never retried unsafely). Only a file that is a TorchScript archive goes to ``torch.jit.load``.
+    """
+    path = resolve_model_path(path)
+    device = torch.device(device)
+    try:
+        with warnings.catch_warnings():  # torch.load's note on meeting a TorchScript archive: handled below
+            warnings.filterwarnings("ignore", message=".*TorchScript archive", category=UserWarning)
+            module, meta = load_artifact(path, map_location=device)
+        return LoadedModel(module, list(meta["classes"]), dict(meta["preprocessing"]), str(meta["weights"]),
+                           path, "artifact", meta)
+    except UserError as e:
+        if not is_torchscript(path):
+            if "cannot read as" in str(e):  # not a torch file at all: say what would have been one
+                raise UserError(f"{e}; --model wants a tune-rice model (runs/<name>/best/model.pt) or a "
+                                "TorchScript file written by tune_rice.export") from None
+            raise  # refused pickles and foreign torch files: model.py's message says it all
+    module, meta = read_torchscript(path, map_location=device)
+    return LoadedModel(module, list(meta["classes"]), dict(meta["preprocessing"]), str(meta.get("weights", "?")),
+                       path, "torchscript", meta)

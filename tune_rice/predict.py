@@ -19,117 +19,28 @@ report suggests P for a target accuracy.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
-import warnings
-import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import UserError, cli
 from .data import IMAGE_EXTENSIONS, build_transform, find_images, load_image, preprocessing_spec
-from .features import resolve_device
-from .model import load_artifact
+from .devices import DEVICE_CHOICES, default_num_workers, device_from_arg
+from .model import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
-TORCHSCRIPT_META = "tune_rice.json"  # the extra file inside an exported TorchScript archive
 DEFAULT_TOPK = 3
 UNCERTAIN = "uncertain"  # the label of an image whose top probability is below --min-confidence
-
-
-# --------------------------------------------------------------------------------------------- loading
-@dataclass
-class LoadedModel:
-    """A model ready for inference: normalised images (B, 3, S, S) float32 -> logits (B, C)."""
-
-    module: nn.Module
-    classes: list[str]
-    preprocessing: dict
-    weights: str
-    path: Path
-    kind: str  # "artifact" | "torchscript"
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def image_size(self) -> int:
-        return int(self.preprocessing["image_size"])
-
-
-def resolve_model_path(path: str | os.PathLike) -> Path:
-    """``--model`` may also name an experiment folder (``runs/<name>``) or its ``best/`` folder."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        for candidate in (p / "best" / "model.pt", p / "model.pt"):
-            if candidate.is_file():
-                return candidate
-        raise UserError(f"{p}: a folder without best/model.pt or model.pt; pass the model file")
-    return p
-
-
-def is_torchscript(path: Path) -> bool:
-    try:
-        with zipfile.ZipFile(path) as z:
-            return any(name.endswith("constants.pkl") or "/code/" in name for name in z.namelist())
-    except (OSError, zipfile.BadZipFile):
-        return False
-
-
-def read_torchscript(path: str | os.PathLike, *, map_location="cpu") -> tuple[nn.Module, dict]:
-    """Load a TorchScript file written by ``tune_rice.export``; returns (module, its tune_rice.json)."""
-    extra = {TORCHSCRIPT_META: ""}
-    with warnings.catch_warnings():  # torch.jit is deprecated in favour of torch.export; still supported
-        warnings.simplefilter("ignore", FutureWarning)
-        try:
-            module = torch.jit.load(str(path), map_location=map_location, _extra_files=extra)
-        except Exception as e:  # torch.jit raises RuntimeError (and others) with multi-line messages
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-            raise UserError(f"{path}: cannot load as TorchScript ({reason})") from None
-    raw = extra[TORCHSCRIPT_META]
-    if not raw:
-        raise UserError(f"{path}: a TorchScript file without {TORCHSCRIPT_META}: not written by "
-                        "tune_rice.export, so its classes and preprocessing are unknown")
-    try:
-        meta = json.loads(raw)
-        meta["classes"], meta["preprocessing"]["image_size"]  # noqa: B018 (presence check)
-    except (ValueError, KeyError, TypeError):
-        raise UserError(f"{path}: its {TORCHSCRIPT_META} is not valid tune-rice metadata") from None
-    return module.eval(), meta
-
-
-def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a tune-rice artifact, or failing that a TorchScript export, onto ``device``.
-
-    The artifact format is tried first (``weights_only=True``; a pickle that would run code is refused,
-    never retried unsafely). Only a file that is a TorchScript archive goes to ``torch.jit.load``.
-    """
-    path = resolve_model_path(path)
-    device = torch.device(device)
-    try:
-        with warnings.catch_warnings():  # torch.load's note on meeting a TorchScript archive: handled below
-            warnings.filterwarnings("ignore", message=".*TorchScript archive", category=UserWarning)
-            module, meta = load_artifact(path, map_location=device)
-        return LoadedModel(module, list(meta["classes"]), dict(meta["preprocessing"]), str(meta["weights"]),
-                           path, "artifact", meta)
-    except UserError as e:
-        if not is_torchscript(path):
-            if "cannot read as" in str(e):  # not a torch file at all: say what would have been one
-                raise UserError(f"{e}; --model wants a tune-rice model (runs/<name>/best/model.pt) or a "
-                                "TorchScript file written by tune_rice.export") from None
-            raise  # refused pickles and foreign torch files: model.py's message says it all
-    module, meta = read_torchscript(path, map_location=device)
-    return LoadedModel(module, list(meta["classes"]), dict(meta["preprocessing"]), str(meta.get("weights", "?")),
-                       path, "torchscript", meta)
 
 
 def eval_transform(preprocessing: dict):
@@ -298,16 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"label an image {UNCERTAIN!r} when its (calibrated) top probability is below P; the "
                         "row keeps its top-k. The search's report suggests P for a target accuracy")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = GPU when present")
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto = GPU when present")
     p.add_argument("--num-workers", type=int, help="image-decoding worker processes (default: up to 4)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
-
-
-def _device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is available to PyTorch here (use --device auto or cpu)")
-    return resolve_device(name)
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -315,15 +220,15 @@ def _main(argv: Sequence[str] | None) -> int:
     cli.setup_logging(args.verbose)
     if args.min_confidence is not None:
         check_min_confidence(args.min_confidence)
-    device = _device(args.device)
+    device = device_from_arg(args.device)
     files = find_images(args.paths)
     if not files:
         raise UserError(f"no images found in {', '.join(args.paths)} (looked for {', '.join(IMAGE_EXTENSIONS)})")
     loaded = load_model(args.model, device=device)
     if args.min_confidence is not None and calibration_note(loaded):
         log.warning("%s", calibration_note(loaded))
-    workers = args.num_workers if args.num_workers is not None else min(4, max(0, (os.cpu_count() or 1) - 1),
-                                                                          len(files) // args.batch_size)
+    workers = (args.num_workers if args.num_workers is not None
+               else default_num_workers(4, batches=len(files) // args.batch_size))
     pred = predict_files(loaded, files, topk=args.topk, batch_size=args.batch_size, num_workers=workers,
                          device=device, progress=True, min_confidence=args.min_confidence)
     out = Path(args.out)

@@ -513,20 +513,36 @@ def importance_figure(values: dict[str, float], note: str):
     return fig
 
 
+def draw_confusion(cm: np.ndarray, classes, *, title: str = "confusion matrix", min_size=(0.0, 0.0)):
+    """A confusion matrix (rows = true class) as a matplotlib Figure, counts written in the cells.
+
+    Object API only (no pyplot): the search draws this for TensorBoard in a process that may have a
+    display, and the figure is never shown on screen."""
+    from matplotlib.figure import Figure
+
+    cm = np.asarray(cm)
+    size = (max(1.2 * len(classes) + 2.5, min_size[0]), max(1.1 * len(classes) + 2, min_size[1]))
+    fig = Figure(figsize=size, layout="tight")
+    ax = fig.add_subplot()
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    top = cm.max() if cm.size else 0
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                    color="white" if cm[i, j] > top / 2 else "black")
+    return fig
+
+
 def confusion_figure(test: dict):
-    """The test confusion matrix of test_metrics.json (drawn by search's own figure function)."""
-    import matplotlib.pyplot as plt
-
-    from . import search
-
+    """The test confusion matrix of test_metrics.json."""
     title = (f"test confusion matrix (trial {test.get('trial_id', '?')}): "
              f"accuracy {test['accuracy']:.3f}, n={test['test_count']}")
-    fig = search.confusion_figure(np.asarray(test["confusion_matrix"]), test["classes"], title=title)
-    plt.close(fig)  # pyplot made it; only the file is wanted, so pyplot need not keep it
-    w, h = fig.get_size_inches()
-    fig.set_size_inches(max(w, 6.0), max(h, 5.0))
-    fig.tight_layout()
-    return fig
+    return draw_confusion(test["confusion_matrix"], test["classes"], title=title, min_size=(6.0, 5.0))
 
 
 def reliability_figure(final: dict):

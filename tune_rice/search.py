@@ -3,6 +3,10 @@
 data -> labels.csv -> feature banks (once) -> Ray Tune (OptunaSearch proposes, ASHA stops the weak,
 trials train heads on the banks) -> the best trial's best checkpoint -> one full model scored ONCE on the
 test split -> ``runs/<name>/`` with results.csv, best/model.pt, test_metrics.json, TensorBoard runs.
+
+:func:`run_search` lists the phases in order; each is a function below it. The Ray Tune glue (searcher,
+TensorBoard callback, reporter, Ray start, GPU sizing) is in ``tune_glue.py``; experiment folders,
+saved arguments and storage-URI I/O in ``storage.py``.
 """
 
 from __future__ import annotations
@@ -16,25 +20,25 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 import yaml
 
-from . import UserError, cli
+from . import UserError, cli, storage, tune_glue
 from .data import LabelTable, preprocessing_spec, read_labels_checked
 from .engine import TrialConfig
 from .features import FeatureBank, FeatureSpec, extract_banks, pass_key
 from .model import Classifier, ResolvedWeights, build_backbone, resolve_weights, save_artifact
 from .space import SearchSpace, load_search_space
+from .storage import ARGS_FILE, ExperimentPaths
 
 log = logging.getLogger("tune_rice.search")
 
-ARGS_FILE = "search_args.json"
-DEFAULT_GPU_FRACTION = 0.25
+DEFAULT_GPU_FRACTION = tune_glue.DEFAULT_GPU_FRACTION
 
 
 # ------------------------------------------------------------------------------------------ arguments
@@ -102,11 +106,106 @@ def _validate_args(args) -> None:
         raise UserError("--resume needs --name of the experiment to continue")
 
 
-def _is_uri(path: str) -> bool:
-    return "://" in str(path)
+# ------------------------------------------------------------------------------------------ the search
+class _Clock:
+    """Seconds per named phase, in the order they ran."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t = time.perf_counter()
+        yield
+        self.phases[name] = time.perf_counter() - t
+
+    def total(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def run_search(args) -> dict:
+    """The whole search; returns a dict of what it produced (used by tests and benchmarks)."""
+    clock = _Clock()
+    paths = open_experiment(args)
+    space, max_epochs = load_space(args)
+    with clock("data"):
+        table = load_data(args)
+    gpus = start_ray(args)
+    specs = space.feature_specs(seed=args.seed)
+    weights = {b: resolve_weights(b, args.weights, seed=args.seed) for b in {s.backbone for s in specs}}
+    with clock("extract"):
+        banks = search_banks(args, specs, table, weights)
+    base = {"epochs": max_epochs, "seed": args.seed}
+    with clock("trials"):
+        tuner = make_tuner(args, paths, space, base, trial_data(table, banks, weights), gpus)
+        result_grid = run_trials(tuner, args, gpus)
+    df, best = collect_results(result_grid, space, max_epochs, paths.local)
+    with clock("test"):
+        winner = save_winner(best, base, weights, space, table, paths.local)
+        test = score_winner(winner, table, paths.local)
+    if not args.no_report:
+        with clock("report"):
+            write_report_or_warn(paths.local)
+    summary = write_outputs(paths, df, test, space, winner, clock, result_grid, banks)
+    print("\n" + summary, flush=True)
+    return {"exp_dir": paths.local, "results": df, "test": test, "phases": clock.phases, "seconds": clock.total(),
+            "banks": banks, "best_trial": winner.trial_id}
+
+
+# ---------------------------------------------------------------------------- experiment and arguments
+def open_experiment(args) -> ExperimentPaths:
+    """Name the experiment and find its folders. ``--resume``: restore its arguments and refuse one that
+    finished; a new search: refuse a name that is taken, locally or on the storage path."""
+    if not args.name:
+        args.name = "search-" + datetime.now().strftime("%Y%m%d-%H%M%S")
+    paths = storage.experiment_paths(args.storage_path, args.name)
+    if args.resume:
+        _restore_experiment(args, paths)
+    elif paths.local.exists() and any(paths.local.iterdir()):
+        raise UserError(f"{paths.local} already exists: pass --resume to continue it, or another --name")
+    elif paths.remote and storage.remote_exists(paths.ray_path):
+        # Another job (or machine) ran this name: a new search would write into its experiment.
+        raise UserError(f"{paths.ray_path} already exists: pass --resume to continue it, or another --name")
+    return paths
+
+
+def _restore_experiment(args, paths: ExperimentPaths) -> None:
+    args_file = paths.local / ARGS_FILE
+    if paths.remote and not args_file.is_file():
+        storage.fetch_args(paths.local, paths.ray_path)
+    if not args_file.is_file():
+        raise UserError(f"--resume: no experiment {args.name!r} under {args.storage_path} ({args_file} not found)")
+    storage.restore_args(paths.local, args)
+    if paths.read("test_metrics.json") is not None:
+        # Finished already: the test split was scored once; scoring it again would break that promise.
+        summary = paths.read("summary.txt")
+        print(summary.decode() if summary else f"{paths.where()}: finished", flush=True)
+        raise UserError(f"--resume: {args.name!r} already finished (test split scored, results in "
+                        f"{paths.where()}); nothing to resume")
+    log.info("resuming %s with its original arguments", paths.local)
+
+
+def load_space(args) -> tuple[SearchSpace, int]:
+    """The search space and the epochs per trial."""
+    space = load_search_space(args.search_space)
+    max_epochs = args.max_epochs or space.max_epochs or 10
+    if args.grace_period > max_epochs:
+        raise UserError(f"--grace-period {args.grace_period} is more than the {max_epochs} epochs per trial")
+    return space, max_epochs
 
 
 # ----------------------------------------------------------------------------------------------- data
+def load_data(args) -> LabelTable:
+    """labels.csv (prepared first when --data is a bare folder), checked, with no empty split."""
+    labels_csv = resolve_data(args.data)
+    table = read_labels_checked(labels_csv, args.data_root)
+    for split in ("train", "valid", "test"):
+        if table.split(split).empty:
+            raise UserError(f"{labels_csv}: the {split} split is empty")
+    return table
+
+
 def resolve_data(data: str | None) -> Path:
     """--data (folder, labels.csv, or nothing for the demo set) -> the path of a labels.csv.
 
@@ -140,228 +239,20 @@ def resolve_data(data: str | None) -> Path:
     return result.labels_csv
 
 
-# ------------------------------------------------------------------------------------------ Ray edge
-def _optuna_search_cls():
-    import optuna
-    from optuna.trial import TrialState
-    from ray.tune.search.optuna import OptunaSearch
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory" per search
-
-    class PruningAwareOptunaSearch(OptunaSearch):
-        """OptunaSearch that records ASHA-stopped trials as PRUNED, not COMPLETE.
-
-        Ray reports a trial stopped by the scheduler as completed with its last (early) value, so TPE
-        would take an epoch-2 score as a final one. Optuna has each trial's per-epoch values
-        (``on_trial_result`` reports them), so a trial that ended before ``max_t`` is told PRUNED.
-        Tune does not pass the result that made the scheduler stop a trial to ``on_trial_result``, so
-        that last value is reported here before the trial is told; and an errored trial is FAIL even
-        when a result comes with it (OptunaSearch would tell it COMPLETE).
-        """
-
-        def __init__(self, *args, max_t: int, **kwargs):
-            super().__init__(*args, **kwargs)
-            self._max_t = max_t
-
-        def _reported(self, trial_id) -> dict:
-            ot_trial = self._ot_trials[trial_id]
-            return self._ot_study.get_trials(deepcopy=False)[ot_trial.number].intermediate_values
-
-        def on_trial_result(self, trial_id, result):
-            # A trial restored from a checkpoint runs the epochs after it again, with the same values
-            # (tested): Optuna keeps the first and would warn for each repeat, so repeats are not passed on.
-            step = result.get("training_iteration")
-            if (trial_id in self._ot_trials and trial_id not in self._completed_trials
-                    and step is not None and int(step) in self._reported(trial_id)):
-                return None
-            return super().on_trial_result(trial_id, result)
-
-        def on_trial_complete(self, trial_id, result=None, error=False):
-            ot_trial = self._ot_trials.get(trial_id)
-            if ot_trial is None or trial_id in self._completed_trials:
-                return super().on_trial_complete(trial_id, result, error)
-            step = (result or {}).get("training_iteration")
-            value = (result or {}).get(self.metric)
-            if not error and step is not None and value is not None:
-                if step not in self._reported(trial_id):
-                    ot_trial.report(float(value), int(step))
-            if error:
-                state = TrialState.FAIL
-            elif step is not None and step < self._max_t:
-                state = TrialState.PRUNED  # Optuna takes the last reported value as its value
-            else:
-                return super().on_trial_complete(trial_id, result, error)
-            try:
-                self._ot_study.tell(ot_trial, state=state)
-            except Exception as e:  # Optuna refuses e.g. a trial already told; keep the search going
-                log.warning("optuna could not record trial %s as %s: %s", trial_id, state.name, e)
-            self._completed_trials.add(trial_id)
-
-    return PruningAwareOptunaSearch
+# -------------------------------------------------------------------------------------- Ray and banks
+def start_ray(args) -> float:
+    """Start or join Ray, wait for a GPU node when asked to, and return the GPUs per trial."""
+    tune_glue.init_ray(args.address)
+    tune_glue.wait_for_gpus(args.wait_for_gpus)
+    return tune_glue.resolve_gpus(args.gpus_per_trial)
 
 
-def _last_logged_step(trial_dir: str | os.PathLike | None, storage_fs=None, storage_dir: str | None = None) -> int:
-    """The highest step of the TrialScalars metrics already written for a trial (0: none), from the
-    event files in its local folder and, with ``storage_fs``, in its folder on the storage path: a driver
-    that resumes in a new Ray session gets a new, empty local folder, and the old files are only there.
-    Ray's own ``ray/tune/*`` copies live in the same files and are not counted."""
-    import tempfile
-
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-
-    prefix = "events.out.tfevents."
-    files = sorted(Path(trial_dir).glob(prefix + "*")) if trial_dir else []
-    last = 0
-    with tempfile.TemporaryDirectory() as tmp:
-        if storage_fs is not None and storage_dir:
-            import pyarrow.fs
-
-            local = {f.name for f in files}  # already read from the local folder
-            try:
-                infos = storage_fs.get_file_info(pyarrow.fs.FileSelector(storage_dir, allow_not_found=True))
-                for info in infos:
-                    if info.is_file and info.base_name.startswith(prefix) and info.base_name not in local:
-                        with storage_fs.open_input_stream(info.path) as src:
-                            (Path(tmp) / info.base_name).write_bytes(src.readall())
-                        files.append(Path(tmp) / info.base_name)
-            except OSError as e:  # storage not reachable now: the local files are all there is to go by
-                log.debug("reading event files under %s: %s", storage_dir, e)
-        for path in files:
-            try:
-                for event in EventFileLoader(str(path)).Load():
-                    if any(not v.tag.startswith(("ray/", "_hparams_")) for v in event.summary.value):
-                        last = max(last, int(event.step))
-            except Exception as e:  # a truncated file from a killed driver: use what could be read
-                log.debug("reading %s: %s", path, e)
-    return last
-
-
-def _tensorboard_callback_cls():
-    from ray.tune.logger import LoggerCallback
-    from torch.utils.tensorboard import SummaryWriter
-
-    class TrialScalars(LoggerCallback):
-        """Writes each trial's namespaced metrics (train/loss, valid/acc, ...) as TensorBoard scalars.
-
-        Runs on the driver and writes into the trial's directory, which Tune syncs to the storage path,
-        so it works the same on a laptop and a multi-node cluster. Ray's own TBX logger still writes the
-        ``ray/tune/*`` copies and the HParams summary next to these.
-        """
-
-        def __init__(self):
-            self._writers = {}
-            self._last_step = {}  # trial -> the last epoch written (kept across restarts of the trial)
-
-        def log_trial_start(self, trial):
-            if trial in self._writers:
-                self._writers[trial].close()
-            trial.init_local_path()
-            if trial not in self._last_step:  # a trial resumed by a new driver: what is written already
-                self._last_step[trial] = _last_logged_step(trial.local_path, trial.storage.storage_filesystem,
-                                                           trial.path)
-            self._writers[trial] = SummaryWriter(trial.local_path, flush_secs=10)
-
-        def log_trial_result(self, iteration, trial, result):
-            if trial not in self._writers:
-                self.log_trial_start(trial)
-            writer = self._writers[trial]
-            step = int(result.get("epoch", iteration))
-            if step <= self._last_step[trial]:
-                # An epoch run again after a restore from a checkpoint: the same numbers as the first
-                # time (tested), already in TensorBoard; writing them twice draws the curve back over itself.
-                return
-            self._last_step[trial] = step
-            for key, value in result.items():
-                if ("/" in key or key == "lr") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    writer.add_scalar(key, value, global_step=step)
-            writer.flush()
-
-        def log_trial_end(self, trial, failed=False):
-            writer = self._writers.pop(trial, None)
-            if writer is not None:
-                writer.close()
-
-    return TrialScalars
-
-
-def _init_ray(address: str | None):
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    kwargs = dict(ignore_reinit_error=True, log_to_driver=True, logging_level=logging.WARNING)
-    # The trainable's test hooks (TUNE_RICE_TEST_*) must reach workers that a cluster started, which do
-    # not inherit this process's environment. Only when set: a job's own runtime_env stays untouched.
-    hooks = {k: v for k, v in os.environ.items() if k.startswith("TUNE_RICE_TEST_")}
-    if hooks:
-        kwargs["runtime_env"] = {"env_vars": hooks}
-    if address:
-        ray.init(address=address, **kwargs)
-        log.info("joined Ray cluster at %s", address)
-    else:
-        # A local Ray: its dashboard (if installed) listens on loopback only.
-        ray.init(dashboard_host="127.0.0.1", include_dashboard=False, **kwargs)
-
-
-def _cluster_gpus() -> tuple[float, float]:
-    """(total GPUs in the cluster, most GPUs on any one alive node)."""
-    import ray
-
-    per_node = [n.get("Resources", {}).get("GPU", 0.0) for n in ray.nodes() if n.get("Alive")]
-    return float(sum(per_node)), float(max(per_node, default=0.0))
-
-
-def _trials_at_once(cpus_per_trial: float, gpus_per_trial: float, num_samples: int) -> int:
-    """How many trials the cluster's resources hold at once now: how many Tune may keep pending.
-
-    With a searcher (and no ``max_concurrent_trials``) Tune keeps only ONE trial pending, so a trial
-    starts only once the previous one is running, and trials shorter than a worker's start-up (seconds,
-    for heads on a bank) never run side by side. A pending limit, unlike a concurrency limit, still
-    lets an autoscaling cluster grow: pending trials are what it scales for.
-    """
-    import ray
-
-    resources = ray.cluster_resources()
-    n = int(resources.get("CPU", 1.0) // cpus_per_trial)
-    if gpus_per_trial > 0:
-        n = min(n, int(resources.get("GPU", 0.0) // gpus_per_trial))
-    return max(1, min(n, num_samples))
-
-
-def _wait_for_gpus(seconds: float) -> None:
-    """Make sure a GPU node is up before GPUs are counted (a no-op when one is, or ``seconds`` is 0).
-
-    With GPU workers at ``min_workers: 0`` the cluster has no GPU when the search starts: ``auto`` would
-    then mean CPU trials and the autoscaler would never be asked for a GPU node.
-    """
-    if seconds <= 0 or _cluster_gpus()[0] > 0:
-        return
-    from ray.autoscaler.sdk import request_resources
-
-    log.info("no GPU node in the cluster: asking the autoscaler for one, waiting up to %.0fs", seconds)
-    request_resources(bundles=[{"GPU": 1}])
-    deadline = time.monotonic() + seconds
-    try:
-        while _cluster_gpus()[0] == 0:
-            if time.monotonic() > deadline:
-                raise UserError(f"--wait-for-gpus {seconds:g}: no GPU node joined the cluster in time "
-                                "(check the cluster's GPU node type and `ray status`)")
-            time.sleep(5)
-    finally:
-        request_resources(bundles=[])  # a standing request would keep the GPU node up after the search
-    log.info("a GPU node joined the cluster")
-
-
-def _resolve_gpus(value: str) -> float:
-    total, per_node = _cluster_gpus()
-    if value == "auto":
-        return DEFAULT_GPU_FRACTION if total > 0 else 0.0
-    g = float(value)
-    if g > per_node:
-        raise UserError(f"--gpus-per-trial {value}: no node has that many GPUs (the most on one node: "
-                        f"{per_node:g}, in the cluster: {total:g})")
-    return g
+def search_banks(args, specs: list[FeatureSpec], table: LabelTable,
+                 weights: dict[str, ResolvedWeights]) -> dict[str, FeatureBank] | None:
+    """The feature banks the trials train on; None with ``--feature-cache off`` (trials read the images)."""
+    if args.feature_cache != "on":
+        return None
+    return _extract_banks(specs, table, weights, use_gpu=tune_glue.cluster_gpus()[0] > 0)
 
 
 def _extract_banks(specs: list[FeatureSpec], table: LabelTable, weights: dict[str, ResolvedWeights],
@@ -393,7 +284,81 @@ def _extract_banks(specs: list[FeatureSpec], table: LabelTable, weights: dict[st
     return banks
 
 
-# --------------------------------------------------------------------------------------- after fit
+# ------------------------------------------------------------------------------------------- the tuner
+def trial_data(table: LabelTable, banks: dict[str, FeatureBank] | None, weights: dict[str, ResolvedWeights]):
+    """What every trial trains on: the banks, or (no banks) the images with the resolved weights."""
+    if banks is not None:
+        return banks
+    from .trainable import ImageSource
+
+    return ImageSource(labels_csv=str(table.csv_path), data_root=str(table.root), weights=weights)
+
+
+def make_tuner(args, paths: ExperimentPaths, space: SearchSpace, base: dict, data, gpus: float):
+    """A new Tuner (arguments saved first), or with ``--resume`` the interrupted one restored."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    max_epochs = base["epochs"]
+    trainable = tune.with_parameters(_trainable(), data=data, base=base, metric=space.metric, mode=space.mode)
+    trainable = tune.with_resources(trainable, {"cpu": args.cpus_per_trial, "gpu": gpus})
+    if args.resume:
+        if not tune.Tuner.can_restore(paths.ray_path):
+            raise UserError(f"--resume: {paths.ray_path} has no Ray Tune state to restore (did the search start?)")
+        # Tuner.restore unpickles the experiment state: point it only at your own experiments.
+        return tune.Tuner.restore(paths.ray_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    searcher = tune_glue.optuna_search_cls()(metric=space.metric, mode=space.mode, seed=args.seed, max_t=max_epochs)
+    scheduler = ASHAScheduler(metric=space.metric, mode=space.mode, time_attr="training_iteration",
+                              max_t=max_epochs, grace_period=args.grace_period,
+                              reduction_factor=args.reduction_factor)
+    run_config = tune.RunConfig(
+        name=args.name, storage_path=paths.storage, verbose=1,
+        progress_reporter=tune_glue.progress_reporter(space, paths.ray_path),
+        # Every checkpoint is kept until the search ends (then _prune_checkpoints): with num_to_keep, Tune
+        # deletes a trial's previous checkpoint before its experiment snapshot stops naming it, and a driver
+        # killed in between left a trial that --resume could only mark errored.
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=None, checkpoint_score_attribute=space.metric,
+                                                checkpoint_score_order=space.mode),
+        failure_config=tune.FailureConfig(max_failures=2),
+        callbacks=[tune_glue.tensorboard_callback_cls()()])
+    # Written only now: an input error found above (GPUs, weights, images) leaves no folder behind.
+    storage.save_args(paths.local, args)
+    if paths.remote:  # next to Ray's experiment state, so that --resume finds it anywhere
+        storage.upload(paths.local, paths.ray_path)
+    return tune.Tuner(
+        trainable, param_space=space.tune_space(),
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=args.num_samples,
+                                    max_concurrent_trials=args.max_concurrent or None,
+                                    # A trial on a bank trains in seconds; starting a fresh worker
+                                    # process (torch import) for each costs more than that.
+                                    reuse_actors=True, trial_name_creator=tune_glue.trial_name,
+                                    trial_dirname_creator=tune_glue.trial_name),
+        run_config=run_config)
+
+
+def run_trials(tuner, args, gpus: float):
+    """``tuner.fit()``, with as many trials pending as the cluster holds at once (see trials_at_once)."""
+    pending = args.max_concurrent or tune_glue.trials_at_once(args.cpus_per_trial, gpus, args.num_samples)
+    with tune_glue.env_default("TUNE_MAX_PENDING_TRIALS_PG", str(pending)):
+        return tuner.fit()
+
+
+# ------------------------------------------------------------------------------- results and the winner
+def collect_results(result_grid, space: SearchSpace, max_epochs: int, exp_dir: Path):
+    """results.csv, checkpoints pruned to each trial's best and latest; (table, the best trial's result)."""
+    df = summarize_trials(result_grid, space.metric, space.mode, max_epochs)
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    df.to_csv(exp_dir / "results.csv", index=False)
+    _prune_checkpoints(result_grid, space.metric, space.mode)
+    best = _best_result(result_grid, space.metric, space.mode)
+    if best is None:
+        first = next((r.error for r in result_grid if r.error), None)
+        reason = str(first).strip().splitlines()[-1] if first else "none"
+        raise UserError(f"all {len(df)} trials failed; first error: {reason} (details in {exp_dir})")
+    return df, best
+
+
+# ----------------------------------------------------------------------------------------- after fit
 def summarize_trials(result_grid, metric: str, mode: str, max_epochs: int) -> pd.DataFrame:
     """One row per trial: status, epochs, whether ASHA stopped it, best/last metrics, config, where."""
     rows = []
@@ -475,6 +440,56 @@ def build_best_model(result, base: dict, weights: dict[str, ResolvedWeights], me
     return Classifier(backbone, head).eval(), cfg, state, resolved
 
 
+@dataclass
+class Winner:
+    """The best trial's best checkpoint rebuilt as a full model, and what its artifact records."""
+
+    model: Classifier
+    cfg: TrialConfig
+    resolved: ResolvedWeights
+    trial_id: str
+    metrics: dict
+    best_value: float
+    classes: tuple
+
+    def save(self, folder: Path, extra_metrics: dict | None = None) -> Path:
+        return save_artifact(folder / "model.pt", self.model, classes=self.classes,
+                             preprocessing=preprocessing_spec(self.cfg.image_size), weights=self.resolved,
+                             config=self.cfg.to_dict(), metrics={**self.metrics, **(extra_metrics or {})})
+
+
+def save_winner(best, base: dict, weights: dict[str, ResolvedWeights], space: SearchSpace, table: LabelTable,
+                exp_dir: Path) -> Winner:
+    """Rebuild the winner and save best/model.pt before the test images are read: a bad test file must
+    not lose it."""
+    model, cfg, state, resolved = build_best_model(best, base, weights, space.metric, space.mode)
+    trial_id = best.metrics.get("trial_id") or Path(best.path).name
+    metrics = {"trial_id": trial_id, "best_epoch": int(state["epoch"]), space.metric: float(state["best"])}
+    winner = Winner(model, cfg, resolved, trial_id, metrics, float(state["best"]), table.classes)
+    winner.save(exp_dir / "best")
+    (exp_dir / "best" / "config.yaml").write_text(yaml.safe_dump(
+        {"trial_id": trial_id, "metric": space.metric, "best_value": winner.best_value,
+         "epoch": metrics["best_epoch"], "weights": resolved.identity, "config": cfg.to_dict()}, sort_keys=False))
+    return winner
+
+
+def score_winner(winner: Winner, table: LabelTable, exp_dir: Path) -> dict:
+    """The one read of the test split; writes test_metrics.json, the test TensorBoard run and the test
+    scores into best/model.pt. Returns what test_metrics.json holds."""
+    best_dir = exp_dir / "best"
+    try:
+        test = score_on_test(winner.model, table, winner.cfg.image_size)
+    except UserError as e:  # an unreadable test image, already reduced to one line
+        raise UserError(f"scoring the test split failed: {e}. The best model is saved at {best_dir / 'model.pt'}; "
+                        "fix or remove the file, then score it with python -m tune_rice.evaluate") from None
+    winner.save(best_dir, {"test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"]})
+    test_out = {"trial_id": winner.trial_id, "weights": winner.resolved.identity,
+                "pretrained": winner.resolved.pretrained, **test}
+    (exp_dir / "test_metrics.json").write_text(json.dumps(test_out, indent=1))
+    write_test_tensorboard(exp_dir / "test", test, winner.cfg.to_dict(), winner.trial_id)
+    return test_out
+
+
 def score_on_test(model: Classifier, table: LabelTable, image_size: int, *, device="auto",
                   batch_size: int = 64) -> dict:
     """The one read of the test split: full model on the test images (the metrics ``evaluate`` gives)."""
@@ -485,42 +500,47 @@ def score_on_test(model: Classifier, table: LabelTable, image_size: int, *, devi
 
 def write_test_tensorboard(folder: Path, test: dict, config: dict, trial_id: str) -> None:
     """A ``test`` run next to the trials: test scalars, the confusion matrix image, the best config."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from torch.utils.tensorboard import SummaryWriter
+
+    from .report import draw_confusion
 
     writer = SummaryWriter(str(folder))
     writer.add_scalar("test/acc", test["accuracy"], 0)
     writer.add_scalar("test/macro_f1", test["macro_f1"], 0)
     writer.add_scalar("test/loss", test["loss"], 0)
-    fig = confusion_figure(np.asarray(test["confusion_matrix"]), test["classes"],
-                           title=f"test confusion matrix (best trial {trial_id})")
-    writer.add_figure("test/confusion_matrix", fig, 0)
-    plt.close(fig)
+    fig = draw_confusion(test["confusion_matrix"], test["classes"],
+                         title=f"test confusion matrix (best trial {trial_id})")
+    writer.add_figure("test/confusion_matrix", fig, 0, close=False)
     text = f"best trial: {trial_id}\n\n    " + yaml.safe_dump(config, sort_keys=True).replace("\n", "\n    ")
     writer.add_text("best/config", text, 0)
     writer.close()
 
 
-def confusion_figure(cm: np.ndarray, classes, *, title: str = "confusion matrix"):
-    import matplotlib.pyplot as plt
+# ------------------------------------------------------------------------------------------- outputs
+def write_report_or_warn(exp_dir: Path) -> None:
+    from .report import write_report
 
-    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 2.5, 1.1 * len(classes) + 2))
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    top = cm.max() if cm.size else 0
-    for i in range(cm.shape[0]):
-        for j in range(cm.shape[1]):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
-                    color="white" if cm[i, j] > top / 2 else "black")
-    fig.tight_layout()
-    return fig
+    try:
+        write_report(exp_dir)
+    except UserError as e:
+        log.warning("report not written: %s", e)
+
+
+def write_outputs(paths: ExperimentPaths, df: pd.DataFrame, test: dict, space: SearchSpace, winner: Winner,
+                  clock: _Clock, result_grid, banks: dict[str, FeatureBank] | None) -> str:
+    """summary.txt and timings.json, everything copied to a URI storage path; returns the summary."""
+    seconds = clock.total()
+    summary = format_summary(df, test, metric=space.metric, exp_dir=paths.local, seconds=seconds,
+                             phases=clock.phases, weights=winner.resolved.identity, searched=space.searched)
+    (paths.local / "summary.txt").write_text(summary + "\n")
+    trial_seconds = [float(r.metrics.get("time_total_s", 0.0)) for r in result_grid if r.metrics]
+    (paths.local / "timings.json").write_text(json.dumps(
+        {"seconds": seconds, "phases": clock.phases, "trial_seconds": trial_seconds,
+         "banks": {name: {"seconds": b.seconds, "from_cache": b.from_cache, "mb": b.nbytes() / 1e6, **b.info}
+                   for name, b in (banks or {}).items()}}, indent=1))
+    if paths.remote:
+        storage.upload(paths.local, paths.ray_path)
+    return summary
 
 
 def format_summary(df: pd.DataFrame, test: dict | None, *, metric: str, exp_dir: Path, seconds: float,
@@ -549,315 +569,6 @@ def format_summary(df: pd.DataFrame, test: dict | None, *, metric: str, exp_dir:
     lines.append(f"outputs: {exp_dir}  (results.csv, best/model.pt, test_metrics.json, report/)")
     lines.append(f"tensorboard --logdir {exp_dir}   # then open http://localhost:6006")
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------------ main
-def _experiment_paths(args) -> tuple[str, Path]:
-    """(storage path for Ray, local folder for the driver's outputs)."""
-    if _is_uri(args.storage_path):
-        return args.storage_path, Path("runs").resolve() / args.name
-    storage = Path(args.storage_path).expanduser().resolve()  # trials change directory: absolute paths
-    return str(storage), storage / args.name
-
-
-def _save_args(exp_dir: Path, args) -> None:
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    # --resume may run from another working directory: keep paths absolute.
-    if args.data is not None:
-        args.data = str(Path(args.data).expanduser().resolve())
-    if args.data_root is not None:
-        args.data_root = str(Path(args.data_root).expanduser().resolve())
-    if Path(args.search_space).expanduser().is_file():
-        args.search_space = str(Path(args.search_space).expanduser().resolve())
-    if args.weights not in ("auto", "imagenet", "none") and Path(args.weights).expanduser().is_file():
-        args.weights = str(Path(args.weights).expanduser().resolve())
-    keep = {k: v for k, v in vars(args).items() if k not in ("resume", "verbose", "address")}
-    (exp_dir / ARGS_FILE).write_text(json.dumps(keep, indent=1))
-
-
-def _restore_args(exp_dir: Path, args) -> None:
-    saved = json.loads((exp_dir / ARGS_FILE).read_text())
-    for key, value in saved.items():
-        if key not in ("name", "storage_path"):
-            setattr(args, key, value)
-
-
-def run_search(args) -> dict:
-    """The whole search; returns a dict of what it produced (used by tests and benchmarks)."""
-    t_start = time.perf_counter()
-    phases: dict[str, float] = {}
-    if not args.name:
-        args.name = "search-" + datetime.now().strftime("%Y%m%d-%H%M%S")
-    storage, exp_dir = _experiment_paths(args)
-    ray_exp_path = f"{storage.rstrip('/')}/{args.name}"
-    if args.resume:
-        if _is_uri(args.storage_path) and not (exp_dir / ARGS_FILE).is_file():
-            _fetch_args(exp_dir, ray_exp_path)
-        if not (exp_dir / ARGS_FILE).is_file():
-            raise UserError(f"--resume: no experiment {args.name!r} under {args.storage_path} "
-                            f"({exp_dir / ARGS_FILE} not found)")
-        _restore_args(exp_dir, args)
-        uri = _is_uri(args.storage_path)
-
-        def finished_file(name: str) -> bytes | None:  # from the local folder, else from the storage URI
-            local = exp_dir / name
-            return local.read_bytes() if local.is_file() else (_remote_read(ray_exp_path, name) if uri else None)
-
-        if finished_file("test_metrics.json") is not None:
-            # Finished already: the test split was scored once; scoring it again would break that promise.
-            where = ray_exp_path if uri else exp_dir
-            summary = finished_file("summary.txt")
-            print(summary.decode() if summary else f"{where}: finished", flush=True)
-            raise UserError(f"--resume: {args.name!r} already finished (test split scored, results in {where}); "
-                            "nothing to resume")
-        log.info("resuming %s with its original arguments", exp_dir)
-    elif exp_dir.exists() and any(exp_dir.iterdir()):
-        raise UserError(f"{exp_dir} already exists: pass --resume to continue it, or another --name")
-    elif _is_uri(args.storage_path) and _remote_exists(ray_exp_path):
-        # Another job (or machine) ran this name: a new search would write into its experiment.
-        raise UserError(f"{ray_exp_path} already exists: pass --resume to continue it, or another --name")
-
-    space: SearchSpace = load_search_space(args.search_space)
-    max_epochs = args.max_epochs or space.max_epochs or 10
-    if args.grace_period > max_epochs:
-        raise UserError(f"--grace-period {args.grace_period} is more than the {max_epochs} epochs per trial")
-    t = time.perf_counter()
-    labels_csv = resolve_data(args.data)
-    table = read_labels_checked(labels_csv, args.data_root)
-    for split in ("train", "valid", "test"):
-        if table.split(split).empty:
-            raise UserError(f"{labels_csv}: the {split} split is empty")
-    phases["data"] = time.perf_counter() - t
-
-    _init_ray(args.address)
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
-    _wait_for_gpus(args.wait_for_gpus)
-    gpus = _resolve_gpus(args.gpus_per_trial)
-    specs = space.feature_specs(seed=args.seed)
-    weights = {b: resolve_weights(b, args.weights, seed=args.seed) for b in {s.backbone for s in specs}}
-    t = time.perf_counter()
-    banks = None
-    if args.feature_cache == "on":
-        banks = _extract_banks(specs, table, weights, use_gpu=_cluster_gpus()[0] > 0)
-    phases["extract"] = time.perf_counter() - t
-
-    base = {"epochs": max_epochs, "seed": args.seed}
-    trainable = tune.with_parameters(
-        _trainable(), banks=banks, labels_csv=str(table.csv_path) if banks is None else None,
-        data_root=str(table.root) if banks is None else None,
-        weights=weights if banks is None else None, base=base, metric=space.metric, mode=space.mode)
-    trainable = tune.with_resources(trainable, {"cpu": args.cpus_per_trial, "gpu": gpus})
-    searcher = _optuna_search_cls()(metric=space.metric, mode=space.mode, seed=args.seed, max_t=max_epochs)
-    scheduler = ASHAScheduler(metric=space.metric, mode=space.mode, time_attr="training_iteration",
-                              max_t=max_epochs, grace_period=args.grace_period,
-                              reduction_factor=args.reduction_factor)
-    run_config = tune.RunConfig(
-        name=args.name, storage_path=storage, verbose=1, progress_reporter=_progress_reporter(space, ray_exp_path),
-        # Every checkpoint is kept until the search ends (then _prune_checkpoints): with num_to_keep, Tune
-        # deletes a trial's previous checkpoint before its experiment snapshot stops naming it, and a driver
-        # killed in between left a trial that --resume could only mark errored.
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=None, checkpoint_score_attribute=space.metric,
-                                                checkpoint_score_order=space.mode),
-        failure_config=tune.FailureConfig(max_failures=2),
-        callbacks=[_tensorboard_callback_cls()()])
-    t = time.perf_counter()
-    if args.resume:
-        if not tune.Tuner.can_restore(ray_exp_path):
-            raise UserError(f"--resume: {ray_exp_path} has no Ray Tune state to restore (did the search start?)")
-        # Tuner.restore unpickles the experiment state: point it only at your own experiments.
-        tuner = tune.Tuner.restore(ray_exp_path, trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True)
-    else:
-        # Written only now: an input error found above (GPUs, weights, images) leaves no folder behind.
-        _save_args(exp_dir, args)
-        if _is_uri(args.storage_path):  # next to Ray's experiment state, so that --resume finds it anywhere
-            _upload(exp_dir, ray_exp_path)
-        tuner = tune.Tuner(
-            trainable, param_space=space.tune_space(),
-            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=args.num_samples,
-                                        max_concurrent_trials=args.max_concurrent or None,
-                                        # A trial on a bank trains in seconds; starting a fresh worker
-                                        # process (torch import) for each costs more than that.
-                                        reuse_actors=True,
-                                        trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
-            run_config=run_config)
-    pending = args.max_concurrent or _trials_at_once(args.cpus_per_trial, gpus, args.num_samples)
-    with _env_default("TUNE_MAX_PENDING_TRIALS_PG", str(pending)):
-        result_grid = tuner.fit()
-    phases["trials"] = time.perf_counter() - t
-
-    df = summarize_trials(result_grid, space.metric, space.mode, max_epochs)
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    df.to_csv(exp_dir / "results.csv", index=False)
-    _prune_checkpoints(result_grid, space.metric, space.mode)
-    best = _best_result(result_grid, space.metric, space.mode)
-    if best is None:
-        first = next((r.error for r in result_grid if r.error), None)
-        raise UserError(f"all {len(df)} trials failed; first error: {str(first).strip().splitlines()[-1] if first else 'none'}"
-                        f" (details in {exp_dir})")
-    t = time.perf_counter()
-    model, cfg, state, resolved = build_best_model(best, base, weights, space.metric, space.mode)
-    best_dir = exp_dir / "best"
-    best_id = best.metrics.get("trial_id") or Path(best.path).name
-    trial_config = cfg.to_dict()
-    metrics = {"trial_id": best_id, "best_epoch": int(state["epoch"]), space.metric: float(state["best"])}
-
-    def save_best(extra: dict) -> None:
-        save_artifact(best_dir / "model.pt", model, classes=table.classes,
-                      preprocessing=preprocessing_spec(cfg.image_size), weights=resolved, config=trial_config,
-                      metrics={**metrics, **extra})
-
-    save_best({})  # before the test images are read: a bad test file must not lose the winner
-    try:
-        test = score_on_test(model, table, cfg.image_size)
-    except UserError as e:  # an unreadable test image, already reduced to one line
-        raise UserError(f"scoring the test split failed: {e}. The best model is saved at {best_dir / 'model.pt'}; "
-                        "fix or remove the file, then score it with python -m tune_rice.evaluate") from None
-    save_best({"test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"]})
-    (best_dir / "config.yaml").write_text(yaml.safe_dump(
-        {"trial_id": best_id, "metric": space.metric, "best_value": float(state["best"]), "epoch": int(state["epoch"]),
-         "weights": resolved.identity, "config": trial_config}, sort_keys=False))
-    test_out = {"trial_id": best_id, "weights": resolved.identity, "pretrained": resolved.pretrained, **test}
-    (exp_dir / "test_metrics.json").write_text(json.dumps(test_out, indent=1))
-    write_test_tensorboard(exp_dir / "test", test, trial_config, best_id)
-    phases["test"] = time.perf_counter() - t
-    if not args.no_report:
-        t = time.perf_counter()
-        try:
-            from .report import write_report
-
-            write_report(exp_dir)
-        except UserError as e:
-            log.warning("report not written: %s", e)
-        phases["report"] = time.perf_counter() - t
-    seconds = time.perf_counter() - t_start
-    summary = format_summary(df, test, metric=space.metric, exp_dir=exp_dir, seconds=seconds, phases=phases,
-                             weights=resolved.identity, searched=space.searched)
-    (exp_dir / "summary.txt").write_text(summary + "\n")
-    trial_seconds = [float(r.metrics.get("time_total_s", 0.0)) for r in result_grid if r.metrics]
-    (exp_dir / "timings.json").write_text(json.dumps(
-        {"seconds": seconds, "phases": phases, "trial_seconds": trial_seconds,
-         "banks": {name: {"seconds": b.seconds, "from_cache": b.from_cache, "mb": b.nbytes() / 1e6, **b.info}
-                   for name, b in (banks or {}).items()}}, indent=1))
-    if _is_uri(args.storage_path):
-        _upload(exp_dir, ray_exp_path)
-    print("\n" + summary, flush=True)
-    return {"exp_dir": exp_dir, "results": df, "test": test_out, "phases": phases, "seconds": seconds,
-            "banks": banks, "best_trial": best_id}
-
-
-def _upload(local: Path, uri: str) -> None:
-    import pyarrow.fs
-
-    fs, path = _storage_fs(uri)
-    fs.create_dir(path, recursive=True)  # object stores need no folders; file systems (file://) do
-    for name in ("results.csv", "test_metrics.json", "summary.txt", "timings.json", ARGS_FILE, "best", "test",
-                 "report"):
-        src = local / name
-        if src.exists():
-            if src.is_dir():
-                fs.create_dir(f"{path}/{name}", recursive=True)
-            pyarrow.fs.copy_files(str(src), f"{path}/{name}", source_filesystem=pyarrow.fs.LocalFileSystem(),
-                                  destination_filesystem=fs)
-    log.info("outputs copied to %s", uri)
-
-
-def _storage_fs(uri: str):
-    """(pyarrow file system, path) for a URI storage path; a URI it cannot open is a UserError."""
-    import pyarrow
-    import pyarrow.fs
-
-    try:
-        return pyarrow.fs.FileSystem.from_uri(uri)
-    except (pyarrow.ArrowInvalid, pyarrow.ArrowNotImplementedError, OSError, ValueError) as e:
-        raise UserError(f"--storage-path: cannot open {uri} ({e})") from None
-
-
-def _remote_read(uri: str, name: str) -> bytes | None:
-    """The file ``name`` under the experiment ``uri``, or None when it is not there. Any other failure
-    (credentials, permissions, network) is a UserError: "not there" would mislead."""
-    import pyarrow.fs
-
-    fs, path = _storage_fs(uri)
-    try:
-        if fs.get_file_info(f"{path}/{name}").type == pyarrow.fs.FileType.NotFound:
-            return None
-        with fs.open_input_stream(f"{path}/{name}") as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise UserError(f"--storage-path: cannot read {uri}/{name} ({e})") from None
-
-
-def _remote_exists(uri: str) -> bool:
-    """Whether the experiment ``uri`` holds anything (an object store has no empty folders)."""
-    import pyarrow.fs
-
-    fs, path = _storage_fs(uri)
-    try:
-        info = fs.get_file_info(path)
-        if info.type != pyarrow.fs.FileType.Directory:
-            return info.type != pyarrow.fs.FileType.NotFound
-        return bool(fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True)))
-    except OSError as e:
-        raise UserError(f"--storage-path: cannot list {uri} ({e})") from None
-
-
-def _fetch_args(exp_dir: Path, uri: str) -> None:
-    """``--resume`` with a URI storage path from another machine or job (``ray job submit`` runs each job
-    in a fresh working directory): bring ``search_args.json`` back from the storage path."""
-    data = _remote_read(uri, ARGS_FILE)
-    if data is not None:
-        exp_dir.mkdir(parents=True, exist_ok=True)
-        (exp_dir / ARGS_FILE).write_bytes(data)
-
-
-@contextlib.contextmanager
-def _env_default(name: str, value: str):
-    """Set environment variable ``name`` for the duration, unless the user has set it."""
-    if name in os.environ:
-        yield
-        return
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        os.environ.pop(name, None)
-
-
-def _progress_reporter(space: SearchSpace, results: str):
-    """Ray's trial status table with the columns that matter, and nothing per trial.
-
-    Ray heads the table with ``Result logdir: <its staging folder under /tmp/ray>``, where nothing of the
-    search is kept; that line names ``results`` (the experiment folder or URI) instead.
-
-    Ray's newer console output (``RAY_AIR_NEW_OUTPUT=1``) adds a config box when each trial starts and
-    a box of every metric when it ends: about 40 lines a trial, which buries the status table. The
-    classic reporter prints the table alone. Each improvement forces an experiment snapshot (we keep
-    one checkpoint per trial), which Ray would otherwise warn about on every fast trial.
-    """
-    from ray import tune
-
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    metrics = {"training_iteration": "epochs", space.metric: space.metric}
-    for key in ("valid/acc", "valid/loss"):
-        metrics.setdefault(key, key)
-
-    class Reporter(tune.CLIReporter):
-        def _print(self, msg: str):
-            super()._print("\n".join(f"Results: {results}" if line.startswith("Result logdir: ") else line
-                                     for line in msg.splitlines()))
-
-    return Reporter(metric_columns=metrics, parameter_columns=space.searched, metric=space.metric,
-                    mode=space.mode, max_report_frequency=30, max_column_length=16)
-
-
-def _trial_name(trial) -> str:
-    return f"trial_{trial.trial_id}"
 
 
 def _trainable():

@@ -10,6 +10,7 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -19,6 +20,7 @@ from ray import tune
 from .data import read_labels
 from .engine import HeadRun, TrialConfig
 from .features import FeatureBank
+from .model import ResolvedWeights
 
 CHECKPOINT_FILE = "state.pt"
 # Test-only hook: a trial whose config has lr above this value raises at its second epoch, so that
@@ -27,6 +29,21 @@ CRASH_ENV = "TUNE_RICE_TEST_CRASH_LR_ABOVE"
 # Test-only hook: sleep this many seconds per epoch, so that tests can interrupt a search mid-way or
 # make trials outlast a worker's start-up (spreading them over nodes) without large data.
 EPOCH_SLEEP_ENV = "TUNE_RICE_TEST_EPOCH_SECONDS"
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """A trial's data when there are no banks (``--feature-cache off``, the reference path): the images
+    listed in ``labels_csv`` (relative to ``data_root``, default its folder) and, per backbone name, the
+    weights resolved when the search started."""
+
+    labels_csv: str
+    data_root: str | None
+    weights: dict[str, ResolvedWeights]
+
+
+# A trial's data: the feature banks by FeatureSpec name (the fast path), or the images themselves.
+TrialData = dict[str, FeatureBank] | ImageSource
 
 
 def _better(value: float, best: float | None, mode: str) -> bool:
@@ -40,26 +57,28 @@ def trial_device() -> str:
     return "cpu"
 
 
-def train_head(config: dict, *, banks: dict[str, FeatureBank] | None = None, labels_csv: str | None = None,
-               data_root: str | None = None, weights: dict | None = None, base: dict | None = None,
-               metric: str = "valid/acc", mode: str = "max") -> None:
+def start_run(cfg: TrialConfig, data: TrialData, device: str) -> HeadRun:
+    """The trial's HeadRun on its bank, or on the images (decoded by the CPUs Ray gave it, less one)."""
+    if isinstance(data, ImageSource):
+        cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
+        return HeadRun(cfg, table=read_labels(data.labels_csv, root=data.data_root),
+                       weights=data.weights[cfg.backbone], device=device, num_workers=max(0, cpus - 1))
+    return HeadRun(cfg, bank=data[cfg.feature_spec().name], device=device)
+
+
+def train_head(config: dict, *, data: TrialData, base: dict | None = None, metric: str = "valid/acc",
+               mode: str = "max") -> None:
     """Train one trial for ``epochs`` epochs, reporting every epoch and checkpointing improvements.
 
-    ``banks`` maps a FeatureSpec name to its bank (the fast path); with ``banks=None`` the trial trains
-    the full model on the images listed in ``labels_csv`` (relative to ``data_root``, default its folder;
-    ``--feature-cache off``, the reference path),
-    with ``weights`` mapping a backbone name to its resolved weights.
+    ``data``: the feature banks by FeatureSpec name, or an :class:`ImageSource` (the full model on the
+    images, the reference path). ``base`` holds the settings every trial shares (epochs, seed).
     """
     # Ray logs "Checkpoint successfully created at ..." at INFO for every checkpoint of every trial, and
     # forwards it to the driver's console; the status table already says what each trial is doing.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     cfg = TrialConfig.from_dict({**(base or {}), **config})
     device = trial_device()
-    if banks is not None:
-        run = HeadRun(cfg, bank=banks[cfg.feature_spec().name], device=device)
-    else:
-        run = HeadRun(cfg, table=read_labels(labels_csv, root=data_root), weights=weights[cfg.backbone], device=device,
-                      num_workers=max(0, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)) - 1))
+    run = start_run(cfg, data, device)
     best = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
