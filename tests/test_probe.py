@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from tune_rice import UserError
-from tune_rice.engine import (CVHeadRun, HeadRun, HeadStack, TrialConfig, make_criterion, make_optimizer,
-                              pooled_bank, refit_pooled)
+from tune_rice.engine import CVHeadRun, HeadStack, TrialConfig, fold_heads, make_criterion, make_optimizer
 from tune_rice.model import build_head
 from tune_rice.probe import (bank_folds, fit_logistic, fit_probe, fold_split, pooled_view0, probe_bank,
                              probe_bank_cv, resolve_folds, standardize, wilson_interval)
@@ -163,19 +162,12 @@ def test_cv_run_resume_matches_an_uninterrupted_run():
     again = CVHeadRun(cfg, bank=bank, folds=folds, device="cpu")
     again.load_state_dict(state)
     assert [again.step() for _ in range(2)] == expected[2:]
-
-
-def test_refit_pooled_is_the_config_trained_on_train_plus_valid():
-    bank = synthetic_bank(n_train=40, n_valid=20, d=8)
-    cfg = TrialConfig(hidden=8, epochs=5, batch_size=8)
-    head = refit_pooled(cfg, bank, epochs=3)
-    pooled = pooled_bank(bank)
-    assert len(pooled.splits["train"]) == 60
-    run = HeadRun(cfg, bank=pooled, device="cpu")
-    for _ in range(3):
-        run.train_epoch()
-    for a, b in zip(head.state_dict().values(), run.head.state_dict().values()):
-        assert torch.equal(a, b)
+    # the checkpoint's fold heads, as the search rebuilds them for the deployed model
+    heads = fold_heads(again.state_dict(), cfg, n_classes=3)
+    assert len(heads) == 3
+    for f, head in enumerate(heads):
+        for a, b in zip(head.state_dict().values(), again.fold_head(f).state_dict().values()):
+            assert torch.equal(a, b)
 
 
 # ------------------------------------------------------------------------------------------ image families

@@ -305,8 +305,7 @@ class HeadRun:
             self.model = self.head.to(self.device)
             self.train_batches = BankBatches(bank.splits["train"], batch_size=cfg.batch_size, train=True,
                                              seed=cfg.seed, device=self.device)
-            self.valid_batches = BankBatches(bank.splits["valid"], batch_size=512, train=False, device=self.device) \
-                if "valid" in bank.splits else None  # a refit on train+valid pooled has none
+            self.valid_batches = BankBatches(bank.splits["valid"], batch_size=512, train=False, device=self.device)
             counts = np.bincount(bank.splits["train"].targets, minlength=n_classes)
         else:
             self.classes = table.classes
@@ -520,7 +519,7 @@ class CVHeadRun:
     out-of-fold scores over all N pooled images (so ``valid/acc`` is the size-weighted mean of the
     fold accuracies); ``valid/acc_sd``, ``_min`` and ``_max`` are the spread over the K folds.
     Each head is standardised with its own training images' statistics. The deployed model of a CV
-    trial is not one of these heads: see :func:`refit_pooled`.
+    trial is its K fold heads averaged (``final.Candidate``), chosen on these out-of-fold scores.
     """
 
     def __init__(self, cfg: TrialConfig, *, bank: FeatureBank, folds: np.ndarray,
@@ -630,22 +629,14 @@ class CVHeadRun:
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
 
 
-def pooled_bank(bank: FeatureBank) -> FeatureBank:
-    """``bank`` with valid merged into train (valid images' one view repeated to the train view count),
-    its statistics recomputed on the pooled view 0: what a CV search's deployed model is trained on."""
-    train, valid = bank.splits["train"], bank.splits["valid"]
-    k = train.features.shape[1]
-    features = np.concatenate([train.features, np.repeat(valid.features[:, :1], k, axis=1)])  # (N, K, D)
-    split = SplitFeatures(features, np.concatenate([train.targets, valid.targets]), train.paths + valid.paths)
-    x0 = features[:, 0].astype(np.float32)
-    return dataclasses.replace(bank, splits={"train": split}, mean=x0.mean(0), std=x0.std(0))
-
-
-def refit_pooled(cfg: TrialConfig, bank: FeatureBank, *, epochs: int, device: str | torch.device = "cpu"):
-    """The deployed head of a cross-validated trial: its configuration trained on train+valid pooled
-    for ``epochs`` epochs (the epoch its out-of-fold metric peaked; the learning-rate schedule is the
-    trial's, over ``cfg.epochs``, stopped there). Same seed, so the same call gives the same head."""
-    run = HeadRun(cfg, bank=pooled_bank(bank), device=device)
-    for _ in range(int(epochs)):
-        run.train_epoch()
-    return run.head.eval()
+def fold_heads(state: dict, cfg: TrialConfig, *, n_classes: int) -> list[nn.Module]:
+    """The K fold heads of a cross-validated trial's checkpoint (``CVHeadRun.state_dict()``), as plain
+    heads: together, averaged, they are the trial's deployed model."""
+    params, buffers = state["stack"]["params"], state["stack"]["buffers"]
+    k, in_dim = buffers["mean"].shape
+    heads = []
+    for f in range(k):
+        head = build_head(cfg.head, in_dim=int(in_dim), n_classes=n_classes, hidden=cfg.hidden, dropout=cfg.dropout)
+        head.load_state_dict({**{n: p[f] for n, p in params.items()}, **{n: b[f] for n, b in buffers.items()}})
+        heads.append(head.eval())
+    return heads

@@ -329,3 +329,15 @@ def write_probe_tensorboard(folder, probes: dict[str, ProbeResult], *, max_epoch
         how = f"{result.folds}-fold CV on train+valid" if result.folds else "valid"
         writer.add_text(f"probe{suffix}", f"linear probe on {name}, C={result.C:g} chosen on {how}\n\n{rows}", 0)
     writer.close()
+
+
+def fit_probes(banks: dict[str, FeatureBank], *, metric: str, folds: np.ndarray | None = None
+               ) -> dict[str, ProbeResult]:
+    """The probe on every bank of a search: C chosen on valid, or with ``folds`` (one per pooled
+    train+valid image, the same for every bank: they list the same images) by cross-validation and
+    refitted on train+valid."""
+    key = metric_key(metric)
+    out = {}
+    for name, bank in banks.items():
+        out[name] = probe_bank_cv(bank, folds, metric=key) if folds is not None else probe_bank(bank, metric=key)
+    return out
