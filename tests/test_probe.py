@@ -199,3 +199,27 @@ def test_probe_and_folds_on_generated_images(tmp_path, family):
     assert len(set(folds)) == 3
     cv = probe_bank_cv(bank, folds)
     assert cv.valid["count"] == len(paths) and 0 <= cv.valid["acc"] <= 1
+
+
+# ------------------------------------------------------------------------------------------ report
+@pytest.mark.parametrize("probe_value, beaten", [(0.70, True), (0.80, False)])
+def test_report_puts_the_probe_beside_the_best_trial(tmp_path, probe_value, beaten):
+    import pandas as pd
+
+    from tune_rice.report import load_experiment, write_report
+
+    rows = [{"kind": "trial", "trial_id": "t1", "status": "TERMINATED", "best/valid/acc": 0.75, "best_epoch": 3,
+             "epochs": 4, "valid_count": 40, "config/lr": 0.01},
+            {"kind": "trial", "trial_id": "t2", "status": "TERMINATED", "best/valid/acc": 0.6, "best_epoch": 2,
+             "epochs": 4, "valid_count": 40, "config/lr": 0.1},
+            {"kind": "probe", "trial_id": "probe:bank", "status": "PROBE", "best/valid/acc": probe_value,
+             "valid_count": 40, "cv_folds": 0, "config/C": 0.1}]
+    pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
+    exp = load_experiment(tmp_path)
+    assert list(exp.results["trial_id"]) == ["t1", "t2"] and list(exp.probes["trial_id"]) == ["probe:bank"]
+    text = write_report(tmp_path).read_text()
+    assert "trials: 2:" in text
+    assert f"linear probe baseline (`probe:bank`, C=0.1, C chosen on valid): valid/acc {probe_value:.4f}" in text
+    assert "valid acc 0.750 on 40 [0.60, 0.86]" in text  # the best trial's size and interval
+    assert ("the search beat the linear probe" in text) == beaten
+    assert ("did NOT beat the linear probe on valid/acc: 0.75 vs 0.8" in text) == (not beaten)

@@ -305,12 +305,11 @@ def search_beats_probe(trial_value: float | None, probe_value: float, mode: str)
 
 
 def probe_verdict(trial_value: float | None, probe_value: float, *, metric: str, mode: str) -> str:
-    """One plain line: did the search beat the probe on valid, and which one is deployed."""
+    """One plain line: did the search's best trial beat the probe on valid."""
     if search_beats_probe(trial_value, probe_value, mode):
-        return (f"the search beat the linear probe on {metric} ({trial_value:.4g} vs {probe_value:.4g}): "
-                "the best trial is deployed")
+        return f"the search beat the linear probe on {metric}: {trial_value:.4g} vs {probe_value:.4g}"
     shown = "no trial finished" if trial_value is None else f"{trial_value:.4g} vs {probe_value:.4g}"
-    return f"the search did NOT beat the linear probe on {metric} ({shown}): the probe is deployed"
+    return f"the search did NOT beat the linear probe on {metric}: {shown}"
 
 
 def write_probe_tensorboard(folder, probes: dict[str, ProbeResult], *, max_epochs: int) -> None:

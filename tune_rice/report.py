@@ -69,6 +69,7 @@ class Experiment:
     test: dict | None = None
     histories: dict = field(default_factory=dict)  # trial_id -> progress.csv frame
     final: dict | None = None  # final.json: how the deployed model was chosen and calibrated on valid
+    probes: pd.DataFrame = field(default_factory=pd.DataFrame)  # results.csv rows of kind "probe"
 
     @property
     def key(self) -> str:
@@ -166,6 +167,10 @@ def load_experiment(exp_dir: str | os.PathLike) -> Experiment:
         raise UserError(f"{csv}: not a readable CSV ({e})") from None
     if results.empty or "trial_id" not in results:
         raise UserError(f"{csv}: no trials in it")
+    probes = pd.DataFrame()
+    if "kind" in results:  # the linear-probe baseline has rows of its own kind; the rest are trials
+        probes = results[results["kind"] == "probe"].reset_index(drop=True)
+        results = results[results["kind"] != "probe"].reset_index(drop=True)
     args = _read_json(exp_dir / "search_args.json") or {}
     space = None
     if args.get("search_space"):
@@ -184,7 +189,8 @@ def load_experiment(exp_dir: str | os.PathLike) -> Experiment:
         ran = pd.to_numeric(results.get("epochs"), errors="coerce") if "epochs" in results else None
         max_epochs = 10 if space is not None or ran is None or ran.isna().all() else int(ran.max())
     exp = Experiment(exp_dir, results, metric, mode, int(max_epochs), space, args,
-                     _read_json(exp_dir / "test_metrics.json"), final=_read_json(exp_dir / "final.json"))
+                     _read_json(exp_dir / "test_metrics.json"), final=_read_json(exp_dir / "final.json"),
+                     probes=probes)
     if exp.key in results:
         exp.results = results.sort_values(exp.key, ascending=(mode == "min"), na_position="last",
                                           kind="stable").reset_index(drop=True)
@@ -661,6 +667,33 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _valid_size(row) -> str:
+    """`` (valid acc 0.800 on 45 [0.66, 0.89])``: the size and 95% interval behind a valid figure."""
+    from .probe import format_accuracy
+
+    n, acc = row.get("valid_count"), row.get("best/valid/acc")
+    if n is None or acc is None or pd.isna(n) or pd.isna(acc):
+        return ""
+    return f" (valid acc {format_accuracy(float(acc), int(n))})"
+
+
+def probe_lines(exp: Experiment) -> list[str]:
+    """The linear-probe baseline beside the best trial, and plainly whether the search beat it."""
+    from .probe import probe_verdict
+
+    if exp.probes.empty or exp.key not in exp.probes:
+        return []
+    sign = 1 if exp.mode == "max" else -1
+    best = exp.probes.loc[(sign * exp.probes[exp.key]).idxmax()]
+    how = f"C by {int(best['cv_folds'])}-fold CV on train+valid" if best.get("cv_folds") else "C chosen on valid"
+    lines = [f"- linear probe baseline (`{best['trial_id']}`, C={best['config/C']:g}, {how}): "
+             f"{exp.metric} {best[exp.key]:.4f}" + _valid_size(best)]
+    trials = exp.results[exp.key].dropna() if exp.key in exp.results else pd.Series(dtype=float)
+    top = (trials.max() if exp.mode == "max" else trials.min()) if len(trials) else None
+    lines.append(f"- {probe_verdict(top, float(best[exp.key]), metric=exp.metric, mode=exp.mode)}")
+    return lines
+
+
 def top_table(exp: Experiment, n: int = TOP_TABLE) -> pd.DataFrame:
     df = exp.results.head(n)
     out = pd.DataFrame({"rank": range(1, len(df) + 1), "trial": df["trial_id"].to_numpy()})
@@ -698,7 +731,9 @@ def write_report(exp_dir: str | os.PathLike) -> Path:
     if exp.key in df and df[exp.key].notna().any():
         best = df.iloc[0]
         epoch = f" at epoch {int(best['best_epoch'])}" if pd.notna(best.get("best_epoch")) else ""
-        md.append(f"- best trial: `{best['trial_id']}`, {exp.metric} {best[exp.key]:.4f}{epoch}")
+        md.append(f"- best trial: `{best['trial_id']}`, {exp.metric} {best[exp.key]:.4f}{epoch}"
+                  + _valid_size(best))
+    md += probe_lines(exp)
     if exp.test:
         t = exp.test
         scored = (f"the deployed ensemble of {len(t['members'])} heads" if t.get("deployed") == "ensemble"
