@@ -324,3 +324,39 @@ def test_family_names_and_cli(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "bad").exists()
     assert demo.main(["--help"]) == 0
     assert "scans" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------- kinds of copy
+def test_copy_image_makes_each_kind(tmp_path):
+    import io
+
+    rng = np.random.default_rng(3)
+    for family in ("field", "scans"):
+        arr, _ = demo.render_image("BrownSpot", 1, size=96, family=family)
+        im = Image.fromarray(arr)
+        grey = np.asarray(im.convert("L"), dtype=np.float64)
+        for kind in demo.COPY_KINDS:
+            data, how = demo.copy_image(im, kind, rng)
+            with Image.open(io.BytesIO(data)) as c:
+                assert c.format == "JPEG" and c.mode == im.mode, (family, kind)
+                c.load()
+                out = np.asarray(c.convert("L"), dtype=np.float64)
+            w, h = c.size
+            if kind in ("jpeg", "brightness", "shift", "flip", "rotate"):
+                assert (w, h) == (96, 96), (kind, how)
+            if kind == "resize":
+                f = float(how[1:])
+                assert 0.5 <= f <= 2 and abs(w - 96 * f) <= 1, how
+            if kind == "crop":
+                assert 96 * 0.8 - 1 <= w <= 96 and 96 * 0.8 - 1 <= h <= 96 and (w, h) != (96, 96), how
+            if kind == "flip":  # an exact mirror, up to JPEG noise
+                ref = grey[:, ::-1] if how == "flip-h" else grey[::-1]
+                assert np.abs(out - ref).mean() < 4, how
+            if kind == "rotate":
+                k = int(how[3:]) // 90
+                assert np.abs(out - np.rot90(grey, k)).mean() < 4, how
+            if kind == "shift":  # the uncovered edge is black
+                assert out[:, :1].mean() < 30 or out[:, -1:].mean() < 30 or out[:1].mean() < 30 \
+                    or out[-1:].mean() < 30, how
+    with pytest.raises(UserError, match="unknown kind of copy 'blur'"):
+        demo.copy_image(im, "blur", rng)

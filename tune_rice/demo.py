@@ -575,6 +575,54 @@ def _near_duplicate(original: bytes, rng: np.random.Generator, quality: int) -> 
     return _jpeg(im, q), "+".join(how)
 
 
+# The kinds of copy public image sets hold beside their originals (often shipped pre-augmented), as
+# made by :func:`copy_image`; the near-duplicate check must group each with its source.
+COPY_KINDS = ("jpeg", "resize", "brightness", "crop", "shift", "flip", "rotate")
+
+
+def copy_image(image: Image.Image, kind: str, rng: np.random.Generator) -> tuple[bytes, str]:
+    """One copy of ``image`` of the given kind, as JPEG bytes, and how it was made.
+
+    ``jpeg``: re-encoded at quality 50-95; ``resize``: 0.5-2x; ``brightness``: brightness and contrast
+    each x0.85-1.15; ``crop``: up to 10% off each side (kept at the cropped size); ``shift``: moved up
+    to 4% of the width and height, the edge filled black; ``flip``: horizontal or vertical;
+    ``rotate``: 90, 180 or 270 degrees. All but ``jpeg`` are saved at quality 90.
+    """
+    im = image.convert("L" if image.mode == "L" else "RGB")
+    W, H = im.size
+    quality = 90
+    if kind == "jpeg":
+        quality = int(rng.integers(50, 96))
+        how = f"q{quality}"
+    elif kind == "resize":
+        f = float(np.exp(rng.uniform(np.log(0.5), np.log(2.0))))
+        im = im.resize((max(8, round(W * f)), max(8, round(H * f))), Image.Resampling.BICUBIC)
+        how = f"x{f:.2f}"
+    elif kind == "brightness":
+        b, c = rng.uniform(0.85, 1.15, size=2)
+        im = ImageEnhance.Contrast(ImageEnhance.Brightness(im).enhance(b)).enhance(c)
+        how = f"brightness{b:.2f}+contrast{c:.2f}"
+    elif kind == "crop":
+        left, top, right, bottom = rng.uniform(0, 0.10, size=4)
+        im = im.crop((round(left * W), round(top * H), W - round(right * W), H - round(bottom * H)))
+        how = f"crop{left:.2f},{top:.2f},{right:.2f},{bottom:.2f}"
+    elif kind == "shift":
+        dx, dy = rng.uniform(-0.04, 0.04, size=2) * (W, H)
+        im = im.transform(im.size, Image.Transform.AFFINE, (1, 0, -dx, 0, 1, -dy), Image.Resampling.BILINEAR)
+        how = f"shift{dx:+.0f},{dy:+.0f}px"
+    elif kind == "flip":
+        horizontal = bool(rng.random() < 0.5)
+        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT if horizontal else Image.Transpose.FLIP_TOP_BOTTOM)
+        how = "flip-h" if horizontal else "flip-v"
+    elif kind == "rotate":
+        k = int(rng.integers(1, 4))
+        im = im.transpose((Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270)[k - 1])
+        how = f"rot{90 * k}"
+    else:
+        raise UserError(f"unknown kind of copy {kind!r}; valid: {', '.join(COPY_KINDS)}")
+    return _jpeg(im, quality), how
+
+
 def _render_job(job: _Job, size: int, seed: int, family: str = DEFAULT_FAMILY) -> tuple[str, bytes, str]:
     """(relative path, JPEG bytes, how it was made) for one file."""
     if job.source is None:
