@@ -287,3 +287,34 @@ def test_the_deployed_model_on_images_is_the_choice_made_on_bank_logits(tiny_can
         assert record["ensemble"]["calibration"]["after"]["nll"] == pytest.approx(
             final.nll(ensemble.double().numpy(), yt), abs=1e-4)
         assert record["ensemble"]["deployed"] == (choice.deployed == "ensemble")
+
+
+def test_candidates_from_checkpoint_states_plain_and_cross_validated(separable, tmp_path):
+    from tune_rice import engine, features
+
+    cfg = engine.TrialConfig(backbone="resnet18", image_size=32, views=1, aug_policy="none", epochs=2, hidden=16)
+    bank = features.extract_bank(separable, cfg.feature_spec(), weights="none", cache_dir=tmp_path / "cache",
+                                 device="cpu", num_workers=0, progress=False)
+    run = engine.HeadRun(cfg, bank=bank, device="cpu")
+    run.step()
+    plain = final.candidate_from_state("t0", run.state_dict(), cfg, score=0.5)
+    assert len(plain.heads) == 1 and plain.oof_logits is None and plain.spec == cfg.feature_spec()
+    assert np.array_equal(final.head_valid_logits(plain.heads, bank), final.head_valid_logits(run.head.eval(), bank))
+
+    folds = np.arange(len(bank.splits["train"]) + len(bank.splits["valid"])) % 3
+    cv = engine.CVHeadRun(cfg, bank=bank, folds=folds, device="cpu")
+    cv.step()
+    fold = final.candidate_from_state("cv0", cv.state_dict(), cfg)
+    assert len(fold.heads) == 3
+    x = torch.from_numpy(bank.splits["valid"].features[:, 0].astype(np.float32))
+    with torch.no_grad():
+        stacked = cv.stack.eval()(x.expand(3, *x.shape))  # (K, N, C): each fold head on the valid features
+        for k, head in enumerate(fold.heads):
+            assert torch.allclose(head(x), stacked[k], atol=1e-5)
+    assert np.array_equal(fold.oof_logits, cv.last_logits.double().numpy())
+    # The choice among cross-validated candidates is made on their out-of-fold logits, pooled targets.
+    logits, y = final.valid_logits_from_banks([fold], {bank.spec.name: bank})
+    assert np.array_equal(logits[0], fold.oof_logits) and len(y) == len(folds)
+    assert np.array_equal(y, np.concatenate([bank.splits["train"].targets, bank.splits["valid"].targets]))
+    with pytest.raises(UserError, match="cannot mix"):
+        final.valid_logits_from_banks([plain, fold], {bank.spec.name: bank})

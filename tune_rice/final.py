@@ -26,9 +26,9 @@ from scipy.optimize import minimize_scalar
 from torch import nn
 
 from . import UserError
-from .engine import BankBatches, compute_metrics, predict_logits
+from .engine import BankBatches, TrialConfig, compute_metrics, predict_logits
 from .features import FeatureBank, FeatureSpec
-from .model import Classifier, Ensemble, Head, ResolvedWeights, build_backbone, build_ensemble
+from .model import Classifier, Ensemble, Head, ResolvedWeights, build_backbone, build_ensemble, build_head
 
 log = logging.getLogger(__name__)
 
@@ -348,12 +348,39 @@ class Candidate:
     spec: FeatureSpec
     heads: list[Head]
     score: float = float("nan")
+    # Out-of-fold logits over train+valid pooled (train rows first) for a cross-validated candidate, whose
+    # heads saw valid in training: the choice is then made on these instead of the bank's valid split.
+    oof_logits: np.ndarray | None = None
 
     def __post_init__(self):
         if isinstance(self.heads, Head):
             self.heads = [self.heads]
         if not self.heads:
             raise ValueError(f"candidate {self.name}: no head")
+
+
+def candidate_from_state(name: str, state: dict, cfg: TrialConfig, *, score: float = float("nan")) -> Candidate:
+    """A candidate from a trial checkpoint's state (``state.pt``): its head, or a cross-validated trial's
+    K fold heads (``state["stack"]``) with the out-of-fold logits the checkpoint kept."""
+    n_classes = len(state["classes"])
+
+    def blank(in_dim: int) -> Head:
+        return build_head(cfg.head, in_dim=in_dim, n_classes=n_classes, hidden=cfg.hidden, dropout=cfg.dropout)
+
+    if "stack" in state:
+        params, buffers = state["stack"]["params"], state["stack"]["buffers"]
+        k = int(state.get("folds") or next(iter(params.values())).shape[0])
+        heads = []
+        for i in range(k):
+            head = blank(int(buffers["mean"].shape[1]))
+            head.load_state_dict({**{n: p[i] for n, p in params.items()}, **{n: b[i] for n, b in buffers.items()}})
+            heads.append(head.eval())
+        oof = state.get("oof_logits")
+        oof = oof.double().numpy() if oof is not None and oof.numel() else None
+        return Candidate(name, cfg.feature_spec(), heads, score, oof)
+    head = blank(int(state["head"]["mean"].shape[0]))
+    head.load_state_dict(state["head"])
+    return Candidate(name, cfg.feature_spec(), [head.eval()], score)
 
 
 def head_valid_logits(heads: Head | Sequence[Head], bank: FeatureBank) -> np.ndarray:
@@ -379,7 +406,21 @@ def candidate_pool(candidates: Sequence[Candidate]) -> list[Candidate]:
 
 def valid_logits_from_banks(pool: Sequence[Candidate],
                             banks: dict[str, FeatureBank]) -> tuple[list[np.ndarray], np.ndarray]:
-    """Each candidate's valid logits (N, C) from its bank (no image decoded), and the valid targets."""
+    """Each candidate's valid logits (N, C) from its bank (no image decoded), and the valid targets.
+
+    Cross-validated candidates (their heads trained on valid too) give their out-of-fold logits over
+    train+valid pooled instead, and the targets are the pooled ones; the two kinds cannot be mixed."""
+    oof = [c.oof_logits is not None for c in pool]
+    if any(oof):
+        if not all(oof):
+            raise UserError("the final choice cannot mix cross-validated candidates (scored out of fold on "
+                            "train+valid) with plain ones (scored on valid)")
+        splits = banks[pool[0].spec.name].splits
+        targets = np.concatenate([splits["train"].targets, splits["valid"].targets])
+        for c in pool:
+            if len(c.oof_logits) != len(targets):
+                raise RuntimeError(f"candidate {c.name}: {len(c.oof_logits)} out-of-fold rows for {len(targets)}")
+        return [np.asarray(c.oof_logits, dtype=np.float64) for c in pool], targets
     reference = banks[pool[0].spec.name].splits["valid"]
     for c in pool:
         if banks[c.spec.name].splits["valid"].paths != reference.paths:
