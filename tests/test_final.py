@@ -318,3 +318,20 @@ def test_candidates_from_checkpoint_states_plain_and_cross_validated(separable, 
     assert np.array_equal(y, np.concatenate([bank.splits["train"].targets, bank.splits["valid"].targets]))
     with pytest.raises(UserError, match="cannot mix"):
         final.valid_logits_from_banks([plain, fold], {bank.spec.name: bank})
+
+
+def test_make_final_model_and_its_record_rebuild_the_same_model(tiny_candidates):
+    candidates, banks, table, weights = tiny_candidates
+    fm = final.make_final_model(candidates, weights={"resnet18": weights}, banks=banks, k=3)
+    assert set(fm.seconds) == {"valid_logits", "select_and_calibrate", "build"}
+    record = json.loads(json.dumps(fm.record()))
+    assert [c["name"] for c in record["candidate_info"]] == record["candidates"]
+    # A resumed search reads the choice back: same members, weights, temperature, same model.
+    again = final.make_final_model(list(reversed(candidates)), weights={"resnet18": weights}, banks=banks,
+                                   recorded=record)
+    assert again.choice == fm.choice and [c.name for c in again.pool] == [c.name for c in fm.pool]
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(again.model(x), fm.model(x)) and torch.equal(again.selected(x), fm.selected(x))
+    scores = final.score_final(fm, table, device="cpu")
+    assert scores["test_count"] == len(table.split("test")) and scores["deployed"] == fm.choice.deployed

@@ -17,6 +17,7 @@ valid predictions before the test split is read, and tests can check every numbe
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -540,3 +541,87 @@ def record_test_scores(member_logits, targets, classes: Sequence[str], choice: F
                            "weights": list(choice.selection.weights), "deployed": choice.deployed == "ensemble",
                            **{k: ens[k] for k in keep}}
     return out
+
+
+# ---------------------------------------------------------------------------------- the final phase
+@dataclass
+class FinalModel:
+    """What the search deploys and how it was chosen: ``model`` (saved as best/model.pt), and ``selected``
+    (the selected ensemble, the same object when deployed) whose members one test pass scores."""
+
+    choice: FinalChoice
+    pool: list[Candidate]
+    model: Classifier | Ensemble
+    resolved: list[ResolvedWeights]  # the weights of each distinct backbone of ``model``
+    selected: Classifier | Ensemble
+    groups: list[int]  # each head of ``selected``: its member
+    seconds: dict = field(default_factory=dict)
+
+    @property
+    def single_best(self) -> Candidate:
+        return self.pool[0]
+
+    def record(self) -> dict:
+        """final.json: the choice, the candidates' names, scores and settings, the seconds it took."""
+        info = [{"name": c.name, "score": c.score, "backbone": c.spec.backbone, "image_size": c.spec.image_size,
+                 "head": c.heads[0].kind, "hidden": c.heads[0].hidden, "heads": len(c.heads),
+                 "cross_validated": c.oof_logits is not None} for c in self.pool]
+        return {**self.choice.to_dict(), "candidate_info": info, "seconds": self.seconds}
+
+
+def make_final_model(candidates: Sequence[Candidate], *, weights: dict[str, ResolvedWeights],
+                     banks: dict[str, FeatureBank] | None = None, table=None, k: int = DEFAULT_ENSEMBLE,
+                     metric: str = "valid/acc", mode: str = "max", recorded: dict | None = None,
+                     device="auto") -> FinalModel:
+    """Choose (or, with ``recorded`` final.json, re-use the recorded choice) and build the final model.
+
+    Valid logits come from ``banks`` (no image decoded) or, without banks, from one decode of the valid
+    images of ``table``. Nothing here reads the test split.
+    """
+    t0 = time.perf_counter()
+    pool = candidate_pool(candidates)
+    seconds = {}
+    if recorded is not None:
+        choice = FinalChoice.from_dict(recorded)
+        by_name = {c.name: c for c in pool}
+        missing = [n for n in choice.candidates if n not in by_name]
+        if missing:
+            raise UserError(f"final.json names candidates the experiment no longer has: {', '.join(missing[:2])}")
+        pool = [by_name[n] for n in choice.candidates]
+        seconds = dict(recorded.get("seconds", {}))
+    else:
+        if banks is not None:
+            logits, targets = valid_logits_from_banks(pool, banks)
+        else:
+            logits, targets = valid_logits_from_images(pool, table, weights, device=device)
+        seconds["valid_logits"] = time.perf_counter() - t0
+        t = time.perf_counter()
+        choice = choose_final(pool, logits, targets, k=k, metric=metric, mode=mode)
+        seconds["select_and_calibrate"] = time.perf_counter() - t
+    t = time.perf_counter()
+    model, resolved, _ = build_final_model(choice, pool, weights)
+    if choice.deployed == "ensemble":
+        selected, groups = model, _groups(choice, pool)
+    else:
+        selected, _, groups = build_final_model(choice, pool, weights, selection=True)
+    if recorded is None:
+        seconds["build"] = time.perf_counter() - t
+    log.info("final model: %s of %d (%s), temperature %.3g; chosen on valid among %d candidates",
+             choice.deployed, len(choice.members), ", ".join(f"{m} {w:.2f}" for m, w in zip(choice.members, choice.weights)),
+             choice.temperature, len(pool))
+    return FinalModel(choice, pool, model, resolved, selected, groups, seconds)
+
+
+def _groups(choice: FinalChoice, pool: Sequence[Candidate]) -> list[int]:
+    by_name = {c.name: c for c in pool}
+    return [i for i, name in enumerate(choice.members) for _ in by_name[name].heads]
+
+
+def score_final(fm: FinalModel, table, *, device="auto", batch_size: int = 64) -> dict:
+    """The one read of the test split: the selected ensemble's members on the test images, decoded once;
+    the deployed model's figures at the top level, the single best and the ensemble beside them."""
+    from .evaluate import split_logits
+
+    z, y = split_logits(MemberLogits(fm.selected, fm.groups), table, "test", fm.single_best.spec.image_size, device,
+                        batch_size=batch_size)
+    return record_test_scores(z.double().numpy(), y.numpy(), table.classes, fm.choice)
