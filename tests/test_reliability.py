@@ -140,6 +140,9 @@ def salted_search(ray_local, tmp_path_factory):  # noqa: F811 -- the fixture imp
     trace.unlink(missing_ok=True)
     produced, records = {}, _Records()
     run_search, resolve_data, score_on_test = search.run_search, search.resolve_data, search.score_on_test
+    save_winner = search.save_winner
+    exp = work / "runs" / "salted"
+    saved_before_test = []
 
     def keep(args):
         produced.update(run_search(args))
@@ -150,7 +153,14 @@ def salted_search(ray_local, tmp_path_factory):  # noqa: F811 -- the fixture imp
         _mark(trace, "prepared")
         return out
 
+    def choose_and_mark(*args, **kwargs):
+        _mark(trace, "choosing")
+        out = save_winner(*args, **kwargs)
+        _mark(trace, "chosen")
+        return out
+
     def score_and_mark(*args, **kwargs):
+        saved_before_test.append({name: (exp / name).is_file() for name in ("best/model.pt", "final.json")})
         _mark(trace, "scoring")
         out = score_on_test(*args, **kwargs)
         _mark(trace, "scored")
@@ -164,13 +174,14 @@ def salted_search(ray_local, tmp_path_factory):  # noqa: F811 -- the fixture imp
             m.setattr(search, "run_search", keep)
             m.setattr(search, "resolve_data", resolve_and_mark)
             m.setattr(search, "score_on_test", score_and_mark)
+            m.setattr(search, "save_winner", choose_and_mark)
             m.setattr(data, "load_image", _driver_trace(trace))
             rc = search.main(_argv(root, _space(work, epochs=2, views=1), work / "runs", "salted",
                                    "--num-samples", 2, "--max-epochs", 2, "--grace-period", 2))
     finally:
         logger.removeHandler(records)
-    return {"rc": rc, "root": root, "exp": work / "runs" / "salted", "produced": produced, "trace": trace,
-            "log": records.lines, "out": stdout.getvalue(), "driver": os.getpid()}
+    return {"rc": rc, "root": root, "exp": exp, "produced": produced, "trace": trace,
+            "log": records.lines, "out": stdout.getvalue(), "driver": os.getpid(), "saved_before_test": saved_before_test}
 
 
 @pytest.mark.slow
@@ -220,7 +231,7 @@ def test_the_test_split_is_read_once_by_the_final_scoring_only(salted_search):
     table = data.read_labels(salted_search["root"] / "labels.csv")
     test_paths = set(table.paths("test"))
     phases = _phases(salted_search["trace"])
-    assert set(phases) == {"start", "prepared", "scoring", "scored"}, set(phases)
+    assert set(phases) == {"start", "prepared", "choosing", "chosen", "scoring", "scored"}, set(phases)
 
     # prepare decodes every candidate file once (it does not know the split yet)
     candidates = {salted_search["root"] / rel for rel in [*table.frame["path"], *BAD]}
@@ -230,6 +241,10 @@ def test_the_test_split_is_read_once_by_the_final_scoring_only(salted_search):
     between = Counter(p for _, p in phases["prepared"])
     assert between == Counter(table.paths("train") + table.paths("valid"))
     assert not set(between) & test_paths
+    # the final model is chosen and calibrated on the banks' valid logits: no image decoded; it is saved
+    # (best/model.pt and final.json) before the test split is read, and the test pass is the only one
+    assert phases["choosing"] == [] and phases["chosen"] == []
+    assert salted_search["saved_before_test"] == [{"best/model.pt": True, "final.json": True}]
     # the final scoring: each test image exactly once, by the driver or its DataLoader workers
     scoring = phases["scoring"]
     assert Counter(p for _, p in scoring) == Counter(test_paths)

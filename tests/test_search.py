@@ -188,9 +188,26 @@ def test_search_end_to_end(ray_local, labels, tmp_path, capsys, monkeypatch):
             assert tag in scalars, (tag, row["trial_id"])
     test_scalars = _scalars(exp / "test")
     assert test_scalars["test/acc"] == [(0, pytest.approx(test["accuracy"]))]
+    assert test_scalars["test/ece"] == [(0, pytest.approx(test["calibration"]["after"]["ece"]))]
+
+    # the final model: chosen on valid among the trials' best checkpoints, recorded, calibrated, and the
+    # single best scored in the same test pass
+    record = json.loads((exp / "final.json").read_text())
+    assert record["candidates"][0] == test["trial_id"] and set(record["candidates"]) <= set(df["trial_id"])
+    assert test["deployed"] == record["deployed"] and test["members"] == record["members"]
+    assert meta["temperature"] == pytest.approx(record["temperature"]) == test["temperature"]
+    assert meta["calibration"]["fitted_on"] == "valid" and len(meta["members"]) >= len(record["members"])
+    assert test["single_best"]["trial_id"] == test["trial_id"]
+    assert test["single_best"]["deployed"] == (record["deployed"] == "single")
+    xv = torch.stack([transform(load_image(p)) for p in table.paths("valid")])
+    with torch.inference_mode():
+        valid_pred = model(xv).argmax(1).numpy()
+    # the deployed model on the decoded valid images agrees with the choice made on the banks' float16
+    # features (at most one image of 12 may flip at a near tie)
+    assert abs(float((valid_pred == table.targets("valid")).mean()) - record["valid"]["deployed"]["acc"]) <= 1 / 12
 
     # the console summary
-    assert "TEST" in out and "3 trials:" in out and str(exp) in out
+    assert "TEST" in out and "3 trials:" in out and str(exp) in out and "FINAL: " in out
     # Ray's status table names the experiment folder, not its own staging folder under /tmp/ray
     assert f"Results: {exp}\n" in out and "Result logdir" not in out
     assert (exp / "summary.txt").read_text().strip() in out
@@ -467,20 +484,36 @@ def test_data_root_reaches_the_trials_that_read_images(ray_local, labels, tmp_pa
 
 
 @pytest.mark.slow
-def test_an_unreadable_test_image_keeps_the_best_model(ray_local, tmp_path, capsys):
-    """A test image broken after labels.csv was written: one clear error, and the winner is still saved."""
+def test_an_unreadable_test_image_keeps_the_best_model(ray_local, tmp_path, capsys, monkeypatch):
+    """A test image broken after labels.csv was written: one clear error, and the winner is still saved.
+    Fixed and resumed, the search scores the final model it had chosen: it does not choose again."""
     csv = make_separable_dataset(tmp_path / "data", per_class=12, size=32)
     table = read_labels(csv)
     broken = table.paths("test")[0]
-    broken.write_bytes(broken.read_bytes()[:40])  # a truncated PNG
+    good = broken.read_bytes()
+    broken.write_bytes(good[:40])  # a truncated PNG
     storage = tmp_path / "runs"
-    rc = search.main(_argv(csv, _space(tmp_path), storage, "broken", "--num-samples", 2))
+    rc = search.main(_argv(csv, _space(tmp_path), storage, "broken", "--num-samples", 3))
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert "scoring the test split failed" in err[-1] and broken.name in err[-1]
-    model, meta = load_artifact(storage / "broken" / "best" / "model.pt")
+    exp = storage / "broken"
+    model, meta = load_artifact(exp / "best" / "model.pt")
     assert meta["classes"] == list(table.classes) and "test_accuracy" not in meta["metrics"]
-    assert not (storage / "broken" / "test_metrics.json").exists()
+    assert not (exp / "test_metrics.json").exists()
+    record = (exp / "final.json").read_text()
+
+    broken.write_bytes(good)
+    monkeypatch.setattr(search.final, "choose_final", lambda *a, **k: pytest.fail("chose the final model twice"))
+    assert search.main(["--resume", "--name", "broken", "--storage-path", str(storage)]) == 0
+    capsys.readouterr()
+    assert (exp / "final.json").read_text() == record  # the recorded choice, read back unchanged
+    again, meta = load_artifact(exp / "best" / "model.pt")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(again(x), model(x))
+    test = json.loads((exp / "test_metrics.json").read_text())
+    assert test["members"] == json.loads(record)["members"] and meta["metrics"]["test_accuracy"] == test["accuracy"]
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ from scipy.optimize import minimize_scalar
 from torch import nn
 
 from . import UserError
-from .engine import BankBatches, TrialConfig, compute_metrics, predict_logits
+from .engine import BankBatches, TrialConfig, compute_metrics, fold_heads, predict_logits
 from .features import FeatureBank, FeatureSpec
 from .model import Classifier, Ensemble, Head, ResolvedWeights, build_backbone, build_ensemble, build_head
 
@@ -364,22 +364,12 @@ def candidate_from_state(name: str, state: dict, cfg: TrialConfig, *, score: flo
     """A candidate from a trial checkpoint's state (``state.pt``): its head, or a cross-validated trial's
     K fold heads (``state["stack"]``) with the out-of-fold logits the checkpoint kept."""
     n_classes = len(state["classes"])
-
-    def blank(in_dim: int) -> Head:
-        return build_head(cfg.head, in_dim=in_dim, n_classes=n_classes, hidden=cfg.hidden, dropout=cfg.dropout)
-
     if "stack" in state:
-        params, buffers = state["stack"]["params"], state["stack"]["buffers"]
-        k = int(state.get("folds") or next(iter(params.values())).shape[0])
-        heads = []
-        for i in range(k):
-            head = blank(int(buffers["mean"].shape[1]))
-            head.load_state_dict({**{n: p[i] for n, p in params.items()}, **{n: b[i] for n, b in buffers.items()}})
-            heads.append(head.eval())
         oof = state.get("oof_logits")
         oof = oof.double().numpy() if oof is not None and oof.numel() else None
-        return Candidate(name, cfg.feature_spec(), heads, score, oof)
-    head = blank(int(state["head"]["mean"].shape[0]))
+        return Candidate(name, cfg.feature_spec(), fold_heads(state, cfg, n_classes=n_classes), score, oof)
+    head = build_head(cfg.head, in_dim=int(state["head"]["mean"].shape[0]), n_classes=n_classes,
+                      hidden=cfg.hidden, dropout=cfg.dropout)
     head.load_state_dict(state["head"])
     return Candidate(name, cfg.feature_spec(), [head.eval()], score)
 

@@ -1,8 +1,9 @@
 """``python -m tune_rice.search``: the hyperparameter search, end to end.
 
 data -> labels.csv -> feature banks (once) -> Ray Tune (OptunaSearch proposes, ASHA stops the weak,
-trials train heads on the banks) -> the best trial's best checkpoint -> one full model scored ONCE on the
-test split -> ``runs/<name>/`` with results.csv, best/model.pt, test_metrics.json, TensorBoard runs.
+trials train heads on the banks) -> the final model chosen on valid from the best checkpoints of the top
+trials (an ensemble or the single best, temperature-calibrated; ``final.py``) -> scored ONCE on the test
+split -> ``runs/<name>/`` with results.csv, final.json, best/model.pt, test_metrics.json, TensorBoard runs.
 
 :func:`run_search` lists the phases in order; each is a function below it. The Ray Tune glue (searcher,
 TensorBoard callback, reporter, Ray start, GPU sizing) is in ``tune_glue.py``; experiment folders,
@@ -28,17 +29,19 @@ import pandas as pd
 import torch
 import yaml
 
-from . import UserError, cli, storage, tune_glue
+from . import UserError, cli, final, storage, tune_glue
 from .data import LabelTable, preprocessing_spec, read_labels_checked
 from .engine import TrialConfig
 from .features import FeatureBank, FeatureSpec, extract_banks, pass_key
-from .model import Classifier, ResolvedWeights, build_backbone, resolve_weights, save_artifact
+from .model import ResolvedWeights, resolve_weights, save_artifact
 from .space import SearchSpace, load_search_space
 from .storage import ARGS_FILE, ExperimentPaths
 
 log = logging.getLogger("tune_rice.search")
 
 DEFAULT_GPU_FRACTION = tune_glue.DEFAULT_GPU_FRACTION
+FINAL_RECORD = "final.json"  # how the final model was chosen on valid; a resumed search reads it back
+TOP_CANDIDATES = 20  # the best checkpoints of this many top trials are the ensemble's candidates
 
 
 # ------------------------------------------------------------------------------------------ arguments
@@ -77,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait-for-gpus", type=float, default=0, metavar="SECONDS",
                    help="autoscaling cluster whose GPU nodes scale from zero: if no GPU node is up, ask the "
                         "autoscaler for one and wait up to SECONDS before sizing trials and extracting")
+    p.add_argument("--ensemble", type=int, default=final.DEFAULT_ENSEMBLE, metavar="K",
+                   help="after the trials, greedy ensemble selection on valid over the best checkpoints of the "
+                        f"top {TOP_CANDIDATES} trials, up to K heads; deployed only when not worse than the single "
+                        "best on valid. 1 = the single best trial")
     p.add_argument("--no-report", action="store_true", help="skip the plots and report.md at the end")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -102,6 +109,8 @@ def _validate_args(args) -> None:
             raise UserError(f"--gpus-per-trial must be 'auto' or a number, got {args.gpus_per_trial!r}") from None
         if g < 0 or not math.isfinite(g):
             raise UserError(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
+    if args.ensemble < 1:
+        raise UserError(f"--ensemble must be >= 1, got {args.ensemble}")
     if args.resume and not args.name:
         raise UserError("--resume needs --name of the experiment to continue")
 
@@ -141,8 +150,9 @@ def run_search(args) -> dict:
         tuner = make_tuner(args, paths, space, base, trial_data(table, banks, weights), gpus)
         result_grid = run_trials(tuner, args, gpus)
     df, best = collect_results(result_grid, space, max_epochs, paths.local)
+    with clock("final"):
+        winner = save_winner(result_grid, base, weights, space, table, banks, paths, k=args.ensemble)
     with clock("test"):
-        winner = save_winner(best, base, weights, space, table, paths.local)
         test = score_winner(winner, table, paths.local)
     if not args.no_report:
         with clock("report"):
@@ -397,16 +407,21 @@ def summarize_trials(result_grid, metric: str, mode: str, max_epochs: int) -> pd
 def _best_result(result_grid, metric: str, mode: str):
     """The trial with the best ``metric`` at any epoch. A trial that errored (diverged, crashed) is
     chosen only when no trial ended cleanly: its config is not one to recommend, even on a tie."""
-    best, best_key = None, None
+    ranked = _ranked_results(result_grid, metric, mode)
+    return ranked[0] if ranked else None
+
+
+def _ranked_results(result_grid, metric: str, mode: str) -> list:
+    """Trials with a checkpoint, best first by ``metric`` at any epoch; errored ones after every clean
+    one (ties keep the grid's order)."""
+    keyed = []
     for r in result_grid:
         hist = r.metrics_dataframe
         if hist is None or hist.empty or metric not in hist or not r.best_checkpoints:
             continue
         v = float(hist[metric].max() if mode == "max" else hist[metric].min())
-        key = (r.error is None, v if mode == "max" else -v)
-        if best is None or key > best_key:
-            best, best_key = r, key
-    return best
+        keyed.append(((r.error is None, v if mode == "max" else -v), r))
+    return [r for _, r in sorted(keyed, key=lambda kr: kr[0], reverse=True)]
 
 
 def _prune_checkpoints(result_grid, metric: str, mode: str) -> None:
@@ -423,53 +438,76 @@ def _prune_checkpoints(result_grid, metric: str, mode: str) -> None:
                     log.warning("could not delete %s: %s", checkpoint.path, e)
 
 
-def build_best_model(result, base: dict, weights: dict[str, ResolvedWeights], metric: str, mode: str):
-    """The best checkpoint (not the latest) of ``result`` rebuilt as backbone + head."""
-    checkpoint = result.get_best_checkpoint(metric, mode)
-    with checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
-    cfg = TrialConfig.from_dict({**base, **result.config})
-    spec = cfg.feature_spec()
-    backbone, resolved = build_backbone(spec.backbone, weights=weights[spec.backbone], seed=cfg.seed,
-                                        feature_layer=spec.feature_layer)
-    from .model import build_head
-
-    head = build_head(cfg.head, in_dim=state["head"]["mean"].shape[0], n_classes=len(state["classes"]),
-                      hidden=cfg.hidden, dropout=cfg.dropout)
-    head.load_state_dict(state["head"])
-    return Classifier(backbone, head).eval(), cfg, state, resolved
+def final_candidates(result_grid, base: dict, space: SearchSpace, *, limit: int = TOP_CANDIDATES):
+    """The best checkpoints (not the latest) of the top ``limit`` trials, best first, as final-model
+    candidates; and each one's (best epoch, config) by trial id."""
+    candidates, info = [], {}
+    for r in _ranked_results(result_grid, space.metric, space.mode)[:limit]:
+        if r.error is not None and candidates:
+            continue  # an errored trial only when nothing ended cleanly (see _best_result)
+        checkpoint = r.get_best_checkpoint(space.metric, space.mode)
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+        trial_id = r.metrics.get("trial_id") or Path(r.path).name
+        cfg = TrialConfig.from_dict({**base, **r.config})
+        candidates.append(final.candidate_from_state(trial_id, state, cfg, score=float(state["best"])))
+        info[trial_id] = (int(state["epoch"]), cfg)
+    return candidates, info
 
 
 @dataclass
 class Winner:
-    """The best trial's best checkpoint rebuilt as a full model, and what its artifact records."""
+    """The deployed model (an ensemble, or the single best trial's best checkpoint) with its temperature,
+    how it was chosen, and what its artifact records."""
 
-    model: Classifier
-    cfg: TrialConfig
-    resolved: ResolvedWeights
-    trial_id: str
+    fm: final.FinalModel
+    cfg: TrialConfig  # the single best trial's
+    trial_id: str  # the single best trial
     metrics: dict
     best_value: float
     classes: tuple
 
+    @property
+    def identity(self) -> str:
+        return " + ".join(dict.fromkeys(r.identity for r in self.fm.resolved))
+
+    @property
+    def pretrained(self) -> bool:
+        return all(r.pretrained for r in self.fm.resolved)
+
     def save(self, folder: Path, extra_metrics: dict | None = None) -> Path:
-        return save_artifact(folder / "model.pt", self.model, classes=self.classes,
-                             preprocessing=preprocessing_spec(self.cfg.image_size), weights=self.resolved,
-                             config=self.cfg.to_dict(), metrics={**self.metrics, **(extra_metrics or {})})
+        c = self.fm.choice
+        calibration = {"method": "temperature scaling", "fitted_on": "valid", "temperature": c.temperature,
+                       "valid_before": c.valid["deployed"], "valid_after": c.valid["deployed_calibrated"]}
+        return save_artifact(folder / "model.pt", self.fm.model, classes=self.classes,
+                             preprocessing=preprocessing_spec(self.cfg.image_size), weights=self.fm.resolved,
+                             config=self.cfg.to_dict(), metrics={**self.metrics, **(extra_metrics or {})},
+                             calibration=calibration)
 
 
-def save_winner(best, base: dict, weights: dict[str, ResolvedWeights], space: SearchSpace, table: LabelTable,
-                exp_dir: Path) -> Winner:
-    """Rebuild the winner and save best/model.pt before the test images are read: a bad test file must
-    not lose it."""
-    model, cfg, state, resolved = build_best_model(best, base, weights, space.metric, space.mode)
-    trial_id = best.metrics.get("trial_id") or Path(best.path).name
-    metrics = {"trial_id": trial_id, "best_epoch": int(state["epoch"]), space.metric: float(state["best"])}
-    winner = Winner(model, cfg, resolved, trial_id, metrics, float(state["best"]), table.classes)
+def save_winner(result_grid, base: dict, weights: dict[str, ResolvedWeights], space: SearchSpace,
+                table: LabelTable, banks: dict[str, FeatureBank] | None, paths: ExperimentPaths, *,
+                k: int = final.DEFAULT_ENSEMBLE) -> Winner:
+    """The final model, chosen on valid (from the banks' valid logits: no image decoded) and calibrated,
+    saved as best/model.pt with final.json before the test images are read: a bad test file must not
+    lose it. A resumed search that had chosen already reads final.json back instead of choosing again."""
+    exp_dir = paths.local
+    candidates, info = final_candidates(result_grid, base, space)
+    recorded = paths.read(FINAL_RECORD)
+    fm = final.make_final_model(candidates, weights=weights, banks=banks, table=table, k=k, metric=space.metric,
+                                mode=space.mode, recorded=json.loads(recorded) if recorded else None)
+    single = fm.single_best
+    epoch, cfg = info[single.name]
+    metrics = {"trial_id": single.name, "best_epoch": epoch, space.metric: single.score,
+               "deployed": fm.choice.deployed, "members": fm.choice.members}
+    winner = Winner(fm, cfg, single.name, metrics, single.score, table.classes)
     winner.save(exp_dir / "best")
+    (exp_dir / FINAL_RECORD).write_text(json.dumps({**fm.record(), "k": k}, indent=1))
     (exp_dir / "best" / "config.yaml").write_text(yaml.safe_dump(
-        {"trial_id": trial_id, "metric": space.metric, "best_value": winner.best_value,
-         "epoch": metrics["best_epoch"], "weights": resolved.identity, "config": cfg.to_dict()}, sort_keys=False))
+        {"trial_id": single.name, "metric": space.metric, "best_value": single.score, "epoch": metrics["best_epoch"],
+         "weights": winner.identity, "config": cfg.to_dict(), "deployed": fm.choice.deployed,
+         "members": fm.choice.members, "member_weights": fm.choice.weights, "temperature": fm.choice.temperature},
+        sort_keys=False))
     return winner
 
 
@@ -478,28 +516,26 @@ def score_winner(winner: Winner, table: LabelTable, exp_dir: Path) -> dict:
     scores into best/model.pt. Returns what test_metrics.json holds."""
     best_dir = exp_dir / "best"
     try:
-        test = score_on_test(winner.model, table, winner.cfg.image_size)
+        test = score_on_test(winner.fm, table)
     except UserError as e:  # an unreadable test image, already reduced to one line
-        raise UserError(f"scoring the test split failed: {e}. The best model is saved at {best_dir / 'model.pt'}; "
+        raise UserError(f"scoring the test split failed: {e}. The final model is saved at {best_dir / 'model.pt'}; "
                         "fix or remove the file, then score it with python -m tune_rice.evaluate") from None
     winner.save(best_dir, {"test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"]})
-    test_out = {"trial_id": winner.trial_id, "weights": winner.resolved.identity,
-                "pretrained": winner.resolved.pretrained, **test}
+    test_out = {"trial_id": winner.trial_id, "weights": winner.identity, "pretrained": winner.pretrained, **test}
     (exp_dir / "test_metrics.json").write_text(json.dumps(test_out, indent=1))
-    write_test_tensorboard(exp_dir / "test", test, winner.cfg.to_dict(), winner.trial_id)
+    write_test_tensorboard(exp_dir / "test", test_out, winner.cfg.to_dict(), winner.trial_id)
     return test_out
 
 
-def score_on_test(model: Classifier, table: LabelTable, image_size: int, *, device="auto",
-                  batch_size: int = 64) -> dict:
-    """The one read of the test split: full model on the test images (the metrics ``evaluate`` gives)."""
-    from .evaluate import evaluate_model
-
-    return evaluate_model(model, table, "test", image_size, device, batch_size=batch_size)
+def score_on_test(fm: final.FinalModel, table: LabelTable, *, device="auto", batch_size: int = 64) -> dict:
+    """The one read of the test split: the deployed model on the test images, the single best (and the
+    selected ensemble when it is not deployed) scored in the same pass (see ``final.score_final``)."""
+    return final.score_final(fm, table, device=device, batch_size=batch_size)
 
 
 def write_test_tensorboard(folder: Path, test: dict, config: dict, trial_id: str) -> None:
-    """A ``test`` run next to the trials: test scalars, the confusion matrix image, the best config."""
+    """A ``test`` run next to the trials: the deployed model's test scalars (and its calibration), the
+    single best's beside them, the confusion matrix image, the members and the best config."""
     from torch.utils.tensorboard import SummaryWriter
 
     from .report import draw_confusion
@@ -508,9 +544,23 @@ def write_test_tensorboard(folder: Path, test: dict, config: dict, trial_id: str
     writer.add_scalar("test/acc", test["accuracy"], 0)
     writer.add_scalar("test/macro_f1", test["macro_f1"], 0)
     writer.add_scalar("test/loss", test["loss"], 0)
+    for key in ("ece", "nll", "brier"):
+        if "calibration" in test:
+            writer.add_scalar(f"test/{key}", test["calibration"]["after"][key], 0)
+            writer.add_scalar(f"test/{key}_before_temperature", test["calibration"]["before"][key], 0)
+    for which in ("single_best", "ensemble"):
+        if which in test:
+            writer.add_scalar(f"test/{which}/acc", test[which]["accuracy"], 0)
+            writer.add_scalar(f"test/{which}/macro_f1", test[which]["macro_f1"], 0)
+    deployed = "the single best trial" if test.get("deployed", "single") == "single" else \
+        f"an ensemble of {len(test['members'])} heads"
     fig = draw_confusion(test["confusion_matrix"], test["classes"],
-                         title=f"test confusion matrix (best trial {trial_id})")
+                         title=f"test confusion matrix ({deployed})")
     writer.add_figure("test/confusion_matrix", fig, 0, close=False)
+    if "members" in test:
+        rows = "\n".join(f"| {m} | {w:.3f} |" for m, w in zip(test["members"], test["weights"]))
+        writer.add_text("final/members", f"deployed: {deployed}, temperature {test['temperature']:.4g}\n\n"
+                                         f"| member | weight |\n|---|---|\n{rows}", 0)
     text = f"best trial: {trial_id}\n\n    " + yaml.safe_dump(config, sort_keys=True).replace("\n", "\n    ")
     writer.add_text("best/config", text, 0)
     writer.close()
@@ -531,7 +581,8 @@ def write_outputs(paths: ExperimentPaths, df: pd.DataFrame, test: dict, space: S
     """summary.txt and timings.json, everything copied to a URI storage path; returns the summary."""
     seconds = clock.total()
     summary = format_summary(df, test, metric=space.metric, exp_dir=paths.local, seconds=seconds,
-                             phases=clock.phases, weights=winner.resolved.identity, searched=space.searched)
+                             phases=clock.phases, weights=winner.identity, searched=space.searched,
+                             final_record=winner.fm.record())
     (paths.local / "summary.txt").write_text(summary + "\n")
     trial_seconds = [float(r.metrics.get("time_total_s", 0.0)) for r in result_grid if r.metrics]
     (paths.local / "timings.json").write_text(json.dumps(
@@ -544,7 +595,8 @@ def write_outputs(paths: ExperimentPaths, df: pd.DataFrame, test: dict, space: S
 
 
 def format_summary(df: pd.DataFrame, test: dict | None, *, metric: str, exp_dir: Path, seconds: float,
-                   phases: dict, weights: str, top: int = 5, searched: Sequence[str] | None = None) -> str:
+                   phases: dict, weights: str, top: int = 5, searched: Sequence[str] | None = None,
+                   final_record: dict | None = None) -> str:
     """The console summary; the top-trials table shows only the ``searched`` parameters (default: all)."""
     lines = []
     n = len(df)
@@ -559,9 +611,20 @@ def format_summary(df: pd.DataFrame, test: dict | None, *, metric: str, exp_dir:
         table = df[df[key].notna()].head(top)[show].rename(columns=lambda c: c.replace("config/", ""))
         lines.append(f"top {min(top, len(table))} by {metric}:")
         lines.append(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if final_record:
+        lines += final_lines(final_record)
     if test:
-        lines.append(f"TEST (scored once, best trial's best checkpoint): accuracy {test['accuracy']:.4f}, "
-                     f"macro-F1 {test['macro_f1']:.4f} on {test['test_count']} images")
+        what = (f"the deployed ensemble of {len(test['members'])}" if test.get("deployed") == "ensemble"
+                else "the best trial's best checkpoint")
+        cal = test.get("calibration")
+        ece = f", ECE {cal['before']['ece']:.3f} -> {cal['after']['ece']:.3f} with the temperature" if cal else ""
+        lines.append(f"TEST (scored once, {what}): accuracy {test['accuracy']:.4f}, "
+                     f"macro-F1 {test['macro_f1']:.4f} on {test['test_count']} images{ece}")
+        for which, label in (("single_best", "single best trial"), ("ensemble", "selected ensemble")):
+            other = test.get(which)
+            if other and not other.get("deployed"):
+                lines.append(f"  {label} (same pass, not deployed): accuracy {other['accuracy']:.4f}, "
+                             f"macro-F1 {other['macro_f1']:.4f}")
     if weights.startswith("random:"):
         lines.append(f"NOTE: the backbone was RANDOMLY INITIALISED ({weights}); ImageNet weights give far "
                      "better features (see README: weights).")
@@ -569,6 +632,27 @@ def format_summary(df: pd.DataFrame, test: dict | None, *, metric: str, exp_dir:
     lines.append(f"outputs: {exp_dir}  (results.csv, best/model.pt, test_metrics.json, report/)")
     lines.append(f"tensorboard --logdir {exp_dir}   # then open http://localhost:6006")
     return "\n".join(lines)
+
+
+def final_lines(record: dict) -> list[str]:
+    """The summary's lines on the final model: what was deployed, from what, and the suggested threshold."""
+    v = record["valid"]
+    sel = record["selection"]
+    if record["deployed"] == "ensemble":
+        members = ", ".join(f"{m} {w:.2f}" for m, w in zip(record["members"], record["weights"]))
+        head = f"FINAL: an ensemble of {len(record['members'])} ({members})"
+    elif len(sel["members"]) > 1:
+        head = (f"FINAL: the single best trial (an ensemble of {len(sel['members'])} was not better on valid: "
+                f"acc {v['ensemble']['acc']:.4f} vs {v['single']['acc']:.4f})")
+    else:
+        head = "FINAL: the single best trial"
+    lines = [f"{head}; chosen on valid among {len(record['candidates'])} candidates; temperature "
+             f"{record['temperature']:.3g} (valid ECE {v['deployed']['ece']:.3f} -> {v['deployed_calibrated']['ece']:.3f})"]
+    th = record["threshold"]
+    if th.get("threshold"):
+        lines.append(f"  predict --min-confidence {th['threshold']:.3g} keeps {th['coverage']:.0%} of valid at "
+                     f"{th['accuracy']:.1%} accuracy (target {th['target_accuracy']:.0%}); the rest 'uncertain'")
+    return lines
 
 
 def _trainable():

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 ARGS_FILE = "search_args.json"
 # What the driver copies to a URI storage path (files and folders of the local experiment folder).
-OUTPUTS = ("results.csv", "test_metrics.json", "summary.txt", "timings.json", ARGS_FILE, "best", "test", "report")
+OUTPUTS = ("results.csv", "final.json", "test_metrics.json", "summary.txt", "timings.json", ARGS_FILE, "best", "test", "report")
 
 
 def is_uri(path: str) -> bool:
