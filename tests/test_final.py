@@ -335,3 +335,22 @@ def test_make_final_model_and_its_record_rebuild_the_same_model(tiny_candidates)
         assert torch.equal(again.model(x), fm.model(x)) and torch.equal(again.selected(x), fm.selected(x))
     scores = final.score_final(fm, table, device="cpu")
     assert scores["test_count"] == len(table.split("test")) and scores["deployed"] == fm.choice.deployed
+
+
+def test_probes_join_the_candidates_behind_the_single_best(separable, tmp_path):
+    from tune_rice import engine, features, probe
+
+    cfg = engine.TrialConfig(backbone="resnet18", image_size=32, views=1, aug_policy="none", epochs=2, hidden=16)
+    bank = features.extract_bank(separable, cfg.feature_spec(), weights="none", cache_dir=tmp_path / "cache",
+                                 device="cpu", num_workers=0, progress=False)
+    banks = {bank.spec.name: bank}
+    probes = probe.fit_probes(banks, metric="valid/acc")
+    (cand,) = final.probe_candidates(probes, banks, metric="valid/acc")
+    assert cand.name == f"probe:{bank.spec.name}" and cand.score == probes[bank.spec.name].valid["acc"]
+    # its valid logits from the bank are the probe head's, as the probe scored them
+    logits = final.head_valid_logits(cand.heads, bank)
+    assert np.mean(logits.argmax(1) == bank.splits["valid"].targets) == pytest.approx(cand.score)
+    trials = [final.Candidate(n, bank.spec, cand.heads, s) for n, s in (("best", 0.5), ("t1", 0.9), ("t2", 0.2))]
+    merged = final.merge_candidates(trials, [cand], mode="max")
+    assert merged[0].name == "best"  # the search's own best trial starts the selection, whatever the probe
+    assert [c.name for c in merged[1:]] == [c.name for c in sorted(merged[1:], key=lambda c: -c.score)]

@@ -374,6 +374,24 @@ def candidate_from_state(name: str, state: dict, cfg: TrialConfig, *, score: flo
     return Candidate(name, cfg.feature_spec(), [head.eval()], score)
 
 
+def probe_candidates(probes: dict, banks: dict[str, FeatureBank], *, metric: str) -> list[Candidate]:
+    """The linear probe of each bank (``probe.fit_probes``) as final-model candidates, ``probe:<bank>``,
+    scored by its valid (or out-of-fold) ``metric``."""
+    key = metric.split("/", 1)[-1]
+    return [Candidate(f"probe:{name}", banks[name].spec, [r.head], float(r.valid[key]), r.oof_logits)
+            for name, r in probes.items()]
+
+
+def merge_candidates(candidates: Sequence[Candidate], extra: Sequence[Candidate], *, mode: str) -> list[Candidate]:
+    """``candidates`` (the single best first) with ``extra`` ones (e.g. probes) placed among the others by
+    score; the single best stays first: the selection starts from the search's own best trial."""
+    if not candidates:
+        return list(extra)
+    sign = -1.0 if mode == "max" else 1.0
+    rest = sorted([*candidates[1:], *extra], key=lambda c: sign * c.score)  # stable: trials before probes on ties
+    return [candidates[0], *rest]
+
+
 def head_valid_logits(heads: Head | Sequence[Head], bank: FeatureBank) -> np.ndarray:
     """The heads (their mean) on view 0 of the bank's valid split, as the trials evaluate them: (N, C)."""
     heads = [heads] if isinstance(heads, Head) else list(heads)

@@ -487,12 +487,15 @@ class Winner:
 
 def save_winner(result_grid, base: dict, weights: dict[str, ResolvedWeights], space: SearchSpace,
                 table: LabelTable, banks: dict[str, FeatureBank] | None, paths: ExperimentPaths, *,
-                k: int = final.DEFAULT_ENSEMBLE) -> Winner:
+                k: int = final.DEFAULT_ENSEMBLE, extra: Sequence[final.Candidate] = ()) -> Winner:
     """The final model, chosen on valid (from the banks' valid logits: no image decoded) and calibrated,
     saved as best/model.pt with final.json before the test images are read: a bad test file must not
-    lose it. A resumed search that had chosen already reads final.json back instead of choosing again."""
+    lose it. A resumed search that had chosen already reads final.json back instead of choosing again.
+    ``extra``: more candidates beside the trials' checkpoints (``final.probe_candidates``: the linear
+    probes, once the search fits them)."""
     exp_dir = paths.local
     candidates, info = final_candidates(result_grid, base, space)
+    candidates = final.merge_candidates(candidates, extra, mode=space.mode)
     recorded = paths.read(FINAL_RECORD)
     fm = final.make_final_model(candidates, weights=weights, banks=banks, table=table, k=k, metric=space.metric,
                                 mode=space.mode, recorded=json.loads(recorded) if recorded else None)
