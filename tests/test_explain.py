@@ -195,3 +195,91 @@ def test_cli_bad_inputs_are_one_line_and_write_nothing(tiny_model, tmp_path, cap
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "missing.pt" in err
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------- the gallery and the page
+@pytest.fixture(scope="module", params=["plain", "scans"])
+def gallery_experiment(request, tmp_path_factory):
+    """A hand-made experiment whose best/model.pt is a real tiny model trained on a demo family."""
+    import json
+
+    from helpers_artifacts import make_fake_experiment, train_tiny_artifact
+    from tune_rice.demo import generate_demo
+
+    work = tmp_path_factory.mktemp(f"gallery_{request.param}")
+    data = generate_demo(work / "data", per_class=8, size=48, family=request.param, workers=1)
+    rows = [{"path": f"{d.name}/{f.name}", "label": d.name, "split": ("train", "train", "valid", "test")[i % 4],
+             "group": f"{d.name}/{f.name}"}
+            for d in sorted(p for p in data.iterdir() if p.is_dir()) for i, f in enumerate(sorted(d.glob("*.jpg")))]
+    csv = data / "labels.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    exp = make_fake_experiment(work)
+    train_tiny_artifact(csv, exp / "best" / "model.pt", cache_dir=work / "cache")
+    args = json.loads((exp / "search_args.json").read_text())
+    (exp / "search_args.json").write_text(json.dumps({**args, "data": str(data)}))
+    return exp, csv
+
+
+def test_report_gallery_from_valid_only_with_maps_tensorboard_and_a_self_contained_page(gallery_experiment):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tune_rice import report, report_html
+    from tune_rice.data import read_labels
+
+    exp, csv = gallery_experiment
+    md_path = report.write_report(exp)
+    md = md_path.read_text()
+    assert "## Mistakes and examples on valid" in md and "### Recall per class on valid" in md
+    table = read_labels(csv)
+    valid = set(table.split("valid")["path"])
+    loaded, labels = explain.gallery_data(exp)
+    g = explain.build_gallery(loaded, labels, n_mistakes=5)
+    assert set(g.table["path"]) == valid  # every valid image scored, and nothing from train or test
+    assert g.table["loss"].iloc[g.mistakes].is_monotonic_decreasing and len(g.mistakes) == 5
+    assert g.table.loc[g.mistakes[0], "loss"] == g.table["loss"].max()
+    for c, rows in g.correct.items():
+        assert all(g.table.loc[i, "pred"] == c == g.table.loc[i, "true"] for i in rows)
+    recall = g.recall().set_index("class")["recall"]
+    for c in g.classes:  # the recall beside the gallery is the valid recall
+        mine = g.table[g.table["true"] == c]
+        if len(mine):
+            assert recall[c] == pytest.approx((mine["pred"] == c).mean())
+    out = md_path.parent
+    for name in explain.GALLERY_FILES:
+        with Image.open(out / name) as im:
+            assert im.format == "PNG" and min(im.size) >= 100
+    assert sum(f.stat().st_size for f in out.iterdir()) < 3e6  # the whole report stays a few MB at most
+
+    page = (out / "index.html").read_text()
+    sources = report_html.image_sources(page)
+    referenced = [m for m in __import__("re").findall(r"!\[[^\]]*\]\(([^)]+)\)", md)]
+    assert len(sources) == len(referenced) >= 3 and {"mistakes.png", "correct.png"} <= set(referenced)
+    for src in sources:  # every image inlined and a real image
+        assert src.startswith("data:image/png;base64,")
+        import base64
+        import io
+
+        with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as im:
+            im.verify()
+    for line in md.splitlines():  # every section of report.md is on the page
+        if line.startswith("## "):
+            assert f">{line[3:].strip()}</h2>" in page.replace("&amp;", "&")
+    assert 'name="viewport"' in page
+
+    acc = EventAccumulator(str(exp / explain.VALID_RUN), size_guidance={"images": 0})
+    acc.Reload()
+    assert set(acc.Tags()["images"]) == {"valid/mistakes", "valid/correct"}
+    assert not (exp / "test").exists() or not any((exp / "test").glob("*valid*"))
+
+
+def test_gallery_without_a_model_or_data_says_why(tmp_path):
+    from helpers_artifacts import make_fake_experiment
+
+    from tune_rice import report
+
+    exp = make_fake_experiment(tmp_path)
+    md = report.write_report(exp).read_text()
+    assert "No gallery: no best/model.pt in the experiment." in md
+    assert not (exp / "report" / "mistakes.png").exists()
+    page = (exp / "report" / "index.html").read_text()
+    assert all(s.startswith("data:image/png;base64,") for s in __import__("tune_rice.report_html").report_html.image_sources(page))

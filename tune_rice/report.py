@@ -13,11 +13,15 @@ Writes ``runs/<name>/report/``:
 - ``reliability.png`` and ``coverage.png``: the deployed model's reliability diagram on valid before and
   after its temperature, and its valid accuracy against coverage with the suggested ``--min-confidence``
   (from final.json, the record of the final model's choice);
+- ``mistakes.png`` and ``correct.png``: the deployed model on the valid images, the highest losses and the
+  most confident right ones per class, each with its activation map (``explain.gallery_section``; also
+  into the TensorBoard run ``valid``), and per-class recall;
 - ``report.md``: the headline numbers, flags (best value at the edge of the space, errored and stopped
-  trials, a randomly initialised backbone), the top trials and the figures.
+  trials, a randomly initialised backbone), the top trials and the figures;
+- ``index.html``: report.md as one self-contained page (images inlined), readable on a phone.
 
 Reads only files the search wrote (results.csv, search_args.json, test_metrics.json, final.json,
-trial_*/result.json or trial_*/progress.csv); no Ray.
+trial_*/result.json or trial_*/progress.csv, best/model.pt) and the valid images; no Ray.
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ import pandas as pd
 
 from . import UserError, cli
 from .engine import TrialConfig
+from .explain import gallery_section
+from .features import resolve_device
+from .report_html import PAGE, write_html
 from .space import METRICS, SearchSpace, load_search_space
 
 log = logging.getLogger(__name__)
@@ -804,9 +811,15 @@ def write_report(exp_dir: str | os.PathLike) -> Path:
         if draw("confusion.png", lambda: confusion_figure(exp.test)):
             md += ["![test confusion matrix](confusion.png)", "",
                    "Rows are the true class, columns the predicted class.", ""]
+    try:
+        md += gallery_section(exp.exp_dir, out, device=resolve_device("auto"))
+    except Exception as e:  # noqa: BLE001 - like a figure: a failed gallery costs the gallery, not the report
+        log.warning("report: gallery not drawn (%s: %s)", type(e).__name__, e)
+        md += [f"(the valid gallery could not be drawn: {type(e).__name__}: {e})", ""]
     path = out / "report.md"
     path.write_text("\n".join(md))
-    log.info("report: %s (%s)", path, ", ".join(drawn) or "no figures")
+    write_html(path)
+    log.info("report: %s and %s (%s)", path, PAGE, ", ".join(drawn) or "no figures")
     return path
 
 
