@@ -9,8 +9,8 @@ measured: the share of its mass inside the spot's box, against the box's share o
 that knew nothing would put about that share there). Also: the share of images whose map puts at least
 twice the area share in the box, and how often the map's peak falls inside the box.
 
-    python benchmarks/bench_explain.py                      # field + scans, resnet18 + mobilenet_v3_small
-    python benchmarks/bench_explain.py --families field --backbones resnet18 --per-class 40
+    python benchmarks/bench_explain.py                      # field + scans, resnet18, stages 0-2
+    python benchmarks/bench_explain.py --families field --backbones resnet18 mobilenet_v3_small --per-class 80
 
 Writes ``benchmarks/results/explain_localisation.json``. Every figure is for a randomly initialised
 backbone (no ImageNet weights can be downloaded here).
@@ -114,9 +114,10 @@ def train_model(labels_csv: Path, *, backbone: str, image_size: int, cache_dir: 
     return Classifier(net, run.head.cpu()).eval(), float(last["valid/acc"])
 
 
-def localisation(model: Classifier, root: Path, *, image_size: int, methods=("gradcam",),
+def localisation(model: Classifier, root: Path, *, image_size: int, methods=("gradcam",), stages=(0,),
                  splits=("valid", "test")) -> dict:
-    """The map-mass measures on every held-out lesion image, per method; also held-out accuracy."""
+    """The map-mass measures on every held-out lesion image, per method and stage (``earlier``); also
+    held-out accuracy. Keys ``<method>@<stage>``, each naming its layer and grid."""
     table = pd.read_csv(root / "labels.csv")
     boxes = pd.read_csv(root / "boxes.csv").set_index("path")
     held = table[table["split"].isin(splits)].reset_index(drop=True)
@@ -127,51 +128,52 @@ def localisation(model: Classifier, root: Path, *, image_size: int, methods=("gr
     on = held.index[held["label"] == "lesion"].to_numpy()
     area = np.array([(b.x1 - b.x0) * (b.y1 - b.y0) / image_size ** 2 for b in
                      (boxes.loc[p] for p in held.loc[on, "path"])])
-    out = {"held_out": len(held), "lesion_images": len(on), "box_area_share": float(area.mean())}
+    with torch.no_grad():
+        accuracy = float(np.mean(model(x).argmax(1).numpy() == truth))
+    out = {"held_out": len(held), "lesion_images": len(on), "box_area_share": float(area.mean()),
+           "held_out_accuracy": accuracy, "maps": {}}
     for method in methods:
-        t0 = time.perf_counter()
-        with Explainer(model, image_size=image_size, method=method) as ex:
-            probs, maps = ex(x[on], targets=[lesion] * len(on))
-            if method == methods[0]:
-                all_probs, _ = ex(x)
-        seconds = time.perf_counter() - t0
-        mass, hit = [], []
-        for k, i in enumerate(on):
-            b = boxes.loc[held.loc[i, "path"]]
-            mass.append(mass_in_box(maps[k], (b.x0, b.y0, b.x1, b.y1)))
-            py, px = np.unravel_index(int(np.argmax(maps[k])), maps[k].shape)
-            hit.append(b.x0 <= px < b.x1 and b.y0 <= py < b.y1)
-        mass = np.nan_to_num(np.asarray(mass), nan=0.0)  # an all-zero map has no mass anywhere: 0 in the box
-        out[method] = {"mass_share_mean": float(mass.mean()), "mass_share_median": float(np.median(mass)),
-                       "ratio_to_area": float(mass.mean() / area.mean()),
-                       "share_at_least_2x_area": float(np.mean(mass >= 2 * area)),
-                       "peak_in_box": float(np.mean(hit)), "seconds_per_image": seconds / len(on)}
-        if method == methods[0]:
-            out["held_out_accuracy"] = float(np.mean(all_probs.argmax(1) == truth))
+        for stage in stages:
+            t0 = time.perf_counter()
+            with Explainer(model, image_size=image_size, method=method, earlier=stage) as ex:
+                _, maps = ex(x[on], targets=[lesion] * len(on))
+                layer = ex.layers[0]
+            seconds = time.perf_counter() - t0
+            mass, hit = [], []
+            for k, i in enumerate(on):
+                b = boxes.loc[held.loc[i, "path"]]
+                mass.append(mass_in_box(maps[k], (b.x0, b.y0, b.x1, b.y1)))
+                py, px = np.unravel_index(int(np.argmax(maps[k])), maps[k].shape)
+                hit.append(b.x0 <= px < b.x1 and b.y0 <= py < b.y1)
+            mass = np.nan_to_num(np.asarray(mass), nan=0.0)  # an all-zero map has no mass anywhere: 0 in the box
+            out["maps"][f"{method}@{stage}"] = {
+                "method": method, "earlier": stage, "layer": layer.name, "grid": list(layer.grid),
+                "mass_share_mean": float(mass.mean()), "mass_share_median": float(np.median(mass)),
+                "ratio_to_area": float(mass.mean() / area.mean()),
+                "share_at_least_2x_area": float(np.mean(mass >= 2 * area)),
+                "peak_in_box": float(np.mean(hit)), "seconds_per_image": seconds / len(on)}
     return out
 
 
-def measure(family: str, backbone: str, *, per_class: int, image_size: int, methods, work: Path) -> dict:
+def measure(family: str, backbone: str, *, per_class: int, image_size: int, methods, stages, work: Path) -> dict:
     root = work / f"{family}"
     csv = root / "labels.csv" if (root / "labels.csv").is_file() else \
         make_marked_dataset(root, family=family, per_class=per_class, image_size=image_size)
     t0 = time.perf_counter()
     model, valid_acc = train_model(csv, backbone=backbone, image_size=image_size, cache_dir=work / "cache")
     trained = time.perf_counter() - t0
-    result = localisation(model, root, image_size=image_size, methods=methods)
-    layer = Explainer(model, image_size=image_size)
-    name, grid = layer.layers[0].name, layer.layers[0].grid
-    layer.close()
-    return {"family": family, "backbone": backbone, "weights": "random init", "layer": name,
-            "grid": list(grid), "valid_accuracy": valid_acc, "train_seconds": trained, **result}
+    result = localisation(model, root, image_size=image_size, methods=methods, stages=stages)
+    return {"family": family, "backbone": backbone, "weights": "random init", "valid_accuracy": valid_acc,
+            "train_seconds": trained, **result}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--families", nargs="+", default=["field", "scans"])
-    p.add_argument("--backbones", nargs="+", default=["resnet18", "mobilenet_v3_small"])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--per-class", type=int, default=250)
+    p.add_argument("--backbones", nargs="+", default=["resnet18"])
+    p.add_argument("--methods", nargs="+", default=["gradcam"], choices=METHODS)
+    p.add_argument("--stages", nargs="+", type=int, default=[0, 1, 2], help="explain's --earlier values")
+    p.add_argument("--per-class", type=int, default=150)
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "explain_localisation.json"))
     p.add_argument("--example", help="also write one overlay PNG of a held-out lesion image here")
@@ -183,27 +185,27 @@ def main() -> int:
         for family in args.families:
             for backbone in args.backbones:
                 r = measure(family, backbone, per_class=args.per_class, image_size=args.image_size,
-                            methods=args.methods, work=work)
+                            methods=args.methods, stages=args.stages, work=work)
                 runs.append(r)
-                print(f"{family:6s} {backbone:18s} (random init) layer {r['layer']} {r['grid']}: held-out acc "
-                      f"{r['held_out_accuracy']:.3f}; box = {r['box_area_share']:.1%} of the image")
-                for m in args.methods:
-                    s = r[m]
-                    print(f"    {m:10s} mass in box {s['mass_share_mean']:6.1%} (x{s['ratio_to_area']:.1f} the area), "
-                          f">=2x area on {s['share_at_least_2x_area']:6.1%}, peak in box {s['peak_in_box']:6.1%}")
+                print(f"{family:6s} {backbone} (random init): held-out acc {r['held_out_accuracy']:.3f}; "
+                      f"box = {r['box_area_share']:.1%} of the image", flush=True)
+                for key, s in r["maps"].items():
+                    print(f"    {key:10s} {s['layer']:>8s} {s['grid'][0]}x{s['grid'][1]}: mass in box "
+                          f"{s['mass_share_mean']:6.1%} (x{s['ratio_to_area']:.1f} the area), >=2x area on "
+                          f"{s['share_at_least_2x_area']:6.1%}, peak in box {s['peak_in_box']:6.1%}", flush=True)
         if args.example:
-            _example(work / args.families[0], Path(args.example), image_size=args.image_size)
+            _example(work / args.families[0], Path(args.example), image_size=args.image_size, earlier=max(args.stages))
     out = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
            "cpus": os.cpu_count(), "torch": torch.__version__, "torchvision": torchvision.__version__,
            "grad_cam": _version("grad-cam"), "per_class": args.per_class, "image_size": args.image_size,
-           "mark_diameter": MARK_DIAMETER, "head_config": HEAD_CONFIG, "weights": "random init", "runs": runs}
+           "stages": args.stages, "mark_diameter": MARK_DIAMETER, "head_config": HEAD_CONFIG, "weights": "random init", "runs": runs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(f"wrote {args.out}")
     return 0
 
 
-def _example(root: Path, png: Path, *, image_size: int) -> None:
+def _example(root: Path, png: Path, *, image_size: int, earlier: int) -> None:
     """An overlay of the first held-out lesion image through the explain CLI's own code."""
     import matplotlib
 
@@ -218,7 +220,7 @@ def _example(root: Path, png: Path, *, image_size: int) -> None:
     table = pd.read_csv(root / "labels.csv")
     first = table[(table["label"] == "lesion") & (table["split"] == "test")]["path"].iloc[0]
     out = root / "explained"
-    explain_files(load_model(art), [root / first], out, progress=False)
+    explain_files(load_model(art), [root / first], out, earlier=earlier, progress=False)
     png.parent.mkdir(parents=True, exist_ok=True)
     png.write_bytes((out / Path(first).with_suffix(".png").name).read_bytes())
     print(f"example overlay: {png}")

@@ -13,7 +13,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from tune_rice import cli, explain, predict
+from tune_rice import UserError, cli, explain, predict
 from tune_rice.model import Classifier, FrozenBackbone, build_backbone, build_ensemble, build_head
 
 pytest_plugins = ["helpers_artifacts"]
@@ -50,6 +50,14 @@ def test_last_spatial_layer_of_convnets(name, size, layer, grid):
     found = explain.find_spatial_layer(backbone.net, image_size=size)
     assert (found.name, found.grid, found.reshape) == (layer, grid, None)
     assert found.module is backbone.net.get_submodule(layer)
+
+
+def test_earlier_stages_step_back_one_resolution_at_a_time():
+    backbone, _ = build_backbone("resnet18", weights="none")
+    found = [explain.find_spatial_layer(backbone.net, image_size=64, earlier=k) for k in (0, 1, 2)]
+    assert [(f.name, f.grid) for f in found] == [("layer4", (2, 2)), ("layer3", (4, 4)), ("layer2", (8, 8))]
+    with pytest.raises(UserError, match="--earlier 9: .* valid: 0 to 4"):
+        explain.find_spatial_layer(backbone.net, image_size=64, earlier=9)
 
 
 def test_vit_maps_come_from_the_last_block_whose_patch_tokens_reach_the_class_token():

@@ -84,12 +84,13 @@ def _spatial_view(out) -> tuple[torch.Tensor, TokenGrid | None] | None:
     return None
 
 
-def find_spatial_layer(net: nn.Module, *, image_size: int) -> SpatialLayer:
+def find_spatial_layer(net: nn.Module, *, image_size: int, earlier: int = 0) -> SpatialLayer:
     """The last module of ``net`` with a spatial output whose positions reach the output (see module doc).
 
-    Probes ``net`` with one random image of ``image_size`` pixels; parameters are not touched (they keep
-    ``requires_grad`` as they are and get no ``.grad``: the gradient is taken with ``torch.autograd.grad``
-    with respect to the recorded outputs only).
+    ``earlier=k`` steps back ``k`` resolution stages: the last qualifying module whose grid is the
+    ``k``-th finer one (``layer3`` instead of ``layer4`` for a ResNet with ``k=1``). Probes ``net`` with
+    one random image of ``image_size`` pixels; parameters get no ``.grad`` (the gradient is taken with
+    ``torch.autograd.grad`` with respect to the recorded outputs only).
     """
     seen: list[tuple[str, nn.Module, torch.Tensor, TokenGrid | None]] = []
     hooks = []
@@ -122,6 +123,7 @@ def find_spatial_layer(net: nn.Module, *, image_size: int) -> SpatialLayer:
     finally:
         for h in hooks:
             h.remove()
+    qualified = []  # (name, grid), last first
     for name, grad in zip(reversed(order), reversed(grads)):
         module, out, reshape = by_name[name]
         if grad is None:
@@ -130,10 +132,19 @@ def find_spatial_layer(net: nn.Module, *, image_size: int) -> SpatialLayer:
         reach = (positions.abs().amax(dim=-1) > 0).float().mean().item()
         if reach >= REACH_SHARE:
             grid = (out.shape[-2], out.shape[-1]) if reshape is None else (reshape.h, reshape.w)
-            log.debug("spatial layer: %s, %s grid, %.0f%% of positions reach the output", name, grid, 100 * reach)
-            return SpatialLayer(name, module, tuple(int(v) for v in grid), reshape)
-    raise UserError(f"{type(net).__name__}: no layer with a spatial output reaches the output at "
-                    f"{image_size} px, so there is no map to draw (is the image size too small for it?)")
+            qualified.append((name, tuple(int(v) for v in grid)))
+    if not qualified:
+        raise UserError(f"{type(net).__name__}: no layer with a spatial output reaches the output at "
+                        f"{image_size} px, so there is no map to draw (is the image size too small for it?)")
+    grids = list(dict.fromkeys(grid for _, grid in qualified))  # coarsest (last) first
+    if not 0 <= earlier < len(grids):
+        raise UserError(f"--earlier {earlier}: {type(net).__name__} at {image_size} px has {len(grids)} "
+                        f"resolution stage(s) with a map ({', '.join(f'{h}x{w}' for h, w in grids)}); "
+                        f"valid: 0 to {len(grids) - 1}")
+    name, grid = next((n, gr) for n, gr in qualified if gr == grids[earlier])
+    module, _, reshape = by_name[name]
+    log.debug("spatial layer: %s, %s grid", name, grid)
+    return SpatialLayer(name, module, grid, reshape)
 
 
 # ----------------------------------------------------------------------------------------- explaining
@@ -169,10 +180,10 @@ class Explainer:
     the softmax of the model's output (calibrated when the model holds a fitted temperature) and, for the
     class in ``targets`` (default: the predicted class), the map scaled to [0, 1] per image. An ensemble's
     map is its members' maps averaged with the ensemble's weights. Every parameter of ``model`` is set to
-    ``requires_grad=False`` (they are frozen in use anyway).
+    ``requires_grad=False`` (they are frozen in use anyway). ``earlier``: see :func:`find_spatial_layer`.
     """
 
-    def __init__(self, model: nn.Module, *, image_size: int, method: str = DEFAULT_METHOD):
+    def __init__(self, model: nn.Module, *, image_size: int, method: str = DEFAULT_METHOD, earlier: int = 0):
         cam_class = _cam_class(method)
         if isinstance(model, torch.jit.ScriptModule):
             raise UserError("a TorchScript export has no layers to hook: explain needs the tune-rice model file "
@@ -186,7 +197,7 @@ class Explainer:
             backbone = getattr(member, "backbone", None)
             if backbone is None or not hasattr(backbone, "net"):
                 raise UserError(f"{type(member).__name__}: not a frozen-backbone classifier; cannot explain it")
-            parts.append((member, weight, find_spatial_layer(backbone.net, image_size=image_size)))
+            parts.append((member, weight, find_spatial_layer(backbone.net, image_size=image_size, earlier=earlier)))
         # One leaf hook per layer (members may share a backbone), registered before any of the library's
         # hooks so that every one of them sees the leaf the rest of the forward pass uses.
         self._handles = {}
@@ -280,7 +291,7 @@ def _output_names(files: Sequence[Path]) -> list[str]:
     return names
 
 
-def explain_files(loaded, files: Sequence[Path], out_dir: Path, *, method: str = DEFAULT_METHOD,
+def explain_files(loaded, files: Sequence[Path], out_dir: Path, *, method: str = DEFAULT_METHOD, earlier: int = 0,
                   topk: int | None = None, batch_size: int = 16, device: str | torch.device = "cpu",
                   progress: bool = True) -> pd.DataFrame:
     """Write one overlay PNG per readable file into ``out_dir``; returns the explain.csv table."""
@@ -306,7 +317,7 @@ def explain_files(loaded, files: Sequence[Path], out_dir: Path, *, method: str =
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = [{} for _ in files]
     bar = tqdm(total=len(files), desc="explain", unit="img", disable=not progress, leave=False, dynamic_ncols=True)
-    with Explainer(model, image_size=loaded.image_size, method=method) as explainer:
+    with Explainer(model, image_size=loaded.image_size, method=method, earlier=earlier) as explainer:
         for x, idx, failures in loader:
             for i, err in failures:
                 rows[i] = {"path": str(files[i]), "overlay": "", "error": err}
@@ -576,6 +587,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="runs/<name>/best/model.pt or an experiment folder")
     p.add_argument("--out", default="explain", help="folder for the PNGs and explain.csv")
     p.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD, help="pytorch-grad-cam method")
+    p.add_argument("--earlier", type=int, default=0, metavar="K",
+                   help="take the map K resolution stages before the last spatial layer (finer; with a "
+                        "randomly initialised backbone the last layer's map hardly localises, see BENCHMARKS.md)")
     p.add_argument("--topk", type=int, help=f"ranked classes shown per photo (default: {DEFAULT_TOPK}, or the "
                                             "class count if smaller)")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch")
@@ -602,8 +616,8 @@ def _main(argv: Sequence[str] | None) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder")
-    table = explain_files(loaded, files, out, method=args.method, topk=args.topk, batch_size=args.batch_size,
-                          device=device)
+    table = explain_files(loaded, files, out, method=args.method, earlier=args.earlier, topk=args.topk,
+                          batch_size=args.batch_size, device=device)
     table.to_csv(out / "explain.csv", index=False, float_format="%.6f")
     skipped = table[table["error"] != ""]
     if len(skipped):
