@@ -291,3 +291,22 @@ def test_gallery_without_a_model_or_data_says_why(tmp_path):
     assert not (exp / "report" / "mistakes.png").exists()
     page = (exp / "report" / "index.html").read_text()
     assert all(s.startswith("data:image/png;base64,") for s in __import__("tune_rice.report_html").report_html.image_sources(page))
+
+
+# ------------------------------------------------------------------------ do the maps find the evidence?
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["field", "scans"])
+def test_maps_put_their_mass_on_the_mark_that_decides_the_class(family, tmp_path):
+    """Random-init resnet18, a head trained on its bank; only a small spot (4% of the image, anywhere) makes
+    a photo 'lesion'. Two stages before the last layer, the map for 'lesion' puts at least twice the spot's
+    area share inside its box on most held-out lesion images (see BENCHMARKS.md for every stage)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_explain import localisation, make_marked_dataset, train_model
+
+    csv = make_marked_dataset(tmp_path / "data", family=family, per_class=100, image_size=128)
+    model, _ = train_model(csv, backbone="resnet18", image_size=128, cache_dir=tmp_path / "cache")
+    result = localisation(model, csv.parent, image_size=128, stages=(2,))
+    assert result["held_out_accuracy"] > 0.6  # chance is 0.5: the head found the spot
+    m = result["maps"]["gradcam@2"]
+    assert m["layer"] == "layer2"
+    assert m["ratio_to_area"] > 2.5 and m["share_at_least_2x_area"] > 0.6, m
