@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from . import UserError, cli
+from .devices import DEVICE_CHOICES
 
 log = logging.getLogger(__name__)
 
@@ -392,7 +393,7 @@ def gallery_data(exp_dir: Path) -> tuple[object, object] | str:
     """The deployed model and the labels table of a finished search, or why they cannot be had."""
     from .data import read_labels_checked
     from .evaluate import align_classes, resolve_labels
-    from .predict import load_model
+    from .model import load_model
 
     model_path = exp_dir / "best" / "model.pt"
     if not model_path.is_file():
@@ -593,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, help=f"ranked classes shown per photo (default: {DEFAULT_TOPK}, or the "
                                             "class count if smaller)")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = GPU when present")
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto = GPU when present")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 

@@ -41,9 +41,9 @@ import numpy as np
 import pandas as pd
 
 from . import UserError, cli
+from .devices import resolve_device
 from .engine import TrialConfig
 from .explain import gallery_section
-from .features import resolve_device
 from .report_html import PAGE, write_html
 from .space import METRICS, SearchSpace, load_search_space
 
