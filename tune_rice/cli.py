@@ -24,6 +24,7 @@ TOOLS = {
     "evaluate": "score a trained model on a labelled split",
     "report": "write plots and tables for a finished search",
     "export": "export a trained model to TorchScript or ONNX",
+    "backbones": "list the usable backbones and their weights (offline)",
 }
 
 

@@ -175,41 +175,108 @@ def read_labels_checked(csv_path: str | os.PathLike, root: str | os.PathLike | N
 
 
 # ----------------------------------------------------------------------------------------- transforms
+INTERPOLATIONS = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
+                  "nearest": T.InterpolationMode.NEAREST}
+
+
 def eval_resize(image_size: int) -> int:
     """Short-side resize before the centre crop (the 256/224 ImageNet convention)."""
     return int(round(image_size * 256 / 224))
 
 
-def build_transform(image_size: int = 224, *, train: bool = False, policy: str = "standard") -> T.Compose:
-    """The preprocessing for one image: PIL RGB -> float tensor (3, S, S), ImageNet-normalised.
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a photo becomes the backbone's input: resize the short side to ``resize`` px with
+    ``interpolation``, centre-crop ``crop`` px, pixel/255, then ``(x - mean) / std``.
 
+    The zoo (``backbones.preprocessing_for``) takes these from the weights' own transforms; a bare image
+    size gives the ResNet/ImageNet convention (:meth:`for_size`), which is also what models saved before
+    the zoo used.
+    """
+
+    crop: int
+    resize: int
+    interpolation: str = "bilinear"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def __post_init__(self):
+        if self.interpolation not in INTERPOLATIONS:
+            raise UserError(f"unknown interpolation {self.interpolation!r}; valid: {', '.join(INTERPOLATIONS)}")
+        if int(self.crop) < 16 or int(self.resize) < int(self.crop):
+            raise UserError(f"preprocessing needs crop >= 16 and resize >= crop, got crop {self.crop}, "
+                            f"resize {self.resize}")
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+
+    @classmethod
+    def for_size(cls, image_size: int) -> Preprocessing:
+        return cls(crop=int(image_size), resize=eval_resize(int(image_size)))
+
+    def to_dict(self) -> dict:
+        """Plain data, as saved inside model artifacts and export metadata."""
+        return {"image_size": int(self.crop), "resize": int(self.resize), "crop": "center",
+                "interpolation": self.interpolation, "mean": list(self.mean), "std": list(self.std),
+                "color": "RGB", "scale": "pixel/255 then (x - mean) / std"}
+
+    @classmethod
+    def from_dict(cls, spec: dict) -> Preprocessing:
+        """Read :meth:`to_dict`'s output; artifacts written before the zoo have no ``interpolation``
+        (they used bilinear) and may lack ``resize`` (they used :func:`eval_resize`)."""
+        try:
+            size = int(spec["image_size"])
+            if spec.get("crop", "center") != "center":
+                raise UserError(f"preprocessing crop {spec.get('crop')!r}: only 'center' is supported")
+            return cls(crop=size, resize=int(spec.get("resize", eval_resize(size))),
+                       interpolation=str(spec.get("interpolation", "bilinear")),
+                       mean=tuple(spec.get("mean", IMAGENET_MEAN)), std=tuple(spec.get("std", IMAGENET_STD)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"preprocessing {spec!r} is not valid ({type(e).__name__}: {e})") from None
+
+
+def as_preprocessing(value: int | Preprocessing | dict) -> Preprocessing:
+    """A :class:`Preprocessing` from itself, its dict form, or a bare image size (ResNet convention)."""
+    if isinstance(value, Preprocessing):
+        return value
+    if isinstance(value, dict):
+        return Preprocessing.from_dict(value)
+    return Preprocessing.for_size(int(value))
+
+
+def build_transform(preprocessing: int | Preprocessing | dict = 224, *, train: bool = False,
+                    policy: str = "standard") -> T.Compose:
+    """The preprocessing for one image: PIL RGB -> float tensor (3, S, S), normalised.
+
+    ``preprocessing``: a :class:`Preprocessing` (resize, crop, interpolation, mean, std), its dict form, or
+    a bare image size (ResNet convention: resize 256/224 of it, bilinear, ImageNet mean/std).
     ``train=False`` (or policy ``none``) is deterministic: resize the short side then centre-crop.
     Training policies: ``light`` (crop + horizontal flip), ``standard`` (RandomResizedCrop, flips, small
     rotation, ColorJitter: the seed recipe's augmentation), ``strong`` (wider crops and jitter).
     """
     if policy not in AUG_POLICIES:
         raise UserError(f"unknown augmentation policy {policy!r}; valid: {', '.join(AUG_POLICIES)}")
-    tail = [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    pre = as_preprocessing(preprocessing)
+    size, interp = pre.crop, INTERPOLATIONS[pre.interpolation]
+    tail = [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(pre.mean, pre.std)]
     if not train or policy == "none":
-        return T.Compose([T.Resize(eval_resize(image_size), antialias=True), T.CenterCrop(image_size), *tail])
+        return T.Compose([T.Resize(pre.resize, interpolation=interp, antialias=True), T.CenterCrop(size), *tail])
     if policy == "light":
-        aug = [T.RandomResizedCrop(image_size, scale=(0.7, 1.0), antialias=True), T.RandomHorizontalFlip()]
+        aug = [T.RandomResizedCrop(size, scale=(0.7, 1.0), interpolation=interp, antialias=True),
+               T.RandomHorizontalFlip()]
     elif policy == "standard":
-        aug = [T.RandomResizedCrop(image_size, scale=(0.5, 1.0), antialias=True), T.RandomHorizontalFlip(),
-               T.RandomVerticalFlip(), T.RandomRotation(15),
+        aug = [T.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=interp, antialias=True),
+               T.RandomHorizontalFlip(), T.RandomVerticalFlip(), T.RandomRotation(15),
                T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02)]
     else:  # strong
-        aug = [T.RandomResizedCrop(image_size, scale=(0.3, 1.0), antialias=True), T.RandomHorizontalFlip(),
-               T.RandomVerticalFlip(), T.RandomRotation(30),
+        aug = [T.RandomResizedCrop(size, scale=(0.3, 1.0), interpolation=interp, antialias=True),
+               T.RandomHorizontalFlip(), T.RandomVerticalFlip(), T.RandomRotation(30),
                T.ColorJitter(brightness=0.35, contrast=0.35, saturation=0.35, hue=0.05)]
     return T.Compose([*aug, *tail])
 
 
-def preprocessing_spec(image_size: int) -> dict:
+def preprocessing_spec(image_size: int | Preprocessing) -> dict:
     """How to turn a photo into the model's input, as plain data (saved inside model artifacts)."""
-    return {"image_size": int(image_size), "resize": eval_resize(image_size), "crop": "center",
-            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "color": "RGB",
-            "scale": "pixel/255 then (x - mean) / std"}
+    return as_preprocessing(image_size).to_dict()
 
 
 # -------------------------------------------------------------------------------------------- dataset

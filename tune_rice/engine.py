@@ -37,8 +37,8 @@ class TrialConfig:
     """Every knob of one trial. Search spaces may set any field; unknown keys are an error."""
 
     # backbone side (changes the feature bank)
-    backbone: str = "resnet34"
-    image_size: int = 224
+    backbone: str = "resnet34"  # a torchvision model, optionally with weights: "vit_b_16:IMAGENET1K_SWAG_LINEAR_V1"
+    image_size: int = 0  # 0 = the weights' own preprocessing (crop, resize, interpolation)
     head: str = "pooled"  # pooled | seed (seed = the recipe's head on the 1000 ImageNet logits)
     aug_policy: str = "standard"
     views: int = 4  # K: views per training image in the bank (view 0 un-augmented)
@@ -81,7 +81,7 @@ class TrialConfig:
             (self.aug_policy in AUG_POLICIES, f"aug_policy must be one of {AUG_POLICIES}"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}"),
-            (self.views >= 1, "views must be >= 1"), (self.image_size >= 16, "image_size must be >= 16"),
+            (self.views >= 1, "views must be >= 1"), (self.image_size == 0 or self.image_size >= 16, "image_size must be >= 16 (or 0: the weights' own)"),
             (self.hidden >= 0, "hidden must be >= 0"), (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
             (self.lr > 0, "lr must be > 0"), (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (self.batch_size >= 1, "batch_size must be >= 1"), (self.epochs >= 1, "epochs must be >= 1"),
@@ -316,8 +316,8 @@ class HeadRun:
             self.weights = resolved.identity
             backbone = backbone.to(self.device).to(memory_format=torch.channels_last)
             workers = default_num_workers() if num_workers is None else num_workers
-            eval_tf = build_transform(spec.image_size, train=False)
-            train_tf = build_transform(spec.image_size, train=True, policy=spec.policy)
+            eval_tf = build_transform(spec.preprocessing, train=False)
+            train_tf = build_transform(spec.preprocessing, train=True, policy=spec.policy)
             # Standardisation statistics from un-augmented train images: the same numbers the bank uses.
             stats_loader = DataLoader(dataset_for_split(table, "train", eval_tf), batch_size=64,
                                       num_workers=workers)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import UserError, cli
-from .data import SPLITS, ImageDecodeError, LabelTable, build_transform, dataset_for_split, read_labels_checked
+from .data import SPLITS, ImageDecodeError, LabelTable, Preprocessing, build_transform, dataset_for_split, read_labels_checked
 from .devices import DEVICE_CHOICES, default_num_workers, device_from_arg, resolve_device
 from .engine import ImageBatches, compute_metrics, predict_logits
 from .model import load_model
@@ -61,17 +61,20 @@ def align_classes(table: LabelTable, model_classes: Sequence[str]) -> LabelTable
     return dataclasses.replace(table, classes=model_classes)
 
 
-def split_logits(model: nn.Module, table: LabelTable, split: str, image_size: int,
+def split_logits(model: nn.Module, table: LabelTable, split: str, preprocessing: int | dict | Preprocessing,
                  device: str | torch.device = "auto", *, batch_size: int = 64,
                  num_workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``model``'s outputs on the ``split`` images of ``table`` (decoded once, in order) and the targets."""
+    """``model``'s outputs on the ``split`` images of ``table`` (decoded once, in order) and the targets.
+
+    ``preprocessing``: the model's (as saved with it), or a bare image size for the ResNet convention.
+    """
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     if table.split(split).empty:
         raise UserError(f"{table.csv_path}: the {split} split has no images")
     device = resolve_device(device)
     workers = default_num_workers(4) if num_workers is None else num_workers
-    ds = dataset_for_split(table, split, build_transform(image_size, train=False))
+    ds = dataset_for_split(table, split, build_transform(preprocessing, train=False))
     batches = ImageBatches(ds, batch_size=batch_size, train=False, num_workers=workers, device=device)
     try:
         return predict_logits(model.to(device), batches)
@@ -95,14 +98,14 @@ def metrics_record(logits: torch.Tensor, y: torch.Tensor, classes: Sequence[str]
             "confusion_matrix": metrics["confusion"]}
 
 
-def evaluate_model(model: nn.Module, table: LabelTable, split: str, image_size: int,
+def evaluate_model(model: nn.Module, table: LabelTable, split: str, preprocessing: int | dict | Preprocessing,
                    device: str | torch.device = "auto", *, batch_size: int = 64,
                    num_workers: int | None = None) -> dict:
     """Score ``model`` on the ``split`` images of ``table``; the dict of a search's test_metrics.json.
 
     ``table.classes`` must be the model's classes in the model's order (see :func:`align_classes`).
     """
-    logits, y = split_logits(model, table, split, image_size, device, batch_size=batch_size,
+    logits, y = split_logits(model, table, split, preprocessing, device, batch_size=batch_size,
                              num_workers=num_workers)
     return metrics_record(logits, y, table.classes)
 
@@ -162,7 +165,7 @@ def _main(argv: Sequence[str] | None) -> int:
     loaded = load_model(args.model, device=device)
     table = align_classes(read_labels_checked(resolve_labels(args.data), args.data_root,
                                                     splits=(args.split,)), loaded.classes)
-    result = evaluate_model(loaded.module, table, args.split, loaded.image_size, device,
+    result = evaluate_model(loaded.module, table, args.split, loaded.preprocessing, device,
                             batch_size=args.batch_size, num_workers=args.num_workers)
     record = {"model": str(loaded.path), "data": str(table.csv_path), "split": args.split,
               "weights": loaded.weights, **result}

@@ -11,6 +11,7 @@ reused by later runs.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -29,14 +30,17 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import UserError
-from .data import AUG_POLICIES, LabelTable, build_transform, dataset_for_split, read_labels
+from .backbones import final_layer, pool_classifier_input, preprocessing_for, shape_network
+from .data import AUG_POLICIES, LabelTable, Preprocessing, build_transform, dataset_for_split, read_labels
 from .devices import default_num_workers, resolve_device
-from .model import (FEATURE_LAYERS, FrozenBackbone, ResolvedWeights, _classifier_attr, build_backbone,
-                    resolve_weights)
+from .model import FEATURE_LAYERS, FrozenBackbone, ResolvedWeights, build_backbone, resolve_weights
 
 log = logging.getLogger(__name__)
 
 BANK_FORMAT = 1
+# Share of the free memory that one extraction batch may take (the rest: loader workers, the banks
+# being filled, other processes on the machine).
+MEMORY_SHARE = 0.5
 
 
 def default_cache_dir() -> Path:
@@ -46,10 +50,15 @@ def default_cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    """Everything about the backbone side that changes the bank's numbers (except the data)."""
+    """Everything about the backbone side that changes the bank's numbers (except the data).
+
+    ``backbone`` is a backbone value (``arch`` or ``arch:WEIGHTS``); ``image_size`` 0 means the weights'
+    own crop size and is replaced by it, so a spec always names the size it extracts at. The rest of
+    the preprocessing (resize, interpolation, mean, std) follows from the two: :attr:`preprocessing`.
+    """
 
     backbone: str = "resnet34"
-    image_size: int = 224
+    image_size: int = 0
     feature_layer: str = "pooled"
     policy: str = "standard"
     views: int = 4
@@ -62,8 +71,14 @@ class FeatureSpec:
             raise UserError(f"unknown augmentation policy {self.policy!r}; valid: {', '.join(AUG_POLICIES)}")
         if int(self.views) < 1:
             raise UserError(f"views must be >= 1, got {self.views}")
-        if int(self.image_size) < 16:
-            raise UserError(f"image_size must be >= 16, got {self.image_size}")
+        if int(self.image_size) != 0 and int(self.image_size) < 16:
+            raise UserError(f"image_size must be >= 16 (or 0 for the weights' own), got {self.image_size}")
+        # resolves the size and refuses one the architecture cannot take (ViT), naming the backbone
+        object.__setattr__(self, "image_size", preprocessing_for(self.backbone, int(self.image_size) or None).crop)
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return preprocessing_for(self.backbone, self.image_size)
 
     @property
     def name(self) -> str:
@@ -124,7 +139,8 @@ def bank_key(table: LabelTable, spec: FeatureSpec, weights_identity: str, splits
     """``fingerprint``: ``data_fingerprint(table, splits)`` when the caller has it (it stats every image)."""
     data = fingerprint if fingerprint is not None else data_fingerprint(table, splits)
     payload = json.dumps({"format": BANK_FORMAT, "data": data, "spec": asdict(spec),
-                          "weights": weights_identity, "splits": sorted(splits)}, sort_keys=True)
+                          "preprocessing": spec.preprocessing.to_dict(), "weights": weights_identity,
+                          "splits": sorted(splits)}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
@@ -138,21 +154,21 @@ def _autocast(device: torch.device):
 def _forward_layers(backbone: FrozenBackbone, x: torch.Tensor, layers: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """``backbone``'s output for each of ``layers`` from one forward pass.
 
-    A backbone built for ``"logits"`` also yields ``"pooled"``: the input of its classifier layer, which
-    is exactly what the same network built for ``"pooled"`` (classifier replaced by Identity) returns.
+    A backbone built for ``"logits"`` also yields ``"pooled"``: the input of its final classifier layer,
+    which is exactly what the same network built for ``"pooled"`` (that layer cut) returns.
     """
     if layers == (backbone.feature_layer,):
         return {backbone.feature_layer: backbone(x)}
     if backbone.feature_layer != "logits" or set(layers) != {"logits", "pooled"}:
         raise ValueError(f"cannot give {layers} from a {backbone.feature_layer!r} backbone")
     seen = []
-    classifier = getattr(backbone.net, _classifier_attr(backbone.net))
+    _, _, classifier = final_layer(backbone.net)
     hook = classifier.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     try:
         logits = backbone(x)
     finally:
         hook.remove()
-    return {"logits": logits, "pooled": seen[0].float()}
+    return {"logits": logits, "pooled": pool_classifier_input(seen[0]).float()}
 
 
 @torch.inference_mode()
@@ -170,8 +186,7 @@ def run_backbones(backbones: dict[str, tuple[FrozenBackbone, tuple[str, ...]]], 
         x = x.contiguous(memory_format=torch.channels_last)
         rows = idx.numpy()
         for name, (backbone, layers) in backbones.items():
-            with _autocast(device):
-                got = _forward_layers(backbone, x, layers)
+            got = _forward_in_parts(backbone, x, layers, device)
             for layer, f in got.items():
                 f = f.float().reshape(len(idx), views, -1).cpu().numpy()  # (B, V, D)
                 if (name, layer) not in out:
@@ -182,6 +197,80 @@ def run_backbones(backbones: dict[str, tuple[FrozenBackbone, tuple[str, ...]]], 
     if not out:
         raise UserError("no images to extract features from")
     return out
+
+
+def _forward_in_parts(backbone: FrozenBackbone, x: torch.Tensor, layers: tuple[str, ...],
+                      device: torch.device) -> dict[str, torch.Tensor]:
+    """:func:`_forward_layers`, halving the batch while the GPU runs out of memory (the rows are
+    independent: the same numbers, in more passes)."""
+    try:
+        with _autocast(device):
+            return _forward_layers(backbone, x, layers)
+    except torch.cuda.OutOfMemoryError:
+        if len(x) == 1:
+            raise UserError(f"backbone {backbone.name}: one image at {x.shape[-1]} px does not fit in the GPU's "
+                            "memory; choose a smaller backbone or image_size (`tune-rice backbones` lists "
+                            "their sizes)") from None
+        torch.cuda.empty_cache()
+        log.warning("%s: out of GPU memory at %d images per pass; splitting the batch", backbone.name, len(x))
+        half = len(x) // 2
+        a, b = (_forward_in_parts(backbone, part, layers, device) for part in (x[:half], x[half:]))
+        return {k: torch.cat([a[k], b[k]]) for k in a}
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for a new allocation on ``device`` (None when unknown)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+@functools.lru_cache(maxsize=64)
+def activation_bytes(backbone: str, image_size: int) -> int:
+    """Estimated float32 working memory of one image's forward pass: four times the largest output of
+    any leaf module (a residual block holds its input, its output and a temporary or two), measured on
+    the meta device."""
+    net = shape_network(backbone)
+    largest = [0]
+
+    def hook(module, args, out):
+        if isinstance(out, torch.Tensor):
+            largest[0] = max(largest[0], out.numel())
+
+    handles = [m.register_forward_hook(hook) for m in net.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            net(torch.empty(1, 3, image_size, image_size, device="meta"))
+    finally:
+        for h in handles:
+            h.remove()
+    return 4 * 4 * largest[0]
+
+
+def fit_batch_size(specs, batch_size: int, device: torch.device, *, free: int | None = None) -> int:
+    """The extraction batch (images per forward, views included) that the free memory holds for the
+    largest of ``specs``: ``batch_size`` or less. Refuses a backbone whose working memory for one image
+    does not fit, with what to change; a GPU batch that still runs out is split (``_forward_in_parts``)."""
+    free = available_memory(device) if free is None else free
+    if free is None:
+        return batch_size
+    per_image = max(activation_bytes(s.backbone, s.image_size) for s in specs)
+    fits = int(MEMORY_SHARE * free // per_image)
+    if fits < 1:
+        worst = max(specs, key=lambda s: activation_bytes(s.backbone, s.image_size))
+        raise UserError(f"backbone {worst.backbone} at {worst.image_size} px needs ~{per_image / 1e9:.1f} GB per "
+                        f"image to extract features and {free / 1e9:.1f} GB is free on {device}: choose a smaller "
+                        "backbone or image_size (`tune-rice backbones` lists them), or a machine with more memory")
+    if fits < batch_size:
+        log.warning("extraction batch lowered from %d to %d images per pass so that it fits in the free memory "
+                    "(%.1f GB on %s, ~%.0f MB per image)", batch_size, fits, free / 1e9, device, per_image / 1e6)
+        return fits
+    return batch_size
 
 
 def run_backbone(backbone: FrozenBackbone, loader, *, n: int, views: int, device: torch.device,
@@ -205,7 +294,7 @@ def extract_bank(labels: str | os.PathLike | LabelTable, spec: FeatureSpec, *,
 
 def pass_key(spec: FeatureSpec) -> tuple:
     """Specs with the same pass key see the same input tensors: one decode and augmentation pass."""
-    return spec.image_size, spec.policy, spec.views, spec.seed
+    return spec.preprocessing, spec.policy, spec.views, spec.seed
 
 
 def extract_banks(labels: str | os.PathLike | LabelTable, specs, *,
@@ -267,15 +356,16 @@ def extract_banks(labels: str | os.PathLike | LabelTable, specs, *,
                                          feature_layer="logits" if "logits" in layers else "pooled")
             nets[name] = (backbone.to(device).to(memory_format=torch.channels_last), tuple(sorted(layers)))
         first = group[0]
-        eval_tf = build_transform(first.image_size, train=False)
-        train_tf = build_transform(first.image_size, train=True, policy=first.policy)
+        eval_tf = build_transform(first.preprocessing, train=False)
+        train_tf = build_transform(first.preprocessing, train=True, policy=first.policy)
+        batch = fit_batch_size(group, batch_size, device)
         t0 = time.perf_counter()
         feats: dict[str, dict[tuple[str, str], np.ndarray]] = {}
         for split in splits:
             views = first.views if split == "train" else 1
             ds = dataset_for_split(table, split, train_tf if views > 1 else eval_tf, views=views,
                                    first_transform=eval_tf, seed=first.seed)
-            loader = DataLoader(ds, batch_size=max(1, batch_size // views), shuffle=False, num_workers=workers,
+            loader = DataLoader(ds, batch_size=max(1, batch // views), shuffle=False, num_workers=workers,
                                 pin_memory=device.type == "cuda", persistent_workers=False,
                                 prefetch_factor=4 if workers else None)
             feats[split] = run_backbones(nets, loader, n=len(ds), views=views, device=device,

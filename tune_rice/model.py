@@ -14,6 +14,7 @@ import os
 import pickle
 import warnings
 import zipfile
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,15 +25,15 @@ import torchvision
 from torch import nn
 
 from . import UserError
+from .backbones import (classifier_dims, create_network, cut_classifier, drop_aux, parse_backbone,
+                        weights_file)
 
 log = logging.getLogger(__name__)
 
-TESTED_BACKBONES = ("resnet18", "resnet34", "resnet50")
 FEATURE_LAYERS = ("pooled", "logits")
 HEAD_KINDS = ("pooled", "seed")
 ARTIFACT_FORMAT = "tune-rice-model"
 ARTIFACT_VERSION = 2  # 2: backbones/heads lists, ensemble weights and temperature; 1 (one head) still loads
-_CLASSIFIER_ATTRS = ("fc", "classifier", "head", "heads")
 
 
 # -------------------------------------------------------------------------------------------- weights
@@ -54,13 +55,9 @@ def _offline() -> bool:
 
 
 def hub_weights_file(name: str) -> tuple[object, Path]:
-    """The torchvision ``Weights`` enum member for ``name`` and where torch's hub cache keeps its file."""
-    try:
-        enum = torchvision.models.get_model_weights(name)
-    except (ValueError, KeyError):
-        raise UserError(f"no ImageNet weights known to torchvision for backbone {name!r}") from None
-    w = enum.DEFAULT
-    return w, Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(w.url)
+    """The torchvision ``Weights`` enum member for backbone ``name`` (``arch`` or ``arch:WEIGHTS``) and
+    where torch's hub cache keeps its file."""
+    return parse_backbone(name).weights, weights_file(name)
 
 
 def _file_digest(path: Path) -> str:
@@ -94,6 +91,7 @@ def safe_torch_load(path: str | os.PathLike, *, what: str = "file"):
 def resolve_weights(name: str, weights: str = "auto", *, seed: int = 0) -> ResolvedWeights:
     """Turn the user's ``--weights`` value into a state dict (or None for random init) and an identity.
 
+    ``name`` is a backbone value: ``arch`` (its default weights) or ``arch:WEIGHTS`` (those weights).
     ``auto``: ImageNet weights through torchvision's weights API when they are in the torch hub cache
     or can be downloaded, else random initialisation with a loud warning. ``imagenet``: the same but
     failing when they cannot be had. ``none``: random init from ``seed``. Anything else: a state-dict file.
@@ -101,28 +99,25 @@ def resolve_weights(name: str, weights: str = "auto", *, seed: int = 0) -> Resol
     if weights == "none":
         return ResolvedWeights(None, f"random:seed={seed}", False)
     if weights in ("auto", "imagenet"):
-        w, cached = hub_weights_file(name) if weights == "imagenet" or _has_hub_weights(name) else (None, None)
-        if w is not None:
-            if cached.is_file() or not _offline():
-                try:
-                    # Reads the hub cache, downloads only if absent. weights_only: torch.hub's default is
-                    # False, which would let a tampered cache file run code.
-                    sd = w.get_state_dict(progress=False, weights_only=True)
-                    return ResolvedWeights(sd, f"imagenet:{w}", True)
-                except Exception as e:  # network errors come in many types (URLError, socket, HTTP)
-                    reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-            else:
-                reason = "offline (TUNE_RICE_OFFLINE is set)"
-            if weights == "imagenet":
-                raise UserError(
-                    f"ImageNet weights for {name} are not in the torch hub cache ({cached}) and could not be "
-                    f"downloaded: {reason}. Fetch {w.url} into {cached.parent} on a machine with internet "
-                    f"(or set TORCH_HOME to a cache that has it), or pass --weights FILE or --weights none.")
-            log.warning("ImageNet weights for %s unavailable (%s): using a RANDOMLY INITIALISED backbone "
-                        "(seed %d). Results will be far below what pretrained weights give; every result "
-                        "and artifact records this.", name, reason, seed)
+        w, cached = hub_weights_file(name)
+        if cached.is_file() or not _offline():
+            try:
+                # Reads the hub cache, downloads only if absent. weights_only: torch.hub's default is
+                # False, which would let a tampered cache file run code.
+                sd = w.get_state_dict(progress=False, weights_only=True)
+                return ResolvedWeights(sd, f"imagenet:{w}", True)
+            except Exception as e:  # network errors come in many types (URLError, socket, HTTP)
+                reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         else:
-            log.warning("no ImageNet weights known for %s: using a RANDOMLY INITIALISED backbone", name)
+            reason = "offline (TUNE_RICE_OFFLINE is set)"
+        if weights == "imagenet":
+            raise UserError(
+                f"ImageNet weights {w} for {name} are not in the torch hub cache ({cached}) and could not be "
+                f"downloaded: {reason}. Fetch {w.url} into {cached.parent} on a machine with internet "
+                f"(or set TORCH_HOME to a cache that has it), or pass --weights FILE or --weights none.")
+        log.warning("ImageNet weights for %s unavailable (%s): using a RANDOMLY INITIALISED backbone "
+                    "(seed %d). Results will be far below what pretrained weights give; every result "
+                    "and artifact records this.", name, reason, seed)
         return ResolvedWeights(None, f"random:seed={seed}", False)
     path = Path(weights).expanduser()
     if not path.is_file():
@@ -135,27 +130,13 @@ def resolve_weights(name: str, weights: str = "auto", *, seed: int = 0) -> Resol
     return ResolvedWeights(sd, f"file:{path.name}:{_file_digest(path)}", True)
 
 
-def _has_hub_weights(name: str) -> bool:
-    try:
-        torchvision.models.get_model_weights(name)
-        return True
-    except (ValueError, KeyError):
-        return False
-
-
 # ------------------------------------------------------------------------------------------- backbone
-def _classifier_attr(net: nn.Module) -> str:
-    for attr in _CLASSIFIER_ATTRS:
-        if isinstance(getattr(net, attr, None), nn.Module):
-            return attr
-    raise UserError(f"{type(net).__name__}: cannot find its classifier layer ({', '.join(_CLASSIFIER_ATTRS)})")
-
-
 class FrozenBackbone(nn.Module):
     """A torchvision classification network, frozen: no gradients and always in eval mode.
 
-    ``feature_layer="pooled"`` returns the penultimate pooled features (512-d for resnet18/34, 2048-d for
-    resnet50); ``"logits"`` returns the 1000 ImageNet logits (what the seed recipe's head consumes).
+    ``feature_layer="pooled"`` returns the input of the network's final classifier layer, which is cut
+    (``backbones.cut_classifier``: 512-d for resnet18/34, 2048-d for resnet50, 768-d for vit_b_16);
+    ``"logits"`` returns the 1000 ImageNet logits (what the seed recipe's head consumes).
     ``train()`` is overridden so that BatchNorm running statistics never drift, whatever calls it.
     """
 
@@ -165,13 +146,7 @@ class FrozenBackbone(nn.Module):
             raise UserError(f"unknown feature layer {feature_layer!r}; valid: {', '.join(FEATURE_LAYERS)}")
         self.name = name
         self.feature_layer = feature_layer
-        if feature_layer == "pooled":
-            attr = _classifier_attr(net)
-            fc = getattr(net, attr)
-            self._out_dim = fc.in_features if isinstance(fc, nn.Linear) else None
-            setattr(net, attr, nn.Identity())
-        else:
-            self._out_dim = None
+        self._out_dim = cut_classifier(net) if feature_layer == "pooled" else classifier_dims(net)[1]
         self.net = net
         for p in self.net.parameters():
             p.requires_grad_(False)
@@ -182,10 +157,6 @@ class FrozenBackbone(nn.Module):
 
     @property
     def out_dim(self) -> int:
-        if self._out_dim is None:
-            p = next(self.net.parameters())
-            with torch.inference_mode():
-                self._out_dim = int(self.net(torch.zeros(1, 3, 64, 64, device=p.device, dtype=p.dtype)).shape[-1])
         return self._out_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) -> (B, D)
@@ -199,14 +170,17 @@ class FrozenBackbone(nn.Module):
 
 def build_backbone(name: str = "resnet34", *, weights: str | ResolvedWeights = "auto", seed: int = 0,
                    feature_layer: str = "pooled") -> tuple[FrozenBackbone, ResolvedWeights]:
-    """Build a frozen torchvision backbone; returns it and where its weights came from."""
-    if name not in torchvision.models.list_models(module=torchvision.models):
-        raise UserError(f"unknown backbone {name!r}; tested: {', '.join(TESTED_BACKBONES)} "
-                        "(any torchvision classification model name may work)")
+    """Build a frozen torchvision backbone; returns it and where its weights came from.
+
+    ``name`` is a backbone value (``arch`` or ``arch:WEIGHTS``, see ``tune_rice.backbones``); the network
+    is built for those weights (e.g. ViT at 384 px for ``IMAGENET1K_SWAG_E2E_V1``) whatever ``weights``
+    says, so its preprocessing and its architecture always agree.
+    """
+    parse_backbone(name)  # a clear error for an unknown name before any weights are looked for
     resolved = weights if isinstance(weights, ResolvedWeights) else resolve_weights(name, weights, seed=seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = torchvision.models.get_model(name, weights=None)
+        net = create_network(name, init=resolved.state_dict is None)
     if resolved.state_dict is not None:
         try:
             missing, unexpected = net.load_state_dict(resolved.state_dict, strict=False)
@@ -218,7 +192,7 @@ def build_backbone(name: str = "resnet34", *, weights: str | ResolvedWeights = "
                 return ", ".join(list(keys)[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
             raise UserError(f"weights {resolved.identity} do not fit {name}: "
                             f"missing keys [{show(missing)}], unexpected keys [{show(unexpected)}]")
-    return FrozenBackbone(net, name=name, feature_layer=feature_layer), resolved
+    return FrozenBackbone(drop_aux(net), name=name, feature_layer=feature_layer), resolved
 
 
 # ----------------------------------------------------------------------------------------------- head
@@ -458,10 +432,13 @@ def load_artifact(path: str | os.PathLike, *,
                         f"{ARTIFACT_VERSION} (a newer tune-rice wrote it?)")
     backbones = []
     for b in payload["backbones"]:
-        with torch.random.fork_rng(devices=[]):
-            net = torchvision.models.get_model(b["name"], weights=None)
+        net = drop_aux(create_network(b["name"], init=False))  # every weight is loaded next
         backbone = FrozenBackbone(net, name=b["name"], feature_layer=b["feature_layer"])
-        backbone.net.load_state_dict(b["state_dict"])
+        state = OrderedDict(b["state_dict"])
+        # The saved tensors lost their modules' format versions (state_dict()._metadata); the network
+        # built here is the same code, so its own versions are right (MNASNet refuses to load without).
+        state._metadata = getattr(backbone.net.state_dict(), "_metadata", None)
+        backbone.net.load_state_dict(state)
         backbones.append(backbone)
     heads = []
     for h in payload["heads"]:

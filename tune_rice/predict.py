@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import UserError, cli
-from .data import IMAGE_EXTENSIONS, build_transform, find_images, load_image, preprocessing_spec
+from .data import IMAGE_EXTENSIONS, Preprocessing, build_transform, find_images, load_image
 from .devices import DEVICE_CHOICES, default_num_workers, device_from_arg
 from .model import LoadedModel, load_model
 
@@ -44,17 +44,9 @@ UNCERTAIN = "uncertain"  # the label of an image whose top probability is below 
 
 
 def eval_transform(preprocessing: dict):
-    """The evaluation transform for a stored preprocessing spec; refuses a spec this version cannot honour."""
-    size = int(preprocessing["image_size"])
-    expected = preprocessing_spec(size)
-    differ = [k for k in ("resize", "mean", "std") if k in preprocessing
-              and not np.allclose(np.asarray(preprocessing[k], dtype=float), np.asarray(expected[k], dtype=float))]
-    if preprocessing.get("crop", "center") != "center":
-        differ.append("crop")
-    if differ:
-        raise UserError(f"the model's preprocessing differs from this version's in {', '.join(differ)} "
-                        f"(model: {preprocessing}; expected: {expected})")
-    return build_transform(size, train=False)
+    """The evaluation transform for a stored preprocessing spec (resize, crop, interpolation, mean, std);
+    refuses a spec this version cannot honour."""
+    return build_transform(Preprocessing.from_dict(preprocessing), train=False)
 
 
 # ---------------------------------------------------------------------------------------------- images

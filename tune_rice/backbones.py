@@ -1,0 +1,370 @@
+"""The backbone zoo: every torchvision classification model as a frozen feature extractor.
+
+A backbone value is a torchvision model name, optionally with the name of its weights:
+``resnet50`` (the default weights), ``vit_b_16:IMAGENET1K_SWAG_LINEAR_V1``. Everything about a backbone
+comes from torchvision's own API (``list_models``, ``get_model_weights`` and the weights' ``meta`` and
+``transforms``), so a model torchvision adds works here without code:
+
+- **feature layer**, one rule for every family: the model's final classifier layer (its last
+  ``nn.Linear``; SqueezeNet, which has none, its last convolution) is replaced by identity, so the
+  pooled features are exactly that layer's input: ConvNeXt's after its LayerNorm, ViT's class token after
+  the encoder norm, MobileNetV3's after its hidden layer, MaxViT's after its tanh layer.
+- **preprocessing**: resize, crop, interpolation, mean and std of the weights' transforms, unless an
+  image size is asked for (then resize keeps the weights' resize/crop ratio); an architecture that takes
+  one size only (ViT, MaxViT) gets a clear error for another.
+- **metadata** for the table ``python -m tune_rice.backbones`` prints: feature size, parameters, GFLOPs,
+  ImageNet top-1, native crop, whether the weights file is in the torch hub cache.
+
+No Ray, no network here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import functools
+import json
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from . import UserError, cli
+from .data import Preprocessing
+
+log = logging.getLogger(__name__)
+
+# The families of torchvision's classification docs, by name prefix (first match wins; longer first).
+FAMILIES = (
+    ("efficientnet_v2", "EfficientNetV2"), ("efficientnet", "EfficientNet"), ("mobilenet_v2", "MobileNetV2"),
+    ("mobilenet_v3", "MobileNetV3"), ("wide_resnet", "Wide ResNet"), ("resnext", "ResNeXt"), ("resnet", "ResNet"),
+    ("regnet", "RegNet"), ("convnext", "ConvNeXt"), ("densenet", "DenseNet"), ("swin_v2", "Swin V2"),
+    ("swin", "Swin"), ("vit", "ViT"), ("maxvit", "MaxViT"), ("vgg", "VGG"), ("alexnet", "AlexNet"),
+    ("googlenet", "GoogLeNet"), ("inception", "Inception V3"), ("mnasnet", "MNASNet"),
+    ("shufflenet", "ShuffleNet V2"), ("squeezenet", "SqueezeNet"),
+)
+# Constructor arguments torchvision's builders set when they load weights (googlenet/inception_v3 also
+# switch transform_input on); the same here, so a network built here and the builder's agree.
+_WEIGHTS_BUILD_ARGS = {"googlenet": {"transform_input": True, "aux_logits": True},
+                       "inception_v3": {"transform_input": True, "aux_logits": True}}
+# ... and the constructor argument that fixes the input size of an architecture that takes one size only.
+_SIZE_ARGS = {"vit": "image_size", "maxvit": "input_size"}
+
+
+def architectures() -> list[str]:
+    """Every torchvision classification model name."""
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def family_of(arch: str) -> str:
+    for prefix, family in FAMILIES:
+        if arch.startswith(prefix):
+            return family
+    return arch.rstrip("0123456789_")
+
+
+@dataclass(frozen=True)
+class BackboneRef:
+    """A parsed backbone value: the torchvision model name and its weights (enum member)."""
+
+    arch: str
+    weights: object  # a torchvision WeightsEnum member
+    named: bool  # the value named its weights (else: the default ones)
+
+    @property
+    def value(self) -> str:
+        return f"{self.arch}:{self.weights.name}" if self.named else self.arch
+
+    @property
+    def family(self) -> str:
+        return family_of(self.arch)
+
+
+@functools.cache
+def parse_backbone(value: str) -> BackboneRef:
+    """``"arch"`` or ``"arch:WEIGHTS"`` -> :class:`BackboneRef`; a user error names the valid choices."""
+    arch, _, wname = str(value).partition(":")
+    if arch not in architectures():
+        close = difflib.get_close_matches(arch, architectures(), n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise UserError(f"unknown backbone {arch!r}: not a torchvision classification model ({hint}"
+                        f"`python -m tune_rice.backbones` lists the {len(architectures())} there are)")
+    enum = torchvision.models.get_model_weights(arch)
+    if not wname:
+        return BackboneRef(arch, enum.DEFAULT, False)
+    names = [w.name for w in enum]
+    if wname not in names:
+        raise UserError(f"backbone {value!r}: {arch} has no weights {wname!r}; valid: {', '.join(names)}")
+    return BackboneRef(arch, enum[wname], True)
+
+
+def weights_file(value: str) -> Path:
+    """Where torch's hub cache keeps the weights file of ``value``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(parse_backbone(value).weights.url)
+
+
+# ------------------------------------------------------------------------------------------- building
+def build_args(value: str) -> dict:
+    """Constructor arguments for ``torchvision.models.get_model(arch, weights=None, **args)`` that give
+    the architecture the weights of ``value`` were made for (e.g. ViT at 384 px for SWAG end-to-end)."""
+    ref = parse_backbone(value)
+    args = dict(_WEIGHTS_BUILD_ARGS.get(ref.arch, {}))
+    size_arg = _SIZE_ARGS.get(ref.arch.split("_")[0])
+    if size_arg:
+        min_size = ref.weights.meta["min_size"]
+        args[size_arg] = min_size[0] if size_arg == "image_size" else tuple(min_size)
+    return args
+
+
+def create_network(value: str, *, init: bool = True) -> nn.Module:
+    """The torchvision network of ``value`` (random weights from the current torch seed).
+
+    ``init=False`` skips the builders' random initialisation (for a network whose weights are loaded next).
+    """
+    ref = parse_backbone(value)
+    args = build_args(value)
+    if "aux_logits" in args:
+        args["init_weights"] = init
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torchvision's notes on scipy-free init
+        return torchvision.models.get_model(ref.arch, weights=None, **args)
+
+
+def drop_aux(net: nn.Module) -> nn.Module:
+    """Remove the auxiliary classifiers (GoogLeNet, Inception V3) once weights are loaded, as the
+    torchvision builders do: they are used only in training, and the frozen backbone never trains."""
+    if getattr(net, "aux_logits", False):
+        net.aux_logits = False
+        for attr in ("aux1", "aux2", "AuxLogits"):
+            if hasattr(net, attr):
+                setattr(net, attr, None)
+    return net
+
+
+def final_layer(net: nn.Module) -> tuple[nn.Module, str, nn.Module]:
+    """(parent, attribute, layer) of ``net``'s final classifier: its last ``nn.Linear``, or for a
+    network without one (SqueezeNet) its last ``nn.Conv2d``. torchvision registers the classifier after
+    the body, so "last" in module order is the one applied last (the feature-equivalence tests prove it
+    for every family)."""
+    found = None
+    for kind in (nn.Linear, nn.Conv2d):
+        for name, module in net.named_modules():
+            if isinstance(module, kind):
+                found = (name, module)
+        if found:
+            break
+    if found is None:
+        raise UserError(f"{type(net).__name__}: no nn.Linear or nn.Conv2d to take features before")
+    name, layer = found
+    parent_name, _, attr = name.rpartition(".")
+    return net.get_submodule(parent_name) if parent_name else net, attr, layer
+
+
+def cut_classifier(net: nn.Module) -> int:
+    """Replace ``net``'s final classifier layer by identity; returns the feature size it took in."""
+    parent, attr, layer = final_layer(net)
+    setattr(parent, attr, nn.Identity())
+    return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+
+
+def classifier_dims(net: nn.Module) -> tuple[int, int]:
+    """(feature size, logit count) of ``net``'s final classifier layer."""
+    _, _, layer = final_layer(net)
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    return layer.in_channels, layer.out_channels
+
+
+def pool_classifier_input(x: torch.Tensor) -> torch.Tensor:
+    """The classifier input captured by a hook, as the pooled features the cut network returns: already
+    (B, D) for a final Linear; SqueezeNet's (B, D, H, W) goes through what follows its final conv
+    (ReLU, global average pool)."""
+    if x.dim() == 2:
+        return x
+    return torch.flatten(nn.functional.adaptive_avg_pool2d(nn.functional.relu(x), 1), 1)
+
+
+@contextmanager
+def _weightless() -> Iterator[None]:
+    """Build networks with every parameter and buffer on the meta device: shapes without memory or
+    initialisation, for sizes and for checking which input sizes a network takes. Module-global while
+    active (only this module's metadata functions use it, never while a real network is built)."""
+    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def parameter(self, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register_parameter(self, name, param)
+
+    def buffer(self, name, tensor, persistent=True):
+        register_buffer(self, name, tensor.to("meta") if tensor is not None else None, persistent)
+
+    nn.Module.register_parameter, nn.Module.register_buffer = parameter, buffer
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
+
+
+def shape_network(value: str) -> nn.Module:
+    """``value``'s network on the meta device (no memory, no initialisation), in eval mode."""
+    with _weightless():
+        return drop_aux(create_network(value, init=False)).eval()
+
+
+@functools.cache
+def feature_dim(value: str) -> int:
+    """Size of ``value``'s pooled features (the input of its final classifier layer)."""
+    return classifier_dims(shape_network(value))[0]
+
+
+@functools.lru_cache(maxsize=256)
+def size_error(value: str, image_size: int) -> str:
+    """Why ``value``'s network cannot take ``image_size`` px images ("" when it can): a forward pass on
+    the meta device, so the architecture itself decides (ViT's fixed position embeddings, MaxViT's
+    window grid, Inception's minimum size)."""
+    net = shape_network(value)
+    try:
+        with torch.no_grad():
+            net(torch.empty(1, 3, image_size, image_size, device="meta"))
+    except Exception as e:  # noqa: BLE001 - shape asserts and kernel-size errors come as several types
+        return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    return ""
+
+
+# -------------------------------------------------------------------------------------- preprocessing
+def native_preprocessing(value: str) -> Preprocessing:
+    """Resize, crop, interpolation, mean and std of the weights' own evaluation transforms."""
+    t = parse_backbone(value).weights.transforms()
+    return Preprocessing(crop=int(t.crop_size[0]), resize=int(t.resize_size[0]),
+                         interpolation=t.interpolation.value, mean=tuple(t.mean), std=tuple(t.std))
+
+
+def preprocessing_for(value: str, image_size: int | None = None) -> Preprocessing:
+    """The preprocessing of backbone ``value``: its weights' own, or at ``image_size`` px (crop) with the
+    weights' resize/crop ratio, interpolation, mean and std. Refuses a size the architecture cannot take."""
+    native = native_preprocessing(value)
+    if not image_size or int(image_size) == native.crop:
+        return native
+    size = int(image_size)
+    why = size_error(value, size)
+    if why:
+        raise UserError(f"backbone {value} cannot take {size} px images ({why}); its weights' size is "
+                        f"{native.crop} px: set image_size: {native.crop}, or leave image_size out")
+    return Preprocessing(crop=size, resize=max(size, int(round(size * native.resize / native.crop))),
+                         interpolation=native.interpolation, mean=native.mean, std=native.std)
+
+
+# -------------------------------------------------------------------------------------------- the table
+def _dims_cache() -> Path:
+    base = os.environ.get("TUNE_RICE_CACHE")
+    root = Path(base).expanduser() if base else Path.home() / ".cache" / "tune_rice"
+    return root / f"backbone-dims-torchvision-{torchvision.__version__}.json"
+
+
+def feature_dims(archs: Sequence[str]) -> dict[str, int]:
+    """Pooled feature sizes of ``archs``, kept in a small JSON cache (building the shapes of all 80
+    networks takes tens of seconds; the sizes change only with torchvision)."""
+    path = _dims_cache()
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    missing = [a for a in archs if a not in known]
+    for arch in missing:
+        known[arch] = feature_dim(arch)
+    if missing:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(known, indent=0, sort_keys=True))
+            os.replace(tmp, path)
+        except OSError as e:  # a read-only home still gets its table
+            log.debug("cannot cache feature sizes at %s: %s", path, e)
+    return {a: int(known[a]) for a in archs}
+
+
+def backbone_rows(family: str | None = None) -> list[dict]:
+    """One row per (model, weights): what ``python -m tune_rice.backbones`` prints."""
+    archs = architectures()
+    if family:
+        wanted = family.lower().replace(" ", "").replace("-", "").replace("_", "")
+        archs = [a for a in archs if wanted in family_of(a).lower().replace(" ", "")
+                 or a.replace("_", "").startswith(wanted)]
+        if not archs:
+            families = sorted({family_of(a) for a in architectures()})
+            raise UserError(f"--family {family!r}: no such family; valid: {', '.join(families)}")
+    dims = feature_dims(archs)
+    rows = []
+    for arch in archs:
+        enum = torchvision.models.get_model_weights(arch)
+        for w in enum:
+            value = arch if w == enum.DEFAULT else f"{arch}:{w.name}"
+            pre = native_preprocessing(f"{arch}:{w.name}")
+            cached = weights_file(f"{arch}:{w.name}")
+            rows.append({
+                "backbone": value, "family": family_of(arch), "weights": w.name, "default": w == enum.DEFAULT,
+                "feature_dim": dims[arch], "params_m": round(w.meta["num_params"] / 1e6, 2),
+                "gflops": w.meta.get("_ops"),
+                "top1": w.meta.get("_metrics", {}).get("ImageNet-1K", {}).get("acc@1"),
+                "crop": pre.crop, "resize": pre.resize, "interpolation": pre.interpolation,
+                "file_mb": w.meta.get("_file_size"), "cached": cached.is_file(), "file": str(cached),
+            })
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ("backbone", "family", "dim", "params M", "GFLOPs", "top-1", "crop", "resize", "interp", "file MB",
+            "cached")
+    body = [(r["backbone"], r["family"], str(r["feature_dim"]), f"{r['params_m']:.1f}",
+             f"{r['gflops']:.2f}" if r["gflops"] is not None else "?",
+             f"{r['top1']:.1f}" if r["top1"] is not None else "?", str(r["crop"]), str(r["resize"]),
+             r["interpolation"], f"{r['file_mb']:.0f}" if r["file_mb"] is not None else "?",
+             "yes" if r["cached"] else "no") for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+    lines = ["  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths)))]
+    lines += ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(b, widths)))
+              for b in body]
+    cached = sum(r["cached"] for r in rows)
+    lines.append(f"{len(rows)} weights of {len({r['backbone'].split(':')[0] for r in rows})} models in "
+                 f"{len({r['family'] for r in rows})} families; {cached} in the local cache "
+                 f"({Path(torch.hub.get_dir()) / 'checkpoints'}). A bare name means the default weights; "
+                 "name others as MODEL:WEIGHTS. top-1: ImageNet-1K, torchvision's figures for those weights.")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=os.environ.get("TUNE_RICE_PROG", "python -m tune_rice.backbones"),
+        description="List the torchvision classification backbones usable here, with their weights: feature "
+                    "size, parameters, GFLOPs and ImageNet top-1 (torchvision's metadata), native crop and "
+                    "resize, and whether the weights file is in the local torch hub cache. Works offline.",
+        formatter_class=cli.HelpFormatter)
+    p.add_argument("--family", help="only this family (e.g. convnext, vit, 'mobilenet v3', regnet)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON (for tools)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    cli.setup_logging(args.verbose)
+    rows = backbone_rows(args.family)
+    print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.run(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
