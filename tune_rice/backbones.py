@@ -296,9 +296,12 @@ def backbone_rows(family: str | None = None) -> list[dict]:
     """One row per (model, weights): what ``python -m tune_rice.backbones`` prints."""
     archs = architectures()
     if family:
-        wanted = family.lower().replace(" ", "").replace("-", "").replace("_", "")
-        archs = [a for a in archs if wanted in family_of(a).lower().replace(" ", "")
-                 or a.replace("_", "").startswith(wanted)]
+        def squeeze(text: str) -> str:
+            return text.lower().replace(" ", "").replace("-", "").replace("_", "")
+
+        # the family's name ("mobilenet v3", "ViT") or the start of model names ("regnet_y", "swin")
+        wanted = squeeze(family)
+        archs = [a for a in archs if squeeze(family_of(a)) == wanted or squeeze(a).startswith(wanted)]
         if not archs:
             families = sorted({family_of(a) for a in architectures()})
             raise UserError(f"--family {family!r}: no such family; valid: {', '.join(families)}")
