@@ -401,15 +401,16 @@ def head_valid_logits(heads: Head | Sequence[Head], bank: FeatureBank) -> np.nda
 
 
 def candidate_pool(candidates: Sequence[Candidate]) -> list[Candidate]:
-    """The candidates that can join the single best (``candidates[0]``): those taking its input (its image
-    size, hence its preprocessing), since the deployed model reads one image tensor."""
+    """The candidates that can join the single best (``candidates[0]``): those taking its input (its
+    preprocessing: size, resize, interpolation, mean and std, which differ between backbone families),
+    since the deployed model reads one image tensor."""
     if not candidates:
         raise UserError("no trial left a checkpoint to build the final model from")
     first = candidates[0]
-    pool = [c for c in candidates if c.spec.image_size == first.spec.image_size]
+    pool = [c for c in candidates if c.spec.preprocessing == first.spec.preprocessing]
     if len(pool) < len(candidates):
-        log.info("ensemble candidates: %d of %d take the best trial's %d px input", len(pool), len(candidates),
-                 first.spec.image_size)
+        log.info("ensemble candidates: %d of %d take the best trial's input (%s)", len(pool), len(candidates),
+                 first.spec.preprocessing)
     return pool
 
 
