@@ -445,7 +445,7 @@ def valid_logits_from_images(pool: Sequence[Candidate], table, weights: dict[str
     from .evaluate import split_logits
 
     everyone, _, groups = _assemble(pool, [c.name for c in pool], [1.0 / len(pool)] * len(pool), 1.0, weights)
-    z, y = split_logits(MemberLogits(everyone, groups), table, "valid", pool[0].spec.image_size, device,
+    z, y = split_logits(MemberLogits(everyone, groups), table, "valid", pool[0].spec.preprocessing, device,
                         num_workers=num_workers)  # (N, M, C)
     z = z.double().numpy()
     return [z[:, i] for i in range(len(pool))], y.numpy()
