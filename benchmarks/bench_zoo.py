@@ -9,6 +9,7 @@ For each family's smallest member at its weights' own preprocessing (crop, resiz
 
     python benchmarks/bench_zoo.py --out benchmarks/results/zoo_extract.json
     python benchmarks/bench_zoo.py --families ResNet ViT --per-class 4
+    python benchmarks/bench_zoo.py --backbones zoo --device cuda     # zoo.yaml's six backbones instead
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def smallest_members() -> dict[str, str]:
     return {f: a for f, (_, a) in sorted(out.items())}
 
 
-def measure(value: str, table, *, batch_size: int, device, workers: int) -> dict:
+def measure(value: str, table, *, batch_size: int, device, workers: int, repeats: int = 1) -> dict:
     spec = FeatureSpec(backbone=value, views=1, policy="none")
     pre = spec.preprocessing
     t0 = time.perf_counter()
@@ -56,13 +57,14 @@ def measure(value: str, table, *, batch_size: int, device, workers: int) -> dict
     build_s = time.perf_counter() - t0
     tf = build_transform(pre, train=False)
     x_all = torch.stack([tf(load_image(p)) for p in table.paths("train")])  # (N, 3, S, S)
-    bare = bare_rate(backbone, x_all, batch_size, device)
+    bare_rate(backbone, x_all, batch_size, device)  # warm-up at every batch shape (cuDNN picks its kernels)
+    bare = bare_rate(backbone, x_all, batch_size, device, repeats=repeats)
     ds = dataset_for_split(table, "train", tf)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
                         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
     t0 = time.perf_counter()
     feats = run_backbones({value: (backbone, ("pooled",))}, loader, n=len(ds), views=1, device=device,
-                          progress=False)[value, "pooled"]  # (N, 1, D) float16
+                          progress=False)[value, "pooled"]  # (N, 1, D) float16; loader workers start included
     full = len(ds) / (time.perf_counter() - t0)
     w = backbones.parse_backbone(value).weights
     return {"backbone": value, "family": backbones.family_of(value.split(":")[0]), "crop": pre.crop,
@@ -75,9 +77,12 @@ def measure(value: str, table, *, batch_size: int, device, workers: int) -> dict
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--families", nargs="+", help="only these families (default: all)")
+    p.add_argument("--backbones", nargs="+", help="time these backbone values instead of each family's smallest "
+                                                  "member; 'zoo' = the backbones of search_spaces/zoo.yaml")
     p.add_argument("--per-class", type=int, default=6, help="demo set size (images per class); the train "
                                                              "split's images are timed")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=1, help="timed passes of the bare forward (after a warm-up pass)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: the library's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="write the figures as JSON here")
@@ -89,13 +94,20 @@ def main() -> int:
     members = smallest_members()
     if args.families:
         members = {f: a for f, a in members.items() if f in args.families}
+    if args.backbones:
+        values = args.backbones
+        if values == ["zoo"]:
+            from tune_rice.space import load_search_space  # noqa: PLC0415 (the only use of the space module)
+
+            values = list(dict.fromkeys(s.backbone for s in load_search_space("zoo").feature_specs()))
+        members = {v: v for v in values}
     rows = []
     print(f"{len(table.split('train'))} train images, batch {args.batch_size}, {device}, random init")
     print(f"{'backbone':<20} {'px':>4} {'GFLOPs':>7} {'bare img/s':>10} {'full img/s':>10} {'eff':>5} "
           f"{'B/img':>6}")
     t0 = time.perf_counter()
     for family, arch in members.items():
-        r = measure(arch, table, batch_size=args.batch_size, device=device, workers=workers)
+        r = measure(arch, table, batch_size=args.batch_size, device=device, workers=workers, repeats=args.repeats)
         rows.append(r)
         print(f"{arch:<20} {r['crop']:>4} {r['gflops']:>7.2f} {r['bare_images_per_s']:>10.1f} "
               f"{r['full_images_per_s']:>10.1f} {r['efficiency']:>5.2f} {r['bank_bytes_per_image_view']:>6}")
@@ -105,7 +117,7 @@ def main() -> int:
         "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
         "torch": torch.__version__, "torchvision": torchvision.__version__, "torch_threads": torch.get_num_threads(),
         "loadavg_at_start": os.getloadavg()[0], "images": len(table.split("train")), "batch_size": args.batch_size,
-        "workers": workers, "weights": "none (random init)", "seconds": time.perf_counter() - t0, "rows": rows,
+        "workers": workers, "bare_repeats": args.repeats, "weights": "none (random init)", "seconds": time.perf_counter() - t0, "rows": rows,
     }
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
