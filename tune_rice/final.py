@@ -631,6 +631,6 @@ def score_final(fm: FinalModel, table, *, device="auto", batch_size: int = 64) -
     the deployed model's figures at the top level, the single best and the ensemble beside them."""
     from .evaluate import split_logits
 
-    z, y = split_logits(MemberLogits(fm.selected, fm.groups), table, "test", fm.single_best.spec.image_size, device,
+    z, y = split_logits(MemberLogits(fm.selected, fm.groups), table, "test", fm.single_best.spec.preprocessing, device,
                         batch_size=batch_size)
     return record_test_scores(z.double().numpy(), y.numpy(), table.classes, fm.choice)

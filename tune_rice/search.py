@@ -30,7 +30,7 @@ import torch
 import yaml
 
 from . import UserError, cli, final, storage, tune_glue
-from .data import LabelTable, preprocessing_spec, read_labels_checked
+from .data import LabelTable, read_labels_checked
 from .engine import TrialConfig
 from .features import FeatureBank, FeatureSpec, extract_banks, pass_key
 from .model import ResolvedWeights, resolve_weights, save_artifact
@@ -480,7 +480,7 @@ class Winner:
         calibration = {"method": "temperature scaling", "fitted_on": "valid", "temperature": c.temperature,
                        "valid_before": c.valid["deployed"], "valid_after": c.valid["deployed_calibrated"]}
         return save_artifact(folder / "model.pt", self.fm.model, classes=self.classes,
-                             preprocessing=preprocessing_spec(self.cfg.image_size), weights=self.fm.resolved,
+                             preprocessing=self.cfg.feature_spec().preprocessing.to_dict(), weights=self.fm.resolved,
                              config=self.cfg.to_dict(), metrics={**self.metrics, **(extra_metrics or {})},
                              calibration=calibration)
 
