@@ -190,7 +190,7 @@ def test_an_exported_model_carries_and_applies_non_resnet_preprocessing(tmp_path
                                weights=resolved)
     ts, _ = export.export_model(path, "torchscript")
     onnx_file, _ = export.export_model(path, "onnx")
-    _, meta = predict.read_torchscript(ts)
+    _, meta = model.read_torchscript(ts)
     sidecar = json.loads(onnx_file.with_name(onnx_file.name + ".json").read_text())
     for info in (meta, sidecar):
         assert info["preprocessing"]["interpolation"] == "bicubic" and info["preprocessing"]["resize"] == 55
@@ -308,3 +308,106 @@ def test_the_backbones_table_is_offline_and_knows_the_cache(capsys):
     assert "3 weights of 2 models in 1 families; 1 in the local cache" in text[-1]
     assert backbones.main(["--family", "lenet"]) == 2
     assert "no such family; valid: AlexNet, ConvNeXt" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ a search across families
+ZOO_SPACE = """\
+max_epochs: 2
+params:
+  backbone: {choice: [mobilenet_v3_small, efficientnet_b0, "regnet_y_400mf:IMAGENET1K_V1"]}
+  image_size: 48
+  views: 1
+  lr: {loguniform: [1.0e-3, 3.0e-2]}
+  hidden: {choice: [0, 16]}
+"""
+
+
+@pytest.mark.slow
+def test_a_search_across_families_saves_and_scores_the_winner_with_its_preprocessing(tmp_path_factory, tmp_path):
+    pytest.importorskip("ray")
+    from conftest import local_ray, make_separable_dataset
+
+    from tune_rice import search
+    from tune_rice.evaluate import evaluate_model
+
+    labels = make_separable_dataset(tmp_path / "data", per_class=12, size=56)
+    space = tmp_path / "zoo-tiny.yaml"
+    space.write_text(ZOO_SPACE)
+    with local_ray(tmp_path_factory):
+        rc = search.main(["--data", str(labels), "--search-space", str(space), "--weights", "none",
+                          "--storage-path", str(tmp_path / "runs"), "--name", "zoo", "--no-report",
+                          "--num-samples", "4", "--seed", "0"])
+    assert rc == 0
+    exp = tmp_path / "runs" / "zoo"
+    df = pd.read_csv(exp / "results.csv")
+    trials = df[df.get("kind", pd.Series(["trial"] * len(df))).fillna("trial") == "trial"]
+    assert len(trials) == 4 and set(trials["status"]) == {"TERMINATED"}
+    test = json.loads((exp / "test_metrics.json").read_text())
+    loaded = predict.load_model(exp / "best")
+    backbone = loaded.meta["config"]["backbone"]
+    assert Preprocessing.from_dict(loaded.preprocessing) == backbones.preprocessing_for(backbone, 48)
+    again = evaluate_model(loaded.module, read_labels(labels), "test", loaded.preprocessing, "cpu", num_workers=0)
+    assert again["accuracy"] == pytest.approx(test["accuracy"])
+
+
+# ----------------------------------------------------------------------------------- accuracy vs cost
+def _results(rows):
+    return pd.DataFrame([{"trial_id": t, "config/backbone": b, "config/image_size": s, "best/valid/acc": a}
+                         for t, b, s, a in rows])
+
+
+def test_the_cost_frontier_marks_the_pareto_front_and_names_the_cheap_choice():
+    df = _results([("a", "vit_b_16:IMAGENET1K_SWAG_LINEAR_V1", 0, 0.91), ("b", "vit_b_16:IMAGENET1K_SWAG_LINEAR_V1", 0, 0.85),
+                   ("c", "resnet50", 0, 0.84), ("d", "mobilenet_v3_large", 0, 0.86), ("e", "resnet18", 112, 0.80)])
+    front = backbones.cost_frontier(df, "best/valid/acc", "max")
+    assert list(front["backbone"]) == ["resnet18", "mobilenet_v3_large", "resnet50",
+                                       "vit_b_16:IMAGENET1K_SWAG_LINEAR_V1"]  # cheapest first
+    by = front.set_index("backbone")
+    assert by.loc["resnet18", "gflops"] == pytest.approx(1.814 / 4, rel=1e-3)  # 112 px: a quarter of 224's
+    assert by.loc["vit_b_16:IMAGENET1K_SWAG_LINEAR_V1", "best"] == 0.91
+    assert by["pareto"].to_dict() == {"resnet18": True, "mobilenet_v3_large": True, "resnet50": False,
+                                      "vit_b_16:IMAGENET1K_SWAG_LINEAR_V1": True}
+    line = backbones.cheaper_choice(front, "max")
+    assert line.startswith("best under 1 GFLOPs: mobilenet_v3_large at 224 px (0.22 GFLOPs, trial d) reaches "
+                           "0.8600, against 0.9100 for vit_b_16:IMAGENET1K_SWAG_LINEAR_V1")
+    assert backbones.cheaper_choice(front[front["backbone"] != "vit_b_16:IMAGENET1K_SWAG_LINEAR_V1"], "max") == ""
+    assert backbones.cost_frontier(df[df["config/backbone"] == "resnet50"], "best/valid/acc", "max").empty
+    loss = backbones.cost_frontier(df.rename(columns={"best/valid/acc": "best/valid/loss"}), "best/valid/loss", "min")
+    assert loss.set_index("backbone")["pareto"].to_dict()["resnet18"]  # lowest loss and cheapest
+
+
+def test_the_report_and_the_summary_show_accuracy_against_cost(tmp_path):
+    from helpers_artifacts import make_fake_experiment
+
+    from tune_rice import report, search
+
+    exp = make_fake_experiment(tmp_path, n_trials=12)
+    results = pd.read_csv(exp / "results.csv")
+    values = ["resnet50", "mobilenet_v3_large", "convnext_tiny"]
+    results["config/backbone"] = [values[i % 2] for i in range(len(results))]
+    results.loc[results["best/valid/acc"].idxmax(), "config/backbone"] = "convnext_tiny"  # the overall best
+    results.to_csv(exp / "results.csv", index=False)
+    text = report.write_report(exp).read_text()
+    assert "## Accuracy against cost" in text and (exp / "report" / "cost.png").stat().st_size > 10_000
+    front = backbones.cost_frontier(results, "best/valid/acc", "max")
+    assert set(front["backbone"]) == set(values) and front["pareto"].any()
+    summary = search.format_summary(results, None, metric="valid/acc", exp_dir=exp, seconds=1.0, phases={},
+                                    weights="random:seed=0", mode="max")
+    line = backbones.cheaper_choice(front, "max")
+    assert line.startswith("best under 1 GFLOPs: mobilenet_v3_large") and "for convnext_tiny" in line
+    assert "Best under 1 GFLOPs: mobilenet_v3_large" in summary and f"The {line}." in text
+
+
+def test_a_space_with_a_bad_backbone_or_size_is_refused_on_load(tmp_path):
+    from tune_rice.space import load_search_space
+
+    for backbone, size, message in [("vit_b_16", 160, r"vit_b_16 cannot take 160 px images"),
+                                    ("vit_b_16:SWAG", 224, r"vit_b_16 has no weights 'SWAG'"),
+                                    ("resnet19", 224, r"unknown backbone 'resnet19'")]:
+        path = tmp_path / "space.yaml"
+        path.write_text(f"params:\n  backbone: {{choice: [resnet18, '{backbone}']}}\n  image_size: {size}\n"
+                        "  lr: {loguniform: [1.0e-4, 1.0e-2]}\n")
+        with pytest.raises(UserError, match=rf"^{path}: .*{message}"):
+            load_search_space(path)
+    specs = load_search_space("zoo").feature_specs()
+    assert [s.image_size for s in specs] == [224, 224, 224, 384, 224, 224]

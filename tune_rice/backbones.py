@@ -263,6 +263,70 @@ def preprocessing_for(value: str, image_size: int | None = None) -> Preprocessin
                          interpolation=native.interpolation, mean=native.mean, std=native.std)
 
 
+# ---------------------------------------------------------------------------------- accuracy vs cost
+# A phone-sized budget: the summary names the best backbone under it when that is not the overall best.
+COST_BUDGET_GFLOPS = 1.0
+
+
+def gflops_at(value: str, image_size: int | None = None) -> float:
+    """torchvision's GFLOPs for ``value``'s weights, at ``image_size`` px scaled by area from the weights'
+    crop (the figure is for that crop)."""
+    ops = float(parse_backbone(value).weights.meta["_ops"])
+    crop = native_preprocessing(value).crop
+    return ops * (int(image_size) / crop) ** 2 if image_size else ops
+
+
+def cost_frontier(results, key: str, mode: str, *, extraction_rates: dict[str, float] | None = None):
+    """The best ``key`` of each (backbone, image size) in a search's results against its GFLOPs, with
+    the Pareto front (no other backbone is as cheap or cheaper and at least as good, one of the two
+    strictly) marked. ``results``: results.csv rows (``config/backbone``, ``config/image_size``, ``key``,
+    ``trial_id``). Returns a DataFrame sorted by GFLOPs; empty when fewer than two backbones ran.
+    ``extraction_rates``: measured extraction images/s by backbone, added as a column when given."""
+    import pandas as pd  # noqa: PLC0415 (only the after-search callers need pandas here)
+
+    if "config/backbone" not in results or key not in results:
+        return pd.DataFrame()
+    ran = results[results[key].notna()]
+    if "kind" in ran:  # the linear-probe baseline's rows are not trials of a backbone
+        ran = ran[ran["kind"].fillna("trial") != "probe"]
+    if ran["config/backbone"].nunique() < 2:
+        return pd.DataFrame()
+    sizes = ran["config/image_size"] if "config/image_size" in ran else pd.Series(0, index=ran.index)
+    rows = []
+    for (value, size), group in ran.groupby([ran["config/backbone"], sizes.fillna(0).astype(int)]):
+        best = group.loc[group[key].idxmax() if mode == "max" else group[key].idxmin()]
+        crop = preprocessing_for(value, size or None).crop
+        row = {"backbone": value, "image_size": crop, "gflops": round(gflops_at(value, crop), 3),
+               "best": float(best[key]), "trial_id": str(best.get("trial_id", ""))}
+        if extraction_rates is not None:
+            row["extract_img_s"] = extraction_rates.get(value)
+        rows.append(row)
+    frame = pd.DataFrame(rows).sort_values(["gflops", "best"], ascending=[True, mode == "min"])
+    sign = 1 if mode == "max" else -1
+    frame["pareto"] = [not any(o.gflops <= r.gflops and sign * o.best >= sign * r.best
+                               and (o.gflops < r.gflops or sign * o.best > sign * r.best)
+                               for o in frame.itertuples() if o.Index != r.Index) for r in frame.itertuples()]
+    return frame.reset_index(drop=True)
+
+
+def cheaper_choice(frontier, mode: str, *, budget: float = COST_BUDGET_GFLOPS) -> str:
+    """One line naming the best backbone under ``budget`` GFLOPs when it is not the overall best ("" if
+    it is, or if none is that cheap)."""
+    if frontier is None or len(frontier) < 2:
+        return ""
+    sign = 1 if mode == "max" else -1
+    overall = frontier.loc[(sign * frontier["best"]).idxmax()]
+    cheap = frontier[frontier["gflops"] <= budget]
+    if cheap.empty:
+        return ""
+    pick = cheap.loc[(sign * cheap["best"]).idxmax()]
+    if pick["backbone"] == overall["backbone"] and pick["image_size"] == overall["image_size"]:
+        return ""
+    return (f"best under {budget:g} GFLOPs: {pick['backbone']} at {pick['image_size']} px ({pick['gflops']:.2f} "
+            f"GFLOPs, trial {pick['trial_id']}) reaches {pick['best']:.4f}, against {overall['best']:.4f} for "
+            f"{overall['backbone']} ({overall['gflops']:.2f} GFLOPs)")
+
+
 # -------------------------------------------------------------------------------------------- the table
 def _dims_cache() -> Path:
     base = os.environ.get("TUNE_RICE_CACHE")

@@ -10,6 +10,8 @@ Writes ``runs/<name>/report/``:
   numpy/scipy; fANOVA would need scikit-learn), computed on an in-memory Optuna study rebuilt from
   results.csv with the distributions of the search space;
 - ``confusion.png``: the test confusion matrix from test_metrics.json;
+- ``cost.png`` (searches over several backbones): each backbone's best metric against its GFLOPs, the
+  Pareto front marked, with a table that adds the extraction rate measured in the search (timings.json);
 - ``reliability.png`` and ``coverage.png``: the deployed model's reliability diagram on valid before and
   after its temperature, and its valid accuracy against coverage with the suggested ``--min-confidence``
   (from final.json, the record of the final model's choice);
@@ -50,7 +52,8 @@ from .space import METRICS, SearchSpace, load_search_space
 log = logging.getLogger(__name__)
 
 REPORT_DIR = "report"
-FIGURES = ("curves.png", "params.png", "importance.png", "confusion.png", "reliability.png", "coverage.png")
+FIGURES = ("curves.png", "params.png", "importance.png", "confusion.png", "reliability.png", "coverage.png",
+           "cost.png")
 TOP_CURVES = 5
 TOP_TABLE = 10
 EDGE_FRACTION = 0.05  # a best value this close to a bound (as a fraction of the range) says: widen the space
@@ -701,6 +704,47 @@ def probe_lines(exp: Experiment) -> list[str]:
     return lines
 
 
+def extraction_rates(exp: Experiment) -> dict[str, float]:
+    """Images/s of each backbone's bank extraction in this search (timings.json; a bank read from the
+    cache has none). Banks extracted in one pass share its rate."""
+    timings = _read_json(exp.exp_dir / "timings.json") or {}
+    rates = {}
+    for name, info in (timings.get("banks") or {}).items():
+        if isinstance(info, dict) and info.get("images_per_s") and not info.get("from_cache"):
+            rates.setdefault(name.split("-")[0], float(info["images_per_s"]))  # "<backbone>-<size>px-..."
+    return rates
+
+
+def cost_table(exp: Experiment) -> pd.DataFrame:
+    """Best metric per backbone against its cost (empty unless several backbones ran)."""
+    from .backbones import cost_frontier
+
+    try:
+        return cost_frontier(exp.results, exp.key, exp.mode, extraction_rates=extraction_rates(exp))
+    except UserError as e:  # a backbone this torchvision does not know (results from elsewhere)
+        log.warning("report: no cost table (%s)", e)
+        return pd.DataFrame()
+
+
+def cost_figure(frontier: pd.DataFrame, metric: str):
+    """Best metric per backbone against GFLOPs (log axis); the Pareto front joined and in colour."""
+    fig = _figure(figsize=(8, 5))
+    ax = fig.add_subplot()
+    off = frontier[~frontier["pareto"]]
+    front = frontier[frontier["pareto"]].sort_values("gflops")
+    ax.scatter(off["gflops"], off["best"], color=GREY, label="dominated")
+    ax.plot(front["gflops"], front["best"], "o-", color=COLOURS[0], label="Pareto front")
+    for r in frontier.itertuples():
+        ax.annotate(f"{r.backbone} {r.image_size}px", (r.gflops, r.best), textcoords="offset points",
+                    xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("GFLOPs per image (torchvision's figure, scaled to the image size)")
+    ax.set_ylabel(f"best {metric}")
+    ax.set_title("accuracy against cost, one point per backbone")
+    ax.legend(loc="best", fontsize=8)
+    return fig
+
+
 def top_table(exp: Experiment, n: int = TOP_TABLE) -> pd.DataFrame:
     df = exp.results.head(n)
     out = pd.DataFrame({"rank": range(1, len(df) + 1), "trial": df["trial_id"].to_numpy()})
@@ -784,6 +828,19 @@ def write_report(exp_dir: str | os.PathLike) -> Path:
         md += [f"![{exp.metric} per epoch for every trial](curves.png)", "",
                f"The best {min(TOP_CURVES, len(exp.histories))} trials are in colour; an `x` marks a trial "
                "ASHA stopped before the last epoch.", ""]
+    frontier = cost_table(exp)
+    if not frontier.empty:
+        from .backbones import cheaper_choice
+
+        md += ["## Accuracy against cost", ""]
+        if draw("cost.png", lambda: cost_figure(frontier, exp.metric)):
+            md += ["![best metric per backbone against GFLOPs](cost.png)", ""]
+        md += [markdown_table(frontier.rename(columns={"best": f"best {exp.metric}", "extract_img_s":
+                                                       "extraction img/s (this search)"})), ""]
+        line = cheaper_choice(frontier, exp.mode)
+        md += [f"The {line}." if line else "The best backbone is also the cheapest good one here.", "",
+               "GFLOPs are torchvision's figures for the weights at their crop, scaled by area to the image "
+               "size; the Pareto front holds the backbones no other one beats at equal or lower cost.", ""]
     if exp.searched:
         md += ["## Hyperparameters", ""]
         if draw("params.png", lambda: params_figure(exp)):

@@ -30,6 +30,7 @@ import torch
 import yaml
 
 from . import UserError, cli, final, storage, tune_glue
+from .backbones import cheaper_choice, cost_frontier
 from .data import LabelTable, read_labels_checked
 from .engine import TrialConfig
 from .features import FeatureBank, FeatureSpec, extract_banks, pass_key
@@ -585,7 +586,7 @@ def write_outputs(paths: ExperimentPaths, df: pd.DataFrame, test: dict, space: S
     seconds = clock.total()
     summary = format_summary(df, test, metric=space.metric, exp_dir=paths.local, seconds=seconds,
                              phases=clock.phases, weights=winner.identity, searched=space.searched,
-                             final_record=winner.fm.record())
+                             final_record=winner.fm.record(), mode=space.mode)
     (paths.local / "summary.txt").write_text(summary + "\n")
     trial_seconds = [float(r.metrics.get("time_total_s", 0.0)) for r in result_grid if r.metrics]
     (paths.local / "timings.json").write_text(json.dumps(
@@ -599,8 +600,10 @@ def write_outputs(paths: ExperimentPaths, df: pd.DataFrame, test: dict, space: S
 
 def format_summary(df: pd.DataFrame, test: dict | None, *, metric: str, exp_dir: Path, seconds: float,
                    phases: dict, weights: str, top: int = 5, searched: Sequence[str] | None = None,
-                   final_record: dict | None = None) -> str:
-    """The console summary; the top-trials table shows only the ``searched`` parameters (default: all)."""
+                   final_record: dict | None = None, mode: str | None = None) -> str:
+    """The console summary; the top-trials table shows only the ``searched`` parameters (default: all).
+    With ``mode`` and several backbones, it names the best one under a phone-sized cost when that is not
+    the overall best."""
     lines = []
     n = len(df)
     errored = int((df["status"] == "ERROR").sum())
@@ -616,6 +619,9 @@ def format_summary(df: pd.DataFrame, test: dict | None, *, metric: str, exp_dir:
         lines.append(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     if final_record:
         lines += final_lines(final_record)
+    cheaper = cheaper_choice(cost_frontier(df, key, mode), mode) if mode else ""
+    if cheaper:
+        lines.append(cheaper[0].upper() + cheaper[1:] + " (report/cost.png)")
     if test:
         what = (f"the deployed ensemble of {len(test['members'])}" if test.get("deployed") == "ensemble"
                 else "the best trial's best checkpoint")

@@ -200,4 +200,8 @@ def load_search_space(name_or_path: str | os.PathLike) -> SearchSpace:
         space.distributions[name] = (kind, [lo, hi])
     if not space.distributions:
         raise UserError(f"{path}: params: nothing to search (every parameter is a constant)")
+    try:
+        space.feature_specs()  # every backbone, weights name and image size it can ask for exists and fits
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
     return space
