@@ -292,6 +292,7 @@ def test_weights_by_name_load_from_the_hub_cache_like_torchvisions_builder(value
 
 def test_the_backbones_table_is_offline_and_knows_the_cache(capsys):
     assert os.environ["TUNE_RICE_OFFLINE"] == "1"
+    backbones.weights_file("mobilenet_v3_small").unlink(missing_ok=True)  # seeded by an earlier test
     assert cli.main(["backbones", "--family", "mobilenet v3", "--json"]) == 0
     rows = {r["backbone"]: r for r in json.loads(capsys.readouterr().out)}
     assert set(rows) == {"mobilenet_v3_small", "mobilenet_v3_large", "mobilenet_v3_large:IMAGENET1K_V1"}
@@ -358,12 +359,12 @@ def _results(rows):
 
 def test_the_cost_frontier_marks_the_pareto_front_and_names_the_cheap_choice():
     df = _results([("a", "vit_b_16:IMAGENET1K_SWAG_LINEAR_V1", 0, 0.91), ("b", "vit_b_16:IMAGENET1K_SWAG_LINEAR_V1", 0, 0.85),
-                   ("c", "resnet50", 0, 0.84), ("d", "mobilenet_v3_large", 0, 0.86), ("e", "resnet18", 112, 0.80)])
+                   ("c", "resnet50", 0, 0.84), ("d", "mobilenet_v3_large", 0, 0.86), ("e", "resnet18", 64, 0.80)])
     front = backbones.cost_frontier(df, "best/valid/acc", "max")
     assert list(front["backbone"]) == ["resnet18", "mobilenet_v3_large", "resnet50",
                                        "vit_b_16:IMAGENET1K_SWAG_LINEAR_V1"]  # cheapest first
     by = front.set_index("backbone")
-    assert by.loc["resnet18", "gflops"] == pytest.approx(1.814 / 4, rel=1e-3)  # 112 px: a quarter of 224's
+    assert by.loc["resnet18", "gflops"] == pytest.approx(1.814 * (64 / 224) ** 2, rel=1e-3)  # scaled by area
     assert by.loc["vit_b_16:IMAGENET1K_SWAG_LINEAR_V1", "best"] == 0.91
     assert by["pareto"].to_dict() == {"resnet18": True, "mobilenet_v3_large": True, "resnet50": False,
                                       "vit_b_16:IMAGENET1K_SWAG_LINEAR_V1": True}
