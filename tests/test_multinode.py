@@ -64,13 +64,16 @@ def test_search_spreads_over_two_nodes(separable, tmp_path):
         head = cluster.add_node(head=True, num_cpus=1, num_gpus=2)
         worker = cluster.add_node(num_cpus=1, num_gpus=2)
         t_up = time.perf_counter() - t0
-        cmd = [sys.executable, "-m", "tune_rice.search", "--address", cluster.address, "--data", str(separable),
-               "--search-space", str(tmp_path / "space.yaml"), "--num-samples", str(NUM_SAMPLES),
+        # Trials on a bank finish faster than a worker process starts; with reused actors one node could
+        # then run them all. The first two trials wait for each other after their first epoch (a worker
+        # setup hook, tests/search_driver.py), so both nodes' workers hold a trial at the same moment.
+        spec = {"dir": str(tmp_path / "hold"), "together": 2}
+        (tmp_path / "hold").mkdir()
+        cmd = [sys.executable, str(REPO / "tests" / "search_driver.py"), json.dumps(spec),
+               "--address", cluster.address, "--data", str(separable), "--search-space", str(tmp_path / "space.yaml"), "--num-samples", str(NUM_SAMPLES),
                "--weights", "none", "--gpus-per-trial", "0.5", "--cpus-per-trial", "1", "--max-concurrent", "2",
                "--grace-period", "40", "--storage-path", str(storage), "--name", "multinode", "--no-report"]
-        # Trials on a bank finish faster than a worker process starts; with reused actors one node could
-        # then run them all. Slowing each epoch (trainable's test hook) lets both nodes' workers take trials.
-        proc = subprocess.run(cmd, env={**os.environ, **cluster.client_env, "TUNE_RICE_TEST_EPOCH_SECONDS": "0.1"},
+        proc = subprocess.run(cmd, env={**os.environ, **cluster.client_env},
                               cwd=tmp_path, capture_output=True, text=True, timeout=240)
         t_search = time.perf_counter() - t0 - t_up
     out = proc.stdout + proc.stderr

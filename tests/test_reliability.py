@@ -25,7 +25,8 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from test_search import _argv, _optuna_trials, _scalars, _space, _terminated, _trial_states, ray_local  # noqa: F401
+from test_search import (SEARCH_DRIVER, _argv, _optuna_trials, _scalars, _space, _terminated, _trial_states,  # noqa: F401
+                         ray_local)
 
 import tune_rice.data as data
 from tune_rice import features, report, search
@@ -284,9 +285,9 @@ def test_resume_after_a_kill_mid_trial_loses_nothing_and_repeats_exactly(ray_loc
     """
     labels = tmp_path / "data"
     make_plain_folder(labels, per_class=8)
-    # An epoch of a head on this bank takes a few ms, so a whole search can end between two polls on a
-    # fast machine: the trainable's test hook makes each epoch last >= 50 ms (a trial >= 3 s), which
-    # changes no number the test compares.
+    # An epoch of a head on this bank takes a few ms, so a whole search can end between two polls: the
+    # second trial is held after epoch 20 of 60 until the kill (a worker setup hook, tests/search_driver.py),
+    # which changes no number the test compares.
     epochs, samples = 60, 5
     storage = tmp_path / "runs"
     exp = storage / "r"
@@ -294,24 +295,28 @@ def test_resume_after_a_kill_mid_trial_loses_nothing_and_repeats_exactly(ray_loc
                  "--max-concurrent", 1, "--grace-period", epochs, "--address", ray_local["address"])
     log = tmp_path / "first.log"
     # A snapshot every second (Tune's default is >= 10 s): the kill then finds finished trials in it.
-    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", "TUNE_RICE_TEST_EPOCH_SECONDS": "0.05"}
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    spec = {"dir": str(hold), "hold": {"trial": 1, "after_epoch": 20}}
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tune_rice.search", *argv], stdout=out,
+        proc = subprocess.Popen([sys.executable, str(SEARCH_DRIVER), json.dumps(spec), *argv], stdout=out,
                                 stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 300  # a guard against a hang, not a wait
         while True:
             assert proc.poll() is None, f"the search ended before it was killed:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, f"no trial half done in time:\n{log.read_text()[-3000:]}"
             finished = _terminated(exp)
             running = {d.name[len("trial_"):]: _epochs(d) for d in exp.glob("trial_*")} if finished else {}
             half = {t: len(e) for t, e in running.items() if t not in finished and e}  # started, not done
-            if finished and half:
+            if finished and half and (hold / "held-1").exists():
                 break
             time.sleep(0.05)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        (hold / "release").touch()  # a worker still holding lets go
     finished = _terminated(exp)
     before = {d.name: (d / "progress.csv").read_bytes() for d in exp.glob("trial_*") if (d / "progress.csv").exists()}
     assert not (exp / "results.csv").exists()
@@ -351,7 +356,8 @@ def test_resume_after_a_kill_mid_trial_loses_nothing_and_repeats_exactly(ray_loc
         assert np.allclose([v for _, v in scalars["valid/acc"]], first.loc[range(1, epochs + 1)], atol=1e-6)
     print(f"epochs run again after the restore: {repeated} (epochs done per trial at the kill: {half})")
     assert report.main([str(exp)]) == 0  # reads those histories (it crashed on the shifted columns)
-    assert (exp / "report" / "report.md").is_file()
+    assert len(report.load_experiment(exp).histories) == samples
+    assert f"{samples} trials" in (exp / "report" / "report.md").read_text()
     states = _trial_states(exp)
     assert {t: s for t, (s, _) in states.items()} == {t: "TERMINATED" for t in df["trial_id"]}
     trials = _optuna_trials(exp, "valid/acc", "max", max_t=epochs)

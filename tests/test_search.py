@@ -28,6 +28,8 @@ from tune_rice import search, tune_glue
 from tune_rice.data import build_transform, load_image, read_labels
 from tune_rice.model import load_artifact
 
+SEARCH_DRIVER = Path(__file__).with_name("search_driver.py")
+
 ray = pytest.importorskip("ray")
 
 SPACE = """\
@@ -436,21 +438,25 @@ def test_resume_after_the_driver_is_killed(ray_local, labels, tmp_path):
     argv = _argv(labels, _space(tmp_path), storage, "r", "--num-samples", 4, "--max-concurrent", 1,
                  "--address", ray_local["address"])
     log = tmp_path / "first.log"
+    hold = tmp_path / "hold"
+    hold.mkdir()
     with open(log, "w") as out:
-        # Trials on a bank take well under a second: slow each epoch (trainable's test hook) so that the
-        # kill lands mid-search rather than after the last trial.
-        proc = subprocess.Popen([sys.executable, "-m", "tune_rice.search", *argv], stdout=out,
+        # Trials on a bank take well under a second: the third trial is held after its first epoch until
+        # the driver is killed, so the kill lands mid-search however fast or loaded the machine is.
+        spec = {"dir": str(hold), "hold": {"trial": 2, "after_epoch": 1}}
+        proc = subprocess.Popen([sys.executable, str(SEARCH_DRIVER), json.dumps(spec), *argv], stdout=out,
                                 stderr=subprocess.STDOUT, cwd=tmp_path,
-                                env={**os.environ, "TUNE_RICE_TEST_EPOCH_SECONDS": "1.0"})
+                                env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"})
     try:
-        deadline = time.monotonic() + 180
-        while len(_terminated(exp)) < 2:
+        deadline = time.monotonic() + 300  # a guard against a hang, not a wait
+        while not ((hold / "held-2").exists() and len(_terminated(exp)) >= 2):
             assert proc.poll() is None, f"the search ended before it was killed:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, f"no 2 finished trials in time:\n{log.read_text()[-3000:]}"
             time.sleep(0.2)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        (hold / "release").touch()  # a worker still holding lets go
     finished = _terminated(exp)
     kept = {tid: (exp / f"trial_{tid}" / "result.json").read_bytes() for tid in finished}
     assert not (exp / "results.csv").exists()
@@ -463,7 +469,9 @@ def test_resume_after_the_driver_is_killed(ray_local, labels, tmp_path):
     assert finished <= set(df["trial_id"])
     for tid, before in kept.items():  # finished trials were not run again
         assert (exp / f"trial_{tid}" / "result.json").read_bytes() == before, tid
-    assert (exp / "best" / "model.pt").is_file() and (exp / "test_metrics.json").is_file()
+    test = json.loads((exp / "test_metrics.json").read_text())
+    assert test["trial_id"] in set(df["trial_id"]) and test["test_count"] == len(read_labels(labels).split("test"))
+    assert load_artifact(exp / "best" / "model.pt")[1]["metrics"]["trial_id"] == test["trial_id"]
 
 
 @pytest.mark.slow
@@ -485,8 +493,9 @@ def test_data_root_reaches_the_trials_that_read_images(ray_local, labels, tmp_pa
 
 @pytest.mark.slow
 def test_an_unreadable_test_image_keeps_the_best_model(ray_local, tmp_path, capsys, monkeypatch):
-    """A test image broken after labels.csv was written: one clear error, and the winner is still saved.
-    Fixed and resumed, the search scores the final model it had chosen: it does not choose again."""
+    """A test image broken after labels.csv was written: one clear error, the winner is still saved, and a
+    resume refuses to score the test split again. Resumed from before the test read, the search scores
+    the final model it had chosen: it does not choose again."""
     csv = make_separable_dataset(tmp_path / "data", per_class=12, size=32)
     table = read_labels(csv)
     broken = table.paths("test")[0]
@@ -502,7 +511,15 @@ def test_an_unreadable_test_image_keeps_the_best_model(ray_local, tmp_path, caps
     assert meta["classes"] == list(table.classes) and "test_accuracy" not in meta["metrics"]
     assert not (exp / "test_metrics.json").exists()
     record = (exp / "final.json").read_text()
+    # the test split was opened once: a resume does not score it again, and says how to score deliberately
+    assert search.main(["--resume", "--name", "broken", "--storage-path", str(storage)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "began scoring the test split" in err and "python -m tune_rice.evaluate" in err, err
+    assert not (exp / "test_metrics.json").exists()
 
+    # A search killed after its final model was saved, before the test read began, has no mark (removed
+    # here to stand for that moment): fixed and resumed, it scores the final model it had chosen.
+    (exp / "test_started.json").unlink()
     broken.write_bytes(good)
     monkeypatch.setattr(search.final, "choose_final", lambda *a, **k: pytest.fail("chose the final model twice"))
     assert search.main(["--resume", "--name", "broken", "--storage-path", str(storage)]) == 0

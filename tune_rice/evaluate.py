@@ -8,7 +8,7 @@ computed the same way: the full model on the images, ``engine.predict_logits`` o
 evaluation transform of the model's image size. ``test_count`` is the number of images scored, whatever
 the split (the name is kept so both files read the same). The JSON goes to ``--out``
 (default ``eval_<split>.json`` in the current folder); the search's own ``test_metrics.json`` is never
-overwritten.
+overwritten. Scoring a search's model on test again is a second look at the test split, and is said so.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from .data import SPLITS, ImageDecodeError, LabelTable, Preprocessing, build_tra
 from .devices import DEVICE_CHOICES, default_num_workers, device_from_arg, resolve_device
 from .engine import ImageBatches, compute_metrics, predict_logits
 from .model import load_model
+from .storage import TEST_MARK
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,26 @@ def evaluate_model(model: nn.Module, table: LabelTable, split: str, preprocessin
     return metrics_record(logits, y, table.classes)
 
 
+def second_look(model_path: Path) -> str:
+    """Why scoring a search's model on test is a second look at the test split ('' when it is not known to be).
+
+    The search scores its model on test once (test_metrics.json) and marks the start of that read
+    (test_started.json); either next to ``best/`` means the test images have been read for this model."""
+    exp = model_path.parent.parent if model_path.parent.name == "best" else model_path.parent
+    if (exp / "test_metrics.json").is_file():
+        return (f"a second look at the test split: the search scored this model on it once already "
+                f"({exp / 'test_metrics.json'}); that first score is the one to report")
+    if (exp / TEST_MARK).is_file():
+        try:
+            when = json.loads((exp / TEST_MARK).read_text()).get("started", "?")
+        except ValueError:
+            when = "?"
+        return (f"a second look at the test split: the search began scoring this model on it at {when} "
+                f"({exp / TEST_MARK}) and recorded no result; the test images may have been read, so a choice "
+                "made after seeing this score is no longer tested on untouched data")
+    return ""
+
+
 def format_metrics(result: dict, *, title: str = "") -> str:
     """Per-class precision/recall/F1/support, accuracy, macro-F1, loss and the confusion matrix as text."""
     classes = result["classes"]
@@ -175,6 +196,10 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.split != "test":
         print(f"note: the {args.split} split was seen while searching (train to fit, valid to choose); "
               "its score is optimistic")
+    else:
+        second = second_look(loaded.path)
+        if second:
+            print(f"note: {second}")
     if loaded.weights.startswith("random:"):
         print(f"note: this model's backbone was RANDOMLY INITIALISED ({loaded.weights})")
     print(f"wrote {out}")

@@ -106,6 +106,15 @@ class Experiment:
             return str(self.results["weights"].dropna().iloc[0])
         return str(self.args.get("weights", "unknown"))
 
+    def trials_by_weights(self) -> dict[tuple[str, str], int]:
+        """(backbone, weights identity) -> number of trials, from results.csv."""
+        df = self.results
+        if "weights" not in df:
+            return {}
+        backbone = df["config/backbone"] if "config/backbone" in df else pd.Series("backbone", index=df.index)
+        pairs = pd.DataFrame({"backbone": backbone.astype(str), "weights": df["weights"]}).dropna()
+        return {(b, str(w)): int(n) for (b, w), n in pairs.value_counts(sort=False).sort_index().items()}
+
 
 def _truthy(value) -> bool:
     if isinstance(value, str):
@@ -287,6 +296,18 @@ def weights_flag(exp: Experiment) -> str:
         return (f"**The backbone was randomly initialised ({w}), not pretrained: every score here is far below "
                 "what ImageNet weights would give, and the best hyperparameters may differ.**")
     return f"Backbone weights: `{w}`."
+
+
+def random_weights_flag(exp: Experiment) -> str | None:
+    """Every backbone whose trials ran on randomly initialised weights, not only the winner's."""
+    runs = exp.trials_by_weights()
+    random = {k: n for k, n in runs.items() if k[1].startswith("random:")}
+    if not random:
+        return None
+    named = ", ".join(f"{b} (`{w}`, {n} trial{'s' if n != 1 else ''})" for (b, w), n in random.items())
+    total = sum(runs.values())
+    return (f"**{sum(random.values())} of {total} trials ran on randomly initialised backbones: {named}.** Their "
+            "scores say little about what the same settings give on pretrained features.")
 
 
 # ------------------------------------------------------------------------------------------- figures
@@ -803,7 +824,9 @@ def write_report(exp_dir: str | os.PathLike) -> Path:
     flags = edge_flags(exp)
     md += [f"- {f}" for f in flags] or ["- No best value sits at the edge of a numeric search range."]
     md += [f"- {f}" for f in trial_flags(exp)]
-    md += [f"- {weights_flag(exp)}", ""]
+    md += [f"- {weights_flag(exp)}"]
+    md += [f"- {flag}" for flag in [random_weights_flag(exp)] if flag]
+    md.append("")
 
     md += ["## Top trials", "", markdown_table(top_table(exp)), ""]
 

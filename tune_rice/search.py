@@ -34,7 +34,7 @@ from .backbones import cheaper_choice, cost_frontier
 from .data import LabelTable, read_labels_checked
 from .engine import TrialConfig
 from .features import FeatureBank, FeatureSpec, extract_banks, pass_key
-from .model import ResolvedWeights, resolve_weights, save_artifact
+from .model import ResolvedWeights, hub_weights_file, resolve_weights, save_artifact
 from .space import SearchSpace, load_search_space
 from .storage import ARGS_FILE, ExperimentPaths
 
@@ -141,24 +141,26 @@ def run_search(args) -> dict:
     space, max_epochs = load_space(args)
     with clock("data"):
         table = load_data(args)
-    gpus = start_ray(args)
     specs = space.feature_specs(seed=args.seed)
-    weights = {b: resolve_weights(b, args.weights, seed=args.seed) for b in {s.backbone for s in specs}}
+    weights = backbone_weights(args, specs, paths)
+    gpus = start_ray(args)
     with clock("extract"):
         banks = search_banks(args, specs, table, weights)
     base = {"epochs": max_epochs, "seed": args.seed}
     with clock("trials"):
+        if not args.resume:  # only now: an input error found above leaves no folder behind
+            record_start(args, paths, weights)
         tuner = make_tuner(args, paths, space, base, trial_data(table, banks, weights), gpus)
         result_grid = run_trials(tuner, args, gpus)
     df, best = collect_results(result_grid, space, max_epochs, paths.local)
     with clock("final"):
         winner = save_winner(result_grid, base, weights, space, table, banks, paths, k=args.ensemble)
     with clock("test"):
-        test = score_winner(winner, table, paths.local)
+        test = score_winner(winner, table, paths)
     if not args.no_report:
         with clock("report"):
             write_report_or_warn(paths.local)
-    summary = write_outputs(paths, df, test, space, winner, clock, result_grid, banks)
+    summary = write_outputs(paths, df, test, space, winner, weights, clock, result_grid, banks)
     print("\n" + summary, flush=True)
     return {"exp_dir": paths.local, "results": df, "test": test, "phases": clock.phases, "seconds": clock.total(),
             "banks": banks, "best_trial": winner.trial_id}
@@ -194,6 +196,19 @@ def _restore_experiment(args, paths: ExperimentPaths) -> None:
         print(summary.decode() if summary else f"{paths.where()}: finished", flush=True)
         raise UserError(f"--resume: {args.name!r} already finished (test split scored, results in "
                         f"{paths.where()}); nothing to resume")
+    started = paths.read(storage.TEST_MARK)
+    if started is not None:
+        # Scoring began and left no result (killed, or a test image failed): the test split may have been
+        # read already, and a second score would be a second look presented as the first.
+        mark = json.loads(started)
+        model = mark.get("model") or str(paths.local / "best" / "model.pt")
+        if paths.remote and not Path(model).is_file():
+            model = f"{model} (a copy of {paths.ray_path}/best/model.pt)"
+        raise UserError(f"--resume: {args.name!r} began scoring the test split at {mark.get('started', '?')} and "
+                        f"recorded no result; it is not scored again. To score the saved model deliberately "
+                        f"(a second look at the test split): python -m tune_rice.evaluate --model {model} "
+                        f"--data {mark.get('labels', 'LABELS_CSV')}"
+                        + (f" --data-root {mark['data_root']}" if mark.get("data_root") else ""))
     log.info("resuming %s with its original arguments", paths.local)
 
 
@@ -204,6 +219,50 @@ def load_space(args) -> tuple[SearchSpace, int]:
     if args.grace_period > max_epochs:
         raise UserError(f"--grace-period {args.grace_period} is more than the {max_epochs} epochs per trial")
     return space, max_epochs
+
+
+def backbone_weights(args, specs: list[FeatureSpec], paths: ExperimentPaths) -> dict[str, ResolvedWeights]:
+    """Each backbone's weights. A new search resolves ``--weights``; ``--resume`` gets the very weights
+    the search started with (recorded in search_args.json), or refuses: heads trained on one backbone's
+    features are meaningless on another's."""
+    names = sorted({s.backbone for s in specs})
+    recorded = storage.recorded_weights(paths.local) if args.resume else None
+    if recorded is None:  # a new search (or one started before the record was kept)
+        return {b: resolve_weights(b, args.weights, seed=args.seed) for b in names}
+    return {b: _same_weights(b, recorded.get(b), args) for b in names}
+
+
+def _same_weights(backbone: str, identity: str | None, args) -> ResolvedWeights:
+    if identity is None or identity.startswith("random:"):
+        # Random init is rebuilt from the seed, whatever --weights auto would find in today's cache.
+        request = args.weights if identity is None else "none"
+    else:
+        request = "imagenet" if identity.startswith("imagenet:") else args.weights
+    try:
+        resolved = resolve_weights(backbone, request, seed=args.seed)
+    except UserError as e:
+        resolved, problem = None, str(e)
+    if resolved is not None and (identity is None or resolved.identity == identity):
+        return resolved
+    head = f"--resume: the search trained {backbone} heads on {identity} features"
+    if identity.startswith("imagenet:"):
+        w, cached = hub_weights_file(backbone)
+        problem = (f"here they resolve to {resolved.identity}" if resolved is not None
+                   else f"they are not in the torch cache here ({cached}) and cannot be downloaded")
+        raise UserError(f"{head}, but {problem}; put {w.url} at {cached}, or set TORCH_HOME to the torch cache "
+                        "the search started with, then resume again")
+    if resolved is not None:
+        problem = f"here the file is {resolved.identity}"
+    raise UserError(f"{head}, but {problem.rstrip('.')}; put the file the search started with back at "
+                    f"{args.weights}, then resume again")
+
+
+def record_start(args, paths: ExperimentPaths, weights: dict[str, ResolvedWeights]) -> None:
+    """search_args.json with each backbone's resolved weights, next to Ray's state on a URI storage path
+    (so that --resume finds it anywhere)."""
+    storage.save_args(paths.local, args, weights={b: w.identity for b, w in weights.items()})
+    if paths.remote:
+        storage.upload(paths.local, paths.ray_path, names=(ARGS_FILE,))
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -332,10 +391,6 @@ def make_tuner(args, paths: ExperimentPaths, space: SearchSpace, base: dict, dat
                                                 checkpoint_score_order=space.mode),
         failure_config=tune.FailureConfig(max_failures=2),
         callbacks=[tune_glue.tensorboard_callback_cls()()])
-    # Written only now: an input error found above (GPUs, weights, images) leaves no folder behind.
-    storage.save_args(paths.local, args)
-    if paths.remote:  # next to Ray's experiment state, so that --resume finds it anywhere
-        storage.upload(paths.local, paths.ray_path)
     return tune.Tuner(
         trainable, param_space=space.tune_space(),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=args.num_samples,
@@ -439,9 +494,11 @@ def _prune_checkpoints(result_grid, metric: str, mode: str) -> None:
                     log.warning("could not delete %s: %s", checkpoint.path, e)
 
 
-def final_candidates(result_grid, base: dict, space: SearchSpace, *, limit: int = TOP_CANDIDATES):
+def final_candidates(result_grid, base: dict, space: SearchSpace, *, limit: int = TOP_CANDIDATES,
+                     weights: dict[str, ResolvedWeights] | None = None):
     """The best checkpoints (not the latest) of the top ``limit`` trials, best first, as final-model
-    candidates; and each one's (best epoch, config) by trial id."""
+    candidates; and each one's (best epoch, config) by trial id. With ``weights`` (backbone -> the weights
+    the final model will be built on), a checkpoint whose head was trained on other weights is refused."""
     candidates, info = [], {}
     for r in _ranked_results(result_grid, space.metric, space.mode)[:limit]:
         if r.error is not None and candidates:
@@ -451,9 +508,17 @@ def final_candidates(result_grid, base: dict, space: SearchSpace, *, limit: int 
             state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
         trial_id = r.metrics.get("trial_id") or Path(r.path).name
         cfg = TrialConfig.from_dict({**base, **r.config})
+        _check_trained_on(state, cfg, weights, checkpoint.path)
         candidates.append(final.candidate_from_state(trial_id, state, cfg, score=float(state["best"])))
         info[trial_id] = (int(state["epoch"]), cfg)
     return candidates, info
+
+
+def _check_trained_on(state: dict, cfg: TrialConfig, weights: dict[str, ResolvedWeights] | None, where) -> None:
+    trained_on, here = state.get("weights"), (weights or {}).get(cfg.backbone)
+    if trained_on is not None and here is not None and trained_on != here.identity:
+        raise UserError(f"the checkpoint {where} holds a head trained on {cfg.backbone} features from {trained_on} "
+                        f"weights, but the backbone here has {here.identity}: a model built from the two would be wrong")
 
 
 @dataclass
@@ -495,7 +560,7 @@ def save_winner(result_grid, base: dict, weights: dict[str, ResolvedWeights], sp
     ``extra``: more candidates beside the trials' checkpoints (``final.probe_candidates``: the linear
     probes, once the search fits them)."""
     exp_dir = paths.local
-    candidates, info = final_candidates(result_grid, base, space)
+    candidates, info = final_candidates(result_grid, base, space, weights=weights)
     candidates = final.merge_candidates(candidates, extra, mode=space.mode)
     recorded = paths.read(FINAL_RECORD)
     fm = final.make_final_model(candidates, weights=weights, banks=banks, table=table, k=k, metric=space.metric,
@@ -515,10 +580,13 @@ def save_winner(result_grid, base: dict, weights: dict[str, ResolvedWeights], sp
     return winner
 
 
-def score_winner(winner: Winner, table: LabelTable, exp_dir: Path) -> dict:
+def score_winner(winner: Winner, table: LabelTable, paths: ExperimentPaths) -> dict:
     """The one read of the test split; writes test_metrics.json, the test TensorBoard run and the test
-    scores into best/model.pt. Returns what test_metrics.json holds."""
+    scores into best/model.pt, and copies them to a URI storage path at once. Returns what
+    test_metrics.json holds."""
+    exp_dir = paths.local
     best_dir = exp_dir / "best"
+    mark_test_started(paths, winner, table)
     try:
         test = score_on_test(winner.fm, table)
     except UserError as e:  # an unreadable test image, already reduced to one line
@@ -528,7 +596,19 @@ def score_winner(winner: Winner, table: LabelTable, exp_dir: Path) -> dict:
     test_out = {"trial_id": winner.trial_id, "weights": winner.identity, "pretrained": winner.pretrained, **test}
     (exp_dir / "test_metrics.json").write_text(json.dumps(test_out, indent=1))
     write_test_tensorboard(exp_dir / "test", test_out, winner.cfg.to_dict(), winner.trial_id)
+    if paths.remote:
+        storage.upload(exp_dir, paths.ray_path, names=("best", "test_metrics.json", "test"))
     return test_out
+
+
+def mark_test_started(paths: ExperimentPaths, winner: Winner, table: LabelTable) -> None:
+    """The durable mark that the test split is about to be read (on the storage URI too, before any image)."""
+    mark = {"started": datetime.now().astimezone().isoformat(timespec="seconds"), "trial_id": winner.trial_id,
+            "model": str(paths.local / "best" / "model.pt"), "labels": str(table.csv_path),
+            "data_root": str(table.root) if table.root != table.csv_path.parent else None}
+    storage.write_durably(paths.local / storage.TEST_MARK, json.dumps(mark, indent=1))
+    if paths.remote:  # the model that is being scored goes with the mark
+        storage.upload(paths.local, paths.ray_path, names=("best", storage.TEST_MARK))
 
 
 def score_on_test(fm: final.FinalModel, table: LabelTable, *, device="auto", batch_size: int = 64) -> dict:
@@ -581,16 +661,19 @@ def write_report_or_warn(exp_dir: Path) -> None:
 
 
 def write_outputs(paths: ExperimentPaths, df: pd.DataFrame, test: dict, space: SearchSpace, winner: Winner,
-                  clock: _Clock, result_grid, banks: dict[str, FeatureBank] | None) -> str:
+                  weights: dict[str, ResolvedWeights], clock: _Clock, result_grid,
+                  banks: dict[str, FeatureBank] | None) -> str:
     """summary.txt and timings.json, everything copied to a URI storage path; returns the summary."""
     seconds = clock.total()
+    identities = {b: w.identity for b, w in sorted(weights.items())}
     summary = format_summary(df, test, metric=space.metric, exp_dir=paths.local, seconds=seconds,
                              phases=clock.phases, weights=winner.identity, searched=space.searched,
-                             final_record=winner.fm.record(), mode=space.mode)
+                             final_record=winner.fm.record(), mode=space.mode, backbones=identities)
     (paths.local / "summary.txt").write_text(summary + "\n")
     trial_seconds = [float(r.metrics.get("time_total_s", 0.0)) for r in result_grid if r.metrics]
     (paths.local / "timings.json").write_text(json.dumps(
         {"seconds": seconds, "phases": clock.phases, "trial_seconds": trial_seconds,
+         "weights": identities, "random_weights": [b for b, w in identities.items() if w.startswith("random:")],
          "banks": {name: {"seconds": b.seconds, "from_cache": b.from_cache, "mb": b.nbytes() / 1e6, **b.info}
                    for name, b in (banks or {}).items()}}, indent=1))
     if paths.remote:
@@ -600,10 +683,12 @@ def write_outputs(paths: ExperimentPaths, df: pd.DataFrame, test: dict, space: S
 
 def format_summary(df: pd.DataFrame, test: dict | None, *, metric: str, exp_dir: Path, seconds: float,
                    phases: dict, weights: str, top: int = 5, searched: Sequence[str] | None = None,
-                   final_record: dict | None = None, mode: str | None = None) -> str:
+                   final_record: dict | None = None, mode: str | None = None,
+                   backbones: dict[str, str] | None = None) -> str:
     """The console summary; the top-trials table shows only the ``searched`` parameters (default: all).
     With ``mode`` and several backbones, it names the best one under a phone-sized cost when that is not
-    the overall best."""
+    the overall best. ``weights``: the deployed model's backbone weights; ``backbones``: every backbone's
+    (name -> identity)."""
     lines = []
     n = len(df)
     errored = int((df["status"] == "ERROR").sum())
@@ -634,8 +719,14 @@ def format_summary(df: pd.DataFrame, test: dict | None, *, metric: str, exp_dir:
             if other and not other.get("deployed"):
                 lines.append(f"  {label} (same pass, not deployed): accuracy {other['accuracy']:.4f}, "
                              f"macro-F1 {other['macro_f1']:.4f}")
+    random = {b: w for b, w in (backbones or {}).items() if w.startswith("random:")}
+    if random and (len(backbones) > 1 or not weights.startswith("random:")):
+        named = ", ".join(f"{b} ({w})" for b, w in list(random.items())[:2])
+        more = f" and {len(random) - 2} more" if len(random) > 2 else ""
+        lines.append(f"NOTE: {len(random)} of {len(backbones)} backbones ran on RANDOMLY INITIALISED weights: "
+                     f"{named}{more}; their trials' scores are far below what ImageNet weights give.")
     if weights.startswith("random:"):
-        lines.append(f"NOTE: the backbone was RANDOMLY INITIALISED ({weights}); ImageNet weights give far "
+        lines.append(f"NOTE: the best model's backbone was RANDOMLY INITIALISED ({weights}); ImageNet weights give far "
                      "better features (see README: weights).")
     lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in phases.items()) + f", total {seconds:.1f}s")
     lines.append(f"outputs: {exp_dir}  (results.csv, best/model.pt, test_metrics.json, report/)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +19,14 @@ from . import UserError
 log = logging.getLogger(__name__)
 
 ARGS_FILE = "search_args.json"
+# Written (and on a URI storage path, uploaded) before the first test image is read: a search that has it
+# and no test_metrics.json began scoring the test split, and --resume must not score it again.
+TEST_MARK = "test_started.json"
+# The resolved identity of each backbone's weights, kept in ARGS_FILE under this key (see save_args).
+WEIGHTS_KEY = "resolved_weights"
 # What the driver copies to a URI storage path (files and folders of the local experiment folder).
-OUTPUTS = ("results.csv", "final.json", "test_metrics.json", "summary.txt", "timings.json", ARGS_FILE, "best", "test", "report")
+OUTPUTS = ("results.csv", "final.json", TEST_MARK, "test_metrics.json", "summary.txt", "timings.json", ARGS_FILE,
+           "best", "test", "report")
 
 
 def is_uri(path: str) -> bool:
@@ -62,7 +69,8 @@ def experiment_paths(storage_path: str, name: str) -> ExperimentPaths:
 
 
 # ------------------------------------------------------------------------------------------ arguments
-def save_args(exp_dir: Path, args) -> None:
+def save_args(exp_dir: Path, args, *, weights: dict[str, str] | None = None) -> None:
+    """``args`` as search_args.json, with ``weights`` (backbone -> the identity its weights resolved to)."""
     exp_dir.mkdir(parents=True, exist_ok=True)
     # --resume may run from another working directory: keep paths absolute.
     if args.data is not None:
@@ -74,14 +82,37 @@ def save_args(exp_dir: Path, args) -> None:
     if args.weights not in ("auto", "imagenet", "none") and Path(args.weights).expanduser().is_file():
         args.weights = str(Path(args.weights).expanduser().resolve())
     keep = {k: v for k, v in vars(args).items() if k not in ("resume", "verbose", "address")}
-    (exp_dir / ARGS_FILE).write_text(json.dumps(keep, indent=1))
+    if weights is not None:
+        keep[WEIGHTS_KEY] = dict(sorted(weights.items()))
+    write_durably(exp_dir / ARGS_FILE, json.dumps(keep, indent=1))
 
 
 def restore_args(exp_dir: Path, args) -> None:
     saved = json.loads((exp_dir / ARGS_FILE).read_text())
     for key, value in saved.items():
-        if key not in ("name", "storage_path"):
+        if key not in ("name", "storage_path", WEIGHTS_KEY):
             setattr(args, key, value)
+
+
+def recorded_weights(exp_dir: Path) -> dict[str, str] | None:
+    """Backbone -> weights identity as resolved when the search started (None: not recorded)."""
+    saved = json.loads((exp_dir / ARGS_FILE).read_text())
+    return saved.get(WEIGHTS_KEY)
+
+
+def write_durably(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that it is whole and on disk when this returns (or not there at all)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself
+    finally:
+        os.close(fd)
 
 
 def fetch_args(exp_dir: Path, uri: str) -> None:

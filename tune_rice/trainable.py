@@ -7,9 +7,7 @@ once and every trial on a node maps the same memory; nothing is decoded or extra
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,12 +21,6 @@ from .features import FeatureBank
 from .model import ResolvedWeights
 
 CHECKPOINT_FILE = "state.pt"
-# Test-only hook: a trial whose config has lr above this value raises at its second epoch, so that
-# tests can prove retries and errored-trial accounting without a real crash.
-CRASH_ENV = "TUNE_RICE_TEST_CRASH_LR_ABOVE"
-# Test-only hook: sleep this many seconds per epoch, so that tests can interrupt a search mid-way or
-# make trials outlast a worker's start-up (spreading them over nodes) without large data.
-EPOCH_SLEEP_ENV = "TUNE_RICE_TEST_EPOCH_SECONDS"
 
 
 @dataclass(frozen=True)
@@ -89,12 +81,7 @@ def train_head(config: dict, *, data: TrialData, base: dict | None = None, metri
     context = ray.get_runtime_context()
     where = {"node_id": context.get_node_id(), "gpu_ids": ",".join(map(str, ray.get_gpu_ids())),
              "device": device, "weights": run.weights}
-    crash_lr = os.environ.get(CRASH_ENV)
-    epoch_sleep = float(os.environ.get(EPOCH_SLEEP_ENV) or 0)
     while run.epoch < cfg.epochs:
-        if crash_lr and cfg.lr > float(crash_lr) and run.epoch == 1:
-            raise RuntimeError(f"test hook {CRASH_ENV}={crash_lr}: crashing trial with lr={cfg.lr:g}")
-        time.sleep(epoch_sleep)
         metrics = {**run.step(), **where}
         if _better(metrics[metric], best, mode):
             best = metrics[metric]

@@ -153,6 +153,8 @@ def tensorboard_callback_cls():
                 # time (tested), already in TensorBoard; writing them twice draws the curve back over itself.
                 return
             self._last_step[trial] = step
+            if step == 1 and result.get("weights"):
+                writer.add_text("weights", weights_text(trial.config.get("backbone", "backbone"), result["weights"]), 0)
             for key, value in result.items():
                 if ("/" in key or key == "lr") and isinstance(value, (int, float)) and not isinstance(value, bool):
                     writer.add_scalar(key, value, global_step=step)
@@ -166,6 +168,14 @@ def tensorboard_callback_cls():
     return TrialScalars
 
 
+def weights_text(backbone: str, identity: str) -> str:
+    """A trial's TensorBoard note on where its backbone's numbers came from; random init is flagged."""
+    if str(identity).startswith("random:"):
+        return (f"**{backbone}: RANDOMLY INITIALISED ({identity})**, not pretrained: this trial's features come "
+                "from a random backbone, and its scores are far below what ImageNet weights give.")
+    return f"{backbone}: {identity}"
+
+
 # ------------------------------------------------------------------------------- Ray start, GPU sizing
 def init_ray(address: str | None):
     import ray
@@ -174,11 +184,6 @@ def init_ray(address: str | None):
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     kwargs = dict(ignore_reinit_error=True, log_to_driver=True, logging_level=logging.WARNING)
-    # The trainable's test hooks (TUNE_RICE_TEST_*) must reach workers that a cluster started, which do
-    # not inherit this process's environment. Only when set: a job's own runtime_env stays untouched.
-    hooks = {k: v for k, v in os.environ.items() if k.startswith("TUNE_RICE_TEST_")}
-    if hooks:
-        kwargs["runtime_env"] = {"env_vars": hooks}
     if address:
         ray.init(address=address, **kwargs)
         log.info("joined Ray cluster at %s", address)
