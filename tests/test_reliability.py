@@ -350,7 +350,7 @@ def test_resume_after_a_kill_mid_trial_loses_nothing_and_repeats_exactly(ray_loc
         repeated += len(history) - epochs
         # TensorBoard shows each epoch once: the repeats are identical and not written again
         scalars = _scalars(Path(row["trial_dir"]))
-        for tag in ("valid/acc", "train/loss", "lr"):
+        for tag in ("valid/acc", "train/loss", "train/lr"):
             assert [step for step, _ in scalars[tag]] == list(range(1, epochs + 1)), (row["trial_id"], tag)
         first = history.drop_duplicates("epoch").set_index("epoch")["valid/acc"]
         assert np.allclose([v for _, v in scalars["valid/acc"]], first.loc[range(1, epochs + 1)], atol=1e-6)

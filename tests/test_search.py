@@ -111,6 +111,18 @@ def _reads(trace: Path) -> list[tuple[int, Path]]:
     return [(int(pid), Path(p)) for pid, p in (line.split(" ", 1) for line in trace.read_text().splitlines())]
 
 
+def _hparams(folder: Path) -> dict:
+    """The hyperparameters of the HParams summary in ``folder``'s event files, as TensorBoard reads them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    info = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+    return {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in info.hparams.items()}
+
+
 def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -180,14 +192,17 @@ def test_search_end_to_end(ray_local, labels, tmp_path, capsys, monkeypatch):
     assert accuracy == pytest.approx(test["accuracy"])
     assert accuracy > 1 / 3  # above chance, with a random backbone on colour-coded classes
 
-    # TensorBoard: every trial is a run with our scalars and Ray's copies; the test run has test/acc
+    # TensorBoard: every trial is a run whose scalars are all under train/ and valid/ (no ray/tune/
+    # copies, no lone `lr` card before them), with an HParams summary of the searched parameters
     for _, row in df.iterrows():
         scalars = _scalars(Path(row["trial_dir"]))
         steps = [s for s, _ in scalars["valid/acc"]]
         assert steps == list(range(1, int(row["epochs"]) + 1)), row["trial_id"]
         assert max(v for _, v in scalars["valid/acc"]) == pytest.approx(row["best/valid/acc"])
-        for tag in ("train/loss", "valid/loss", "lr", "ray/tune/valid/acc"):
-            assert tag in scalars, (tag, row["trial_id"])
+        assert {"train/loss", "train/lr", "valid/loss"} <= set(scalars), row["trial_id"]
+        assert all(tag.startswith(("train/", "valid/")) for tag in scalars), sorted(scalars)
+        assert _hparams(Path(row["trial_dir"])) == {"lr": pytest.approx(row["config/lr"]),
+                                                    "hidden": row["config/hidden"]}, row["trial_id"]
     test_scalars = _scalars(exp / "test")
     assert test_scalars["test/acc"] == [(0, pytest.approx(test["accuracy"]))]
     assert test_scalars["test/ece"] == [(0, pytest.approx(test["calibration"]["after"]["ece"]))]
@@ -266,6 +281,7 @@ def test_tensorboard_callback_writes_each_epoch_once_across_restarts(tmp_path):
         def __init__(self, staging: Path):
             self.local_path, self.path = str(staging), str(storage)
             self.storage = type("Storage", (), {"storage_filesystem": pyarrow.fs.LocalFileSystem()})()
+            self.config = {"lr": 0.1}
 
         def init_local_path(self):
             Path(self.local_path).mkdir(parents=True, exist_ok=True)
@@ -306,7 +322,7 @@ def test_tensorboard_callback_writes_each_epoch_once_across_restarts(tmp_path):
     sync(again)
     scalars = _scalars(storage)
     assert scalars["valid/acc"] == [(s, pytest.approx(s / 10)) for s in range(1, 7)]
-    assert [s for s, _ in scalars["lr"]] == list(range(1, 7)) and "node" not in scalars
+    assert [s for s, _ in scalars["train/lr"]] == list(range(1, 7)) and "node" not in scalars
 
 
 def test_searcher_records_complete_pruned_and_failed_trials(tmp_path):

@@ -367,6 +367,7 @@ def trial_data(table: LabelTable, banks: dict[str, FeatureBank] | None, weights:
 def make_tuner(args, paths: ExperimentPaths, space: SearchSpace, base: dict, data, gpus: float):
     """A new Tuner (arguments saved first), or with ``--resume`` the interrupted one restored."""
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
 
     max_epochs = base["epochs"]
@@ -390,7 +391,10 @@ def make_tuner(args, paths: ExperimentPaths, space: SearchSpace, base: dict, dat
         checkpoint_config=tune.CheckpointConfig(num_to_keep=None, checkpoint_score_attribute=space.metric,
                                                 checkpoint_score_order=space.mode),
         failure_config=tune.FailureConfig(max_failures=2),
-        callbacks=[tune_glue.tensorboard_callback_cls()()])
+        # Our TensorBoard writer instead of Ray's TBX logger (turned off in run_trials); CSV and JSON stay.
+        callbacks=[CSVLoggerCallback(), JsonLoggerCallback(),
+                   tune_glue.tensorboard_callback_cls()(params=space.searched,
+                                                        metrics=dict.fromkeys([space.metric, "valid/acc", "valid/loss"]))])
     return tune.Tuner(
         trainable, param_space=space.tune_space(),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=args.num_samples,
@@ -405,7 +409,9 @@ def make_tuner(args, paths: ExperimentPaths, space: SearchSpace, base: dict, dat
 def run_trials(tuner, args, gpus: float):
     """``tuner.fit()``, with as many trials pending as the cluster holds at once (see trials_at_once)."""
     pending = args.max_concurrent or tune_glue.trials_at_once(args.cpus_per_trial, gpus, args.num_samples)
-    with tune_glue.env_default("TUNE_MAX_PENDING_TRIALS_PG", str(pending)):
+    # Ray's automatic loggers off: make_tuner passes the CSV and JSON ones, and TensorBoard is ours.
+    with tune_glue.env_default("TUNE_MAX_PENDING_TRIALS_PG", str(pending)), \
+            tune_glue.env_default("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1"):
         return tuner.fit()
 
 

@@ -122,15 +122,21 @@ def tensorboard_callback_cls():
     from ray.tune.logger import LoggerCallback
     from torch.utils.tensorboard import SummaryWriter
 
+    from torch.utils.tensorboard.summary import hparams
+
     class TrialScalars(LoggerCallback):
-        """Writes each trial's namespaced metrics (train/loss, valid/acc, ...) as TensorBoard scalars.
+        """The trials' TensorBoard runs: namespaced scalars (train/loss, train/lr, valid/acc, ...), an
+        HParams summary of the ``params`` against the ``metrics``, and a note on the backbone's weights.
 
         Runs on the driver and writes into the trial's directory, which Tune syncs to the storage path,
-        so it works the same on a laptop and a multi-node cluster. Ray's own TBX logger still writes the
-        ``ray/tune/*`` copies and the HParams summary next to these.
+        so it works the same on a laptop and a multi-node cluster. It replaces Ray's TBX logger (the search
+        turns Ray's automatic loggers off, see run_trials), which wrote every scalar a second time under
+        ``ray/tune/``: those cards came first on the page and buried the ``train/`` and ``valid/`` ones.
         """
 
-        def __init__(self):
+        def __init__(self, params=None, metrics=("valid/acc", "valid/loss")):
+            self._params = None if params is None else list(params)  # None: every config value
+            self._metrics = list(metrics)
             self._writers = {}
             self._last_step = {}  # trial -> the last epoch written (kept across restarts of the trial)
 
@@ -153,12 +159,20 @@ def tensorboard_callback_cls():
                 # time (tested), already in TensorBoard; writing them twice draws the curve back over itself.
                 return
             self._last_step[trial] = step
-            if step == 1 and result.get("weights"):
-                writer.add_text("weights", weights_text(trial.config.get("backbone", "backbone"), result["weights"]), 0)
+            if step == 1:  # once per trial: a trial resumed past its first epoch has them already
+                self._write_trial_info(writer, trial, result)
             for key, value in result.items():
                 if ("/" in key or key == "lr") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    writer.add_scalar(key, value, global_step=step)
+                    writer.add_scalar("train/lr" if key == "lr" else key, value, global_step=step)
             writer.flush()
+
+        def _write_trial_info(self, writer, trial, result):
+            config = {k: _hparam_value(v) for k, v in sorted(trial.config.items())
+                      if self._params is None or k in self._params}
+            for summary in hparams(config, dict.fromkeys(self._metrics, 0.0)):
+                writer.file_writer.add_summary(summary)
+            if result.get("weights"):
+                writer.add_text("weights", weights_text(trial.config.get("backbone", "backbone"), result["weights"]), 0)
 
         def log_trial_end(self, trial, failed=False):
             writer = self._writers.pop(trial, None)
@@ -166,6 +180,13 @@ def tensorboard_callback_cls():
                 writer.close()
 
     return TrialScalars
+
+
+def _hparam_value(value):
+    """A config value as the HParams summary takes it (bool, int, float or str)."""
+    if hasattr(value, "item"):  # numpy scalars
+        value = value.item()
+    return value if isinstance(value, (bool, int, float, str)) else str(value)
 
 
 def weights_text(backbone: str, identity: str) -> str:
