@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_extract import demo_labels  # noqa: E402
+from run_info import run_info  # noqa: E402
 from tune_rice.data import read_labels  # noqa: E402
 from tune_rice.engine import HeadRun, TrialConfig  # noqa: E402
 from tune_rice.features import extract_bank  # noqa: E402
@@ -56,7 +57,7 @@ def main() -> int:
     setup_s = time.perf_counter() - t0
     inline_s, inline_hist = train(inline_run, args.epochs)
     per_bank, per_inline = sum(bank_s) / len(bank_s), sum(inline_s) / len(inline_s)
-    out = {"config": cfg.to_dict(), "extract_s": extract_s, "inline_setup_s": setup_s,
+    out = {**run_info(), "config": cfg.to_dict(), "extract_s": extract_s, "inline_setup_s": setup_s,
            "bank_epoch_s": per_bank, "inline_epoch_s": per_inline, "ratio": per_inline / per_bank,
            "bank_valid_acc": [h["valid/acc"] for h in bank_hist],
            "inline_valid_acc": [h["valid/acc"] for h in inline_hist]}

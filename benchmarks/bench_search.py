@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from procmem import run_measured  # noqa: E402
+from run_info import run_info  # noqa: E402
 
 
 def one_run(mode: str, args, work: Path, concurrency: int) -> dict:
@@ -104,7 +105,7 @@ def main() -> int:
         print(f"\nspeed-up (off wall / on wall): {by_mode['off']['wall_s'] / by_mode['on']['wall_s']:.1f}x")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"args": vars(args), "runs": rows}, indent=1))
+        Path(args.out).write_text(json.dumps({**run_info(), "args": vars(args), "runs": rows}, indent=1))
     return 0
 
 

@@ -9,6 +9,9 @@ climbs from the first third to the last.
 
     python benchmarks/load_search.py                       # 60 samples, 2 concurrent
     python benchmarks/load_search.py --num-samples 120 --max-concurrent 2
+
+The figures also go to ``--out`` (default ``benchmarks/results/load_search.json``) with the date, the
+versions and the machine.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from procmem import Sampler, _children, pss_mb, run_measured  # noqa: E402
+from run_info import run_info  # noqa: E402
 
 SPACE = """\
 metric: valid/acc
@@ -74,6 +78,7 @@ def main() -> None:
     p.add_argument("--max-concurrent", type=int, default=2)
     p.add_argument("--max-epochs", type=int, default=2)
     p.add_argument("--work", help="folder for data, cache and runs (default: a temporary one)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "load_search.json"), help="JSON to write")
     args = p.parse_args()
 
     work = Path(args.work or tempfile.mkdtemp(prefix="load_search_"))
@@ -109,14 +114,26 @@ def main() -> None:
     print(f"peak PSS of the process tree: {m['peak_pss_mb']:.0f} MB")
     during = [(n, mb) for _, n, mb in timeline.samples if n > 0]
     thirds = np.array_split(np.arange(1, args.num_samples + 1), 3)
+    peaks = []
     for part in thirds:
         lo, hi = int(part[0]), int(part[-1])
         peak = max((mb for n, mb in during if lo <= n <= hi), default=float("nan"))
+        peaks.append({"trials": [lo, hi], "peak_pss_mb": peak})
         print(f"  peak PSS while trials {lo:>3}-{hi:<3} were starting: {peak:.0f} MB")
     checkpoints = sorted(exp.glob("trial_*/checkpoint_*"))
-    print(f"checkpoints left after the search: {len(checkpoints)} "
-          f"({sum(f.stat().st_size for c in checkpoints for f in c.rglob('*') if f.is_file()) / 1e6:.1f} MB)")
+    checkpoint_mb = sum(f.stat().st_size for c in checkpoints for f in c.rglob("*") if f.is_file()) / 1e6
+    print(f"checkpoints left after the search: {len(checkpoints)} ({checkpoint_mb:.1f} MB)")
     print(f"outputs: {exp}")
+    record = {
+        **run_info(), "args": vars(args),
+        "trials": len(results), "statuses": statuses, "stopped_early": stopped,
+        "best_valid_acc": float(results["best/valid/acc"].max()), "test_acc": float(test["accuracy"]),
+        "wall_s": m["seconds"], "seconds_per_trial": m["seconds"] / len(results), "peak_pss_mb": m["peak_pss_mb"],
+        "peak_pss_by_third": peaks, "checkpoints_left": len(checkpoints), "checkpoint_mb": checkpoint_mb,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(record, indent=1))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
