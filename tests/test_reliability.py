@@ -303,7 +303,7 @@ def test_resume_after_a_kill_mid_trial_loses_nothing_and_repeats_exactly(ray_loc
         proc = subprocess.Popen([sys.executable, str(SEARCH_DRIVER), json.dumps(spec), *argv], stdout=out,
                                 stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
     try:
-        deadline = time.monotonic() + 300  # a guard against a hang, not a wait
+        deadline = time.monotonic() + 900  # a guard against a hang, not a wait (below pytest's timeout)
         while True:
             assert proc.poll() is None, f"the search ended before it was killed:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, f"no trial half done in time:\n{log.read_text()[-3000:]}"
