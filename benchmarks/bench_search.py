@@ -32,7 +32,7 @@ from run_info import run_info  # noqa: E402
 
 
 def one_run(mode: str, args, work: Path, concurrency: int) -> dict:
-    name = f"bench-{args.space}-{mode}-c{concurrency}-{time.strftime('%H%M%S')}"
+    name = f"bench-{Path(args.space).stem}-{mode}-c{concurrency}-{time.strftime('%H%M%S')}"
     env = dict(os.environ)
     env["TUNE_RICE_CACHE"] = str(work / "cache")
     shutil.rmtree(work / "cache" / "features", ignore_errors=True)  # every run pays its own extraction
