@@ -24,7 +24,7 @@ def test_logistic_fit_matches_scikit_learn():
     sklearn = pytest.importorskip("sklearn.linear_model")
     bank = synthetic_bank(n_train=90, n_valid=30, d=12)
     x, y = bank.splits["train"].features[:, 0].astype(np.float32), bank.splits["train"].targets
-    result = fit_probe(x, y, x[:10], y[:10], n_classes=3, Cs=(0.05,))
+    result = fit_probe(x, y, x[:10], y[:10], n_classes=3, Cs=(0.05,), tol=1e-9)
     z = standardize(result.head, x).numpy()
     ref = sklearn.LogisticRegression(C=0.05, tol=1e-10, max_iter=10_000).fit(z, y)
     with torch.no_grad():

@@ -219,7 +219,7 @@ def test_salted_folder_prepares_searches_and_reports_what_it_skipped(salted_sear
     assert sum(len(s) for s in bank.splits.values()) + len(table.split("test")) == 39
     test = json.loads((exp / "test_metrics.json").read_text())
     assert test["test_count"] == len(table.split("test")) == int(np.asarray(test["confusion_matrix"]).sum())
-    df = pd.read_csv(exp / "results.csv")
+    df = pd.read_csv(exp / "results.csv").query("kind == 'trial'")
     assert len(df) == 2 and set(df["status"]) == {"TERMINATED"}
     model, meta = load_artifact(exp / "best" / "model.pt")
     assert meta["classes"] == list(CLASSES)
@@ -330,7 +330,7 @@ def test_resume_after_a_kill_mid_trial_loses_nothing_and_repeats_exactly(ray_loc
     assert resumed.returncode == 0, out[-3000:]
     # Optuna warns when a step is reported twice: the search must not pass repeated epochs on to it
     assert "The reported value is ignored" not in out, out[-3000:]
-    df = pd.read_csv(exp / "results.csv")
+    df = pd.read_csv(exp / "results.csv").query("kind == 'trial'")
     assert len(df) == samples and df["trial_id"].is_unique and set(df["status"]) == {"TERMINATED"}, df
     assert finished <= set(df["trial_id"]) and (df["epochs"] == epochs).all()
     for tid in finished:  # finished trials untouched
@@ -410,7 +410,7 @@ def test_same_data_seed_and_space_give_the_same_search(ray_local, tmp_path):  # 
         assert rc == 0
         exp = storage / "d"
         trials = sorted(_optuna_trials(exp, "valid/acc", "max", max_t=2).values(), key=lambda t: t.number)
-        df = pd.read_csv(exp / "results.csv")
+        df = pd.read_csv(exp / "results.csv").query("kind == 'trial'")
         best = df.iloc[0].drop(["trial_id", "trial_dir", "node_id"]).dropna().to_dict()  # gpu_ids: NaN on CPU
         test = json.loads((exp / "test_metrics.json").read_text())
         test.pop("trial_id")

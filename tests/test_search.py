@@ -164,7 +164,7 @@ def test_search_end_to_end(ray_local, labels, tmp_path, capsys, monkeypatch):
     table = read_labels(labels)
 
     # results.csv: one row per trial, every trial trained on the CPU and reported its metrics
-    df = pd.read_csv(exp / "results.csv")
+    df = pd.read_csv(exp / "results.csv").query("kind == 'trial'")
     assert len(df) == 3 and df["trial_id"].is_unique
     assert set(df["status"]) == {"TERMINATED"}
     assert (df["device"] == "cpu").all() and (df["weights"] == "random:seed=1").all()
@@ -172,9 +172,12 @@ def test_search_end_to_end(ray_local, labels, tmp_path, capsys, monkeypatch):
     assert (df["epochs"] <= 3).all() and (df["epochs"] >= 2).all()  # ASHA may stop one at its grace period
 
     # the best model: self-contained, loads both ways, classifies test images as test_metrics says
+    # the deployed model: the best trial, or the linear probe when no trial beat it on valid
     test = json.loads((exp / "test_metrics.json").read_text())
-    assert test["trial_id"] in set(df["trial_id"])
-    assert df.loc[df["trial_id"] == test["trial_id"], "best/valid/acc"].item() == df["best/valid/acc"].max()
+    rows = pd.read_csv(exp / "results.csv")
+    assert (rows["kind"] == "probe").sum() == 1
+    assert test["trial_id"] in set(rows["trial_id"])
+    assert rows.loc[rows["trial_id"] == test["trial_id"], "best/valid/acc"].item() == rows["best/valid/acc"].max()
     cm = np.asarray(test["confusion_matrix"])
     assert cm.shape == (3, 3) and cm.sum() == test["test_count"] == len(table.split("test"))
     assert test["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
@@ -207,10 +210,11 @@ def test_search_end_to_end(ray_local, labels, tmp_path, capsys, monkeypatch):
     assert test_scalars["test/acc"] == [(0, pytest.approx(test["accuracy"]))]
     assert test_scalars["test/ece"] == [(0, pytest.approx(test["calibration"]["after"]["ece"]))]
 
-    # the final model: chosen on valid among the trials' best checkpoints, recorded, calibrated, and the
-    # single best scored in the same test pass
+    # the final model: chosen on valid among the trials' best checkpoints and the linear probe, recorded,
+    # calibrated, and the single best scored in the same test pass
     record = json.loads((exp / "final.json").read_text())
-    assert record["candidates"][0] == test["trial_id"] and set(record["candidates"]) <= set(df["trial_id"])
+    assert record["candidates"][0] == test["trial_id"] and set(record["candidates"]) <= set(rows["trial_id"])
+    assert any(c.startswith("probe:") for c in record["candidates"])
     assert test["deployed"] == record["deployed"] and test["members"] == record["members"]
     assert meta["temperature"] == pytest.approx(record["temperature"]) == test["temperature"]
     assert meta["calibration"]["fitted_on"] == "valid" and len(meta["members"]) >= len(record["members"])
@@ -250,7 +254,7 @@ def test_asha_stops_are_recorded_as_pruned_in_optuna(ray_local, labels, tmp_path
                            "--reduction-factor", 4))
     assert rc == 0
     exp = storage / "asha"
-    df = pd.read_csv(exp / "results.csv")
+    df = pd.read_csv(exp / "results.csv").query("kind == 'trial'")
     assert len(df) == 6
     stopped = df[df["stopped_early"]]
     assert len(stopped) >= 1, df[["trial_id", "epochs", "best/valid/loss"]]
@@ -388,7 +392,7 @@ def test_crashing_trials_are_retried_then_reported_as_errors(ray_local, labels, 
     out = capsys.readouterr().out
     assert rc == 0  # the search goes on, and its best surviving trial is scored
     exp = storage / "crash"
-    df = pd.read_csv(exp / "results.csv")
+    df = pd.read_csv(exp / "results.csv").query("kind == 'trial'")
     crashed = df["config/lr"] > 5e-3
     assert crashed.any() and (~crashed).any(), df[["trial_id", "config/lr"]]  # seed 0 samples both sides
     assert (df.loc[crashed, "status"] == "ERROR").all() and (df.loc[~crashed, "status"] == "TERMINATED").all()
@@ -424,7 +428,7 @@ def test_trials_never_read_the_test_split_with_the_feature_cache_off(ray_local, 
     assert not read_paths & set(table.paths("test"))
     test = json.loads((storage / "inline" / "test_metrics.json").read_text())
     assert test["test_count"] == len(table.split("test"))  # scored once, by the driver, after the search
-    df = pd.read_csv(storage / "inline" / "results.csv")
+    df = pd.read_csv(storage / "inline" / "results.csv").query("kind == 'trial'")
     assert len(df) == 2 and (df["device"] == "cpu").all()
 
 
@@ -479,7 +483,7 @@ def test_resume_after_the_driver_is_killed(ray_local, labels, tmp_path):
 
     rc = search.main(["--resume", "--name", "r", "--storage-path", str(storage)])  # the rest is restored
     assert rc == 0
-    df = pd.read_csv(exp / "results.csv")
+    df = pd.read_csv(exp / "results.csv").query("kind == 'trial'")
     assert len(df) == 4 and df["trial_id"].is_unique
     assert set(df["status"]) == {"TERMINATED"}
     assert finished <= set(df["trial_id"])
@@ -568,7 +572,7 @@ def test_uri_storage_keeps_everything_there_and_guards_the_name(ray_local, label
                  "best/model.pt", "best/config.yaml"):
         assert (exp / name).is_file(), name
     assert (first / "runs" / "u" / "best" / "model.pt").is_file()  # and the driver's local copy
-    df = pd.read_csv(exp / "results.csv")
+    df = pd.read_csv(exp / "results.csv").query("kind == 'trial'")
     assert len(df) == 2 and all((exp / f"trial_{t}" / "result.json").is_file() for t in df["trial_id"])
     assert json.loads((exp / "test_metrics.json").read_text()) == json.loads(
         (first / "runs" / "u" / "test_metrics.json").read_text())

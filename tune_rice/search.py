@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 import yaml
@@ -35,6 +38,8 @@ from .data import LabelTable, read_labels_checked
 from .engine import TrialConfig
 from .features import FeatureBank, FeatureSpec, extract_banks, pass_key
 from .model import ResolvedWeights, hub_weights_file, resolve_weights, save_artifact
+from .probe import (CV_AUTO_BELOW, CV_AUTO_FOLDS, ProbeResult, bank_folds, fit_probes, format_accuracy,
+                    probe_row, probe_verdict, resolve_folds, write_probe_tensorboard)
 from .space import SearchSpace, load_search_space
 from .storage import ARGS_FILE, ExperimentPaths
 
@@ -76,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-cache", choices=("on", "off"), default="on",
                    help="on: extract features once and train heads on them; off: run the backbone inside "
                         "every trial with online augmentation (the slow reference path)")
+    p.add_argument("--cv", default="off", metavar="K|auto|off",
+                   help="cross-validate every trial on the bank: train+valid pooled into K folds (by group and "
+                        f"class), K heads per trial, out-of-fold scores; auto = {CV_AUTO_FOLDS} folds when valid "
+                        f"has fewer than {CV_AUTO_BELOW} images (default: off)")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                    help="Ray cluster to join (default: $RAY_ADDRESS, else start a local Ray)")
     p.add_argument("--wait-for-gpus", type=float, default=0, metavar="SECONDS",
@@ -114,6 +123,9 @@ def _validate_args(args) -> None:
         raise UserError(f"--ensemble must be >= 1, got {args.ensemble}")
     if args.resume and not args.name:
         raise UserError("--resume needs --name of the experiment to continue")
+    resolve_folds(args.cv, 0)  # a bad value is one line before anything starts
+    if args.feature_cache != "on" and args.cv not in ("off", "auto"):
+        raise UserError("--cv needs the feature bank: it trains K heads per trial on it (drop --feature-cache off)")
 
 
 # ------------------------------------------------------------------------------------------ the search
@@ -146,24 +158,27 @@ def run_search(args) -> dict:
     gpus = start_ray(args)
     with clock("extract"):
         banks = search_banks(args, specs, table, weights)
+    with clock("probe"):
+        baseline = fit_baseline(args, table, banks, specs, weights, space)
     base = {"epochs": max_epochs, "seed": args.seed}
     with clock("trials"):
         if not args.resume:  # only now: an input error found above leaves no folder behind
             record_start(args, paths, weights)
-        tuner = make_tuner(args, paths, space, base, trial_data(table, banks, weights), gpus)
+        tuner = make_tuner(args, paths, space, base, trial_data(table, banks, weights, baseline.folds), gpus)
         result_grid = run_trials(tuner, args, gpus)
-    df, best = collect_results(result_grid, space, max_epochs, paths.local)
+    df, best = collect_results(result_grid, space, max_epochs, paths.local, baseline)
     with clock("final"):
-        winner = save_winner(result_grid, base, weights, space, table, banks, paths, k=args.ensemble)
+        probes = final.probe_candidates(baseline.probes, baseline.banks, metric=space.metric)
+        winner = save_winner(result_grid, base, weights, space, table, banks, paths, k=args.ensemble, extra=probes)
     with clock("test"):
         test = score_winner(winner, table, paths)
     if not args.no_report:
         with clock("report"):
             write_report_or_warn(paths.local)
-    summary = write_outputs(paths, df, test, space, winner, weights, clock, result_grid, banks)
+    summary = write_outputs(paths, df, test, space, winner, weights, clock, result_grid, banks, baseline)
     print("\n" + summary, flush=True)
     return {"exp_dir": paths.local, "results": df, "test": test, "phases": clock.phases, "seconds": clock.total(),
-            "banks": banks, "best_trial": winner.trial_id}
+            "banks": banks, "best_trial": winner.trial_id, "probes": baseline.probes}
 
 
 # ---------------------------------------------------------------------------- experiment and arguments
@@ -354,9 +369,51 @@ def _extract_banks(specs: list[FeatureSpec], table: LabelTable, weights: dict[st
     return banks
 
 
+# ------------------------------------------------------------------------------------ probe and folds
+@dataclass
+class Baseline:
+    """The folds of a cross-validated search (None: off) and the linear probe of every bank."""
+
+    folds: np.ndarray | None
+    probes: dict[str, ProbeResult]
+    banks: dict[str, FeatureBank]  # what the probes were fitted on (the search's banks, or view-0 ones)
+
+    @property
+    def k(self) -> int:
+        return 0 if self.folds is None else int(self.folds.max()) + 1
+
+
+def fit_baseline(args, table: LabelTable, banks: dict[str, FeatureBank] | None, specs: list[FeatureSpec],
+                 weights: dict[str, ResolvedWeights], space: SearchSpace) -> Baseline:
+    """``--cv``: the folds of train+valid (by group and class); then the linear probe on every bank, C
+    chosen on valid or by the same folds. Deterministic: a resumed search fits the same. Without banks (``--feature-cache off``) the probe gets banks of its own, one
+    un-augmented view per image."""
+    k = resolve_folds(args.cv, len(table.split("valid")))
+    if k and banks is None:  # --cv auto with --feature-cache off (an explicit K was refused up front)
+        log.info("--cv auto: off, since trials read the images (--feature-cache off)")
+        k = 0
+    probe_banks = banks
+    if probe_banks is None:
+        probe_specs = list(dict.fromkeys(dataclasses.replace(s, views=1) for s in specs))
+        probe_banks = extract_banks(table, probe_specs, weights=weights, splits=("train", "valid"))
+    folds = None
+    if k:
+        first = next(iter(probe_banks.values()))
+        folds = bank_folds(first, dict(zip(table.frame["path"], table.frame["group"])), k, seed=args.seed)
+        log.info("--cv %s: %d folds over %d train+valid images (each trial trains %d heads; valid figures "
+                 "are out-of-fold)", args.cv, k, len(folds), k)
+    return Baseline(folds, fit_probes(probe_banks, metric=space.metric, folds=folds), probe_banks)
+
+
 # ------------------------------------------------------------------------------------------- the tuner
-def trial_data(table: LabelTable, banks: dict[str, FeatureBank] | None, weights: dict[str, ResolvedWeights]):
-    """What every trial trains on: the banks, or (no banks) the images with the resolved weights."""
+def trial_data(table: LabelTable, banks: dict[str, FeatureBank] | None, weights: dict[str, ResolvedWeights],
+               folds: np.ndarray | None = None):
+    """What every trial trains on: the banks (with ``folds``: K heads per trial on them), or (no banks)
+    the images with the resolved weights."""
+    if banks is not None and folds is not None:
+        from .trainable import CVBanks
+
+        return CVBanks(banks, folds)
     if banks is not None:
         return banks
     from .trainable import ImageSource
@@ -416,11 +473,24 @@ def run_trials(tuner, args, gpus: float):
 
 
 # ------------------------------------------------------------------------------- results and the winner
-def collect_results(result_grid, space: SearchSpace, max_epochs: int, exp_dir: Path):
-    """results.csv, checkpoints pruned to each trial's best and latest; (table, the best trial's result)."""
+def collect_results(result_grid, space: SearchSpace, max_epochs: int, exp_dir: Path, baseline: Baseline):
+    """results.csv (the trials, then the probe of each bank as rows of kind ``probe``), the probe's
+    TensorBoard run, checkpoints pruned to each trial's best and latest; (the trials' table, the best
+    trial's result)."""
     df = summarize_trials(result_grid, space.metric, space.mode, max_epochs)
     exp_dir.mkdir(parents=True, exist_ok=True)
-    df.to_csv(exp_dir / "results.csv", index=False)
+    probes = pd.DataFrame([probe_row(name, p, baseline.banks[name], space.metric)
+                           for name, p in baseline.probes.items()])
+    rows = pd.concat([df, probes], ignore_index=True)
+    for col in df.columns:  # whole numbers stay whole where the probe rows have none (epochs, best_epoch)
+        if pd.api.types.is_bool_dtype(df[col]):  # and flags stay flags: the probe was not stopped early
+            rows[col] = rows[col].astype("boolean").fillna(False).astype(bool)
+        elif pd.api.types.is_integer_dtype(df[col]):
+            rows[col] = rows[col].astype("Int64")
+    rows.to_csv(exp_dir / "results.csv", index=False)
+    folder = exp_dir / "probe"  # the probe's TensorBoard run, beside the trials'
+    shutil.rmtree(folder, ignore_errors=True)  # a resumed search writes the same numbers again
+    write_probe_tensorboard(folder, baseline.probes, max_epochs=max_epochs)
     _prune_checkpoints(result_grid, space.metric, space.mode)
     best = _best_result(result_grid, space.metric, space.mode)
     if best is None:
@@ -438,13 +508,18 @@ def summarize_trials(result_grid, metric: str, mode: str, max_epochs: int) -> pd
         hist = r.metrics_dataframe
         last = r.metrics or {}
         trial_id = last.get("trial_id") or Path(r.path).name
-        row = {"trial_id": trial_id, "status": "ERROR" if r.error else "TERMINATED"}
+        row = {"kind": "trial", "trial_id": trial_id, "status": "ERROR" if r.error else "TERMINATED"}
         if hist is not None and not hist.empty and metric in hist:
             best_i = hist[metric].idxmax() if mode == "max" else hist[metric].idxmin()
             epochs = int(hist["training_iteration"].max())
             row.update({"epochs": epochs, "stopped_early": bool(not r.error and epochs < max_epochs),
                         f"best/{metric}": float(hist.loc[best_i, metric]),
                         "best_epoch": int(hist.loc[best_i, "training_iteration"])})
+            # the size behind the best figure (out-of-fold: all train+valid images) and the accuracy there
+            for key, out in (("valid/acc", "best/valid/acc"), ("valid/acc_sd", "best/valid/acc_sd"),
+                             ("valid_count", "valid_count"), ("cv_folds", "cv_folds")):
+                if key in hist and pd.notna(hist.loc[best_i, key]):
+                    row[out] = hist.loc[best_i, key]
             for key in ("valid/acc", "valid/loss", "valid/macro_f1", "train/loss"):
                 if key in hist:
                     row[f"last/{key}"] = float(hist[key].iloc[-1])
@@ -567,7 +642,13 @@ def save_winner(result_grid, base: dict, weights: dict[str, ResolvedWeights], sp
     probes, once the search fits them)."""
     exp_dir = paths.local
     candidates, info = final_candidates(result_grid, base, space, weights=weights)
-    candidates = final.merge_candidates(candidates, extra, mode=space.mode)
+    candidates = _lead_with_a_better_probe(final.merge_candidates(candidates, extra, mode=space.mode), extra,
+                                           space.mode)
+    for c in extra:  # a probe has no epochs; its config names its bank and a linear head
+        info[c.name] = (None, TrialConfig(backbone=c.spec.backbone, image_size=c.spec.image_size,
+                                          head="seed" if c.spec.feature_layer == "logits" else "pooled",
+                                          aug_policy=c.spec.policy, views=c.spec.views, hidden=0, dropout=0.0,
+                                          epochs=1, seed=base["seed"]))
     recorded = paths.read(FINAL_RECORD)
     fm = final.make_final_model(candidates, weights=weights, banks=banks, table=table, k=k, metric=space.metric,
                                 mode=space.mode, recorded=json.loads(recorded) if recorded else None)
@@ -584,6 +665,18 @@ def save_winner(result_grid, base: dict, weights: dict[str, ResolvedWeights], sp
          "members": fm.choice.members, "member_weights": fm.choice.weights, "temperature": fm.choice.temperature},
         sort_keys=False))
     return winner
+
+
+def _lead_with_a_better_probe(candidates: list, probes: Sequence, mode: str) -> list:
+    """The linear probe is a candidate like any trial: when one beats the best trial on valid (strictly;
+    a tie keeps the trial), it is the single best and the selection starts from it."""
+    if not probes or not candidates:
+        return candidates
+    sign = 1.0 if mode == "max" else -1.0
+    lead = max(probes, key=lambda c: sign * c.score)
+    if sign * lead.score > sign * candidates[0].score:
+        return [lead, *[c for c in candidates if c is not lead]]
+    return candidates
 
 
 def score_winner(winner: Winner, table: LabelTable, paths: ExperimentPaths) -> dict:
@@ -668,14 +761,17 @@ def write_report_or_warn(exp_dir: Path) -> None:
 
 def write_outputs(paths: ExperimentPaths, df: pd.DataFrame, test: dict, space: SearchSpace, winner: Winner,
                   weights: dict[str, ResolvedWeights], clock: _Clock, result_grid,
-                  banks: dict[str, FeatureBank] | None) -> str:
-    """summary.txt and timings.json, everything copied to a URI storage path; returns the summary."""
+                  banks: dict[str, FeatureBank] | None, baseline: Baseline) -> str:
+    """summary.txt, baseline.json and timings.json, everything copied to a URI storage path; returns the
+    summary."""
     seconds = clock.total()
     identities = {b: w.identity for b, w in sorted(weights.items())}
     summary = format_summary(df, test, metric=space.metric, exp_dir=paths.local, seconds=seconds,
                              phases=clock.phases, weights=winner.identity, searched=space.searched,
-                             final_record=winner.fm.record(), mode=space.mode, backbones=identities)
+                             final_record=winner.fm.record(), mode=space.mode, backbones=identities,
+                             probes=baseline.probes, folds=baseline.k)
     (paths.local / "summary.txt").write_text(summary + "\n")
+    (paths.local / BASELINE_FILE).write_text(json.dumps(baseline_record(df, baseline, winner, space), indent=1))
     trial_seconds = [float(r.metrics.get("time_total_s", 0.0)) for r in result_grid if r.metrics]
     (paths.local / "timings.json").write_text(json.dumps(
         {"seconds": seconds, "phases": clock.phases, "trial_seconds": trial_seconds,
@@ -690,12 +786,16 @@ def write_outputs(paths: ExperimentPaths, df: pd.DataFrame, test: dict, space: S
 def format_summary(df: pd.DataFrame, test: dict | None, *, metric: str, exp_dir: Path, seconds: float,
                    phases: dict, weights: str, top: int = 5, searched: Sequence[str] | None = None,
                    final_record: dict | None = None, mode: str | None = None,
-                   backbones: dict[str, str] | None = None) -> str:
-    """The console summary; the top-trials table shows only the ``searched`` parameters (default: all).
+                   backbones: dict[str, str] | None = None, probes: dict[str, ProbeResult] | None = None,
+                   folds: int = 0) -> str:
+    """The console summary; the top-trials table shows only the ``searched`` parameters (default: all),
+    each valid figure with its size and 95% interval; then the linear probe, and whether it was beaten.
     With ``mode`` and several backbones, it names the best one under a phone-sized cost when that is not
     the overall best. ``weights``: the deployed model's backbone weights; ``backbones``: every backbone's
     (name -> identity)."""
     lines = []
+    if folds:
+        lines.append(f"cross-validated: {folds} folds over train+valid; every valid figure is out-of-fold")
     n = len(df)
     errored = int((df["status"] == "ERROR").sum())
     stopped = int(df.get("stopped_early", pd.Series(dtype=bool)).fillna(False).sum())
@@ -705,9 +805,15 @@ def format_summary(df: pd.DataFrame, test: dict | None, *, metric: str, exp_dir:
     show = [c for c in ("trial_id", key, "best_epoch", "epochs") if c in df] + \
         [c for c in df.columns if c.startswith("config/") and (searched is None or c[7:] in searched)]
     if key in df:
-        table = df[df[key].notna()].head(top)[show].rename(columns=lambda c: c.replace("config/", ""))
+        table = df[df[key].notna()].head(top)
+        shown = table[show].rename(columns=lambda c: c.replace("config/", ""))
+        if "valid_count" in table and "best/valid/acc" in table:
+            shown.insert(2, "valid acc, n [95% CI]", [
+                format_accuracy(float(a), int(n)) if pd.notna(a) and pd.notna(n) else ""
+                for a, n in zip(table["best/valid/acc"], table["valid_count"])])
         lines.append(f"top {min(top, len(table))} by {metric}:")
-        lines.append(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        lines.append(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    lines += probe_summary(df, probes or {}, metric=metric, mode=mode or "max")
     if final_record:
         lines += final_lines(final_record)
     cheaper = cheaper_choice(cost_frontier(df, key, mode), mode) if mode else ""
@@ -715,6 +821,7 @@ def format_summary(df: pd.DataFrame, test: dict | None, *, metric: str, exp_dir:
         lines.append(cheaper[0].upper() + cheaper[1:] + " (report/cost.png)")
     if test:
         what = (f"the deployed ensemble of {len(test['members'])}" if test.get("deployed") == "ensemble"
+                else "the linear probe" if str(test.get("trial_id", "")).startswith("probe:")
                 else "the best trial's best checkpoint")
         cal = test.get("calibration")
         ece = f", ECE {cal['before']['ece']:.3f} -> {cal['after']['ece']:.3f} with the temperature" if cal else ""
@@ -740,18 +847,71 @@ def format_summary(df: pd.DataFrame, test: dict | None, *, metric: str, exp_dir:
     return "\n".join(lines)
 
 
+BASELINE_FILE = "baseline.json"
+
+
+def baseline_record(df: pd.DataFrame, baseline: Baseline, winner: Winner, space: SearchSpace) -> dict:
+    """baseline.json: every probe, the best trial, whether it beat the best probe on valid, and the
+    deployed model's valid figures (out-of-fold with --cv)."""
+    from .probe import best_probe, metric_key, search_beats_probe
+
+    key = f"best/{space.metric}"
+    trials = df[df[key].notna()] if key in df else df.iloc[:0]
+    top = trials.iloc[0] if len(trials) else None
+
+    def num(row, col):
+        return float(row[col]) if row is not None and col in row and pd.notna(row[col]) else None
+
+    out = {"metric": space.metric, "mode": space.mode, "cv_folds": baseline.k,
+           "probes": {n: p.to_dict() for n, p in baseline.probes.items()},
+           "best_trial": None if top is None else {
+               "trial_id": top["trial_id"], "value": num(top, key), "valid_acc": num(top, "best/valid/acc"),
+               "valid_count": num(top, "valid_count")},
+           "single_best": winner.trial_id, "deployed": winner.fm.choice.deployed,
+           "members": list(winner.fm.choice.members)}
+    if baseline.probes:
+        name, probe = best_probe(baseline.probes, space.metric, space.mode)
+        out["best_probe"] = name
+        out["search_beat_probe"] = search_beats_probe(num(top, key), probe.valid[metric_key(space.metric)],
+                                                      space.mode)
+    # the deployed model on the logits the choice was made on (valid, or out-of-fold), before its temperature
+    deployed = winner.fm.choice.valid["deployed"]
+    out["deployed_valid_acc"], out["deployed_valid_count"] = deployed["acc"], deployed["count"]
+    return out
+
+
+def probe_summary(df: pd.DataFrame, probes: dict[str, ProbeResult], *, metric: str, mode: str) -> list[str]:
+    """The linear probe of each bank with its valid figures, then one plain line: was it beaten."""
+    if not probes:
+        return []
+    from .probe import best_probe, metric_key
+
+    lines = []
+    for name, p in probes.items():
+        how = f"C by {p.folds}-fold CV" if p.folds else "C chosen on valid"
+        lines.append(f"linear probe on {name} ({how}: {p.C:g}): valid acc "
+                     f"{format_accuracy(p.valid['acc'], p.valid['count'])}, {metric} {p.valid[metric_key(metric)]:.4g}")
+    _, best = best_probe(probes, metric, mode)
+    key = f"best/{metric}"
+    values = df[key].dropna() if key in df else pd.Series(dtype=float)
+    top = (values.max() if mode == "max" else values.min()) if len(values) else None
+    lines.append(probe_verdict(top, best.valid[metric_key(metric)], metric=metric, mode=mode))
+    return lines
+
+
 def final_lines(record: dict) -> list[str]:
     """The summary's lines on the final model: what was deployed, from what, and the suggested threshold."""
     v = record["valid"]
     sel = record["selection"]
+    single = "the linear probe" if str(record["candidates"][0]).startswith("probe:") else "the single best trial"
     if record["deployed"] == "ensemble":
         members = ", ".join(f"{m} {w:.2f}" for m, w in zip(record["members"], record["weights"]))
         head = f"FINAL: an ensemble of {len(record['members'])} ({members})"
     elif len(sel["members"]) > 1:
-        head = (f"FINAL: the single best trial (an ensemble of {len(sel['members'])} was not better on valid: "
+        head = (f"FINAL: {single} (an ensemble of {len(sel['members'])} was not better on valid: "
                 f"acc {v['ensemble']['acc']:.4f} vs {v['single']['acc']:.4f})")
     else:
-        head = "FINAL: the single best trial"
+        head = f"FINAL: {single}"
     lines = [f"{head}; chosen on valid among {len(record['candidates'])} candidates; temperature "
              f"{record['temperature']:.3g} (valid ECE {v['deployed']['ece']:.3f} -> {v['deployed_calibrated']['ece']:.3f})"]
     th = record["threshold"]

@@ -25,8 +25,8 @@ TEST_MARK = "test_started.json"
 # The resolved identity of each backbone's weights, kept in ARGS_FILE under this key (see save_args).
 WEIGHTS_KEY = "resolved_weights"
 # What the driver copies to a URI storage path (files and folders of the local experiment folder).
-OUTPUTS = ("results.csv", "final.json", TEST_MARK, "test_metrics.json", "summary.txt", "timings.json", ARGS_FILE,
-           "best", "test", "report")
+OUTPUTS = ("results.csv", "final.json", TEST_MARK, "test_metrics.json", "summary.txt", "timings.json",
+           "baseline.json", ARGS_FILE, "best", "test", "report", "probe")
 
 
 def is_uri(path: str) -> bool:

@@ -11,12 +11,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import ray
 import torch
 from ray import tune
 
 from .data import read_labels
-from .engine import HeadRun, TrialConfig
+from .engine import CVHeadRun, HeadRun, TrialConfig
 from .features import FeatureBank
 from .model import ResolvedWeights
 
@@ -34,8 +35,18 @@ class ImageSource:
     weights: dict[str, ResolvedWeights]
 
 
-# A trial's data: the feature banks by FeatureSpec name (the fast path), or the images themselves.
-TrialData = dict[str, FeatureBank] | ImageSource
+@dataclass(frozen=True)
+class CVBanks:
+    """A cross-validated trial's data (``--cv K``): the banks, and the fold of every train+valid image in
+    the pooled order (train then valid, the same in every bank)."""
+
+    banks: dict[str, FeatureBank]
+    folds: np.ndarray  # (N_train + N_valid,) int64
+
+
+# A trial's data: the feature banks by FeatureSpec name (the fast path), the same with folds (--cv),
+# or the images themselves.
+TrialData = dict[str, FeatureBank] | CVBanks | ImageSource
 
 
 def _better(value: float, best: float | None, mode: str) -> bool:
@@ -49,8 +60,11 @@ def trial_device() -> str:
     return "cpu"
 
 
-def start_run(cfg: TrialConfig, data: TrialData, device: str) -> HeadRun:
-    """The trial's HeadRun on its bank, or on the images (decoded by the CPUs Ray gave it, less one)."""
+def start_run(cfg: TrialConfig, data: TrialData, device: str) -> HeadRun | CVHeadRun:
+    """The trial's HeadRun on its bank, its K fold heads (CVHeadRun) with folds, or a HeadRun on the
+    images (decoded by the CPUs Ray gave it, less one)."""
+    if isinstance(data, CVBanks):
+        return CVHeadRun(cfg, bank=data.banks[cfg.feature_spec().name], folds=data.folds, device=device)
     if isinstance(data, ImageSource):
         cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
         return HeadRun(cfg, table=read_labels(data.labels_csv, root=data.data_root),
@@ -62,8 +76,8 @@ def train_head(config: dict, *, data: TrialData, base: dict | None = None, metri
                mode: str = "max") -> None:
     """Train one trial for ``epochs`` epochs, reporting every epoch and checkpointing improvements.
 
-    ``data``: the feature banks by FeatureSpec name, or an :class:`ImageSource` (the full model on the
-    images, the reference path). ``base`` holds the settings every trial shares (epochs, seed).
+    ``data``: the feature banks by FeatureSpec name, :class:`CVBanks` (K fold heads per trial, reporting
+    out-of-fold scores), or an :class:`ImageSource` (the full model on the images, the reference path). ``base`` holds the settings every trial shares (epochs, seed).
     """
     # Ray logs "Checkpoint successfully created at ..." at INFO for every checkpoint of every trial, and
     # forwards it to the driver's console; the status table already says what each trial is doing.
