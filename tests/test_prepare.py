@@ -199,7 +199,17 @@ def test_near_duplicates_share_a_group_and_a_split(tmp_path):
     assert result.frame["group"].nunique() == 24 + 4
     assert result.n_groups_merged == 4 and result.n_images_in_merged == 24
     assert result.cross_class_groups == []
-    assert "near-duplicate groups merged: 4 (covering 24 images" in format_report(result)
+    assert "duplicate groups merged: 4 (covering 24 images" in format_report(result)
+    pairs = read_csv(result.duplicates_csv)
+    assert result.duplicates_csv == result.labels_csv.with_name("duplicates.csv")
+    assert list(pairs.columns) == list(prepare.DUPLICATE_COLUMNS)
+    groups = result.frame.set_index("path")["group"]
+    for row in pairs.itertuples(index=False):
+        assert groups[row.path_a] == groups[row.path_b] == row.group or row.joined == "false"
+    exact = pairs[pairs["check"] == "exact"]
+    assert sorted(zip(exact["path_a"], exact["path_b"])) == [(planted[k][1], planted[k][0]) for k in range(4)]
+    near = pairs[pairs["check"] == "near"]
+    assert (near["similarity"].astype(float) >= 0.7).all()
 
 
 def test_duplicate_across_classes_is_kept_together_and_reported(dataset, caplog):
@@ -216,43 +226,43 @@ def test_duplicate_across_classes_is_kept_together_and_reported(dataset, caplog)
     assert sorted(p for p, _ in result.cross_class_groups[0]) == sorted(members)
     assert "different classes" in caplog.text
     report = format_report(result)
-    assert "healthy/same_as_blast.jpg [healthy]" in report
+    assert "spanning classes: 1 group(s), 3 images" in report
+    pairs = read_csv(result.duplicates_csv)
+    assert {"healthy/same_as_blast.jpg"} <= set(pairs["path_b"]) and (pairs["check"] == "exact").all()
 
 
-def test_dup_threshold_zero_still_merges_exact_copies(dataset):
-    src = dataset / "blast" / "img_000.jpg"
-    (dataset / "blast" / "copy.jpg").write_bytes(src.read_bytes())
-    image(0).save(dataset / "blast" / "reencoded.jpg", quality=50)
-    result = prepare_dataset(dataset, progress=False, dup_threshold=0)
-    frame = result.frame.set_index("path")
-    assert frame.loc["blast/copy.jpg", "group"] == frame.loc["blast/img_000.jpg", "group"]
-    assert result.n_groups_merged >= 1
+def test_dedup_modes(dataset):
+    base = texture(600, 256).crop((8, 8, 264, 264))
+    base.save(dataset / "blast" / "big.jpg", quality=90)
+    (dataset / "blast" / "copy.jpg").write_bytes((dataset / "blast" / "big.jpg").read_bytes())
+    base.save(dataset / "blast" / "reencoded.jpg", quality=50)
+    members = ["blast/big.jpg", "blast/copy.jpg", "blast/reencoded.jpg"]
+    groups = {}
+    for mode in ("near", "exact", "off"):
+        result = prepare_dataset(dataset, progress=False, dedup_mode=mode)
+        groups[mode] = result.frame.set_index("path").loc[members, "group"].tolist()
+        report = format_report(result)
+        if mode == "off":
+            assert "--dedup off" in report
+    assert len(set(groups["near"])) == 1
+    assert groups["exact"][0] == groups["exact"][1] != groups["exact"][2]
+    assert len(set(groups["off"])) == 3
 
 
-def test_hamming_pairs_matches_brute_force():
-    rng = np.random.default_rng(0)
-    base = rng.integers(0, 2**63, 40, dtype=np.uint64)
-    flips = np.uint64(1) << rng.integers(0, 64, 40).astype(np.uint64)
-    hashes = np.concatenate([base, base[:20] ^ flips[:20], base[:5]])  # (65,)
-    expected = {(i, j) for i in range(len(hashes)) for j in range(i + 1, len(hashes))
-                if bin(int(hashes[i]) ^ int(hashes[j])).count("1") <= 6}
-    for block in (1, 7, 1 << 22):
-        got = set()
-        for i, j in prepare.hamming_pairs(hashes, 6, block_elems=block * len(hashes)):
-            got |= set(zip(i.tolist(), j.tolist()))
-        assert got == expected
-    x = rng.integers(0, 2**64 - 1, 1000, dtype=np.uint64, endpoint=True)
-    np.testing.assert_array_equal(prepare._popcount64(x), [bin(int(v)).count("1") for v in x])
-
-
-def test_group_duplicates_transitive_and_numbered_by_first_member():
-    hashes = np.array([0b0, 0b111, 0xFFFF << 48, 0b111111, 0b111111111111], dtype=np.uint64)
-    sha1s = ["a", "b", "c", "d", "c"]  # 2 and 4 are byte copies despite different hashes
-    group = prepare.group_duplicates(sha1s, hashes, threshold=3)
-    # 0~1 (3 bits) and 1~3 (3 bits) chain into one group although 0 and 3 differ in 6 bits;
-    # 4 is 6 bits from 3 (not close) but a byte copy of 2
-    assert group.tolist() == [0, 0, 1, 0, 1]
-    assert prepare._components(4, iter([(np.array([0]), np.array([3]))]), flush_every=1).tolist() == [0, 1, 2, 0]
+def test_summary_is_short_with_many_groups(tmp_path):
+    root = tmp_path / "data"
+    make_dataset(root, {"a": 30, "b": 30})
+    for label in ("a", "b"):
+        for k in range(30):  # every image has a byte copy: 60 groups
+            src = root / label / f"img_{k:03d}.jpg"
+            (root / label / f"dup_{k:03d}.jpg").write_bytes(src.read_bytes())
+    result = prepare_dataset(root, progress=False, dedup_mode="exact")
+    report = format_report(result)
+    start = report.index("duplicate groups merged")
+    summary = report[start:report.index("skipped files")].splitlines()
+    assert len(summary) <= 6 and max(map(len, summary)) < 400, summary
+    assert "60 (covering 120 images" in summary[0]
+    assert len(read_csv(result.duplicates_csv)) == 60
 
 
 # ------------------------------------------------------------------------------------------- splits
@@ -399,7 +409,9 @@ def _error_cases(tmp_path: Path, dataset: Path):
         ("small class", [small], "'b' has 2 group(s)"),
         ("out in class folder", [d, "--out", dataset / "blast" / "labels.csv"], "inside the class folder"),
         ("materialize inside data", [d, "--materialize", dataset / "view"], "inside the dataset folder"),
-        ("bad threshold", [d, "--dup-threshold", "64"], "--dup-threshold"),
+        ("old threshold", [d, "--dup-threshold", "6"], "replaced by --dup-min-similarity"),
+        ("bad dedup mode", [d, "--dedup", "fuzzy"], "--dedup must be one of near, exact, off, got 'fuzzy'"),
+        ("bad similarity", [d, "--dup-min-similarity", "1.5"], "--dup-min-similarity must be > 0 and <= 1"),
         ("negative seed", [d, "--seed", "-1"], "--seed must be >= 0"),
         ("out is a folder", [d, "--out", tmp_path], "is a folder"),
     ]

@@ -5,10 +5,12 @@ DATA_DIR, POSIX separators), ``label``, ``split`` (train/valid/test), ``group``,
 ``sha1``, ``dhash``. Read it back with ``data.read_labels(csv, root=DATA_DIR)``.
 
 Every candidate file is decoded (a file that will not decode is skipped and reported, never a crash
-later in the search). Exact copies (same SHA-1 of the bytes) and near copies (64-bit difference hashes
-within ``dup_threshold`` bits) are put in one group, and a group never straddles two splits: a photo and
-its re-saved, brightened or slightly shifted copy in train and test would make the test score a memory
-test. No image is copied, moved or changed; nothing is written into the class folders.
+later in the search). Exact copies (same SHA-1 of the bytes) and near copies (found by perceptual
+hashes, then verified on aligned thumbnails: :mod:`tune_rice.dedup`) are put in one group, and a group
+never straddles two splits: a photo and its re-saved, brightened, cropped or flipped copy in train and
+test would make the test score a memory test. Every grouped pair, with its scores, goes to
+``duplicates.csv`` beside labels.csv. No image is copied, moved or changed; nothing is written into
+the class folders.
 """
 
 from __future__ import annotations
@@ -30,15 +32,17 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from . import UserError, cli, data
+from . import UserError, cli, data, dedup
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ("path", "label", "split", "group", "width", "height", "sha1", "dhash")
-DEFAULT_DUP_THRESHOLD = 6
+# A near-duplicate group larger than this share of its class is reported: more likely a set of
+# look-alike photos than copies of one.
+LARGE_GROUP_SHARE = 0.05
 MIN_GROUPS_PER_CLASS = len(data.SPLITS)  # one group in each of train/valid/test
 # JPEGs are decoded at a reduced DCT scale (the whole file is still read and checked, which is what
-# catches truncation); the difference hash only needs a 9x8 thumbnail.
+# catches truncation); the hashes and the thumbnail of the near-copy check need at most 72 px.
 _DRAFT_SIZE = 128
 _MAX_LISTED = 50
 # Metadata folders that archivers and file browsers leave behind; never classes.
@@ -57,99 +61,6 @@ def dhash(image: Image.Image) -> int:
     px = np.asarray(grey, dtype=np.int16)  # (8, 9)
     bits = (px[:, 1:] > px[:, :-1]).ravel()  # (64,)
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
-
-
-_M1, _M2, _M4 = np.uint64(0x5555555555555555), np.uint64(0x3333333333333333), np.uint64(0x0F0F0F0F0F0F0F0F)
-_H01 = np.uint64(0x0101010101010101)
-
-
-def _popcount64(x: np.ndarray) -> np.ndarray:
-    """Number of set bits of each uint64 (SWAR fallback for numpy < 2.0, which lacks bitwise_count)."""
-    x = x - ((x >> np.uint64(1)) & _M1)
-    x = (x & _M2) + ((x >> np.uint64(2)) & _M2)
-    x = (x + (x >> np.uint64(4))) & _M4
-    return ((x * _H01) >> np.uint64(56)).astype(np.uint8)
-
-
-_popcount = getattr(np, "bitwise_count", _popcount64)
-
-
-def hamming_pairs(hashes: np.ndarray, threshold: int, *, block_elems: int = 1 << 22):
-    """Yield ``(i, j)`` index arrays of all pairs ``i < j`` whose 64-bit hashes differ in <= threshold bits.
-
-    Vectorised in row blocks of about ``block_elems`` comparisons, so memory stays bounded (~40 MB)
-    however many images there are; the work is N^2/2 XOR+popcount, seconds for tens of thousands.
-    """
-    h = np.ascontiguousarray(hashes, dtype=np.uint64)
-    n = len(h)
-    rows = max(1, min(n, block_elems // max(n, 1)))
-    for start in range(0, n, rows):
-        block = h[start:start + rows]  # (B,)
-        dist = _popcount(block[:, None] ^ h[None, start:])  # (B, n - start)
-        close = np.triu(dist <= threshold, k=1)  # column c is image start + c; keep j > i only
-        i, j = np.nonzero(close)
-        if len(i):
-            yield i + start, j + start
-
-
-def _components(n: int, edge_chunks, *, flush_every: int = 2_000_000) -> np.ndarray:
-    """Union-find over edge chunks: for each node, the smallest node index of its connected component.
-
-    Edges are buffered and folded into the component map with scipy's connected_components whenever
-    the buffer grows large, so even a set of thousands of identical images never holds N^2 edges.
-    """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    rep = np.arange(n)
-    nodes = np.arange(n)
-    buf_i: list[np.ndarray] = []
-    buf_j: list[np.ndarray] = []
-
-    def fold() -> np.ndarray:
-        i = np.concatenate([nodes, *buf_i])
-        j = np.concatenate([rep, *buf_j])
-        graph = coo_matrix((np.ones(len(i), dtype=np.int8), (i, j)), shape=(n, n))
-        _, labels = connected_components(graph, directed=False)
-        first = np.full(labels.max() + 1, n)
-        np.minimum.at(first, labels, nodes)
-        return first[labels]
-
-    buffered = 0
-    for i, j in edge_chunks:
-        buf_i.append(i)
-        buf_j.append(j)
-        buffered += len(i)
-        if buffered >= flush_every:
-            rep, buf_i, buf_j, buffered = fold(), [], [], 0
-    if buf_i and n:
-        rep = fold()
-    return rep
-
-
-def group_duplicates(sha1s: Sequence[str], hashes: np.ndarray, threshold: int) -> np.ndarray:
-    """Group ids (0..G-1, numbered by first member) joining exact copies and dHash near copies. (N,) int."""
-    n = len(sha1s)
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    first_of: dict[str, int] = {}
-    same_i, same_j = [], []
-    for k, s in enumerate(sha1s):
-        if s in first_of:
-            same_i.append(first_of[s])
-            same_j.append(k)
-        else:
-            first_of[s] = k
-    exact = [(np.asarray(same_i, dtype=np.int64), np.asarray(same_j, dtype=np.int64))] if same_i else []
-    near = hamming_pairs(hashes, threshold) if threshold >= 0 else iter(())
-    rep = _components(n, _chain(exact, near))
-    _, group = np.unique(rep, return_inverse=True)  # reps are sorted, so groups number by first member
-    return group.astype(np.int64)
-
-
-def _chain(*iterables):
-    for it in iterables:
-        yield from it
 
 
 # ------------------------------------------------------------------------------------------ scanning
@@ -280,10 +191,13 @@ class ImageInfo:
     height: int
     sha1: str
     dhash: int
+    signature: dedup.Signature | None = None  # for the near-copy search; None when it is off
 
 
-def inspect_image(path: Path) -> ImageInfo | str:
-    """Decode and hash one file; returns its :class:`ImageInfo`, or the reason it is unusable."""
+def inspect_image(path: Path, near: bool = True) -> ImageInfo | str:
+    """Decode and hash one file; returns its :class:`ImageInfo`, or the reason it is unusable.
+
+    ``near`` also computes its :class:`dedup.Signature`."""
     try:
         digest = hashlib.sha1()
         with open(path, "rb") as f:
@@ -294,7 +208,8 @@ def inspect_image(path: Path) -> ImageInfo | str:
     try:
         image = data.load_image(path, draft_size=_DRAFT_SIZE)
         width, height = _oriented_size(path, image)
-        return ImageInfo(width=width, height=height, sha1=digest.hexdigest(), dhash=dhash(image))
+        return ImageInfo(width=width, height=height, sha1=digest.hexdigest(), dhash=dhash(image),
+                         signature=dedup.signature(image) if near else None)
     except data.ImageDecodeError as e:
         msg, prefix = str(e), f"{path}: "
         return msg[len(prefix):] if msg.startswith(prefix) else msg
@@ -312,8 +227,8 @@ def _oriented_size(path: Path, decoded: Image.Image) -> tuple[int, int]:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
-def inspect_images(paths: Sequence[Path], *, workers: int | None = None,
-                   progress: bool = True) -> list[ImageInfo | str]:
+def inspect_images(paths: Sequence[Path], *, workers: int | None = None, progress: bool = True,
+                   near: bool = True) -> list[ImageInfo | str]:
     """:func:`inspect_image` over many files in a thread pool (decoders and SHA-1 release the GIL)."""
     if workers is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -325,7 +240,7 @@ def inspect_images(paths: Sequence[Path], *, workers: int | None = None,
             tqdm(total=len(paths), desc="checking images", unit="img", file=sys.stderr,
                  disable=not progress, dynamic_ncols=True) as bar:
         try:
-            for result in pool.map(inspect_image, paths):
+            for result in pool.map(inspect_image, paths, [near] * len(paths)):
                 results.append(result)
                 bar.update()
         except BaseException:
@@ -396,6 +311,13 @@ class PrepareResult:
     n_images_in_merged: int  # images those groups hold
     cross_class_groups: list[list[tuple[str, str]]] = field(default_factory=list)  # [(path, label)]
     warnings: list[str] = field(default_factory=list)
+    dedup: str = "near"  # the --dedup mode
+    flips: bool = True  # flipped and turned copies count
+    duplicates_csv: Path | None = None  # every grouped pair with its scores
+    largest_groups: list[list[str]] = field(default_factory=list)  # the five largest, paths sorted
+    n_candidates: int = 0  # candidate pairs checked (near mode)
+    n_pairs: dict[str, int] = field(default_factory=dict)  # accepted pairs by check: exact, near
+    n_blocked: int = 0  # verified pairs the chain guard kept apart
 
 
 def check_fractions(valid_frac: float, test_frac: float) -> tuple[float, float, float]:
@@ -428,19 +350,35 @@ def resolve_out(data_dir: Path, out: str | os.PathLike | None) -> Path:
     return out_path
 
 
+def check_dedup(mode: str, min_similarity: float) -> None:
+    if mode not in dedup.MODES:
+        raise UserError(f"--dedup must be one of {', '.join(dedup.MODES)}, got {mode!r}")
+    if not 0 < min_similarity <= 1:  # also rejects NaN
+        raise UserError(f"--dup-min-similarity must be > 0 and <= 1, got {min_similarity}")
+
+
+def duplicates_path(labels_csv: Path) -> Path:
+    """Where the grouped pairs go: ``duplicates.csv`` beside ``labels.csv`` (``<stem>.duplicates.csv``
+    beside a labels file of another name)."""
+    name = "duplicates.csv" if labels_csv.name == "labels.csv" else f"{labels_csv.stem}.duplicates.csv"
+    return labels_csv.with_name(name)
+
+
 def prepare_dataset(data_dir: str | os.PathLike, *, out: str | os.PathLike | None = None,
                     valid_frac: float = 0.15, test_frac: float = 0.15, seed: int = 0,
-                    dup_threshold: int = DEFAULT_DUP_THRESHOLD, allow_small_classes: bool = False,
+                    dedup_mode: str = "near", min_similarity: float = dedup.DEFAULT_MIN_SIMILARITY,
+                    flips: bool = True, allow_small_classes: bool = False,
                     workers: int | None = None, progress: bool = True) -> PrepareResult:
-    """Scan, validate, group near-duplicates, split and write labels.csv (atomically).
+    """Scan, validate, group duplicates, split and write labels.csv and duplicates.csv (atomically).
 
     ``out`` defaults to ``DATA_DIR/labels.csv``; elsewhere is allowed, and its ``path`` column stays
-    relative to DATA_DIR (read it with ``data.read_labels(out, root=DATA_DIR)``). Raises
-    :class:`UserError` for bad input, in which case nothing is written.
+    relative to DATA_DIR (read it with ``data.read_labels(out, root=DATA_DIR)``). ``dedup_mode``:
+    ``near`` groups exact and verified near copies (``min_similarity``: the detail correlation a pair
+    needs; ``flips``: flipped and 90/180/270-degree turned copies count), ``exact`` byte copies only,
+    ``off`` nothing. Raises :class:`UserError` for bad input, in which case nothing is written.
     """
     fractions = check_fractions(valid_frac, test_frac)
-    if not 0 <= dup_threshold < 64:
-        raise UserError(f"--dup-threshold must be between 0 and 63 bits, got {dup_threshold}")
+    check_dedup(dedup_mode, min_similarity)
     if seed < 0:
         raise UserError(f"--seed must be >= 0, got {seed}")
     root = check_data_dir(data_dir)
@@ -452,7 +390,8 @@ def prepare_dataset(data_dir: str | os.PathLike, *, out: str | os.PathLike | Non
         raise UserError(f"{root}: no class folders; expected {root}/<class>/<images>{hint}")
     _require_two_classes(root, {c.label for c in scan.candidates}, scan.classes)
 
-    infos = inspect_images([c.path for c in scan.candidates], workers=workers, progress=progress)
+    infos = inspect_images([c.path for c in scan.candidates], workers=workers, progress=progress,
+                           near=dedup_mode == "near")
     skipped = list(scan.skipped)
     rows = []
     for cand, info in zip(scan.candidates, infos):
@@ -474,8 +413,9 @@ def prepare_dataset(data_dir: str | os.PathLike, *, out: str | os.PathLike | Non
     paths = [r[0] for r in rows]
     labels = np.asarray([classes.index(r[1]) for r in rows])  # (N,)
     sha1s = [r[2].sha1 for r in rows]
-    hashes = np.asarray([r[2].dhash for r in rows], dtype=np.uint64)
-    group = group_duplicates(sha1s, hashes, dup_threshold)  # (N,)
+    grouping = dedup.group_images(sha1s, [r[2].signature for r in rows] if dedup_mode == "near" else None,
+                                  mode=dedup_mode, min_similarity=min_similarity, flips=flips)
+    group = grouping.group  # (N,)
     n_groups = int(group.max()) + 1
     group_size = np.bincount(group, minlength=n_groups)  # (G,)
 
@@ -488,12 +428,11 @@ def prepare_dataset(data_dir: str | os.PathLike, *, out: str | os.PathLike | Non
     for g in np.flatnonzero((votes > 0).sum(axis=1) > 1):
         cross.append([(paths[k], classes[labels[k]]) for k in np.flatnonzero(group == g)])
     if cross:
-        msg = (f"{len(cross)} near-duplicate group(s) hold images of different classes (a labelling "
+        msg = (f"{len(cross)} duplicate group(s) hold images of different classes (a labelling "
                "problem?); each is kept together in its majority class's split")
         warnings.append(msg)
-        shown = "; ".join(" ~ ".join(f"{p} [{label}]" for p, label in members) for members in cross[:3])
-        more = f"; ... ({len(cross) - 3} more in the report)" if len(cross) > 3 else ""
-        log.warning("%s: %s%s", msg, shown, more)
+        log.warning("%s, e.g. %s", msg, _examples(cross[0]))
+    warnings.extend(_large_group_warnings(group, group_size, labels, classes, paths))
 
     split_of, split_warnings = split_groups(group_class, group_size, fractions, seed=seed, classes=classes,
                                             allow_small_classes=allow_small_classes)
@@ -512,12 +451,67 @@ def prepare_dataset(data_dir: str | os.PathLike, *, out: str | os.PathLike | Non
         "sha1": sha1s,
         "dhash": [f"{r[2].dhash:016x}" for r in rows],
     }, columns=list(COLUMNS))
+    dup_path = duplicates_path(out_path)
+    _write_atomic(_duplicates_frame(grouping, group, paths, [r[1] for r in rows], width), dup_path)
     _write_atomic(frame, out_path)
     log.info("wrote %s (%d images, %d classes)", out_path, len(frame), len(classes))
     merged = group_size[group_size > 1]
+    largest = np.argsort(-group_size, kind="stable")[:5]
+    largest = [sorted(paths[k] for k in np.flatnonzero(group == g)) for g in largest if group_size[g] > 1]
+    checks = [p[2] for p in grouping.pairs]
     return PrepareResult(labels_csv=out_path, data_dir=root, frame=frame, classes=classes, skipped=skipped,
                          empty_classes=empty_classes, n_groups_merged=len(merged),
-                         n_images_in_merged=int(merged.sum()), cross_class_groups=cross, warnings=warnings)
+                         n_images_in_merged=int(merged.sum()), cross_class_groups=cross, warnings=warnings,
+                         dedup=dedup_mode, flips=flips, duplicates_csv=dup_path, largest_groups=largest,
+                         n_candidates=grouping.n_candidates,
+                         n_pairs={c: checks.count(c) for c in ("exact", "near")}, n_blocked=grouping.n_blocked)
+
+
+DUPLICATE_COLUMNS = ("group", "path_a", "label_a", "path_b", "label_b", "check", "similarity", "outline",
+                     "orientation", "joined")
+
+
+def _duplicates_frame(grouping: dedup.Grouping, group: np.ndarray, paths: list[str], labels: list[str],
+                      width: int) -> pd.DataFrame:
+    """One row per accepted pair: its group, the two images, the check that accepted it and its scores
+    (``joined`` is false where the chain guard kept the two groups apart)."""
+    rows = sorted(grouping.pairs, key=lambda p: (group[p[0]], p[0], p[1]))
+    return pd.DataFrame({
+        "group": [f"g{group[a]:0{width}d}" for a, *_ in rows],
+        "path_a": [paths[a] for a, *_ in rows],
+        "label_a": [labels[a] for a, *_ in rows],
+        "path_b": [paths[b] for _, b, *_ in rows],
+        "label_b": [labels[b] for _, b, *_ in rows],
+        "check": [p[2] for p in rows],
+        "similarity": [f"{p[3]:.3f}" for p in rows],
+        "outline": [f"{p[4]:.3f}" for p in rows],
+        "orientation": [p[5] for p in rows],
+        "joined": [str(p[6]).lower() for p in rows],
+    }, columns=list(DUPLICATE_COLUMNS))
+
+
+def _examples(members: Sequence[tuple[str, str]], k: int = 2) -> str:
+    """``a [label] ~ b [label]`` for the first k members, and how many more."""
+    shown = " ~ ".join(f"{p} [{label}]" for p, label in members[:k])
+    return shown + (f" (+{len(members) - k} more)" if len(members) > k else "")
+
+
+def _large_group_warnings(group: np.ndarray, group_size: np.ndarray, labels: np.ndarray,
+                          classes: list[str], paths: list[str]) -> list[str]:
+    """A warning for each group (of 3 or more) larger than LARGE_GROUP_SHARE of its majority class."""
+    class_size = np.bincount(labels, minlength=len(classes))
+    out = []
+    for g in np.flatnonzero(group_size >= 3):
+        members = np.flatnonzero(group == g)
+        c = int(np.bincount(labels[members]).argmax())
+        if group_size[g] > LARGE_GROUP_SHARE * class_size[c]:
+            msg = (f"a duplicate group of {group_size[g]} images is {group_size[g] / class_size[c]:.0%} of class "
+                   f"{classes[c]!r} (e.g. {paths[members[0]]}, {paths[members[1]]}): a burst of shots of one "
+                   "subject, or look-alike photos the check could not tell apart? Review it in "
+                   "duplicates.csv; a higher --dup-min-similarity joins fewer")
+            log.warning(msg)
+            out.append(msg)
+    return out
 
 
 def _require_two_classes(root: Path, present: set[str], folders: list[str]) -> None:
@@ -563,15 +557,7 @@ def format_report(result: PrepareResult) -> str:
     for name, row in table.iterrows():
         lines.append(f"{name:<{name_w}}" + "".join(f"{int(v):>{num_w}}" for v in row))
     lines.append("")
-    lines.append(f"near-duplicate groups merged: {result.n_groups_merged} "
-                 f"(covering {result.n_images_in_merged} images; each group kept in one split)")
-    if result.cross_class_groups:
-        lines.append(f"near-duplicates with different labels ({len(result.cross_class_groups)} group(s); "
-                     "check these labels):")
-        for members in result.cross_class_groups[:_MAX_LISTED]:
-            lines.append("  " + ", ".join(f"{p} [{label}]" for p, label in members))
-        if len(result.cross_class_groups) > _MAX_LISTED:
-            lines.append(f"  ... and {len(result.cross_class_groups) - _MAX_LISTED} more group(s)")
+    lines.extend(_duplicate_summary(result))
     if result.skipped:
         lines.append(f"skipped {len(result.skipped)} file(s):")
         lines.extend(f"  {p}: {reason}" for p, reason in result.skipped[:_MAX_LISTED])
@@ -589,6 +575,30 @@ def format_report(result: PrepareResult) -> str:
         lines.append(f"its paths are relative to {result.data_dir}: search with "
                      f"--data {result.labels_csv} --data-root {result.data_dir}")
     return "\n".join(lines)
+
+
+def _duplicate_summary(result: PrepareResult) -> list[str]:
+    """A few lines: how the groups were made, how many, the largest with examples, the cross-class ones."""
+    if result.dedup == "off":
+        return ["duplicate groups: none (--dedup off: copies may sit in train and test alike)"]
+    how = ("exact byte copies only" if result.dedup == "exact" else
+           "exact and near copies" + (", flips and turns included" if result.flips else ", no flips or turns"))
+    lines = [f"duplicate groups merged: {result.n_groups_merged} (covering {result.n_images_in_merged} images; "
+             f"{how}; each group kept in one split)"]
+    if result.dedup == "near":
+        lines.append(f"  pairs: {result.n_pairs.get('exact', 0)} exact, {result.n_pairs.get('near', 0)} near "
+                     f"(verified of {result.n_candidates} candidates), {result.n_blocked} kept apart by the "
+                     "chain guard")
+    if result.largest_groups:
+        lines.append("  largest: " + "; ".join(
+            f"{len(g)} images ({', '.join(g[:2])}{', ...' if len(g) > 2 else ''})" for g in result.largest_groups))
+    cross = result.cross_class_groups
+    if cross:
+        lines.append(f"  spanning classes: {len(cross)} group(s), {sum(map(len, cross))} images, e.g. "
+                     f"{_examples(cross[0])}; check these labels")
+    if result.duplicates_csv is not None:
+        lines.append(f"  every grouped pair with its scores: {result.duplicates_csv}")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------ materialize
@@ -661,10 +671,20 @@ def _parser() -> argparse.ArgumentParser:
                    help="fraction of each class's images for test, > 0 (default 0.15); the rest is train")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the split (default 0); the same seed gives a byte-identical labels.csv")
-    p.add_argument("--dup-threshold", type=int, default=DEFAULT_DUP_THRESHOLD, metavar="BITS",
-                   help="images whose 64-bit difference hashes differ in at most BITS bits are near-"
-                        f"duplicates and share a split (default {DEFAULT_DUP_THRESHOLD}; 0 = only "
-                        "identical hashes; exact byte copies are always grouped)")
+    p.add_argument("--dedup", default="near", metavar="MODE",
+                   help="which copies share a split: near (default) = exact byte copies and near copies "
+                        "(re-encoded, resized, brightened, cropped, shifted, flipped, turned), found by "
+                        "perceptual hashes and each verified on aligned thumbnails; exact = byte copies "
+                        "only; off = no grouping (copies can leak from train into test)")
+    p.add_argument("--dup-min-similarity", type=float, default=dedup.DEFAULT_MIN_SIMILARITY, metavar="S",
+                   help="near mode: how alike two images' fine detail must be, after the best alignment, "
+                        "to count as copies: the correlation (0-1] of their locally normalised 72 px "
+                        f"greyscale thumbnails (default {dedup.DEFAULT_MIN_SIMILARITY}); higher joins fewer "
+                        "pairs, lower catches more heavily edited copies")
+    p.add_argument("--dup-no-flips", action="store_true",
+                   help="near mode: a flipped or 90/180/270-degree turned copy is not a copy (by default "
+                        "it is: many public sets ship such augmented copies beside the originals)")
+    p.add_argument("--dup-threshold", type=float, default=None, help=argparse.SUPPRESS)  # the old knob
     p.add_argument("--allow-small-classes", action="store_true",
                    help="accept classes with fewer than 3 distinct images (they get no valid/test member)")
     p.add_argument("--materialize", metavar="OUT_DIR", default=None,
@@ -681,8 +701,12 @@ def _main(argv: Sequence[str] | None = None) -> int:
     cli.setup_logging(args.verbose)
     if args.materialize is not None:  # refuse before any work, so nothing is written on error
         check_materialize_target(args.materialize, check_data_dir(args.data_dir))
+    if args.dup_threshold is not None:
+        raise UserError("--dup-threshold (bits of a difference hash) was replaced by --dup-min-similarity "
+                        "(near copies are now verified on aligned thumbnails; see --help)")
     result = prepare_dataset(args.data_dir, out=args.out, valid_frac=args.valid_frac,
-                             test_frac=args.test_frac, seed=args.seed, dup_threshold=args.dup_threshold,
+                             test_frac=args.test_frac, seed=args.seed, dedup_mode=args.dedup,
+                             min_similarity=args.dup_min_similarity, flips=not args.dup_no_flips,
                              allow_small_classes=args.allow_small_classes, workers=args.workers,
                              progress=not args.no_progress)
     print(format_report(result))

@@ -1,0 +1,161 @@
+"""dedup.py: candidates from banded hashes, the aligned-thumbnail check, the chain guard; each kind of
+copy on two image families of different character (plain-sheet leaves and greyscale scans)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tune_rice import dedup, demo
+
+SIZE = 256
+
+
+def _signature(im: Image.Image) -> dedup.Signature:
+    return dedup.signature(im)
+
+
+def _decode(data: bytes) -> Image.Image:
+    im = Image.open(io.BytesIO(data))
+    im.draft("RGB", (128, 128))
+    return im.convert("RGB")
+
+
+@pytest.fixture(scope="module", params=["plain", "scans"])
+def family(request, tmp_path_factory):
+    """(family, originals as PIL images): 6 per class of one family, the demo's own copies left out."""
+    root = demo.generate_demo(tmp_path_factory.mktemp(request.param) / "set", per_class=7, size=SIZE, seed=11,
+                              family=request.param)
+    marker = __import__("json").loads((root / demo.MARKER).read_text())
+    copies = {d["path"] for d in marker["near_duplicates"]}
+    files = [p for p in sorted(root.glob("*/*.jpg")) if p.relative_to(root).as_posix() not in copies]
+    return request.param, [Image.open(p).convert("RGB") for p in files]
+
+
+# Known shortfalls, measured on these very copies; strict, so each flags as soon as it is fixed.
+KNOWN_MISSES = {
+    ("plain", "shift"): "the shifted copy of original 17 verifies at detail similarity 0.57 (< 0.7), "
+                        "outline 0.93: the alignment search does not recover that shift to the pixel",
+    ("scans", "crop"): "missed by the candidate search: the cropped copies' pHashes lie 18-24 bits from "
+                       "their sources (limit 12) and the histogram codes do not pair them either; the "
+                       "check alone accepts all three (detail similarity 0.94-0.96)",
+    ("scans", "shift"): "missed by the candidate search: shifted copies' pHashes lie 14 bits from their "
+                        "sources (limit 12); the check alone accepts them (detail similarity 0.88-0.97)",
+}
+
+
+@pytest.mark.parametrize("kind", demo.COPY_KINDS)
+def test_each_kind_of_copy_is_grouped_and_nothing_else(family, kind, request):
+    name, originals = family
+    if (name, kind) in KNOWN_MISSES:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=KNOWN_MISSES[name, kind]))
+    rng = np.random.default_rng(5)
+    sources = [0, 9, 17]
+    copies = [_decode(demo.copy_image(originals[k], kind, rng)[0]) for k in sources]
+    sigs = [_signature(im) for im in originals + copies]
+    sha1s = [f"x{k}" for k in range(len(sigs))]
+    grouping = dedup.group_images(sha1s, sigs)
+    g = grouping.group
+    n = len(originals)
+    for c, k in enumerate(sources):
+        assert g[n + c] == g[k], (name, kind, c)
+    # distinct originals stay apart: one group per original
+    assert len(set(g[:n].tolist())) == n, (name, kind)
+    near = [p for p in grouping.pairs if p[2] == "near"]
+    assert all(p[3] >= dedup.DEFAULT_MIN_SIMILARITY and p[4] >= dedup.DEFAULT_MIN_OUTLINE for p in near)
+
+
+def test_distinct_look_alikes_are_not_merged(tmp_path):
+    # 60 distinct plain-sheet leaves (centred, upright, same framing): only the demo's own planted copies
+    # may be grouped.
+    root = demo.generate_demo(tmp_path / "plain", per_class=14, size=SIZE, seed=2, family="plain")
+    marker = __import__("json").loads((root / demo.MARKER).read_text())
+    files = sorted(root.glob("*/*.jpg"))
+    rel = [p.relative_to(root).as_posix() for p in files]
+    identity = {r: r for r in rel}
+    identity.update({d["path"]: d["source"] for d in marker["near_duplicates"]})
+    sigs = [_signature(Image.open(p)) for p in files]
+    g = dedup.group_images([f"x{k}" for k in range(len(rel))], sigs).group
+    for grp in np.unique(g):
+        members = {identity[rel[k]] for k in np.flatnonzero(g == grp)}
+        assert len(members) == 1, members
+
+
+def test_flipped_and_turned_copies_only_with_flips(family):
+    _, originals = family
+    im = originals[3]
+    turned = [im.transpose(Image.Transpose.ROTATE_90), im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    sigs = [_signature(x) for x in [im, *turned, originals[4]]]
+    on = dedup.group_images(["a", "b", "c", "d"], sigs).group
+    off = dedup.group_images(["a", "b", "c", "d"], sigs, flips=False).group
+    assert on[0] == on[1] == on[2] != on[3]
+    assert len(set(off.tolist())) == 4
+    # the perceptual hash is the same for all 8 flips and turns
+    grey = np.asarray(im.convert("L").resize((32, 32)), dtype=np.float64)
+    bits = dedup.phash_bits(dedup._dihedral(grey))  # (8, 64)
+    assert (bits == bits[0]).all()
+
+
+def test_a_chain_of_gradual_changes_does_not_become_one_group(family, request):
+    # a0 -> a10: each step blends 10% more of another image in; neighbours pass the check, the ends do not.
+    name, originals = family
+    if name == "scans":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "the ends stay apart, but the largest group holds more than 6 of the 11 blends: the second "
+            "drawing's dark lines dominate each blend, and the guard's looser check (similarity >= 0.5, which keeps "
+            "a re-encoded and a shifted copy of one photo together) passes among them")))
+    a, b = (np.asarray(originals[k], dtype=np.float64) for k in (2, 20))
+    chain = [Image.fromarray((a * (1 - t) + b * t).round().astype(np.uint8)) for t in np.linspace(0, 1, 11)]
+    sigs = [_signature(x) for x in chain]
+    grouping = dedup.group_images([f"c{k}" for k in range(11)], sigs)
+    g = grouping.group
+    assert g[0] != g[10]
+    assert np.bincount(g).max() <= 6
+    # ... whereas joining every verified pair would have chained them all
+    parent = list(range(11))
+
+    def find(x):
+        while parent[x] != x:
+            x = parent[x]
+        return x
+
+    for i, j, *_ in grouping.pairs:
+        parent[find(j)] = find(i)
+    assert len({find(k) for k in range(11)}) == 1
+    assert grouping.n_blocked >= 1
+
+
+def test_exact_copies_always_grouped_and_modes():
+    rng = np.random.default_rng(0)
+    sigs = [dedup.Signature(phash=int(rng.integers(0, 2**63)), hist=rng.random(dedup.HIST_DIM).astype(np.float32),
+                            thumb=rng.integers(0, 256, (dedup.THUMB, dedup.THUMB), dtype=np.uint8)) for _ in range(5)]
+    sha1s = ["a", "b", "a", "c", "b"]
+    assert dedup.group_images(sha1s, sigs).group.tolist() == [0, 1, 0, 2, 1]
+    exact = dedup.group_images(sha1s, None, mode="exact")
+    assert exact.group.tolist() == [0, 1, 0, 2, 1] and exact.n_candidates == 0
+    assert [p[:3] for p in exact.pairs] == [(0, 2, "exact"), (1, 4, "exact")]
+    off = dedup.group_images(sha1s, None, mode="off")
+    assert off.group.tolist() == [0, 1, 2, 3, 4] and off.pairs == []
+
+
+def test_candidate_pairs_find_close_codes_with_bounded_work():
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 2**63, 3000, dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, 3000, dtype=np.uint64)
+    flips = np.zeros(200, dtype=np.uint64)
+    for k in range(200):  # 200 near copies, each 1-3 bits away from its source
+        for bit in rng.choice(64, size=int(rng.integers(1, 4)), replace=False):
+            flips[k] |= np.uint64(1) << np.uint64(int(bit))
+    codes = np.concatenate([base, base[:200] ^ flips])
+    i, j = dedup.candidate_pairs(codes, window=2)
+    found = set(zip(i.tolist(), j.tolist()))
+    assert all((k, 3000 + k) in found for k in range(200))
+    assert len(found) <= 8 * 2 * len(codes)
+    assert (i < j).all() and len(found) == len(i)
+    # max_bits drops the far ones (random pairs differ in ~32 bits)
+    i2, j2 = dedup.candidate_pairs(codes, window=2, max_bits=3)
+    assert set(zip(i2.tolist(), j2.tolist())) >= {(k, 3000 + k) for k in range(200)}
+    assert len(i2) < 0.2 * len(i)
+    np.testing.assert_array_equal(dedup._popcount64(codes[:100]), [bin(int(v)).count("1") for v in codes[:100]])

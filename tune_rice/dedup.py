@@ -1,0 +1,570 @@
+"""Near-duplicate grouping: candidate pairs from perceptual hashes, then a finer check of every pair.
+
+A copy in train and its original in test turn the test score into a memory test, so copies must share
+a split. Public image sets hold many kinds of copy: re-encoded, resized, brightened, cropped, shifted,
+flipped and rotated ones. And they hold many *distinct* images that look alike as a whole (one leaf,
+centred, on the same grey sheet): a coarse hash cannot tell those apart, and joining every pair it
+finds chains a whole class into one group. So two stages:
+
+1. **Candidates** (cheap, sub-quadratic, errs towards too many). Each image gets two 64-bit codes:
+   a perceptual DCT hash made blind to flips and 90-degree rotations (:func:`phash_codes`; it catches
+   re-encoded, resized, brightened, flipped and rotated copies), and a code of its colour and gradient
+   histograms, which ignore where things are (:func:`histogram_codes`; it catches cropped and shifted
+   copies). For each code, the hashes are sorted with each of 8 bands of 8 bits first in turn, and
+   each hash is paired with its nearest few neighbours in every order (:func:`candidate_pairs`):
+   ``O(N log N)`` per band, a bounded number of pairs per image whatever the data.
+2. **Verification** (finer, independent of the hashes). The two images' 48 px greyscale thumbnails
+   are aligned -- flips and rotations tried, then a scale and shift per axis estimated from their row
+   and column profiles -- and compared by normalised correlation over the overlap, both of the
+   thumbnails and of their fine detail (the thumbnail minus its blur), which is what tells two
+   similar leaves apart (:func:`verify_pairs`). A pair is a near copy only if both pass.
+
+Groups are joined only through verified pairs, and only when every member of one group also passes
+the check against every member of the other (the first 8 of each in a larger group; :func:`group_images`):
+a chain of gradually changing images, each close to the next, does not become one group. Exact byte copies are always joined.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+from scipy import fft as sfft
+from scipy import ndimage
+
+log = logging.getLogger(__name__)
+
+THUMB = 72  # side of the greyscale thumbnail kept per image for the check (5 kB each)
+MODES = ("near", "exact", "off")
+# Candidates further apart than this (bits of the perceptual hash, of the histogram code) are not checked.
+_MAX_BITS = (12, 12)
+DEFAULT_MIN_SIMILARITY = 0.7
+DEFAULT_MIN_OUTLINE = 0.9
+_HIST_SIDE = 48
+_PHASH_SIDE = 32
+_PHASH_BLOCK = 11  # the 11x11 lowest DCT frequencies give 65 symmetric magnitudes, 64 kept
+
+
+# ------------------------------------------------------------------------------------ per image
+@dataclass
+class Signature:
+    """What the grouping needs of one image, computed once while the image is decoded."""
+
+    phash: int  # 64-bit perceptual hash, the same for the image flipped or rotated by 90 degrees
+    hist: np.ndarray  # (HIST_DIM,) float32: colour and gradient histograms of the inner 84%
+    thumb: np.ndarray  # (THUMB, THUMB) uint8 greyscale, aspect ratio ignored
+
+
+_IU = [(u, v) for u in range(_PHASH_BLOCK) for v in range(u, _PHASH_BLOCK) if (u, v) != (0, 0)][:64]
+_IU_A = np.array([p[0] for p in _IU])
+_IU_B = np.array([p[1] for p in _IU])
+
+
+def phash_bits(grey32: np.ndarray) -> np.ndarray:
+    """(..., 64) bool perceptual-hash bits of (..., 32, 32) greyscale thumbnails.
+
+    imagehash's pHash thresholds the 8x8 lowest DCT coefficients at their median. Flipping an image
+    only changes the signs of some coefficients, and a 90-degree turn transposes them, so here the
+    magnitudes ``|c(u,v)| + |c(v,u)|`` (u <= v, the 11x11 lowest, DC left out) are thresholded at
+    their median instead: one hash per image that the 8 flips and turns share.
+    """
+    c = np.abs(sfft.dctn(np.asarray(grey32, dtype=np.float64), type=2, axes=(-2, -1)))
+    m = c[..., _IU_A, _IU_B] + c[..., _IU_B, _IU_A]  # (..., 64)
+    return m > np.median(m, axis=-1, keepdims=True)
+
+
+def pack_bits(bits: np.ndarray) -> np.ndarray:
+    """(..., 64) bool -> (...,) uint64, the first bit most significant."""
+    return np.packbits(bits, axis=-1).view(">u8")[..., 0].astype(np.uint64)
+
+
+HIST_DIM = 6 ** 3 + 12
+
+
+def _histograms(rgb: np.ndarray) -> np.ndarray:
+    """(HIST_DIM,) float32 of an (S, S, 3) float RGB thumbnail in 0..1: where things are does not count.
+
+    A 6x6x6 colour histogram and a 12-bin histogram of log gradient magnitude, both of the inner 84%
+    (shifts fill the edges with black, crops cut them off), square-rooted so the rare colours of
+    small marks count; flips, turns, shifts and crops barely change either.
+    """
+    b = rgb.shape[0] // 12 + 1
+    inner = rgb[b:-b, b:-b]
+    q = np.minimum((inner * 6).astype(np.int64), 5)
+    colour = np.bincount(((q[..., 0] * 6 + q[..., 1]) * 6 + q[..., 2]).ravel(), minlength=216)
+    grey = ndimage.gaussian_filter(inner.mean(-1), 0.7)
+    gy, gx = np.gradient(grey)
+    grad = np.histogram(np.log(np.hypot(gx, gy) + 1e-3), bins=12, range=(np.log(1e-3), 0.0))[0]
+    colour = np.sqrt(colour / max(colour.sum(), 1))
+    grad = np.sqrt(grad / max(grad.sum(), 1))
+    return np.concatenate([colour, 0.7 * grad]).astype(np.float32)
+
+
+def signature(image: Image.Image) -> Signature:
+    """The :class:`Signature` of a decoded image (any size; a JPEG draft of >= 128 px is plenty)."""
+    rgb = image.convert("RGB")
+    small = rgb.resize((_HIST_SIDE, _HIST_SIDE), Image.Resampling.BOX, reducing_gap=2.0)
+    grey = small.convert("L")
+    hist = _histograms(np.asarray(small, dtype=np.float32) / 255.0)
+    g32 = np.asarray(rgb.convert("L").resize((_PHASH_SIDE, _PHASH_SIDE), Image.Resampling.LANCZOS))
+    phash = int(pack_bits(phash_bits(g32)))
+    thumb = np.asarray(grey if THUMB == _HIST_SIDE else rgb.convert("L").resize((THUMB, THUMB), Image.Resampling.BOX))
+    return Signature(phash=phash, hist=hist, thumb=np.ascontiguousarray(thumb, dtype=np.uint8))
+
+
+# ------------------------------------------------------------------------------------ candidates
+_M1, _M2, _M4 = np.uint64(0x5555555555555555), np.uint64(0x3333333333333333), np.uint64(0x0F0F0F0F0F0F0F0F)
+_H01 = np.uint64(0x0101010101010101)
+
+
+def _popcount64(x: np.ndarray) -> np.ndarray:
+    """Number of set bits of each uint64 (SWAR fallback for numpy < 2.0, which lacks bitwise_count)."""
+    x = x - ((x >> np.uint64(1)) & _M1)
+    x = (x & _M2) + ((x >> np.uint64(2)) & _M2)
+    x = (x + (x >> np.uint64(4))) & _M4
+    return ((x * _H01) >> np.uint64(56)).astype(np.uint8)
+
+
+popcount = getattr(np, "bitwise_count", _popcount64)
+
+
+def histogram_codes(hists: np.ndarray, *, seed: int = 0) -> np.ndarray:
+    """(N,) uint64 random-hyperplane codes of (N, HIST_DIM) histograms, centred on their mean.
+
+    Two histograms at angle a differ in about 64 * a / pi bits. The hyperplanes are fixed (``seed``),
+    so a data set always gets the same codes.
+    """
+    h = np.asarray(hists, dtype=np.float64)
+    if len(h) == 0:
+        return np.zeros(0, dtype=np.uint64)
+    planes = np.random.default_rng([seed, 0x5EED]).standard_normal((h.shape[1], 64))
+    return pack_bits((h - h.mean(axis=0)) @ planes > 0)
+
+
+def _rotl(x: np.ndarray, k: int) -> np.ndarray:
+    if k % 64 == 0:
+        return x
+    return (x << np.uint64(k)) | (x >> np.uint64(64 - k))
+
+
+def candidate_pairs(codes: np.ndarray, *, window: int = 4, bands: int = 8,
+                    max_bits: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs ``(i, j)``, ``i < j``, of 64-bit codes that sit close in a banded sort order.
+
+    The code is cut into ``bands`` bands; for each band the codes are sorted with that band first (the
+    rest following, rotated) and each is paired with the ``window`` next ones. Two codes that agree
+    on a band sit in one run of that order, and within a run the ones that agree on more bits sit
+    closer; a run of many look-alikes is not compared all with all, so the work and the number of pairs
+    stay ``O(bands * window * N)`` after ``bands`` sorts, whatever the data. Pairs differing in more
+    than ``max_bits`` bits are dropped. Sorted by (i, j), no repeats.
+    """
+    c = np.ascontiguousarray(codes, dtype=np.uint64)
+    n = len(c)
+    if n < 2:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    width = 64 // bands
+    keys = []
+    for b in range(bands):
+        order = np.argsort(_rotl(c, width * b), kind="stable")
+        for off in range(1, min(window, n - 1) + 1):
+            i, j = order[:-off], order[off:]
+            if max_bits < 64:
+                keep = popcount(c[i] ^ c[j]) <= max_bits
+                i, j = i[keep], j[keep]
+            keys.append(np.minimum(i, j) * n + np.maximum(i, j))
+    key = np.unique(np.concatenate(keys))
+    return key // n, key % n
+
+
+# ---------------------------------------------------------------------------------- verification
+@dataclass
+class Checked:
+    """The verification of pairs ``(i, j)``: each array (P,)."""
+
+    similarity: np.ndarray  # float: normalised correlation of the aligned thumbnails' fine detail
+    outline: np.ndarray  # float: normalised correlation of the aligned thumbnails themselves
+    orientation: np.ndarray  # int: index into ORIENTATIONS of the turn/flip applied to j
+    scale: np.ndarray  # (P, 2) float: j's content is this many times larger than i's, along (y, x)
+
+
+ORIENTATIONS = ("same", "flip-h", "rot90", "rot90+flip-h", "rot180", "flip-v", "rot270", "rot270+flip-h")
+_BORDER = 0.06  # the outer 6% of either image is left out of every comparison (fill, crop edges)
+_SCALES = np.geomspace(0.8, 1.25, 9)
+_SHIFTS = np.linspace(-0.08, 0.08, 17)
+_MIN_OVERLAP = 0.4  # of the area; less is no match
+_GUARD = 8  # members of each group checked against each other before two groups join
+_GUARD_SLACK = 0.2  # ... at a detail similarity this much below the pair check's
+_COARSE_MIN = 0.6  # 12 px thumbnails correlating less than this are not looked at closer
+_ROUGH_MIN = 0.8  # outlines correlating less than this at the profile alignment are not refined
+
+
+def _dihedral(t: np.ndarray) -> np.ndarray:
+    """(..., 8, S, S): the 8 flips and turns of (..., S, S), in the order of ORIENTATIONS."""
+    out = []
+    for k in range(4):
+        r = np.rot90(t, k, axes=(-2, -1))
+        out += [r, r[..., :, ::-1]]
+    return np.stack(out, axis=-3)
+
+
+@dataclass
+class _Hypotheses:
+    """Every (scale, shift) of one axis, for profiles of length m and images of side n.
+
+    ``match`` (m, H*m) samples a length-m profile of j at ``s * (x - 0.5) + 0.5 + t`` for each of i's m
+    sample positions x (linear interpolation), for every hypothesis h; ``inside`` (H, m) marks the
+    samples whose positions lie inside the compared area of both images. ``lo`` and ``frac`` (H, n)
+    are the same taps for warping a whole image of side n.
+    """
+
+    scale: np.ndarray  # (H,)
+    match: np.ndarray  # (m, H*m) float32
+    inside: np.ndarray  # (H, m) float32 0/1
+    lo: np.ndarray  # (H, n) int
+    frac: np.ndarray  # (H, n) float32
+    inside_n: np.ndarray  # (H, n) float32 0/1
+
+    @staticmethod
+    def _taps(s: np.ndarray, t: np.ndarray, n: int):
+        x = (np.arange(n) + 0.5) / n  # (n,) centres of i's samples, 0..1
+        u = s[:, None] * (x[None, :] - 0.5) + 0.5 + t[:, None]  # (H, n): where they fall in j
+        pos = u * n - 0.5
+        lo = np.clip(np.floor(pos).astype(np.int64), 0, n - 2)
+        frac = np.clip(pos - lo, 0.0, 1.0)
+        inside = (x[None, :] > _BORDER) & (x[None, :] < 1 - _BORDER) & (u > _BORDER) & (u < 1 - _BORDER)
+        return lo, frac.astype(np.float32), inside.astype(np.float32)
+
+    @classmethod
+    def grid(cls, n: int, m: int) -> _Hypotheses:
+        s, t = np.meshgrid(_SCALES, _SHIFTS, indexing="ij")
+        s, t = s.ravel(), t.ravel()  # (H,)
+        lo_m, frac_m, inside_m = cls._taps(s, t, m)
+        match = np.zeros((len(s), m, m), dtype=np.float32)  # (H, i's sample, j's sample)
+        hyp, rows = np.meshgrid(np.arange(len(s)), np.arange(m), indexing="ij")
+        np.add.at(match, (hyp, rows, lo_m), 1 - frac_m)
+        np.add.at(match, (hyp, rows, lo_m + 1), frac_m)
+        lo, frac, inside = cls._taps(s, t, n)
+        return cls(scale=s, match=np.ascontiguousarray(match.transpose(2, 0, 1).reshape(m, -1)),
+                   inside=inside_m, lo=lo, frac=frac, inside_n=inside)
+
+
+_GRIDS: dict[int, _Hypotheses] = {}
+_PROFILE = 3  # profiles are matched at 1/3 of the thumbnail's side
+_STRIPS = 3  # ... in 3 strips across the other axis
+
+
+def _wcorr(a: np.ndarray, b: np.ndarray, w: np.ndarray, axis) -> np.ndarray:
+    """Weighted Pearson correlation of a and b (broadcast) along ``axis`` with weights w (0 or 1)."""
+    sw = w.sum(axis=axis, keepdims=True)
+    sw = np.where(sw > 0, sw, 1.0)
+    ma = (a * w).sum(axis=axis, keepdims=True) / sw
+    mb = (b * w).sum(axis=axis, keepdims=True) / sw
+    da, db = (a - ma) * w, (b - mb) * w
+    num = (da * db).sum(axis=axis)
+    den = np.sqrt((da * da).sum(axis=axis) * (db * db).sum(axis=axis))
+    return np.where(den > 1e-9, num / np.maximum(den, 1e-12), 0.0)
+
+
+def _detail(t: np.ndarray) -> np.ndarray:
+    """Fine detail of (C, S, S) thumbnails in 0..1, locally contrast-normalised.
+
+    The thumbnail minus its blur (sigma 1 px), divided by the local detail strength: a leaf's outline
+    (which two distinct leaves laid alike share) then counts no more than its veins and marks (which
+    they do not); a floor of 6 grey levels keeps flat areas from amplifying noise.
+    """
+    d = t - ndimage.gaussian_filter(t, sigma=(0, 1.0, 1.0), mode="nearest", truncate=3.0)
+    strength = np.sqrt(ndimage.gaussian_filter(d * d, sigma=(0, 2.0, 2.0), mode="nearest", truncate=3.0))
+    return d / (strength + np.float32(6 / 255))
+
+
+def _orientations(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(C, 8) correlation of i's 12 px thumbnail with each flip/turn of j's (ORIENTATIONS order)."""
+    n = a.shape[-1]
+    f = n // 12
+    small_a = a[:, :12 * f, :12 * f].reshape(len(a), 12, f, 12, f).mean(axis=(2, 4))[:, None, 1:-1, 1:-1]
+    small_b = _dihedral(b[:, :12 * f, :12 * f].reshape(len(b), 12, f, 12, f).mean(axis=(2, 4)))[..., 1:-1, 1:-1]
+    return _wcorr(small_a, small_b, np.ones_like(small_b), axis=(-2, -1))  # (C, 8)
+
+
+def _orient(t: np.ndarray, o: np.ndarray) -> np.ndarray:
+    """Each (S, S) of t (C, S, S) flipped/turned by ORIENTATIONS[o[c]]."""
+    out = np.empty_like(t)
+    for k in np.unique(o):
+        sel = o == k
+        r = np.rot90(t[sel], int(k) // 2, axes=(-2, -1))
+        out[sel] = r[..., :, ::-1] if k % 2 else r
+    return out
+
+
+def _taps(s: np.ndarray, t: np.ndarray, n: int):
+    """Interpolation taps for reading j at ``s * (x - 0.5) + 0.5 + t`` at each of i's n sample centres x,
+    for any shape of s, t: (lo, frac, inside), each of shape (*s.shape, n)."""
+    x = (np.arange(n) + 0.5) / n
+    u = s[..., None] * (x - 0.5) + 0.5 + t[..., None]
+    pos = u * n - 0.5
+    lo = np.clip(np.floor(pos).astype(np.int64), 0, n - 2)
+    frac = np.clip(pos - lo, 0.0, 1.0).astype(np.float32)
+    inside = ((x > _BORDER) & (x < 1 - _BORDER) & (u > _BORDER) & (u < 1 - _BORDER)).astype(np.float32)
+    return lo, frac, inside
+
+
+def _strip_profiles(x: np.ndarray, axis: int, length: int) -> np.ndarray:
+    """(C, STRIPS, length) profiles of x (C, n, n) along y (axis 2 averaged) or x (axis 1 averaged), one
+    per strip across the other axis: a textured scene's single mean profile is nearly flat, three of
+    them still say where things are."""
+    n = x.shape[-1]
+    k, f = _STRIPS, n // length
+    x = x if axis == 2 else np.swapaxes(x, 1, 2)  # (C, along, across)
+    x = x[:, :length * f, :(n // k) * k].reshape(len(x), length, f, k, n // k)
+    return x.mean(axis=(2, 4)).transpose(0, 2, 1)
+
+
+def _compare(a: np.ndarray, b: np.ndarray, g: _Hypotheses):
+    """Align b (C, n, n) to a by a scale and shift per axis, then (outline, detail, s_y, s_x) each (C,).
+
+    Coarse: every hypothesis of the grid on profiles at 1/3 resolution. Fine: +-3% of scale and +-2% of
+    shift around the coarse best, on full-resolution profiles (the detail check needs the alignment to
+    a fraction of a pixel)."""
+    n = a.shape[-1]
+    m = n // _PROFILE
+    fine_s, fine_t = np.meshgrid(np.geomspace(0.97, 1.03, 7), np.linspace(-0.02, 0.02, 9), indexing="ij")
+    fine_s, fine_t = fine_s.ravel(), fine_t.ravel()  # (F,)
+    found = []
+    for axis in (2, 1):  # along y (rows) first, then along x (columns)
+        pa, pb = _strip_profiles(a, axis, m), _strip_profiles(b, axis, m)  # (C, k, m)
+        sampled = (pb @ g.match).reshape(len(b), _STRIPS, -1, m).transpose(0, 2, 1, 3)  # (C, H, k, m)
+        w = np.broadcast_to(g.inside[None, :, None, :], sampled.shape)
+        h = _wcorr(pa[:, None], sampled, w, axis=(-2, -1)).argmax(axis=-1)  # (C,)
+        s0 = g.scale[h]
+        t0 = _SHIFTS[h % len(_SHIFTS)]
+        s, t = s0[:, None] * fine_s, t0[:, None] + fine_t  # (C, F)
+        lo, frac, inside = _taps(s, t, n)  # (C, F, n)
+        pa, pb = _strip_profiles(a, axis, n), _strip_profiles(b, axis, n)  # (C, k, n)
+        pb = np.broadcast_to(pb[:, None], (len(b), len(fine_s), _STRIPS, n))
+        lo, frac = lo[:, :, None, :], frac[:, :, None, :]
+        lo = np.broadcast_to(lo, pb.shape)
+        sampled = (np.take_along_axis(pb, lo, axis=-1) * (1 - frac) + np.take_along_axis(pb, lo + 1, axis=-1) * frac)
+        wf = np.broadcast_to(inside[:, :, None, :], sampled.shape)
+        best = _wcorr(pa[:, None], sampled, wf, axis=(-2, -1)).argmax(axis=-1)  # (C,)
+        rows = np.arange(len(a))
+        found.append((s[rows, best], t[rows, best]))
+    (sy, ty), (sx, tx) = found
+    # Pairs whose outlines do not match even roughly at the profile estimate (half resolution) are not
+    # refined: the refinement is most of the cost, and it moves the outline correlation only a little.
+    c, h = len(a), a.shape[-1] // 2 * 2
+    half = lambda x: x[:, :h, :h].reshape(len(x), h // 2, 2, h // 2, 2).mean(axis=(2, 4))  # noqa: E731
+    wb, w = _warp(half(b), sy, ty, sx, tx)
+    rough = _wcorr(half(a), wb, w, axis=(1, 2))
+    go = rough >= _ROUGH_MIN
+    outline, detail = np.where(go, -1.0, np.minimum(rough, _ROUGH_MIN)), np.full(c, -1.0)
+    if go.any():
+        ry, rty, rx, rtx = _refine(a[go], b[go], sy[go], ty[go], sx[go], tx[go])
+        outline[go], detail[go], sy[go], sx[go] = _compare_at(a[go], b[go], ry, rty, rx, rtx)
+    return outline, detail, sy, sx
+
+
+def _warp(b: np.ndarray, sy, ty, sx, tx) -> tuple[np.ndarray, np.ndarray]:
+    """b (C, n, n) read at i's pixel positions under per-pair scales and shifts (C,): (warped, weights)."""
+    n = b.shape[-1]
+    lo_y, fy, in_y = _taps(sy, ty, n)  # (C, n)
+    lo_x, fx, in_x = _taps(sx, tx, n)
+    lo_y, fy = lo_y[:, :, None], fy[:, :, None]
+    rows = (np.take_along_axis(b, lo_y, axis=1) * (1 - fy) + np.take_along_axis(b, lo_y + 1, axis=1) * fy)
+    lo_x, fx = lo_x[:, None, :], fx[:, None, :]
+    wb = np.take_along_axis(rows, lo_x, axis=2) * (1 - fx) + np.take_along_axis(rows, lo_x + 1, axis=2) * fx
+    return wb, in_y[:, :, None] * in_x[:, None, :]
+
+
+def _refine(a: np.ndarray, b: np.ndarray, sy, ty, sx, tx, *, rounds: int = 6):
+    """Polish the profile estimate on the whole images (half resolution): each round moves every one of
+    the four parameters one step up or down where that correlates better, the steps halving every
+    second round (scale 2% -> 0.5%, shift 1% -> 0.25% of the side)."""
+    c, n = len(a), a.shape[-1] // 2 * 2
+    half = lambda x: x[:, :n, :n].reshape(len(x), n // 2, 2, n // 2, 2).mean(axis=(2, 4))  # noqa: E731
+    ah, bh = half(a), half(b)
+    p = np.stack([sy, ty, sx, tx], axis=1).astype(np.float64)  # (C, 4)
+    step = np.array([0.02, 0.01, 0.02, 0.01])
+
+    def score(q: np.ndarray) -> np.ndarray:  # q (C, K, 4) -> (C, K)
+        k = q.shape[1]
+        wb, w = _warp(np.repeat(bh, k, axis=0), *(q.reshape(-1, 4).T))
+        return _wcorr(np.repeat(ah, k, axis=0), wb, w, axis=(1, 2)).reshape(c, k)
+
+    for r in range(rounds):
+        moves = np.concatenate([np.zeros((1, 4)), np.diag(step), -np.diag(step)])  # (9, 4)
+        got = score(p[:, None, :] + moves[None])  # (C, 9)
+        for d in range(4):  # each parameter on its own: up, down or stay
+            options = got[:, [0, 1 + d, 5 + d]]
+            choice = options.argmax(axis=1)
+            p[:, d] += np.array([0.0, step[d], -step[d]])[choice]
+        if r % 2:
+            step = step / 2
+    return p[:, 0], p[:, 1], p[:, 2], p[:, 3]
+
+
+def _compare_at(a: np.ndarray, b: np.ndarray, sy, ty, sx, tx):
+    """b (C, n, n) warped by the per-pair scales and shifts (C,) and compared with a:
+    (outline, detail, sy, sx)."""
+    n = a.shape[-1]
+    lo_y, fy, in_y = _taps(sy, ty, n)  # (C, n)
+    lo_x, fx, in_x = _taps(sx, tx, n)
+    w = in_y[:, :, None] * in_x[:, None, :]  # (C, n, n)
+    lo_y, fy = lo_y[:, :, None], fy[:, :, None]
+    rows = (np.take_along_axis(b, lo_y, axis=1) * (1 - fy) + np.take_along_axis(b, lo_y + 1, axis=1) * fy)
+    lo_x, fx = lo_x[:, None, :], fx[:, None, :]
+    wb = np.take_along_axis(rows, lo_x, axis=2) * (1 - fx) + np.take_along_axis(rows, lo_x + 1, axis=2) * fx
+    outline = _wcorr(a, wb, w, axis=(1, 2))
+    # Clipped pixels (a brightened white sheet) carry no detail: left out of the detail check.
+    lo_c, hi_c = np.float32(3 / 255), np.float32(252 / 255)
+    unclipped = (a > lo_c) & (a < hi_c) & (wb > lo_c) & (wb < hi_c)
+    detail = _wcorr(_detail(a), _detail(wb), w * unclipped, axis=(1, 2))
+    enough = w.sum(axis=(1, 2)) >= _MIN_OVERLAP * n * n
+    return np.where(enough, outline, -1.0), np.where(enough, detail, -1.0), sy, sx
+
+
+def verify_pairs(thumbs: np.ndarray, i: np.ndarray, j: np.ndarray, *, flips: bool = True,
+                 chunk: int = 128) -> Checked:
+    """Align and compare the thumbnails of every pair (i[k], j[k]); see the module doc.
+
+    ``thumbs`` is (N, S, S) uint8. With ``flips``, the flip or turn of j whose 12 px thumbnail looks
+    most like i's is tried (and the runner-up too when it looks nearly as much like it), else j only
+    as it is. The scale (0.8-1.25x) and shift (+-8% of the side) along y and along x that best match
+    i's row and column profiles are found; j is warped by them and compared with i over the overlap
+    (at least 40% of the area). The orientation with the higher outline + detail correlation wins.
+    """
+    n = thumbs.shape[-1]
+    if n not in _GRIDS:
+        _GRIDS[n] = _Hypotheses.grid(n, n // _PROFILE)
+    g = _GRIDS[n]
+    i, j = np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64)
+    out = Checked(similarity=np.full(len(i), -1.0), outline=np.full(len(i), -1.0),
+                  orientation=np.zeros(len(i), dtype=np.int64), scale=np.ones((len(i), 2)))
+    for start in range(0, len(i), chunk):
+        sl = slice(start, start + chunk)
+        a = thumbs[i[sl]].astype(np.float32) / 255
+        b = thumbs[j[sl]].astype(np.float32) / 255
+        corr = _orientations(a, b)  # (C, 8)
+        if not flips:
+            corr[:, 1:] = -1.0
+        ranked = np.argsort(-corr, axis=-1, kind="stable")
+        rows = np.arange(len(a))
+        # Pairs that do not even look alike at 12 px (most candidates of a varied set) stop here.
+        alike = corr[rows, ranked[:, 0]] >= _COARSE_MIN
+        out.outline[start:start + len(a)] = np.where(alike, -1.0, corr[rows, ranked[:, 0]])
+        tries = [(alike, ranked[:, 0])]
+        if flips:
+            tries.append((alike & (corr[rows, ranked[:, 1]] >= corr[rows, ranked[:, 0]] - 0.05), ranked[:, 1]))
+        for sel, o in tries:
+            if not sel.any():
+                continue
+            outline, detail, sy, sx = _compare(a[sel], _orient(b[sel], o[sel]), g)
+            at = np.arange(start, start + len(a))[sel]
+            better = outline + detail > out.outline[at] + out.similarity[at]
+            at = at[better]
+            out.outline[at], out.similarity[at] = outline[better], detail[better]
+            out.orientation[at] = o[sel][better]
+            out.scale[at, 0], out.scale[at, 1] = sy[better], sx[better]
+    return out
+
+
+# -------------------------------------------------------------------------------------- grouping
+@dataclass
+class Grouping:
+    """The outcome of :func:`group_images`."""
+
+    group: np.ndarray  # (N,) int64 group ids 0..G-1, numbered by first member
+    pairs: list[tuple]  # (i, j, check, similarity, outline, orientation, joined) per accepted pair
+    n_candidates: int  # candidate pairs checked
+    n_blocked: int  # verified pairs not joined because some members of their two groups do not match
+
+
+def _exact_pairs(sha1s: Sequence[str]) -> list[tuple[int, int]]:
+    first: dict[str, int] = {}
+    out = []
+    for k, s in enumerate(sha1s):
+        if s in first:
+            out.append((first[s], k))
+        else:
+            first[s] = k
+    return out
+
+
+def group_images(sha1s: Sequence[str], signatures: Sequence[Signature] | None = None, *, mode: str = "near",
+                 min_similarity: float = DEFAULT_MIN_SIMILARITY, min_outline: float = DEFAULT_MIN_OUTLINE,
+                 flips: bool = True, window: int = 2) -> Grouping:
+    """Group exact copies (same SHA-1) and, in ``near`` mode, verified near copies. See the module doc.
+
+    ``mode`` ``off`` puts every image in its own group. Deterministic: the same inputs give the same
+    groups and pairs.
+    """
+    n = len(sha1s)
+    parent = np.arange(n)
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = int(parent[x])
+        return x
+
+    pairs: list[tuple] = []
+    n_candidates = n_blocked = 0
+    if mode != "off":
+        for a, b in _exact_pairs(sha1s):
+            ra, rb = find(a), find(b)
+            parent[max(ra, rb)] = min(ra, rb)
+            pairs.append((a, b, "exact", 1.0, 1.0, "same", True))
+    if mode == "near" and n > 1:
+        if signatures is None or len(signatures) != n:
+            raise ValueError("near mode needs one signature per image")
+        reps = np.asarray([k for k in range(n) if find(k) == k])  # one image per set of byte copies
+        thumbs = np.stack([s.thumb for s in signatures])
+        codes = [np.asarray([signatures[k].phash for k in reps], dtype=np.uint64),
+                 histogram_codes(np.stack([signatures[k].hist for k in reps]))]
+        found = [candidate_pairs(c, window=window, max_bits=b) for c, b in zip(codes, _MAX_BITS)]
+        key = np.unique(np.concatenate([ci * len(reps) + cj for ci, cj in found]))
+        ci, cj = reps[key // len(reps)], reps[key % len(reps)]
+        n_candidates = len(ci)
+        checked = verify_pairs(thumbs, ci, cj, flips=flips)
+        ok = (checked.similarity >= min_similarity) & (checked.outline >= min_outline)
+        log.debug("%d candidate pairs, %d verified", n_candidates, int(ok.sum()))
+        # Strongest pairs first; a pair joins two groups only if every member of one passes a slightly
+        # looser check against every member of the other (the first _GUARD of each): complete linkage,
+        # so a chain of gradually changing images cannot grow one group end to end.
+        loose = (checked.similarity >= min_similarity - _GUARD_SLACK) & (checked.outline >= min_outline - 0.05)
+        known = {(int(x), int(y)): bool(v) for x, y, v in zip(ci, cj, loose)}
+        members = {int(r): [int(r)] for r in reps}
+        for k in range(n):
+            if find(k) != k:
+                members[find(k)].append(k)
+        idx = np.flatnonzero(ok)
+        idx = idx[np.lexsort((cj[idx], ci[idx], -checked.similarity[idx]))]
+        for k in idx:
+            a, b = int(ci[k]), int(cj[k])
+            ra, rb = find(a), find(b)
+            joined = True
+            if ra != rb:
+                cross = [(min(x, y), max(x, y)) for x in members[ra][:_GUARD] for y in members[rb][:_GUARD]]
+                todo = sorted({c for c in cross if c not in known})
+                if todo:
+                    c = verify_pairs(thumbs, np.array([t[0] for t in todo]), np.array([t[1] for t in todo]),
+                                     flips=flips)
+                    # Looser than the pair check: two edits of one original (a re-encoded and a shifted
+                    # copy) are each close to it but farther from each other.
+                    passed = (c.similarity >= min_similarity - _GUARD_SLACK) & (c.outline >= min_outline - 0.05)
+                    known.update({t: bool(v) for t, v in zip(todo, passed)})
+                if all(known[c] for c in cross):
+                    lo, hi = min(ra, rb), max(ra, rb)
+                    parent[hi] = lo
+                    members[lo] = sorted(members[lo] + members.pop(hi))
+                else:
+                    joined = False
+                    n_blocked += 1
+            pairs.append((a, b, "near", float(checked.similarity[k]), float(checked.outline[k]),
+                          ORIENTATIONS[int(checked.orientation[k])], joined))
+    roots = np.asarray([find(k) for k in range(n)], dtype=np.int64)
+    _, group = np.unique(roots, return_inverse=True)  # roots are first members, so groups number by them
+    return Grouping(group=group.astype(np.int64).reshape(n), pairs=pairs, n_candidates=n_candidates,
+                    n_blocked=n_blocked)
