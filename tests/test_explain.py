@@ -238,6 +238,7 @@ def test_report_gallery_from_valid_only_with_maps_tensorboard_and_a_self_contain
     md_path = report.write_report(exp)
     md = md_path.read_text()
     assert "## Mistakes and examples on valid" in md and "### Recall per class on valid" in md
+    assert "randomly initialised: maps from its last spatial layer" in md  # the tiny model is random init
     table = read_labels(csv)
     valid = set(table.split("valid")["path"])
     loaded, labels = explain.gallery_data(exp)

@@ -567,6 +567,10 @@ def gallery_section(exp_dir: str | os.PathLike, out: Path, *, device: str | torc
            "### Right, and most confident, per class", "",
            "![the most confident right predictions of each class, with their activation maps](correct.png)", "",
            "### Recall per class on valid", "", *_recall_lines(g.recall()), ""]
+    if not loaded.meta.get("pretrained", True):
+        md[2:2] = ["**The backbone is randomly initialised: maps from its last spatial layer hardly localise, maps "
+                   "two stages earlier do (measured in BENCHMARKS.md, section 5); for those, "
+                   "`python -m tune_rice.explain --earlier 2`.**", ""]
     return md
 
 
