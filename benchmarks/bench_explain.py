@@ -180,6 +180,12 @@ def main() -> int:
     args = p.parse_args()
     torch.manual_seed(0)
     runs = []
+    out = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+           "cpus": os.cpu_count(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+           "grad_cam": _version("grad-cam"), "per_class": args.per_class, "image_size": args.image_size,
+           "stages": args.stages, "mark_diameter": MARK_DIAMETER, "head_config": HEAD_CONFIG,
+           "weights": "random init", "runs": runs}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for family in args.families:
@@ -187,21 +193,16 @@ def main() -> int:
                 r = measure(family, backbone, per_class=args.per_class, image_size=args.image_size,
                             methods=args.methods, stages=args.stages, work=work)
                 runs.append(r)
+                Path(args.out).write_text(json.dumps(out, indent=1))  # after each run: a long run keeps its part
                 print(f"{family:6s} {backbone} (random init): held-out acc {r['held_out_accuracy']:.3f}; "
                       f"box = {r['box_area_share']:.1%} of the image", flush=True)
                 for key, s in r["maps"].items():
                     print(f"    {key:10s} {s['layer']:>8s} {s['grid'][0]}x{s['grid'][1]}: mass in box "
                           f"{s['mass_share_mean']:6.1%} (x{s['ratio_to_area']:.1f} the area), >=2x area on "
                           f"{s['share_at_least_2x_area']:6.1%}, peak in box {s['peak_in_box']:6.1%}", flush=True)
+        print(f"wrote {args.out}")
         if args.example:
             _example(work / args.families[0], Path(args.example), image_size=args.image_size, earlier=max(args.stages))
-    out = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-           "cpus": os.cpu_count(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-           "grad_cam": _version("grad-cam"), "per_class": args.per_class, "image_size": args.image_size,
-           "stages": args.stages, "mark_diameter": MARK_DIAMETER, "head_config": HEAD_CONFIG, "weights": "random init", "runs": runs}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.out}")
     return 0
 
 
