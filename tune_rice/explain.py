@@ -569,7 +569,7 @@ def gallery_section(exp_dir: str | os.PathLike, out: Path, *, device: str | torc
            "### Recall per class on valid", "", *_recall_lines(g.recall()), ""]
     if not loaded.meta.get("pretrained", True):
         md[2:2] = ["**The backbone is randomly initialised: maps from its last spatial layer hardly localise, maps "
-                   "two stages earlier do (measured in BENCHMARKS.md, section 6); for those, "
+                   "two stages earlier do (measured in BENCHMARKS.md, section 8); for those, "
                    "`python -m tune_rice.explain --earlier 2`.**", ""]
     return md
 
