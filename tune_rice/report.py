@@ -100,8 +100,10 @@ class Experiment:
 
     @property
     def weights(self) -> str:
-        if self.test and self.test.get("weights"):
-            return str(self.test["weights"])
+        # test_metrics.json's "weights": the backbone identity, but an ensemble's member weights (a list)
+        # when one is deployed; then the trials' rows say where the backbone's numbers came from
+        if self.test and isinstance(self.test.get("weights"), str):
+            return self.test["weights"]
         if "weights" in self.results and self.results["weights"].notna().any():
             return str(self.results["weights"].dropna().iloc[0])
         return str(self.args.get("weights", "unknown"))
