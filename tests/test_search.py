@@ -22,11 +22,13 @@ import pandas as pd
 import pytest
 import torch
 from conftest import local_ray, make_separable_dataset
+from helpers_study import assert_study_matches_results
 from torch.utils.tensorboard import SummaryWriter
 
 from tune_rice import search, tune_glue
 from tune_rice.data import build_transform, load_image, read_labels
 from tune_rice.model import load_artifact
+from tune_rice.study import load_study
 
 SEARCH_DRIVER = Path(__file__).with_name("search_driver.py")
 
@@ -489,6 +491,9 @@ def test_resume_after_the_driver_is_killed(ray_local, labels, tmp_path):
     assert finished <= set(df["trial_id"])
     for tid, before in kept.items():  # finished trials were not run again
         assert (exp / f"trial_{tid}" / "result.json").read_bytes() == before, tid
+    # the Optuna study survived the kill: one trial each, with every epoch's value and its end state
+    states = assert_study_matches_results(exp, "valid/acc", max_epochs=3)
+    assert len(load_study(exp).trials) == 4 and set(states.values()) <= {"COMPLETE", "PRUNED"}
     test = json.loads((exp / "test_metrics.json").read_text())
     assert test["trial_id"] in set(df["trial_id"]) and test["test_count"] == len(read_labels(labels).split("test"))
     assert load_artifact(exp / "best" / "model.pt")[1]["metrics"]["trial_id"] == test["trial_id"]

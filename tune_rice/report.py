@@ -7,8 +7,9 @@ Writes ``runs/<name>/report/``:
 - ``params.png``: one panel per searched hyperparameter, each trial's best metric against its value
   (log axis for log-scaled parameters, strip plots for choices, dashed lines at the search bounds);
 - ``importance.png``: hyperparameter importance by Optuna's PED-ANOVA evaluator (it needs only
-  numpy/scipy; fANOVA would need scikit-learn), computed on an in-memory Optuna study rebuilt from
-  results.csv with the distributions of the search space;
+  numpy/scipy; fANOVA would need scikit-learn), computed on the searcher's study kept in
+  ``optuna_journal.log`` (each trial valued at its best epoch), or for an experiment without one on a
+  study rebuilt from results.csv with the distributions of the search space;
 - ``confusion.png``: the test confusion matrix from test_metrics.json;
 - ``cost.png`` (searches over several backbones): each backbone's best metric against its GFLOPs, the
   Pareto front marked, with a table that adds the extraction rate measured in the search (timings.json);
@@ -23,7 +24,8 @@ Writes ``runs/<name>/report/``:
 - ``index.html``: report.md as one self-contained page (images inlined), readable on a phone.
 
 Reads only files the search wrote (results.csv, search_args.json, test_metrics.json, final.json,
-trial_*/result.json or trial_*/progress.csv, best/model.pt) and the valid images; no Ray.
+trial_*/result.json or trial_*/progress.csv, best/model.pt, optuna_journal.log) and the valid images;
+no Ray.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from .engine import TrialConfig
 from .explain import gallery_section
 from .report_html import PAGE, write_html
 from .space import METRICS, SearchSpace, load_search_space
+from .study import best_values, load_study
 
 log = logging.getLogger(__name__)
 
@@ -493,7 +496,17 @@ def importances(exp: Experiment) -> tuple[dict[str, float] | None, str]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         study = optuna.create_study(direction="maximize" if exp.mode == "max" else "minimize")
-        for _, row in exp.results.iterrows():
+        kept = load_study(exp.exp_dir)
+        if kept is not None:
+            # The searcher's own study: its params and distributions exactly as searched; each trial's
+            # value is its best epoch's, as results.csv's best/<metric>, so pruned trials count too.
+            frozen = {t.number: t for t in kept.get_trials(deepcopy=False)}
+            for number, value in best_values(kept, exp.mode).items():
+                t = frozen[number]
+                study.add_trial(optuna.trial.create_trial(params=t.params, distributions=t.distributions,
+                                                          value=value))
+        rows = exp.results.iterrows() if kept is None else ()
+        for _, row in rows:
             value = row.get(exp.key)
             if pd.isna(value) or not math.isfinite(float(value)):
                 continue

@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 import yaml
 
-from . import UserError, cli, final, storage, tune_glue
+from . import UserError, cli, final, storage, study, tune_glue
 from .backbones import cheaper_choice, cost_frontier
 from .data import LabelTable, read_labels_checked
 from .engine import TrialConfig
@@ -166,6 +166,7 @@ def run_search(args) -> dict:
             record_start(args, paths, weights)
         tuner = make_tuner(args, paths, space, base, trial_data(table, banks, weights, baseline.folds), gpus)
         result_grid = run_trials(tuner, args, gpus)
+    study.close_unfinished(paths.local, reason="the search ended before Tune told the searcher")
     df, best = collect_results(result_grid, space, max_epochs, paths.local, baseline)
     with clock("final"):
         probes = final.probe_candidates(baseline.probes, baseline.banks, metric=space.metric)
@@ -435,7 +436,6 @@ def make_tuner(args, paths: ExperimentPaths, space: SearchSpace, base: dict, dat
             raise UserError(f"--resume: {paths.ray_path} has no Ray Tune state to restore (did the search start?)")
         # Tuner.restore unpickles the experiment state: point it only at your own experiments.
         return tune.Tuner.restore(paths.ray_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-    searcher = tune_glue.optuna_search_cls()(metric=space.metric, mode=space.mode, seed=args.seed, max_t=max_epochs)
     scheduler = ASHAScheduler(metric=space.metric, mode=space.mode, time_attr="training_iteration",
                               max_t=max_epochs, grace_period=args.grace_period,
                               reduction_factor=args.reduction_factor)
@@ -452,6 +452,10 @@ def make_tuner(args, paths: ExperimentPaths, space: SearchSpace, base: dict, dat
         callbacks=[CSVLoggerCallback(), JsonLoggerCallback(),
                    tune_glue.tensorboard_callback_cls()(params=space.searched,
                                                         metrics=dict.fromkeys([space.metric, "valid/acc", "valid/loss"]))])
+    # The study lives in the experiment folder (optuna-dashboard reads it); --resume restores the
+    # searcher with it from Tune's snapshot, which replays the same journal file.
+    searcher = tune_glue.optuna_search_cls()(metric=space.metric, mode=space.mode, seed=args.seed, max_t=max_epochs,
+                                             storage=study.study_storage(paths.local), study_name=args.name)
     return tune.Tuner(
         trainable, param_space=space.tune_space(),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=args.num_samples,

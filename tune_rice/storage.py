@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import UserError
+from .study import STUDY_FILE
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ TEST_MARK = "test_started.json"
 WEIGHTS_KEY = "resolved_weights"
 # What the driver copies to a URI storage path (files and folders of the local experiment folder).
 OUTPUTS = ("results.csv", "final.json", TEST_MARK, "test_metrics.json", "summary.txt", "timings.json",
-           "baseline.json", ARGS_FILE, "best", "test", "report", "probe")
+           "baseline.json", ARGS_FILE, "best", "test", "report", "probe", STUDY_FILE)
 
 
 def is_uri(path: str) -> bool:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import UserError
 from .space import SearchSpace
+from .study import TRIAL_ID_ATTR
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,14 @@ def optuna_search_cls():
         def __init__(self, *args, max_t: int, **kwargs):
             super().__init__(*args, **kwargs)
             self._max_t = max_t
+
+        def suggest(self, trial_id):
+            config = super().suggest(trial_id)
+            ot_trial = self._ot_trials.get(trial_id)
+            if ot_trial is not None and isinstance(config, dict):
+                # which trial_<id> folder it is, in the kept study (optuna-dashboard shows user attrs)
+                ot_trial.set_user_attr(TRIAL_ID_ATTR, trial_id)
+            return config
 
         def _reported(self, trial_id) -> dict:
             ot_trial = self._ot_trials[trial_id]

@@ -1,0 +1,36 @@
+"""Checks shared by the tests of the kept Optuna study (``runs/<name>/optuna_journal.log``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tune_rice.study import TRIAL_ID_ATTR, load_study
+
+
+def assert_study_matches_results(exp: Path, metric: str, max_epochs: int) -> dict[str, str]:
+    """The study read back with ``optuna.load_study`` holds every trial of results.csv with the state
+    its row implies and each epoch's value from its progress.csv; returns trial id -> Optuna state."""
+    study = load_study(exp)
+    assert study is not None, f"no Optuna study in {exp}"
+    df = pd.read_csv(exp / "results.csv")
+    by_id = {t.user_attrs.get(TRIAL_ID_ATTR): t for t in study.trials}
+    assert set(df["trial_id"]) <= set(by_id), (set(df["trial_id"]), set(by_id))
+    states = {}
+    for _, row in df.iterrows():
+        t = by_id[row["trial_id"]]
+        states[row["trial_id"]] = t.state.name
+        if row["status"] == "ERROR":
+            assert t.state.name == "FAIL", row["trial_id"]
+            continue
+        progress = pd.read_csv(Path(row["trial_dir"]) / "progress.csv")
+        history = dict(zip(progress["training_iteration"].astype(int), progress[metric].astype(float)))
+        assert t.intermediate_values == pytest.approx(history), row["trial_id"]
+        assert t.state.name == ("COMPLETE" if int(row["epochs"]) == max_epochs else "PRUNED"), row["trial_id"]
+        assert t.value == pytest.approx(history[max(history)])
+        for name, value in t.params.items():  # the params Optuna proposed are the ones the trial ran
+            assert row[f"config/{name}"] == pytest.approx(value) if isinstance(value, float) else \
+                str(row[f"config/{name}"]) == str(value), (row["trial_id"], name)
+    return states

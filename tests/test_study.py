@@ -1,0 +1,59 @@
+"""The searcher's Optuna study kept in the experiment folder: read back with ``optuna.load_study``, it
+matches results.csv trial by trial (states, per-epoch values, params), and the report uses it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import local_ray, make_separable_dataset
+from helpers_study import assert_study_matches_results
+
+from tune_rice import search
+from tune_rice.report import importances, load_experiment
+from tune_rice.study import load_study
+
+ray = pytest.importorskip("ray")
+
+SPACE = """\
+metric: valid/loss
+max_epochs: 4
+params:
+  backbone: resnet18
+  image_size: 32
+  views: 1
+  lr: {loguniform: [1.0e-3, 3.0e-2]}
+  hidden: {choice: [0, 32]}
+"""
+CRASH_LR = 1.2e-2  # trials above it raise in their second epoch, every attempt (trainable's test hook)
+
+
+@pytest.fixture(scope="module")
+def ray_crashing(tmp_path_factory):
+    """A local Ray whose workers crash the trials with a large lr."""
+    with local_ray(tmp_path_factory, worker_env={"TUNE_RICE_TEST_CRASH_LR_ABOVE": str(CRASH_LR)}) as r:
+        yield r
+
+
+@pytest.mark.slow  # errored trials are retried twice, each retry a fresh worker
+def test_study_is_kept_with_complete_pruned_and_failed_trials(ray_crashing, tmp_path):
+    labels = make_separable_dataset(tmp_path / "data", per_class=16, size=32)
+    (tmp_path / "space.yaml").write_text(SPACE)
+    storage = tmp_path / "runs"
+    rc = search.main(list(map(str, ["--data", labels, "--search-space", tmp_path / "space.yaml", "--weights",
+                                    "none", "--storage-path", storage, "--name", "kept", "--num-samples", 8,
+                                    "--grace-period", 1, "--reduction-factor", 4, "--no-report"])))
+    assert rc == 0
+    exp = storage / "kept"
+    states = assert_study_matches_results(exp, "valid/loss", max_epochs=4)
+    assert {"COMPLETE", "PRUNED", "FAIL"} <= set(states.values()), states
+    df = pd.read_csv(exp / "results.csv")
+    assert (df.loc[df["status"] == "ERROR", "config/lr"] > CRASH_LR).all()
+
+    # the report's importances are computed on this study: every trial that ran an epoch without failing
+    study = load_study(exp)
+    ran = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED") and t.intermediate_values]
+    values, note = importances(load_experiment(exp))
+    assert values is not None and note == f"{len(ran)} trials", note
+    assert set(values) == {"lr", "hidden"}
