@@ -23,17 +23,16 @@ def _isolated_caches(tmp_path_factory, monkeypatch):
 
 
 @contextlib.contextmanager
-def local_ray(tmp_path_factory, *, worker_env: dict | None = None, **init_kwargs):
+def local_ray(tmp_path_factory, **init_kwargs):
     """A local Ray for a test module, its workers on the same isolated caches as ``_isolated_caches``
-    (workers inherit the driver's environment at ``ray.init``, so it is set here, for the module), and
-    with ``worker_env`` (e.g. the trainable's test hooks)."""
+    (workers inherit the driver's environment at ``ray.init``, so it is set here, for the module)."""
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
     base = tmp_path_factory.getbasetemp()
     env = {"TUNE_RICE_CACHE": str(base / "tune_rice_cache"), "TORCH_HOME": str(base / "torch_home"),
-           "TUNE_RICE_OFFLINE": "1", **(worker_env or {})}
+           "TUNE_RICE_OFFLINE": "1"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", **init_kwargs)
