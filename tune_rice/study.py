@@ -2,7 +2,7 @@
 
 The searcher (``tune_glue.PruningAwareOptunaSearch``) writes every trial it proposes into
 ``runs/<name>/optuna_journal.log``: its params, each epoch's value (Optuna's intermediate values) and its
-end state (COMPLETE, PRUNED when ASHA or the time budget stopped it, FAIL when it errored). The file is
+end state (COMPLETE, PRUNED when ASHA stopped it, FAIL when it errored). The file is
 Optuna's own format, so ``optuna-dashboard runs/<name>/optuna_journal.log`` and ``optuna.load_study``
 read it; the report reads it for the parameter importances. Nothing here imports Ray.
 """
@@ -45,8 +45,8 @@ def load_study(exp_dir: str | Path):
 def close_unfinished(exp_dir: str | Path, *, reason: str) -> dict[str, int]:
     """Tell the study how trials that Tune ended without telling the searcher ended.
 
-    Tune stops the running trials when the time budget runs out (and drops the ones it had not started)
-    without calling the searcher, so their Optuna trials would stay RUNNING forever. A trial with
+    Tune stops the running trials when it ends a run early (a stopper such as a time budget; it drops the
+    ones it had not started) without calling the searcher, so their Optuna trials would stay RUNNING. A trial with
     epochs behind it is PRUNED (its value is its last epoch's, as for ASHA), one without is PRUNED with
     no value; the study's user attribute ``ended_early`` names both kinds and ``reason``. Returns how many
     of each there were.
