@@ -16,6 +16,8 @@ def assert_study_matches_results(exp: Path, metric: str, max_epochs: int) -> dic
     study = load_study(exp)
     assert study is not None, f"no Optuna study in {exp}"
     df = pd.read_csv(exp / "results.csv")
+    if "kind" in df:  # the linear probes' rows are not trials
+        df = df[df["kind"] != "probe"]
     by_id = {t.user_attrs.get(TRIAL_ID_ATTR): t for t in study.trials}
     assert set(df["trial_id"]) <= set(by_id), (set(df["trial_id"]), set(by_id))
     states = {}
