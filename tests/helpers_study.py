@@ -33,6 +33,7 @@ def assert_study_matches_results(exp: Path, metric: str, max_epochs: int) -> dic
         assert t.state.name == ("COMPLETE" if int(row["epochs"]) == max_epochs else "PRUNED"), row["trial_id"]
         assert t.value == pytest.approx(history[max(history)])
         for name, value in t.params.items():  # the params Optuna proposed are the ones the trial ran
-            assert row[f"config/{name}"] == pytest.approx(value) if isinstance(value, float) else \
-                str(row[f"config/{name}"]) == str(value), (row["trial_id"], name)
+            ran = row[f"config/{name}"]
+            same = str(ran) == str(value) or (isinstance(value, (int, float)) and float(ran) == pytest.approx(value))
+            assert same, (row["trial_id"], name, ran, value)
     return states
