@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 NUM_SAMPLES ?= 30
 ARGS ?=
 
-.PHONY: demo test test-fast install install-test bench clean
+.PHONY: demo test test-fast lint install install-test bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ test: install-test
 
 test-fast: install-test
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+# The linter, the formatter and the type checker, configured in pyproject.toml; CI runs this before the tests.
+lint: install-test
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 bench: install
 	$(PY) benchmarks/bench_search.py

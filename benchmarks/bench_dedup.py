@@ -28,7 +28,7 @@ import numpy as np
 import PIL
 from PIL import Image
 
-from tune_rice import data, dedup, demo, prepare
+from tune_rice import dedup, demo, prepare
 
 
 def old_groups(dhashes: np.ndarray, sha1s: list[str], threshold: int = 6) -> np.ndarray:

@@ -212,8 +212,7 @@ def _example(root: Path, png: Path, *, image_size: int, earlier: int) -> None:
 
     matplotlib.use("Agg")
     from tune_rice.explain import explain_files
-    from tune_rice.model import save_artifact
-    from tune_rice.model import load_model
+    from tune_rice.model import load_model, save_artifact
 
     model, _ = train_model(root / "labels.csv", backbone="resnet18", image_size=image_size, cache_dir=root / "cache")
     art = save_artifact(root / "model.pt", model, classes=list(CLASSES), preprocessing=preprocessing_spec(image_size),

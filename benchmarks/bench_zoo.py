@@ -106,7 +106,7 @@ def main() -> int:
     print(f"{'backbone':<20} {'px':>4} {'GFLOPs':>7} {'bare img/s':>10} {'full img/s':>10} {'eff':>5} "
           f"{'B/img':>6}")
     t0 = time.perf_counter()
-    for family, arch in members.items():
+    for arch in members.values():
         r = measure(arch, table, batch_size=args.batch_size, device=device, workers=workers, repeats=args.repeats)
         rows.append(r)
         print(f"{arch:<20} {r['crop']:>4} {r['gflops']:>7.2f} {r['bare_images_per_s']:>10.1f} "

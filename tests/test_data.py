@@ -7,8 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tune_rice import UserError
-from tune_rice import data
+from tune_rice import UserError, data
 from tune_rice.data import ImageDecodeError, load_image, read_labels
 
 

@@ -10,8 +10,17 @@ import torch
 from torch import nn
 
 from tune_rice import UserError
-from tune_rice.engine import (BankBatches, HeadRun, TrialConfig, compute_metrics, evaluate, make_criterion,
-                              make_optimizer, make_scheduler, train_one_epoch)
+from tune_rice.engine import (
+    BankBatches,
+    HeadRun,
+    TrialConfig,
+    compute_metrics,
+    evaluate,
+    make_criterion,
+    make_optimizer,
+    make_scheduler,
+    train_one_epoch,
+)
 from tune_rice.features import FeatureBank, FeatureSpec, SplitFeatures
 from tune_rice.model import build_head
 
@@ -149,7 +158,7 @@ def test_grad_clip_bounds_the_norm():
         opt = torch.optim.SGD(head.parameters(), lr=5.0)  # a large LR: big, growing gradients
         seen = []
 
-        def record(optimizer, args, kwargs, seen=seen):  # runs after clipping, just before the update
+        def record(optimizer, args, kwargs, seen=seen, head=head):  # runs after clipping, just before the update
             seen.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in head.parameters()]))))
 
         opt.register_step_pre_hook(record)

@@ -225,6 +225,7 @@ def gallery_experiment(request, tmp_path_factory):
     import json
 
     from helpers_artifacts import make_fake_experiment, train_tiny_artifact
+
     from tune_rice.demo import generate_demo
 
     work = tmp_path_factory.mktemp(f"gallery_{request.param}")

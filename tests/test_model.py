@@ -13,9 +13,20 @@ import torchvision
 from torch import nn
 
 from tune_rice import UserError
-from tune_rice.model import (ARTIFACT_FORMAT, Classifier, Ensemble, ResolvedWeights, build_backbone, build_ensemble,
-                             build_head, hub_weights_file, load_artifact, resolve_weights, safe_torch_load,
-                             save_artifact)
+from tune_rice.model import (
+    ARTIFACT_FORMAT,
+    Classifier,
+    Ensemble,
+    ResolvedWeights,
+    build_backbone,
+    build_ensemble,
+    build_head,
+    hub_weights_file,
+    load_artifact,
+    resolve_weights,
+    safe_torch_load,
+    save_artifact,
+)
 
 
 def _random_resnet18_state(seed: int) -> dict:

@@ -25,8 +25,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from test_search import (SEARCH_DRIVER, _argv, _optuna_trials, _scalars, _space, _terminated, _trial_states,  # noqa: F401
-                         ray_local)
+from test_search import SEARCH_DRIVER, _argv, _optuna_trials, _scalars, _space, _terminated, _trial_states, ray_local  # noqa: F401
 
 import tune_rice.data as data
 from tune_rice import features, report, search

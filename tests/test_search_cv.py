@@ -16,13 +16,12 @@ import pandas as pd
 import pytest
 import torch
 from conftest import local_ray, make_separable_dataset
+from test_engine import synthetic_bank
 
 from tune_rice import search
 from tune_rice.data import build_transform, load_image, read_labels
 from tune_rice.engine import CVHeadRun, TrialConfig
 from tune_rice.model import Ensemble, load_artifact
-
-from test_engine import synthetic_bank
 
 SPACE = """\
 metric: valid/acc

@@ -3,8 +3,6 @@ matches results.csv trial by trial (states, per-epoch values, params), and the r
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 import pytest
 from conftest import local_ray, make_separable_dataset

@@ -23,8 +23,7 @@ from . import UserError
 from .data import AUG_POLICIES, LabelTable, build_transform, dataset_for_split
 from .devices import default_num_workers, resolve_device
 from .features import FeatureBank, FeatureSpec, SplitFeatures, run_backbone
-from .model import HEAD_KINDS, Classifier, ResolvedWeights, build_backbone, build_head, \
-    feature_layer_for
+from .model import HEAD_KINDS, Classifier, ResolvedWeights, build_backbone, build_head, feature_layer_for
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +63,7 @@ class TrialConfig:
         return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrialConfig":
+    def from_dict(cls, values: dict) -> TrialConfig:
         unknown = sorted(set(values) - set(cls.fields()))
         if unknown:
             raise UserError(f"unknown config key(s) {unknown}; valid: {', '.join(cls.fields())}")
@@ -395,17 +394,17 @@ class HeadStack:
         self.buffers = {n: b.detach().clone() for n, b in buffers.items()}
         self.training = True
 
-    def to(self, device) -> "HeadStack":
+    def to(self, device) -> HeadStack:
         self.params = {n: p.detach().to(device).requires_grad_(True) for n, p in self.params.items()}
         self.buffers = {n: b.to(device) for n, b in self.buffers.items()}
         return self
 
-    def train(self, mode: bool = True) -> "HeadStack":
+    def train(self, mode: bool = True) -> HeadStack:
         self.training = mode
         self.base.train(mode)
         return self
 
-    def eval(self) -> "HeadStack":
+    def eval(self) -> HeadStack:
         return self.train(False)
 
     def parameters(self) -> list[torch.Tensor]:

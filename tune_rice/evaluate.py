@@ -27,7 +27,15 @@ import torch
 from torch import nn
 
 from . import UserError, cli
-from .data import SPLITS, ImageDecodeError, LabelTable, Preprocessing, build_transform, dataset_for_split, read_labels_checked
+from .data import (
+    SPLITS,
+    ImageDecodeError,
+    LabelTable,
+    Preprocessing,
+    build_transform,
+    dataset_for_split,
+    read_labels_checked,
+)
 from .devices import DEVICE_CHOICES, default_num_workers, device_from_arg, resolve_device
 from .engine import ImageBatches, compute_metrics, predict_logits
 from .model import load_model

@@ -287,7 +287,7 @@ class FinalChoice:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "FinalChoice":
+    def from_dict(cls, d: dict) -> FinalChoice:
         """The choice recorded by :meth:`to_dict` (final.json), so a resumed search does not choose again."""
         names = d["candidates"]
         sel = dict(d["selection"])

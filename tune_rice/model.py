@@ -25,8 +25,7 @@ import torchvision
 from torch import nn
 
 from . import UserError
-from .backbones import (classifier_dims, create_network, cut_classifier, drop_aux, parse_backbone,
-                        weights_file)
+from .backbones import classifier_dims, create_network, cut_classifier, drop_aux, parse_backbone, weights_file
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +151,7 @@ class FrozenBackbone(nn.Module):
             p.requires_grad_(False)
         super().train(False)
 
-    def train(self, mode: bool = True) -> "FrozenBackbone":
+    def train(self, mode: bool = True) -> FrozenBackbone:
         return super().train(False)  # frozen means frozen: BatchNorm stays in eval mode
 
     @property

@@ -38,8 +38,18 @@ from .data import LabelTable, read_labels_checked
 from .engine import TrialConfig
 from .features import FeatureBank, FeatureSpec, extract_banks, pass_key
 from .model import ResolvedWeights, hub_weights_file, resolve_weights, save_artifact
-from .probe import (CV_AUTO_BELOW, CV_AUTO_FOLDS, ProbeResult, bank_folds, fit_probes, format_accuracy,
-                    probe_row, probe_verdict, resolve_folds, write_probe_tensorboard)
+from .probe import (
+    CV_AUTO_BELOW,
+    CV_AUTO_FOLDS,
+    ProbeResult,
+    bank_folds,
+    fit_probes,
+    format_accuracy,
+    probe_row,
+    probe_verdict,
+    resolve_folds,
+    write_probe_tensorboard,
+)
 from .space import SearchSpace, load_search_space
 from .storage import ARGS_FILE, ExperimentPaths
 

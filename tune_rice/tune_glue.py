@@ -130,7 +130,6 @@ def last_logged_step(trial_dir: str | os.PathLike | None, storage_fs=None, stora
 def tensorboard_callback_cls():
     from ray.tune.logger import LoggerCallback
     from torch.utils.tensorboard import SummaryWriter
-
     from torch.utils.tensorboard.summary import hparams
 
     class TrialScalars(LoggerCallback):
