@@ -35,6 +35,7 @@ def old_groups(dhashes: np.ndarray, sha1s: list[str], threshold: int = 6) -> np.
     """The grouping prepare used before dedup: exact copies and dHashes within 6 bits, chained."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
+
     h = dhashes.astype(np.uint64)
     d = dedup.popcount(h[:, None] ^ h[None, :])
     i, j = np.nonzero(np.triu(d <= threshold, k=1))
@@ -48,8 +49,9 @@ def old_groups(dhashes: np.ndarray, sha1s: list[str], threshold: int = 6) -> np.
     return labels
 
 
-def score(group: np.ndarray, identity: np.ndarray, kinds: list[str], sources: list[int], copies: list[int],
-          labels: np.ndarray) -> dict:
+def score(
+    group: np.ndarray, identity: np.ndarray, kinds: list[str], sources: list[int], copies: list[int], labels: np.ndarray
+) -> dict:
     recall = {}
     for kind in demo.COPY_KINDS:
         hits = [group[s] == group[c] for s, c, k in zip(sources, copies, kinds) if k == kind]
@@ -64,16 +66,26 @@ def score(group: np.ndarray, identity: np.ndarray, kinds: list[str], sources: li
     votes = np.zeros((len(sizes), labels.max() + 1), dtype=np.int64)
     np.add.at(votes, (gidx, labels), 1)
     try:
-        split, _ = prepare.split_groups(votes.argmax(1), sizes, (0.7, 0.15, 0.15), seed=0,
-                                        classes=[str(c) for c in range(labels.max() + 1)],
-                                        allow_small_classes=True)
+        split, _ = prepare.split_groups(
+            votes.argmax(1),
+            sizes,
+            (0.7, 0.15, 0.15),
+            seed=0,
+            classes=[str(c) for c in range(labels.max() + 1)],
+            allow_small_classes=True,
+        )
         share = np.bincount(split[gidx], minlength=3) / len(group)
         shares = {"valid": round(float(share[1]), 4), "test": round(float(share[2]), 4)}
     except Exception as e:  # noqa: BLE001 -- a split the grouping made impossible is a result too
         shares = {"error": str(e)}
-    return {"recall": recall, "identities": n_ids, "wrongly_merged": len(merged_ids),
-            "wrongly_merged_share": round(len(merged_ids) / n_ids, 4),
-            "largest_group_identities": max(len(v) for v in ids_per_group.values()), **shares}
+    return {
+        "recall": recall,
+        "identities": n_ids,
+        "wrongly_merged": len(merged_ids),
+        "wrongly_merged_share": round(len(merged_ids) / n_ids, 4),
+        "largest_group_identities": max(len(v) for v in ids_per_group.values()),
+        **shares,
+    }
 
 
 def run_family(family: str, per_class: int, n_copies: int, tmp: Path) -> dict:
@@ -114,10 +126,18 @@ def run_family(family: str, per_class: int, n_copies: int, tmp: Path) -> dict:
     t0 = time.perf_counter()
     new = dedup.group_images(sha1s, [x[1] for x in infos])
     t_new = time.perf_counter() - t0
-    return {"images": len(raw), "planted_copies": len(copies), "signature_ms_per_image": round(1e3 * t_sig / len(raw), 2),
-            "old": {**score(old, identity, kinds, sources, copies, lab), "seconds": round(t_old, 2)},
-            "new": {**score(new.group, identity, kinds, sources, copies, lab), "seconds": round(t_new, 2),
-                    "candidates": new.n_candidates, "blocked_by_chain_guard": new.n_blocked}}
+    return {
+        "images": len(raw),
+        "planted_copies": len(copies),
+        "signature_ms_per_image": round(1e3 * t_sig / len(raw), 2),
+        "old": {**score(old, identity, kinds, sources, copies, lab), "seconds": round(t_old, 2)},
+        "new": {
+            **score(new.group, identity, kinds, sources, copies, lab),
+            "seconds": round(t_new, 2),
+            "candidates": new.n_candidates,
+            "blocked_by_chain_guard": new.n_blocked,
+        },
+    }
 
 
 def candidate_timing(n: int) -> dict:
@@ -136,10 +156,18 @@ def main() -> None:
     ap.add_argument("--scale", nargs="*", type=int, default=[10_000, 100_000, 1_000_000])
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "dedup.json"))
     args = ap.parse_args()
-    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.platform(),
-              "cpus": len(__import__("os").sched_getaffinity(0)), "python": platform.python_version(),
-              "numpy": np.__version__, "pillow": PIL.__version__, "per_class": args.per_class,
-              "copies_per_kind": args.copies, "families": {}, "candidate_search": []}
+    result = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": platform.platform(),
+        "cpus": len(__import__("os").sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+        "per_class": args.per_class,
+        "copies_per_kind": args.copies,
+        "families": {},
+        "candidate_search": [],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families:
             result["families"][family] = run_family(family, args.per_class, args.copies, Path(tmp))

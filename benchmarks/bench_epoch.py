@@ -46,8 +46,18 @@ def main() -> int:
     p.add_argument("--out")
     args = p.parse_args()
     csv = demo_labels(args.per_class)
-    cfg = TrialConfig(backbone=args.backbone, image_size=args.image_size, views=args.views, epochs=args.epochs,
-                      hidden=0, dropout=0.2, lr=3e-3, weight_decay=1e-5, batch_size=32, warmup_epochs=1)
+    cfg = TrialConfig(
+        backbone=args.backbone,
+        image_size=args.image_size,
+        views=args.views,
+        epochs=args.epochs,
+        hidden=0,
+        dropout=0.2,
+        lr=3e-3,
+        weight_decay=1e-5,
+        batch_size=32,
+        warmup_epochs=1,
+    )
     with tempfile.TemporaryDirectory() as cache:
         t0 = time.perf_counter()
         bank = extract_bank(csv, cfg.feature_spec(), weights="none", cache_dir=cache, progress=False)
@@ -58,17 +68,30 @@ def main() -> int:
     setup_s = time.perf_counter() - t0
     inline_s, inline_hist = train(inline_run, args.epochs)
     per_bank, per_inline = sum(bank_s) / len(bank_s), sum(inline_s) / len(inline_s)
-    out = {**run_info(), "config": cfg.to_dict(), "extract_s": extract_s, "inline_setup_s": setup_s,
-           "bank_epoch_s": per_bank, "inline_epoch_s": per_inline, "ratio": per_inline / per_bank,
-           "bank_valid_acc": [h["valid/acc"] for h in bank_hist],
-           "inline_valid_acc": [h["valid/acc"] for h in inline_hist]}
+    out = {
+        **run_info(),
+        "config": cfg.to_dict(),
+        "extract_s": extract_s,
+        "inline_setup_s": setup_s,
+        "bank_epoch_s": per_bank,
+        "inline_epoch_s": per_inline,
+        "ratio": per_inline / per_bank,
+        "bank_valid_acc": [h["valid/acc"] for h in bank_hist],
+        "inline_valid_acc": [h["valid/acc"] for h in inline_hist],
+    }
     print(f"{args.backbone} @ {args.image_size}px, K={args.views}, {args.epochs} epochs, linear head, same seed")
-    print(f"  bank   : {per_bank * 1000:8.1f} ms/epoch   (extraction once: {extract_s:.1f} s)   "
-          f"valid acc by epoch {' '.join(f'{a:.3f}' for a in out['bank_valid_acc'])}")
-    print(f"  inline : {per_inline * 1000:8.1f} ms/epoch   (statistics pass: {setup_s:.1f} s)   "
-          f"valid acc by epoch {' '.join(f'{a:.3f}' for a in out['inline_valid_acc'])}")
-    print(f"  per-epoch speed-up: {out['ratio']:.0f}x; best valid acc bank {max(out['bank_valid_acc']):.3f}, "
-          f"inline {max(out['inline_valid_acc']):.3f}")
+    print(
+        f"  bank   : {per_bank * 1000:8.1f} ms/epoch   (extraction once: {extract_s:.1f} s)   "
+        f"valid acc by epoch {' '.join(f'{a:.3f}' for a in out['bank_valid_acc'])}"
+    )
+    print(
+        f"  inline : {per_inline * 1000:8.1f} ms/epoch   (statistics pass: {setup_s:.1f} s)   "
+        f"valid acc by epoch {' '.join(f'{a:.3f}' for a in out['inline_valid_acc'])}"
+    )
+    print(
+        f"  per-epoch speed-up: {out['ratio']:.0f}x; best valid acc bank {max(out['bank_valid_acc']):.3f}, "
+        f"inline {max(out['inline_valid_acc']):.3f}"
+    )
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1))
     return 0

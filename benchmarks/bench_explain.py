@@ -49,14 +49,15 @@ MARK_DIAMETER = 0.2  # of the model's input side: the box is 4% of the image
 HALO, CORE = (0.95, 0.95, 0.95), (0.8, 0.05, 0.45)
 # A linear head with strong weight decay: random-init features are many and weak (a linear probe reached
 # 0.88 valid at 250 per class with strong L2; an MLP head over-fits them).
-HEAD_CONFIG = dict(views=1, aug_policy="none", hidden=0, dropout=0.0, lr=3e-3, weight_decay=0.05, epochs=40,
-                   batch_size=32, seed=0)
+HEAD_CONFIG = dict(
+    views=1, aug_policy="none", hidden=0, dropout=0.0, lr=3e-3, weight_decay=0.05, epochs=40, batch_size=32, seed=0
+)
 
 
 # ------------------------------------------------------------------------------------------ the data
 def _lesion(img: np.ndarray, cx: float, cy: float, r: float) -> None:
     """Paint a spot (``CORE`` colour, ``HALO`` ring, soft edge) of radius ``r`` px at (cx, cy) in place."""
-    yy, xx = np.mgrid[0:img.shape[0], 0:img.shape[1]].astype(np.float32) + 0.5
+    yy, xx = np.mgrid[0 : img.shape[0], 0 : img.shape[1]].astype(np.float32) + 0.5
     d = np.hypot(xx - cx, yy - cy) / r  # 1 at the halo's outer edge
     halo = np.clip((1.0 - d) / 0.15, 0, 1)[..., None]
     core = np.clip((0.62 - d) / 0.12, 0, 1)[..., None]
@@ -64,8 +65,15 @@ def _lesion(img: np.ndarray, cx: float, cy: float, r: float) -> None:
     img[:] = img * (1 - core) + core * np.array(CORE, np.float32)
 
 
-def make_marked_dataset(root: Path, *, family: str = "field", per_class: int = 60, image_size: int = 128,
-                        seed: int = 0, splits=(0.5, 0.25, 0.25)) -> Path:
+def make_marked_dataset(
+    root: Path,
+    *,
+    family: str = "field",
+    per_class: int = 60,
+    image_size: int = 128,
+    seed: int = 0,
+    splits=(0.5, 0.25, 0.25),
+) -> Path:
     """``root/{clean,lesion}/*.png``, labels.csv and boxes.csv (the spot's box in model-input pixels).
 
     Images are drawn at the evaluation resize (``eval_resize(image_size)``) so that the model's centre
@@ -89,8 +97,16 @@ def make_marked_dataset(root: Path, *, family: str = "field", per_class: int = 6
             if label == "lesion":
                 cx, cy = rng.uniform(r + 2, image_size - r - 2, size=2)  # in crop pixels
                 _lesion(img, cx + off, cy + off, r)
-                boxes.append({"path": rel, "x0": int(np.floor(cx - r)), "y0": int(np.floor(cy - r)),
-                              "x1": int(np.ceil(cx + r)), "y1": int(np.ceil(cy + r)), "image_size": image_size})
+                boxes.append(
+                    {
+                        "path": rel,
+                        "x0": int(np.floor(cx - r)),
+                        "y0": int(np.floor(cy - r)),
+                        "x1": int(np.ceil(cx + r)),
+                        "y1": int(np.ceil(cy + r)),
+                        "image_size": image_size,
+                    }
+                )
             if family == "scans":
                 img = np.repeat(img.mean(axis=2, keepdims=True), 3, axis=2)
             Image.fromarray((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)).save(root / rel)
@@ -105,8 +121,9 @@ def make_marked_dataset(root: Path, *, family: str = "field", per_class: int = 6
 def train_model(labels_csv: Path, *, backbone: str, image_size: int, cache_dir: Path) -> tuple[Classifier, float]:
     """A random-init ``backbone`` with a head trained on its bank; returns (model, valid accuracy)."""
     cfg = TrialConfig(backbone=backbone, image_size=image_size, **HEAD_CONFIG)
-    bank = extract_bank(labels_csv, cfg.feature_spec(), weights="none", cache_dir=cache_dir, device="cpu",
-                        num_workers=0, progress=False)
+    bank = extract_bank(
+        labels_csv, cfg.feature_spec(), weights="none", cache_dir=cache_dir, device="cpu", num_workers=0, progress=False
+    )
     run = HeadRun(cfg, bank=bank, device="cpu")
     for _ in range(cfg.epochs):
         last = run.step()
@@ -114,8 +131,9 @@ def train_model(labels_csv: Path, *, backbone: str, image_size: int, cache_dir: 
     return Classifier(net, run.head.cpu()).eval(), float(last["valid/acc"])
 
 
-def localisation(model: Classifier, root: Path, *, image_size: int, methods=("gradcam",), stages=(0,),
-                 splits=("valid", "test")) -> dict:
+def localisation(
+    model: Classifier, root: Path, *, image_size: int, methods=("gradcam",), stages=(0,), splits=("valid", "test")
+) -> dict:
     """The map-mass measures on every held-out lesion image, per method and stage (``earlier``); also
     held-out accuracy. Keys ``<method>@<stage>``, each naming its layer and grid."""
     table = pd.read_csv(root / "labels.csv")
@@ -126,12 +144,18 @@ def localisation(model: Classifier, root: Path, *, image_size: int, methods=("gr
     truth = held["label"].map(CLASSES.index).to_numpy()
     lesion = CLASSES.index("lesion")
     on = held.index[held["label"] == "lesion"].to_numpy()
-    area = np.array([(b.x1 - b.x0) * (b.y1 - b.y0) / image_size ** 2 for b in
-                     (boxes.loc[p] for p in held.loc[on, "path"])])
+    area = np.array(
+        [(b.x1 - b.x0) * (b.y1 - b.y0) / image_size**2 for b in (boxes.loc[p] for p in held.loc[on, "path"])]
+    )
     with torch.no_grad():
         accuracy = float(np.mean(model(x).argmax(1).numpy() == truth))
-    out = {"held_out": len(held), "lesion_images": len(on), "box_area_share": float(area.mean()),
-           "held_out_accuracy": accuracy, "maps": {}}
+    out = {
+        "held_out": len(held),
+        "lesion_images": len(on),
+        "box_area_share": float(area.mean()),
+        "held_out_accuracy": accuracy,
+        "maps": {},
+    }
     for method in methods:
         for stage in stages:
             t0 = time.perf_counter()
@@ -147,24 +171,39 @@ def localisation(model: Classifier, root: Path, *, image_size: int, methods=("gr
                 hit.append(b.x0 <= px < b.x1 and b.y0 <= py < b.y1)
             mass = np.nan_to_num(np.asarray(mass), nan=0.0)  # an all-zero map has no mass anywhere: 0 in the box
             out["maps"][f"{method}@{stage}"] = {
-                "method": method, "earlier": stage, "layer": layer.name, "grid": list(layer.grid),
-                "mass_share_mean": float(mass.mean()), "mass_share_median": float(np.median(mass)),
+                "method": method,
+                "earlier": stage,
+                "layer": layer.name,
+                "grid": list(layer.grid),
+                "mass_share_mean": float(mass.mean()),
+                "mass_share_median": float(np.median(mass)),
                 "ratio_to_area": float(mass.mean() / area.mean()),
                 "share_at_least_2x_area": float(np.mean(mass >= 2 * area)),
-                "peak_in_box": float(np.mean(hit)), "seconds_per_image": seconds / len(on)}
+                "peak_in_box": float(np.mean(hit)),
+                "seconds_per_image": seconds / len(on),
+            }
     return out
 
 
 def measure(family: str, backbone: str, *, per_class: int, image_size: int, methods, stages, work: Path) -> dict:
     root = work / f"{family}"
-    csv = root / "labels.csv" if (root / "labels.csv").is_file() else \
-        make_marked_dataset(root, family=family, per_class=per_class, image_size=image_size)
+    csv = (
+        root / "labels.csv"
+        if (root / "labels.csv").is_file()
+        else make_marked_dataset(root, family=family, per_class=per_class, image_size=image_size)
+    )
     t0 = time.perf_counter()
     model, valid_acc = train_model(csv, backbone=backbone, image_size=image_size, cache_dir=work / "cache")
     trained = time.perf_counter() - t0
     result = localisation(model, root, image_size=image_size, methods=methods, stages=stages)
-    return {"family": family, "backbone": backbone, "weights": "random init", "valid_accuracy": valid_acc,
-            "train_seconds": trained, **result}
+    return {
+        "family": family,
+        "backbone": backbone,
+        "weights": "random init",
+        "valid_accuracy": valid_acc,
+        "train_seconds": trained,
+        **result,
+    }
 
 
 def main() -> int:
@@ -180,26 +219,49 @@ def main() -> int:
     args = p.parse_args()
     torch.manual_seed(0)
     runs = []
-    out = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-           "cpus": os.cpu_count(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-           "grad_cam": _version("grad-cam"), "per_class": args.per_class, "image_size": args.image_size,
-           "stages": args.stages, "mark_diameter": MARK_DIAMETER, "head_config": HEAD_CONFIG,
-           "weights": "random init", "runs": runs}
+    out = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "grad_cam": _version("grad-cam"),
+        "per_class": args.per_class,
+        "image_size": args.image_size,
+        "stages": args.stages,
+        "mark_diameter": MARK_DIAMETER,
+        "head_config": HEAD_CONFIG,
+        "weights": "random init",
+        "runs": runs,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for family in args.families:
             for backbone in args.backbones:
-                r = measure(family, backbone, per_class=args.per_class, image_size=args.image_size,
-                            methods=args.methods, stages=args.stages, work=work)
+                r = measure(
+                    family,
+                    backbone,
+                    per_class=args.per_class,
+                    image_size=args.image_size,
+                    methods=args.methods,
+                    stages=args.stages,
+                    work=work,
+                )
                 runs.append(r)
                 Path(args.out).write_text(json.dumps(out, indent=1))  # after each run: a long run keeps its part
-                print(f"{family:6s} {backbone} (random init): held-out acc {r['held_out_accuracy']:.3f}; "
-                      f"box = {r['box_area_share']:.1%} of the image", flush=True)
+                print(
+                    f"{family:6s} {backbone} (random init): held-out acc {r['held_out_accuracy']:.3f}; "
+                    f"box = {r['box_area_share']:.1%} of the image",
+                    flush=True,
+                )
                 for key, s in r["maps"].items():
-                    print(f"    {key:10s} {s['layer']:>8s} {s['grid'][0]}x{s['grid'][1]}: mass in box "
-                          f"{s['mass_share_mean']:6.1%} (x{s['ratio_to_area']:.1f} the area), >=2x area on "
-                          f"{s['share_at_least_2x_area']:6.1%}, peak in box {s['peak_in_box']:6.1%}", flush=True)
+                    print(
+                        f"    {key:10s} {s['layer']:>8s} {s['grid'][0]}x{s['grid'][1]}: mass in box "
+                        f"{s['mass_share_mean']:6.1%} (x{s['ratio_to_area']:.1f} the area), >=2x area on "
+                        f"{s['share_at_least_2x_area']:6.1%}, peak in box {s['peak_in_box']:6.1%}",
+                        flush=True,
+                    )
         print(f"wrote {args.out}")
         if args.example:
             _example(work / args.families[0], Path(args.example), image_size=args.image_size, earlier=max(args.stages))
@@ -215,8 +277,13 @@ def _example(root: Path, png: Path, *, image_size: int, earlier: int) -> None:
     from tune_rice.model import load_model, save_artifact
 
     model, _ = train_model(root / "labels.csv", backbone="resnet18", image_size=image_size, cache_dir=root / "cache")
-    art = save_artifact(root / "model.pt", model, classes=list(CLASSES), preprocessing=preprocessing_spec(image_size),
-                        weights="random:seed=0")
+    art = save_artifact(
+        root / "model.pt",
+        model,
+        classes=list(CLASSES),
+        preprocessing=preprocessing_spec(image_size),
+        weights="random:seed=0",
+    )
     table = pd.read_csv(root / "labels.csv")
     first = table[(table["label"] == "lesion") & (table["split"] == "test")]["path"].iloc[0]
     out = root / "explained"

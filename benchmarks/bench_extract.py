@@ -56,8 +56,8 @@ def bare_rate(backbone, x_all: torch.Tensor, batch_size: int, device, repeats: i
     for _ in range(repeats):
         for i in range(0, len(x_all), batch_size):
             with _autocast(device):
-                backbone(x_all[i:i + batch_size])
-            n += len(x_all[i:i + batch_size])
+                backbone(x_all[i : i + batch_size])
+            n += len(x_all[i : i + batch_size])
     if device.type == "cuda":
         torch.cuda.synchronize()
     return n / (time.perf_counter() - t0)
@@ -67,9 +67,18 @@ def full_rate(csv, spec, *, batch_size, device, workers, splits=("train",)) -> t
     with tempfile.TemporaryDirectory() as cache:
         # warm-up: the first DataLoader start and the first forward pay one-off costs
         t0 = time.perf_counter()
-        bank = extract_bank(csv, spec, weights="none", splits=("train",) if "train" in splits else splits,
-                            cache_dir=cache, device=device, batch_size=batch_size, num_workers=workers,
-                            progress=False, use_cache=False)
+        bank = extract_bank(
+            csv,
+            spec,
+            weights="none",
+            splits=("train",) if "train" in splits else splits,
+            cache_dir=cache,
+            device=device,
+            batch_size=batch_size,
+            num_workers=workers,
+            progress=False,
+            use_cache=False,
+        )
         seconds = time.perf_counter() - t0
     n_views = sum(len(s) * s.features.shape[1] for s in bank.splits.values())
     return n_views / seconds, bank
@@ -84,9 +93,12 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: the library's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--scaling", action="store_true", help="also time 2-3 dataset sizes and K = 1, 2, 4")
-    p.add_argument("--together", action="store_true",
-                   help="also time 4 banks (resnet18, resnet34 x pooled, logits; K=2) extracted together "
-                        "vs one at a time, as wide.yaml needs them")
+    p.add_argument(
+        "--together",
+        action="store_true",
+        help="also time 4 banks (resnet18, resnet34 x pooled, logits; K=2) extracted together "
+        "vs one at a time, as wide.yaml needs them",
+    )
     p.add_argument("--out", help="write the figures as JSON here")
     args = p.parse_args()
 
@@ -104,12 +116,21 @@ def main() -> int:
     bare = bare_rate(backbone, x_all, args.batch_size, device)
     full, bank = full_rate(csv, spec, batch_size=args.batch_size, device=device, workers=args.workers)
     out = {
-        "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(), "device": str(device),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "device": str(device),
         "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
-        "torch": torch.__version__, "torchvision": torchvision.__version__, "torch_threads": torch.get_num_threads(),
-        "backbone": args.backbone, "image_size": args.image_size, "batch_size": args.batch_size,
-        "images": len(paths), "bare_images_per_s": bare, "full_images_per_s": full, "efficiency": full / bare,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "backbone": args.backbone,
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "images": len(paths),
+        "bare_images_per_s": bare,
+        "full_images_per_s": full,
+        "efficiency": full / bare,
     }
     print(f"{args.backbone} @ {args.image_size}px, batch {args.batch_size}, {device}, {len(paths)} train images")
     print(f"  bare backbone on preloaded tensors : {bare:8.1f} img/s")
@@ -124,31 +145,65 @@ def main() -> int:
                 s = FeatureSpec(backbone=args.backbone, image_size=args.image_size, views=k, policy="standard")
                 t0 = time.perf_counter()
                 with tempfile.TemporaryDirectory() as cache:
-                    b = extract_bank(c, s, weights="none", cache_dir=cache, device=device,
-                                     batch_size=args.batch_size, num_workers=args.workers, progress=False)
-                rows.append({"per_class": per_class, "train_images": len(b.splits["train"]),
-                             "valid_images": len(b.splits["valid"]), "views": k,
-                             "seconds": time.perf_counter() - t0, "bank_mb": b.nbytes() / 1e6})
+                    b = extract_bank(
+                        c,
+                        s,
+                        weights="none",
+                        cache_dir=cache,
+                        device=device,
+                        batch_size=args.batch_size,
+                        num_workers=args.workers,
+                        progress=False,
+                    )
+                rows.append(
+                    {
+                        "per_class": per_class,
+                        "train_images": len(b.splits["train"]),
+                        "valid_images": len(b.splits["valid"]),
+                        "views": k,
+                        "seconds": time.perf_counter() - t0,
+                        "bank_mb": b.nbytes() / 1e6,
+                    }
+                )
         out["scaling"] = rows
         print("\n  per_class  train  valid  K  seconds  bank MB")
         for r in rows:
-            print(f"  {r['per_class']:9d} {r['train_images']:6d} {r['valid_images']:6d} {r['views']:2d} "
-                  f"{r['seconds']:8.1f} {r['bank_mb']:8.2f}")
+            print(
+                f"  {r['per_class']:9d} {r['train_images']:6d} {r['valid_images']:6d} {r['views']:2d} "
+                f"{r['seconds']:8.1f} {r['bank_mb']:8.2f}"
+            )
     if args.together:
-        specs = [FeatureSpec(backbone=b, image_size=args.image_size, views=2, feature_layer=layer, policy="standard")
-                 for b in ("resnet18", "resnet34") for layer in ("pooled", "logits")]
-        quick = dict(weights="none", device=device, batch_size=args.batch_size, num_workers=args.workers,
-                     progress=False, use_cache=False)
+        specs = [
+            FeatureSpec(backbone=b, image_size=args.image_size, views=2, feature_layer=layer, policy="standard")
+            for b in ("resnet18", "resnet34")
+            for layer in ("pooled", "logits")
+        ]
+        quick = dict(
+            weights="none",
+            device=device,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            progress=False,
+            use_cache=False,
+        )
         t0 = time.perf_counter()
         alone = {s.name: extract_bank(csv, s, **quick) for s in specs}
         t_alone = time.perf_counter() - t0
         t0 = time.perf_counter()
         together = extract_banks(csv, specs, **quick)
         t_together = time.perf_counter() - t0
-        same = all(np.array_equal(alone[n].splits[k].features, together[n].splits[k].features)
-                   for n in alone for k in alone[n].splits)
-        out["together"] = {"banks": [s.name for s in specs], "seconds_one_at_a_time": t_alone,
-                           "seconds_together": t_together, "speedup": t_alone / t_together, "identical": same}
+        same = all(
+            np.array_equal(alone[n].splits[k].features, together[n].splits[k].features)
+            for n in alone
+            for k in alone[n].splits
+        )
+        out["together"] = {
+            "banks": [s.name for s in specs],
+            "seconds_one_at_a_time": t_alone,
+            "seconds_together": t_together,
+            "speedup": t_alone / t_together,
+            "identical": same,
+        }
         print(f"\n  4 banks one at a time : {t_alone:6.1f} s")
         print(f"  4 banks together      : {t_together:6.1f} s  ({t_alone / t_together:.2f}x, identical: {same})")
     if args.out:

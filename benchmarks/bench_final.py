@@ -76,11 +76,33 @@ def dataset(family: str, per_class: int, root: Path) -> Path:
 
 
 def run_search(labels: Path, args, work: Path, name: str) -> Path:
-    env = {**os.environ, "TUNE_RICE_CACHE": str(work / "cache"),
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "tune_rice.search", "--data", str(labels), "--search-space", args.space,
-           "--num-samples", str(args.num_samples), "--seed", str(args.seed), "--weights", "none",
-           "--ensemble", str(args.ensemble), "--storage-path", str(work / "runs"), "--name", name, "--no-report"]
+    env = {
+        **os.environ,
+        "TUNE_RICE_CACHE": str(work / "cache"),
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "tune_rice.search",
+        "--data",
+        str(labels),
+        "--search-space",
+        args.space,
+        "--num-samples",
+        str(args.num_samples),
+        "--seed",
+        str(args.seed),
+        "--weights",
+        "none",
+        "--ensemble",
+        str(args.ensemble),
+        "--storage-path",
+        str(work / "runs"),
+        "--name",
+        name,
+        "--no-report",
+    ]
     if args.max_epochs:
         cmd += ["--max-epochs", str(args.max_epochs)]
     log = work / f"{name}.log"
@@ -113,8 +135,9 @@ def rebuilt_models(exp: Path, record: dict, seed: int):
     weights = {c.spec.backbone: resolve_weights(c.spec.backbone, "none", seed=seed) for c in pool}
     ensemble, _, _ = final.build_final_model(choice, pool, weights, selection=True)
     if isinstance(ensemble, Ensemble):
-        single = Classifier(ensemble.backbones[ensemble.backbone_index[0]], ensemble.heads[0],
-                            temperature=choice.single_temperature)
+        single = Classifier(
+            ensemble.backbones[ensemble.backbone_index[0]], ensemble.heads[0], temperature=choice.single_temperature
+        )
     else:
         single = ensemble
     return single.eval(), ensemble.eval(), pool[0].spec.image_size
@@ -144,33 +167,56 @@ def one_set(family: str, args, work: Path) -> dict:
     timings = json.loads((exp / "timings.json").read_text())
     single, ensemble, size = rebuilt_models(exp, record, args.seed)
     files = table.paths("test")
-    files = (files * (1 + args.predict_images // max(1, len(files))))[:args.predict_images]
+    files = (files * (1 + args.predict_images // max(1, len(files))))[: args.predict_images]
     torch.set_num_threads(args.threads)
-    speed = {"single": images_per_s(single, table.classes, size, files, repeats=args.repeats),
-             "ensemble": images_per_s(ensemble, table.classes, size, files, repeats=args.repeats)}
+    speed = {
+        "single": images_per_s(single, table.classes, size, files, repeats=args.repeats),
+        "ensemble": images_per_s(ensemble, table.classes, size, files, repeats=args.repeats),
+    }
     v = record["valid"]
     scored = {"single": test["single_best"], "ensemble": test.get("ensemble")}
-    row = {"family": family, "labels": str(labels), "sizes": {s: len(table.split(s)) for s in ("train", "valid", "test")},
-           "exp": str(exp), "candidates": len(record["candidates"]), "deployed": record["deployed"],
-           "selection": {"members": record["selection"]["members"], "weights": record["selection"]["weights"],
-                         "picks": len(record["selection"]["picks"])},
-           "temperature": {"single": record["single_temperature"], "ensemble": record["ensemble_temperature"]},
-           "valid": {"single": pick(v["single"]), "single_calibrated": pick(v["single_calibrated"]),
-                     "ensemble": pick(v["ensemble"]), "ensemble_calibrated": pick(v["ensemble_calibrated"])},
-           "test": {k: {"before": pick(s["calibration"]["before"]), "after": pick(s["calibration"]["after"])}
-                    for k, s in scored.items() if s},
-           "threshold": record["threshold"], "final_seconds": record.get("seconds", {}),
-           "final_phase_s": timings["phases"].get("final"), "phases": timings["phases"],
-           "predict_images_per_s": speed, "predict_images": len(files),
-           "ensemble_backbones": len(ensemble.backbones) if isinstance(ensemble, Ensemble) else 1,
-           "ensemble_heads": len(ensemble.heads) if isinstance(ensemble, Ensemble) else 1}
+    row = {
+        "family": family,
+        "labels": str(labels),
+        "sizes": {s: len(table.split(s)) for s in ("train", "valid", "test")},
+        "exp": str(exp),
+        "candidates": len(record["candidates"]),
+        "deployed": record["deployed"],
+        "selection": {
+            "members": record["selection"]["members"],
+            "weights": record["selection"]["weights"],
+            "picks": len(record["selection"]["picks"]),
+        },
+        "temperature": {"single": record["single_temperature"], "ensemble": record["ensemble_temperature"]},
+        "valid": {
+            "single": pick(v["single"]),
+            "single_calibrated": pick(v["single_calibrated"]),
+            "ensemble": pick(v["ensemble"]),
+            "ensemble_calibrated": pick(v["ensemble_calibrated"]),
+        },
+        "test": {
+            k: {"before": pick(s["calibration"]["before"]), "after": pick(s["calibration"]["after"])}
+            for k, s in scored.items()
+            if s
+        },
+        "threshold": record["threshold"],
+        "final_seconds": record.get("seconds", {}),
+        "final_phase_s": timings["phases"].get("final"),
+        "phases": timings["phases"],
+        "predict_images_per_s": speed,
+        "predict_images": len(files),
+        "ensemble_backbones": len(ensemble.backbones) if isinstance(ensemble, Ensemble) else 1,
+        "ensemble_heads": len(ensemble.heads) if isinstance(ensemble, Ensemble) else 1,
+    }
     te = row["test"]
-    print(f"{family}: {row['candidates']} candidates, deployed {row['deployed']}, selection "
-          f"{len(row['selection']['members'])} members; valid acc single {v['single']['acc']:.3f} ensemble "
-          f"{v['ensemble']['acc']:.3f}; test acc single {te['single']['after']['acc']:.3f}"
-          + (f" ensemble {te['ensemble']['after']['acc']:.3f}" if "ensemble" in te else "")
-          + f"; final phase {row['final_phase_s']:.2f}s; predict {speed['single']:.0f} vs {speed['ensemble']:.0f} img/s",
-          flush=True)
+    print(
+        f"{family}: {row['candidates']} candidates, deployed {row['deployed']}, selection "
+        f"{len(row['selection']['members'])} members; valid acc single {v['single']['acc']:.3f} ensemble "
+        f"{v['ensemble']['acc']:.3f}; test acc single {te['single']['after']['acc']:.3f}"
+        + (f" ensemble {te['ensemble']['after']['acc']:.3f}" if "ensemble" in te else "")
+        + f"; final phase {row['final_phase_s']:.2f}s; predict {speed['single']:.0f} vs {speed['ensemble']:.0f} img/s",
+        flush=True,
+    )
     return row
 
 
@@ -192,10 +238,16 @@ def main(argv=None) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="tune-rice-final-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     rows = [one_set(f, args, work) for f in args.families]
-    out = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
-           "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-           "weights": "random init (--weights none)", "args": {k: v for k, v in vars(args).items() if k != "out"},
-           "sets": rows}
+    out = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "weights": "random init (--weights none)",
+        "args": {k: v for k, v in vars(args).items() if k != "out"},
+        "sets": rows,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(f"wrote {args.out}")

@@ -41,8 +41,9 @@ def make_set(name: str, work: Path) -> Path:
     from tune_rice.prepare import prepare_dataset
 
     family, per_class, seed = SETS[name]
-    folder = generate_demo(work / "data" / name, per_class=per_class, size=IMAGE_SIZE, seed=seed, family=family,
-                           workers=1)
+    folder = generate_demo(
+        work / "data" / name, per_class=per_class, size=IMAGE_SIZE, seed=seed, family=family, workers=1
+    )
     # Exact copies grouped only: at 64 px the difference hash groups most drawings of the plain and scans
     # families together (distinct images of near-identical layout), which would leave no stratified split.
     return prepare_dataset(folder, dup_threshold=0, progress=False, workers=1).labels_csv
@@ -65,28 +66,63 @@ def probe_figures(csv: Path, space: Path, cache: Path, folds_k: int) -> dict:
     from tune_rice.space import load_search_space
 
     spec = load_search_space(space).feature_specs(seed=0)[0]
-    bank = extract_banks(csv, [spec], weights="none", splits=("train", "valid", "test"), cache_dir=cache,
-                         num_workers=1, progress=False)[spec.name]
+    bank = extract_banks(
+        csv, [spec], weights="none", splits=("train", "valid", "test"), cache_dir=cache, num_workers=1, progress=False
+    )[spec.name]
     test = BankBatches(bank.splits["test"], batch_size=512, train=False)
     n_classes = len(bank.classes)
     out = {"sizes": {k: len(s) for k, s in bank.splits.items()}, "classes": len(bank.classes)}
     plain = probe_bank(bank)
-    out["probe"] = {"C": plain.C, "valid_acc": plain.valid["acc"], "valid_count": plain.valid["count"],
-                    "test_acc": evaluate(plain.head, test, n_classes=n_classes)["acc"], "seconds": plain.seconds}
+    out["probe"] = {
+        "C": plain.C,
+        "valid_acc": plain.valid["acc"],
+        "valid_count": plain.valid["count"],
+        "test_acc": evaluate(plain.head, test, n_classes=n_classes)["acc"],
+        "seconds": plain.seconds,
+    }
     table = read_labels(csv)
     folds = bank_folds(bank, dict(zip(table.frame["path"], table.frame["group"])), folds_k)
     cv = probe_bank_cv(bank, folds)
-    out["probe_cv"] = {"C": cv.C, "valid_acc": cv.valid["acc"], "valid_count": cv.valid["count"],
-                       "test_acc": evaluate(cv.head, test, n_classes=n_classes)["acc"], "seconds": cv.seconds}
+    out["probe_cv"] = {
+        "C": cv.C,
+        "valid_acc": cv.valid["acc"],
+        "valid_count": cv.valid["count"],
+        "test_acc": evaluate(cv.head, test, n_classes=n_classes)["acc"],
+        "seconds": cv.seconds,
+    }
     return out
 
 
 def search(csv: Path, space: Path, work: Path, name: str, cv: str, args) -> dict:
-    env = {**os.environ, "TUNE_RICE_CACHE": str(work / "cache"),
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "tune_rice.search", "--data", str(csv), "--search-space", str(space),
-           "--num-samples", str(args.num_samples), "--seed", "0", "--weights", "none", "--cv", cv,
-           "--storage-path", str(work / "runs"), "--name", name, "--no-report", "--max-concurrent", "2"]
+    env = {
+        **os.environ,
+        "TUNE_RICE_CACHE": str(work / "cache"),
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "tune_rice.search",
+        "--data",
+        str(csv),
+        "--search-space",
+        str(space),
+        "--num-samples",
+        str(args.num_samples),
+        "--seed",
+        "0",
+        "--weights",
+        "none",
+        "--cv",
+        cv,
+        "--storage-path",
+        str(work / "runs"),
+        "--name",
+        name,
+        "--no-report",
+        "--max-concurrent",
+        "2",
+    ]
     t0 = time.perf_counter()
     log = work / f"{name}.log"
     with open(log, "w") as f:
@@ -98,12 +134,26 @@ def search(csv: Path, space: Path, work: Path, name: str, cv: str, args) -> dict
     exp = work / "runs" / name
     baseline = json.loads((exp / "baseline.json").read_text())
     test = json.loads((exp / "test_metrics.json").read_text())
-    keep = ("cv_folds", "best_trial", "best_probe", "search_beat_probe", "single_best", "deployed", "members",
-            "deployed_valid_acc", "deployed_valid_count")
-    return {"cv": cv, "seconds": seconds, **{k: baseline.get(k) for k in keep},
-            "probe_C": {n: p["C"] for n, p in baseline["probes"].items()},
-            "test_acc": test["accuracy"], "test_count": test["test_count"],
-            "gap": baseline["deployed_valid_acc"] - test["accuracy"]}
+    keep = (
+        "cv_folds",
+        "best_trial",
+        "best_probe",
+        "search_beat_probe",
+        "single_best",
+        "deployed",
+        "members",
+        "deployed_valid_acc",
+        "deployed_valid_count",
+    )
+    return {
+        "cv": cv,
+        "seconds": seconds,
+        **{k: baseline.get(k) for k in keep},
+        "probe_C": {n: p["C"] for n, p in baseline["probes"].items()},
+        "test_acc": test["accuracy"],
+        "test_count": test["test_count"],
+        "gap": baseline["deployed_valid_acc"] - test["accuracy"],
+    }
 
 
 def main(argv=None) -> int:
@@ -121,22 +171,34 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     space = space_file(work)
     stamp = time.strftime("%H%M%S")
-    out = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "python": platform.python_version(),
-           "torch": torch.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
-           "weights": "random init (resnet18, seed 0)", "space": f"quick.yaml at {IMAGE_SIZE} px",
-           "num_samples": args.num_samples, "folds": args.folds, "sets": {}}
+    out = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
+        "weights": "random init (resnet18, seed 0)",
+        "space": f"quick.yaml at {IMAGE_SIZE} px",
+        "num_samples": args.num_samples,
+        "folds": args.folds,
+        "sets": {},
+    }
     for name in args.sets:
         csv = make_set(name, work)
         res = probe_figures(csv, space, work / "cache" / "features", args.folds)
-        print(f"{name}: {res['sizes']}  probe valid {res['probe']['valid_acc']:.3f} test {res['probe']['test_acc']:.3f}"
-              f" | CV probe oof {res['probe_cv']['valid_acc']:.3f} test {res['probe_cv']['test_acc']:.3f}", flush=True)
+        print(
+            f"{name}: {res['sizes']}  probe valid {res['probe']['valid_acc']:.3f} test {res['probe']['test_acc']:.3f}"
+            f" | CV probe oof {res['probe_cv']['valid_acc']:.3f} test {res['probe_cv']['test_acc']:.3f}",
+            flush=True,
+        )
         for cv in ("off", str(args.folds)):
             r = search(csv, space, work, f"{name}-cv{cv}-{stamp}", cv, args)
             res[f"search_cv_{cv}"] = r
-            print(f"  search --cv {cv}: beat probe {r['search_beat_probe']}, deployed {r['deployed']} valid "
-                  f"{r['deployed_valid_acc']:.3f} on "
-                  f"{r['deployed_valid_count']}, test {r['test_acc']:.3f}, gap {r['gap']:+.3f} ({r['seconds']:.0f}s)",
-                  flush=True)
+            print(
+                f"  search --cv {cv}: beat probe {r['search_beat_probe']}, deployed {r['deployed']} valid "
+                f"{r['deployed_valid_acc']:.3f} on "
+                f"{r['deployed_valid_count']}, test {r['test_acc']:.3f}, gap {r['gap']:+.3f} ({r['seconds']:.0f}s)",
+                flush=True,
+            )
         out["sets"][name] = res
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))

@@ -37,10 +37,32 @@ def one_run(mode: str, args, work: Path, concurrency: int) -> dict:
     env["TUNE_RICE_CACHE"] = str(work / "cache")
     shutil.rmtree(work / "cache" / "features", ignore_errors=True)  # every run pays its own extraction
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "tune_rice.search", "--data", args.data, "--search-space", args.space,
-           "--num-samples", str(args.num_samples), "--seed", str(args.seed), "--weights", args.weights,
-           "--feature-cache", mode, "--storage-path", str(work / "runs"), "--name", name, "--no-report",
-           "--cpus-per-trial", str(args.cpus_per_trial), "--max-concurrent", str(concurrency)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tune_rice.search",
+        "--data",
+        args.data,
+        "--search-space",
+        args.space,
+        "--num-samples",
+        str(args.num_samples),
+        "--seed",
+        str(args.seed),
+        "--weights",
+        args.weights,
+        "--feature-cache",
+        mode,
+        "--storage-path",
+        str(work / "runs"),
+        "--name",
+        name,
+        "--no-report",
+        "--cpus-per-trial",
+        str(args.cpus_per_trial),
+        "--max-concurrent",
+        str(concurrency),
+    ]
     if args.max_epochs:
         cmd += ["--max-epochs", str(args.max_epochs)]
     if args.gpus_per_trial:
@@ -57,13 +79,21 @@ def one_run(mode: str, args, work: Path, concurrency: int) -> dict:
     test = json.loads((exp / "test_metrics.json").read_text())
     metric = [c for c in results.columns if c.startswith("best/")][0]
     per_trial = json.loads((exp / "timings.json").read_text()).get("trial_seconds", [])
-    return {"mode": mode, "concurrency": concurrency, "wall_s": m["seconds"], "peak_pss_mb": m["peak_pss_mb"],
-            "phases": timings["phases"], "trials": len(results),
-            "stopped_early": int(results["stopped_early"].fillna(False).astype(bool).sum()),
-            "errored": int((results["status"] == "ERROR").sum()),
-            "epochs_total": int(results["epochs"].sum()),
-            "best_valid": float(results[metric].max()), "test_acc": float(test["accuracy"]),
-            "trial_compute_s": float(sum(per_trial)), "log": str(log)}
+    return {
+        "mode": mode,
+        "concurrency": concurrency,
+        "wall_s": m["seconds"],
+        "peak_pss_mb": m["peak_pss_mb"],
+        "phases": timings["phases"],
+        "trials": len(results),
+        "stopped_early": int(results["stopped_early"].fillna(False).astype(bool).sum()),
+        "errored": int((results["status"] == "ERROR").sum()),
+        "epochs_total": int(results["epochs"].sum()),
+        "best_valid": float(results[metric].max()),
+        "test_acc": float(test["accuracy"]),
+        "trial_compute_s": float(sum(per_trial)),
+        "log": str(log),
+    }
 
 
 def main() -> int:
@@ -74,8 +104,13 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", default="none")
     p.add_argument("--modes", nargs="+", default=["on", "off"], choices=["on", "off"])
-    p.add_argument("--concurrency", type=int, nargs="+", default=[2],
-                   help="max concurrent trials; several values = one run each (memory scaling)")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        nargs="+",
+        default=[2],
+        help="max concurrent trials; several values = one run each (memory scaling)",
+    )
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
     p.add_argument("--gpus-per-trial", default=None)
     p.add_argument("--per-class", type=int, default=200, help="demo set size (images per class)")
@@ -93,13 +128,17 @@ def main() -> int:
     rows = [one_run(mode, args, work, c) for c in args.concurrency for mode in args.modes]
 
     print(f"\nsearch space {args.space}, {args.num_samples} samples, seed {args.seed}, weights {args.weights}")
-    print(f"{'mode':5} {'conc':>4} {'wall s':>8} {'extract':>8} {'trials':>8} {'test':>6} {'ASHA-stopped':>12} "
-          f"{'epochs':>6} {'best valid':>10} {'test acc':>8} {'peak MB':>8}")
+    print(
+        f"{'mode':5} {'conc':>4} {'wall s':>8} {'extract':>8} {'trials':>8} {'test':>6} {'ASHA-stopped':>12} "
+        f"{'epochs':>6} {'best valid':>10} {'test acc':>8} {'peak MB':>8}"
+    )
     for r in rows:
         ph = r["phases"]
-        print(f"{r['mode']:5} {r['concurrency']:4d} {r['wall_s']:8.1f} {ph.get('extract', 0):8.1f} "
-              f"{ph.get('trials', 0):8.1f} {ph.get('test', 0):6.1f} {r['stopped_early']:12d} {r['epochs_total']:6d} "
-              f"{r['best_valid']:10.4f} {r['test_acc']:8.4f} {r['peak_pss_mb']:8.0f}")
+        print(
+            f"{r['mode']:5} {r['concurrency']:4d} {r['wall_s']:8.1f} {ph.get('extract', 0):8.1f} "
+            f"{ph.get('trials', 0):8.1f} {ph.get('test', 0):6.1f} {r['stopped_early']:12d} {r['epochs_total']:6d} "
+            f"{r['best_valid']:10.4f} {r['test_acc']:8.4f} {r['peak_pss_mb']:8.0f}"
+        )
     by_mode = {r["mode"]: r for r in rows if r["concurrency"] == args.concurrency[0]}
     if "on" in by_mode and "off" in by_mode:
         print(f"\nspeed-up (off wall / on wall): {by_mode['off']['wall_s'] / by_mode['on']['wall_s']:.1f}x")

@@ -60,27 +60,49 @@ def measure(value: str, table, *, batch_size: int, device, workers: int, repeats
     bare_rate(backbone, x_all, batch_size, device)  # warm-up at every batch shape (cuDNN picks its kernels)
     bare = bare_rate(backbone, x_all, batch_size, device, repeats=repeats)
     ds = dataset_for_split(table, "train", tf)
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+    loader = DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+    )
     t0 = time.perf_counter()
-    feats = run_backbones({value: (backbone, ("pooled",))}, loader, n=len(ds), views=1, device=device,
-                          progress=False)[value, "pooled"]  # (N, 1, D) float16; loader workers start included
+    feats = run_backbones({value: (backbone, ("pooled",))}, loader, n=len(ds), views=1, device=device, progress=False)[
+        value, "pooled"
+    ]  # (N, 1, D) float16; loader workers start included
     full = len(ds) / (time.perf_counter() - t0)
     w = backbones.parse_backbone(value).weights
-    return {"backbone": value, "family": backbones.family_of(value.split(":")[0]), "crop": pre.crop,
-            "resize": pre.resize, "interpolation": pre.interpolation, "gflops": w.meta["_ops"],
-            "params_m": w.meta["num_params"] / 1e6, "feature_dim": int(feats.shape[-1]), "build_s": build_s,
-            "bare_images_per_s": bare, "full_images_per_s": full, "efficiency": full / bare,
-            "bank_bytes_per_image_view": int(feats[0].nbytes)}
+    return {
+        "backbone": value,
+        "family": backbones.family_of(value.split(":")[0]),
+        "crop": pre.crop,
+        "resize": pre.resize,
+        "interpolation": pre.interpolation,
+        "gflops": w.meta["_ops"],
+        "params_m": w.meta["num_params"] / 1e6,
+        "feature_dim": int(feats.shape[-1]),
+        "build_s": build_s,
+        "bare_images_per_s": bare,
+        "full_images_per_s": full,
+        "efficiency": full / bare,
+        "bank_bytes_per_image_view": int(feats[0].nbytes),
+    }
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--families", nargs="+", help="only these families (default: all)")
-    p.add_argument("--backbones", nargs="+", help="time these backbone values instead of each family's smallest "
-                                                  "member; 'zoo' = the backbones of search_spaces/zoo.yaml")
-    p.add_argument("--per-class", type=int, default=6, help="demo set size (images per class); the train "
-                                                             "split's images are timed")
+    p.add_argument(
+        "--backbones",
+        nargs="+",
+        help="time these backbone values instead of each family's smallest "
+        "member; 'zoo' = the backbones of search_spaces/zoo.yaml",
+    )
+    p.add_argument(
+        "--per-class", type=int, default=6, help="demo set size (images per class); the train split's images are timed"
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--repeats", type=int, default=1, help="timed passes of the bare forward (after a warm-up pass)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: the library's)")
@@ -103,21 +125,32 @@ def main() -> int:
         members = {v: v for v in values}
     rows = []
     print(f"{len(table.split('train'))} train images, batch {args.batch_size}, {device}, random init")
-    print(f"{'backbone':<20} {'px':>4} {'GFLOPs':>7} {'bare img/s':>10} {'full img/s':>10} {'eff':>5} "
-          f"{'B/img':>6}")
+    print(f"{'backbone':<20} {'px':>4} {'GFLOPs':>7} {'bare img/s':>10} {'full img/s':>10} {'eff':>5} {'B/img':>6}")
     t0 = time.perf_counter()
     for arch in members.values():
         r = measure(arch, table, batch_size=args.batch_size, device=device, workers=workers, repeats=args.repeats)
         rows.append(r)
-        print(f"{arch:<20} {r['crop']:>4} {r['gflops']:>7.2f} {r['bare_images_per_s']:>10.1f} "
-              f"{r['full_images_per_s']:>10.1f} {r['efficiency']:>5.2f} {r['bank_bytes_per_image_view']:>6}")
+        print(
+            f"{arch:<20} {r['crop']:>4} {r['gflops']:>7.2f} {r['bare_images_per_s']:>10.1f} "
+            f"{r['full_images_per_s']:>10.1f} {r['efficiency']:>5.2f} {r['bank_bytes_per_image_view']:>6}"
+        )
     out = {
-        "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(), "device": str(device),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "device": str(device),
         "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
-        "torch": torch.__version__, "torchvision": torchvision.__version__, "torch_threads": torch.get_num_threads(),
-        "loadavg_at_start": os.getloadavg()[0], "images": len(table.split("train")), "batch_size": args.batch_size,
-        "workers": workers, "bare_repeats": args.repeats, "weights": "none (random init)", "seconds": time.perf_counter() - t0, "rows": rows,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "loadavg_at_start": os.getloadavg()[0],
+        "images": len(table.split("train")),
+        "batch_size": args.batch_size,
+        "workers": workers,
+        "bare_repeats": args.repeats,
+        "weights": "none (random init)",
+        "seconds": time.perf_counter() - t0,
+        "rows": rows,
     }
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

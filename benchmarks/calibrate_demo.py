@@ -68,8 +68,10 @@ def random_resnet18_features(paths, input_size: int, batch: int = 64) -> np.ndar
     std = torch.tensor(STD).view(1, 3, 1, 1)
     out = []
     for i in range(0, len(paths), batch):
-        arrs = [np.asarray(Image.open(p).convert("RGB").resize((input_size, input_size), Image.BILINEAR))
-                for p in paths[i:i + batch]]
+        arrs = [
+            np.asarray(Image.open(p).convert("RGB").resize((input_size, input_size), Image.BILINEAR))
+            for p in paths[i : i + batch]
+        ]
         x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float() / 255.0  # (B, 3, S, S)
         out.append(model((x - mean) / std).numpy())
     return np.concatenate(out)  # (N, 512)
@@ -100,7 +102,7 @@ def colour_histograms(paths, bins=8) -> np.ndarray:
     out = []
     for p in paths:
         a = np.asarray(Image.open(p).convert("RGB")).reshape(-1, 3) // (256 // bins)
-        h = np.bincount((a[:, 0] * bins + a[:, 1]) * bins + a[:, 2], minlength=bins ** 3)
+        h = np.bincount((a[:, 0] * bins + a[:, 1]) * bins + a[:, 2], minlength=bins**3)
         out.append(np.sqrt(h / h.sum()))
     return np.array(out)
 
@@ -124,17 +126,21 @@ def main() -> None:
         root = args.data or Path(tmp) / "demo"
         t0 = time.perf_counter()
         generate_demo(root, per_class=args.per_class, size=args.size, seed=args.seed)
-        print(f"dataset: per_class={args.per_class} size={args.size} seed={args.seed} "
-              f"({time.perf_counter() - t0:.1f} s)")
+        print(
+            f"dataset: per_class={args.per_class} size={args.size} seed={args.seed} ({time.perf_counter() - t0:.1f} s)"
+        )
         paths, labels, groups = load_set(root)
         tests = [split(labels, groups, seed=k) for k in range(args.splits)]
         majority = np.mean([np.bincount(labels[t]).max() / t.sum() for t in tests])
-        print(f"{len(paths)} images, train {int((~tests[0]).sum())}, test {int(tests[0].sum())}, "
-              f"{args.splits} splits; majority-class test accuracy {majority:.3f}")
+        print(
+            f"{len(paths)} images, train {int((~tests[0]).sum())}, test {int(tests[0].sum())}, "
+            f"{args.splits} splits; majority-class test accuracy {majority:.3f}"
+        )
         h = colour_histograms(paths)
         accs = [(nearest_centroid(h[~t], labels[~t], h[t]) == labels[t]).mean() for t in tests]
-        print(f"colour histogram 8x8x8 (sqrt) + nearest centroid: test accuracy "
-              f"{np.mean(accs):.3f} +- {np.std(accs):.3f}")
+        print(
+            f"colour histogram 8x8x8 (sqrt) + nearest centroid: test accuracy {np.mean(accs):.3f} +- {np.std(accs):.3f}"
+        )
         for size in args.input:
             t0 = time.perf_counter()
             f = random_resnet18_features(paths, size)
@@ -144,9 +150,11 @@ def main() -> None:
                 accs.append((pred == labels[t]).mean())
                 recalls.append([(pred[labels[t] == i] == i).mean() for i in range(len(CLASSES))])
             per_class = " ".join(f"{c}={r:.2f}" for c, r in zip(CLASSES, np.mean(recalls, 0)))
-            print(f"random-init resnet18 @{size}px + logistic regression (l2={args.l2}): test accuracy "
-                  f"{np.mean(accs):.3f} +- {np.std(accs):.3f}  [recall {per_class}]  "
-                  f"({time.perf_counter() - t0:.1f} s)")
+            print(
+                f"random-init resnet18 @{size}px + logistic regression (l2={args.l2}): test accuracy "
+                f"{np.mean(accs):.3f} +- {np.std(accs):.3f}  [recall {per_class}]  "
+                f"({time.perf_counter() - t0:.1f} s)"
+            )
 
 
 if __name__ == "__main__":

@@ -61,10 +61,16 @@ def main() -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    version = run(browser, "--version").stdout.strip() or subprocess.run(
-        [browser, "--version"], capture_output=True, text=True).stdout.strip()
-    result = {"date": time.strftime("%Y-%m-%d"), "browser": version, "page": str(page),
-              "page_bytes": page.stat().st_size}
+    version = (
+        run(browser, "--version").stdout.strip()
+        or subprocess.run([browser, "--version"], capture_output=True, text=True).stdout.strip()
+    )
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "browser": version,
+        "page": str(page),
+        "page_bytes": page.stat().st_size,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         probe = Path(tmp) / "index.html"  # same folder layout is not needed: every image is inlined
         probe.write_text(page.read_text().replace("</body>", PROBE + "\n</body>"))
@@ -81,8 +87,10 @@ def main() -> int:
         if "error" in r:
             print(f"{name}: {r['error']}")
             continue
-        print(f"{name}: {r['loaded']} of {r['images']} images loaded; page {r['scroll_width']} px wide in a "
-              f"{r['viewport_width']} px window; screenshot {r['screenshot']}")
+        print(
+            f"{name}: {r['loaded']} of {r['images']} images loaded; page {r['scroll_width']} px wide in a "
+            f"{r['viewport_width']} px window; screenshot {r['screenshot']}"
+        )
     ok = all("error" not in result[n] and result[n]["loaded"] == result[n]["images"] > 0 for n in ("phone", "desktop"))
     return 0 if ok else 1
 

@@ -89,12 +89,36 @@ def main() -> None:
     space.write_text(SPACE.format(epochs=args.max_epochs))
     name = f"load-{time.strftime('%H%M%S')}"
     exp = work / "runs" / name
-    env = {**os.environ, "TUNE_RICE_CACHE": str(work / "cache"), "TUNE_RICE_OFFLINE": "1",
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "tune_rice.search", "--data", str(data), "--search-space", str(space),
-           "--num-samples", str(args.num_samples), "--max-concurrent", str(args.max_concurrent),
-           "--max-epochs", str(args.max_epochs), "--grace-period", "1", "--weights", "none", "--no-report",
-           "--storage-path", str(work / "runs"), "--name", name]
+    env = {
+        **os.environ,
+        "TUNE_RICE_CACHE": str(work / "cache"),
+        "TUNE_RICE_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "tune_rice.search",
+        "--data",
+        str(data),
+        "--search-space",
+        str(space),
+        "--num-samples",
+        str(args.num_samples),
+        "--max-concurrent",
+        str(args.max_concurrent),
+        "--max-epochs",
+        str(args.max_epochs),
+        "--grace-period",
+        "1",
+        "--weights",
+        "none",
+        "--no-report",
+        "--storage-path",
+        str(work / "runs"),
+        "--name",
+        name,
+    ]
     log = work / f"{name}.log"
     print(f"{len(os.sched_getaffinity(0))} CPUs; {' '.join(cmd[1:])}", flush=True)
     with Timeline(exp) as timeline:
@@ -107,10 +131,13 @@ def main() -> None:
     test = json.loads((exp / "test_metrics.json").read_text())
     statuses = results["status"].value_counts().to_dict()
     stopped = int(results["stopped_early"].sum())
-    print(f"trials: {len(results)} ({statuses}; {stopped} stopped early by ASHA), "
-          f"best valid/acc {results['best/valid/acc'].max():.3f}, test accuracy {test['accuracy']:.3f}")
-    print(f"wall: {m['seconds']:.1f} s ({m['seconds'] / len(results):.2f} s per trial, "
-          f"{args.max_concurrent} at a time)")
+    print(
+        f"trials: {len(results)} ({statuses}; {stopped} stopped early by ASHA), "
+        f"best valid/acc {results['best/valid/acc'].max():.3f}, test accuracy {test['accuracy']:.3f}"
+    )
+    print(
+        f"wall: {m['seconds']:.1f} s ({m['seconds'] / len(results):.2f} s per trial, {args.max_concurrent} at a time)"
+    )
     print(f"peak PSS of the process tree: {m['peak_pss_mb']:.0f} MB")
     during = [(n, mb) for _, n, mb in timeline.samples if n > 0]
     thirds = np.array_split(np.arange(1, args.num_samples + 1), 3)
@@ -125,11 +152,19 @@ def main() -> None:
     print(f"checkpoints left after the search: {len(checkpoints)} ({checkpoint_mb:.1f} MB)")
     print(f"outputs: {exp}")
     record = {
-        **run_info(), "args": vars(args),
-        "trials": len(results), "statuses": statuses, "stopped_early": stopped,
-        "best_valid_acc": float(results["best/valid/acc"].max()), "test_acc": float(test["accuracy"]),
-        "wall_s": m["seconds"], "seconds_per_trial": m["seconds"] / len(results), "peak_pss_mb": m["peak_pss_mb"],
-        "peak_pss_by_third": peaks, "checkpoints_left": len(checkpoints), "checkpoint_mb": checkpoint_mb,
+        **run_info(),
+        "args": vars(args),
+        "trials": len(results),
+        "statuses": statuses,
+        "stopped_early": stopped,
+        "best_valid_acc": float(results["best/valid/acc"].max()),
+        "test_acc": float(test["accuracy"]),
+        "wall_s": m["seconds"],
+        "seconds_per_trial": m["seconds"] / len(results),
+        "peak_pss_mb": m["peak_pss_mb"],
+        "peak_pss_by_third": peaks,
+        "checkpoints_left": len(checkpoints),
+        "checkpoint_mb": checkpoint_mb,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=1))

@@ -91,13 +91,26 @@ class LocalCluster:
     def add_node(self, *, head: bool = False, num_cpus: int = 1, num_gpus: int = 0, timeout: float = 60) -> dict:
         name = "head" if head else f"w{len(self.nodes)}"
         temp_dir = self.root / name
-        cmd = [RAY_BIN, "start", f"--temp-dir={temp_dir}", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}",
-               f"--node-ip-address={LOCALHOST}", f"--object-store-memory={self.object_store_bytes}",
-               f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"]
+        cmd = [
+            RAY_BIN,
+            "start",
+            f"--temp-dir={temp_dir}",
+            f"--num-cpus={num_cpus}",
+            f"--num-gpus={num_gpus}",
+            f"--node-ip-address={LOCALHOST}",
+            f"--object-store-memory={self.object_store_bytes}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            "--disable-usage-stats",
+        ]
         if head:
             port = free_port()
-            cmd += ["--head", f"--port={port}", f"--ray-client-server-port={free_port()}",
-                    "--include-dashboard=false", f"--dashboard-port={free_port()}"]
+            cmd += [
+                "--head",
+                f"--port={port}",
+                f"--ray-client-server-port={free_port()}",
+                "--include-dashboard=false",
+                f"--dashboard-port={free_port()}",
+            ]
         else:
             if self.address is None:
                 raise RuntimeError("start the head node first")
@@ -109,8 +122,15 @@ class LocalCluster:
         if head:
             self.address = f"{LOCALHOST}:{port}"
         raylet = self._raylet_pid(temp_dir)
-        node = {"name": name, "temp_dir": temp_dir, "raylet_pid": raylet, "node_id": self._node_id(raylet),
-                "num_cpus": num_cpus, "num_gpus": num_gpus, "start_s": time.perf_counter() - t}
+        node = {
+            "name": name,
+            "temp_dir": temp_dir,
+            "raylet_pid": raylet,
+            "node_id": self._node_id(raylet),
+            "num_cpus": num_cpus,
+            "num_gpus": num_gpus,
+            "start_s": time.perf_counter() - t,
+        }
         self.nodes.append(node)
         return node
 

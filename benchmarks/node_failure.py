@@ -131,23 +131,60 @@ def run(args) -> int:
         head = cluster.add_node(head=True, num_cpus=1, num_gpus=2)
         workers = [cluster.add_node(num_cpus=1, num_gpus=2) for _ in range(args.workers)]
         names = {head["node_id"]: "head", **{w["node_id"]: w["name"] for w in workers}}
-        report["cluster up"] = f"{time.time() - t0:.1f}s: " + ", ".join(
-            f"{n} {i[:8]}" for i, n in names.items()) + " (1 CPU = 1 trial slot each)"
-        cmd = [sys.executable, "-m", "tune_rice.search", "--address", cluster.address, "--data", str(work / "data"),
-               "--search-space", str(work / "space.yaml"), "--num-samples", str(args.num_samples),
-               "--weights", "none", "--feature-cache", "off", "--grace-period", str(args.epochs),
-               "--cpus-per-trial", "1", "--gpus-per-trial", "0.5", "--max-concurrent", "2",
-               "--storage-path", str(work / "runs"), "--name", name, "--no-report"]
+        report["cluster up"] = (
+            f"{time.time() - t0:.1f}s: "
+            + ", ".join(f"{n} {i[:8]}" for i, n in names.items())
+            + " (1 CPU = 1 trial slot each)"
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "tune_rice.search",
+            "--address",
+            cluster.address,
+            "--data",
+            str(work / "data"),
+            "--search-space",
+            str(work / "space.yaml"),
+            "--num-samples",
+            str(args.num_samples),
+            "--weights",
+            "none",
+            "--feature-cache",
+            "off",
+            "--grace-period",
+            str(args.epochs),
+            "--cpus-per-trial",
+            "1",
+            "--gpus-per-trial",
+            "0.5",
+            "--max-concurrent",
+            "2",
+            "--storage-path",
+            str(work / "runs"),
+            "--name",
+            name,
+            "--no-report",
+        ]
         t_search = time.time()
-        proc = subprocess.Popen(cmd, env={**os.environ, **cluster.client_env, **env}, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, cwd=work)
+        proc = subprocess.Popen(
+            cmd,
+            env={**os.environ, **cluster.client_env, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=work,
+        )
         lines = Lines(proc.stdout, work / "driver.log")
         lines.start()
         watch = Watch(f"{head['temp_dir']}/session_*/artifacts/*/{name}/driver_artifacts/trial_*/result.json")
 
         def running_on(node_id: str, results) -> dict[str, int]:
-            return {tid: len(rows) for tid, rows in results.items()
-                    if rows and rows[-1].get("node_id") == node_id and rows[-1]["training_iteration"] < args.epochs}
+            return {
+                tid: len(rows)
+                for tid, rows in results.items()
+                if rows and rows[-1].get("node_id") == node_id and rows[-1]["training_iteration"] < args.epochs
+            }
 
         # 1. wait for a trial on a worker with a few epochs (each improving epoch is a checkpoint), kill it
         victim, victims, others, t_kill = None, {}, {}, None
@@ -159,8 +196,11 @@ def run(args) -> int:
                 if any(n >= args.kill_after for n in running.values()):
                     t_kill = cluster.kill_node(w["name"], whole=args.kill == "node")
                     victim, victims = w, running
-                    others = {tid: rows[-1]["node_id"] for tid, rows in results.items()
-                              if tid not in running and rows and rows[-1]["training_iteration"] < args.epochs}
+                    others = {
+                        tid: rows[-1]["node_id"]
+                        for tid, rows in results.items()
+                        if tid not in running and rows and rows[-1]["training_iteration"] < args.epochs
+                    }
                     break
             time.sleep(0.05)
         if t_kill is None:
@@ -169,8 +209,9 @@ def run(args) -> int:
         report[f"killed {victim['name']} ({args.kill})"] = (
             f"{t_kill - t_search:.1f}s into the search; running there: "
             + ", ".join(f"trial {t} ({e} epochs reported)" for t, e in victims.items())
-            + "; elsewhere: " + (", ".join(f"trial {t} on {names.get(n, n[:8])}" for t, n in others.items())
-                                 or "nothing"))
+            + "; elsewhere: "
+            + (", ".join(f"trial {t} on {names.get(n, n[:8])}" for t, n in others.items()) or "nothing")
+        )
 
         # 2. watch the lost trials come back on another node
         recovered = {}
@@ -189,8 +230,10 @@ def run(args) -> int:
         t_end = time.time()
         results = watch.poll()
 
-        for label, pattern in (("driver saw the trial fail", r"Trial task failed for trial"),
-                               ("GCS marked the node dead", r"has been marked dead")):
+        for label, pattern in (
+            ("driver saw the trial fail", r"Trial task failed for trial"),
+            ("GCS marked the node dead", r"has been marked dead"),
+        ):
             hit = lines.first(pattern, t_kill)
             report[label] = f"+{hit[0] - t_kill:.1f}s after the kill" if hit else "not seen in the driver output"
         hit = lines.first(r"Restored on .* from checkpoint", t_kill)
@@ -201,7 +244,8 @@ def run(args) -> int:
             rows, seen = results.get(tid, []), watch.seen_at.get(tid, [])
             if rows and rows[-1]["training_iteration"] >= args.epochs:
                 report[f"trial {tid} on {names.get(node_id, '?')} ended"] = (
-                    f"+{seen[-1] - t_kill:.1f}s after the kill (its slot became free)")
+                    f"+{seen[-1] - t_kill:.1f}s after the kill (its slot became free)"
+                )
         for tid in victims:
             if tid not in recovered:
                 failures.append(f"trial {tid} never reported again after the kill")
@@ -210,7 +254,8 @@ def run(args) -> int:
             on = names.get(first.get("node_id"), "?")
             report[f"trial {tid} recovered"] = (
                 f"+{t_rec - t_kill:.1f}s after the kill: next result is epoch {first['epoch']} "
-                f"(iteration {first['training_iteration']}) on {on}")
+                f"(iteration {first['training_iteration']}) on {on}"
+            )
             if on in ("?", victim["name"]):
                 failures.append(f"trial {tid} resumed on {on}")
             if int(first["epoch"]) <= 1:
@@ -224,8 +269,10 @@ def run(args) -> int:
         if (exp / "results.csv").is_file():
             df = pd.read_csv(exp / "results.csv", dtype={"trial_id": str, "node_id": str, "gpu_ids": str})
             status = df["status"].value_counts().to_dict()
-            report["trials"] = (f"{len(df)}/{args.num_samples} in results.csv, status {status}, "
-                                f"epochs {sorted(df['epochs'].astype(int).tolist())}")
+            report["trials"] = (
+                f"{len(df)}/{args.num_samples} in results.csv, status {status}, "
+                f"epochs {sorted(df['epochs'].astype(int).tolist())}"
+            )
             if len(df) != args.num_samples or status.get("TERMINATED", 0) != args.num_samples:
                 failures.append(f"results.csv: {len(df)} rows, status {status}")
             if not all(df["epochs"] == args.epochs):
@@ -261,16 +308,28 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--epochs", type=int, default=50,
-                   help="epochs per trial (after a raylet-only kill the trial's process trains on for a few "
-                        "seconds; enough epochs keep it from finishing before the failure is noticed)")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=50,
+        help="epochs per trial (after a raylet-only kill the trial's process trains on for a few "
+        "seconds; enough epochs keep it from finishing before the failure is noticed)",
+    )
     p.add_argument("--num-samples", type=int, default=4)
     p.add_argument("--per-class", type=int, default=12, help="images per class in the generated dataset")
     p.add_argument("--kill-after", type=int, default=3, help="kill once a worker trial has reported this many epochs")
-    p.add_argument("--workers", type=int, default=1,
-                   help="worker nodes besides the head (1: the retry waits for the head's slot; 2: one is free)")
-    p.add_argument("--kill", choices=("raylet", "node"), default="raylet",
-                   help="raylet: SIGKILL the worker's raylet; node: SIGKILL every process of the worker node")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker nodes besides the head (1: the retry waits for the head's slot; 2: one is free)",
+    )
+    p.add_argument(
+        "--kill",
+        choices=("raylet", "node"),
+        default="raylet",
+        help="raylet: SIGKILL the worker's raylet; node: SIGKILL every process of the worker node",
+    )
     p.add_argument("--timeout", type=float, default=240, help="give up after this many seconds")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (data, runs, driver.log)")
     return run(p.parse_args(argv))

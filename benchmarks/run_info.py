@@ -16,7 +16,11 @@ def run_info() -> dict:
             return None
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "machine": platform.processor() or platform.machine(), "cpus": cpus,
-            "load_average": list(os.getloadavg()), "python": platform.python_version(),
-            "versions": {d: version(d) for d in ("torch", "torchvision", "ray", "optuna", "numpy", "pandas")}}
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": platform.processor() or platform.machine(),
+        "cpus": cpus,
+        "load_average": list(os.getloadavg()),
+        "python": platform.python_version(),
+        "versions": {d: version(d) for d in ("torch", "torchvision", "ray", "optuna", "numpy", "pandas")},
+    }

@@ -31,8 +31,11 @@ def local_ray(tmp_path_factory, **init_kwargs):
     if ray.is_initialized():
         ray.shutdown()
     base = tmp_path_factory.getbasetemp()
-    env = {"TUNE_RICE_CACHE": str(base / "tune_rice_cache"), "TORCH_HOME": str(base / "torch_home"),
-           "TUNE_RICE_OFFLINE": "1"}
+    env = {
+        "TUNE_RICE_CACHE": str(base / "tune_rice_cache"),
+        "TORCH_HOME": str(base / "torch_home"),
+        "TUNE_RICE_OFFLINE": "1",
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", **init_kwargs)
@@ -50,8 +53,9 @@ def local_ray(tmp_path_factory, **init_kwargs):
 CLASS_COLOURS = {"alpha": (200, 60, 50), "beta": (50, 170, 60), "gamma": (60, 80, 200)}
 
 
-def make_separable_dataset(root: Path, *, per_class: int = 12, size: int = 48, seed: int = 0,
-                           splits=(0.5, 0.25, 0.25)) -> Path:
+def make_separable_dataset(
+    root: Path, *, per_class: int = 12, size: int = 48, seed: int = 0, splits=(0.5, 0.25, 0.25)
+) -> Path:
     """Class folders of textured images whose mean colour identifies the class; writes labels.csv."""
     rng = np.random.default_rng(seed)
     rows = []

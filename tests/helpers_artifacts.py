@@ -16,22 +16,29 @@ import pytest
 
 from tune_rice import data, engine, features, model
 
-TINY_CONFIG = dict(backbone="resnet18", image_size=32, views=1, aug_policy="none", epochs=3, hidden=32, lr=3e-3,
-                   seed=0)
+TINY_CONFIG = dict(backbone="resnet18", image_size=32, views=1, aug_policy="none", epochs=3, hidden=32, lr=3e-3, seed=0)
 
 
 def train_tiny_artifact(labels_csv: Path, out: Path, *, cache_dir: Path) -> Path:
     """A real model.pt: random-init resnet18 at 32 px, a head trained a few epochs on its feature bank."""
     cfg = engine.TrialConfig(**TINY_CONFIG)
-    bank = features.extract_bank(labels_csv, cfg.feature_spec(), weights="none", cache_dir=cache_dir,
-                                 device="cpu", num_workers=0, progress=False)
+    bank = features.extract_bank(
+        labels_csv, cfg.feature_spec(), weights="none", cache_dir=cache_dir, device="cpu", num_workers=0, progress=False
+    )
     run = engine.HeadRun(cfg, bank=bank, device="cpu")
     for _ in range(cfg.epochs):
         run.step()
     backbone, resolved = model.build_backbone(cfg.backbone, weights="none", seed=cfg.seed, feature_layer="pooled")
     classifier = model.Classifier(backbone, run.head.cpu()).eval()
-    return model.save_artifact(out, classifier, classes=bank.classes, preprocessing=data.preprocessing_spec(32),
-                               weights=resolved, config=cfg.to_dict(), metrics={"note": "test artifact"})
+    return model.save_artifact(
+        out,
+        classifier,
+        classes=bank.classes,
+        preprocessing=data.preprocessing_spec(32),
+        weights=resolved,
+        config=cfg.to_dict(),
+        metrics={"note": "test artifact"},
+    )
 
 
 # ----------------------------------------------------------------------------- a hand-made experiment
@@ -52,8 +59,9 @@ params:
 FAKE_CLASSES = ["bacterial_leaf_blight", "brown_spot", "healthy", "leaf_blast", "tungro"]
 
 
-def make_fake_experiment(root: Path, *, n_trials: int = 24, n_errored: int = 2, seed: int = 0,
-                         weights: str = "random:seed=0") -> Path:
+def make_fake_experiment(
+    root: Path, *, n_trials: int = 24, n_errored: int = 2, seed: int = 0, weights: str = "random:seed=0"
+) -> Path:
     """``root/runs/fake``: what search.py writes (results.csv, search_args.json, test_metrics.json,
     trial_<id>/progress.csv), with ASHA-like early stops, errored trials, and the best lr near 0.1."""
     rng = np.random.default_rng(seed)
@@ -61,50 +69,101 @@ def make_fake_experiment(root: Path, *, n_trials: int = 24, n_errored: int = 2, 
     exp.mkdir(parents=True)
     space = root / "fake_space.yaml"
     space.write_text(FAKE_SPACE)
-    (exp / "search_args.json").write_text(json.dumps(
-        {"data": str(root / "data" / "labels.csv"), "num_samples": n_trials, "search_space": str(space),
-         "max_epochs": None, "grace_period": 1, "reduction_factor": 3, "storage_path": str(root / "runs"),
-         "name": "fake", "seed": seed, "weights": weights.split(":")[0] if weights.startswith("random") else weights,
-         "feature_cache": "on", "no_report": True}, indent=1))
+    (exp / "search_args.json").write_text(
+        json.dumps(
+            {
+                "data": str(root / "data" / "labels.csv"),
+                "num_samples": n_trials,
+                "search_space": str(space),
+                "max_epochs": None,
+                "grace_period": 1,
+                "reduction_factor": 3,
+                "storage_path": str(root / "runs"),
+                "name": "fake",
+                "seed": seed,
+                "weights": weights.split(":")[0] if weights.startswith("random") else weights,
+                "feature_cache": "on",
+                "no_report": True,
+            },
+            indent=1,
+        )
+    )
     rows = []
     for k in range(n_trials):
         trial_id = f"{k:03d}ab{rng.integers(16**3):03x}"
         lr = float(10 ** rng.uniform(-4, -1)) if k else 0.095  # trial 0 (the best) at the upper edge
         dropout, hidden = float(rng.uniform(0, 0.5)), int(rng.choice([0, 64, 256]))
         optimizer, warmup = str(rng.choice(["adamw", "sgd"])), int(rng.integers(0, 4))
-        quality = 0.9 - 0.12 * abs(math.log10(lr) + 1) - 0.2 * dropout + (0.05 if hidden else 0) \
-            + (0.25 if k == 0 else 0)
+        quality = (
+            0.9 - 0.12 * abs(math.log10(lr) + 1) - 0.2 * dropout + (0.05 if hidden else 0) + (0.25 if k == 0 else 0)
+        )
         errored = 0 < k <= n_errored
         epochs = 2 if errored else 9 if k == 0 else int(rng.choice([1, 3, 9, 9]))
-        accs = [float(np.clip(quality * (1 - 0.6 * 0.5 ** e) + rng.normal(0, 0.01), 0, 1)) for e in range(epochs)]
+        accs = [float(np.clip(quality * (1 - 0.6 * 0.5**e) + rng.normal(0, 0.01), 0, 1)) for e in range(epochs)]
         trial_dir = exp / f"trial_{trial_id}"
         trial_dir.mkdir()
-        progress = pd.DataFrame({"epoch": range(1, epochs + 1), "train/loss": np.linspace(1.5, 0.5, epochs),
-                                 "valid/loss": [1.5 - a for a in accs], "valid/acc": accs,
-                                 "training_iteration": range(1, epochs + 1), "trial_id": trial_id})
+        progress = pd.DataFrame(
+            {
+                "epoch": range(1, epochs + 1),
+                "train/loss": np.linspace(1.5, 0.5, epochs),
+                "valid/loss": [1.5 - a for a in accs],
+                "valid/acc": accs,
+                "training_iteration": range(1, epochs + 1),
+                "trial_id": trial_id,
+            }
+        )
         progress.to_csv(trial_dir / "progress.csv", index=False)
         (trial_dir / "params.json").write_text(json.dumps({"lr": lr, "dropout": dropout, "hidden": hidden}))
         best_i = int(np.argmax(accs))
-        row = {"trial_id": trial_id, "status": "ERROR" if errored else "TERMINATED", "epochs": epochs,
-               "stopped_early": bool(not errored and epochs < 9), "best/valid/acc": accs[best_i],
-               "best_epoch": best_i + 1, "last/valid/acc": accs[-1], "last/valid/loss": 1.5 - accs[-1],
-               "weights": weights}
+        row = {
+            "trial_id": trial_id,
+            "status": "ERROR" if errored else "TERMINATED",
+            "epochs": epochs,
+            "stopped_early": bool(not errored and epochs < 9),
+            "best/valid/acc": accs[best_i],
+            "best_epoch": best_i + 1,
+            "last/valid/acc": accs[-1],
+            "last/valid/loss": 1.5 - accs[-1],
+            "weights": weights,
+        }
         if errored:
             row["error"] = "RuntimeError: training loss is not finite (learning rate too high?)"
-        row.update({"config/backbone": "resnet18", "config/dropout": dropout, "config/hidden": hidden,
-                    "config/lr": lr, "config/optimizer": optimizer, "config/warmup_epochs": warmup,
-                    "trial_dir": str(trial_dir)})
+        row.update(
+            {
+                "config/backbone": "resnet18",
+                "config/dropout": dropout,
+                "config/hidden": hidden,
+                "config/lr": lr,
+                "config/optimizer": optimizer,
+                "config/warmup_epochs": warmup,
+                "trial_dir": str(trial_dir),
+            }
+        )
         rows.append(row)
     df = pd.DataFrame(rows).sort_values("best/valid/acc", ascending=False).reset_index(drop=True)
     df.to_csv(exp / "results.csv", index=False)
     n = len(FAKE_CLASSES)
     cm = (np.eye(n, dtype=int) * 8 + rng.integers(0, 3, (n, n))).tolist()
-    (exp / "test_metrics.json").write_text(json.dumps(
-        {"trial_id": df["trial_id"].iloc[0], "weights": weights, "pretrained": not weights.startswith("random:"),
-         "accuracy": 0.8, "macro_f1": 0.79, "loss": 0.6, "test_count": int(np.sum(cm)), "classes": FAKE_CLASSES,
-         "per_class": {c: {"precision": 0.8, "recall": 0.8, "f1": 0.8, "support": int(np.sum(cm[i]))}
-                       for i, c in enumerate(FAKE_CLASSES)},
-         "confusion_matrix": cm}, indent=1))
+    (exp / "test_metrics.json").write_text(
+        json.dumps(
+            {
+                "trial_id": df["trial_id"].iloc[0],
+                "weights": weights,
+                "pretrained": not weights.startswith("random:"),
+                "accuracy": 0.8,
+                "macro_f1": 0.79,
+                "loss": 0.6,
+                "test_count": int(np.sum(cm)),
+                "classes": FAKE_CLASSES,
+                "per_class": {
+                    c: {"precision": 0.8, "recall": 0.8, "f1": 0.8, "support": int(np.sum(cm[i]))}
+                    for i, c in enumerate(FAKE_CLASSES)
+                },
+                "confusion_matrix": cm,
+            },
+            indent=1,
+        )
+    )
     return exp
 
 
@@ -156,9 +215,26 @@ def real_search(tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TUNE_RICE_CACHE", str(work / "cache"))
         mp.setenv("TUNE_RICE_OFFLINE", "1")
-        rc = search.main(["--data", str(csv), "--num-samples", "4", "--search-space", str(work / "space.yaml"),
-                          "--weights", "none", "--storage-path", str(work / "runs"), "--name", "r",
-                          "--max-concurrent", "2", "--grace-period", "1"])  # with the report, as users run it
+        rc = search.main(
+            [
+                "--data",
+                str(csv),
+                "--num-samples",
+                "4",
+                "--search-space",
+                str(work / "space.yaml"),
+                "--weights",
+                "none",
+                "--storage-path",
+                str(work / "runs"),
+                "--name",
+                "r",
+                "--max-concurrent",
+                "2",
+                "--grace-period",
+                "1",
+            ]
+        )  # with the report, as users run it
     assert rc == 0
     yield work / "runs" / "r"
     import ray

@@ -21,15 +21,27 @@ from tune_rice.data import Preprocessing, build_transform, load_image, read_labe
 # family -> (its smallest member, a small test input size, constructor args that make that size possible
 # where the architecture fixes its size). Heavy ones (parameters or a fixed 224 px) run with --slow only.
 MEMBERS = {
-    "AlexNet": ("alexnet", 64, {}), "ConvNeXt": ("convnext_tiny", 32, {}), "DenseNet": ("densenet121", 32, {}),
-    "EfficientNet": ("efficientnet_b0", 32, {}), "EfficientNetV2": ("efficientnet_v2_s", 32, {}),
-    "GoogLeNet": ("googlenet", 32, {}), "Inception V3": ("inception_v3", 75, {}),
-    "MaxViT": ("maxvit_t", 224, {}), "MNASNet": ("mnasnet0_5", 32, {}), "MobileNetV2": ("mobilenet_v2", 32, {}),
-    "MobileNetV3": ("mobilenet_v3_small", 32, {}), "RegNet": ("regnet_y_400mf", 32, {}),
-    "ResNet": ("resnet18", 32, {}), "ResNeXt": ("resnext50_32x4d", 32, {}),
-    "Wide ResNet": ("wide_resnet50_2", 32, {}), "ShuffleNet V2": ("shufflenet_v2_x0_5", 32, {}),
-    "SqueezeNet": ("squeezenet1_1", 32, {}), "Swin": ("swin_t", 32, {}), "Swin V2": ("swin_v2_t", 32, {}),
-    "VGG": ("vgg11", 32, {}), "ViT": ("vit_b_32", 32, {"image_size": 32}),
+    "AlexNet": ("alexnet", 64, {}),
+    "ConvNeXt": ("convnext_tiny", 32, {}),
+    "DenseNet": ("densenet121", 32, {}),
+    "EfficientNet": ("efficientnet_b0", 32, {}),
+    "EfficientNetV2": ("efficientnet_v2_s", 32, {}),
+    "GoogLeNet": ("googlenet", 32, {}),
+    "Inception V3": ("inception_v3", 75, {}),
+    "MaxViT": ("maxvit_t", 224, {}),
+    "MNASNet": ("mnasnet0_5", 32, {}),
+    "MobileNetV2": ("mobilenet_v2", 32, {}),
+    "MobileNetV3": ("mobilenet_v3_small", 32, {}),
+    "RegNet": ("regnet_y_400mf", 32, {}),
+    "ResNet": ("resnet18", 32, {}),
+    "ResNeXt": ("resnext50_32x4d", 32, {}),
+    "Wide ResNet": ("wide_resnet50_2", 32, {}),
+    "ShuffleNet V2": ("shufflenet_v2_x0_5", 32, {}),
+    "SqueezeNet": ("squeezenet1_1", 32, {}),
+    "Swin": ("swin_t", 32, {}),
+    "Swin V2": ("swin_v2_t", 32, {}),
+    "VGG": ("vgg11", 32, {}),
+    "ViT": ("vit_b_32", 32, {"image_size": 32}),
 }
 HEAVY = {"MaxViT", "VGG", "Wide ResNet", "AlexNet"}  # > 60M parameters, or 224 px only
 
@@ -45,8 +57,11 @@ def network(family: str) -> torch.nn.Module:
     """The family's member, random init from seed 0, in eval mode."""
     arch, _, args = MEMBERS[family]
     torch.manual_seed(0)
-    net = (torchvision.models.get_model(arch, weights=None, **args) if args
-           else backbones.drop_aux(backbones.create_network(arch)))
+    net = (
+        torchvision.models.get_model(arch, weights=None, **args)
+        if args
+        else backbones.drop_aux(backbones.create_network(arch))
+    )
     return net.eval()
 
 
@@ -148,8 +163,13 @@ def test_a_saved_model_of_each_family_predicts_with_its_preprocessing(family, tm
     torch.manual_seed(0)
     head = model.build_head("pooled", in_dim=backbone.out_dim, n_classes=2, hidden=8)
     clf = model.Classifier(backbone, head).eval()
-    path = model.save_artifact(tmp_path / "model.pt", clf, classes=["a", "b"], preprocessing=pre.to_dict(),
-                               weights=model.ResolvedWeights(None, "random:seed=0", False))
+    path = model.save_artifact(
+        tmp_path / "model.pt",
+        clf,
+        classes=["a", "b"],
+        preprocessing=pre.to_dict(),
+        weights=model.ResolvedWeights(None, "random:seed=0", False),
+    )
     files = _image_families(tmp_path / "images")
     loaded = predict.load_model(path)
     assert Preprocessing.from_dict(loaded.preprocessing) == pre
@@ -169,8 +189,9 @@ def test_vit_end_to_end_at_its_only_size(tmp_path):
     head = model.build_head("pooled", in_dim=backbone.out_dim, n_classes=2, hidden=0)
     clf = model.Classifier(backbone, head).eval()
     pre = backbones.preprocessing_for("vit_b_32")
-    path = model.save_artifact(tmp_path / "model.pt", clf, classes=["a", "b"], preprocessing=pre.to_dict(),
-                               weights=resolved)
+    path = model.save_artifact(
+        tmp_path / "model.pt", clf, classes=["a", "b"], preprocessing=pre.to_dict(), weights=resolved
+    )
     out, diff = export.export_model(path, "torchscript")
     assert diff is not None and diff <= 1e-3
     files = _image_families(tmp_path / "images")
@@ -186,8 +207,9 @@ def test_an_exported_model_carries_and_applies_non_resnet_preprocessing(tmp_path
     assert (pre.crop, pre.resize, pre.interpolation) == (48, 55, "bicubic")
     torch.manual_seed(0)
     clf = model.Classifier(backbone, model.build_head("pooled", in_dim=1280, n_classes=2, hidden=0)).eval()
-    path = model.save_artifact(tmp_path / "model.pt", clf, classes=["a", "b"], preprocessing=pre.to_dict(),
-                               weights=resolved)
+    path = model.save_artifact(
+        tmp_path / "model.pt", clf, classes=["a", "b"], preprocessing=pre.to_dict(), weights=resolved
+    )
     ts, _ = export.export_model(path, "torchscript")
     onnx_file, _ = export.export_model(path, "onnx")
     _, meta = model.read_torchscript(ts)
@@ -236,10 +258,13 @@ def test_weights_names_are_checked():
 def test_banks_are_keyed_and_shared_by_preprocessing(separable, tmp_path):
     """resnet18 and mobilenet_v3_small share one decode pass (same preprocessing); efficientnet_b0 (bicubic)
     gets its own, and its bank holds the features of its own preprocessing."""
-    specs = [features.FeatureSpec(backbone=b, image_size=32, views=1, policy="none")
-             for b in ("resnet18", "mobilenet_v3_small", "efficientnet_b0")]
-    banks = features.extract_banks(separable, specs, weights="none", cache_dir=tmp_path / "cache", device="cpu",
-                                   num_workers=0, progress=False)
+    specs = [
+        features.FeatureSpec(backbone=b, image_size=32, views=1, policy="none")
+        for b in ("resnet18", "mobilenet_v3_small", "efficientnet_b0")
+    ]
+    banks = features.extract_banks(
+        separable, specs, weights="none", cache_dir=tmp_path / "cache", device="cpu", num_workers=0, progress=False
+    )
     assert [banks[s.name].info["extracted_with"] for s in specs] == [2, 2, 1]
     assert len({banks[s.name].key for s in specs}) == 3
     eff = specs[2]
@@ -335,9 +360,25 @@ def test_a_search_across_families_saves_and_scores_the_winner_with_its_preproces
     space = tmp_path / "zoo-tiny.yaml"
     space.write_text(ZOO_SPACE)
     with local_ray(tmp_path_factory):
-        rc = search.main(["--data", str(labels), "--search-space", str(space), "--weights", "none",
-                          "--storage-path", str(tmp_path / "runs"), "--name", "zoo", "--no-report",
-                          "--num-samples", "4", "--seed", "0"])
+        rc = search.main(
+            [
+                "--data",
+                str(labels),
+                "--search-space",
+                str(space),
+                "--weights",
+                "none",
+                "--storage-path",
+                str(tmp_path / "runs"),
+                "--name",
+                "zoo",
+                "--no-report",
+                "--num-samples",
+                "4",
+                "--seed",
+                "0",
+            ]
+        )
     assert rc == 0
     exp = tmp_path / "runs" / "zoo"
     df = pd.read_csv(exp / "results.csv")
@@ -353,24 +394,42 @@ def test_a_search_across_families_saves_and_scores_the_winner_with_its_preproces
 
 # ----------------------------------------------------------------------------------- accuracy vs cost
 def _results(rows):
-    return pd.DataFrame([{"trial_id": t, "config/backbone": b, "config/image_size": s, "best/valid/acc": a}
-                         for t, b, s, a in rows])
+    return pd.DataFrame(
+        [{"trial_id": t, "config/backbone": b, "config/image_size": s, "best/valid/acc": a} for t, b, s, a in rows]
+    )
 
 
 def test_the_cost_frontier_marks_the_pareto_front_and_names_the_cheap_choice():
-    df = _results([("a", "vit_b_16:IMAGENET1K_SWAG_LINEAR_V1", 0, 0.91), ("b", "vit_b_16:IMAGENET1K_SWAG_LINEAR_V1", 0, 0.85),
-                   ("c", "resnet50", 0, 0.84), ("d", "mobilenet_v3_large", 0, 0.86), ("e", "resnet18", 64, 0.80)])
+    df = _results(
+        [
+            ("a", "vit_b_16:IMAGENET1K_SWAG_LINEAR_V1", 0, 0.91),
+            ("b", "vit_b_16:IMAGENET1K_SWAG_LINEAR_V1", 0, 0.85),
+            ("c", "resnet50", 0, 0.84),
+            ("d", "mobilenet_v3_large", 0, 0.86),
+            ("e", "resnet18", 64, 0.80),
+        ]
+    )
     front = backbones.cost_frontier(df, "best/valid/acc", "max")
-    assert list(front["backbone"]) == ["resnet18", "mobilenet_v3_large", "resnet50",
-                                       "vit_b_16:IMAGENET1K_SWAG_LINEAR_V1"]  # cheapest first
+    assert list(front["backbone"]) == [
+        "resnet18",
+        "mobilenet_v3_large",
+        "resnet50",
+        "vit_b_16:IMAGENET1K_SWAG_LINEAR_V1",
+    ]  # cheapest first
     by = front.set_index("backbone")
     assert by.loc["resnet18", "gflops"] == pytest.approx(1.814 * (64 / 224) ** 2, rel=1e-3)  # scaled by area
     assert by.loc["vit_b_16:IMAGENET1K_SWAG_LINEAR_V1", "best"] == 0.91
-    assert by["pareto"].to_dict() == {"resnet18": True, "mobilenet_v3_large": True, "resnet50": False,
-                                      "vit_b_16:IMAGENET1K_SWAG_LINEAR_V1": True}
+    assert by["pareto"].to_dict() == {
+        "resnet18": True,
+        "mobilenet_v3_large": True,
+        "resnet50": False,
+        "vit_b_16:IMAGENET1K_SWAG_LINEAR_V1": True,
+    }
     line = backbones.cheaper_choice(front, "max")
-    assert line.startswith("best under 1 GFLOPs: mobilenet_v3_large at 224 px (0.22 GFLOPs, trial d) reaches "
-                           "0.8600, against 0.9100 for vit_b_16:IMAGENET1K_SWAG_LINEAR_V1")
+    assert line.startswith(
+        "best under 1 GFLOPs: mobilenet_v3_large at 224 px (0.22 GFLOPs, trial d) reaches "
+        "0.8600, against 0.9100 for vit_b_16:IMAGENET1K_SWAG_LINEAR_V1"
+    )
     assert backbones.cheaper_choice(front[front["backbone"] != "vit_b_16:IMAGENET1K_SWAG_LINEAR_V1"], "max") == ""
     assert backbones.cost_frontier(df[df["config/backbone"] == "resnet50"], "best/valid/acc", "max").empty
     loss = backbones.cost_frontier(df.rename(columns={"best/valid/acc": "best/valid/loss"}), "best/valid/loss", "min")
@@ -392,8 +451,9 @@ def test_the_report_and_the_summary_show_accuracy_against_cost(tmp_path):
     assert "## Accuracy against cost" in text and (exp / "report" / "cost.png").stat().st_size > 10_000
     front = backbones.cost_frontier(results, "best/valid/acc", "max")
     assert set(front["backbone"]) == set(values) and front["pareto"].any()
-    summary = search.format_summary(results, None, metric="valid/acc", exp_dir=exp, seconds=1.0, phases={},
-                                    weights="random:seed=0", mode="max")
+    summary = search.format_summary(
+        results, None, metric="valid/acc", exp_dir=exp, seconds=1.0, phases={}, weights="random:seed=0", mode="max"
+    )
     line = backbones.cheaper_choice(front, "max")
     assert line.startswith("best under 1 GFLOPs: mobilenet_v3_large") and "for convnext_tiny" in line
     assert "Best under 1 GFLOPs: mobilenet_v3_large" in summary and f"The {line}." in text
@@ -402,12 +462,16 @@ def test_the_report_and_the_summary_show_accuracy_against_cost(tmp_path):
 def test_a_space_with_a_bad_backbone_or_size_is_refused_on_load(tmp_path):
     from tune_rice.space import load_search_space
 
-    for backbone, size, message in [("vit_b_16", 160, r"vit_b_16 cannot take 160 px images"),
-                                    ("vit_b_16:SWAG", 224, r"vit_b_16 has no weights 'SWAG'"),
-                                    ("resnet19", 224, r"unknown backbone 'resnet19'")]:
+    for backbone, size, message in [
+        ("vit_b_16", 160, r"vit_b_16 cannot take 160 px images"),
+        ("vit_b_16:SWAG", 224, r"vit_b_16 has no weights 'SWAG'"),
+        ("resnet19", 224, r"unknown backbone 'resnet19'"),
+    ]:
         path = tmp_path / "space.yaml"
-        path.write_text(f"params:\n  backbone: {{choice: [resnet18, '{backbone}']}}\n  image_size: {size}\n"
-                        "  lr: {loguniform: [1.0e-4, 1.0e-2]}\n")
+        path.write_text(
+            f"params:\n  backbone: {{choice: [resnet18, '{backbone}']}}\n  image_size: {size}\n"
+            "  lr: {loguniform: [1.0e-4, 1.0e-2]}\n"
+        )
         with pytest.raises(UserError, match=rf"^{path}: .*{message}"):
             load_search_space(path)
     specs = load_search_space("zoo").feature_specs()

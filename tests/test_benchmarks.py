@@ -15,12 +15,22 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_gpu_check_script_tiny_cpu(tmp_path):
-    env = {**os.environ, "DEVICE": "cpu", "SAMPLES": "2", "PER_CLASS": "8", "EPOCHS": "2",
-           "BACKBONE": "resnet18", "SIZE": "32", "OUT": str(tmp_path / "out"), "PYTHON": sys.executable}
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
-                          text=True, timeout=600)
+    env = {
+        **os.environ,
+        "DEVICE": "cpu",
+        "SAMPLES": "2",
+        "PER_CLASS": "8",
+        "EPOCHS": "2",
+        "BACKBONE": "resnet18",
+        "SIZE": "32",
+        "OUT": str(tmp_path / "out"),
+        "PYTHON": sys.executable,
+    }
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    tail = proc.stdout[proc.stdout.index("== gpu_check summary =="):]
+    tail = proc.stdout[proc.stdout.index("== gpu_check summary ==") :]
     assert "efficiency" in tail and "search on" in tail and "search off" in tail and "speed-up" in tail
     extract = json.loads((tmp_path / "out" / "extract.json").read_text())
     assert extract["full_images_per_s"] > 0 and 0 < extract["efficiency"]
@@ -33,8 +43,10 @@ def test_procmem_measures_a_child_tree(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from procmem import run_measured
 
-    code = "import subprocess, sys, time; b = bytearray(60 * 2**20); subprocess.run([sys.executable, '-c', " \
-           "'x = bytearray(40 * 2**20); import time; time.sleep(1.5)']); time.sleep(0.5)"
+    code = (
+        "import subprocess, sys, time; b = bytearray(60 * 2**20); subprocess.run([sys.executable, '-c', "
+        "'x = bytearray(40 * 2**20); import time; time.sleep(1.5)']); time.sleep(0.5)"
+    )
     m = run_measured([sys.executable, "-c", code])
     assert m["rc"] == 0
     assert m["peak_pss_mb"] > 90  # parent 60 MB + child 40 MB, both counted

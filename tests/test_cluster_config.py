@@ -66,7 +66,7 @@ def test_config_pins_this_ray_and_installs_the_project(path):
         if image:
             assert f":{ray.__version__}-" in image and "ray-ml" not in image, image
     # the repository is copied to every node and installed there, from where it was copied
-    (remote, local), = raw["file_mounts"].items()
+    ((remote, local),) = raw["file_mounts"].items()
     assert (REPO / local).resolve() == REPO
     assert any("pip install" in c and "-e" in c and c.rstrip().endswith(remote) for c in setup), setup
 
@@ -91,12 +91,19 @@ def test_local_config_lists_its_machines():
     assert worker["max_workers"] == len(raw["provider"]["worker_ips"])
 
 
-@pytest.mark.parametrize("break_it, error", [
-    (lambda c: c.update(unknown_key=1), jsonschema.ValidationError),
-    (lambda c: c["available_node_types"]["ray.worker.gpu"]["resources"].update(GPU=0.5), jsonschema.ValidationError),
-    (lambda c: c.update(head_node_type="nope"), ValueError),
-    (lambda c: c["available_node_types"]["ray.worker.gpu"].update(min_workers=9), ValueError),
-], ids=["unknown key", "fractional resource", "missing head type", "min over max"])
+@pytest.mark.parametrize(
+    "break_it, error",
+    [
+        (lambda c: c.update(unknown_key=1), jsonschema.ValidationError),
+        (
+            lambda c: c["available_node_types"]["ray.worker.gpu"]["resources"].update(GPU=0.5),
+            jsonschema.ValidationError,
+        ),
+        (lambda c: c.update(head_node_type="nope"), ValueError),
+        (lambda c: c["available_node_types"]["ray.worker.gpu"].update(min_workers=9), ValueError),
+    ],
+    ids=["unknown key", "fractional resource", "missing head type", "min over max"],
+)
 def test_the_validator_rejects_broken_configs(break_it, error):
     raw = load(REPO / "cluster.yaml")
     break_it(raw)

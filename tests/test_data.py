@@ -79,9 +79,9 @@ def test_gif_palette(tmp_path):
 @pytest.mark.parametrize("mode", ["RGBA", "LA"])
 def test_alpha_is_composited_on_white(tmp_path, mode):
     rgba = np.zeros((4, 3, 4), dtype=np.uint8)
-    rgba[0] = (0, 0, 0, 0)        # transparent -> white
-    rgba[1] = (0, 0, 0, 255)      # opaque black stays black
-    rgba[2] = (0, 0, 0, 128)      # half -> mid grey
+    rgba[0] = (0, 0, 0, 0)  # transparent -> white
+    rgba[1] = (0, 0, 0, 255)  # opaque black stays black
+    rgba[2] = (0, 0, 0, 128)  # half -> mid grey
     rgba[3] = (100, 100, 100, 255)
     src = Image.fromarray(rgba, mode="RGBA")
     if mode == "LA":
@@ -212,12 +212,14 @@ def _write_csv(path, text: str):
 
 
 def test_read_labels_ok(tmp_path):
-    csv = _write_csv(tmp_path / "labels.csv",
-                     "path,label,split,group,width\n"
-                     "b/1.jpg,b,train,g1,10\n"
-                     "a/1.jpg,a,train,g2,10\n"
-                     "a/2.jpg,a,valid,g3,10\n"
-                     "b/2.jpg,b,test,g4,10\n")
+    csv = _write_csv(
+        tmp_path / "labels.csv",
+        "path,label,split,group,width\n"
+        "b/1.jpg,b,train,g1,10\n"
+        "a/1.jpg,a,train,g2,10\n"
+        "a/2.jpg,a,valid,g3,10\n"
+        "b/2.jpg,b,test,g4,10\n",
+    )
     table = read_labels(csv)
     assert table.classes == ("a", "b")
     assert table.root == tmp_path.resolve()
@@ -228,8 +230,7 @@ def test_read_labels_ok(tmp_path):
     assert read_labels(csv, root=other).paths("test") == [other.resolve() / "b/2.jpg"]
 
 
-@pytest.mark.parametrize("bad_path", ["../outside.jpg", "a/../../outside.jpg", "/etc/passwd",
-                                      "a\\..\\x.jpg"])
+@pytest.mark.parametrize("bad_path", ["../outside.jpg", "a/../../outside.jpg", "/etc/passwd", "a\\..\\x.jpg"])
 def test_read_labels_refuses_paths_outside_root(tmp_path, bad_path):
     csv = _write_csv(tmp_path / "labels.csv", f"path,label,split,group\na/1.jpg,a,train,g1\n{bad_path},a,valid,g2\n")
     with pytest.raises(UserError, match="not inside the dataset root"):

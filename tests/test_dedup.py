@@ -27,8 +27,9 @@ def _decode(data: bytes) -> Image.Image:
 @pytest.fixture(scope="module", params=["plain", "scans"])
 def family(request, tmp_path_factory):
     """(family, originals as PIL images): 6 per class of one family, the demo's own copies left out."""
-    root = demo.generate_demo(tmp_path_factory.mktemp(request.param) / "set", per_class=7, size=SIZE, seed=11,
-                              family=request.param)
+    root = demo.generate_demo(
+        tmp_path_factory.mktemp(request.param) / "set", per_class=7, size=SIZE, seed=11, family=request.param
+    )
     marker = __import__("json").loads((root / demo.MARKER).read_text())
     copies = {d["path"] for d in marker["near_duplicates"]}
     files = [p for p in sorted(root.glob("*/*.jpg")) if p.relative_to(root).as_posix() not in copies]
@@ -38,12 +39,12 @@ def family(request, tmp_path_factory):
 # Known shortfalls, measured on these very copies; strict, so each flags as soon as it is fixed.
 KNOWN_MISSES = {
     ("plain", "shift"): "the shifted copy of original 17 verifies at detail similarity 0.57 (< 0.7), "
-                        "outline 0.93: the alignment search does not recover that shift to the pixel",
+    "outline 0.93: the alignment search does not recover that shift to the pixel",
     ("scans", "crop"): "missed by the candidate search: the cropped copies' pHashes lie 18-24 bits from "
-                       "their sources (limit 12) and the histogram codes do not pair them either; the "
-                       "check alone accepts all three (detail similarity 0.94-0.96)",
+    "their sources (limit 12) and the histogram codes do not pair them either; the "
+    "check alone accepts all three (detail similarity 0.94-0.96)",
     ("scans", "shift"): "missed by the candidate search: shifted copies' pHashes lie 14 bits from their "
-                        "sources (limit 12); the check alone accepts them (detail similarity 0.88-0.97)",
+    "sources (limit 12); the check alone accepts them (detail similarity 0.88-0.97)",
 }
 
 
@@ -103,10 +104,16 @@ def test_a_chain_of_gradual_changes_does_not_become_one_group(family, request):
     # a0 -> a10: each step blends 10% more of another image in; neighbours pass the check, the ends do not.
     name, originals = family
     if name == "scans":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "the ends stay apart, but the largest group holds more than 6 of the 11 blends: the second "
-            "drawing's dark lines dominate each blend, and the guard's looser check (similarity >= 0.5, which keeps "
-            "a re-encoded and a shifted copy of one photo together) passes among them")))
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason=(
+                    "the ends stay apart, but the largest group holds more than 6 of the 11 blends: the second "
+                    "drawing's dark lines dominate each blend, and the guard's looser check (similarity >= 0.5, which keeps "
+                    "a re-encoded and a shifted copy of one photo together) passes among them"
+                ),
+            )
+        )
     a, b = (np.asarray(originals[k], dtype=np.float64) for k in (2, 20))
     chain = [Image.fromarray((a * (1 - t) + b * t).round().astype(np.uint8)) for t in np.linspace(0, 1, 11)]
     sigs = [_signature(x) for x in chain]
@@ -130,8 +137,14 @@ def test_a_chain_of_gradual_changes_does_not_become_one_group(family, request):
 
 def test_exact_copies_always_grouped_and_modes():
     rng = np.random.default_rng(0)
-    sigs = [dedup.Signature(phash=int(rng.integers(0, 2**63)), hist=rng.random(dedup.HIST_DIM).astype(np.float32),
-                            thumb=rng.integers(0, 256, (dedup.THUMB, dedup.THUMB), dtype=np.uint8)) for _ in range(5)]
+    sigs = [
+        dedup.Signature(
+            phash=int(rng.integers(0, 2**63)),
+            hist=rng.random(dedup.HIST_DIM).astype(np.float32),
+            thumb=rng.integers(0, 256, (dedup.THUMB, dedup.THUMB), dtype=np.uint8),
+        )
+        for _ in range(5)
+    ]
     sha1s = ["a", "b", "a", "c", "b"]
     assert dedup.group_images(sha1s, sigs).group.tolist() == [0, 1, 0, 2, 1]
     exact = dedup.group_images(sha1s, None, mode="exact")

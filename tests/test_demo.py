@@ -62,8 +62,11 @@ def test_near_duplicates_look_like_their_source(small):
         b = np.asarray(Image.open(small / d["source"]), dtype=np.float64)
         assert (small / d["path"]).read_bytes() != (small / d["source"]).read_bytes()
         # Closer to its source than to any other image of the class.
-        others = [p for p in (small / d["source"]).parent.glob("*.jpg")
-                  if p.name not in (Path(d["path"]).name, Path(d["source"]).name)]
+        others = [
+            p
+            for p in (small / d["source"]).parent.glob("*.jpg")
+            if p.name not in (Path(d["path"]).name, Path(d["source"]).name)
+        ]
         nearest_other = min(np.abs(a - np.asarray(Image.open(p), dtype=np.float64)).mean() for p in others)
         assert np.abs(a - b).mean() < 0.5 * nearest_other
 
@@ -141,8 +144,12 @@ def test_failed_run_leaves_nothing_behind(tmp_path, monkeypatch):
 
 
 def test_bad_parameters_are_user_errors(tmp_path):
-    for kwargs, word in [({"per_class": 0}, "per_class"), ({"size": 8}, "size"), ({"seed": -1}, "seed"),
-                         ({"per_class": 2.5}, "per_class")]:
+    for kwargs, word in [
+        ({"per_class": 0}, "per_class"),
+        ({"size": 8}, "size"),
+        ({"seed": -1}, "seed"),
+        ({"per_class": 2.5}, "per_class"),
+    ]:
         with pytest.raises(UserError, match=word):
             demo.generate_demo(tmp_path / "x", **kwargs)
     assert not (tmp_path / "x").exists()
@@ -157,8 +164,10 @@ def test_ensure_demo_uses_the_cache(monkeypatch, tmp_path):
     before = _snapshot(root)
     assert demo.ensure_demo(per_class=2, size=48, seed=3) == root
     assert _snapshot(root) == before
-    assert demo.ensure_demo(per_class=2, size=48, seed=3, root=tmp_path / "elsewhere") == \
-        tmp_path / "elsewhere" / "rice-p2-s48-seed3"
+    assert (
+        demo.ensure_demo(per_class=2, size=48, seed=3, root=tmp_path / "elsewhere")
+        == tmp_path / "elsewhere" / "rice-p2-s48-seed3"
+    )
     monkeypatch.delenv("TUNE_RICE_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert demo.default_demo_dir() == tmp_path / "home" / ".cache" / "tune_rice" / "demo"
@@ -189,7 +198,7 @@ def test_cli(tmp_path, capsys):
 
 def _colour_histogram(path: Path, bins: int = 8) -> np.ndarray:
     a = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3) // (256 // bins)
-    h = np.bincount((a[:, 0] * bins + a[:, 1]) * bins + a[:, 2], minlength=bins ** 3)
+    h = np.bincount((a[:, 0] * bins + a[:, 1]) * bins + a[:, 2], minlength=bins**3)
     return np.sqrt(h / h.sum())  # (bins^3,), square root so rare colours (the marks) count
 
 
@@ -217,8 +226,7 @@ def test_colour_histogram_nearest_centroid_beats_chance(tmp_path):
 def family_set(request, tmp_path_factory) -> tuple[str, Path]:
     """A tiny set of each non-default family: per_class=8, 64 px, seed 0."""
     family = request.param
-    root = demo.generate_demo(tmp_path_factory.mktemp(family) / "out", per_class=8, size=SIZE, seed=0,
-                              family=family)
+    root = demo.generate_demo(tmp_path_factory.mktemp(family) / "out", per_class=8, size=SIZE, seed=0, family=family)
     return family, root
 
 
@@ -247,8 +255,10 @@ def test_families_layout_mode_and_character(family_set, small):
         arrays = [np.asarray(Image.open(f).convert("L"), dtype=np.float64) for f in files]
         spread[name] = np.median([_border(a).std() for a in arrays])
         if name == family:
-            centre_vs_border = [abs(a[SIZE // 3: 2 * SIZE // 3, SIZE // 2 - 4: SIZE // 2 + 4].mean()
-                                    - _border(a).mean()) for a in arrays]
+            centre_vs_border = [
+                abs(a[SIZE // 3 : 2 * SIZE // 3, SIZE // 2 - 4 : SIZE // 2 + 4].mean() - _border(a).mean())
+                for a in arrays
+            ]
             assert np.median(centre_vs_border) > 10
     assert spread[family] < 0.5 * spread["field"], spread
 
@@ -269,13 +279,17 @@ def test_families_near_duplicates_look_like_their_source(family_set):
     family, root = family_set
     dups = _marker(root)["near_duplicates"]
     assert len(dups) >= 1
+
     def corr(p: Path, q: Path) -> float:  # brightness-blind: distinct pictures here differ less than that
         x, y = (np.asarray(Image.open(f).convert("L"), dtype=np.float64).ravel() for f in (p, q))
         return float(np.corrcoef(x, y)[0, 1])
 
     for d in dups:
-        others = [p for p in (root / d["source"]).parent.glob("*.jpg")
-                  if p.name not in (Path(d["path"]).name, Path(d["source"]).name)]
+        others = [
+            p
+            for p in (root / d["source"]).parent.glob("*.jpg")
+            if p.name not in (Path(d["path"]).name, Path(d["source"]).name)
+        ]
         # Closer to its source than any other image of the class is.
         assert corr(root / d["path"], root / d["source"]) > max(corr(root / d["path"], p) for p in others)
 
@@ -289,13 +303,16 @@ def test_scans_are_drawn_small_and_upscaled():
         return np.abs(a[:, 2:] - a[:, :-2]).mean() / np.abs(np.diff(a, axis=1)).mean()
 
     scans = [step_ratio(demo.render_image("Hispa", i, size=256, family="scans")[0]) for i in range(1, 4)]
-    field = [step_ratio(np.asarray(Image.fromarray(demo.render_image("Hispa", i, size=256)[0]).convert("L")))
-             for i in range(1, 4)]
+    field = [
+        step_ratio(np.asarray(Image.fromarray(demo.render_image("Hispa", i, size=256)[0]).convert("L")))
+        for i in range(1, 4)
+    ]
     assert min(scans) > 1.7 > max(field), (scans, field)
 
 
 def test_old_marker_without_family_is_a_field_set(small, tmp_path):
     import shutil
+
     old = tmp_path / "old"
     shutil.copytree(small, old)
     marker = _marker(old)
@@ -356,7 +373,8 @@ def test_copy_image_makes_each_kind(tmp_path):
                 k = int(how[3:]) // 90
                 assert np.abs(out - np.rot90(grey, k)).mean() < 4, how
             if kind == "shift":  # the uncovered edge is black
-                assert out[:, :1].mean() < 30 or out[:, -1:].mean() < 30 or out[:1].mean() < 30 \
-                    or out[-1:].mean() < 30, how
+                assert (
+                    out[:, :1].mean() < 30 or out[:, -1:].mean() < 30 or out[:1].mean() < 30 or out[-1:].mean() < 30
+                ), how
     with pytest.raises(UserError, match="unknown kind of copy 'blur'"):
         demo.copy_image(im, "blur", rng)

@@ -39,9 +39,15 @@ def _split(n: int, k: int, d: int, *, seed: int, n_classes: int = 3, shift: floa
 def synthetic_bank(*, n_train: int = 60, n_valid: int = 30, k: int = 3, d: int = 16) -> FeatureBank:
     train, valid = _split(n_train, k, d, seed=0), _split(n_valid, 1, d, seed=1)
     f0 = train.features[:, 0].astype(np.float32)
-    return FeatureBank(spec=FeatureSpec(backbone="resnet18", image_size=32, views=k), weights="random:seed=0",
-                       pretrained=False, classes=("a", "b", "c"), splits={"train": train, "valid": valid},
-                       mean=f0.mean(0), std=f0.std(0))
+    return FeatureBank(
+        spec=FeatureSpec(backbone="resnet18", image_size=32, views=k),
+        weights="random:seed=0",
+        pretrained=False,
+        classes=("a", "b", "c"),
+        splits={"train": train, "valid": valid},
+        mean=f0.mean(0),
+        std=f0.std(0),
+    )
 
 
 # -------------------------------------------------------------------------------------------- metrics
@@ -207,8 +213,9 @@ def test_evaluate_leaves_the_training_criterion_alone():
     assert not criterion.moved and metrics["count"] == 30 and 0 <= metrics["acc"] <= 1
     with torch.no_grad():
         logits = head(torch.from_numpy(bank.splits["valid"].features[:, 0]))
-    expected = nn.functional.cross_entropy(logits, torch.from_numpy(bank.splits["valid"].targets),
-                                           weight=torch.tensor([1.0, 2.0, 3.0]))
+    expected = nn.functional.cross_entropy(
+        logits, torch.from_numpy(bank.splits["valid"].targets), weight=torch.tensor([1.0, 2.0, 3.0])
+    )
     assert metrics["loss"] == pytest.approx(float(expected), rel=1e-5)
     assert evaluate(head, batches, n_classes=3)["loss"] != pytest.approx(metrics["loss"])  # plain CE by default
 
@@ -223,8 +230,17 @@ def test_trial_config_rejects_unknown_keys_and_lists_valid_ones():
 
 
 def test_trial_config_coerces_types():
-    cfg = TrialConfig.from_dict({"lr": "0.01", "hidden": 64.0, "epochs": np.int64(3), "nesterov": "false",
-                                 "class_balanced": 1, "dropout": np.float32(0.25), "image_size": "48"})
+    cfg = TrialConfig.from_dict(
+        {
+            "lr": "0.01",
+            "hidden": 64.0,
+            "epochs": np.int64(3),
+            "nesterov": "false",
+            "class_balanced": 1,
+            "dropout": np.float32(0.25),
+            "image_size": "48",
+        }
+    )
     assert cfg.lr == 0.01 and type(cfg.lr) is float
     assert cfg.hidden == 64 and type(cfg.hidden) is int
     assert cfg.epochs == 3 and type(cfg.epochs) is int
@@ -235,22 +251,25 @@ def test_trial_config_coerces_types():
     assert TrialConfig.from_dict({}) == TrialConfig()
 
 
-@pytest.mark.parametrize("values, words", [
-    ({"hidden": 3.5}, "'hidden'"),
-    ({"epochs": "many"}, "'epochs'"),
-    ({"nesterov": "maybe"}, "'nesterov'"),
-    ({"optimizer": "rmsprop"}, "optimizer must be one of"),
-    ({"schedule": "step"}, "schedule must be one of"),
-    ({"head": "transformer"}, "head must be one of"),
-    ({"aug_policy": "wild"}, "aug_policy must be one of"),
-    ({"lr": -1}, "lr must be > 0"),
-    ({"lr": float("nan")}, "lr must be > 0"),
-    ({"dropout": 1.0}, "dropout"),
-    ({"label_smoothing": -0.1}, "label_smoothing"),
-    ({"views": 0}, "views"),
-    ({"batch_size": 0}, "batch_size"),
-    ({"grad_clip": -1}, "grad_clip"),
-])
+@pytest.mark.parametrize(
+    "values, words",
+    [
+        ({"hidden": 3.5}, "'hidden'"),
+        ({"epochs": "many"}, "'epochs'"),
+        ({"nesterov": "maybe"}, "'nesterov'"),
+        ({"optimizer": "rmsprop"}, "optimizer must be one of"),
+        ({"schedule": "step"}, "schedule must be one of"),
+        ({"head": "transformer"}, "head must be one of"),
+        ({"aug_policy": "wild"}, "aug_policy must be one of"),
+        ({"lr": -1}, "lr must be > 0"),
+        ({"lr": float("nan")}, "lr must be > 0"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"label_smoothing": -0.1}, "label_smoothing"),
+        ({"views": 0}, "views"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"grad_clip": -1}, "grad_clip"),
+    ],
+)
 def test_trial_config_rejects_invalid_values(values, words):
     with pytest.raises(UserError) as err:
         TrialConfig.from_dict(values)
@@ -258,8 +277,19 @@ def test_trial_config_rejects_invalid_values(values, words):
 
 
 # ------------------------------------------------------------------------------------------ head runs
-CFG = dict(backbone="resnet18", image_size=32, views=3, hidden=16, dropout=0.3, lr=3e-3, batch_size=8,
-           epochs=5, warmup_epochs=1, seed=7, label_smoothing=0.1)
+CFG = dict(
+    backbone="resnet18",
+    image_size=32,
+    views=3,
+    hidden=16,
+    dropout=0.3,
+    lr=3e-3,
+    batch_size=8,
+    epochs=5,
+    warmup_epochs=1,
+    seed=7,
+    label_smoothing=0.1,
+)
 
 
 def test_head_run_learns_blobs():

@@ -39,15 +39,32 @@ def _direct(model_path, labels_csv, split):
         tp, fp, fn = cm[c, c], cm[:, c].sum() - cm[c, c], cm[c].sum() - cm[c, c]
         f1.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
     loss = float(torch.nn.functional.cross_entropy(logits, torch.as_tensor(y)))
-    return {"accuracy": float((pred == y).mean()), "macro_f1": float(np.mean(f1)), "cm": cm.tolist(), "loss": loss,
-            "n": len(y)}
+    return {
+        "accuracy": float((pred == y).mean()),
+        "macro_f1": float(np.mean(f1)),
+        "cm": cm.tolist(),
+        "loss": loss,
+        "n": len(y),
+    }
 
 
 @pytest.mark.parametrize("split", ["test", "valid"])
 def test_evaluate_agrees_with_a_direct_computation(tiny_model, tmp_path, capsys, split):
     out = tmp_path / "m.json"
-    rc = evaluate.main(["--model", str(tiny_model.model_path), "--data", str(tiny_model.root), "--split", split,
-                        "--out", str(out), "--num-workers", "0"])
+    rc = evaluate.main(
+        [
+            "--model",
+            str(tiny_model.model_path),
+            "--data",
+            str(tiny_model.root),
+            "--split",
+            split,
+            "--out",
+            str(out),
+            "--num-workers",
+            "0",
+        ]
+    )
     printed = capsys.readouterr().out
     assert rc == 0
     got = json.loads(out.read_text())
@@ -91,8 +108,12 @@ def test_a_subset_of_the_classes_is_scored_on_the_models_classes(tiny_model, tmp
     subset = tiny_model.root / "labels_no_beta.csv"
     frame[frame["label"] != "beta"].to_csv(subset, index=False)
     out = tmp_path / "s.json"
-    assert evaluate.main(["--model", str(tiny_model.model_path), "--data", str(subset), "--out", str(out),
-                          "--num-workers", "0"]) == 0
+    assert (
+        evaluate.main(
+            ["--model", str(tiny_model.model_path), "--data", str(subset), "--out", str(out), "--num-workers", "0"]
+        )
+        == 0
+    )
     got = json.loads(out.read_text())
     assert got["classes"] == ["alpha", "beta", "gamma"] and got["per_class"]["beta"]["support"] == 0
     assert got["test_count"] == 6
@@ -109,8 +130,21 @@ def test_a_labels_csv_kept_outside_the_dataset_needs_and_takes_data_root(tiny_mo
     assert not (tmp_path / "a.json").exists()
     assert evaluate.main(base + ["--data-root", str(tiny_model.root), "--out", str(tmp_path / "b.json")]) == 0
     direct = tmp_path / "c.json"
-    assert evaluate.main(["--model", str(tiny_model.model_path), "--data", str(tiny_model.labels_csv),
-                          "--num-workers", "0", "--out", str(direct)]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--model",
+                str(tiny_model.model_path),
+                "--data",
+                str(tiny_model.labels_csv),
+                "--num-workers",
+                "0",
+                "--out",
+                str(direct),
+            ]
+        )
+        == 0
+    )
     got, want = json.loads((tmp_path / "b.json").read_text()), json.loads(direct.read_text())
     assert got["confusion_matrix"] == want["confusion_matrix"] and got["accuracy"] == want["accuracy"]
 
@@ -122,10 +156,21 @@ def test_a_folder_without_labels_csv_and_an_unreadable_image(tiny_model, tmp_pat
     (root / "alpha").mkdir(parents=True)
     (root / "alpha" / "x.png").write_bytes(b"garbage")
     pd.DataFrame([{"path": "alpha/x.png", "label": "alpha", "split": "test", "group": "g"}]).to_csv(
-        root / "labels.csv", index=False)
+        root / "labels.csv", index=False
+    )
     for workers in ("0", "1"):  # a decode error from a loader worker is still one line
-        rc = evaluate.main(["--model", str(tiny_model.model_path), "--data", str(root), "--num-workers", workers,
-                            "--out", str(tmp_path / "x.json")])
+        rc = evaluate.main(
+            [
+                "--model",
+                str(tiny_model.model_path),
+                "--data",
+                str(root),
+                "--num-workers",
+                workers,
+                "--out",
+                str(tmp_path / "x.json"),
+            ]
+        )
         err = capsys.readouterr().err
         assert rc == 2 and err.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in err, err
         assert "x.png: not an image" in err.strip().splitlines()[-1]

@@ -27,24 +27,29 @@ def _classifier(backbone: FrozenBackbone, in_dim: int, n_classes: int = 3) -> Cl
 
 def _tiny_vit() -> FrozenBackbone:
     torch.manual_seed(0)
-    net = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
-                                               hidden_dim=16, mlp_dim=32)
+    net = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32
+    )
     return FrozenBackbone(net, name="vit", feature_layer="pooled")
 
 
 def _tiny_swin() -> FrozenBackbone:
     torch.manual_seed(0)
-    net = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[1, 1], num_heads=[1, 1],
-                                             window_size=[2, 2])
+    net = torchvision.models.SwinTransformer(
+        patch_size=[4, 4], embed_dim=8, depths=[1, 1], num_heads=[1, 1], window_size=[2, 2]
+    )
     return FrozenBackbone(net, name="swin", feature_layer="pooled")
 
 
 # ------------------------------------------------------------------------------------------ layer rule
-@pytest.mark.parametrize("name,size,layer,grid", [
-    ("resnet18", 64, "layer4", (2, 2)),
-    ("resnet18", 32, "layer3", (2, 2)),  # layer4 is 1x1 at 32 px: no map there, one layer earlier
-    ("mobilenet_v3_small", 64, "features", (2, 2)),
-])
+@pytest.mark.parametrize(
+    "name,size,layer,grid",
+    [
+        ("resnet18", 64, "layer4", (2, 2)),
+        ("resnet18", 32, "layer3", (2, 2)),  # layer4 is 1x1 at 32 px: no map there, one layer earlier
+        ("mobilenet_v3_small", 64, "features", (2, 2)),
+    ],
+)
 def test_last_spatial_layer_of_convnets(name, size, layer, grid):
     backbone, _ = build_backbone(name, weights="none")
     found = explain.find_spatial_layer(backbone.net, image_size=size)
@@ -159,8 +164,11 @@ def test_ensemble_members_maps_are_averaged_with_their_weights():
 def photos(tiny_model, tmp_path) -> Path:
     folder = tmp_path / "photos"
     (folder / "sub").mkdir(parents=True)
-    for rel, dest in (("alpha/alpha_010.png", "a.png"), ("beta/beta_011.png", "b.png"),
-                      ("gamma/gamma_009.png", "sub/a.png")):  # two photos named a.png
+    for rel, dest in (
+        ("alpha/alpha_010.png", "a.png"),
+        ("beta/beta_011.png", "b.png"),
+        ("gamma/gamma_009.png", "sub/a.png"),
+    ):  # two photos named a.png
         shutil.copy(tiny_model.root / rel, folder / dest)
     data = (tiny_model.root / "alpha/alpha_011.png").read_bytes()
     (folder / "broken.png").write_bytes(data[: len(data) // 3])
@@ -230,9 +238,16 @@ def gallery_experiment(request, tmp_path_factory):
 
     work = tmp_path_factory.mktemp(f"gallery_{request.param}")
     data = generate_demo(work / "data", per_class=8, size=48, family=request.param, workers=1)
-    rows = [{"path": f"{d.name}/{f.name}", "label": d.name, "split": ("train", "train", "valid", "test")[i % 4],
-             "group": f"{d.name}/{f.name}"}
-            for d in sorted(p for p in data.iterdir() if p.is_dir()) for i, f in enumerate(sorted(d.glob("*.jpg")))]
+    rows = [
+        {
+            "path": f"{d.name}/{f.name}",
+            "label": d.name,
+            "split": ("train", "train", "valid", "test")[i % 4],
+            "group": f"{d.name}/{f.name}",
+        }
+        for d in sorted(p for p in data.iterdir() if p.is_dir())
+        for i, f in enumerate(sorted(d.glob("*.jpg")))
+    ]
     csv = data / "labels.csv"
     pd.DataFrame(rows).to_csv(csv, index=False)
     exp = make_fake_experiment(work)
@@ -305,7 +320,10 @@ def test_gallery_without_a_model_or_data_says_why(tmp_path):
     assert "No gallery: no best/model.pt in the experiment." in md
     assert not (exp / "report" / "mistakes.png").exists()
     page = (exp / "report" / "index.html").read_text()
-    assert all(s.startswith("data:image/png;base64,") for s in __import__("tune_rice.report_html").report_html.image_sources(page))
+    assert all(
+        s.startswith("data:image/png;base64,")
+        for s in __import__("tune_rice.report_html").report_html.image_sources(page)
+    )
 
 
 # ------------------------------------------------------------------------ do the maps find the evidence?

@@ -91,8 +91,10 @@ def test_onnx_without_onnx_installed_says_how_to_get_it(tiny_model, tmp_path, ca
     assert not (tmp_path / "m.onnx").exists()
 
 
-needs_onnx = pytest.mark.skipif(not (export.installed("onnx") and export.installed("onnxruntime")),
-                                reason="needs onnx and onnxruntime (the test extra installs both)")
+needs_onnx = pytest.mark.skipif(
+    not (export.installed("onnx") and export.installed("onnxruntime")),
+    reason="needs onnx and onnxruntime (the test extra installs both)",
+)
 
 
 @needs_onnx
@@ -121,8 +123,7 @@ def test_onnx_export_matches_and_writes_its_metadata(tiny_model, tmp_path, capsy
 
 
 @needs_onnx
-def test_onnx_without_onnxruntime_is_written_but_says_it_was_not_checked(tiny_model, tmp_path, capsys,
-                                                                         monkeypatch):
+def test_onnx_without_onnxruntime_is_written_but_says_it_was_not_checked(tiny_model, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(export, "installed", lambda module: module != "onnxruntime")
     out = tmp_path / "m.onnx"
     assert export.main(["--model", str(tiny_model.model_path), "--format", "onnx", "--out", str(out)]) == 0
@@ -147,14 +148,18 @@ def ensemble_artifact(tmp_path_factory):
     ens = build_ensemble(members, weights=[0.4, 0.4, 0.2], temperature=1.6, names=["t0", "t1", "t2"])
     assert len(ens.backbones) == 2
     out = tmp_path_factory.mktemp("ensemble") / "model.pt"
-    save_artifact(out, ens, classes=["alpha", "beta", "gamma"], preprocessing={"image_size": 32},
-                  weights=[identities[0], identities[2]])
+    save_artifact(
+        out,
+        ens,
+        classes=["alpha", "beta", "gamma"],
+        preprocessing={"image_size": 32},
+        weights=[identities[0], identities[2]],
+    )
     return out, members
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", pytest.param("onnx", marks=needs_onnx)])
-def test_an_ensemble_exports_as_one_graph_with_its_weights_and_temperature(ensemble_artifact, fmt, tmp_path,
-                                                                           capsys):
+def test_an_ensemble_exports_as_one_graph_with_its_weights_and_temperature(ensemble_artifact, fmt, tmp_path, capsys):
     path, members = ensemble_artifact
     out = tmp_path / ("m.ts" if fmt == "torchscript" else "m.onnx")
     assert export.main(["--model", str(path), "--format", fmt, "--out", str(out)]) == 0

@@ -52,8 +52,13 @@ def _inline_features(table, split: str, image_size: int, *, seed: int = 0) -> to
 def test_bank_logits_match_the_inline_model(dataset, bank):
     table = read_labels(dataset)
     backbone, _ = build_backbone("resnet18", weights="none", seed=SPEC.seed)
-    run = HeadRun(TrialConfig(backbone="resnet18", image_size=32, views=3, hidden=32, dropout=0.0, lr=1e-2,
-                              batch_size=8, epochs=2), bank=bank, device="cpu")
+    run = HeadRun(
+        TrialConfig(
+            backbone="resnet18", image_size=32, views=3, hidden=32, dropout=0.0, lr=1e-2, batch_size=8, epochs=2
+        ),
+        bank=bank,
+        device="cpu",
+    )
     run.step()  # a trained head: logits of a realistic scale, not the near-zero ones of a fresh init
     head = run.head.eval()
     model = Classifier(backbone, head).eval()
@@ -100,8 +105,9 @@ def test_standardised_views_stay_bounded(bank):
 
 
 def test_head_on_the_bank_learns_the_separable_dataset(bank):
-    cfg = TrialConfig(backbone="resnet18", image_size=32, views=3, hidden=64, dropout=0.1, lr=3e-3,
-                      batch_size=8, epochs=4, seed=0)
+    cfg = TrialConfig(
+        backbone="resnet18", image_size=32, views=3, hidden=64, dropout=0.1, lr=3e-3, batch_size=8, epochs=4, seed=0
+    )
     run = HeadRun(cfg, bank=bank, device="cpu")
     history = [run.step() for _ in range(cfg.epochs)]
     assert history[-1]["valid/acc"] > 0.95, [h["valid/acc"] for h in history]  # chance is 1/3
@@ -129,14 +135,36 @@ def test_views_shape_and_view0_is_the_unaugmented_image(dataset, bank):
 
 def test_extraction_is_deterministic_whatever_the_workers(dataset, bank):
     spec = FeatureSpec(backbone="resnet18", image_size=32, views=3, seed=0)
-    serial = extract_bank(dataset, spec, splits=("train",), use_cache=False, weights="none", num_workers=0,
-                          batch_size=16, progress=False, device="cpu")
-    parallel = extract_bank(dataset, spec, splits=("train",), use_cache=False, weights="none", num_workers=2,
-                            batch_size=16, progress=False, device="cpu")
+    serial = extract_bank(
+        dataset,
+        spec,
+        splits=("train",),
+        use_cache=False,
+        weights="none",
+        num_workers=0,
+        batch_size=16,
+        progress=False,
+        device="cpu",
+    )
+    parallel = extract_bank(
+        dataset,
+        spec,
+        splits=("train",),
+        use_cache=False,
+        weights="none",
+        num_workers=2,
+        batch_size=16,
+        progress=False,
+        device="cpu",
+    )
     assert np.array_equal(serial.splits["train"].features, parallel.splits["train"].features)
     # Same seed, other batch size: the same augmentations (the views are a function of seed and image).
-    np.testing.assert_allclose(serial.splits["train"].features.astype(np.float32),
-                               bank.splits["train"].features.astype(np.float32), rtol=FP16_RTOL, atol=FP16_ATOL)
+    np.testing.assert_allclose(
+        serial.splits["train"].features.astype(np.float32),
+        bank.splits["train"].features.astype(np.float32),
+        rtol=FP16_RTOL,
+        atol=FP16_ATOL,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- cache
@@ -165,8 +193,11 @@ def _count_backbone_builds(monkeypatch) -> list:
 def test_banks_extracted_together_equal_banks_extracted_one_at_a_time(dataset, tmp_path, monkeypatch):
     """wide.yaml's case: several backbones and both feature layers at one image size share one decode and
     augmentation pass, and a backbone wanted for pooled features and logits runs once for both."""
-    specs = [FeatureSpec(backbone=b, image_size=32, views=2, feature_layer=layer, seed=0)
-             for b in ("resnet18", "resnet34") for layer in ("pooled", "logits")]
+    specs = [
+        FeatureSpec(backbone=b, image_size=32, views=2, feature_layer=layer, seed=0)
+        for b in ("resnet18", "resnet34")
+        for layer in ("pooled", "logits")
+    ]
     specs.append(FeatureSpec(backbone="resnet18", image_size=48, views=2, seed=0))  # another pass
     decoded, forwards = [], []
     real_load, real_forward = features.dataset_for_split, FrozenBackbone.forward
@@ -297,8 +328,9 @@ def test_save_bank_keeps_a_bank_another_process_finished_first(separable, tmp_pa
 
 def test_temp_folders_of_killed_writes_are_swept_and_live_ones_kept(tmp_path, monkeypatch):
     host = socket.gethostname()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     dead_pid = int(dead.stdout)  # a process that has exited
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     idle, day = features.STALE_TEMP_S + 60, features.STALE_FOREIGN_TEMP_S + 60

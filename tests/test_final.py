@@ -98,7 +98,9 @@ def test_greedy_selection_replays_by_direct_computation():
     keep = int(np.argmin(sel.history)) + 1
     kept = sel.picks[:keep]
     assert sel.members == list(dict.fromkeys(kept))
-    assert sel.weights == pytest.approx([kept.count(m) / keep for m in sel.members]) and sum(sel.weights) == pytest.approx(1)
+    assert sel.weights == pytest.approx([kept.count(m) / keep for m in sel.members]) and sum(
+        sel.weights
+    ) == pytest.approx(1)
     ens = final.ensemble_logits(logits, sel.members, sel.weights)
     assert final.nll(ens, y) == pytest.approx(min(sel.history), abs=1e-12)
     assert final.nll(ens, y) < final.nll(logits[0], y)  # on this data averaging helps
@@ -144,7 +146,8 @@ def test_coverage_curve_and_threshold_by_hand():
     assert curve["coverage"] == pytest.approx([0.2, 0.6, 0.8, 1.0])  # the tie at 0.8 is kept together
     assert curve["accuracy"] == pytest.approx([1.0, 2 / 3, 3 / 4, 3 / 5])
     assert final.suggest_threshold(probs, y, target_accuracy=0.7) == pytest.approx(
-        {"target_accuracy": 0.7, "threshold": 0.6, "coverage": 0.8, "accuracy": 0.75})
+        {"target_accuracy": 0.7, "threshold": 0.6, "coverage": 0.8, "accuracy": 0.75}
+    )
     assert final.suggest_threshold(probs, y, target_accuracy=0.6)["threshold"] == 0.0  # all kept already
     assert final.suggest_threshold(probs, y, target_accuracy=1.0)["threshold"] == pytest.approx(0.9)
     wrong = np.array([1, 1, 1, 0, 0])
@@ -219,15 +222,24 @@ def tiny_candidates(request, tmp_path):
 
     from tune_rice import data, engine, features
 
-    labels = make_separable_dataset(tmp_path / "data") if request.param == "colour" else \
-        _scans_dataset(tmp_path / "scans")
+    labels = (
+        make_separable_dataset(tmp_path / "data") if request.param == "colour" else _scans_dataset(tmp_path / "scans")
+    )
     cfg = engine.TrialConfig(backbone="resnet18", image_size=32, views=1, aug_policy="none", epochs=4, seed=0)
-    bank = features.extract_bank(labels, cfg.feature_spec(), weights="none", cache_dir=tmp_path / "cache",
-                                 device="cpu", num_workers=0, progress=False)
+    bank = features.extract_bank(
+        labels,
+        cfg.feature_spec(),
+        weights="none",
+        cache_dir=tmp_path / "cache",
+        device="cpu",
+        num_workers=0,
+        progress=False,
+    )
     candidates = []
     for i, (hidden, lr) in enumerate([(32, 3e-3), (0, 1e-2), (64, 1e-3), (16, 3e-2), (0, 1e-3), (32, 1e-2)]):
-        run = engine.HeadRun(engine.TrialConfig(**{**cfg.to_dict(), "hidden": hidden, "lr": lr, "seed": i}),
-                             bank=bank, device="cpu")
+        run = engine.HeadRun(
+            engine.TrialConfig(**{**cfg.to_dict(), "hidden": hidden, "lr": lr, "seed": i}), bank=bank, device="cpu"
+        )
         scores = [run.step()["valid/acc"] for _ in range(cfg.epochs)]
         candidates.append(final.Candidate(f"t{i}", cfg.feature_spec(), run.head.eval(), max(scores)))
     candidates.sort(key=lambda c: -c.score)
@@ -248,8 +260,9 @@ def test_the_deployed_model_on_images_is_the_choice_made_on_bank_logits(tiny_can
     assert choice.candidates == [c.name for c in candidates] and choice.members[0] == candidates[0].name
     # The valid logits the choice was made on are each head on the bank (no image decoded); without
     # banks (--feature-cache off) they come from one decode of the valid images, to the bank's float16.
-    from_images, y_images = final.valid_logits_from_images(pool, table, {"resnet18": weights}, device="cpu",
-                                                           num_workers=0)
+    from_images, y_images = final.valid_logits_from_images(
+        pool, table, {"resnet18": weights}, device="cpu", num_workers=0
+    )
     assert np.array_equal(y_images, y_valid)
     for a, b in zip(logits, from_images):
         assert np.allclose(a, b, atol=2e-2, rtol=1e-2), np.abs(a - b).max()
@@ -285,7 +298,8 @@ def test_the_deployed_model_on_images_is_the_choice_made_on_bank_logits(tiny_can
     if len(choice.selection.members) > 1:
         assert record["ensemble"]["accuracy"] == pytest.approx(float((ensemble.argmax(1).numpy() == yt).mean()))
         assert record["ensemble"]["calibration"]["after"]["nll"] == pytest.approx(
-            final.nll(ensemble.double().numpy(), yt), abs=1e-4)
+            final.nll(ensemble.double().numpy(), yt), abs=1e-4
+        )
         assert record["ensemble"]["deployed"] == (choice.deployed == "ensemble")
 
 
@@ -293,8 +307,15 @@ def test_candidates_from_checkpoint_states_plain_and_cross_validated(separable, 
     from tune_rice import engine, features
 
     cfg = engine.TrialConfig(backbone="resnet18", image_size=32, views=1, aug_policy="none", epochs=2, hidden=16)
-    bank = features.extract_bank(separable, cfg.feature_spec(), weights="none", cache_dir=tmp_path / "cache",
-                                 device="cpu", num_workers=0, progress=False)
+    bank = features.extract_bank(
+        separable,
+        cfg.feature_spec(),
+        weights="none",
+        cache_dir=tmp_path / "cache",
+        device="cpu",
+        num_workers=0,
+        progress=False,
+    )
     run = engine.HeadRun(cfg, bank=bank, device="cpu")
     run.step()
     plain = final.candidate_from_state("t0", run.state_dict(), cfg, score=0.5)
@@ -327,8 +348,9 @@ def test_make_final_model_and_its_record_rebuild_the_same_model(tiny_candidates)
     record = json.loads(json.dumps(fm.record()))
     assert [c["name"] for c in record["candidate_info"]] == record["candidates"]
     # A resumed search reads the choice back: same members, weights, temperature, same model.
-    again = final.make_final_model(list(reversed(candidates)), weights={"resnet18": weights}, banks=banks,
-                                   recorded=record)
+    again = final.make_final_model(
+        list(reversed(candidates)), weights={"resnet18": weights}, banks=banks, recorded=record
+    )
     assert again.choice == fm.choice and [c.name for c in again.pool] == [c.name for c in fm.pool]
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
@@ -341,8 +363,15 @@ def test_probes_join_the_candidates_behind_the_single_best(separable, tmp_path):
     from tune_rice import engine, features, probe
 
     cfg = engine.TrialConfig(backbone="resnet18", image_size=32, views=1, aug_policy="none", epochs=2, hidden=16)
-    bank = features.extract_bank(separable, cfg.feature_spec(), weights="none", cache_dir=tmp_path / "cache",
-                                 device="cpu", num_workers=0, progress=False)
+    bank = features.extract_bank(
+        separable,
+        cfg.feature_spec(),
+        weights="none",
+        cache_dir=tmp_path / "cache",
+        device="cpu",
+        num_workers=0,
+        progress=False,
+    )
     banks = {bank.spec.name: bank}
     probes = probe.fit_probes(banks, metric="valid/acc")
     (cand,) = final.probe_candidates(probes, banks, metric="valid/acc")

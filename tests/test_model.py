@@ -300,9 +300,15 @@ def test_artifact_round_trip(tmp_path, kind):
     head = build_head(kind, in_dim=backbone.out_dim, n_classes=3, hidden=16, dropout=0.2)
     head.set_standardization(torch.rand(backbone.out_dim), torch.rand(backbone.out_dim) + 0.5)
     model = Classifier(backbone, head).eval()
-    path = save_artifact(tmp_path / "best" / "model.pt", model, classes=["a", "b", "c"],
-                         preprocessing={"image_size": 32}, weights=resolved,
-                         config={"lr": 1e-3, "path": tmp_path}, metrics={"valid/acc": torch.tensor(0.5)})
+    path = save_artifact(
+        tmp_path / "best" / "model.pt",
+        model,
+        classes=["a", "b", "c"],
+        preprocessing={"image_size": 32},
+        weights=resolved,
+        config={"lr": 1e-3, "path": tmp_path},
+        metrics={"valid/acc": torch.tensor(0.5)},
+    )
     assert [p.name for p in path.parent.iterdir()] == ["model.pt"]  # no temp file left behind
 
     loaded, meta = load_artifact(path)
@@ -322,8 +328,7 @@ def test_artifact_round_trip(tmp_path, kind):
 def _member(name: str, seed: int, layer: str = "pooled", *, hidden: int = 16):
     backbone, resolved = build_backbone(name, weights="none", seed=seed, feature_layer=layer)
     torch.manual_seed(seed + 100)
-    head = build_head("seed" if layer == "logits" else "pooled", in_dim=backbone.out_dim, n_classes=3,
-                      hidden=hidden)
+    head = build_head("seed" if layer == "logits" else "pooled", in_dim=backbone.out_dim, n_classes=3, hidden=hidden)
     head.set_standardization(torch.rand(backbone.out_dim), torch.rand(backbone.out_dim) + 0.5)
     return Classifier(backbone, head).eval(), resolved
 
@@ -340,9 +345,16 @@ def test_ensemble_shares_backbones_and_round_trips(tmp_path):
         direct = (0.5 * a(x) + 0.3 * b(x) + 0.2 * c(x)) / temperature  # each member on its own backbone
         assert torch.allclose(ens(x), direct, atol=1e-5)
 
-    path = save_artifact(tmp_path / "model.pt", ens, classes=["a", "b", "c"], preprocessing={"image_size": 32},
-                         weights=[wa, wa], config={"k": 3}, metrics={"valid/acc": 0.5},
-                         calibration={"method": "temperature", "fitted_on": "valid"})
+    path = save_artifact(
+        tmp_path / "model.pt",
+        ens,
+        classes=["a", "b", "c"],
+        preprocessing={"image_size": 32},
+        weights=[wa, wa],
+        config={"k": 3},
+        metrics={"valid/acc": 0.5},
+        calibration={"method": "temperature", "fitted_on": "valid"},
+    )
     loaded, meta = load_artifact(path)
     assert meta["calibration"] == {"method": "temperature", "fitted_on": "valid"}
     assert isinstance(loaded, Ensemble) and len(loaded.backbones) == 2
@@ -361,8 +373,9 @@ def test_ensemble_shares_backbones_and_round_trips(tmp_path):
     # One member: a Classifier that carries the temperature through save and load.
     single = build_ensemble([a], weights=[1.0], temperature=2.0, names=["t1"])
     assert isinstance(single, Classifier)
-    path = save_artifact(tmp_path / "single.pt", single, classes=["a", "b", "c"], preprocessing={"image_size": 32},
-                         weights=wa)
+    path = save_artifact(
+        tmp_path / "single.pt", single, classes=["a", "b", "c"], preprocessing={"image_size": 32}, weights=wa
+    )
     loaded, meta = load_artifact(path)
     assert isinstance(loaded, Classifier) and meta["temperature"] == 2.0 and meta["head"]["kind"] == "pooled"
     with torch.no_grad():
@@ -372,12 +385,20 @@ def test_ensemble_shares_backbones_and_round_trips(tmp_path):
 def test_version_1_single_head_files_still_load(tmp_path):
     model, resolved = _member("resnet18", 2)
     # The layout version 1 wrote (before ensembles): one "backbone", one "head", no temperature.
-    v1 = {"format": ARTIFACT_FORMAT, "version": 1,
-          "backbone": {"name": "resnet18", "feature_layer": "pooled", "state_dict": model.backbone.net.state_dict()},
-          "head": {**model.head.spec(), "state_dict": model.head.state_dict()},
-          "classes": ["a", "b", "c"], "preprocessing": {"image_size": 32}, "weights": resolved.identity,
-          "pretrained": False, "config": {"lr": 0.1}, "metrics": {}, "torch_version": "2.1",
-          "torchvision_version": "0.16"}
+    v1 = {
+        "format": ARTIFACT_FORMAT,
+        "version": 1,
+        "backbone": {"name": "resnet18", "feature_layer": "pooled", "state_dict": model.backbone.net.state_dict()},
+        "head": {**model.head.spec(), "state_dict": model.head.state_dict()},
+        "classes": ["a", "b", "c"],
+        "preprocessing": {"image_size": 32},
+        "weights": resolved.identity,
+        "pretrained": False,
+        "config": {"lr": 0.1},
+        "metrics": {},
+        "torch_version": "2.1",
+        "torchvision_version": "0.16",
+    }
     torch.save(v1, tmp_path / "v1.pt")
     loaded, meta = load_artifact(tmp_path / "v1.pt")
     x = torch.randn(2, 3, 32, 32)

@@ -69,12 +69,37 @@ def test_search_spreads_over_two_nodes(separable, tmp_path):
         # setup hook, tests/search_driver.py), so both nodes' workers hold a trial at the same moment.
         spec = {"dir": str(tmp_path / "hold"), "together": 2}
         (tmp_path / "hold").mkdir()
-        cmd = [sys.executable, str(REPO / "tests" / "search_driver.py"), json.dumps(spec),
-               "--address", cluster.address, "--data", str(separable), "--search-space", str(tmp_path / "space.yaml"), "--num-samples", str(NUM_SAMPLES),
-               "--weights", "none", "--gpus-per-trial", "0.5", "--cpus-per-trial", "1", "--max-concurrent", "2",
-               "--grace-period", "40", "--storage-path", str(storage), "--name", "multinode", "--no-report"]
-        proc = subprocess.run(cmd, env={**os.environ, **cluster.client_env},
-                              cwd=tmp_path, capture_output=True, text=True, timeout=240)
+        cmd = [
+            sys.executable,
+            str(REPO / "tests" / "search_driver.py"),
+            json.dumps(spec),
+            "--address",
+            cluster.address,
+            "--data",
+            str(separable),
+            "--search-space",
+            str(tmp_path / "space.yaml"),
+            "--num-samples",
+            str(NUM_SAMPLES),
+            "--weights",
+            "none",
+            "--gpus-per-trial",
+            "0.5",
+            "--cpus-per-trial",
+            "1",
+            "--max-concurrent",
+            "2",
+            "--grace-period",
+            "40",
+            "--storage-path",
+            str(storage),
+            "--name",
+            "multinode",
+            "--no-report",
+        ]
+        proc = subprocess.run(
+            cmd, env={**os.environ, **cluster.client_env}, cwd=tmp_path, capture_output=True, text=True, timeout=240
+        )
         t_search = time.perf_counter() - t0 - t_up
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
@@ -84,8 +109,10 @@ def test_search_spreads_over_two_nodes(separable, tmp_path):
     df = pd.read_csv(exp / "results.csv", dtype={"trial_id": str, "node_id": str, "gpu_ids": str})
     df = df[df["kind"] == "trial"]  # the linear probe has rows of its own
     assert len(df) == NUM_SAMPLES and (df["status"] == "TERMINATED").all(), df
-    print("trials per node:", df["node_id"].map({head["node_id"]: "head", worker["node_id"]: "worker"})
-          .value_counts().to_dict())
+    print(
+        "trials per node:",
+        df["node_id"].map({head["node_id"]: "head", worker["node_id"]: "worker"}).value_counts().to_dict(),
+    )
     # trials really ran on both nodes, each with GPU ids assigned by Ray
     assert set(df["node_id"]) == {head["node_id"], worker["node_id"]}, df[["trial_id", "node_id"]]
     assert df["gpu_ids"].notna().all() and (df["gpu_ids"].str.len() > 0).all(), df[["trial_id", "gpu_ids"]]

@@ -35,8 +35,11 @@ def photo_folder(tiny_model, tmp_path) -> Path:
     """Three good images (one in a sub-folder), a truncated PNG, a text file named .jpg, and a notes.txt."""
     folder = tmp_path / "photos"
     (folder / "sub").mkdir(parents=True)
-    for rel, dest in (("alpha/alpha_010.png", "a.png"), ("beta/beta_011.png", "b.png"),
-                      ("gamma/gamma_009.png", "sub/g.png")):
+    for rel, dest in (
+        ("alpha/alpha_010.png", "a.png"),
+        ("beta/beta_011.png", "b.png"),
+        ("gamma/gamma_009.png", "sub/g.png"),
+    ):
         shutil.copy(tiny_model.root / rel, folder / dest)
     data = (tiny_model.root / "alpha/alpha_011.png").read_bytes()
     (folder / "broken.png").write_bytes(data[: len(data) // 3])
@@ -56,8 +59,16 @@ def test_predict_folder_lists_bad_files_and_matches_the_model(tiny_model, photo_
     rc, out, err = _run(capsys, "--model", tiny_model.model_path, photo_folder, "--out", out_csv, "--topk", "2")
     assert rc == 0, err
     table = pd.read_csv(out_csv, keep_default_na=False)
-    assert list(table.columns) == ["path", "label", "score", "top1_label", "top1_score", "top2_label",
-                                   "top2_score", "error"]
+    assert list(table.columns) == [
+        "path",
+        "label",
+        "score",
+        "top1_label",
+        "top1_score",
+        "top2_label",
+        "top2_score",
+        "error",
+    ]
     assert len(table) == 5  # notes.txt is not an image file name, so not a candidate
     bad = table[table["error"] != ""]
     assert sorted(Path(p).name for p in bad["path"]) == ["broken.png", "fake.jpg"]
@@ -89,8 +100,21 @@ def test_predict_folder_lists_bad_files_and_matches_the_model(tiny_model, photo_
 def test_batch_size_and_workers_do_not_change_predictions(tiny_model, photo_folder, tmp_path, capsys):
     a, b = tmp_path / "a.csv", tmp_path / "b.csv"
     assert _run(capsys, "--model", tiny_model.model_path, photo_folder, "--out", a, "--batch-size", "64")[0] == 0
-    assert _run(capsys, "--model", tiny_model.model_path, photo_folder, "--out", b, "--batch-size", "2",
-                "--num-workers", "1")[0] == 0
+    assert (
+        _run(
+            capsys,
+            "--model",
+            tiny_model.model_path,
+            photo_folder,
+            "--out",
+            b,
+            "--batch-size",
+            "2",
+            "--num-workers",
+            "1",
+        )[0]
+        == 0
+    )
     pd.testing.assert_frame_equal(pd.read_csv(a), pd.read_csv(b), atol=1e-5)
 
 
@@ -105,8 +129,7 @@ def test_default_topk_single_file_and_experiment_folder(tiny_model, photo_folder
 
 @pytest.mark.parametrize("k", ["4", "0"])
 def test_topk_outside_the_class_count_is_a_user_error(tiny_model, photo_folder, tmp_path, capsys, k):
-    rc, _, err = _run(capsys, "--model", tiny_model.model_path, photo_folder, "--topk", k,
-                      "--out", tmp_path / "x.csv")
+    rc, _, err = _run(capsys, "--model", tiny_model.model_path, photo_folder, "--topk", k, "--out", tmp_path / "x.csv")
     assert rc == 2
     assert err.startswith("error: --topk") and "3 classes" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.csv").exists()
@@ -165,8 +188,9 @@ def test_min_confidence_labels_uncertain_and_keeps_the_topk(tiny_model, photo_fo
     reference = pd.read_csv(plain, keep_default_na=False)
     scores = reference.loc[reference["error"] == "", "score"].astype(float)
     p = float(np.median(scores))  # some images above, some below (three distinct scores)
-    rc, out, err = _run(capsys, "--model", tiny_model.model_path, photo_folder, "--out", unsure,
-                        "--min-confidence", str(p))
+    rc, out, err = _run(
+        capsys, "--model", tiny_model.model_path, photo_folder, "--out", unsure, "--min-confidence", str(p)
+    )
     assert rc == 0, err
     table = pd.read_csv(unsure, keep_default_na=False)
     good = table["error"] == ""
@@ -184,7 +208,8 @@ def test_min_confidence_labels_uncertain_and_keeps_the_topk(tiny_model, photo_fo
 
 @pytest.mark.parametrize("p", ["1.5", "-0.1"])
 def test_min_confidence_outside_0_1_is_a_user_error(tiny_model, photo_folder, tmp_path, capsys, p):
-    rc, _, err = _run(capsys, "--model", tiny_model.model_path, photo_folder, "--min-confidence", p,
-                      "--out", tmp_path / "x.csv")
+    rc, _, err = _run(
+        capsys, "--model", tiny_model.model_path, photo_folder, "--min-confidence", p, "--out", tmp_path / "x.csv"
+    )
     assert rc == 2 and err.startswith("error: --min-confidence") and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.csv").exists()

@@ -186,8 +186,10 @@ def test_near_duplicates_share_a_group_and_a_split(tmp_path):
         (folder / "bright.jpg").write_bytes(_encode(ImageEnhance.Brightness(base).enhance(1.1), quality=90))
         (folder / "shift.jpg").write_bytes(_encode(big.crop((10, 8, 266, 264)), quality=90))  # 2 px
         base.save(folder / "lossless.png")
-        planted[k] = [f"{label}/set{k}/{n}" for n in
-                      ("orig.jpg", "copy.jpg", "q40.jpg", "bright.jpg", "shift.jpg", "lossless.png")]
+        planted[k] = [
+            f"{label}/set{k}/{n}"
+            for n in ("orig.jpg", "copy.jpg", "q40.jpg", "bright.jpg", "shift.jpg", "lossless.png")
+        ]
 
     result = prepare_dataset(root, progress=False, seed=3)
     frame = result.frame.set_index("path")
@@ -259,7 +261,7 @@ def test_summary_is_short_with_many_groups(tmp_path):
     result = prepare_dataset(root, progress=False, dedup_mode="exact")
     report = format_report(result)
     start = report.index("duplicate groups merged")
-    summary = report[start:report.index("skipped files")].splitlines()
+    summary = report[start : report.index("skipped files")].splitlines()
     assert len(summary) <= 6 and max(map(len, summary)) < 400, summary
     assert "60 (covering 120 images" in summary[0]
     assert len(read_csv(result.duplicates_csv)) == 60
@@ -282,8 +284,9 @@ def test_stratified_within_one_image_of_target(tmp_path):
 def test_split_groups_singletons_property(valid_frac, test_frac):
     fractions = (1 - valid_frac - test_frac, valid_frac, test_frac)
     for n in range(3, 80):
-        split, warnings = prepare.split_groups(np.zeros(n, dtype=int), np.ones(n, dtype=int), fractions,
-                                               seed=n, classes=["x"])
+        split, warnings = prepare.split_groups(
+            np.zeros(n, dtype=int), np.ones(n, dtype=int), fractions, seed=n, classes=["x"]
+        )
         counts = np.bincount(split, minlength=3)
         assert (counts >= 1).all(), (n, counts)  # every split gets a member
         expected = np.round(np.asarray(fractions) * n)
@@ -294,14 +297,14 @@ def test_split_groups_singletons_property(valid_frac, test_frac):
 
 def test_split_groups_big_groups():
     sizes = np.array([30, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1])
-    split, _ = prepare.split_groups(np.zeros(len(sizes), dtype=int), sizes, (0.7, 0.15, 0.15),
-                                    seed=0, classes=["x"])
+    split, _ = prepare.split_groups(np.zeros(len(sizes), dtype=int), sizes, (0.7, 0.15, 0.15), seed=0, classes=["x"])
     assert split[0] == 0  # the big group goes to train
     counts = np.bincount(split, weights=sizes, minlength=3)
     assert counts[1] >= 1 and counts[2] >= 1
     # only 3 groups, one of them huge: each split still gets one
-    split, _ = prepare.split_groups(np.zeros(3, dtype=int), np.array([50, 2, 1]), (0.7, 0.15, 0.15),
-                                    seed=1, classes=["x"])
+    split, _ = prepare.split_groups(
+        np.zeros(3, dtype=int), np.array([50, 2, 1]), (0.7, 0.15, 0.15), seed=1, classes=["x"]
+    )
     assert sorted(split.tolist()) == [0, 1, 2] and split[0] == 0
 
 
@@ -434,7 +437,11 @@ def test_cli_refuses_bad_input_with_one_line_and_writes_nothing(tmp_path, datase
 
 
 def test_module_entry_point_exit_code(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "tune_rice.prepare", str(tmp_path / "missing")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tune_rice.prepare", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing'}: dataset folder not found"]

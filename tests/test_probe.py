@@ -190,8 +190,9 @@ def test_probe_and_folds_on_generated_images(tmp_path, family):
 
     folder = generate_demo(tmp_path / family, per_class=12, size=64, family=family, workers=1)
     csv = prepare_dataset(folder, valid_frac=0.25, test_frac=0.15, progress=False, workers=1).labels_csv
-    bank = extract_bank(csv, FeatureSpec(backbone="resnet18", image_size=32, views=2), weights="none",
-                        num_workers=0, progress=False)
+    bank = extract_bank(
+        csv, FeatureSpec(backbone="resnet18", image_size=32, views=2), weights="none", num_workers=0, progress=False
+    )
     result = probe_bank(bank)
     n_valid = len(bank.splits["valid"])
     assert result.valid["count"] == n_valid
@@ -217,12 +218,37 @@ def test_report_puts_the_probe_beside_the_best_trial(tmp_path, probe_value, beat
 
     from tune_rice.report import load_experiment, write_report
 
-    rows = [{"kind": "trial", "trial_id": "t1", "status": "TERMINATED", "best/valid/acc": 0.75, "best_epoch": 3,
-             "epochs": 4, "valid_count": 40, "config/lr": 0.01},
-            {"kind": "trial", "trial_id": "t2", "status": "TERMINATED", "best/valid/acc": 0.6, "best_epoch": 2,
-             "epochs": 4, "valid_count": 40, "config/lr": 0.1},
-            {"kind": "probe", "trial_id": "probe:bank", "status": "PROBE", "best/valid/acc": probe_value,
-             "valid_count": 40, "cv_folds": 0, "config/C": 0.1}]
+    rows = [
+        {
+            "kind": "trial",
+            "trial_id": "t1",
+            "status": "TERMINATED",
+            "best/valid/acc": 0.75,
+            "best_epoch": 3,
+            "epochs": 4,
+            "valid_count": 40,
+            "config/lr": 0.01,
+        },
+        {
+            "kind": "trial",
+            "trial_id": "t2",
+            "status": "TERMINATED",
+            "best/valid/acc": 0.6,
+            "best_epoch": 2,
+            "epochs": 4,
+            "valid_count": 40,
+            "config/lr": 0.1,
+        },
+        {
+            "kind": "probe",
+            "trial_id": "probe:bank",
+            "status": "PROBE",
+            "best/valid/acc": probe_value,
+            "valid_count": 40,
+            "cv_folds": 0,
+            "config/C": 0.1,
+        },
+    ]
     pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
     exp = load_experiment(tmp_path)
     assert list(exp.results["trial_id"]) == ["t1", "t2"] and list(exp.probes["trial_id"]) == ["probe:bank"]

@@ -53,11 +53,23 @@ def make_plain_folder(root: Path, *, per_class: int = 10, seed: int = 0) -> None
 
 
 # path -> why prepare must skip it
-BAD = {"alpha/zero.jpg": "empty file", "alpha/truncated.jpg": "cannot decode",
-       "beta/notes.jpg": "not an image (unknown format)"}
+BAD = {
+    "alpha/zero.jpg": "empty file",
+    "alpha/truncated.jpg": "cannot decode",
+    "beta/notes.jpg": "not an image (unknown format)",
+}
 # awkward files that must be used
-ODD = ("alpha/cmyk.jpg", "beta/cmyk.tif", "gamma/sixteen.png", "alpha/palette.png", "beta/rgba.png",
-       "gamma/huge.png", "gamma/one_pixel.png", "beta/feuille brûlée 1.jpg", "gamma/linked.jpg")
+ODD = (
+    "alpha/cmyk.jpg",
+    "beta/cmyk.tif",
+    "gamma/sixteen.png",
+    "alpha/palette.png",
+    "beta/rgba.png",
+    "gamma/huge.png",
+    "gamma/one_pixel.png",
+    "beta/feuille brûlée 1.jpg",
+    "gamma/linked.jpg",
+)
 
 
 def make_salted_folder(root: Path, outside: Path) -> None:
@@ -176,12 +188,33 @@ def salted_search(ray_local, tmp_path_factory):  # noqa: F811 -- the fixture imp
             m.setattr(search, "score_on_test", score_and_mark)
             m.setattr(search, "save_winner", choose_and_mark)
             m.setattr(data, "load_image", _driver_trace(trace))
-            rc = search.main(_argv(root, _space(work, epochs=2, views=1), work / "runs", "salted",
-                                   "--num-samples", 2, "--max-epochs", 2, "--grace-period", 2))
+            rc = search.main(
+                _argv(
+                    root,
+                    _space(work, epochs=2, views=1),
+                    work / "runs",
+                    "salted",
+                    "--num-samples",
+                    2,
+                    "--max-epochs",
+                    2,
+                    "--grace-period",
+                    2,
+                )
+            )
     finally:
         logger.removeHandler(records)
-    return {"rc": rc, "root": root, "exp": exp, "produced": produced, "trace": trace,
-            "log": records.lines, "out": stdout.getvalue(), "driver": os.getpid(), "saved_before_test": saved_before_test}
+    return {
+        "rc": rc,
+        "root": root,
+        "exp": exp,
+        "produced": produced,
+        "trace": trace,
+        "log": records.lines,
+        "out": stdout.getvalue(),
+        "driver": os.getpid(),
+        "saved_before_test": saved_before_test,
+    }
 
 
 @pytest.mark.slow
@@ -290,8 +323,20 @@ def test_resume_after_a_kill_mid_trial_loses_nothing_and_repeats_exactly(ray_loc
     epochs, samples = 60, 5
     storage = tmp_path / "runs"
     exp = storage / "r"
-    argv = _argv(labels, _space(tmp_path, epochs=epochs, views=1), storage, "r", "--num-samples", samples,
-                 "--max-concurrent", 1, "--grace-period", epochs, "--address", ray_local["address"])
+    argv = _argv(
+        labels,
+        _space(tmp_path, epochs=epochs, views=1),
+        storage,
+        "r",
+        "--num-samples",
+        samples,
+        "--max-concurrent",
+        1,
+        "--grace-period",
+        epochs,
+        "--address",
+        ray_local["address"],
+    )
     log = tmp_path / "first.log"
     # A snapshot every second (Tune's default is >= 10 s): the kill then finds finished trials in it.
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
@@ -299,15 +344,20 @@ def test_resume_after_a_kill_mid_trial_loses_nothing_and_repeats_exactly(ray_loc
     hold.mkdir()
     spec = {"dir": str(hold), "hold": {"trial": 1, "after_epoch": 20}}
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(SEARCH_DRIVER), json.dumps(spec), *argv], stdout=out,
-                                stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, str(SEARCH_DRIVER), json.dumps(spec), *argv],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            env=env,
+        )
     try:
         deadline = time.monotonic() + 900  # a guard against a hang, not a wait (below pytest's timeout)
         while True:
             assert proc.poll() is None, f"the search ended before it was killed:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, f"no trial half done in time:\n{log.read_text()[-3000:]}"
             finished = _terminated(exp)
-            running = {d.name[len("trial_"):]: _epochs(d) for d in exp.glob("trial_*")} if finished else {}
+            running = {d.name[len("trial_") :]: _epochs(d) for d in exp.glob("trial_*")} if finished else {}
             half = {t: len(e) for t, e in running.items() if t not in finished and e}  # started, not done
             if finished and half and (hold / "held-1").exists():
                 break
@@ -322,9 +372,13 @@ def test_resume_after_a_kill_mid_trial_loses_nothing_and_repeats_exactly(ray_loc
 
     # As a user resumes: a new process with its own new Ray session (the trials' staging folders are new
     # and empty; what they logged before is only in the storage path).
-    resumed = subprocess.run([sys.executable, "-m", "tune_rice.search", "--resume", "--name", "r",
-                              "--storage-path", str(storage)], capture_output=True, text=True, cwd=tmp_path,
-                             timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "tune_rice.search", "--resume", "--name", "r", "--storage-path", str(storage)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     out = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, out[-3000:]
     # Optuna warns when a step is reported twice: the search must not pass repeated epochs on to it
@@ -377,8 +431,7 @@ def test_report_reads_a_resumed_trial_whose_progress_csv_columns_shifted(tmp_pat
     with open(trial / "result.json", "w") as f:
         for row in [*rows[:3], rows[2], *rows[3:]]:  # epoch 3 ran again after the restore
             f.write(json.dumps({**row, "config": {"lr": 0.1}}) + "\n")
-    header = ["epoch", "train/loss", "valid/loss", "valid/acc", "should_checkpoint", "training_iteration",
-              "trial_id"]
+    header = ["epoch", "train/loss", "valid/loss", "valid/acc", "should_checkpoint", "training_iteration", "trial_id"]
     lines = [",".join(header)]
     for k, row in enumerate(rows):  # from the 4th row on, no should_checkpoint: the columns shift left
         values = [row["epoch"], row["train/loss"], row["valid/loss"], row["valid/acc"]]
@@ -404,8 +457,22 @@ def test_same_data_seed_and_space_give_the_same_search(ray_local, tmp_path):  # 
         folder = tmp_path / f"copy{k}"  # a copy each: each run prepares it and extracts its own bank
         shutil.copytree(raw, folder)
         storage = tmp_path / f"runs{k}"
-        rc = search.main(_argv(folder, space, storage, "d", "--num-samples", 12, "--max-concurrent", 1,
-                               "--grace-period", 2, "--seed", 3))
+        rc = search.main(
+            _argv(
+                folder,
+                space,
+                storage,
+                "d",
+                "--num-samples",
+                12,
+                "--max-concurrent",
+                1,
+                "--grace-period",
+                2,
+                "--seed",
+                3,
+            )
+        )
         assert rc == 0
         exp = storage / "d"
         trials = sorted(_optuna_trials(exp, "valid/acc", "max", max_t=2).values(), key=lambda t: t.number)
@@ -413,8 +480,15 @@ def test_same_data_seed_and_space_give_the_same_search(ray_local, tmp_path):  # 
         best = df.iloc[0].drop(["trial_id", "trial_dir", "node_id"]).dropna().to_dict()  # gpu_ids: NaN on CPU
         test = json.loads((exp / "test_metrics.json").read_text())
         test.pop("trial_id")
-        runs.append({"labels": (folder / "labels.csv").read_bytes(), "params": [t.params for t in trials],
-                     "values": [t.intermediate_values for t in trials], "best": best, "test": test})
+        runs.append(
+            {
+                "labels": (folder / "labels.csv").read_bytes(),
+                "params": [t.params for t in trials],
+                "values": [t.intermediate_values for t in trials],
+                "best": best,
+                "test": test,
+            }
+        )
     first, second = runs
     assert first["labels"] == second["labels"]
     # the proposals in order of creation: 10 from TPE's seeded start-up phase, then 2 that depend on the
@@ -457,8 +531,12 @@ _EXTRACT_CHILD = textwrap.dedent("""\
 def test_a_killed_extraction_leaves_no_bank_and_the_next_one_is_identical(separable, tmp_path, when):
     cache = tmp_path / "cache"
     cache.mkdir()
-    proc = subprocess.Popen([sys.executable, "-c", _EXTRACT_CHILD, str(separable), str(cache), when],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _EXTRACT_CHILD, str(separable), str(cache), when],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=dict(os.environ),
+    )
     try:
         deadline = time.monotonic() + 120
         while True:

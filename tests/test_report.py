@@ -128,13 +128,20 @@ def test_final_model_section_shows_members_figures_and_the_suggested_threshold(t
     logits = [(np.eye(5)[y] * 2 + rng.normal(0, 1.5, (200, 5))) * 2.5 for _ in names]  # over-confident
     choice = final.decide(names, logits, y, k=4)
     assert choice.deployed == "ensemble"
-    record = {**choice.to_dict(), "k": 4,
-              "candidate_info": [{"name": n, "score": float(s), "backbone": "resnet18", "head": "pooled",
-                                  "hidden": 64} for n, s in zip(names, df["best/valid/acc"][:6])]}
+    record = {
+        **choice.to_dict(),
+        "k": 4,
+        "candidate_info": [
+            {"name": n, "score": float(s), "backbone": "resnet18", "head": "pooled", "hidden": 64}
+            for n, s in zip(names, df["best/valid/acc"][:6])
+        ],
+    }
     (exp / "final.json").write_text(json.dumps(record))
     z = np.stack([lg[:50] for lg in logits], 1)[:, choice.selection.members]
-    test = {**json.loads((exp / "test_metrics.json").read_text()),
-            **final.record_test_scores(z, y[:50], report.load_experiment(exp).test["classes"], choice)}
+    test = {
+        **json.loads((exp / "test_metrics.json").read_text()),
+        **final.record_test_scores(z, y[:50], report.load_experiment(exp).test["classes"], choice),
+    }
     (exp / "test_metrics.json").write_text(json.dumps(test))
 
     md = report.write_report(exp).read_text()
@@ -144,11 +151,15 @@ def test_final_model_section_shows_members_figures_and_the_suggested_threshold(t
     for m, w in zip(choice.members, choice.weights):
         assert f"| {m} | {w:.4g} |" in section
     v, n, t = choice.valid, len(choice.members), choice.temperature
-    assert f"| ensemble of {n} (deployed) | valid | 1 | {v['ensemble']['acc']:.4g} | {v['ensemble']['macro_f1']:.4g} |" \
+    assert (
+        f"| ensemble of {n} (deployed) | valid | 1 | {v['ensemble']['acc']:.4g} | {v['ensemble']['macro_f1']:.4g} |"
         in section
+    )
     after = test["calibration"]["after"]
-    assert f"| ensemble of {n} (deployed) | test | {t:.3g} | {after['acc']:.4g} | {after['macro_f1']:.4g} | " \
+    assert (
+        f"| ensemble of {n} (deployed) | test | {t:.3g} | {after['acc']:.4g} | {after['macro_f1']:.4g} | "
         f"{after['ece']:.4g} | {after['nll']:.4g} | {after['brier']:.4g} |" in section
+    )
     single = test["single_best"]["calibration"]["after"]
     assert f"| single best | test | {choice.single_temperature:.3g} | {single['acc']:.4g} |" in section
     th = choice.threshold

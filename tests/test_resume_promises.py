@@ -35,15 +35,28 @@ def _no_ray(monkeypatch):
     monkeypatch.setattr(tune_glue, "init_ray", lambda address: pytest.fail("Ray started"))
 
 
-def _started_experiment(tmp_path: Path, labels: Path, weights_arg: str, recorded: dict[str, str],
-                        storage_path: str | None = None) -> tuple[str, Path]:
+def _started_experiment(
+    tmp_path: Path, labels: Path, weights_arg: str, recorded: dict[str, str], storage_path: str | None = None
+) -> tuple[str, Path]:
     """An interrupted search's folder as the search leaves it when it starts: search_args.json with the
     resolved weights. Returns (storage path, local experiment folder)."""
     (tmp_path / "space.yaml").write_text(SPACE)
     storage_path = storage_path or str(tmp_path / "runs")
     args = search.build_parser().parse_args(
-        ["--data", str(labels), "--search-space", str(tmp_path / "space.yaml"), "--weights", weights_arg,
-         "--storage-path", storage_path, "--name", "r", "--no-report"])
+        [
+            "--data",
+            str(labels),
+            "--search-space",
+            str(tmp_path / "space.yaml"),
+            "--weights",
+            weights_arg,
+            "--storage-path",
+            storage_path,
+            "--name",
+            "r",
+            "--no-report",
+        ]
+    )
     paths = storage.experiment_paths(storage_path, "r")
     storage.save_args(paths.local, args, weights=recorded)
     if paths.remote:
@@ -102,12 +115,19 @@ def test_the_final_model_is_not_built_on_other_weights_than_its_heads_saw(tmp_pa
     from tune_rice.space import load_search_space
 
     (tmp_path / "ckpt").mkdir()
-    torch.save({"weights": "imagenet:ResNet18_Weights.IMAGENET1K_V1", "epoch": 2, "best": 0.9},
-               tmp_path / "ckpt" / "state.pt")
+    torch.save(
+        {"weights": "imagenet:ResNet18_Weights.IMAGENET1K_V1", "epoch": 2, "best": 0.9}, tmp_path / "ckpt" / "state.pt"
+    )
     checkpoint = tune.Checkpoint.from_directory(tmp_path / "ckpt")
-    result = SimpleNamespace(config={"lr": 0.01}, error=None, metrics={"trial_id": "t1"}, path=str(tmp_path / "t1"),
-                             metrics_dataframe=pd.DataFrame({"valid/acc": [0.9], "training_iteration": [2]}),
-                             best_checkpoints=[(checkpoint, {})], get_best_checkpoint=lambda metric, mode: checkpoint)
+    result = SimpleNamespace(
+        config={"lr": 0.01},
+        error=None,
+        metrics={"trial_id": "t1"},
+        path=str(tmp_path / "t1"),
+        metrics_dataframe=pd.DataFrame({"valid/acc": [0.9], "training_iteration": [2]}),
+        best_checkpoints=[(checkpoint, {})],
+        get_best_checkpoint=lambda metric, mode: checkpoint,
+    )
     (tmp_path / "space.yaml").write_text(SPACE)
     space = load_search_space(str(tmp_path / "space.yaml"))
     base = {"epochs": 2, "seed": 0, "backbone": "resnet18", "image_size": 32, "views": 1}
@@ -126,12 +146,19 @@ def _winner(tiny_model) -> SimpleNamespace:
     cfg = TrialConfig.from_dict(meta["config"])
 
     def save(folder: Path, extra_metrics: dict | None = None) -> Path:
-        return save_artifact(folder / "model.pt", model, classes=meta["classes"],
-                             preprocessing=preprocessing_spec(cfg.image_size), weights="random:seed=0",
-                             config=cfg.to_dict(), metrics=extra_metrics or {})
+        return save_artifact(
+            folder / "model.pt",
+            model,
+            classes=meta["classes"],
+            preprocessing=preprocessing_spec(cfg.image_size),
+            weights="random:seed=0",
+            config=cfg.to_dict(),
+            metrics=extra_metrics or {},
+        )
 
-    return SimpleNamespace(model=model, fm=None, cfg=cfg, trial_id="t1", identity="random:seed=0", pretrained=False,
-                           save=save)
+    return SimpleNamespace(
+        model=model, fm=None, cfg=cfg, trial_id="t1", identity="random:seed=0", pretrained=False, save=save
+    )
 
 
 def test_a_resume_after_a_started_test_read_refuses_to_score_again(tiny_model, tmp_path, monkeypatch, capsys):
@@ -174,13 +201,17 @@ def test_test_results_reach_the_storage_uri_as_soon_as_they_exist(tiny_model, tm
     from tune_rice.data import read_labels
 
     monkeypatch.chdir(tmp_path)
-    where, exp = _started_experiment(tmp_path, tiny_model.labels_csv, "none", {"resnet18": "random:seed=0"},
-                                     f"file://{tmp_path / 'bucket'}")
+    where, exp = _started_experiment(
+        tmp_path, tiny_model.labels_csv, "none", {"resnet18": "random:seed=0"}, f"file://{tmp_path / 'bucket'}"
+    )
     winner = _winner(tiny_model)
     winner.save(exp / "best")
     table = read_labels(tiny_model.labels_csv)
-    monkeypatch.setattr(search, "score_on_test",  # the tiny model on the real test images
-                        lambda fm, table: evaluate.evaluate_model(winner.model, table, "test", winner.cfg.image_size))
+    monkeypatch.setattr(
+        search,
+        "score_on_test",  # the tiny model on the real test images
+        lambda fm, table: evaluate.evaluate_model(winner.model, table, "test", winner.cfg.image_size),
+    )
     test = search.score_winner(winner, table, storage.experiment_paths(where, "r"))
     remote = tmp_path / "bucket" / "r"
     assert json.loads((remote / "test_metrics.json").read_text()) == test
@@ -195,8 +226,16 @@ def test_evaluate_on_test_says_it_is_a_second_look(tiny_model, tmp_path, capsys,
     (exp / "best").mkdir(parents=True)
     shutil.copy(tiny_model.model_path, exp / "best" / "model.pt")
     (exp / record).write_text(json.dumps({"started": "2026-01-01T00:00:00+00:00"}))
-    argv = ["--model", str(exp), "--data", str(tiny_model.labels_csv), "--out", str(tmp_path / "e.json"),
-            "--num-workers", "0"]
+    argv = [
+        "--model",
+        str(exp),
+        "--data",
+        str(tiny_model.labels_csv),
+        "--out",
+        str(tmp_path / "e.json"),
+        "--num-workers",
+        "0",
+    ]
     assert evaluate.main(argv + ["--split", "test"]) == 0
     out = capsys.readouterr().out
     assert "note: a second look at the test split" in out and record in out, out
@@ -208,13 +247,22 @@ def test_evaluate_on_test_says_it_is_a_second_look(tiny_model, tmp_path, capsys,
 def test_summary_flags_every_backbone_on_random_weights():
     df = pd.DataFrame({"trial_id": ["a", "b"], "status": ["TERMINATED"] * 2, "best/valid/acc": [0.9, 0.5]})
     kwargs = dict(metric="valid/acc", exp_dir=Path("runs/r"), seconds=1.0, phases={})
-    text = search.format_summary(df, None, weights="imagenet:ResNet34_Weights.IMAGENET1K_V1",
-                                 backbones={"resnet18": "random:seed=0",
-                                            "resnet34": "imagenet:ResNet34_Weights.IMAGENET1K_V1"}, **kwargs)
+    text = search.format_summary(
+        df,
+        None,
+        weights="imagenet:ResNet34_Weights.IMAGENET1K_V1",
+        backbones={"resnet18": "random:seed=0", "resnet34": "imagenet:ResNet34_Weights.IMAGENET1K_V1"},
+        **kwargs,
+    )
     assert "1 of 2 backbones ran on RANDOMLY INITIALISED weights: resnet18 (random:seed=0)" in text, text
     assert "best model's backbone" not in text
-    text = search.format_summary(df, None, weights="imagenet:ResNet34_Weights.IMAGENET1K_V1",
-                                 backbones={"resnet34": "imagenet:ResNet34_Weights.IMAGENET1K_V1"}, **kwargs)
+    text = search.format_summary(
+        df,
+        None,
+        weights="imagenet:ResNet34_Weights.IMAGENET1K_V1",
+        backbones={"resnet34": "imagenet:ResNet34_Weights.IMAGENET1K_V1"},
+        **kwargs,
+    )
     assert "RANDOMLY" not in text
 
 

@@ -85,8 +85,7 @@ def ray_local(tmp_path_factory):
     """One local Ray for the module (``tune_glue.init_ray`` leaves an initialised Ray alone)."""
     hooks = tmp_path_factory.mktemp("hooks")
     trace, control = hooks / "reads.txt", hooks / "control.json"
-    with local_ray(tmp_path_factory,
-                   runtime_env={"worker_process_setup_hook": _worker_hook(str(trace), str(control))}):
+    with local_ray(tmp_path_factory, runtime_env={"worker_process_setup_hook": _worker_hook(str(trace), str(control))}):
         yield {"trace": trace, "control": control, "address": ray.get_runtime_context().gcs_address}
 
 
@@ -103,8 +102,20 @@ def _space(folder: Path, *, metric="valid/acc", epochs=3, views=2, name="space.y
 
 
 def _argv(labels: Path, space: Path, storage: Path, name: str, *extra) -> list[str]:
-    return ["--data", str(labels), "--search-space", str(space), "--weights", "none", "--storage-path",
-            str(storage), "--name", name, "--no-report", *map(str, extra)]
+    return [
+        "--data",
+        str(labels),
+        "--search-space",
+        str(space),
+        "--weights",
+        "none",
+        "--storage-path",
+        str(storage),
+        "--name",
+        name,
+        "--no-report",
+        *map(str, extra),
+    ]
 
 
 def _reads(trace: Path) -> list[tuple[int, Path]]:
@@ -206,8 +217,10 @@ def test_search_end_to_end(ray_local, labels, tmp_path, capsys, monkeypatch):
         assert max(v for _, v in scalars["valid/acc"]) == pytest.approx(row["best/valid/acc"])
         assert {"train/loss", "train/lr", "valid/loss"} <= set(scalars), row["trial_id"]
         assert all(tag.startswith(("train/", "valid/")) for tag in scalars), sorted(scalars)
-        assert _hparams(Path(row["trial_dir"])) == {"lr": pytest.approx(row["config/lr"]),
-                                                    "hidden": row["config/hidden"]}, row["trial_id"]
+        assert _hparams(Path(row["trial_dir"])) == {
+            "lr": pytest.approx(row["config/lr"]),
+            "hidden": row["config/hidden"],
+        }, row["trial_id"]
     test_scalars = _scalars(exp / "test")
     assert test_scalars["test/acc"] == [(0, pytest.approx(test["accuracy"]))]
     assert test_scalars["test/ece"] == [(0, pytest.approx(test["calibration"]["after"]["ece"]))]
@@ -252,8 +265,9 @@ def test_asha_stops_are_recorded_as_pruned_in_optuna(ray_local, labels, tmp_path
     # valid/loss never ties (valid/acc often does on tiny data), and rf=4 stops all but the top quarter
     space = _space(tmp_path, metric="valid/loss", epochs=4, views=1)
     storage = tmp_path / "runs"
-    rc = search.main(_argv(labels, space, storage, "asha", "--num-samples", 6, "--grace-period", 1,
-                           "--reduction-factor", 4))
+    rc = search.main(
+        _argv(labels, space, storage, "asha", "--num-samples", 6, "--grace-period", 1, "--reduction-factor", 4)
+    )
     assert rc == 0
     exp = storage / "asha"
     df = pd.read_csv(exp / "results.csv").query("kind == 'trial'")
@@ -387,8 +401,7 @@ def test_crashing_trials_are_retried_then_reported_as_errors(ray_local, labels, 
     control.write_text(json.dumps({"crash_lr_above": 5e-3}))
     storage = tmp_path / "runs"
     try:
-        rc = search.main(_argv(labels, _space(tmp_path), storage, "crash", "--num-samples", 4,
-                               "--grace-period", 3))
+        rc = search.main(_argv(labels, _space(tmp_path), storage, "crash", "--num-samples", 4, "--grace-period", 3))
     finally:
         control.unlink()
     out = capsys.readouterr().out
@@ -418,8 +431,11 @@ def test_trials_never_read_the_test_split_with_the_feature_cache_off(ray_local, 
     trace = ray_local["trace"]
     trace.unlink(missing_ok=True)
     storage = tmp_path / "runs"
-    rc = search.main(_argv(labels, _space(tmp_path, epochs=2, views=1), storage, "inline", "--num-samples", 2,
-                           "--feature-cache", "off"))
+    rc = search.main(
+        _argv(
+            labels, _space(tmp_path, epochs=2, views=1), storage, "inline", "--num-samples", 2, "--feature-cache", "off"
+        )
+    )
     assert rc == 0
     table = read_labels(labels)
     reads = _reads(trace)
@@ -457,8 +473,18 @@ def _terminated(exp_dir: Path) -> set[str]:
 def test_resume_after_the_driver_is_killed(ray_local, labels, tmp_path):
     storage = tmp_path / "runs"
     exp = storage / "r"
-    argv = _argv(labels, _space(tmp_path), storage, "r", "--num-samples", 4, "--max-concurrent", 1,
-                 "--address", ray_local["address"])
+    argv = _argv(
+        labels,
+        _space(tmp_path),
+        storage,
+        "r",
+        "--num-samples",
+        4,
+        "--max-concurrent",
+        1,
+        "--address",
+        ray_local["address"],
+    )
     log = tmp_path / "first.log"
     hold = tmp_path / "hold"
     hold.mkdir()
@@ -466,9 +492,13 @@ def test_resume_after_the_driver_is_killed(ray_local, labels, tmp_path):
         # Trials on a bank take well under a second: the third trial is held after its first epoch until
         # the driver is killed, so the kill lands mid-search however fast or loaded the machine is.
         spec = {"dir": str(hold), "hold": {"trial": 2, "after_epoch": 1}}
-        proc = subprocess.Popen([sys.executable, str(SEARCH_DRIVER), json.dumps(spec), *argv], stdout=out,
-                                stderr=subprocess.STDOUT, cwd=tmp_path,
-                                env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"})
+        proc = subprocess.Popen(
+            [sys.executable, str(SEARCH_DRIVER), json.dumps(spec), *argv],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"},
+        )
     try:
         deadline = time.monotonic() + 900  # a guard against a hang, not a wait (below pytest's timeout)
         while not ((hold / "held-2").exists() and len(_terminated(exp)) >= 2):
@@ -507,8 +537,20 @@ def test_data_root_reaches_the_trials_that_read_images(ray_local, labels, tmp_pa
     meta.parent.mkdir()
     meta.write_bytes(labels.read_bytes())
     storage = tmp_path / "runs"
-    argv = _argv(meta, _space(tmp_path, epochs=1, views=1), storage, "root", "--num-samples", 1,
-                 "--feature-cache", "off", "--grace-period", 1, "--data-root", labels.parent)
+    argv = _argv(
+        meta,
+        _space(tmp_path, epochs=1, views=1),
+        storage,
+        "root",
+        "--num-samples",
+        1,
+        "--feature-cache",
+        "off",
+        "--grace-period",
+        1,
+        "--data-root",
+        labels.parent,
+    )
     assert search.main(argv) == 0
     test = json.loads((storage / "root" / "test_metrics.json").read_text())
     assert test["test_count"] == len(read_labels(labels).split("test"))
@@ -573,14 +615,22 @@ def test_uri_storage_keeps_everything_there_and_guards_the_name(ray_local, label
     out = capsys.readouterr().out
     exp = remote / "tune-rice" / "u"
     assert f"Results: {uri}/u\n" in out
-    for name in ("results.csv", "test_metrics.json", "summary.txt", "timings.json", "search_args.json",
-                 "best/model.pt", "best/config.yaml"):
+    for name in (
+        "results.csv",
+        "test_metrics.json",
+        "summary.txt",
+        "timings.json",
+        "search_args.json",
+        "best/model.pt",
+        "best/config.yaml",
+    ):
         assert (exp / name).is_file(), name
     assert (first / "runs" / "u" / "best" / "model.pt").is_file()  # and the driver's local copy
     df = pd.read_csv(exp / "results.csv").query("kind == 'trial'")
     assert len(df) == 2 and all((exp / f"trial_{t}" / "result.json").is_file() for t in df["trial_id"])
     assert json.loads((exp / "test_metrics.json").read_text()) == json.loads(
-        (first / "runs" / "u" / "test_metrics.json").read_text())
+        (first / "runs" / "u" / "test_metrics.json").read_text()
+    )
     model, meta = load_artifact(exp / "best" / "model.pt")
     assert meta["classes"] == list(read_labels(labels).classes)
 
@@ -597,8 +647,20 @@ def test_uri_storage_keeps_everything_there_and_guards_the_name(ray_local, label
 
 
 # ------------------------------------------------------------------------------------------ bad input
-@pytest.mark.parametrize("case", ["num_samples", "missing_data", "bad_space", "existing", "resume_unknown",
-                                  "grace_period", "reduction_factor", "labels_elsewhere", "bad_uri"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "num_samples",
+        "missing_data",
+        "bad_space",
+        "existing",
+        "resume_unknown",
+        "grace_period",
+        "reduction_factor",
+        "labels_elsewhere",
+        "bad_uri",
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(case, labels, tmp_path, capsys):
     storage = tmp_path / "runs"
     space = _space(tmp_path)

@@ -70,14 +70,36 @@ def test_cv_search_end_to_end_with_resume(ray_local, labels, tmp_path):
     storage, space = tmp_path / "runs", tmp_path / "space.yaml"
     space.write_text(SPACE)
     exp = storage / "cv"
-    argv = ["--data", str(labels), "--search-space", str(space), "--weights", "none", "--storage-path", str(storage),
-            "--name", "cv", "--no-report", "--num-samples", "4", "--max-concurrent", "1", "--cv", "3",
-            "--address", ray_local]
+    argv = [
+        "--data",
+        str(labels),
+        "--search-space",
+        str(space),
+        "--weights",
+        "none",
+        "--storage-path",
+        str(storage),
+        "--name",
+        "cv",
+        "--no-report",
+        "--num-samples",
+        "4",
+        "--max-concurrent",
+        "1",
+        "--cv",
+        "3",
+        "--address",
+        ray_local,
+    ]
     log = tmp_path / "first.log"
     with open(log, "w") as out:  # each epoch slowed by the trainable's hook, so the kill lands mid-search
-        proc = subprocess.Popen([sys.executable, "-m", "tune_rice.search", *argv], stdout=out,
-                                stderr=subprocess.STDOUT, cwd=tmp_path,
-                                env={**os.environ, "TUNE_RICE_TEST_EPOCH_SECONDS": "1.0"})
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tune_rice.search", *argv],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            env={**os.environ, "TUNE_RICE_TEST_EPOCH_SECONDS": "1.0"},
+        )
     try:
         deadline = time.monotonic() + 240
         while len(_terminated(exp)) < 2:

@@ -57,8 +57,9 @@ def _timing_hook(log: str, seconds: float):
 @pytest.fixture(scope="module")
 def ray_with_logical_gpus(tmp_path_factory):
     log = tmp_path_factory.mktemp("timing") / "epochs.txt"
-    with local_ray(tmp_path_factory, num_gpus=2,
-                   runtime_env={"worker_process_setup_hook": _timing_hook(str(log), EPOCH_SECONDS)}):
+    with local_ray(
+        tmp_path_factory, num_gpus=2, runtime_env={"worker_process_setup_hook": _timing_hook(str(log), EPOCH_SECONDS)}
+    ):
         yield log
 
 
@@ -66,16 +67,31 @@ def _argv(tmp_path: Path, name: str, *extra) -> list[str]:
     labels = make_separable_dataset(tmp_path / "data", per_class=12, size=32)
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
-    return ["--data", str(labels), "--search-space", str(space), "--weights", "none", "--storage-path",
-            str(tmp_path / "runs"), "--name", name, "--no-report", *map(str, extra)]
+    return [
+        "--data",
+        str(labels),
+        "--search-space",
+        str(space),
+        "--weights",
+        "none",
+        "--storage-path",
+        str(tmp_path / "runs"),
+        "--name",
+        name,
+        "--no-report",
+        *map(str, extra),
+    ]
 
 
 @pytest.mark.slow
 def test_fractional_logical_gpus_run_trials_side_by_side(ray_with_logical_gpus, tmp_path):
     log = ray_with_logical_gpus
     log.unlink(missing_ok=True)
-    rc = search.main(_argv(tmp_path, "gpus", "--num-samples", 4, "--gpus-per-trial", 0.5,
-                           "--cpus-per-trial", 0.5, "--grace-period", 3))
+    rc = search.main(
+        _argv(
+            tmp_path, "gpus", "--num-samples", 4, "--gpus-per-trial", 0.5, "--cpus-per-trial", 0.5, "--grace-period", 3
+        )
+    )
     assert rc == 0
     exp = tmp_path / "runs" / "gpus"
     df = pd.read_csv(exp / "results.csv", dtype={"gpu_ids": str})
@@ -113,8 +129,9 @@ def test_banks_on_a_gpu_cluster_are_extracted_by_ray_tasks_one_per_shared_pass(r
     from tune_rice.model import resolve_weights
 
     table = read_labels(make_separable_dataset(tmp_path / "data", per_class=6, size=32))
-    specs = [FeatureSpec(backbone="resnet18", image_size=32, views=2, feature_layer=layer) for layer in
-             ("pooled", "logits")] + [FeatureSpec(backbone="resnet18", image_size=40, views=1)]
+    specs = [
+        FeatureSpec(backbone="resnet18", image_size=32, views=2, feature_layer=layer) for layer in ("pooled", "logits")
+    ] + [FeatureSpec(backbone="resnet18", image_size=40, views=1)]
     weights = {"resnet18": resolve_weights("resnet18", "none")}
     banks = search._extract_banks(specs, table, weights, use_gpu=True)
     assert list(banks) == [s.name for s in specs]

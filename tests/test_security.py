@@ -71,8 +71,11 @@ def test_the_package_is_parsed():
 def test_every_torch_load_is_weights_only():
     loads = _calls(lambda name: name in ("torch.load", "load") or name.endswith(".torch.load"))
     assert loads, "no torch.load found: the check looks at the wrong thing"
-    unsafe = [(where, ast.unparse(node)) for where, name, node in loads
-              if name.endswith("torch.load") and not _is_true(_keyword(node, "weights_only"))]
+    unsafe = [
+        (where, ast.unparse(node))
+        for where, name, node in loads
+        if name.endswith("torch.load") and not _is_true(_keyword(node, "weights_only"))
+    ]
     assert unsafe == []
     assert not [w for w, name, _ in loads if name == "load"], "a bare load(): from torch import load?"
     # torchvision's Weights.get_state_dict goes through torch.hub, whose default is weights_only=False
@@ -81,14 +84,36 @@ def test_every_torch_load_is_weights_only():
 
 
 def test_no_other_unsafe_deserialisation():
-    assert _calls(lambda n: n.split(".")[0] in ("pickle", "cPickle", "dill", "cloudpickle", "marshal", "shelve")
-                  and n.split(".")[-1] in ("load", "loads", "open", "Unpickler")) == []
-    assert _calls(lambda n: n in ("yaml.load", "yaml.unsafe_load", "yaml.full_load", "yaml.load_all",
-                                  "yaml.unsafe_load_all", "yaml.full_load_all")) == []
+    assert (
+        _calls(
+            lambda n: (
+                n.split(".")[0] in ("pickle", "cPickle", "dill", "cloudpickle", "marshal", "shelve")
+                and n.split(".")[-1] in ("load", "loads", "open", "Unpickler")
+            )
+        )
+        == []
+    )
+    assert (
+        _calls(
+            lambda n: (
+                n
+                in (
+                    "yaml.load",
+                    "yaml.unsafe_load",
+                    "yaml.full_load",
+                    "yaml.load_all",
+                    "yaml.unsafe_load_all",
+                    "yaml.full_load_all",
+                )
+            )
+        )
+        == []
+    )
     yaml_loads = [n for _, n, _ in _calls(lambda n: n.startswith("yaml.") and "load" in n)]
     assert yaml_loads and set(yaml_loads) == {"yaml.safe_load"}
-    assert [w for w, _, node in _calls(lambda n: n in ("np.load", "numpy.load"))
-            if _is_true(_keyword(node, "allow_pickle"))] == []
+    assert [
+        w for w, _, node in _calls(lambda n: n in ("np.load", "numpy.load")) if _is_true(_keyword(node, "allow_pickle"))
+    ] == []
     assert _calls(lambda n: n in ("eval", "exec")) == []
     # TorchScript archives carry their own code: loaded in one documented place only (model.py's
     # read_torchscript, for --model with an export; its docstring tells to load only exports you trust)
@@ -152,8 +177,21 @@ def test_search_weights_file_refuses_a_planted_pickle(evil_model, separable, tmp
     path, marker = evil_model
     _no_ray(monkeypatch)
     (tmp_path / "space.yaml").write_text(SPACE)
-    rc = search.main(["--data", str(separable), "--search-space", str(tmp_path / "space.yaml"), "--weights",
-                      str(path), "--storage-path", str(tmp_path / "runs"), "--name", "x", "--no-report"])
+    rc = search.main(
+        [
+            "--data",
+            str(separable),
+            "--search-space",
+            str(tmp_path / "space.yaml"),
+            "--weights",
+            str(path),
+            "--storage-path",
+            str(tmp_path / "runs"),
+            "--name",
+            "x",
+            "--no-report",
+        ]
+    )
     assert rc == 2
     _one_line_refusal(capsys.readouterr().err, path)
     assert not marker.exists() and not (tmp_path / "runs" / "x").exists()
@@ -169,8 +207,21 @@ def test_search_refuses_labels_that_escape_the_dataset_root(bad, separable, tmp_
     _no_ray(monkeypatch)
     monkeypatch.setattr(search, "resolve_weights", lambda *a, **k: pytest.fail("got past the labels check"))
     (tmp_path / "space.yaml").write_text(SPACE)
-    rc = search.main(["--data", str(separable), "--search-space", str(tmp_path / "space.yaml"), "--weights",
-                      "none", "--storage-path", str(tmp_path / "runs"), "--name", "x", "--no-report"])
+    rc = search.main(
+        [
+            "--data",
+            str(separable),
+            "--search-space",
+            str(tmp_path / "space.yaml"),
+            "--weights",
+            "none",
+            "--storage-path",
+            str(tmp_path / "runs"),
+            "--name",
+            "x",
+            "--no-report",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2, err
     assert err.startswith("error: ") and "\n" not in err and repr(bad) in err and "dataset root" in err, err
@@ -185,7 +236,7 @@ def test_local_ray_is_started_without_a_dashboard(monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda *a, **k: calls.append((a, k)))
     tune_glue.init_ray(None)
-    (args, kwargs), = calls
+    ((args, kwargs),) = calls
     assert not args and "address" not in kwargs
     assert kwargs["include_dashboard"] is False and kwargs["dashboard_host"] == "127.0.0.1"
 
@@ -245,7 +296,7 @@ _LISTENERS_CHILD = textwrap.dedent("""\
 def _address(hex_addr: str) -> ipaddress._BaseAddress:
     """/proc/net/tcp{,6} addresses: 32-bit words in host (little-endian) order."""
     raw = bytes.fromhex(hex_addr)
-    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
     address = ipaddress.ip_address(raw)
     return getattr(address, "ipv4_mapped", None) or address
 
@@ -257,11 +308,12 @@ def test_local_ray_serves_no_dashboard_and_requires_a_token(tmp_path):
     them, and ``_node_ip_address="127.0.0.1"`` is rewritten to the node's IP), behind Ray's token
     authentication, which a new local cluster turns on when RAY_AUTH_MODE is unset."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
-    proc = subprocess.run([sys.executable, "-c", _LISTENERS_CHILD], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, "-c", _LISTENERS_CHILD], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240
+    )
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("LISTENERS ")), None)
     assert proc.returncode == 0 and line, proc.stdout[-2000:] + proc.stderr[-3000:]
-    found = json.loads(line[len("LISTENERS "):])
+    found = json.loads(line[len("LISTENERS ") :])
     listeners = [(_address(a), port, pid, name) for a, port, pid, name in found["listeners"]]
     print("\n".join(f"{str(a):>16}:{port:<6} {name} (pid {pid})" for a, port, pid, name in listeners))
     assert listeners

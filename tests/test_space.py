@@ -85,8 +85,11 @@ def test_tune_space_holds_only_domains_optuna_can_convert(name):
 
 # --------------------------------------------------------------------------------------- numbers
 def test_exponent_strings_are_numbers_and_randint_bounds_are_inclusive(tmp_path):
-    path = _write(tmp_path, BASE + "  lr: {loguniform: [1e-4, 3e-2]}\n  weight_decay: {uniform: ['0', 1e-2]}\n"
-                                   "  warmup_epochs: {randint: [0, 2]}\n")
+    path = _write(
+        tmp_path,
+        BASE + "  lr: {loguniform: [1e-4, 3e-2]}\n  weight_decay: {uniform: ['0', 1e-2]}\n"
+        "  warmup_epochs: {randint: [0, 2]}\n",
+    )
     space = load_search_space(path)
     assert space.distributions["lr"] == ("loguniform", [1e-4, 3e-2])
     assert space.distributions["weight_decay"] == ("uniform", [0.0, 1e-2])
@@ -96,8 +99,9 @@ def test_exponent_strings_are_numbers_and_randint_bounds_are_inclusive(tmp_path)
 
 
 def test_choices_and_constants_are_typed_like_the_config(tmp_path):
-    path = _write(tmp_path, BASE + "  lr: {choice: [1e-3, '3e-3']}\n  hidden: {choice: ['0', 64]}\n"
-                                   "  weight_decay: 1e-5\n")
+    path = _write(
+        tmp_path, BASE + "  lr: {choice: [1e-3, '3e-3']}\n  hidden: {choice: ['0', 64]}\n  weight_decay: 1e-5\n"
+    )
     space = load_search_space(path)
     assert space.distributions["lr"] == ("choice", [1e-3, 3e-3])
     assert space.distributions["hidden"] == ("choice", [0, 64])
@@ -133,29 +137,32 @@ def test_reserved_parameter_points_at_the_flag(tmp_path):
     assert "params.epochs" in message and "--max-epochs" in message
 
 
-@pytest.mark.parametrize("text, key, words", [
-    ("  lr: {normal: [0, 1]}\n", "params.lr", ["unknown distribution 'normal'", "loguniform", "choice"]),
-    ("  lr: {uniform: [0.1, 0.01]}\n", "params.lr.uniform", ["low must be < high"]),
-    ("  lr: {uniform: [0.1, 0.1]}\n", "params.lr.uniform", ["low must be < high"]),
-    ("  lr: {loguniform: [0, 0.1]}\n", "params.lr.loguniform", ["> 0"]),
-    ("  weight_decay: {loguniform: [-1.0e-3, 1.0e-2]}\n", "params.weight_decay.loguniform", ["> 0"]),
-    ("  lr: {uniform: [a, b]}\n", "params.lr.uniform", ["expected a number", "'a'"]),
-    ("  lr: {uniform: [true, 1]}\n", "params.lr.uniform", ["expected a number"]),
-    ("  lr: {uniform: [0.1]}\n", "params.lr.uniform", ["[low, high]"]),
-    ("  lr: {uniform: 0.1}\n", "params.lr.uniform", ["non-empty list"]),
-    ("  lr: {uniform: [0.01, 0.1], choice: [1]}\n", "params.lr", ["expected one of"]),
-    ("  hidden: {uniform: [0, 1]}\n", "params.hidden", ["int", "randint"]),
-    ("  optimizer: {uniform: [0, 1]}\n", "params.optimizer", ["str", "choice"]),
-    ("  class_balanced: {randint: [0, 1]}\n", "params.class_balanced", ["bool", "choice"]),
-    ("  batch_size: {loguniform: [16, 256]}\n", "params.batch_size", ["int", "randint"]),
-    ("  warmup_epochs: {randint: [0, 2.5]}\n", "params.warmup_epochs.randint", ["whole numbers"]),
-    ("  dropout: {uniform: [0.0, 1.5]}\n", "params.dropout.uniform", ["dropout must be in [0, 1)"]),
-    ("  hidden: {choice: [0, many]}\n", "params.hidden.choice", ["'many'", "not a int"]),
-    ("  optimizer: {choice: [adamw, adam]}\n", "params.optimizer.choice", ["optimizer must be one of"]),
-    ("  lr: -1\n", "params.lr", ["lr must be > 0"]),
-    ("  lr: {uniform: []}\n", "params.lr.uniform", ["non-empty list"]),
-    ("  lr: {uniform: [0.01, .inf]}\n", "params.lr.uniform", ["finite"]),
-])
+@pytest.mark.parametrize(
+    "text, key, words",
+    [
+        ("  lr: {normal: [0, 1]}\n", "params.lr", ["unknown distribution 'normal'", "loguniform", "choice"]),
+        ("  lr: {uniform: [0.1, 0.01]}\n", "params.lr.uniform", ["low must be < high"]),
+        ("  lr: {uniform: [0.1, 0.1]}\n", "params.lr.uniform", ["low must be < high"]),
+        ("  lr: {loguniform: [0, 0.1]}\n", "params.lr.loguniform", ["> 0"]),
+        ("  weight_decay: {loguniform: [-1.0e-3, 1.0e-2]}\n", "params.weight_decay.loguniform", ["> 0"]),
+        ("  lr: {uniform: [a, b]}\n", "params.lr.uniform", ["expected a number", "'a'"]),
+        ("  lr: {uniform: [true, 1]}\n", "params.lr.uniform", ["expected a number"]),
+        ("  lr: {uniform: [0.1]}\n", "params.lr.uniform", ["[low, high]"]),
+        ("  lr: {uniform: 0.1}\n", "params.lr.uniform", ["non-empty list"]),
+        ("  lr: {uniform: [0.01, 0.1], choice: [1]}\n", "params.lr", ["expected one of"]),
+        ("  hidden: {uniform: [0, 1]}\n", "params.hidden", ["int", "randint"]),
+        ("  optimizer: {uniform: [0, 1]}\n", "params.optimizer", ["str", "choice"]),
+        ("  class_balanced: {randint: [0, 1]}\n", "params.class_balanced", ["bool", "choice"]),
+        ("  batch_size: {loguniform: [16, 256]}\n", "params.batch_size", ["int", "randint"]),
+        ("  warmup_epochs: {randint: [0, 2.5]}\n", "params.warmup_epochs.randint", ["whole numbers"]),
+        ("  dropout: {uniform: [0.0, 1.5]}\n", "params.dropout.uniform", ["dropout must be in [0, 1)"]),
+        ("  hidden: {choice: [0, many]}\n", "params.hidden.choice", ["'many'", "not a int"]),
+        ("  optimizer: {choice: [adamw, adam]}\n", "params.optimizer.choice", ["optimizer must be one of"]),
+        ("  lr: -1\n", "params.lr", ["lr must be > 0"]),
+        ("  lr: {uniform: []}\n", "params.lr.uniform", ["non-empty list"]),
+        ("  lr: {uniform: [0.01, .inf]}\n", "params.lr.uniform", ["finite"]),
+    ],
+)
 def test_bad_parameter_names_file_and_key(tmp_path, text, key, words):
     message = _error(tmp_path, BASE + text)
     assert key in message, message
@@ -170,18 +177,21 @@ def test_feature_param_must_be_a_constant_or_a_choice(tmp_path, name):
     assert f"params.{name}" in message and "feature bank" in message and "choice" in message
 
 
-@pytest.mark.parametrize("text, words", [
-    ("params: [unclosed\n", ["not valid YAML"]),
-    ("- just\n- a list\n", ["expected a mapping"]),
-    ("", ["expected a mapping"]),
-    ("metrics: valid/acc\n" + BASE, ["unknown top-level key", "'metrics'", "metric"]),
-    ("metric: train/acc\n" + BASE, ["metric:", "'train/acc'", "valid/acc", "valid/loss"]),
-    ("metric: valid/acc\nmode: maximize\n" + BASE, ["mode:", "'maximize'"]),
-    ("max_epochs: 0\n" + BASE, ["max_epochs:", "whole number"]),
-    ("max_epochs: 2.5\n" + BASE, ["max_epochs:", "whole number"]),
-    ("params: [lr]\n", ["params:", "mapping"]),
-    (BASE, ["nothing to search"]),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("params: [unclosed\n", ["not valid YAML"]),
+        ("- just\n- a list\n", ["expected a mapping"]),
+        ("", ["expected a mapping"]),
+        ("metrics: valid/acc\n" + BASE, ["unknown top-level key", "'metrics'", "metric"]),
+        ("metric: train/acc\n" + BASE, ["metric:", "'train/acc'", "valid/acc", "valid/loss"]),
+        ("metric: valid/acc\nmode: maximize\n" + BASE, ["mode:", "'maximize'"]),
+        ("max_epochs: 0\n" + BASE, ["max_epochs:", "whole number"]),
+        ("max_epochs: 2.5\n" + BASE, ["max_epochs:", "whole number"]),
+        ("params: [lr]\n", ["params:", "mapping"]),
+        (BASE, ["nothing to search"]),
+    ],
+)
 def test_bad_file_structure_names_the_file(tmp_path, text, words):
     message = _error(tmp_path, text)
     for w in words:
@@ -192,8 +202,19 @@ def test_search_cli_reports_a_bad_space_as_one_line(tmp_path, capsys, separable)
     from tune_rice import search
 
     bad = _write(tmp_path, BASE + "  lr: {normal: [0, 1]}\n")
-    rc = search.main(["--data", str(separable), "--search-space", str(bad), "--storage-path",
-                      str(tmp_path / "runs"), "--name", "x", "--no-report"])
+    rc = search.main(
+        [
+            "--data",
+            str(separable),
+            "--search-space",
+            str(bad),
+            "--storage-path",
+            str(tmp_path / "runs"),
+            "--name",
+            "x",
+            "--no-report",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert err.startswith("error: ") and str(bad) in err and "params.lr" in err and "\n" not in err

@@ -55,9 +55,32 @@ def test_study_is_kept_with_complete_pruned_and_failed_trials(ray_crashing, tmp_
     labels = make_separable_dataset(tmp_path / "data", per_class=16, size=32)
     (tmp_path / "space.yaml").write_text(SPACE)
     storage = tmp_path / "runs"
-    rc = search.main(list(map(str, ["--data", labels, "--search-space", tmp_path / "space.yaml", "--weights",
-                                    "none", "--storage-path", storage, "--name", "kept", "--num-samples", 8,
-                                    "--grace-period", 1, "--reduction-factor", 4, "--no-report"])))
+    rc = search.main(
+        list(
+            map(
+                str,
+                [
+                    "--data",
+                    labels,
+                    "--search-space",
+                    tmp_path / "space.yaml",
+                    "--weights",
+                    "none",
+                    "--storage-path",
+                    storage,
+                    "--name",
+                    "kept",
+                    "--num-samples",
+                    8,
+                    "--grace-period",
+                    1,
+                    "--reduction-factor",
+                    4,
+                    "--no-report",
+                ],
+            )
+        )
+    )
     assert rc == 0
     exp = storage / "kept"
     states = assert_study_matches_results(exp, "valid/loss", max_epochs=4)

@@ -44,17 +44,34 @@ log = logging.getLogger(__name__)
 
 # The families of torchvision's classification docs, by name prefix (first match wins; longer first).
 FAMILIES = (
-    ("efficientnet_v2", "EfficientNetV2"), ("efficientnet", "EfficientNet"), ("mobilenet_v2", "MobileNetV2"),
-    ("mobilenet_v3", "MobileNetV3"), ("wide_resnet", "Wide ResNet"), ("resnext", "ResNeXt"), ("resnet", "ResNet"),
-    ("regnet", "RegNet"), ("convnext", "ConvNeXt"), ("densenet", "DenseNet"), ("swin_v2", "Swin V2"),
-    ("swin", "Swin"), ("vit", "ViT"), ("maxvit", "MaxViT"), ("vgg", "VGG"), ("alexnet", "AlexNet"),
-    ("googlenet", "GoogLeNet"), ("inception", "Inception V3"), ("mnasnet", "MNASNet"),
-    ("shufflenet", "ShuffleNet V2"), ("squeezenet", "SqueezeNet"),
+    ("efficientnet_v2", "EfficientNetV2"),
+    ("efficientnet", "EfficientNet"),
+    ("mobilenet_v2", "MobileNetV2"),
+    ("mobilenet_v3", "MobileNetV3"),
+    ("wide_resnet", "Wide ResNet"),
+    ("resnext", "ResNeXt"),
+    ("resnet", "ResNet"),
+    ("regnet", "RegNet"),
+    ("convnext", "ConvNeXt"),
+    ("densenet", "DenseNet"),
+    ("swin_v2", "Swin V2"),
+    ("swin", "Swin"),
+    ("vit", "ViT"),
+    ("maxvit", "MaxViT"),
+    ("vgg", "VGG"),
+    ("alexnet", "AlexNet"),
+    ("googlenet", "GoogLeNet"),
+    ("inception", "Inception V3"),
+    ("mnasnet", "MNASNet"),
+    ("shufflenet", "ShuffleNet V2"),
+    ("squeezenet", "SqueezeNet"),
 )
 # Constructor arguments torchvision's builders set when they load weights (googlenet/inception_v3 also
 # switch transform_input on); the same here, so a network built here and the builder's agree.
-_WEIGHTS_BUILD_ARGS = {"googlenet": {"transform_input": True, "aux_logits": True},
-                       "inception_v3": {"transform_input": True, "aux_logits": True}}
+_WEIGHTS_BUILD_ARGS = {
+    "googlenet": {"transform_input": True, "aux_logits": True},
+    "inception_v3": {"transform_input": True, "aux_logits": True},
+}
 # ... and the constructor argument that fixes the input size of an architecture that takes one size only.
 _SIZE_ARGS = {"vit": "image_size", "maxvit": "input_size"}
 
@@ -95,8 +112,10 @@ def parse_backbone(value: str) -> BackboneRef:
     if arch not in architectures():
         close = difflib.get_close_matches(arch, architectures(), n=3, cutoff=0.6)
         hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise UserError(f"unknown backbone {arch!r}: not a torchvision classification model ({hint}"
-                        f"`python -m tune_rice.backbones` lists the {len(architectures())} there are)")
+        raise UserError(
+            f"unknown backbone {arch!r}: not a torchvision classification model ({hint}"
+            f"`python -m tune_rice.backbones` lists the {len(architectures())} there are)"
+        )
     enum = torchvision.models.get_model_weights(arch)
     if not wname:
         return BackboneRef(arch, enum.DEFAULT, False)
@@ -244,8 +263,13 @@ def size_error(value: str, image_size: int) -> str:
 def native_preprocessing(value: str) -> Preprocessing:
     """Resize, crop, interpolation, mean and std of the weights' own evaluation transforms."""
     t = parse_backbone(value).weights.transforms()
-    return Preprocessing(crop=int(t.crop_size[0]), resize=int(t.resize_size[0]),
-                         interpolation=t.interpolation.value, mean=tuple(t.mean), std=tuple(t.std))
+    return Preprocessing(
+        crop=int(t.crop_size[0]),
+        resize=int(t.resize_size[0]),
+        interpolation=t.interpolation.value,
+        mean=tuple(t.mean),
+        std=tuple(t.std),
+    )
 
 
 def preprocessing_for(value: str, image_size: int | None = None) -> Preprocessing:
@@ -257,10 +281,17 @@ def preprocessing_for(value: str, image_size: int | None = None) -> Preprocessin
     size = int(image_size)
     why = size_error(value, size)
     if why:
-        raise UserError(f"backbone {value} cannot take {size} px images ({why}); its weights' size is "
-                        f"{native.crop} px: set image_size: {native.crop}, or leave image_size out")
-    return Preprocessing(crop=size, resize=max(size, int(round(size * native.resize / native.crop))),
-                         interpolation=native.interpolation, mean=native.mean, std=native.std)
+        raise UserError(
+            f"backbone {value} cannot take {size} px images ({why}); its weights' size is "
+            f"{native.crop} px: set image_size: {native.crop}, or leave image_size out"
+        )
+    return Preprocessing(
+        crop=size,
+        resize=max(size, int(round(size * native.resize / native.crop))),
+        interpolation=native.interpolation,
+        mean=native.mean,
+        std=native.std,
+    )
 
 
 # ---------------------------------------------------------------------------------- accuracy vs cost
@@ -296,16 +327,28 @@ def cost_frontier(results, key: str, mode: str, *, extraction_rates: dict[str, f
     for (value, size), group in ran.groupby([ran["config/backbone"], sizes.fillna(0).astype(int)]):
         best = group.loc[group[key].idxmax() if mode == "max" else group[key].idxmin()]
         crop = preprocessing_for(value, size or None).crop
-        row = {"backbone": value, "image_size": crop, "gflops": round(gflops_at(value, crop), 3),
-               "best": float(best[key]), "trial_id": str(best.get("trial_id", ""))}
+        row = {
+            "backbone": value,
+            "image_size": crop,
+            "gflops": round(gflops_at(value, crop), 3),
+            "best": float(best[key]),
+            "trial_id": str(best.get("trial_id", "")),
+        }
         if extraction_rates is not None:
             row["extract_img_s"] = extraction_rates.get(value)
         rows.append(row)
     frame = pd.DataFrame(rows).sort_values(["gflops", "best"], ascending=[True, mode == "min"])
     sign = 1 if mode == "max" else -1
-    frame["pareto"] = [not any(o.gflops <= r.gflops and sign * o.best >= sign * r.best
-                               and (o.gflops < r.gflops or sign * o.best > sign * r.best)
-                               for o in frame.itertuples() if o.Index != r.Index) for r in frame.itertuples()]
+    frame["pareto"] = [
+        not any(
+            o.gflops <= r.gflops
+            and sign * o.best >= sign * r.best
+            and (o.gflops < r.gflops or sign * o.best > sign * r.best)
+            for o in frame.itertuples()
+            if o.Index != r.Index
+        )
+        for r in frame.itertuples()
+    ]
     return frame.reset_index(drop=True)
 
 
@@ -322,9 +365,11 @@ def cheaper_choice(frontier, mode: str, *, budget: float = COST_BUDGET_GFLOPS) -
     pick = cheap.loc[(sign * cheap["best"]).idxmax()]
     if pick["backbone"] == overall["backbone"] and pick["image_size"] == overall["image_size"]:
         return ""
-    return (f"best under {budget:g} GFLOPs: {pick['backbone']} at {pick['image_size']} px ({pick['gflops']:.2f} "
-            f"GFLOPs, trial {pick['trial_id']}) reaches {pick['best']:.4f}, against {overall['best']:.4f} for "
-            f"{overall['backbone']} ({overall['gflops']:.2f} GFLOPs)")
+    return (
+        f"best under {budget:g} GFLOPs: {pick['backbone']} at {pick['image_size']} px ({pick['gflops']:.2f} "
+        f"GFLOPs, trial {pick['trial_id']}) reaches {pick['best']:.4f}, against {overall['best']:.4f} for "
+        f"{overall['backbone']} ({overall['gflops']:.2f} GFLOPs)"
+    )
 
 
 # -------------------------------------------------------------------------------------------- the table
@@ -360,6 +405,7 @@ def backbone_rows(family: str | None = None) -> list[dict]:
     """One row per (model, weights): what ``python -m tune_rice.backbones`` prints."""
     archs = architectures()
     if family:
+
         def squeeze(text: str) -> str:
             return text.lower().replace(" ", "").replace("-", "").replace("_", "")
 
@@ -377,34 +423,55 @@ def backbone_rows(family: str | None = None) -> list[dict]:
             value = arch if w == enum.DEFAULT else f"{arch}:{w.name}"
             pre = native_preprocessing(f"{arch}:{w.name}")
             cached = weights_file(f"{arch}:{w.name}")
-            rows.append({
-                "backbone": value, "family": family_of(arch), "weights": w.name, "default": w == enum.DEFAULT,
-                "feature_dim": dims[arch], "params_m": round(w.meta["num_params"] / 1e6, 2),
-                "gflops": w.meta.get("_ops"),
-                "top1": w.meta.get("_metrics", {}).get("ImageNet-1K", {}).get("acc@1"),
-                "crop": pre.crop, "resize": pre.resize, "interpolation": pre.interpolation,
-                "file_mb": w.meta.get("_file_size"), "cached": cached.is_file(), "file": str(cached),
-            })
+            rows.append(
+                {
+                    "backbone": value,
+                    "family": family_of(arch),
+                    "weights": w.name,
+                    "default": w == enum.DEFAULT,
+                    "feature_dim": dims[arch],
+                    "params_m": round(w.meta["num_params"] / 1e6, 2),
+                    "gflops": w.meta.get("_ops"),
+                    "top1": w.meta.get("_metrics", {}).get("ImageNet-1K", {}).get("acc@1"),
+                    "crop": pre.crop,
+                    "resize": pre.resize,
+                    "interpolation": pre.interpolation,
+                    "file_mb": w.meta.get("_file_size"),
+                    "cached": cached.is_file(),
+                    "file": str(cached),
+                }
+            )
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ("backbone", "family", "dim", "params M", "GFLOPs", "top-1", "crop", "resize", "interp", "file MB",
-            "cached")
-    body = [(r["backbone"], r["family"], str(r["feature_dim"]), f"{r['params_m']:.1f}",
-             f"{r['gflops']:.2f}" if r["gflops"] is not None else "?",
-             f"{r['top1']:.1f}" if r["top1"] is not None else "?", str(r["crop"]), str(r["resize"]),
-             r["interpolation"], f"{r['file_mb']:.0f}" if r["file_mb"] is not None else "?",
-             "yes" if r["cached"] else "no") for r in rows]
+    head = ("backbone", "family", "dim", "params M", "GFLOPs", "top-1", "crop", "resize", "interp", "file MB", "cached")
+    body = [
+        (
+            r["backbone"],
+            r["family"],
+            str(r["feature_dim"]),
+            f"{r['params_m']:.1f}",
+            f"{r['gflops']:.2f}" if r["gflops"] is not None else "?",
+            f"{r['top1']:.1f}" if r["top1"] is not None else "?",
+            str(r["crop"]),
+            str(r["resize"]),
+            r["interpolation"],
+            f"{r['file_mb']:.0f}" if r["file_mb"] is not None else "?",
+            "yes" if r["cached"] else "no",
+        )
+        for r in rows
+    ]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
     lines = ["  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths)))]
-    lines += ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(b, widths)))
-              for b in body]
+    lines += ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(b, widths))) for b in body]
     cached = sum(r["cached"] for r in rows)
-    lines.append(f"{len(rows)} weights of {len({r['backbone'].split(':')[0] for r in rows})} models in "
-                 f"{len({r['family'] for r in rows})} families; {cached} in the local cache "
-                 f"({Path(torch.hub.get_dir()) / 'checkpoints'}). A bare name means the default weights; "
-                 "name others as MODEL:WEIGHTS. top-1: ImageNet-1K, torchvision's figures for those weights.")
+    lines.append(
+        f"{len(rows)} weights of {len({r['backbone'].split(':')[0] for r in rows})} models in "
+        f"{len({r['family'] for r in rows})} families; {cached} in the local cache "
+        f"({Path(torch.hub.get_dir()) / 'checkpoints'}). A bare name means the default weights; "
+        "name others as MODEL:WEIGHTS. top-1: ImageNet-1K, torchvision's figures for those weights."
+    )
     return "\n".join(lines)
 
 
@@ -412,9 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=os.environ.get("TUNE_RICE_PROG", "python -m tune_rice.backbones"),
         description="List the torchvision classification backbones usable here, with their weights: feature "
-                    "size, parameters, GFLOPs and ImageNet top-1 (torchvision's metadata), native crop and "
-                    "resize, and whether the weights file is in the local torch hub cache. Works offline.",
-        formatter_class=cli.HelpFormatter)
+        "size, parameters, GFLOPs and ImageNet top-1 (torchvision's metadata), native crop and "
+        "resize, and whether the weights file is in the local torch hub cache. Works offline.",
+        formatter_class=cli.HelpFormatter,
+    )
     p.add_argument("--family", help="only this family (e.g. convnext, vit, 'mobilenet v3', regnet)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON (for tools)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")

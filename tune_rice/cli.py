@@ -33,16 +33,21 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
-                or "default" in text:
+        if (
+            action.default is None
+            or action.default is False
+            or action.default == argparse.SUPPRESS
+            or "default" in text
+        ):
             return text
         return super()._get_help_string(action)
 
 
 def setup_logging(verbose: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", force=True)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True
+    )
     for noisy in ("PIL", "matplotlib", "urllib3", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -64,8 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in TOOLS:
         width = max(map(len, TOOLS))
         lines = [f"  {name:<{width}}  {text}" for name, text in TOOLS.items()]
-        print("usage: tune-rice TOOL [options]   (tune-rice TOOL --help for its options)\n\ntools:\n"
-              + "\n".join(lines))
+        print(
+            "usage: tune-rice TOOL [options]   (tune-rice TOOL --help for its options)\n\ntools:\n" + "\n".join(lines)
+        )
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\nerror: unknown tool {argv[0]!r}", file=sys.stderr)
             return 2

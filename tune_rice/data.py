@@ -124,14 +124,16 @@ def read_labels(csv_path: str | os.PathLike, *, root: str | os.PathLike | None =
     if not csv_path.is_file():
         raise UserError(f"{csv_path}: labels file not found")
     try:
-        frame = pd.read_csv(csv_path, dtype={"path": str, "label": str, "split": str, "group": str},
-                            keep_default_na=False)
+        frame = pd.read_csv(
+            csv_path, dtype={"path": str, "label": str, "split": str, "group": str}, keep_default_na=False
+        )
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
         raise UserError(f"{csv_path}: not a readable CSV ({e})") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
-        raise UserError(f"{csv_path}: missing column(s) {', '.join(missing)}; "
-                        f"expected at least {', '.join(REQUIRED_COLUMNS)}")
+        raise UserError(
+            f"{csv_path}: missing column(s) {', '.join(missing)}; expected at least {', '.join(REQUIRED_COLUMNS)}"
+        )
     if frame.empty:
         raise UserError(f"{csv_path}: no rows")
     bad_split = sorted(set(frame["split"]) - set(SPLITS))
@@ -140,15 +142,17 @@ def read_labels(csv_path: str | os.PathLike, *, root: str | os.PathLike | None =
     for p in frame["path"]:
         pp = PurePosixPath(p)
         if not p or pp.is_absolute() or ".." in pp.parts or Path(p).is_absolute() or "\\" in p:
-            raise UserError(f"{csv_path}: path {p!r} is not inside the dataset root "
-                            "(absolute paths and '..' are refused)")
+            raise UserError(
+                f"{csv_path}: path {p!r} is not inside the dataset root (absolute paths and '..' are refused)"
+            )
     root = Path(root).resolve() if root is not None else csv_path.parent
     classes = tuple(sorted(frame["label"].unique()))
     return LabelTable(frame=frame, root=root, classes=classes, csv_path=csv_path)
 
 
-def read_labels_checked(csv_path: str | os.PathLike, root: str | os.PathLike | None = None, *,
-                        splits: Sequence[str] = SPLITS) -> LabelTable:
+def read_labels_checked(
+    csv_path: str | os.PathLike, root: str | os.PathLike | None = None, *, splits: Sequence[str] = SPLITS
+) -> LabelTable:
     """``read_labels`` for the tools that read the images (search, evaluate): every file listed in
     ``splits`` must be there, under ``root`` (``--data-root``) or else the labels file's folder."""
     table = read_labels(csv_path, root=root)
@@ -167,16 +171,25 @@ def read_labels_checked(csv_path: str | os.PathLike, root: str | os.PathLike | N
             present = set()
         missing.extend(rel for rel, name in items if name not in present)
     if missing:
-        hint = ("" if root is not None else "; paths in a labels.csv are relative to its folder: if the images "
-                "live elsewhere (prepare --out outside DATA_DIR), pass --data-root DATA_DIR")
-        raise UserError(f"{table.csv_path}: {len(missing)} of {len(listed)} listed images are not under "
-                        f"{table.root} (first: {missing[0]}){hint}")
+        hint = (
+            ""
+            if root is not None
+            else "; paths in a labels.csv are relative to its folder: if the images "
+            "live elsewhere (prepare --out outside DATA_DIR), pass --data-root DATA_DIR"
+        )
+        raise UserError(
+            f"{table.csv_path}: {len(missing)} of {len(listed)} listed images are not under "
+            f"{table.root} (first: {missing[0]}){hint}"
+        )
     return table
 
 
 # ----------------------------------------------------------------------------------------- transforms
-INTERPOLATIONS = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
-                  "nearest": T.InterpolationMode.NEAREST}
+INTERPOLATIONS = {
+    "bilinear": T.InterpolationMode.BILINEAR,
+    "bicubic": T.InterpolationMode.BICUBIC,
+    "nearest": T.InterpolationMode.NEAREST,
+}
 
 
 def eval_resize(image_size: int) -> int:
@@ -204,8 +217,9 @@ class Preprocessing:
         if self.interpolation not in INTERPOLATIONS:
             raise UserError(f"unknown interpolation {self.interpolation!r}; valid: {', '.join(INTERPOLATIONS)}")
         if int(self.crop) < 16 or int(self.resize) < int(self.crop):
-            raise UserError(f"preprocessing needs crop >= 16 and resize >= crop, got crop {self.crop}, "
-                            f"resize {self.resize}")
+            raise UserError(
+                f"preprocessing needs crop >= 16 and resize >= crop, got crop {self.crop}, resize {self.resize}"
+            )
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
 
@@ -215,9 +229,16 @@ class Preprocessing:
 
     def to_dict(self) -> dict:
         """Plain data, as saved inside model artifacts and export metadata."""
-        return {"image_size": int(self.crop), "resize": int(self.resize), "crop": "center",
-                "interpolation": self.interpolation, "mean": list(self.mean), "std": list(self.std),
-                "color": "RGB", "scale": "pixel/255 then (x - mean) / std"}
+        return {
+            "image_size": int(self.crop),
+            "resize": int(self.resize),
+            "crop": "center",
+            "interpolation": self.interpolation,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "color": "RGB",
+            "scale": "pixel/255 then (x - mean) / std",
+        }
 
     @classmethod
     def from_dict(cls, spec: dict) -> Preprocessing:
@@ -227,9 +248,13 @@ class Preprocessing:
             size = int(spec["image_size"])
             if spec.get("crop", "center") != "center":
                 raise UserError(f"preprocessing crop {spec.get('crop')!r}: only 'center' is supported")
-            return cls(crop=size, resize=int(spec.get("resize", eval_resize(size))),
-                       interpolation=str(spec.get("interpolation", "bilinear")),
-                       mean=tuple(spec.get("mean", IMAGENET_MEAN)), std=tuple(spec.get("std", IMAGENET_STD)))
+            return cls(
+                crop=size,
+                resize=int(spec.get("resize", eval_resize(size))),
+                interpolation=str(spec.get("interpolation", "bilinear")),
+                mean=tuple(spec.get("mean", IMAGENET_MEAN)),
+                std=tuple(spec.get("std", IMAGENET_STD)),
+            )
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"preprocessing {spec!r} is not valid ({type(e).__name__}: {e})") from None
 
@@ -243,8 +268,9 @@ def as_preprocessing(value: int | Preprocessing | dict) -> Preprocessing:
     return Preprocessing.for_size(int(value))
 
 
-def build_transform(preprocessing: int | Preprocessing | dict = 224, *, train: bool = False,
-                    policy: str = "standard") -> T.Compose:
+def build_transform(
+    preprocessing: int | Preprocessing | dict = 224, *, train: bool = False, policy: str = "standard"
+) -> T.Compose:
     """The preprocessing for one image: PIL RGB -> float tensor (3, S, S), normalised.
 
     ``preprocessing``: a :class:`Preprocessing` (resize, crop, interpolation, mean, std), its dict form, or
@@ -261,16 +287,26 @@ def build_transform(preprocessing: int | Preprocessing | dict = 224, *, train: b
     if not train or policy == "none":
         return T.Compose([T.Resize(pre.resize, interpolation=interp, antialias=True), T.CenterCrop(size), *tail])
     if policy == "light":
-        aug = [T.RandomResizedCrop(size, scale=(0.7, 1.0), interpolation=interp, antialias=True),
-               T.RandomHorizontalFlip()]
+        aug = [
+            T.RandomResizedCrop(size, scale=(0.7, 1.0), interpolation=interp, antialias=True),
+            T.RandomHorizontalFlip(),
+        ]
     elif policy == "standard":
-        aug = [T.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=interp, antialias=True),
-               T.RandomHorizontalFlip(), T.RandomVerticalFlip(), T.RandomRotation(15),
-               T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02)]
+        aug = [
+            T.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=interp, antialias=True),
+            T.RandomHorizontalFlip(),
+            T.RandomVerticalFlip(),
+            T.RandomRotation(15),
+            T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02),
+        ]
     else:  # strong
-        aug = [T.RandomResizedCrop(size, scale=(0.3, 1.0), interpolation=interp, antialias=True),
-               T.RandomHorizontalFlip(), T.RandomVerticalFlip(), T.RandomRotation(30),
-               T.ColorJitter(brightness=0.35, contrast=0.35, saturation=0.35, hue=0.05)]
+        aug = [
+            T.RandomResizedCrop(size, scale=(0.3, 1.0), interpolation=interp, antialias=True),
+            T.RandomHorizontalFlip(),
+            T.RandomVerticalFlip(),
+            T.RandomRotation(30),
+            T.ColorJitter(brightness=0.35, contrast=0.35, saturation=0.35, hue=0.05),
+        ]
     return T.Compose([*aug, *tail])
 
 
@@ -289,8 +325,17 @@ class ImageDataset(Dataset):
     of loader workers or the batch size.
     """
 
-    def __init__(self, paths, targets, transform, *, views: int = 1, first_transform=None,
-                 draft_size: int | None = None, seed: int | None = None):
+    def __init__(
+        self,
+        paths,
+        targets,
+        transform,
+        *,
+        views: int = 1,
+        first_transform=None,
+        draft_size: int | None = None,
+        seed: int | None = None,
+    ):
         self.paths = [Path(p) for p in paths]
         self.targets = np.asarray(targets, dtype=np.int64)
         if len(self.paths) != len(self.targets):

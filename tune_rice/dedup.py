@@ -81,7 +81,7 @@ def pack_bits(bits: np.ndarray) -> np.ndarray:
     return np.packbits(bits, axis=-1).view(">u8")[..., 0].astype(np.uint64)
 
 
-HIST_DIM = 6 ** 3 + 12
+HIST_DIM = 6**3 + 12
 
 
 def _histograms(rgb: np.ndarray) -> np.ndarray:
@@ -150,8 +150,9 @@ def _rotl(x: np.ndarray, k: int) -> np.ndarray:
     return (x << np.uint64(k)) | (x >> np.uint64(64 - k))
 
 
-def candidate_pairs(codes: np.ndarray, *, window: int = 4, bands: int = 8,
-                    max_bits: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def candidate_pairs(
+    codes: np.ndarray, *, window: int = 4, bands: int = 8, max_bits: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
     """Pairs ``(i, j)``, ``i < j``, of 64-bit codes that sit close in a banded sort order.
 
     The code is cut into ``bands`` bands; for each band the codes are sorted with that band first (the
@@ -247,8 +248,14 @@ class _Hypotheses:
         np.add.at(match, (hyp, rows, lo_m), 1 - frac_m)
         np.add.at(match, (hyp, rows, lo_m + 1), frac_m)
         lo, frac, inside = cls._taps(s, t, n)
-        return cls(scale=s, match=np.ascontiguousarray(match.transpose(2, 0, 1).reshape(m, -1)),
-                   inside=inside_m, lo=lo, frac=frac, inside_n=inside)
+        return cls(
+            scale=s,
+            match=np.ascontiguousarray(match.transpose(2, 0, 1).reshape(m, -1)),
+            inside=inside_m,
+            lo=lo,
+            frac=frac,
+            inside_n=inside,
+        )
 
 
 _GRIDS: dict[int, _Hypotheses] = {}
@@ -284,8 +291,8 @@ def _orientations(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """(C, 8) correlation of i's 12 px thumbnail with each flip/turn of j's (ORIENTATIONS order)."""
     n = a.shape[-1]
     f = n // 12
-    small_a = a[:, :12 * f, :12 * f].reshape(len(a), 12, f, 12, f).mean(axis=(2, 4))[:, None, 1:-1, 1:-1]
-    small_b = _dihedral(b[:, :12 * f, :12 * f].reshape(len(b), 12, f, 12, f).mean(axis=(2, 4)))[..., 1:-1, 1:-1]
+    small_a = a[:, : 12 * f, : 12 * f].reshape(len(a), 12, f, 12, f).mean(axis=(2, 4))[:, None, 1:-1, 1:-1]
+    small_b = _dihedral(b[:, : 12 * f, : 12 * f].reshape(len(b), 12, f, 12, f).mean(axis=(2, 4)))[..., 1:-1, 1:-1]
     return _wcorr(small_a, small_b, np.ones_like(small_b), axis=(-2, -1))  # (C, 8)
 
 
@@ -318,7 +325,7 @@ def _strip_profiles(x: np.ndarray, axis: int, length: int) -> np.ndarray:
     n = x.shape[-1]
     k, f = _STRIPS, n // length
     x = x if axis == 2 else np.swapaxes(x, 1, 2)  # (C, along, across)
-    x = x[:, :length * f, :(n // k) * k].reshape(len(x), length, f, k, n // k)
+    x = x[:, : length * f, : (n // k) * k].reshape(len(x), length, f, k, n // k)
     return x.mean(axis=(2, 4)).transpose(0, 2, 1)
 
 
@@ -346,7 +353,7 @@ def _compare(a: np.ndarray, b: np.ndarray, g: _Hypotheses):
         pb = np.broadcast_to(pb[:, None], (len(b), len(fine_s), _STRIPS, n))
         lo, frac = lo[:, :, None, :], frac[:, :, None, :]
         lo = np.broadcast_to(lo, pb.shape)
-        sampled = (np.take_along_axis(pb, lo, axis=-1) * (1 - frac) + np.take_along_axis(pb, lo + 1, axis=-1) * frac)
+        sampled = np.take_along_axis(pb, lo, axis=-1) * (1 - frac) + np.take_along_axis(pb, lo + 1, axis=-1) * frac
         wf = np.broadcast_to(inside[:, :, None, :], sampled.shape)
         best = _wcorr(pa[:, None], sampled, wf, axis=(-2, -1)).argmax(axis=-1)  # (C,)
         rows = np.arange(len(a))
@@ -372,7 +379,7 @@ def _warp(b: np.ndarray, sy, ty, sx, tx) -> tuple[np.ndarray, np.ndarray]:
     lo_y, fy, in_y = _taps(sy, ty, n)  # (C, n)
     lo_x, fx, in_x = _taps(sx, tx, n)
     lo_y, fy = lo_y[:, :, None], fy[:, :, None]
-    rows = (np.take_along_axis(b, lo_y, axis=1) * (1 - fy) + np.take_along_axis(b, lo_y + 1, axis=1) * fy)
+    rows = np.take_along_axis(b, lo_y, axis=1) * (1 - fy) + np.take_along_axis(b, lo_y + 1, axis=1) * fy
     lo_x, fx = lo_x[:, None, :], fx[:, None, :]
     wb = np.take_along_axis(rows, lo_x, axis=2) * (1 - fx) + np.take_along_axis(rows, lo_x + 1, axis=2) * fx
     return wb, in_y[:, :, None] * in_x[:, None, :]
@@ -413,7 +420,7 @@ def _compare_at(a: np.ndarray, b: np.ndarray, sy, ty, sx, tx):
     lo_x, fx, in_x = _taps(sx, tx, n)
     w = in_y[:, :, None] * in_x[:, None, :]  # (C, n, n)
     lo_y, fy = lo_y[:, :, None], fy[:, :, None]
-    rows = (np.take_along_axis(b, lo_y, axis=1) * (1 - fy) + np.take_along_axis(b, lo_y + 1, axis=1) * fy)
+    rows = np.take_along_axis(b, lo_y, axis=1) * (1 - fy) + np.take_along_axis(b, lo_y + 1, axis=1) * fy
     lo_x, fx = lo_x[:, None, :], fx[:, None, :]
     wb = np.take_along_axis(rows, lo_x, axis=2) * (1 - fx) + np.take_along_axis(rows, lo_x + 1, axis=2) * fx
     outline = _wcorr(a, wb, w, axis=(1, 2))
@@ -425,8 +432,7 @@ def _compare_at(a: np.ndarray, b: np.ndarray, sy, ty, sx, tx):
     return np.where(enough, outline, -1.0), np.where(enough, detail, -1.0), sy, sx
 
 
-def verify_pairs(thumbs: np.ndarray, i: np.ndarray, j: np.ndarray, *, flips: bool = True,
-                 chunk: int = 128) -> Checked:
+def verify_pairs(thumbs: np.ndarray, i: np.ndarray, j: np.ndarray, *, flips: bool = True, chunk: int = 128) -> Checked:
     """Align and compare the thumbnails of every pair (i[k], j[k]); see the module doc.
 
     ``thumbs`` is (N, S, S) uint8. With ``flips``, the flip or turn of j whose 12 px thumbnail looks
@@ -440,8 +446,12 @@ def verify_pairs(thumbs: np.ndarray, i: np.ndarray, j: np.ndarray, *, flips: boo
         _GRIDS[n] = _Hypotheses.grid(n, n // _PROFILE)
     g = _GRIDS[n]
     i, j = np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64)
-    out = Checked(similarity=np.full(len(i), -1.0), outline=np.full(len(i), -1.0),
-                  orientation=np.zeros(len(i), dtype=np.int64), scale=np.ones((len(i), 2)))
+    out = Checked(
+        similarity=np.full(len(i), -1.0),
+        outline=np.full(len(i), -1.0),
+        orientation=np.zeros(len(i), dtype=np.int64),
+        scale=np.ones((len(i), 2)),
+    )
     for start in range(0, len(i), chunk):
         sl = slice(start, start + chunk)
         a = thumbs[i[sl]].astype(np.float32) / 255
@@ -453,7 +463,7 @@ def verify_pairs(thumbs: np.ndarray, i: np.ndarray, j: np.ndarray, *, flips: boo
         rows = np.arange(len(a))
         # Pairs that do not even look alike at 12 px (most candidates of a varied set) stop here.
         alike = corr[rows, ranked[:, 0]] >= _COARSE_MIN
-        out.outline[start:start + len(a)] = np.where(alike, -1.0, corr[rows, ranked[:, 0]])
+        out.outline[start : start + len(a)] = np.where(alike, -1.0, corr[rows, ranked[:, 0]])
         tries = [(alike, ranked[:, 0])]
         if flips:
             tries.append((alike & (corr[rows, ranked[:, 1]] >= corr[rows, ranked[:, 0]] - 0.05), ranked[:, 1]))
@@ -492,9 +502,16 @@ def _exact_pairs(sha1s: Sequence[str]) -> list[tuple[int, int]]:
     return out
 
 
-def group_images(sha1s: Sequence[str], signatures: Sequence[Signature] | None = None, *, mode: str = "near",
-                 min_similarity: float = DEFAULT_MIN_SIMILARITY, min_outline: float = DEFAULT_MIN_OUTLINE,
-                 flips: bool = True, window: int = 2) -> Grouping:
+def group_images(
+    sha1s: Sequence[str],
+    signatures: Sequence[Signature] | None = None,
+    *,
+    mode: str = "near",
+    min_similarity: float = DEFAULT_MIN_SIMILARITY,
+    min_outline: float = DEFAULT_MIN_OUTLINE,
+    flips: bool = True,
+    window: int = 2,
+) -> Grouping:
     """Group exact copies (same SHA-1) and, in ``near`` mode, verified near copies. See the module doc.
 
     ``mode`` ``off`` puts every image in its own group. Deterministic: the same inputs give the same
@@ -521,8 +538,10 @@ def group_images(sha1s: Sequence[str], signatures: Sequence[Signature] | None = 
             raise ValueError("near mode needs one signature per image")
         reps = np.asarray([k for k in range(n) if find(k) == k])  # one image per set of byte copies
         thumbs = np.stack([s.thumb for s in signatures])
-        codes = [np.asarray([signatures[k].phash for k in reps], dtype=np.uint64),
-                 histogram_codes(np.stack([signatures[k].hist for k in reps]))]
+        codes = [
+            np.asarray([signatures[k].phash for k in reps], dtype=np.uint64),
+            histogram_codes(np.stack([signatures[k].hist for k in reps])),
+        ]
         found = [candidate_pairs(c, window=window, max_bits=b) for c, b in zip(codes, _MAX_BITS)]
         key = np.unique(np.concatenate([ci * len(reps) + cj for ci, cj in found]))
         ci, cj = reps[key // len(reps)], reps[key % len(reps)]
@@ -549,8 +568,9 @@ def group_images(sha1s: Sequence[str], signatures: Sequence[Signature] | None = 
                 cross = [(min(x, y), max(x, y)) for x in members[ra][:_GUARD] for y in members[rb][:_GUARD]]
                 todo = sorted({c for c in cross if c not in known})
                 if todo:
-                    c = verify_pairs(thumbs, np.array([t[0] for t in todo]), np.array([t[1] for t in todo]),
-                                     flips=flips)
+                    c = verify_pairs(
+                        thumbs, np.array([t[0] for t in todo]), np.array([t[1] for t in todo]), flips=flips
+                    )
                     # Looser than the pair check: two edits of one original (a re-encoded and a shifted
                     # copy) are each close to it but farther from each other.
                     passed = (c.similarity >= min_similarity - _GUARD_SLACK) & (c.outline >= min_outline - 0.05)
@@ -562,9 +582,19 @@ def group_images(sha1s: Sequence[str], signatures: Sequence[Signature] | None = 
                 else:
                     joined = False
                     n_blocked += 1
-            pairs.append((a, b, "near", float(checked.similarity[k]), float(checked.outline[k]),
-                          ORIENTATIONS[int(checked.orientation[k])], joined))
+            pairs.append(
+                (
+                    a,
+                    b,
+                    "near",
+                    float(checked.similarity[k]),
+                    float(checked.outline[k]),
+                    ORIENTATIONS[int(checked.orientation[k])],
+                    joined,
+                )
+            )
     roots = np.asarray([find(k) for k in range(n)], dtype=np.int64)
     _, group = np.unique(roots, return_inverse=True)  # roots are first members, so groups number by them
-    return Grouping(group=group.astype(np.int64).reshape(n), pairs=pairs, n_candidates=n_candidates,
-                    n_blocked=n_blocked)
+    return Grouping(
+        group=group.astype(np.int64).reshape(n), pairs=pairs, n_candidates=n_candidates, n_blocked=n_blocked
+    )

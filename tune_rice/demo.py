@@ -71,7 +71,7 @@ MAX_PER_CLASS = 100_000
 FAMILIES = {
     "field": "one blade in the field over soil, water or other leaves, any angle and scale (the default)",
     "plain": "a cut piece of leaf laid centred and upright on a grey or white sheet: distinct images "
-             "with near-identical layout, as many disease sets are shot",
+    "with near-identical layout, as many disease sets are shot",
     "scans": "greyscale pen drawings of such leaves (outlines, hatched marks), scanned small and upscaled",
 }
 DEFAULT_FAMILY = "field"
@@ -151,20 +151,20 @@ def _background(rng: np.random.Generator, S: int, sc: float) -> np.ndarray:
     """Out-of-focus surroundings (S, S, 3) float32: wet soil, paddy water or other rice leaves."""
     kind = rng.choice(3, p=[0.3, 0.25, 0.45])
     if kind == 0:  # wet soil / mud with small pebbles
-        base = np.array([rng.uniform(.28, .48), rng.uniform(.2, .33), rng.uniform(.12, .22)], np.float32)
+        base = np.array([rng.uniform(0.28, 0.48), rng.uniform(0.2, 0.33), rng.uniform(0.12, 0.22)], np.float32)
         tex = 0.7 + 0.4 * _smooth_noise(rng, S, 6) + 0.25 * _smooth_noise(rng, S, max(4, S // 10))
         img = base * tex[..., None]
         pebbles = rng.random((S, S), dtype=np.float32) < 0.004
         img[pebbles] *= rng.uniform(0.5, 1.7)
         n_leaves = int(rng.integers(0, 4))
     elif kind == 1:  # paddy water reflecting the sky
-        base = np.array([rng.uniform(.16, .32), rng.uniform(.22, .38), rng.uniform(.26, .45)], np.float32)
+        base = np.array([rng.uniform(0.16, 0.32), rng.uniform(0.22, 0.38), rng.uniform(0.26, 0.45)], np.float32)
         ripple = 0.8 + 0.4 * _smooth_noise(rng, S, 10)
         sky = _smooth_noise(rng, S, 4) ** 3 * rng.uniform(0.2, 0.55)
         img = base * ripple[..., None] + sky[..., None] * np.array([0.85, 0.9, 1.0], np.float32)
         n_leaves = int(rng.integers(1, 6))
     else:  # the field: other leaves, out of focus
-        base = np.array([rng.uniform(.08, .22), rng.uniform(.18, .36), rng.uniform(.05, .15)], np.float32)
+        base = np.array([rng.uniform(0.08, 0.22), rng.uniform(0.18, 0.36), rng.uniform(0.05, 0.15)], np.float32)
         img = base * (0.7 + 0.6 * _smooth_noise(rng, S, 5))[..., None]
         n_leaves = int(rng.integers(4, 12))
     canvas = Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
@@ -206,19 +206,32 @@ class _Blade:
     @classmethod
     def random(cls, rng: np.random.Generator, S: int) -> _Blade:
         tip_in_frame = rng.random() < 0.4
-        return cls(cx=S * (0.5 + rng.uniform(-0.15, 0.15)), cy=S * (0.5 + rng.uniform(-0.15, 0.15)),
-                   theta=rng.uniform(0, 2 * math.pi), width=S * rng.uniform(0.25, 0.45),
-                   tip=S * (rng.uniform(0.2, 0.6) if tip_in_frame else rng.uniform(1.0, 1.5)),
-                   taper=S * rng.uniform(0.5, 1.1), bend=rng.uniform(-0.25, 0.25), S=S)
+        return cls(
+            cx=S * (0.5 + rng.uniform(-0.15, 0.15)),
+            cy=S * (0.5 + rng.uniform(-0.15, 0.15)),
+            theta=rng.uniform(0, 2 * math.pi),
+            width=S * rng.uniform(0.25, 0.45),
+            tip=S * (rng.uniform(0.2, 0.6) if tip_in_frame else rng.uniform(1.0, 1.5)),
+            taper=S * rng.uniform(0.5, 1.1),
+            bend=rng.uniform(-0.25, 0.25),
+            S=S,
+        )
 
     @classmethod
     def laid_out(cls, rng: np.random.Generator, S: int) -> _Blade:
         """A cut piece of leaf laid on a sheet the way a photographer does it every time: centred,
         tip up, nearly upright, the whole piece in the frame. Distinct leaves look alike as a whole."""
-        return cls(cx=S * (0.5 + rng.uniform(-0.04, 0.04)), cy=S * (0.5 + rng.uniform(-0.04, 0.04)),
-                   theta=-math.pi / 2 + rng.uniform(-0.15, 0.15), width=S * rng.uniform(0.2, 0.3),
-                   tip=S * rng.uniform(0.36, 0.46), taper=S * rng.uniform(0.3, 0.6),
-                   bend=rng.uniform(-0.12, 0.12), S=S, base=-S * rng.uniform(0.36, 0.46))
+        return cls(
+            cx=S * (0.5 + rng.uniform(-0.04, 0.04)),
+            cy=S * (0.5 + rng.uniform(-0.04, 0.04)),
+            theta=-math.pi / 2 + rng.uniform(-0.15, 0.15),
+            width=S * rng.uniform(0.2, 0.3),
+            tip=S * rng.uniform(0.36, 0.46),
+            taper=S * rng.uniform(0.3, 0.6),
+            bend=rng.uniform(-0.12, 0.12),
+            S=S,
+            base=-S * rng.uniform(0.36, 0.46),
+        )
 
     def frame(self, xx: np.ndarray, yy: np.ndarray, dx: float = 0.0, dy: float = 0.0):
         """Per pixel: (u, v, half-width at u), all (S, S) px; ``dx, dy`` shift the blade (its shadow)."""
@@ -282,8 +295,7 @@ def _leaf_colour(rng: np.random.Generator, label: str, blade: _Blade, u, v, hw, 
     knots = np.linspace(-1.6 * S, 1.6 * S, 12)
     along = np.interp(u, knots, rng.normal(0.0, 1.0, 12)).astype(np.float32)
     fold, tilt = rng.uniform(0.0, 0.2), rng.uniform(-0.2, 0.2)  # the blade is slightly folded along the rib
-    shade = (1 + 0.06 * along + tilt * rel - fold * rel * rel
-             + 0.1 * (_smooth_noise(rng, S, 8) - 0.5))
+    shade = 1 + 0.06 * along + tilt * rel - fold * rel * rel + 0.1 * (_smooth_noise(rng, S, 8) - 0.5)
     colour = base * shade[..., None]
     yellowing = rng.uniform(0.0, 0.4) if rng.random() < p_yellow else 0.0  # older leaves: yellower tip
     if yellowing:
@@ -319,8 +331,8 @@ def _brown_spots(leaf: _Leaf) -> None:
         d = np.sqrt((du / (r * aspect)) ** 2 + (dv / r) ** 2) * wobble
         yellow = _hsv(rng.uniform(0.12, 0.16), rng.uniform(0.55, 0.75), rng.uniform(0.7, 0.85))
         _paint(leaf.colour, win, halo_alpha * np.clip((halo - d) / (halo - 1), 0, 1) ** 1.5, yellow)
-        margin = np.array([rng.uniform(.33, .48), rng.uniform(.16, .26), rng.uniform(.05, .11)], np.float32)
-        centre = np.array([rng.uniform(.45, .62), rng.uniform(.32, .45), rng.uniform(.15, .28)], np.float32)
+        margin = np.array([rng.uniform(0.33, 0.48), rng.uniform(0.16, 0.26), rng.uniform(0.05, 0.11)], np.float32)
+        centre = np.array([rng.uniform(0.45, 0.62), rng.uniform(0.32, 0.45), rng.uniform(0.15, 0.28)], np.float32)
         t = np.clip(d, 0, 1)[..., None] ** 2
         spot = centre + (margin - centre) * t  # tan centre, dark brown rim
         _paint(leaf.colour, win, rng.uniform(0.75, 1.0) * _smoothstep(1.1, 0.85, d), spot)
@@ -345,7 +357,7 @@ def _blast_lesions(leaf: _Leaf) -> None:
         d *= 1 + 0.08 * np.sin(du / a * rng.uniform(3, 7) + rng.uniform(0, 6.3)) * np.sign(dv + 1e-6)
         yellow = _hsv(rng.uniform(0.12, 0.17), rng.uniform(0.4, 0.65), rng.uniform(0.6, 0.8))
         _paint(leaf.colour, win, rng.uniform(0.1, 0.35) * np.clip((1.4 - d) / 0.4, 0, 1), yellow)
-        brown = np.array([rng.uniform(.38, .55), rng.uniform(.2, .3), rng.uniform(.08, .15)], np.float32)
+        brown = np.array([rng.uniform(0.38, 0.55), rng.uniform(0.2, 0.3), rng.uniform(0.08, 0.15)], np.float32)
         _paint(leaf.colour, win, rng.uniform(0.8, 1.0) * _smoothstep(1.08, 0.9, d), brown)
         if not early:
             g = rng.uniform(0.52, 0.72)
@@ -441,8 +453,9 @@ def _distractors(leaf: _Leaf, p: float) -> None:
 _SIGNATURES = {"BrownSpot": _brown_spots, "LeafBlast": _blast_lesions, "Hispa": _hispa_damage}
 
 
-def render_image(label: str, index: int, *, size: int = 256, seed: int = 0,
-                 family: str = "field") -> tuple[np.ndarray, int]:
+def render_image(
+    label: str, index: int, *, size: int = 256, seed: int = 0, family: str = "field"
+) -> tuple[np.ndarray, int]:
     """Draw image ``index`` of class ``label`` in ``family``: (uint8 array, its JPEG quality).
 
     The array is RGB (size, size, 3) for ``field`` and ``plain``, greyscale (size, size) for ``scans``.
@@ -639,8 +652,14 @@ def _render_star(args):
 
 # ---------------------------------------------------------------------------------- the dataset folder
 def _params(per_class: int, size: int, seed: int, family: str = DEFAULT_FAMILY) -> dict:
-    return {"generator": "tune_rice.demo", "format": FORMAT, "family": family, "per_class": per_class,
-            "size": size, "seed": seed}
+    return {
+        "generator": "tune_rice.demo",
+        "format": FORMAT,
+        "family": family,
+        "per_class": per_class,
+        "size": size,
+        "seed": seed,
+    }
 
 
 def _check_params(per_class, size, seed, *, names=("per_class", "size", "seed")) -> tuple[int, int, int]:
@@ -669,18 +688,25 @@ def _existing(out: Path, params: dict) -> str:
     try:
         found = json.loads(marker.read_text())
     except FileNotFoundError:
-        raise UserError(f"{out}: folder is not empty and is not a tune_rice demo dataset (no {MARKER}); "
-                        "choose a new or empty folder") from None
+        raise UserError(
+            f"{out}: folder is not empty and is not a tune_rice demo dataset (no {MARKER}); "
+            "choose a new or empty folder"
+        ) from None
     except (OSError, ValueError) as e:
         raise UserError(f"{marker}: unreadable marker ({e}); delete {out} or choose another folder") from None
     # Markers written before there were families hold field pictures.
-    got = {k: found.get(k, DEFAULT_FAMILY if k == "family" else None) for k in params} \
-        if isinstance(found, dict) else {}
+    got = (
+        {k: found.get(k, DEFAULT_FAMILY if k == "family" else None) for k in params} if isinstance(found, dict) else {}
+    )
     if got != params:
+
         def show(d):
             return ", ".join(f"{k}={d.get(k)}" for k in ("family", "per_class", "size", "seed", "format"))
-        raise UserError(f"{out}: holds a demo dataset made with other parameters ({show(got)}, not "
-                        f"{show(params)}); delete it or choose another folder")
+
+        raise UserError(
+            f"{out}: holds a demo dataset made with other parameters ({show(got)}, not "
+            f"{show(params)}); delete it or choose another folder"
+        )
     for label, n in found.get("counts", {}).items():
         if len(list((out / label).glob("*.jpg"))) != n:
             raise UserError(f"{out}: demo dataset is incomplete ({label} should have {n} images); delete it")
@@ -694,8 +720,15 @@ def _default_workers(n_images: int) -> int:
     return max(1, min(cpus, 8, n_images // 1000))
 
 
-def generate_demo(out_dir: str | os.PathLike, *, per_class: int = 200, size: int = 256, seed: int = 0,
-                  family: str = DEFAULT_FAMILY, workers: int | None = None) -> Path:
+def generate_demo(
+    out_dir: str | os.PathLike,
+    *,
+    per_class: int = 200,
+    size: int = 256,
+    seed: int = 0,
+    family: str = DEFAULT_FAMILY,
+    workers: int | None = None,
+) -> Path:
     """Write the synthetic dataset to ``out_dir`` and return it as a Path.
 
     ``per_class`` scales the class sizes (:func:`class_counts`), ``size`` is the square image side in
@@ -710,8 +743,14 @@ def generate_demo(out_dir: str | os.PathLike, *, per_class: int = 200, size: int
     out = Path(out_dir).expanduser()
     params = _params(per_class, size, seed, family)
     if _existing(out, params) == "ready":
-        log.info("%s: demo dataset already there (family=%s, per_class=%d, size=%d, seed=%d)", out, family,
-                 per_class, size, seed)
+        log.info(
+            "%s: demo dataset already there (family=%s, per_class=%d, size=%d, seed=%d)",
+            out,
+            family,
+            per_class,
+            size,
+            seed,
+        )
         return out
     jobs = _plan(per_class, seed)
     workers = _default_workers(len(jobs)) if workers is None else max(1, int(workers))
@@ -736,8 +775,13 @@ def generate_demo(out_dir: str | os.PathLike, *, per_class: int = 200, size: int
                     duplicates = _write_all(tmp, jobs, results, bar)
             else:
                 duplicates = _write_all(tmp, jobs, map(_render_star, args), bar)
-        marker = {**params, "classes": list(CLASSES), "counts": class_counts(per_class),
-                  "class_multipliers": CLASS_MULTIPLIERS, "near_duplicates": duplicates}
+        marker = {
+            **params,
+            "classes": list(CLASSES),
+            "counts": class_counts(per_class),
+            "class_multipliers": CLASS_MULTIPLIERS,
+            "near_duplicates": duplicates,
+        }
         (tmp / MARKER).write_text(json.dumps(marker, indent=1, sort_keys=True) + "\n")
         try:
             if out.is_dir():
@@ -757,8 +801,13 @@ def generate_demo(out_dir: str | os.PathLike, *, per_class: int = 200, size: int
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    log.info("wrote %d images (%d near-duplicates) to %s in %.1f s", len(jobs), len(duplicates), out,
-             time.perf_counter() - t0)
+    log.info(
+        "wrote %d images (%d near-duplicates) to %s in %.1f s",
+        len(jobs),
+        len(duplicates),
+        out,
+        time.perf_counter() - t0,
+    )
     return out
 
 
@@ -787,8 +836,14 @@ def default_demo_dir() -> Path:
     return (Path(base).expanduser() if base else Path.home() / ".cache" / "tune_rice") / "demo"
 
 
-def ensure_demo(*, per_class: int = 200, size: int = 256, seed: int = 0, family: str = DEFAULT_FAMILY,
-                root: str | os.PathLike | None = None) -> Path:
+def ensure_demo(
+    *,
+    per_class: int = 200,
+    size: int = 256,
+    seed: int = 0,
+    family: str = DEFAULT_FAMILY,
+    root: str | os.PathLike | None = None,
+) -> Path:
     """The demo dataset folder ``<root>/rice-p<N>-s<PX>-seed<S>``, generated first if missing.
 
     Families other than ``field`` get ``rice-<family>-p<N>-...``. ``root`` defaults to
@@ -797,8 +852,13 @@ def ensure_demo(*, per_class: int = 200, size: int = 256, seed: int = 0, family:
     per_class, size, seed = _check_params(per_class, size, seed)
     check_family(family)
     root = Path(root).expanduser() if root is not None else default_demo_dir()
-    return generate_demo(root / dataset_name(per_class=per_class, size=size, seed=seed, family=family),
-                         per_class=per_class, size=size, seed=seed, family=family)
+    return generate_demo(
+        root / dataset_name(per_class=per_class, size=size, seed=seed, family=family),
+        per_class=per_class,
+        size=size,
+        seed=seed,
+        family=family,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -808,26 +868,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=os.environ.get("TUNE_RICE_PROG", "python -m tune_rice.demo"),
         description="Generate synthetic rice-leaf photos as OUT/<class>/*.jpg for the classes "
-                    f"{', '.join(CLASSES)}: one leaf blade per picture, the disease drawn on it (brown "
-                    "spots with a yellow halo, grey-centred spindle lesions, whitish Hispa streaks) and "
-                    "harmless distractors (dew, soil specks, torn tips) on every class.",
+        f"{', '.join(CLASSES)}: one leaf blade per picture, the disease drawn on it (brown "
+        "spots with a yellow halo, grey-centred spindle lesions, whitish Hispa streaks) and "
+        "harmless distractors (dew, soil specks, torn tips) on every class.",
         epilog=f"Class sizes are imbalanced like the Kaggle set: {mult} (rounded). About "
-               f"{DUPLICATE_FRACTION:.0%} of the files are near-duplicates of another image of the same class "
-               f"(re-encoded, shifted or brightened; listed in OUT/{MARKER}). The same seed gives "
-               "byte-identical files. Running again with the same parameters does nothing; a non-empty "
-               "OUT that is not such a dataset is refused.")
-    parser.add_argument("out", metavar="OUT", help="output folder: new, empty, or a previous demo with the "
-                                                   "same parameters")
-    parser.add_argument("--family", default=DEFAULT_FAMILY, choices=list(FAMILIES),
-                        help="kind of picture, same classes and marks in each: "
-                             + "; ".join(f"{k}: {v}" for k, v in FAMILIES.items()))
-    parser.add_argument("--per-class", type=int, default=200, metavar="N",
-                        help="images per class before the imbalance multipliers (default: %(default)s)")
-    parser.add_argument("--size", type=int, default=256, metavar="PX",
-                        help="image side in pixels (default: %(default)s)")
+        f"{DUPLICATE_FRACTION:.0%} of the files are near-duplicates of another image of the same class "
+        f"(re-encoded, shifted or brightened; listed in OUT/{MARKER}). The same seed gives "
+        "byte-identical files. Running again with the same parameters does nothing; a non-empty "
+        "OUT that is not such a dataset is refused.",
+    )
+    parser.add_argument(
+        "out", metavar="OUT", help="output folder: new, empty, or a previous demo with the same parameters"
+    )
+    parser.add_argument(
+        "--family",
+        default=DEFAULT_FAMILY,
+        choices=list(FAMILIES),
+        help="kind of picture, same classes and marks in each: " + "; ".join(f"{k}: {v}" for k, v in FAMILIES.items()),
+    )
+    parser.add_argument(
+        "--per-class",
+        type=int,
+        default=200,
+        metavar="N",
+        help="images per class before the imbalance multipliers (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--size", type=int, default=256, metavar="PX", help="image side in pixels (default: %(default)s)"
+    )
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=None, metavar="W",
-                        help="drawing processes (default: 1 below 2000 images; the files do not depend on it)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="W",
+        help="drawing processes (default: 1 below 2000 images; the files do not depend on it)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -841,8 +917,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
     _check_params(args.per_class, args.size, args.seed, names=("--per-class", "--size", "--seed"))
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
-    generate_demo(args.out, per_class=args.per_class, size=args.size, seed=args.seed, family=args.family,
-                  workers=args.workers)
+    generate_demo(
+        args.out, per_class=args.per_class, size=args.size, seed=args.seed, family=args.family, workers=args.workers
+    )
     return 0
 
 

@@ -80,21 +80,31 @@ class TrialConfig:
             (self.aug_policy in AUG_POLICIES, f"aug_policy must be one of {AUG_POLICIES}"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}"),
-            (self.views >= 1, "views must be >= 1"), (self.image_size == 0 or self.image_size >= 16, "image_size must be >= 16 (or 0: the weights' own)"),
-            (self.hidden >= 0, "hidden must be >= 0"), (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
-            (self.lr > 0, "lr must be > 0"), (self.weight_decay >= 0, "weight_decay must be >= 0"),
-            (self.batch_size >= 1, "batch_size must be >= 1"), (self.epochs >= 1, "epochs must be >= 1"),
+            (self.views >= 1, "views must be >= 1"),
+            (self.image_size == 0 or self.image_size >= 16, "image_size must be >= 16 (or 0: the weights' own)"),
+            (self.hidden >= 0, "hidden must be >= 0"),
+            (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.epochs >= 1, "epochs must be >= 1"),
             (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
-            (self.grad_clip >= 0, "grad_clip must be >= 0"), (self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
+            (self.grad_clip >= 0, "grad_clip must be >= 0"),
+            (self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
                 raise UserError(f"invalid trial config: {message}")
 
     def feature_spec(self) -> FeatureSpec:
-        return FeatureSpec(backbone=self.backbone, image_size=int(self.image_size),
-                           feature_layer=feature_layer_for(self.head), policy=self.aug_policy,
-                           views=int(self.views), seed=int(self.seed))
+        return FeatureSpec(
+            backbone=self.backbone,
+            image_size=int(self.image_size),
+            feature_layer=feature_layer_for(self.head),
+            policy=self.aug_policy,
+            views=int(self.views),
+            seed=int(self.seed),
+        )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -133,10 +143,16 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> d
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
     present = support > 0
     n = int(cm.sum())
-    return {"acc": float(tp.sum() / n) if n else 0.0,
-            "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
-            "precision": precision.tolist(), "recall": recall.tolist(), "f1": f1.tolist(),
-            "support": support.tolist(), "confusion": cm.tolist(), "count": n}
+    return {
+        "acc": float(tp.sum() / n) if n else 0.0,
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "precision": precision.tolist(),
+        "recall": recall.tolist(),
+        "f1": f1.tolist(),
+        "support": support.tolist(),
+        "confusion": cm.tolist(),
+        "count": n,
+    }
 
 
 # ------------------------------------------------------------------------------------------ batches
@@ -147,8 +163,9 @@ class BankBatches:
     ``seed`` and the epoch) and shuffles. Evaluation: view 0 in order.
     """
 
-    def __init__(self, split: SplitFeatures, *, batch_size: int, train: bool, seed: int = 0,
-                 device: torch.device | str = "cpu"):
+    def __init__(
+        self, split: SplitFeatures, *, batch_size: int, train: bool, seed: int = 0, device: torch.device | str = "cpu"
+    ):
         with warnings.catch_warnings():  # banks from Ray's object store are read-only; we never write them
             warnings.simplefilter("ignore", UserWarning)
             self.features = torch.from_numpy(np.ascontiguousarray(split.features))  # (N, K, D) float16, shared
@@ -170,7 +187,7 @@ class BankBatches:
             order = torch.arange(n)
             views = torch.zeros(n, dtype=torch.long)
         for start in range(0, n, self.batch_size):
-            idx = order[start:start + self.batch_size]
+            idx = order[start : start + self.batch_size]
             x = self.features[idx, views[idx]].float()  # (B, D)
             yield x.to(self.device, non_blocking=True), self.targets[idx].to(self.device, non_blocking=True)
 
@@ -178,8 +195,16 @@ class BankBatches:
 class ImageBatches:
     """Mini-batches of images through a DataLoader (the inline path); yields (x, y) like BankBatches."""
 
-    def __init__(self, dataset, *, batch_size: int, train: bool, seed: int = 0, num_workers: int = 0,
-                 device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        dataset,
+        *,
+        batch_size: int,
+        train: bool,
+        seed: int = 0,
+        num_workers: int = 0,
+        device: torch.device | str = "cpu",
+    ):
         self.dataset, self.batch_size, self.train, self.seed = dataset, int(batch_size), train, seed
         self.num_workers, self.device = num_workers, torch.device(device)
         self.epoch = 0
@@ -190,11 +215,19 @@ class ImageBatches:
     def __iter__(self):
         self.dataset.epoch = self.epoch
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=self.train, generator=g,
-                            num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
+        loader = DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            shuffle=self.train,
+            generator=g,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
         for x, y, _ in loader:
-            yield (x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last),
-                   y.to(self.device, non_blocking=True))
+            yield (
+                x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last),
+                y.to(self.device, non_blocking=True),
+            )
 
 
 # ------------------------------------------------------------------------------------ optimisation
@@ -203,8 +236,13 @@ def make_optimizer(params: Iterable[nn.Parameter], cfg: TrialConfig) -> torch.op
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               nesterov=cfg.nesterov and cfg.momentum > 0)
+        return torch.optim.SGD(
+            params,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            nesterov=cfg.nesterov and cfg.momentum > 0,
+        )
     raise UserError(f"Invalid optimizer {cfg.optimizer}. Only {', '.join(OPTIMIZERS)} are supported.")
 
 
@@ -233,8 +271,7 @@ def make_criterion(cfg: TrialConfig, class_counts: np.ndarray, device) -> nn.Mod
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
 
 
-def train_one_epoch(model: nn.Module, batches, *, optimizer, criterion, scheduler=None,
-                    grad_clip: float = 0.0) -> dict:
+def train_one_epoch(model: nn.Module, batches, *, optimizer, criterion, scheduler=None, grad_clip: float = 0.0) -> dict:
     """One pass over ``batches``; returns ``{"loss", "acc"}`` averaged over samples."""
     model.train()
     total_loss, correct, n = 0.0, 0, 0
@@ -287,9 +324,16 @@ class HeadRun:
     trial resume exactly where a checkpoint left it.
     """
 
-    def __init__(self, cfg: TrialConfig, *, bank: FeatureBank | None = None, table: LabelTable | None = None,
-                 weights: str | ResolvedWeights = "auto", device: str | torch.device = "auto",
-                 num_workers: int | None = None):
+    def __init__(
+        self,
+        cfg: TrialConfig,
+        *,
+        bank: FeatureBank | None = None,
+        table: LabelTable | None = None,
+        weights: str | ResolvedWeights = "auto",
+        device: str | torch.device = "auto",
+        num_workers: int | None = None,
+    ):
         if (bank is None) == (table is None):
             raise ValueError("give exactly one of bank (feature-bank path) or table (inline path)")
         self.cfg, self.device, self.epoch = cfg, resolve_device(device), 0
@@ -298,39 +342,59 @@ class HeadRun:
             self.classes = bank.classes
             self.weights = bank.weights
             n_classes = len(bank.classes)
-            self.head = build_head(cfg.head, in_dim=bank.dim, n_classes=n_classes, hidden=cfg.hidden,
-                                   dropout=cfg.dropout)
+            self.head = build_head(
+                cfg.head, in_dim=bank.dim, n_classes=n_classes, hidden=cfg.hidden, dropout=cfg.dropout
+            )
             self.head.set_standardization(bank.mean, bank.std)
             self.model = self.head.to(self.device)
-            self.train_batches = BankBatches(bank.splits["train"], batch_size=cfg.batch_size, train=True,
-                                             seed=cfg.seed, device=self.device)
+            self.train_batches = BankBatches(
+                bank.splits["train"], batch_size=cfg.batch_size, train=True, seed=cfg.seed, device=self.device
+            )
             self.valid_batches = BankBatches(bank.splits["valid"], batch_size=512, train=False, device=self.device)
             counts = np.bincount(bank.splits["train"].targets, minlength=n_classes)
         else:
             self.classes = table.classes
             n_classes = len(table.classes)
             spec = cfg.feature_spec()
-            backbone, resolved = build_backbone(spec.backbone, weights=weights, seed=cfg.seed,
-                                                feature_layer=spec.feature_layer)
+            backbone, resolved = build_backbone(
+                spec.backbone, weights=weights, seed=cfg.seed, feature_layer=spec.feature_layer
+            )
             self.weights = resolved.identity
             backbone = backbone.to(self.device).to(memory_format=torch.channels_last)
             workers = default_num_workers() if num_workers is None else num_workers
             eval_tf = build_transform(spec.preprocessing, train=False)
             train_tf = build_transform(spec.preprocessing, train=True, policy=spec.policy)
             # Standardisation statistics from un-augmented train images: the same numbers the bank uses.
-            stats_loader = DataLoader(dataset_for_split(table, "train", eval_tf), batch_size=64,
-                                      num_workers=workers)
-            f0 = run_backbone(backbone, stats_loader, n=len(table.split("train")), views=1, device=self.device,
-                              desc="feature statistics", progress=False)[:, 0].astype(np.float32)
-            self.head = build_head(cfg.head, in_dim=f0.shape[1], n_classes=n_classes, hidden=cfg.hidden,
-                                   dropout=cfg.dropout)
+            stats_loader = DataLoader(dataset_for_split(table, "train", eval_tf), batch_size=64, num_workers=workers)
+            f0 = run_backbone(
+                backbone,
+                stats_loader,
+                n=len(table.split("train")),
+                views=1,
+                device=self.device,
+                desc="feature statistics",
+                progress=False,
+            )[:, 0].astype(np.float32)
+            self.head = build_head(
+                cfg.head, in_dim=f0.shape[1], n_classes=n_classes, hidden=cfg.hidden, dropout=cfg.dropout
+            )
             self.head.set_standardization(f0.mean(0), f0.std(0))
             self.model = Classifier(backbone, self.head).to(self.device)
-            self.train_batches = ImageBatches(dataset_for_split(table, "train", train_tf, seed=cfg.seed),
-                                              batch_size=cfg.batch_size, train=True, seed=cfg.seed,
-                                              num_workers=workers, device=self.device)
-            self.valid_batches = ImageBatches(dataset_for_split(table, "valid", eval_tf), batch_size=64,
-                                              train=False, num_workers=workers, device=self.device)
+            self.train_batches = ImageBatches(
+                dataset_for_split(table, "train", train_tf, seed=cfg.seed),
+                batch_size=cfg.batch_size,
+                train=True,
+                seed=cfg.seed,
+                num_workers=workers,
+                device=self.device,
+            )
+            self.valid_batches = ImageBatches(
+                dataset_for_split(table, "valid", eval_tf),
+                batch_size=64,
+                train=False,
+                num_workers=workers,
+                device=self.device,
+            )
             counts = np.bincount(table.targets("train"), minlength=n_classes)
         self.n_classes = n_classes
         self.optimizer = make_optimizer(self.head.parameters(), cfg)
@@ -341,8 +405,14 @@ class HeadRun:
         """Train one epoch; returns ``{"epoch", "lr", "train/loss", "train/acc"}``."""
         self.train_batches.epoch = self.epoch
         lr = self.optimizer.param_groups[0]["lr"]
-        tr = train_one_epoch(self.model, self.train_batches, optimizer=self.optimizer, criterion=self.criterion,
-                             scheduler=self.scheduler, grad_clip=self.cfg.grad_clip)
+        tr = train_one_epoch(
+            self.model,
+            self.train_batches,
+            optimizer=self.optimizer,
+            criterion=self.criterion,
+            scheduler=self.scheduler,
+            grad_clip=self.cfg.grad_clip,
+        )
         self.epoch += 1
         return {"epoch": self.epoch, "lr": lr, "train/loss": tr["loss"], "train/acc": tr["acc"]}
 
@@ -350,16 +420,29 @@ class HeadRun:
         """Train one epoch, evaluate on valid; returns namespaced metrics for this epoch."""
         out = self.train_epoch()
         va = evaluate(self.model, self.valid_batches, n_classes=self.n_classes)
-        out.update({"valid/loss": va["loss"], "valid/acc": va["acc"], "valid/macro_f1": va["macro_f1"],
-                    "valid_count": va["count"]})
+        out.update(
+            {
+                "valid/loss": va["loss"],
+                "valid/acc": va["acc"],
+                "valid/macro_f1": va["macro_f1"],
+                "valid_count": va["count"],
+            }
+        )
         for c, r in zip(self.classes, va["recall"]):
             out[f"valid/recall/{c}"] = r
         return out
 
     def state_dict(self) -> dict:
-        state = {"epoch": self.epoch, "head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "config": self.cfg.to_dict(),
-                 "classes": list(self.classes), "weights": self.weights, "torch_rng": torch.get_rng_state()}
+        state = {
+            "epoch": self.epoch,
+            "head": self.head.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "config": self.cfg.to_dict(),
+            "classes": list(self.classes),
+            "weights": self.weights,
+            "torch_rng": torch.get_rng_state(),
+        }
         if self.device.type == "cuda":  # dropout on the GPU draws from the CUDA generator, not the CPU one
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return state
@@ -428,13 +511,19 @@ class HeadStack:
 
     def head(self, k: int, template: nn.Module) -> nn.Module:
         """Head ``k`` as a plain module (``template``: a module of the same architecture, overwritten)."""
-        template.load_state_dict({**{n: p[k].detach().cpu() for n, p in self.params.items()},
-                                  **{n: b[k].cpu() for n, b in self.buffers.items()}})
+        template.load_state_dict(
+            {
+                **{n: p[k].detach().cpu() for n, p in self.params.items()},
+                **{n: b[k].cpu() for n, b in self.buffers.items()},
+            }
+        )
         return template
 
     def state_dict(self) -> dict:
-        return {"params": {n: p.detach().cpu() for n, p in self.params.items()},
-                "buffers": {n: b.cpu() for n, b in self.buffers.items()}}
+        return {
+            "params": {n: p.detach().cpu() for n, p in self.params.items()},
+            "buffers": {n: b.cpu() for n, b in self.buffers.items()},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
@@ -455,8 +544,9 @@ class PooledBank:
             self.train = torch.from_numpy(np.ascontiguousarray(bank.splits["train"].features))  # (Nt, V, D)
             self.valid = torch.from_numpy(np.ascontiguousarray(bank.splits["valid"].features))  # (Nv, 1, D)
         self.n_train, self.views = self.train.shape[0], self.train.shape[1]
-        self.targets = torch.from_numpy(np.concatenate([bank.splits["train"].targets,
-                                                        bank.splits["valid"].targets]).astype(np.int64))
+        self.targets = torch.from_numpy(
+            np.concatenate([bank.splits["train"].targets, bank.splits["valid"].targets]).astype(np.int64)
+        )
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -482,8 +572,15 @@ class FoldBatches:
     images; the shorter ones are padded and ``mask`` marks real rows.
     """
 
-    def __init__(self, pooled: PooledBank, folds: np.ndarray, *, batch_size: int, seed: int = 0,
-                 device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        pooled: PooledBank,
+        folds: np.ndarray,
+        *,
+        batch_size: int,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+    ):
         self.pooled, self.batch_size, self.seed = pooled, int(batch_size), seed
         self.folds = torch.as_tensor(folds)
         self.k = int(self.folds.max()) + 1
@@ -500,10 +597,10 @@ class FoldBatches:
         views = torch.zeros_like(idx)
         for f, members in enumerate(self.members):
             g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 101 + f)
-            idx[f, :len(members)] = members[torch.randperm(len(members), generator=g)]
-            views[f, :len(members)] = torch.randint(self.pooled.views, (len(members),), generator=g)
+            idx[f, : len(members)] = members[torch.randperm(len(members), generator=g)]
+            views[f, : len(members)] = torch.randint(self.pooled.views, (len(members),), generator=g)
         for start in range(0, self.n_max, self.batch_size):
-            i, v = idx[:, start:start + self.batch_size], views[:, start:start + self.batch_size]  # (K, B)
+            i, v = idx[:, start : start + self.batch_size], views[:, start : start + self.batch_size]  # (K, B)
             mask = i >= 0
             safe = i.clamp(min=0)
             x = self.pooled.rows(safe.flatten(), v.flatten()).view(*i.shape, -1)
@@ -521,8 +618,7 @@ class CVHeadRun:
     trial is its K fold heads averaged (``final.Candidate``), chosen on these out-of-fold scores.
     """
 
-    def __init__(self, cfg: TrialConfig, *, bank: FeatureBank, folds: np.ndarray,
-                 device: str | torch.device = "auto"):
+    def __init__(self, cfg: TrialConfig, *, bank: FeatureBank, folds: np.ndarray, device: str | torch.device = "auto"):
         self.cfg, self.device, self.epoch = cfg, resolve_device(device), 0
         torch.manual_seed(cfg.seed)
         self.classes, self.weights = bank.classes, bank.weights
@@ -531,15 +627,17 @@ class CVHeadRun:
         self.folds = np.asarray(folds, dtype=np.int64)
         if len(self.folds) != len(self.pooled):
             raise ValueError(f"{len(self.folds)} fold labels for {len(self.pooled)} pooled images")
-        self.batches = FoldBatches(self.pooled, self.folds, batch_size=cfg.batch_size, seed=cfg.seed,
-                                   device=self.device)
+        self.batches = FoldBatches(
+            self.pooled, self.folds, batch_size=cfg.batch_size, seed=cfg.seed, device=self.device
+        )
         self.k = self.batches.k
         x0 = self.pooled.view0().numpy()
         heads, self.criteria = [], []
         for f in range(self.k):
             train = self.folds != f
-            head = build_head(cfg.head, in_dim=x0.shape[1], n_classes=self.n_classes, hidden=cfg.hidden,
-                              dropout=cfg.dropout)
+            head = build_head(
+                cfg.head, in_dim=x0.shape[1], n_classes=self.n_classes, hidden=cfg.hidden, dropout=cfg.dropout
+            )
             head.set_standardization(x0[train].mean(0), x0[train].std(0))
             heads.append(head)
             counts = np.bincount(self.pooled.targets.numpy()[train], minlength=self.n_classes)
@@ -582,10 +680,10 @@ class CVHeadRun:
         out = torch.empty(len(x), self.n_classes)
         folds = torch.as_tensor(self.folds)
         for start in range(0, len(x), 1024):
-            xb = x[start:start + 1024].to(self.device)
+            xb = x[start : start + 1024].to(self.device)
             logits = self.stack(xb.expand(self.k, *xb.shape)).float().cpu()  # (K, B, C)
             rows = torch.arange(len(xb))
-            out[start:start + len(xb)] = logits[folds[start:start + len(xb)], rows]
+            out[start : start + len(xb)] = logits[folds[start : start + len(xb)], rows]
         return out
 
     def step(self) -> dict:
@@ -595,10 +693,18 @@ class CVHeadRun:
         va = compute_metrics(y.numpy(), logits.argmax(1).numpy(), self.n_classes)
         hit = (logits.argmax(1) == y).numpy()
         fold_acc = np.array([hit[self.folds == f].mean() for f in range(self.k)])
-        out.update({"valid/loss": float(nn.functional.cross_entropy(logits, y)), "valid/acc": va["acc"],
-                    "valid/macro_f1": va["macro_f1"], "valid_count": va["count"], "cv_folds": self.k,
-                    "valid/acc_sd": float(fold_acc.std(ddof=1)) if self.k > 1 else 0.0,
-                    "valid/acc_min": float(fold_acc.min()), "valid/acc_max": float(fold_acc.max())})
+        out.update(
+            {
+                "valid/loss": float(nn.functional.cross_entropy(logits, y)),
+                "valid/acc": va["acc"],
+                "valid/macro_f1": va["macro_f1"],
+                "valid_count": va["count"],
+                "cv_folds": self.k,
+                "valid/acc_sd": float(fold_acc.std(ddof=1)) if self.k > 1 else 0.0,
+                "valid/acc_min": float(fold_acc.min()),
+                "valid/acc_max": float(fold_acc.max()),
+            }
+        )
         for c, r in zip(self.classes, va["recall"]):
             out[f"valid/recall/{c}"] = r
         return out
@@ -608,11 +714,19 @@ class CVHeadRun:
         return self.stack.head(f, template).eval()
 
     def state_dict(self) -> dict:
-        state = {"epoch": self.epoch, "stack": self.stack.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "config": self.cfg.to_dict(), "folds": self.k,
-                 # this epoch's out-of-fold logits (N, C): the trial's valid predictions, for the final choice
-                 "oof_logits": self.last_logits if self.last_logits is not None else torch.empty(0),
-                 "classes": list(self.classes), "weights": self.weights, "torch_rng": torch.get_rng_state()}
+        state = {
+            "epoch": self.epoch,
+            "stack": self.stack.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "config": self.cfg.to_dict(),
+            "folds": self.k,
+            # this epoch's out-of-fold logits (N, C): the trial's valid predictions, for the final choice
+            "oof_logits": self.last_logits if self.last_logits is not None else torch.empty(0),
+            "classes": list(self.classes),
+            "weights": self.weights,
+            "torch_rng": torch.get_rng_state(),
+        }
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return state

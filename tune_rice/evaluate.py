@@ -61,18 +61,30 @@ def align_classes(table: LabelTable, model_classes: Sequence[str]) -> LabelTable
     model_classes = tuple(model_classes)
     unknown = sorted(set(table.classes) - set(model_classes))
     if unknown:
-        raise UserError(f"{table.csv_path}: its classes ({', '.join(table.classes)}) do not match the model's "
-                        f"({', '.join(model_classes)}); not known to the model: {', '.join(unknown)}")
+        raise UserError(
+            f"{table.csv_path}: its classes ({', '.join(table.classes)}) do not match the model's "
+            f"({', '.join(model_classes)}); not known to the model: {', '.join(unknown)}"
+        )
     if table.classes != model_classes:
         missing = sorted(set(model_classes) - set(table.classes))
-        log.warning("%s has no images of %s: scored on the model's classes, with support 0 for those",
-                    table.csv_path, ", ".join(missing))
+        log.warning(
+            "%s has no images of %s: scored on the model's classes, with support 0 for those",
+            table.csv_path,
+            ", ".join(missing),
+        )
     return dataclasses.replace(table, classes=model_classes)
 
 
-def split_logits(model: nn.Module, table: LabelTable, split: str, preprocessing: int | dict | Preprocessing,
-                 device: str | torch.device = "auto", *, batch_size: int = 64,
-                 num_workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def split_logits(
+    model: nn.Module,
+    table: LabelTable,
+    split: str,
+    preprocessing: int | dict | Preprocessing,
+    device: str | torch.device = "auto",
+    *,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``model``'s outputs on the ``split`` images of ``table`` (decoded once, in order) and the targets.
 
     ``preprocessing``: the model's (as saved with it), or a bare image size for the ResNet convention.
@@ -90,32 +102,49 @@ def split_logits(model: nn.Module, table: LabelTable, split: str, preprocessing:
     except ImageDecodeError as e:
         # From a loader worker the message is a whole traceback; its last line is the one that matters.
         last = str(e).strip().splitlines()[-1].split("ImageDecodeError: ", 1)[-1]
-        raise UserError(f"{last} (every image of the split must decode; fix it or drop its row from "
-                        f"{table.csv_path.name})") from None
+        raise UserError(
+            f"{last} (every image of the split must decode; fix it or drop its row from {table.csv_path.name})"
+        ) from None
 
 
 def metrics_record(logits: torch.Tensor, y: torch.Tensor, classes: Sequence[str]) -> dict:
     """The dict of a search's test_metrics.json from logits (N, C) and targets (N,)."""
     classes = list(classes)
     metrics = compute_metrics(y.numpy(), logits.argmax(1).numpy(), len(classes))
-    return {"accuracy": metrics["acc"], "macro_f1": metrics["macro_f1"],
-            "loss": float(nn.functional.cross_entropy(logits.float(), y)),
-            "test_count": metrics["count"], "classes": classes,
-            "per_class": {c: {"precision": metrics["precision"][i], "recall": metrics["recall"][i],
-                              "f1": metrics["f1"][i], "support": metrics["support"][i]}
-                          for i, c in enumerate(classes)},
-            "confusion_matrix": metrics["confusion"]}
+    return {
+        "accuracy": metrics["acc"],
+        "macro_f1": metrics["macro_f1"],
+        "loss": float(nn.functional.cross_entropy(logits.float(), y)),
+        "test_count": metrics["count"],
+        "classes": classes,
+        "per_class": {
+            c: {
+                "precision": metrics["precision"][i],
+                "recall": metrics["recall"][i],
+                "f1": metrics["f1"][i],
+                "support": metrics["support"][i],
+            }
+            for i, c in enumerate(classes)
+        },
+        "confusion_matrix": metrics["confusion"],
+    }
 
 
-def evaluate_model(model: nn.Module, table: LabelTable, split: str, preprocessing: int | dict | Preprocessing,
-                   device: str | torch.device = "auto", *, batch_size: int = 64,
-                   num_workers: int | None = None) -> dict:
+def evaluate_model(
+    model: nn.Module,
+    table: LabelTable,
+    split: str,
+    preprocessing: int | dict | Preprocessing,
+    device: str | torch.device = "auto",
+    *,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+) -> dict:
     """Score ``model`` on the ``split`` images of ``table``; the dict of a search's test_metrics.json.
 
     ``table.classes`` must be the model's classes in the model's order (see :func:`align_classes`).
     """
-    logits, y = split_logits(model, table, split, preprocessing, device, batch_size=batch_size,
-                             num_workers=num_workers)
+    logits, y = split_logits(model, table, split, preprocessing, device, batch_size=batch_size, num_workers=num_workers)
     return metrics_record(logits, y, table.classes)
 
 
@@ -126,16 +155,20 @@ def second_look(model_path: Path) -> str:
     (test_started.json); either next to ``best/`` means the test images have been read for this model."""
     exp = model_path.parent.parent if model_path.parent.name == "best" else model_path.parent
     if (exp / "test_metrics.json").is_file():
-        return (f"a second look at the test split: the search scored this model on it once already "
-                f"({exp / 'test_metrics.json'}); that first score is the one to report")
+        return (
+            f"a second look at the test split: the search scored this model on it once already "
+            f"({exp / 'test_metrics.json'}); that first score is the one to report"
+        )
     if (exp / TEST_MARK).is_file():
         try:
             when = json.loads((exp / TEST_MARK).read_text()).get("started", "?")
         except ValueError:
             when = "?"
-        return (f"a second look at the test split: the search began scoring this model on it at {when} "
-                f"({exp / TEST_MARK}) and recorded no result; the test images may have been read, so a choice "
-                "made after seeing this score is no longer tested on untouched data")
+        return (
+            f"a second look at the test split: the search began scoring this model on it at {when} "
+            f"({exp / TEST_MARK}) and recorded no result; the test images may have been read, so a choice "
+            "made after seeing this score is no longer tested on untouched data"
+        )
     return ""
 
 
@@ -148,8 +181,10 @@ def format_metrics(result: dict, *, title: str = "") -> str:
     for c in classes:
         m = result["per_class"][c]
         lines.append(f"{c:<{w}}  {m['precision']:>9.4f}  {m['recall']:>6.4f}  {m['f1']:>6.4f}  {m['support']:>7d}")
-    lines.append(f"{'accuracy':<{w}}  {result['accuracy']:.4f}   macro-F1 {result['macro_f1']:.4f}   "
-                 f"loss {result['loss']:.4f}   images {result['test_count']}")
+    lines.append(
+        f"{'accuracy':<{w}}  {result['accuracy']:.4f}   macro-F1 {result['macro_f1']:.4f}   "
+        f"loss {result['loss']:.4f}   images {result['test_count']}"
+    )
     cm = np.asarray(result["confusion_matrix"])
     cw = max(5, *map(len, classes), len(str(cm.max() if cm.size else 0)))
     lines.append("")
@@ -165,13 +200,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=os.environ.get("TUNE_RICE_PROG", "python -m tune_rice.evaluate"),
         description="Score a trained tune-rice model on a labelled split: accuracy, macro-F1, per-class "
-                    "precision/recall/F1, confusion matrix (the metrics of the search's test_metrics.json).",
-        formatter_class=cli.HelpFormatter)
-    p.add_argument("--model", required=True, help="runs/<name>/best/model.pt, an exported TorchScript file, "
-                                                  "or an experiment folder")
+        "precision/recall/F1, confusion matrix (the metrics of the search's test_metrics.json).",
+        formatter_class=cli.HelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="runs/<name>/best/model.pt, an exported TorchScript file, or an experiment folder",
+    )
     p.add_argument("--data", required=True, help="a labels.csv, or a dataset folder holding one")
-    p.add_argument("--data-root", metavar="DIR", help="folder the labels.csv paths are relative to "
-                                                      "(default: the folder holding the labels.csv)")
+    p.add_argument(
+        "--data-root",
+        metavar="DIR",
+        help="folder the labels.csv paths are relative to (default: the folder holding the labels.csv)",
+    )
     p.add_argument("--split", choices=SPLITS, default="test", help="which rows of labels.csv to score")
     p.add_argument("--out", help="JSON file to write (default: eval_<split>.json in the current folder)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch")
@@ -188,22 +230,39 @@ def _main(argv: Sequence[str] | None) -> int:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     out = Path(args.out) if args.out else Path(f"eval_{args.split}.json")
     if out.name == "test_metrics.json":
-        raise UserError(f"--out {out}: refusing to write test_metrics.json (the search's own record of its "
-                        "one test read); choose another name")
+        raise UserError(
+            f"--out {out}: refusing to write test_metrics.json (the search's own record of its "
+            "one test read); choose another name"
+        )
     device = device_from_arg(args.device)
     loaded = load_model(args.model, device=device)
-    table = align_classes(read_labels_checked(resolve_labels(args.data), args.data_root,
-                                                    splits=(args.split,)), loaded.classes)
-    result = evaluate_model(loaded.module, table, args.split, loaded.preprocessing, device,
-                            batch_size=args.batch_size, num_workers=args.num_workers)
-    record = {"model": str(loaded.path), "data": str(table.csv_path), "split": args.split,
-              "weights": loaded.weights, **result}
+    table = align_classes(
+        read_labels_checked(resolve_labels(args.data), args.data_root, splits=(args.split,)), loaded.classes
+    )
+    result = evaluate_model(
+        loaded.module,
+        table,
+        args.split,
+        loaded.preprocessing,
+        device,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+    )
+    record = {
+        "model": str(loaded.path),
+        "data": str(table.csv_path),
+        "split": args.split,
+        "weights": loaded.weights,
+        **result,
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1))
     print(format_metrics(result, title=f"{loaded.path} on {table.csv_path} [{args.split}]"))
     if args.split != "test":
-        print(f"note: the {args.split} split was seen while searching (train to fit, valid to choose); "
-              "its score is optimistic")
+        print(
+            f"note: the {args.split} split was seen while searching (train to fit, valid to choose); "
+            "its score is optimistic"
+        )
     else:
         second = second_look(loaded.path)
         if second:

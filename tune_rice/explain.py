@@ -67,7 +67,7 @@ class TokenGrid:
         self.extra, self.h, self.w = extra, h, w
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        grid = tokens[:, self.extra:, :]  # (B, h*w, D)
+        grid = tokens[:, self.extra :, :]  # (B, h*w, D)
         return grid.reshape(grid.shape[0], self.h, self.w, grid.shape[2]).permute(0, 3, 1, 2)
 
 
@@ -101,6 +101,7 @@ def find_spatial_layer(net: nn.Module, *, image_size: int, earlier: int = 0) -> 
             view = _spatial_view(out)
             if view is not None and out.requires_grad:
                 seen.append((name, module, out, view[1]))
+
         return hook
 
     for name, module in net.named_modules():
@@ -129,19 +130,23 @@ def find_spatial_layer(net: nn.Module, *, image_size: int, earlier: int = 0) -> 
         module, out, reshape = by_name[name]
         if grad is None:
             continue
-        positions = _spatial_view(grad)[0] if reshape is None else grad[:, reshape.extra:, :]  # (1, P, D)
+        positions = _spatial_view(grad)[0] if reshape is None else grad[:, reshape.extra :, :]  # (1, P, D)
         reach = (positions.abs().amax(dim=-1) > 0).float().mean().item()
         if reach >= REACH_SHARE:
             grid = (out.shape[-2], out.shape[-1]) if reshape is None else (reshape.h, reshape.w)
             qualified.append((name, tuple(int(v) for v in grid)))
     if not qualified:
-        raise UserError(f"{type(net).__name__}: no layer with a spatial output reaches the output at "
-                        f"{image_size} px, so there is no map to draw (is the image size too small for it?)")
+        raise UserError(
+            f"{type(net).__name__}: no layer with a spatial output reaches the output at "
+            f"{image_size} px, so there is no map to draw (is the image size too small for it?)"
+        )
     grids = list(dict.fromkeys(grid for _, grid in qualified))  # coarsest (last) first
     if not 0 <= earlier < len(grids):
-        raise UserError(f"--earlier {earlier}: {type(net).__name__} at {image_size} px has {len(grids)} "
-                        f"resolution stage(s) with a map ({', '.join(f'{h}x{w}' for h, w in grids)}); "
-                        f"valid: 0 to {len(grids) - 1}")
+        raise UserError(
+            f"--earlier {earlier}: {type(net).__name__} at {image_size} px has {len(grids)} "
+            f"resolution stage(s) with a map ({', '.join(f'{h}x{w}' for h, w in grids)}); "
+            f"valid: 0 to {len(grids) - 1}"
+        )
     name, grid = next((n, gr) for n, gr in qualified if gr == grids[earlier])
     module, _, reshape = by_name[name]
     log.debug("spatial layer: %s, %s grid", name, grid)
@@ -169,8 +174,10 @@ def members(model: nn.Module) -> list[tuple[nn.Module, float]]:
     from .model import Classifier, Ensemble
 
     if isinstance(model, Ensemble):
-        return [(Classifier(model.backbones[j], head), float(w))
-                for head, j, w in zip(model.heads, model.backbone_index, model.weights)]
+        return [
+            (Classifier(model.backbones[j], head), float(w))
+            for head, j, w in zip(model.heads, model.backbone_index, model.weights)
+        ]
     return [(model, 1.0)]
 
 
@@ -187,8 +194,10 @@ class Explainer:
     def __init__(self, model: nn.Module, *, image_size: int, method: str = DEFAULT_METHOD, earlier: int = 0):
         cam_class = _cam_class(method)
         if isinstance(model, torch.jit.ScriptModule):
-            raise UserError("a TorchScript export has no layers to hook: explain needs the tune-rice model file "
-                            "(runs/<name>/best/model.pt)")
+            raise UserError(
+                "a TorchScript export has no layers to hook: explain needs the tune-rice model file "
+                "(runs/<name>/best/model.pt)"
+            )
         self.model = model.eval()
         self.method = method
         for p in model.parameters():
@@ -205,9 +214,15 @@ class Explainer:
         for _, _, layer in parts:
             if id(layer.module) not in self._handles:
                 self._handles[id(layer.module)] = layer.module.register_forward_hook(_as_leaf)
-        self.parts = [(member, weight, layer, cam_class(model=member, target_layers=[layer.module],
-                                                        reshape_transform=layer.reshape))
-                      for member, weight, layer in parts]
+        self.parts = [
+            (
+                member,
+                weight,
+                layer,
+                cam_class(model=member, target_layers=[layer.module], reshape_transform=layer.reshape),
+            )
+            for member, weight, layer in parts
+        ]
         self.layers = [layer for _, _, layer in parts]
 
     def __call__(self, x: torch.Tensor, targets: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -292,9 +307,18 @@ def _output_names(files: Sequence[Path]) -> list[str]:
     return names
 
 
-def explain_files(loaded, files: Sequence[Path], out_dir: Path, *, method: str = DEFAULT_METHOD, earlier: int = 0,
-                  topk: int | None = None, batch_size: int = 16, device: str | torch.device = "cpu",
-                  progress: bool = True) -> pd.DataFrame:
+def explain_files(
+    loaded,
+    files: Sequence[Path],
+    out_dir: Path,
+    *,
+    method: str = DEFAULT_METHOD,
+    earlier: int = 0,
+    topk: int | None = None,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> pd.DataFrame:
     """Write one overlay PNG per readable file into ``out_dir``; returns the explain.csv table."""
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
@@ -309,11 +333,18 @@ def explain_files(loaded, files: Sequence[Path], out_dir: Path, *, method: str =
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     device = torch.device(device)
     if loaded.kind != "artifact":
-        raise UserError(f"{loaded.path}: a TorchScript export has no layers to hook: explain needs the tune-rice "
-                        "model file (runs/<name>/best/model.pt)")
+        raise UserError(
+            f"{loaded.path}: a TorchScript export has no layers to hook: explain needs the tune-rice "
+            "model file (runs/<name>/best/model.pt)"
+        )
     model = loaded.module.to(device).eval()
-    loader = DataLoader(PredictImages(files, eval_transform(loaded.preprocessing)), batch_size=batch_size,
-                        shuffle=False, num_workers=0, collate_fn=collate_skipping_failures)
+    loader = DataLoader(
+        PredictImages(files, eval_transform(loaded.preprocessing)),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=0,
+        collate_fn=collate_skipping_failures,
+    )
     names = _output_names(files)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = [{} for _ in files]
@@ -327,14 +358,18 @@ def explain_files(loaded, files: Sequence[Path], out_dir: Path, *, method: str =
                 probs, maps = explainer(x)  # (B, C), (B, S, S)
                 rgb = denormalise(x, loaded.preprocessing)
                 for j, i in enumerate(idx):
-                    rows[i] = _explain_row(files[i], out_dir / names[i], rgb[j], maps[j], probs[j], loaded.classes,
-                                           topk, method)
+                    rows[i] = _explain_row(
+                        files[i], out_dir / names[i], rgb[j], maps[j], probs[j], loaded.classes, topk, method
+                    )
             bar.update(len(idx) + len(failures))
         layer = explainer.layers[0]
     bar.close()
     table = pd.DataFrame(rows)
-    cols = ["path", "overlay", "label", "score"] + [f"top{k + 1}_{s}" for k in range(topk) for s in ("label", "score")] \
+    cols = (
+        ["path", "overlay", "label", "score"]
+        + [f"top{k + 1}_{s}" for k in range(topk) for s in ("label", "score")]
         + ["peak_x", "peak_y", "error"]
+    )
     table = table.reindex(columns=cols)
     table["error"] = table["error"].fillna("")
     table.attrs["layer"] = f"{layer.name} ({layer.grid[0]}x{layer.grid[1]})"
@@ -345,13 +380,20 @@ def _explain_row(path: Path, png: Path, rgb, heat, probs, classes, topk: int, me
     order = np.argsort(-probs)[:topk]
     width = max(len(classes[c]) for c in order)
     lines = [f"{k + 1}. {classes[c]:<{width}}  {probs[c]:.3f}" for k, c in enumerate(order)]
-    fig = overlay_figure(rgb, heat, title=f"predicted: {classes[order[0]]}  (p = {probs[order[0]]:.2f})", lines=lines,
-                         method=method)
+    fig = overlay_figure(
+        rgb, heat, title=f"predicted: {classes[order[0]]}  (p = {probs[order[0]]:.2f})", lines=lines, method=method
+    )
     fig.savefig(png)
     peak_y, peak_x = np.unravel_index(int(np.argmax(heat)), heat.shape)
-    row = {"path": str(path), "overlay": png.name, "label": classes[order[0]], "score": float(probs[order[0]]),
-           "peak_x": round((peak_x + 0.5) / heat.shape[1], 4), "peak_y": round((peak_y + 0.5) / heat.shape[0], 4),
-           "error": ""}
+    row = {
+        "path": str(path),
+        "overlay": png.name,
+        "label": classes[order[0]],
+        "score": float(probs[order[0]]),
+        "peak_x": round((peak_x + 0.5) / heat.shape[1], 4),
+        "peak_y": round((peak_y + 0.5) / heat.shape[0], 4),
+        "error": "",
+    }
     for k, c in enumerate(order):
         row[f"top{k + 1}_label"] = classes[c]
         row[f"top{k + 1}_score"] = float(probs[c])
@@ -383,9 +425,14 @@ class Gallery:
         rows = []
         for c in self.classes:
             mine = t[t["true"] == c]
-            rows.append({"class": c, "valid images": len(mine),
-                         "recall": float((mine["pred"] == c).mean()) if len(mine) else float("nan"),
-                         "among the highest losses": int(sum(t.loc[i, "true"] == c for i in self.mistakes))})
+            rows.append(
+                {
+                    "class": c,
+                    "valid images": len(mine),
+                    "recall": float((mine["pred"] == c).mean()) if len(mine) else float("nan"),
+                    "among the highest losses": int(sum(t.loc[i, "true"] == c for i in self.mistakes)),
+                }
+            )
         return pd.DataFrame(rows)
 
 
@@ -427,8 +474,16 @@ def _read_args(exp_dir: Path) -> dict:
         return {}
 
 
-def build_gallery(loaded, table, *, n_mistakes: int = GALLERY_MISTAKES, per_class: int = GALLERY_PER_CLASS,
-                  method: str = DEFAULT_METHOD, device: str | torch.device = "cpu", batch_size: int = 32) -> Gallery:
+def build_gallery(
+    loaded,
+    table,
+    *,
+    n_mistakes: int = GALLERY_MISTAKES,
+    per_class: int = GALLERY_PER_CLASS,
+    method: str = DEFAULT_METHOD,
+    device: str | torch.device = "cpu",
+    batch_size: int = 32,
+) -> Gallery:
     """Score every valid image once; maps for the ``n_mistakes`` highest losses and the ``per_class`` most
     confident correct images of each class (the valid split only: the test split is never read here)."""
     from torch.utils.data import DataLoader
@@ -448,9 +503,16 @@ def build_gallery(loaded, table, *, n_mistakes: int = GALLERY_MISTAKES, per_clas
     classes = list(loaded.classes)
     pred = probs.argmax(1)
     p_true = probs[np.arange(len(truth)), truth]
-    frame = pd.DataFrame({"path": table.split("valid")["path"].to_numpy(), "true": [classes[t] for t in truth],
-                          "pred": [classes[p] for p in pred], "p_pred": probs.max(1), "p_true": p_true,
-                          "loss": -np.log(np.clip(p_true, 1e-12, None))})
+    frame = pd.DataFrame(
+        {
+            "path": table.split("valid")["path"].to_numpy(),
+            "true": [classes[t] for t in truth],
+            "pred": [classes[p] for p in pred],
+            "p_pred": probs.max(1),
+            "p_true": p_true,
+            "loss": -np.log(np.clip(p_true, 1e-12, None)),
+        }
+    )
     mistakes = list(frame.sort_values("loss", ascending=False, kind="stable").index[:n_mistakes])
     correct = {}
     for c in classes:
@@ -460,7 +522,7 @@ def build_gallery(loaded, table, *, n_mistakes: int = GALLERY_MISTAKES, per_clas
     maps, photos = {}, {}
     with Explainer(model, image_size=loaded.image_size, method=method) as ex:
         for start in range(0, len(wanted), batch_size):
-            rows = wanted[start:start + batch_size]
+            rows = wanted[start : start + batch_size]
             x = torch.stack([ds[i][0] for i in rows]).to(device)  # (B, 3, S, S)
             _, m = ex(x, targets=[int(pred[i]) for i in rows])
             rgb = denormalise(x, loaded.preprocessing)
@@ -490,8 +552,11 @@ def mistakes_figure(g: Gallery, *, cols: int = 4):
     for ax, i in zip(axes, g.mistakes):
         r = g.table.loc[i]
         wrong = r["pred"] != r["true"]
-        caption = f"true {r['true']}\npred {r['pred']} {r['p_pred']:.2f}" if wrong else \
-            f"{r['true']} (right, {r['p_pred']:.2f})\nloss {r['loss']:.2f}"
+        caption = (
+            f"true {r['true']}\npred {r['pred']} {r['p_pred']:.2f}"
+            if wrong
+            else f"{r['true']} (right, {r['p_pred']:.2f})\nloss {r['loss']:.2f}"
+        )
         _thumb(ax, g.photos[i], g.maps[i], caption, wrong=wrong)
     for ax in axes[n:]:
         ax.set_axis_off()
@@ -503,8 +568,7 @@ def correct_figure(g: Gallery):
 
     cols = max(1, max(len(v) for v in g.correct.values()))
     rows = len(g.classes)
-    fig = Figure(figsize=(cols * THUMB_INCHES + 0.9, rows * (THUMB_INCHES + 0.2)), dpi=THUMB_DPI,
-                 layout="constrained")
+    fig = Figure(figsize=(cols * THUMB_INCHES + 0.9, rows * (THUMB_INCHES + 0.2)), dpi=THUMB_DPI, layout="constrained")
     axes = np.asarray(fig.subplots(rows, cols, squeeze=False))
     for r, c in enumerate(g.classes):
         picks = g.correct[c]
@@ -558,19 +622,33 @@ def gallery_section(exp_dir: str | os.PathLike, out: Path, *, device: str | torc
     except Exception as e:  # noqa: BLE001 - TensorBoard is a second copy; the report's own files are written
         log.warning("gallery not written to TensorBoard (%s: %s)", type(e).__name__, e)
     wrong = int((g.table["pred"] != g.table["true"]).sum())
-    md += [f"The deployed model on the {len(g.table)} valid images ({wrong} wrong); never the test split. Maps: "
-           f"{DEFAULT_METHOD} on `{g.layer}`, for the predicted class (red: high).", "",
-           f"### The {len(g.mistakes)} highest losses", "",
-           "![valid images with the highest loss, with their activation maps](mistakes.png)", "",
-           "A red frame is a wrong prediction (true and predicted class, its probability); a green frame a right "
-           "one with a low probability.", "",
-           "### Right, and most confident, per class", "",
-           "![the most confident right predictions of each class, with their activation maps](correct.png)", "",
-           "### Recall per class on valid", "", *_recall_lines(g.recall()), ""]
+    md += [
+        f"The deployed model on the {len(g.table)} valid images ({wrong} wrong); never the test split. Maps: "
+        f"{DEFAULT_METHOD} on `{g.layer}`, for the predicted class (red: high).",
+        "",
+        f"### The {len(g.mistakes)} highest losses",
+        "",
+        "![valid images with the highest loss, with their activation maps](mistakes.png)",
+        "",
+        "A red frame is a wrong prediction (true and predicted class, its probability); a green frame a right "
+        "one with a low probability.",
+        "",
+        "### Right, and most confident, per class",
+        "",
+        "![the most confident right predictions of each class, with their activation maps](correct.png)",
+        "",
+        "### Recall per class on valid",
+        "",
+        *_recall_lines(g.recall()),
+        "",
+    ]
     if not loaded.meta.get("pretrained", True):
-        md[2:2] = ["**The backbone is randomly initialised: maps from its last spatial layer hardly localise, maps "
-                   "two stages earlier do (measured in BENCHMARKS.md, section 8); for those, "
-                   "`python -m tune_rice.explain --earlier 2`.**", ""]
+        md[2:2] = [
+            "**The backbone is randomly initialised: maps from its last spatial layer hardly localise, maps "
+            "two stages earlier do (measured in BENCHMARKS.md, section 8); for those, "
+            "`python -m tune_rice.explain --earlier 2`.**",
+            "",
+        ]
     return md
 
 
@@ -586,17 +664,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=os.environ.get("TUNE_RICE_PROG", "python -m tune_rice.explain"),
         description="Class activation maps: per photo an overlay PNG (where the model found its evidence, the "
-                    "predicted class, its probability, the top 3) and a row in explain.csv.",
-        formatter_class=cli.HelpFormatter)
+        "predicted class, its probability, the top 3) and a row in explain.csv.",
+        formatter_class=cli.HelpFormatter,
+    )
     p.add_argument("paths", nargs="+", metavar="PHOTO", help="image files or folders (searched recursively)")
     p.add_argument("--model", required=True, help="runs/<name>/best/model.pt or an experiment folder")
     p.add_argument("--out", default="explain", help="folder for the PNGs and explain.csv")
     p.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD, help="pytorch-grad-cam method")
-    p.add_argument("--earlier", type=int, default=0, metavar="K",
-                   help="take the map K resolution stages before the last spatial layer (finer; with a "
-                        "randomly initialised backbone the last layer's map hardly localises, see BENCHMARKS.md)")
-    p.add_argument("--topk", type=int, help=f"ranked classes shown per photo (default: {DEFAULT_TOPK}, or the "
-                                            "class count if smaller)")
+    p.add_argument(
+        "--earlier",
+        type=int,
+        default=0,
+        metavar="K",
+        help="take the map K resolution stages before the last spatial layer (finer; with a "
+        "randomly initialised backbone the last layer's map hardly localises, see BENCHMARKS.md)",
+    )
+    p.add_argument(
+        "--topk",
+        type=int,
+        help=f"ranked classes shown per photo (default: {DEFAULT_TOPK}, or the class count if smaller)",
+    )
     p.add_argument("--batch-size", type=int, default=16, help="images per batch")
     p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto = GPU when present")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -621,8 +708,16 @@ def _main(argv: Sequence[str] | None) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder")
-    table = explain_files(loaded, files, out, method=args.method, earlier=args.earlier, topk=args.topk,
-                          batch_size=args.batch_size, device=device)
+    table = explain_files(
+        loaded,
+        files,
+        out,
+        method=args.method,
+        earlier=args.earlier,
+        topk=args.topk,
+        batch_size=args.batch_size,
+        device=device,
+    )
     table.to_csv(out / "explain.csv", index=False, float_format="%.6f")
     skipped = table[table["error"] != ""]
     if len(skipped):

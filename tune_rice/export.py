@@ -47,19 +47,27 @@ def export_metadata(meta: dict, fmt: str) -> dict:
     """What a server needs besides the weights: classes, preprocessing, provenance, input/output contract."""
     size = int(meta["preprocessing"]["image_size"])
     return {
-        "format": EXPORT_FORMAT, "version": 1, "export_format": fmt,
+        "format": EXPORT_FORMAT,
+        "version": 1,
+        "export_format": fmt,
         "classes": list(meta["classes"]),
         "preprocessing": meta["preprocessing"],
-        "input": {"name": "image", "shape": ["batch", 3, size, size], "dtype": "float32",
-                  "normalised": True},
-        "output": {"name": "logits", "shape": ["batch", len(meta["classes"])],
-                   "note": "softmax over the last axis gives class probabilities"},
-        "weights": meta.get("weights"), "pretrained": meta.get("pretrained"),
-        "backbone": meta.get("backbone"), "head": meta.get("head"),
+        "input": {"name": "image", "shape": ["batch", 3, size, size], "dtype": "float32", "normalised": True},
+        "output": {
+            "name": "logits",
+            "shape": ["batch", len(meta["classes"])],
+            "note": "softmax over the last axis gives class probabilities",
+        },
+        "weights": meta.get("weights"),
+        "pretrained": meta.get("pretrained"),
+        "backbone": meta.get("backbone"),
+        "head": meta.get("head"),
         # An ensemble is one graph: each backbone once, every head, the weighted mean and the temperature.
-        "members": meta.get("members", []), "temperature": meta.get("temperature", 1.0),
+        "members": meta.get("members", []),
+        "temperature": meta.get("temperature", 1.0),
         "calibration": meta.get("calibration"),
-        "config": meta.get("config", {}), "metrics": meta.get("metrics", {}),
+        "config": meta.get("config", {}),
+        "metrics": meta.get("metrics", {}),
         "tolerance": {"rtol": RTOL, "atol": ATOL},
     }
 
@@ -75,8 +83,10 @@ def check_close(reference: torch.Tensor, got: torch.Tensor, *, what: str) -> flo
         raise RuntimeError(f"{what}: output shape {tuple(got.shape)} differs from {tuple(reference.shape)}")
     diff = (reference - got).abs()
     if not bool((diff <= ATOL + RTOL * reference.abs()).all()):
-        raise RuntimeError(f"{what}: logits differ from the original by up to {float(diff.max()):.3g} "
-                           f"(tolerance {ATOL:g} + {RTOL:g} * |logit|)")
+        raise RuntimeError(
+            f"{what}: logits differ from the original by up to {float(diff.max()):.3g} "
+            f"(tolerance {ATOL:g} + {RTOL:g} * |logit|)"
+        )
     return float(diff.max())
 
 
@@ -94,8 +104,9 @@ def export_torchscript(model: nn.Module, meta: dict, out: Path) -> float:
         # check_trace would re-run and compare at the traced batch size; the check below is stricter
         # (another batch size, after the save/load round trip) and costs one run instead of three.
         traced = torch.jit.trace(model, _probe(size, 2, seed=0), check_trace=False)
-        torch.jit.save(traced, str(out),
-                       _extra_files={TORCHSCRIPT_META: json.dumps(export_metadata(meta, "torchscript"))})
+        torch.jit.save(
+            traced, str(out), _extra_files={TORCHSCRIPT_META: json.dumps(export_metadata(meta, "torchscript"))}
+        )
     loaded, _ = read_torchscript(out)  # the round trip the user will make, extra files included
     x = _probe(size, 3, seed=1)
     with torch.no_grad():
@@ -118,17 +129,26 @@ def export_onnx(model: nn.Module, meta: dict, out: Path) -> float | None:
         warnings.simplefilter("ignore", (FutureWarning, DeprecationWarning))
         try:
             # The TorchScript-based exporter: needs only `onnx` (the dynamo one also wants onnxscript).
-            torch.onnx.export(model, (_probe(size, 2, seed=0),), str(out), input_names=["image"],
-                              output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-                              opset_version=17, dynamo=False)
+            torch.onnx.export(
+                model,
+                (_probe(size, 2, seed=0),),
+                str(out),
+                input_names=["image"],
+                output_names=["logits"],
+                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+                opset_version=17,
+                dynamo=False,
+            )
         except Exception as e:  # the exporter raises many types; the first line says what it could not do
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise UserError(f"ONNX export failed: {reason}") from None
     sidecar = out.with_name(out.name + ".json")
     sidecar.write_text(json.dumps(export_metadata(meta, "onnx"), indent=1))
     if not installed("onnxruntime"):
-        log.warning("onnxruntime is not installed: the ONNX file was not checked against the original "
-                    "(pip install tune-rice[onnx])")
+        log.warning(
+            "onnxruntime is not installed: the ONNX file was not checked against the original "
+            "(pip install tune-rice[onnx])"
+        )
         return None
     import onnxruntime as ort
 
@@ -139,8 +159,9 @@ def export_onnx(model: nn.Module, meta: dict, out: Path) -> float | None:
         return check_close(model(x), torch.from_numpy(np.asarray(got)), what=f"{out} (ONNX)")
 
 
-def export_model(model_path: str | os.PathLike, fmt: str, *, out: str | os.PathLike | None = None,
-                 force: bool = False) -> tuple[Path, float | None]:
+def export_model(
+    model_path: str | os.PathLike, fmt: str, *, out: str | os.PathLike | None = None, force: bool = False
+) -> tuple[Path, float | None]:
     """Export a tune-rice artifact; returns (written file, checked max logit difference or None)."""
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
@@ -156,8 +177,10 @@ def export_model(model_path: str | os.PathLike, fmt: str, *, out: str | os.PathL
     written = [out] + ([out.with_name(out.name + ".json")] if fmt == "onnx" else [])
     existing = [str(p) for p in written if p.exists()]
     if existing and not force:
-        raise UserError(f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}: "
-                        "pass --force to overwrite, or --out elsewhere")
+        raise UserError(
+            f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}: "
+            "pass --force to overwrite, or --out elsewhere"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
@@ -180,8 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=os.environ.get("TUNE_RICE_PROG", "python -m tune_rice.export"),
         description="Export a trained tune-rice model (best/model.pt) to TorchScript or ONNX. The export takes "
-                    "a normalised image batch (B, 3, S, S) float32 and returns logits (B, C).",
-        formatter_class=cli.HelpFormatter)
+        "a normalised image batch (B, 3, S, S) float32 and returns logits (B, C).",
+        formatter_class=cli.HelpFormatter,
+    )
     p.add_argument("--model", required=True, help="runs/<name>/best/model.pt (or the experiment folder)")
     p.add_argument("--format", choices=tuple(FORMATS), default="torchscript", help="what to write")
     p.add_argument("--out", help="file to write (default: next to the model, model.ts / model.onnx)")
@@ -194,13 +218,19 @@ def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging(args.verbose)
     out, diff = export_model(args.model, args.format, out=args.out, force=args.force)
-    check = (f"logits match the original within {ATOL:g} + {RTOL:g}*|logit| (max difference {diff:.2g})"
-             if diff is not None else "not checked (onnxruntime missing)")
+    check = (
+        f"logits match the original within {ATOL:g} + {RTOL:g}*|logit| (max difference {diff:.2g})"
+        if diff is not None
+        else "not checked (onnxruntime missing)"
+    )
     extra = f"; metadata in {out.name}.json" if args.format == "onnx" else f"; metadata inside ({TORCHSCRIPT_META})"
     print(f"wrote {out} ({args.format}): {check}{extra}")
-    print("input: normalised image batch (B, 3, S, S) float32; output: logits (B, C). "
-          f"Classify with: python -m tune_rice.predict --model {out} IMAGES..." if args.format == "torchscript"
-          else "input: normalised image batch (B, 3, S, S) float32, name 'image'; output: 'logits' (B, C)")
+    print(
+        "input: normalised image batch (B, 3, S, S) float32; output: logits (B, C). "
+        f"Classify with: python -m tune_rice.predict --model {out} IMAGES..."
+        if args.format == "torchscript"
+        else "input: normalised image batch (B, 3, S, S) float32, name 'image'; output: 'logits' (B, C)"
+    )
     return 0
 
 

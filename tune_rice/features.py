@@ -134,13 +134,22 @@ def data_fingerprint(table: LabelTable, splits) -> str:
     return h.hexdigest()
 
 
-def bank_key(table: LabelTable, spec: FeatureSpec, weights_identity: str, splits, *,
-             fingerprint: str | None = None) -> str:
+def bank_key(
+    table: LabelTable, spec: FeatureSpec, weights_identity: str, splits, *, fingerprint: str | None = None
+) -> str:
     """``fingerprint``: ``data_fingerprint(table, splits)`` when the caller has it (it stats every image)."""
     data = fingerprint if fingerprint is not None else data_fingerprint(table, splits)
-    payload = json.dumps({"format": BANK_FORMAT, "data": data, "spec": asdict(spec),
-                          "preprocessing": spec.preprocessing.to_dict(), "weights": weights_identity,
-                          "splits": sorted(splits)}, sort_keys=True)
+    payload = json.dumps(
+        {
+            "format": BANK_FORMAT,
+            "data": data,
+            "spec": asdict(spec),
+            "preprocessing": spec.preprocessing.to_dict(),
+            "weights": weights_identity,
+            "splits": sorted(splits),
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
@@ -172,9 +181,16 @@ def _forward_layers(backbone: FrozenBackbone, x: torch.Tensor, layers: tuple[str
 
 
 @torch.inference_mode()
-def run_backbones(backbones: dict[str, tuple[FrozenBackbone, tuple[str, ...]]], loader, *, n: int, views: int,
-                  device: torch.device, desc: str = "extract",
-                  progress: bool = True) -> dict[tuple[str, str], np.ndarray]:
+def run_backbones(
+    backbones: dict[str, tuple[FrozenBackbone, tuple[str, ...]]],
+    loader,
+    *,
+    n: int,
+    views: int,
+    device: torch.device,
+    desc: str = "extract",
+    progress: bool = True,
+) -> dict[tuple[str, str], np.ndarray]:
     """Pass every item of ``loader`` (decoded and transformed once) through each backbone; returns float16
     ``(n, views, D)`` per (backbone name, feature layer)."""
     out: dict[tuple[str, str], np.ndarray] = {}
@@ -199,8 +215,9 @@ def run_backbones(backbones: dict[str, tuple[FrozenBackbone, tuple[str, ...]]], 
     return out
 
 
-def _forward_in_parts(backbone: FrozenBackbone, x: torch.Tensor, layers: tuple[str, ...],
-                      device: torch.device) -> dict[str, torch.Tensor]:
+def _forward_in_parts(
+    backbone: FrozenBackbone, x: torch.Tensor, layers: tuple[str, ...], device: torch.device
+) -> dict[str, torch.Tensor]:
     """:func:`_forward_layers`, halving the batch while the GPU runs out of memory (the rows are
     independent: the same numbers, in more passes)."""
     try:
@@ -208,9 +225,11 @@ def _forward_in_parts(backbone: FrozenBackbone, x: torch.Tensor, layers: tuple[s
             return _forward_layers(backbone, x, layers)
     except torch.cuda.OutOfMemoryError:
         if len(x) == 1:
-            raise UserError(f"backbone {backbone.name}: one image at {x.shape[-1]} px does not fit in the GPU's "
-                            "memory; choose a smaller backbone or image_size (`tune-rice backbones` lists "
-                            "their sizes)") from None
+            raise UserError(
+                f"backbone {backbone.name}: one image at {x.shape[-1]} px does not fit in the GPU's "
+                "memory; choose a smaller backbone or image_size (`tune-rice backbones` lists "
+                "their sizes)"
+            ) from None
         torch.cuda.empty_cache()
         log.warning("%s: out of GPU memory at %d images per pass; splitting the batch", backbone.name, len(x))
         half = len(x) // 2
@@ -263,26 +282,45 @@ def fit_batch_size(specs, batch_size: int, device: torch.device, *, free: int | 
     fits = int(MEMORY_SHARE * free // per_image)
     if fits < 1:
         worst = max(specs, key=lambda s: activation_bytes(s.backbone, s.image_size))
-        raise UserError(f"backbone {worst.backbone} at {worst.image_size} px needs ~{per_image / 1e9:.1f} GB per "
-                        f"image to extract features and {free / 1e9:.1f} GB is free on {device}: choose a smaller "
-                        "backbone or image_size (`tune-rice backbones` lists them), or a machine with more memory")
+        raise UserError(
+            f"backbone {worst.backbone} at {worst.image_size} px needs ~{per_image / 1e9:.1f} GB per "
+            f"image to extract features and {free / 1e9:.1f} GB is free on {device}: choose a smaller "
+            "backbone or image_size (`tune-rice backbones` lists them), or a machine with more memory"
+        )
     if fits < batch_size:
-        log.warning("extraction batch lowered from %d to %d images per pass so that it fits in the free memory "
-                    "(%.1f GB on %s, ~%.0f MB per image)", batch_size, fits, free / 1e9, device, per_image / 1e6)
+        log.warning(
+            "extraction batch lowered from %d to %d images per pass so that it fits in the free memory "
+            "(%.1f GB on %s, ~%.0f MB per image)",
+            batch_size,
+            fits,
+            free / 1e9,
+            device,
+            per_image / 1e6,
+        )
         return fits
     return batch_size
 
 
-def run_backbone(backbone: FrozenBackbone, loader, *, n: int, views: int, device: torch.device,
-                 desc: str = "extract", progress: bool = True) -> np.ndarray:
+def run_backbone(
+    backbone: FrozenBackbone,
+    loader,
+    *,
+    n: int,
+    views: int,
+    device: torch.device,
+    desc: str = "extract",
+    progress: bool = True,
+) -> np.ndarray:
     """Pass every item of ``loader`` through ``backbone``; returns float16 ``(n, views, D)``."""
     key = (backbone.name, backbone.feature_layer)
-    return run_backbones({key[0]: (backbone, (key[1],))}, loader, n=n, views=views, device=device, desc=desc,
-                         progress=progress)[key]
+    return run_backbones(
+        {key[0]: (backbone, (key[1],))}, loader, n=n, views=views, device=device, desc=desc, progress=progress
+    )[key]
 
 
-def extract_bank(labels: str | os.PathLike | LabelTable, spec: FeatureSpec, *,
-                 weights: str | ResolvedWeights = "auto", **kwargs) -> FeatureBank:
+def extract_bank(
+    labels: str | os.PathLike | LabelTable, spec: FeatureSpec, *, weights: str | ResolvedWeights = "auto", **kwargs
+) -> FeatureBank:
     """Return the feature bank for ``labels`` x ``spec`` x ``weights``, from the cache when it is there.
 
     Train gets ``spec.views`` views (view 0 un-augmented); every other split gets one un-augmented view.
@@ -297,11 +335,19 @@ def pass_key(spec: FeatureSpec) -> tuple:
     return spec.preprocessing, spec.policy, spec.views, spec.seed
 
 
-def extract_banks(labels: str | os.PathLike | LabelTable, specs, *,
-                  weights: str | ResolvedWeights | dict = "auto", splits=("train", "valid"),
-                  cache_dir: str | os.PathLike | None = None, device: str | torch.device = "auto",
-                  batch_size: int = 64, num_workers: int | None = None, progress: bool = True,
-                  use_cache: bool = True) -> dict[str, FeatureBank]:
+def extract_banks(
+    labels: str | os.PathLike | LabelTable,
+    specs,
+    *,
+    weights: str | ResolvedWeights | dict = "auto",
+    splits=("train", "valid"),
+    cache_dir: str | os.PathLike | None = None,
+    device: str | torch.device = "auto",
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    progress: bool = True,
+    use_cache: bool = True,
+) -> dict[str, FeatureBank]:
     """The feature banks of several specs, by spec name, from the cache where they are there.
 
     The rest are extracted sharing work, with the same numbers as one at a time: the images are decoded
@@ -323,8 +369,7 @@ def extract_banks(labels: str | os.PathLike | LabelTable, specs, *,
         resolved[spec] = w if isinstance(w, ResolvedWeights) else resolve_weights(spec.backbone, w, seed=spec.seed)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     fingerprint = data_fingerprint(table, splits)  # once: it reads labels.csv and stats every image
-    keys = {spec: bank_key(table, spec, resolved[spec].identity, splits, fingerprint=fingerprint)
-            for spec in specs}
+    keys = {spec: bank_key(table, spec, resolved[spec].identity, splits, fingerprint=fingerprint) for spec in specs}
     banks: dict[str, FeatureBank] = {}
     todo: dict[tuple, list[FeatureSpec]] = {}
     for spec in specs:
@@ -352,8 +397,12 @@ def extract_banks(labels: str | os.PathLike | LabelTable, specs, *,
             wanted.setdefault(net_key(spec), (spec, set()))[1].add(spec.feature_layer)
         nets: dict[str, tuple[FrozenBackbone, tuple[str, ...]]] = {}
         for name, (spec, layers) in wanted.items():
-            backbone, _ = build_backbone(spec.backbone, weights=resolved[spec], seed=spec.seed,
-                                         feature_layer="logits" if "logits" in layers else "pooled")
+            backbone, _ = build_backbone(
+                spec.backbone,
+                weights=resolved[spec],
+                seed=spec.seed,
+                feature_layer="logits" if "logits" in layers else "pooled",
+            )
             nets[name] = (backbone.to(device).to(memory_format=torch.channels_last), tuple(sorted(layers)))
         first = group[0]
         eval_tf = build_transform(first.preprocessing, train=False)
@@ -363,17 +412,31 @@ def extract_banks(labels: str | os.PathLike | LabelTable, specs, *,
         feats: dict[str, dict[tuple[str, str], np.ndarray]] = {}
         for split in splits:
             views = first.views if split == "train" else 1
-            ds = dataset_for_split(table, split, train_tf if views > 1 else eval_tf, views=views,
-                                   first_transform=eval_tf, seed=first.seed)
-            loader = DataLoader(ds, batch_size=max(1, batch // views), shuffle=False, num_workers=workers,
-                                pin_memory=device.type == "cuda", persistent_workers=False,
-                                prefetch_factor=4 if workers else None)
-            feats[split] = run_backbones(nets, loader, n=len(ds), views=views, device=device,
-                                         desc=f"features {split}", progress=progress)
+            ds = dataset_for_split(
+                table, split, train_tf if views > 1 else eval_tf, views=views, first_transform=eval_tf, seed=first.seed
+            )
+            loader = DataLoader(
+                ds,
+                batch_size=max(1, batch // views),
+                shuffle=False,
+                num_workers=workers,
+                pin_memory=device.type == "cuda",
+                persistent_workers=False,
+                prefetch_factor=4 if workers else None,
+            )
+            feats[split] = run_backbones(
+                nets, loader, n=len(ds), views=views, device=device, desc=f"features {split}", progress=progress
+            )
         seconds = time.perf_counter() - t0
         for spec in group:
-            result = {split: SplitFeatures(feats[split][net_key(spec), spec.feature_layer], table.targets(split),
-                                           list(table.split(split)["path"])) for split in splits}
+            result = {
+                split: SplitFeatures(
+                    feats[split][net_key(spec), spec.feature_layer],
+                    table.targets(split),
+                    list(table.split(split)["path"]),
+                )
+                for split in splits
+            }
             bank = _finish_bank(table, spec, resolved[spec], result, keys[spec], seconds, device, shared=len(group))
             if use_cache:
                 save_bank(bank, cache / bank.key)
@@ -381,22 +444,51 @@ def extract_banks(labels: str | os.PathLike | LabelTable, specs, *,
     return {spec.name: banks[spec.name] for spec in specs}
 
 
-def _finish_bank(table: LabelTable, spec: FeatureSpec, resolved: ResolvedWeights,
-                 result: dict[str, SplitFeatures], key: str, seconds: float, device: torch.device, *,
-                 shared: int) -> FeatureBank:
+def _finish_bank(
+    table: LabelTable,
+    spec: FeatureSpec,
+    resolved: ResolvedWeights,
+    result: dict[str, SplitFeatures],
+    key: str,
+    seconds: float,
+    device: torch.device,
+    *,
+    shared: int,
+) -> FeatureBank:
     """A FeatureBank from extracted splits, with the train view-0 statistics that standardise a head."""
     train0 = result["train"].features[:, 0, :].astype(np.float32)  # (N, D)
     n_images = sum(len(s) for s in result.values())
     n_views = sum(len(s) * s.features.shape[1] for s in result.values())
-    bank = FeatureBank(spec=spec, weights=resolved.identity, pretrained=resolved.pretrained,
-                       classes=table.classes, splits=result, mean=train0.mean(0), std=train0.std(0),
-                       key=key, seconds=seconds, from_cache=False,
-                       info={"images": n_images, "views": n_views, "device": str(device),
-                             "images_per_s": n_images / max(seconds, 1e-9),
-                             "views_per_s": n_views / max(seconds, 1e-9), "extracted_with": shared})
-    log.info("feature bank %s: %d images, %d backbone passes in %.1fs (%.1f img/s)%s, %.1f MB",
-             spec.name, n_images, n_views, seconds, bank.info["images_per_s"],
-             f" (one decode pass shared by {shared} banks)" if shared > 1 else "", bank.nbytes() / 1e6)
+    bank = FeatureBank(
+        spec=spec,
+        weights=resolved.identity,
+        pretrained=resolved.pretrained,
+        classes=table.classes,
+        splits=result,
+        mean=train0.mean(0),
+        std=train0.std(0),
+        key=key,
+        seconds=seconds,
+        from_cache=False,
+        info={
+            "images": n_images,
+            "views": n_views,
+            "device": str(device),
+            "images_per_s": n_images / max(seconds, 1e-9),
+            "views_per_s": n_views / max(seconds, 1e-9),
+            "extracted_with": shared,
+        },
+    )
+    log.info(
+        "feature bank %s: %d images, %d backbone passes in %.1fs (%.1f img/s)%s, %.1f MB",
+        spec.name,
+        n_images,
+        n_views,
+        seconds,
+        bank.info["images_per_s"],
+        f" (one decode pass shared by {shared} banks)" if shared > 1 else "",
+        bank.nbytes() / 1e6,
+    )
     return bank
 
 
@@ -439,7 +531,8 @@ def sweep_stale_temps(cache_dir: Path) -> list[Path]:
             continue
         mine = m is not None and m["host"] == host
         stale = idle > STALE_FOREIGN_TEMP_S or (
-            mine and idle > STALE_TEMP_S and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])))
+            mine and idle > STALE_TEMP_S and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"]))
+        )
         if stale:
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
@@ -461,9 +554,17 @@ def save_bank(bank: FeatureBank, final: Path) -> Path:
             (tmp / f"{split}_paths.json").write_text(json.dumps(sf.paths))
         np.save(tmp / "mean.npy", bank.mean)
         np.save(tmp / "std.npy", bank.std)
-        meta = {"format": BANK_FORMAT, "spec": asdict(bank.spec), "weights": bank.weights,
-                "pretrained": bank.pretrained, "classes": list(bank.classes), "splits": list(bank.splits),
-                "key": bank.key, "seconds": bank.seconds, "info": bank.info}
+        meta = {
+            "format": BANK_FORMAT,
+            "spec": asdict(bank.spec),
+            "weights": bank.weights,
+            "pretrained": bank.pretrained,
+            "classes": list(bank.classes),
+            "splits": list(bank.splits),
+            "key": bank.key,
+            "seconds": bank.seconds,
+            "info": bank.info,
+        }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # written last: marks a complete bank
         try:
             os.rename(tmp, final)
@@ -489,9 +590,21 @@ def load_bank(path: str | os.PathLike) -> FeatureBank:
         raise ValueError(f"bank format {meta.get('format')} != {BANK_FORMAT}")
     splits = {}
     for split in meta["splits"]:
-        splits[split] = SplitFeatures(np.load(path / f"{split}_features.npy"), np.load(path / f"{split}_targets.npy"),
-                                      json.loads((path / f"{split}_paths.json").read_text()))
-    return FeatureBank(spec=FeatureSpec(**meta["spec"]), weights=meta["weights"], pretrained=meta["pretrained"],
-                       classes=tuple(meta["classes"]), splits=splits, mean=np.load(path / "mean.npy"),
-                       std=np.load(path / "std.npy"), key=meta["key"], seconds=0.0, from_cache=True,
-                       info=meta.get("info", {}))
+        splits[split] = SplitFeatures(
+            np.load(path / f"{split}_features.npy"),
+            np.load(path / f"{split}_targets.npy"),
+            json.loads((path / f"{split}_paths.json").read_text()),
+        )
+    return FeatureBank(
+        spec=FeatureSpec(**meta["spec"]),
+        weights=meta["weights"],
+        pretrained=meta["pretrained"],
+        classes=tuple(meta["classes"]),
+        splits=splits,
+        mean=np.load(path / "mean.npy"),
+        std=np.load(path / "std.npy"),
+        key=meta["key"],
+        seconds=0.0,
+        from_cache=True,
+        info=meta.get("info", {}),
+    )

@@ -98,8 +98,13 @@ def reliability_bins(probs, targets, bins: int = ECE_BINS) -> dict:
     def plain(a):
         return [None if np.isnan(v) else float(v) for v in a]
 
-    return {"lower": edges[:-1].tolist(), "upper": edges[1:].tolist(), "count": count.tolist(),
-            "confidence": plain(conf), "accuracy": plain(acc)}
+    return {
+        "lower": edges[:-1].tolist(),
+        "upper": edges[1:].tolist(),
+        "count": count.tolist(),
+        "confidence": plain(conf),
+        "accuracy": plain(acc),
+    }
 
 
 def ece(probs, targets, bins: int = ECE_BINS) -> float:
@@ -114,8 +119,14 @@ def calibration_metrics(logits, targets, *, temperature: float = 1.0) -> dict:
     y = _targets(targets, len(z))
     p = softmax(z)
     m = compute_metrics(y, p.argmax(axis=1), z.shape[1])
-    return {"acc": m["acc"], "macro_f1": m["macro_f1"], "ece": ece(p, y), "nll": nll(z, y), "brier": brier(p, y),
-            "count": int(len(y))}
+    return {
+        "acc": m["acc"],
+        "macro_f1": m["macro_f1"],
+        "ece": ece(p, y),
+        "nll": nll(z, y),
+        "brier": brier(p, y),
+        "count": int(len(y)),
+    }
 
 
 # ------------------------------------------------------------------------------------- temperature
@@ -131,8 +142,7 @@ def fit_temperature(logits, targets, *, bounds: tuple[float, float] = TEMPERATUR
     if len(z) == 0:
         raise UserError("cannot fit a temperature on an empty valid split")
     lo, hi = 1.0 / bounds[1], 1.0 / bounds[0]
-    res = minimize_scalar(lambda beta: nll(z * beta, y), bounds=(lo, hi), method="bounded",
-                          options={"xatol": 1e-7})
+    res = minimize_scalar(lambda beta: nll(z * beta, y), bounds=(lo, hi), method="bounded", options={"xatol": 1e-7})
     beta = float(res.x)
     # Brent stops within xatol of the optimum; an optimum at a bound is returned as the bound itself.
     for edge in (lo, hi):
@@ -168,8 +178,14 @@ def ensemble_logits(logits_list: Sequence[np.ndarray], members: Sequence[int], w
     return out
 
 
-def select_ensemble(logits_list: Sequence[np.ndarray], targets, *, k: int = DEFAULT_ENSEMBLE,
-                    rounds: int = DEFAULT_ROUNDS, start: int = 0) -> Selection:
+def select_ensemble(
+    logits_list: Sequence[np.ndarray],
+    targets,
+    *,
+    k: int = DEFAULT_ENSEMBLE,
+    rounds: int = DEFAULT_ROUNDS,
+    start: int = 0,
+) -> Selection:
     """Greedy forward selection with replacement over candidates' valid logits (Caruana et al. 2004).
 
     Starts from candidate ``start`` (the single best by the search metric, so the recipe's choice is the
@@ -243,8 +259,11 @@ def suggest_threshold(probs, targets, *, target_accuracy: float = DEFAULT_TARGET
     ok = [i for i, a in enumerate(curve["accuracy"]) if a >= target_accuracy - 1e-12]
     if ok:
         i = max(ok, key=lambda j: curve["coverage"][j])
-        out.update(threshold=0.0 if curve["coverage"][i] >= 1.0 else curve["threshold"][i],
-                   coverage=curve["coverage"][i], accuracy=curve["accuracy"][i])
+        out.update(
+            threshold=0.0 if curve["coverage"][i] >= 1.0 else curve["threshold"][i],
+            coverage=curve["coverage"][i],
+            accuracy=curve["accuracy"][i],
+        )
     return out
 
 
@@ -256,8 +275,9 @@ def valid_score(logits, targets, metric: str) -> float:
     """The search metric computed on valid logits (valid/acc, valid/macro_f1, valid/loss = NLL)."""
     key = _METRIC_KEYS.get(metric)
     if key is None:
-        raise UserError(f"the final model is decided on valid/acc, valid/macro_f1 or valid/loss; the search "
-                        f"metric is {metric!r}")
+        raise UserError(
+            f"the final model is decided on valid/acc, valid/macro_f1 or valid/loss; the search metric is {metric!r}"
+        )
     return float(calibration_metrics(logits, targets)[key])
 
 
@@ -282,8 +302,7 @@ class FinalChoice:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["selection"] = {**self.selection.to_dict(),
-                          "members": [self.candidates[i] for i in self.selection.members]}
+        d["selection"] = {**self.selection.to_dict(), "members": [self.candidates[i] for i in self.selection.members]}
         return d
 
     @classmethod
@@ -296,9 +315,17 @@ class FinalChoice:
         return cls(**fields, selection=Selection(**sel))
 
 
-def decide(names: Sequence[str], logits_list: Sequence[np.ndarray], targets, *, k: int = DEFAULT_ENSEMBLE,
-           metric: str = "valid/acc", mode: str = "max", rounds: int = DEFAULT_ROUNDS,
-           target_accuracy: float = DEFAULT_TARGET_ACCURACY) -> FinalChoice:
+def decide(
+    names: Sequence[str],
+    logits_list: Sequence[np.ndarray],
+    targets,
+    *,
+    k: int = DEFAULT_ENSEMBLE,
+    metric: str = "valid/acc",
+    mode: str = "max",
+    rounds: int = DEFAULT_ROUNDS,
+    target_accuracy: float = DEFAULT_TARGET_ACCURACY,
+) -> FinalChoice:
     """Select an ensemble, decide it against the single best (``names[0]``), calibrate the deployed one.
 
     The ensemble is deployed when it has at least two distinct members and is not worse than the single
@@ -315,8 +342,13 @@ def decide(names: Sequence[str], logits_list: Sequence[np.ndarray], targets, *, 
     not_worse = s_ens >= s_single if mode == "max" else s_ens <= s_single
     use_ensemble = len(sel.members) > 1 and not_worse
     if len(sel.members) > 1 and not use_ensemble:
-        log.info("ensemble of %d not deployed: %s %.4f on valid vs the single best's %.4f", len(sel.members),
-                 metric, s_ens, s_single)
+        log.info(
+            "ensemble of %d not deployed: %s %.4f on valid vs the single best's %.4f",
+            len(sel.members),
+            metric,
+            s_ens,
+            s_single,
+        )
     members, weights = (sel.members, sel.weights) if use_ensemble else ([0], [1.0])
     deployed = ens if use_ensemble else single
     t_single = fit_temperature(single, y)
@@ -324,18 +356,28 @@ def decide(names: Sequence[str], logits_list: Sequence[np.ndarray], targets, *, 
     t = t_ens if use_ensemble else t_single
     p_before, p_after = softmax(deployed), softmax(deployed / t)
     return FinalChoice(
-        candidates=list(names), selection=sel, deployed="ensemble" if use_ensemble else "single",
-        members=[names[i] for i in members], weights=list(weights), temperature=t, single_temperature=t_single,
+        candidates=list(names),
+        selection=sel,
+        deployed="ensemble" if use_ensemble else "single",
+        members=[names[i] for i in members],
+        weights=list(weights),
+        temperature=t,
+        single_temperature=t_single,
         ensemble_temperature=t_ens,
-        valid={"single": calibration_metrics(single, y),
-               "single_calibrated": calibration_metrics(single, y, temperature=t_single),
-               "ensemble": calibration_metrics(ens, y),
-               "ensemble_calibrated": calibration_metrics(ens, y, temperature=t_ens),
-               "deployed": calibration_metrics(deployed, y),
-               "deployed_calibrated": calibration_metrics(deployed, y, temperature=t)},
+        valid={
+            "single": calibration_metrics(single, y),
+            "single_calibrated": calibration_metrics(single, y, temperature=t_single),
+            "ensemble": calibration_metrics(ens, y),
+            "ensemble_calibrated": calibration_metrics(ens, y, temperature=t_ens),
+            "deployed": calibration_metrics(deployed, y),
+            "deployed_calibrated": calibration_metrics(deployed, y, temperature=t),
+        },
         threshold=suggest_threshold(p_after, y, target_accuracy=target_accuracy),
         reliability={"before": reliability_bins(p_before, y), "after": reliability_bins(p_after, y)},
-        coverage=coverage_curve(p_after, y), metric=metric, mode=mode)
+        coverage=coverage_curve(p_after, y),
+        metric=metric,
+        mode=mode,
+    )
 
 
 # ------------------------------------------------------------------------ candidates, model, test
@@ -368,8 +410,13 @@ def candidate_from_state(name: str, state: dict, cfg: TrialConfig, *, score: flo
         oof = state.get("oof_logits")
         oof = oof.double().numpy() if oof is not None and oof.numel() else None
         return Candidate(name, cfg.feature_spec(), fold_heads(state, cfg, n_classes=n_classes), score, oof)
-    head = build_head(cfg.head, in_dim=int(state["head"]["mean"].shape[0]), n_classes=n_classes,
-                      hidden=cfg.hidden, dropout=cfg.dropout)
+    head = build_head(
+        cfg.head,
+        in_dim=int(state["head"]["mean"].shape[0]),
+        n_classes=n_classes,
+        hidden=cfg.hidden,
+        dropout=cfg.dropout,
+    )
     head.load_state_dict(state["head"])
     return Candidate(name, cfg.feature_spec(), [head.eval()], score)
 
@@ -378,8 +425,10 @@ def probe_candidates(probes: dict, banks: dict[str, FeatureBank], *, metric: str
     """The linear probe of each bank (``probe.fit_probes``) as final-model candidates, ``probe:<bank>``,
     scored by its valid (or out-of-fold) ``metric``."""
     key = metric.split("/", 1)[-1]
-    return [Candidate(f"probe:{name}", banks[name].spec, [r.head], float(r.valid[key]), r.oof_logits)
-            for name, r in probes.items()]
+    return [
+        Candidate(f"probe:{name}", banks[name].spec, [r.head], float(r.valid[key]), r.oof_logits)
+        for name, r in probes.items()
+    ]
 
 
 def merge_candidates(candidates: Sequence[Candidate], extra: Sequence[Candidate], *, mode: str) -> list[Candidate]:
@@ -409,13 +458,18 @@ def candidate_pool(candidates: Sequence[Candidate]) -> list[Candidate]:
     first = candidates[0]
     pool = [c for c in candidates if c.spec.preprocessing == first.spec.preprocessing]
     if len(pool) < len(candidates):
-        log.info("ensemble candidates: %d of %d take the best trial's input (%s)", len(pool), len(candidates),
-                 first.spec.preprocessing)
+        log.info(
+            "ensemble candidates: %d of %d take the best trial's input (%s)",
+            len(pool),
+            len(candidates),
+            first.spec.preprocessing,
+        )
     return pool
 
 
-def valid_logits_from_banks(pool: Sequence[Candidate],
-                            banks: dict[str, FeatureBank]) -> tuple[list[np.ndarray], np.ndarray]:
+def valid_logits_from_banks(
+    pool: Sequence[Candidate], banks: dict[str, FeatureBank]
+) -> tuple[list[np.ndarray], np.ndarray]:
     """Each candidate's valid logits (N, C) from its bank (no image decoded), and the valid targets.
 
     Cross-validated candidates (their heads trained on valid too) give their out-of-fold logits over
@@ -423,8 +477,10 @@ def valid_logits_from_banks(pool: Sequence[Candidate],
     oof = [c.oof_logits is not None for c in pool]
     if any(oof):
         if not all(oof):
-            raise UserError("the final choice cannot mix cross-validated candidates (scored out of fold on "
-                            "train+valid) with plain ones (scored on valid)")
+            raise UserError(
+                "the final choice cannot mix cross-validated candidates (scored out of fold on "
+                "train+valid) with plain ones (scored on valid)"
+            )
         splits = banks[pool[0].spec.name].splits
         targets = np.concatenate([splits["train"].targets, splits["valid"].targets])
         for c in pool:
@@ -438,29 +494,57 @@ def valid_logits_from_banks(pool: Sequence[Candidate],
     return [head_valid_logits(c.heads, banks[c.spec.name]) for c in pool], np.asarray(reference.targets)
 
 
-def valid_logits_from_images(pool: Sequence[Candidate], table, weights: dict[str, ResolvedWeights], *,
-                             device="auto", num_workers: int | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+def valid_logits_from_images(
+    pool: Sequence[Candidate],
+    table,
+    weights: dict[str, ResolvedWeights],
+    *,
+    device="auto",
+    num_workers: int | None = None,
+) -> tuple[list[np.ndarray], np.ndarray]:
     """Each candidate's valid logits from one decode of the valid images, each backbone run once: the
     path without banks (``--feature-cache off``). Returns the logits and the valid targets."""
     from .evaluate import split_logits
 
     everyone, _, groups = _assemble(pool, [c.name for c in pool], [1.0 / len(pool)] * len(pool), 1.0, weights)
-    z, y = split_logits(MemberLogits(everyone, groups), table, "valid", pool[0].spec.preprocessing, device,
-                        num_workers=num_workers)  # (N, M, C)
+    z, y = split_logits(
+        MemberLogits(everyone, groups), table, "valid", pool[0].spec.preprocessing, device, num_workers=num_workers
+    )  # (N, M, C)
     z = z.double().numpy()
     return [z[:, i] for i in range(len(pool))], y.numpy()
 
 
-def choose_final(pool: Sequence[Candidate], logits: Sequence[np.ndarray], targets, *,
-                 k: int = DEFAULT_ENSEMBLE, metric: str = "valid/acc", mode: str = "max",
-                 rounds: int = DEFAULT_ROUNDS, target_accuracy: float = DEFAULT_TARGET_ACCURACY) -> FinalChoice:
+def choose_final(
+    pool: Sequence[Candidate],
+    logits: Sequence[np.ndarray],
+    targets,
+    *,
+    k: int = DEFAULT_ENSEMBLE,
+    metric: str = "valid/acc",
+    mode: str = "max",
+    rounds: int = DEFAULT_ROUNDS,
+    target_accuracy: float = DEFAULT_TARGET_ACCURACY,
+) -> FinalChoice:
     """:func:`decide` over the pool's valid logits (``pool[0]``: the single best)."""
-    return decide([c.name for c in pool], logits, targets, k=k, metric=metric, mode=mode, rounds=rounds,
-                  target_accuracy=target_accuracy)
+    return decide(
+        [c.name for c in pool],
+        logits,
+        targets,
+        k=k,
+        metric=metric,
+        mode=mode,
+        rounds=rounds,
+        target_accuracy=target_accuracy,
+    )
 
 
-def _assemble(pool: Sequence[Candidate], names: Sequence[str], mix: Sequence[float], temperature: float,
-              weights: dict[str, ResolvedWeights]) -> tuple[Classifier | Ensemble, list[ResolvedWeights], list[int]]:
+def _assemble(
+    pool: Sequence[Candidate],
+    names: Sequence[str],
+    mix: Sequence[float],
+    temperature: float,
+    weights: dict[str, ResolvedWeights],
+) -> tuple[Classifier | Ensemble, list[ResolvedWeights], list[int]]:
     """The model of candidates ``names`` weighted ``mix``: a candidate with K heads (fold heads) adds K
     heads of weight w/K. Returns the model, each distinct backbone's weights, and each head's position
     in ``names``."""
@@ -471,8 +555,9 @@ def _assemble(pool: Sequence[Candidate], names: Sequence[str], mix: Sequence[flo
         spec, heads = by_name[name].spec, by_name[name].heads
         key = (spec.backbone, spec.feature_layer, spec.seed)
         if key not in built:
-            built[key] = build_backbone(spec.backbone, weights=weights[spec.backbone], seed=spec.seed,
-                                        feature_layer=spec.feature_layer)
+            built[key] = build_backbone(
+                spec.backbone, weights=weights[spec.backbone], seed=spec.seed, feature_layer=spec.feature_layer
+            )
         for j, head in enumerate(heads):
             members.append(Classifier(built[key][0], head.cpu()))
             head_weights.append(float(w) / len(heads))
@@ -484,15 +569,21 @@ def _assemble(pool: Sequence[Candidate], names: Sequence[str], mix: Sequence[flo
     return model, [resolved[id(b)] for b in backbones], groups
 
 
-def build_final_model(choice: FinalChoice, pool: Sequence[Candidate], weights: dict[str, ResolvedWeights], *,
-                      selection: bool = False) -> tuple[Classifier | Ensemble, list[ResolvedWeights], list[int]]:
+def build_final_model(
+    choice: FinalChoice, pool: Sequence[Candidate], weights: dict[str, ResolvedWeights], *, selection: bool = False
+) -> tuple[Classifier | Ensemble, list[ResolvedWeights], list[int]]:
     """The deployed model of ``choice`` (``selection=True``: the selected ensemble, deployed or not):
     each member's head(s) on its frozen backbone (built once per backbone, layer and seed), weighted, with
     the fitted temperature. Also returns the weights of each distinct backbone, in the model's order
     (what ``save_artifact`` records), and each head's member position (for :class:`MemberLogits`)."""
     if selection:
-        return _assemble(pool, [choice.candidates[i] for i in choice.selection.members], choice.selection.weights,
-                         choice.ensemble_temperature, weights)
+        return _assemble(
+            pool,
+            [choice.candidates[i] for i in choice.selection.members],
+            choice.selection.weights,
+            choice.ensemble_temperature,
+            weights,
+        )
     return _assemble(pool, choice.members, choice.weights, choice.temperature, weights)
 
 
@@ -528,27 +619,40 @@ def record_test_scores(member_logits, targets, classes: Sequence[str], choice: F
     if z.shape[1] != len(choice.selection.members):
         raise ValueError(f"logits of {z.shape[1]} members for a selection of {len(choice.selection.members)}")
     yt = torch.from_numpy(y)
-    raw = {"single": z[:, 0],
-           "ensemble": np.einsum("nmc,m->nc", z, np.asarray(choice.selection.weights, dtype=np.float64))}
+    raw = {
+        "single": z[:, 0],
+        "ensemble": np.einsum("nmc,m->nc", z, np.asarray(choice.selection.weights, dtype=np.float64)),
+    }
     temperature = {"single": choice.single_temperature, "ensemble": choice.ensemble_temperature}
 
     def scored(which: str) -> dict:
         m = metrics_record(torch.from_numpy(raw[which] / temperature[which]), yt, classes)
-        return {**m, "temperature": temperature[which],
-                "calibration": {"before": calibration_metrics(raw[which], y),
-                                "after": calibration_metrics(raw[which], y, temperature=temperature[which])}}
+        return {
+            **m,
+            "temperature": temperature[which],
+            "calibration": {
+                "before": calibration_metrics(raw[which], y),
+                "after": calibration_metrics(raw[which], y, temperature=temperature[which]),
+            },
+        }
 
     deployed = scored(choice.deployed)
     out = {**deployed, "deployed": choice.deployed, "members": list(choice.members), "weights": list(choice.weights)}
     keep = ("accuracy", "macro_f1", "loss", "test_count", "temperature", "calibration")
     single = deployed if choice.deployed == "single" else scored("single")
-    out["single_best"] = {"trial_id": choice.candidates[0], "deployed": choice.deployed == "single",
-                          **{k: single[k] for k in keep}}
+    out["single_best"] = {
+        "trial_id": choice.candidates[0],
+        "deployed": choice.deployed == "single",
+        **{k: single[k] for k in keep},
+    }
     if len(choice.selection.members) > 1:
         ens = deployed if choice.deployed == "ensemble" else scored("ensemble")
-        out["ensemble"] = {"members": [choice.candidates[i] for i in choice.selection.members],
-                           "weights": list(choice.selection.weights), "deployed": choice.deployed == "ensemble",
-                           **{k: ens[k] for k in keep}}
+        out["ensemble"] = {
+            "members": [choice.candidates[i] for i in choice.selection.members],
+            "weights": list(choice.selection.weights),
+            "deployed": choice.deployed == "ensemble",
+            **{k: ens[k] for k in keep},
+        }
     return out
 
 
@@ -572,16 +676,34 @@ class FinalModel:
 
     def record(self) -> dict:
         """final.json: the choice, the candidates' names, scores and settings, the seconds it took."""
-        info = [{"name": c.name, "score": c.score, "backbone": c.spec.backbone, "image_size": c.spec.image_size,
-                 "head": c.heads[0].kind, "hidden": c.heads[0].hidden, "heads": len(c.heads),
-                 "cross_validated": c.oof_logits is not None} for c in self.pool]
+        info = [
+            {
+                "name": c.name,
+                "score": c.score,
+                "backbone": c.spec.backbone,
+                "image_size": c.spec.image_size,
+                "head": c.heads[0].kind,
+                "hidden": c.heads[0].hidden,
+                "heads": len(c.heads),
+                "cross_validated": c.oof_logits is not None,
+            }
+            for c in self.pool
+        ]
         return {**self.choice.to_dict(), "candidate_info": info, "seconds": self.seconds}
 
 
-def make_final_model(candidates: Sequence[Candidate], *, weights: dict[str, ResolvedWeights],
-                     banks: dict[str, FeatureBank] | None = None, table=None, k: int = DEFAULT_ENSEMBLE,
-                     metric: str = "valid/acc", mode: str = "max", recorded: dict | None = None,
-                     device="auto") -> FinalModel:
+def make_final_model(
+    candidates: Sequence[Candidate],
+    *,
+    weights: dict[str, ResolvedWeights],
+    banks: dict[str, FeatureBank] | None = None,
+    table=None,
+    k: int = DEFAULT_ENSEMBLE,
+    metric: str = "valid/acc",
+    mode: str = "max",
+    recorded: dict | None = None,
+    device="auto",
+) -> FinalModel:
     """Choose (or, with ``recorded`` final.json, re-use the recorded choice) and build the final model.
 
     Valid logits come from ``banks`` (no image decoded) or, without banks, from one decode of the valid
@@ -615,9 +737,14 @@ def make_final_model(candidates: Sequence[Candidate], *, weights: dict[str, Reso
         selected, _, groups = build_final_model(choice, pool, weights, selection=True)
     if recorded is None:
         seconds["build"] = time.perf_counter() - t
-    log.info("final model: %s of %d (%s), temperature %.3g; chosen on valid among %d candidates",
-             choice.deployed, len(choice.members), ", ".join(f"{m} {w:.2f}" for m, w in zip(choice.members, choice.weights)),
-             choice.temperature, len(pool))
+    log.info(
+        "final model: %s of %d (%s), temperature %.3g; chosen on valid among %d candidates",
+        choice.deployed,
+        len(choice.members),
+        ", ".join(f"{m} {w:.2f}" for m, w in zip(choice.members, choice.weights)),
+        choice.temperature,
+        len(pool),
+    )
     return FinalModel(choice, pool, model, resolved, selected, groups, seconds)
 
 
@@ -631,6 +758,12 @@ def score_final(fm: FinalModel, table, *, device="auto", batch_size: int = 64) -
     the deployed model's figures at the top level, the single best and the ensemble beside them."""
     from .evaluate import split_logits
 
-    z, y = split_logits(MemberLogits(fm.selected, fm.groups), table, "test", fm.single_best.spec.preprocessing, device,
-                        batch_size=batch_size)
+    z, y = split_logits(
+        MemberLogits(fm.selected, fm.groups),
+        table,
+        "test",
+        fm.single_best.spec.preprocessing,
+        device,
+        batch_size=batch_size,
+    )
     return record_test_scores(z.double().numpy(), y.numpy(), table.classes, fm.choice)

@@ -77,11 +77,15 @@ def safe_torch_load(path: str | os.PathLike, *, what: str = "file"):
     except pickle.UnpicklingError as e:
         # torch's first line is generic advice to retry unsafely; the line naming the refused global is the news.
         text = str(e).split("WeightsUnpickler error:", 1)[-1]
-        lines = [ln.strip() for ln in text.splitlines()
-                 if ln.strip() and not ln.strip().startswith(("Weights only load failed", "Check the documentation"))]
+        lines = [
+            ln.strip()
+            for ln in text.splitlines()
+            if ln.strip() and not ln.strip().startswith(("Weights only load failed", "Check the documentation"))
+        ]
         first = next((ln for ln in lines if "GLOBAL" in ln), lines[0] if lines else type(e).__name__)
-        raise UserError(f"{path}: refused to load: it is not a weights-only file and unpickling it could run "
-                        f"code ({first[:160]})") from None
+        raise UserError(
+            f"{path}: refused to load: it is not a weights-only file and unpickling it could run code ({first[:160]})"
+        ) from None
     except Exception as e:  # garbage bytes surface as KeyError, EOFError, RuntimeError, ... from the unpickler
         reason = (str(e).splitlines() or [""])[0][:160] or type(e).__name__
         raise UserError(f"{path}: cannot read as a torch {what} ({reason})") from None
@@ -113,10 +117,16 @@ def resolve_weights(name: str, weights: str = "auto", *, seed: int = 0) -> Resol
             raise UserError(
                 f"ImageNet weights {w} for {name} are not in the torch hub cache ({cached}) and could not be "
                 f"downloaded: {reason}. Fetch {w.url} into {cached.parent} on a machine with internet "
-                f"(or set TORCH_HOME to a cache that has it), or pass --weights FILE or --weights none.")
-        log.warning("ImageNet weights for %s unavailable (%s): using a RANDOMLY INITIALISED backbone "
-                    "(seed %d). Results will be far below what pretrained weights give; every result "
-                    "and artifact records this.", name, reason, seed)
+                f"(or set TORCH_HOME to a cache that has it), or pass --weights FILE or --weights none."
+            )
+        log.warning(
+            "ImageNet weights for %s unavailable (%s): using a RANDOMLY INITIALISED backbone "
+            "(seed %d). Results will be far below what pretrained weights give; every result "
+            "and artifact records this.",
+            name,
+            reason,
+            seed,
+        )
         return ResolvedWeights(None, f"random:seed={seed}", False)
     path = Path(weights).expanduser()
     if not path.is_file():
@@ -167,8 +177,9 @@ class FrozenBackbone(nn.Module):
         return self.net(x)
 
 
-def build_backbone(name: str = "resnet34", *, weights: str | ResolvedWeights = "auto", seed: int = 0,
-                   feature_layer: str = "pooled") -> tuple[FrozenBackbone, ResolvedWeights]:
+def build_backbone(
+    name: str = "resnet34", *, weights: str | ResolvedWeights = "auto", seed: int = 0, feature_layer: str = "pooled"
+) -> tuple[FrozenBackbone, ResolvedWeights]:
     """Build a frozen torchvision backbone; returns it and where its weights came from.
 
     ``name`` is a backbone value (``arch`` or ``arch:WEIGHTS``, see ``tune_rice.backbones``); the network
@@ -187,10 +198,14 @@ def build_backbone(name: str = "resnet34", *, weights: str | ResolvedWeights = "
             detail = "; ".join(ln.strip() for ln in str(e).splitlines()[1:4] if ln.strip())
             raise UserError(f"weights {resolved.identity} do not fit {name}: {detail[:300]}") from None
         if missing or unexpected:
+
             def show(keys):
                 return ", ".join(list(keys)[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
-            raise UserError(f"weights {resolved.identity} do not fit {name}: "
-                            f"missing keys [{show(missing)}], unexpected keys [{show(unexpected)}]")
+
+            raise UserError(
+                f"weights {resolved.identity} do not fit {name}: "
+                f"missing keys [{show(missing)}], unexpected keys [{show(unexpected)}]"
+            )
     return FrozenBackbone(drop_aux(net), name=name, feature_layer=feature_layer), resolved
 
 
@@ -206,8 +221,7 @@ class Head(nn.Module):
     linear classifier ``Dropout -> Linear(D, C)``.
     """
 
-    def __init__(self, in_dim: int, n_classes: int, *, hidden: int = 256, dropout: float = 0.0,
-                 kind: str = "pooled"):
+    def __init__(self, in_dim: int, n_classes: int, *, hidden: int = 256, dropout: float = 0.0, kind: str = "pooled"):
         super().__init__()
         if kind not in HEAD_KINDS:
             raise UserError(f"unknown head {kind!r}; valid: {', '.join(HEAD_KINDS)}")
@@ -218,11 +232,19 @@ class Head(nn.Module):
         # keeps the recipe's layer indices whatever the dropout, so every saved seed head loads.
         self.hidden_dropout = nn.Dropout(dropout) if kind == "seed" and hidden and dropout else None
         if kind == "seed":
-            layers = [nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, n_classes)] if hidden else \
-                [nn.Linear(in_dim, n_classes)]
+            layers = (
+                [nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, n_classes)]
+                if hidden
+                else [nn.Linear(in_dim, n_classes)]
+            )
         elif hidden:
-            layers = [nn.Dropout(dropout), nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout),
-                      nn.Linear(hidden, n_classes)]
+            layers = [
+                nn.Dropout(dropout),
+                nn.Linear(in_dim, hidden),
+                nn.ReLU(),
+                nn.Dropout(dropout),
+                nn.Linear(hidden, n_classes),
+            ]
         else:
             layers = [nn.Dropout(dropout), nn.Linear(in_dim, n_classes)]
         self.net = nn.Sequential(*layers)
@@ -244,12 +266,16 @@ class Head(nn.Module):
         return self.net(z)
 
     def spec(self) -> dict:
-        return {"kind": self.kind, "in_dim": self.in_dim, "n_classes": self.n_classes,
-                "hidden": self.hidden, "dropout": self.dropout}
+        return {
+            "kind": self.kind,
+            "in_dim": self.in_dim,
+            "n_classes": self.n_classes,
+            "hidden": self.hidden,
+            "dropout": self.dropout,
+        }
 
 
-def build_head(kind: str = "pooled", *, in_dim: int, n_classes: int, hidden: int = 256,
-               dropout: float = 0.0) -> Head:
+def build_head(kind: str = "pooled", *, in_dim: int, n_classes: int, hidden: int = 256, dropout: float = 0.0) -> Head:
     return Head(in_dim, n_classes, hidden=int(hidden), dropout=float(dropout), kind=kind)
 
 
@@ -290,12 +316,22 @@ class Ensemble(nn.Module):
     one backbone pass plus M small heads. ``names`` say where each head came from (trial ids).
     """
 
-    def __init__(self, backbones: Sequence[FrozenBackbone], heads: Sequence[Head], *, backbone_index: Sequence[int],
-                 weights: Sequence[float], temperature: float = 1.0, names: Sequence[str] | None = None):
+    def __init__(
+        self,
+        backbones: Sequence[FrozenBackbone],
+        heads: Sequence[Head],
+        *,
+        backbone_index: Sequence[int],
+        weights: Sequence[float],
+        temperature: float = 1.0,
+        names: Sequence[str] | None = None,
+    ):
         super().__init__()
         if not heads or not (len(heads) == len(backbone_index) == len(weights)):
             raise ValueError("an ensemble needs one backbone index and one weight per head, and a head")
-        if not all(0 <= i < len(backbones) for i in backbone_index) or set(backbone_index) != set(range(len(backbones))):
+        if not all(0 <= i < len(backbones) for i in backbone_index) or set(backbone_index) != set(
+            range(len(backbones))
+        ):
             raise ValueError(f"backbone_index {list(backbone_index)} does not cover {len(backbones)} backbones")
         self.backbones = nn.ModuleList(backbones)
         self.heads = nn.ModuleList(heads)
@@ -317,8 +353,13 @@ class Ensemble(nn.Module):
         return out if self.temperature == 1.0 else out / self.temperature
 
 
-def build_ensemble(members: Sequence[Classifier], *, weights: Sequence[float], temperature: float = 1.0,
-                   names: Sequence[str] | None = None) -> Classifier | Ensemble:
+def build_ensemble(
+    members: Sequence[Classifier],
+    *,
+    weights: Sequence[float],
+    temperature: float = 1.0,
+    names: Sequence[str] | None = None,
+) -> Classifier | Ensemble:
     """The deployed model from (backbone, head) members: a :class:`Classifier` for one member, else an
     :class:`Ensemble` that keeps each distinct backbone (same network, layer and numbers) once."""
     if len(members) != len(weights):
@@ -333,8 +374,14 @@ def build_ensemble(members: Sequence[Classifier], *, weights: Sequence[float], t
             backbones.append(m.backbone)
             j = len(backbones) - 1
         index.append(j)
-    return Ensemble(backbones, [m.head for m in members], backbone_index=index, weights=weights,
-                    temperature=temperature, names=names)
+    return Ensemble(
+        backbones,
+        [m.head for m in members],
+        backbone_index=index,
+        weights=weights,
+        temperature=temperature,
+        names=names,
+    )
 
 
 # ------------------------------------------------------------------------------------------- artifact
@@ -359,9 +406,17 @@ def _identity(weights: ResolvedWeights | str) -> str:
     return weights.identity if isinstance(weights, ResolvedWeights) else str(weights)
 
 
-def save_artifact(path: str | os.PathLike, model: Classifier | Ensemble, *, classes, preprocessing: dict,
-                  weights: ResolvedWeights | str | Sequence[ResolvedWeights | str], config: dict | None = None,
-                  metrics: dict | None = None, calibration: dict | None = None) -> Path:
+def save_artifact(
+    path: str | os.PathLike,
+    model: Classifier | Ensemble,
+    *,
+    classes,
+    preprocessing: dict,
+    weights: ResolvedWeights | str | Sequence[ResolvedWeights | str],
+    config: dict | None = None,
+    metrics: dict | None = None,
+    calibration: dict | None = None,
+) -> Path:
     """Write a self-contained model file: backbone weights, heads, classes, preprocessing, config.
 
     One layout for a single head and for an ensemble: ``backbones`` (each distinct one once), ``heads``
@@ -382,12 +437,18 @@ def save_artifact(path: str | os.PathLike, model: Classifier | Ensemble, *, clas
     if len(identities) != len(backbones):
         raise ValueError(f"{len(identities)} weights identities for {len(backbones)} backbones")
     payload = {
-        "format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION,
-        "backbones": [{"name": b.name, "feature_layer": b.feature_layer, "weights": w, "state_dict": _state(b.net)}
-                      for b, w in zip(backbones, identities)],
+        "format": ARTIFACT_FORMAT,
+        "version": ARTIFACT_VERSION,
+        "backbones": [
+            {"name": b.name, "feature_layer": b.feature_layer, "weights": w, "state_dict": _state(b.net)}
+            for b, w in zip(backbones, identities)
+        ],
         "heads": [{**h.spec(), "backbone": int(j), "state_dict": _state(h)} for h, j in zip(heads, index)],
-        "ensemble": {"weights": [float(w) for w in mix], "members": [str(n) for n in names],
-                     "temperature": float(model.temperature)},
+        "ensemble": {
+            "weights": [float(w) for w in mix],
+            "members": [str(n) for n in names],
+            "temperature": float(model.temperature),
+        },
         "classes": list(classes),
         "preprocessing": _plain(preprocessing),
         "weights": " + ".join(dict.fromkeys(identities)),
@@ -408,12 +469,17 @@ def _upgrade_v1(payload: dict) -> dict:
     """A version-1 file (one ``backbone``, one ``head``, no temperature) in today's layout."""
     b, h = payload["backbone"], payload["head"]
     rest = {k: v for k, v in payload.items() if k not in ("backbone", "head")}
-    return {**rest, "backbones": [{**b, "weights": payload.get("weights")}], "heads": [{**h, "backbone": 0}],
-            "ensemble": {"weights": [1.0], "members": ["head0"], "temperature": 1.0}}
+    return {
+        **rest,
+        "backbones": [{**b, "weights": payload.get("weights")}],
+        "heads": [{**h, "backbone": 0}],
+        "ensemble": {"weights": [1.0], "members": ["head0"], "temperature": 1.0},
+    }
 
 
-def load_artifact(path: str | os.PathLike, *,
-                  map_location: str | torch.device = "cpu") -> tuple[Classifier | Ensemble, dict]:
+def load_artifact(
+    path: str | os.PathLike, *, map_location: str | torch.device = "cpu"
+) -> tuple[Classifier | Ensemble, dict]:
     """Load a model file written by :func:`save_artifact` (``weights_only=True``); returns (model, meta).
 
     A file with one head gives a :class:`Classifier`, one with several an :class:`Ensemble`; both map
@@ -421,14 +487,18 @@ def load_artifact(path: str | os.PathLike, *,
     """
     payload = safe_torch_load(path, what="model file")
     if not isinstance(payload, dict) or payload.get("format") != ARTIFACT_FORMAT:
-        raise UserError(f"{path}: not a tune-rice model artifact (expected a file written by the search, "
-                        "e.g. runs/<name>/best/model.pt)")
+        raise UserError(
+            f"{path}: not a tune-rice model artifact (expected a file written by the search, "
+            "e.g. runs/<name>/best/model.pt)"
+        )
     version = payload.get("version")
     if version == 1:
         payload = _upgrade_v1(payload)
     elif version != ARTIFACT_VERSION:
-        raise UserError(f"{path}: model format version {version!r}; this tune-rice reads versions 1 and "
-                        f"{ARTIFACT_VERSION} (a newer tune-rice wrote it?)")
+        raise UserError(
+            f"{path}: model format version {version!r}; this tune-rice reads versions 1 and "
+            f"{ARTIFACT_VERSION} (a newer tune-rice wrote it?)"
+        )
     backbones = []
     for b in payload["backbones"]:
         net = drop_aux(create_network(b["name"], init=False))  # every weight is loaded next
@@ -441,8 +511,9 @@ def load_artifact(path: str | os.PathLike, *,
         backbones.append(backbone)
     heads = []
     for h in payload["heads"]:
-        head = build_head(h["kind"], in_dim=h["in_dim"], n_classes=h["n_classes"], hidden=h["hidden"],
-                          dropout=h["dropout"])
+        head = build_head(
+            h["kind"], in_dim=h["in_dim"], n_classes=h["n_classes"], hidden=h["hidden"], dropout=h["dropout"]
+        )
         head.load_state_dict(h["state_dict"])
         heads.append(head)
     ens = payload["ensemble"]
@@ -450,16 +521,28 @@ def load_artifact(path: str | os.PathLike, *,
     if len(heads) == 1:
         model = Classifier(backbones[index[0]], heads[0], temperature=ens["temperature"])
     else:
-        model = Ensemble(backbones, heads, backbone_index=index, weights=ens["weights"],
-                         temperature=ens["temperature"], names=ens["members"])
+        model = Ensemble(
+            backbones,
+            heads,
+            backbone_index=index,
+            weights=ens["weights"],
+            temperature=ens["temperature"],
+            names=ens["members"],
+        )
     model = model.to(map_location).eval()
     meta = {k: v for k, v in payload.items() if k not in ("backbones", "heads", "ensemble")}
     specs = [{k: v for k, v in h.items() if k != "state_dict"} for h in payload["heads"]]
-    meta["members"] = [{"name": n, "weight": float(w), "backbone": payload["backbones"][s["backbone"]]["name"],
-                        "feature_layer": payload["backbones"][s["backbone"]]["feature_layer"],
-                        "weights": payload["backbones"][s["backbone"]].get("weights"),
-                        "head": {k: v for k, v in s.items() if k != "backbone"}}
-                       for n, w, s in zip(ens["members"], ens["weights"], specs)]
+    meta["members"] = [
+        {
+            "name": n,
+            "weight": float(w),
+            "backbone": payload["backbones"][s["backbone"]]["name"],
+            "feature_layer": payload["backbones"][s["backbone"]]["feature_layer"],
+            "weights": payload["backbones"][s["backbone"]].get("weights"),
+            "head": {k: v for k, v in s.items() if k != "backbone"},
+        }
+        for n, w, s in zip(ens["members"], ens["weights"], specs)
+    ]
     meta["temperature"] = float(ens["temperature"])
     meta["backbone"] = " + ".join(dict.fromkeys(m["backbone"] for m in meta["members"]))
     meta["feature_layer"] = " + ".join(dict.fromkeys(m["feature_layer"] for m in meta["members"]))
@@ -522,8 +605,10 @@ def read_torchscript(path: str | os.PathLike, *, map_location="cpu") -> tuple[nn
             raise UserError(f"{path}: cannot load as TorchScript ({reason})") from None
     raw = extra[TORCHSCRIPT_META]
     if not raw:
-        raise UserError(f"{path}: a TorchScript file without {TORCHSCRIPT_META}: not written by "
-                        "tune_rice.export, so its classes and preprocessing are unknown")
+        raise UserError(
+            f"{path}: a TorchScript file without {TORCHSCRIPT_META}: not written by "
+            "tune_rice.export, so its classes and preprocessing are unknown"
+        )
     try:
         meta = json.loads(raw)
         meta["classes"], meta["preprocessing"]["image_size"]  # noqa: B018 (presence check)
@@ -544,14 +629,24 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
         with warnings.catch_warnings():  # torch.load's note on meeting a TorchScript archive: handled below
             warnings.filterwarnings("ignore", message=".*TorchScript archive", category=UserWarning)
             module, meta = load_artifact(path, map_location=device)
-        return LoadedModel(module, list(meta["classes"]), dict(meta["preprocessing"]), str(meta["weights"]),
-                           path, "artifact", meta)
+        return LoadedModel(
+            module, list(meta["classes"]), dict(meta["preprocessing"]), str(meta["weights"]), path, "artifact", meta
+        )
     except UserError as e:
         if not is_torchscript(path):
             if "cannot read as" in str(e):  # not a torch file at all: say what would have been one
-                raise UserError(f"{e}; --model wants a tune-rice model (runs/<name>/best/model.pt) or a "
-                                "TorchScript file written by tune_rice.export") from None
+                raise UserError(
+                    f"{e}; --model wants a tune-rice model (runs/<name>/best/model.pt) or a "
+                    "TorchScript file written by tune_rice.export"
+                ) from None
             raise  # refused pickles and foreign torch files: model.py's message says it all
     module, meta = read_torchscript(path, map_location=device)
-    return LoadedModel(module, list(meta["classes"]), dict(meta["preprocessing"]), str(meta.get("weights", "?")),
-                       path, "torchscript", meta)
+    return LoadedModel(
+        module,
+        list(meta["classes"]),
+        dict(meta["preprocessing"]),
+        str(meta.get("weights", "?")),
+        path,
+        "torchscript",
+        meta,
+    )

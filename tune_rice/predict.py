@@ -98,8 +98,10 @@ class Predictions:
 def calibration_note(loaded: LoadedModel) -> str:
     """Empty for a model whose temperature was fitted on valid; else why its probabilities may be off."""
     if not loaded.meta.get("calibration"):
-        return (f"{loaded.path} holds no temperature fitted on valid: its probabilities are not calibrated, "
-                "so --min-confidence compares P with uncalibrated scores")
+        return (
+            f"{loaded.path} holds no temperature fitted on valid: its probabilities are not calibrated, "
+            "so --min-confidence compares P with uncalibrated scores"
+        )
     return ""
 
 
@@ -109,9 +111,17 @@ def check_min_confidence(p: float) -> None:
 
 
 @torch.inference_mode()
-def predict_files(loaded: LoadedModel, files: Sequence[Path], *, topk: int | None = None, batch_size: int = 64,
-                  num_workers: int = 0, device: str | torch.device = "cpu", progress: bool = True,
-                  min_confidence: float | None = None) -> Predictions:
+def predict_files(
+    loaded: LoadedModel,
+    files: Sequence[Path],
+    *,
+    topk: int | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    min_confidence: float | None = None,
+) -> Predictions:
     """Classify ``files``; unreadable ones get a row with ``error`` set and no label. With
     ``min_confidence`` P, an image whose top probability is below P is labelled ``uncertain``."""
     n_classes = len(loaded.classes)
@@ -121,20 +131,32 @@ def predict_files(loaded: LoadedModel, files: Sequence[Path], *, topk: int | Non
     if min_confidence is not None:
         check_min_confidence(min_confidence)
         if UNCERTAIN in loaded.classes:
-            raise UserError(f"--min-confidence: the model has a class named {UNCERTAIN!r}, so that label "
-                            "would be ambiguous")
+            raise UserError(
+                f"--min-confidence: the model has a class named {UNCERTAIN!r}, so that label would be ambiguous"
+            )
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     device = torch.device(device)
     model = loaded.module.to(device).eval()
-    loader = DataLoader(PredictImages(files, eval_transform(loaded.preprocessing)), batch_size=batch_size,
-                        shuffle=False, num_workers=num_workers, collate_fn=collate_skipping_failures,
-                        pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        PredictImages(files, eval_transform(loaded.preprocessing)),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_skipping_failures,
+        pin_memory=device.type == "cuda",
+    )
     probs = np.full((len(files), topk), np.nan, dtype=np.float64)
     labels = np.full((len(files), topk), -1, dtype=np.int64)
     errors = [""] * len(files)
-    bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress or len(files) <= batch_size,
-               leave=False, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(files),
+        desc="predict",
+        unit="img",
+        disable=not progress or len(files) <= batch_size,
+        leave=False,
+        dynamic_ncols=True,
+    )
     for x, idx, failures in loader:
         for i, err in failures:
             errors[i] = err
@@ -190,16 +212,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=os.environ.get("TUNE_RICE_PROG", "python -m tune_rice.predict"),
         description="Classify images with a trained tune-rice model (best/model.pt or an exported .ts file).",
-        formatter_class=cli.HelpFormatter)
+        formatter_class=cli.HelpFormatter,
+    )
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
-    p.add_argument("--model", required=True, help="runs/<name>/best/model.pt, an exported TorchScript file, "
-                                                  "or an experiment folder")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="runs/<name>/best/model.pt, an exported TorchScript file, or an experiment folder",
+    )
     p.add_argument("--out", default="predictions.csv", help="CSV file to write")
-    p.add_argument("--topk", type=int, help=f"how many ranked classes per image (default: {DEFAULT_TOPK}, "
-                                            "or the class count if smaller)")
-    p.add_argument("--min-confidence", type=float, metavar="P",
-                   help=f"label an image {UNCERTAIN!r} when its (calibrated) top probability is below P; the "
-                        "row keeps its top-k. The search's report suggests P for a target accuracy")
+    p.add_argument(
+        "--topk",
+        type=int,
+        help=f"how many ranked classes per image (default: {DEFAULT_TOPK}, or the class count if smaller)",
+    )
+    p.add_argument(
+        "--min-confidence",
+        type=float,
+        metavar="P",
+        help=f"label an image {UNCERTAIN!r} when its (calibrated) top probability is below P; the "
+        "row keeps its top-k. The search's report suggests P for a target accuracy",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="images per batch")
     p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto = GPU when present")
     p.add_argument("--num-workers", type=int, help="image-decoding worker processes (default: up to 4)")
@@ -219,10 +252,21 @@ def _main(argv: Sequence[str] | None) -> int:
     loaded = load_model(args.model, device=device)
     if args.min_confidence is not None and calibration_note(loaded):
         log.warning("%s", calibration_note(loaded))
-    workers = (args.num_workers if args.num_workers is not None
-               else default_num_workers(4, batches=len(files) // args.batch_size))
-    pred = predict_files(loaded, files, topk=args.topk, batch_size=args.batch_size, num_workers=workers,
-                         device=device, progress=True, min_confidence=args.min_confidence)
+    workers = (
+        args.num_workers
+        if args.num_workers is not None
+        else default_num_workers(4, batches=len(files) // args.batch_size)
+    )
+    pred = predict_files(
+        loaded,
+        files,
+        topk=args.topk,
+        batch_size=args.batch_size,
+        num_workers=workers,
+        device=device,
+        progress=True,
+        min_confidence=args.min_confidence,
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     pred.table.to_csv(out, index=False, float_format="%.6f")

@@ -208,11 +208,16 @@ def inspect_image(path: Path, near: bool = True) -> ImageInfo | str:
     try:
         image = data.load_image(path, draft_size=_DRAFT_SIZE)
         width, height = _oriented_size(path, image)
-        return ImageInfo(width=width, height=height, sha1=digest.hexdigest(), dhash=dhash(image),
-                         signature=dedup.signature(image) if near else None)
+        return ImageInfo(
+            width=width,
+            height=height,
+            sha1=digest.hexdigest(),
+            dhash=dhash(image),
+            signature=dedup.signature(image) if near else None,
+        )
     except data.ImageDecodeError as e:
         msg, prefix = str(e), f"{path}: "
-        return msg[len(prefix):] if msg.startswith(prefix) else msg
+        return msg[len(prefix) :] if msg.startswith(prefix) else msg
     except Exception as e:  # noqa: BLE001 -- a malformed file may trip any decoder bug; report, don't crash
         return f"cannot decode ({type(e).__name__}: {e})"
 
@@ -227,8 +232,9 @@ def _oriented_size(path: Path, decoded: Image.Image) -> tuple[int, int]:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
-def inspect_images(paths: Sequence[Path], *, workers: int | None = None, progress: bool = True,
-                   near: bool = True) -> list[ImageInfo | str]:
+def inspect_images(
+    paths: Sequence[Path], *, workers: int | None = None, progress: bool = True, near: bool = True
+) -> list[ImageInfo | str]:
     """:func:`inspect_image` over many files in a thread pool (decoders and SHA-1 release the GIL)."""
     if workers is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -236,9 +242,17 @@ def inspect_images(paths: Sequence[Path], *, workers: int | None = None, progres
     if workers < 1:
         raise UserError(f"workers must be >= 1, got {workers}")
     results: list[ImageInfo | str] = []
-    with ThreadPoolExecutor(max_workers=workers) as pool, \
-            tqdm(total=len(paths), desc="checking images", unit="img", file=sys.stderr,
-                 disable=not progress, dynamic_ncols=True) as bar:
+    with (
+        ThreadPoolExecutor(max_workers=workers) as pool,
+        tqdm(
+            total=len(paths),
+            desc="checking images",
+            unit="img",
+            file=sys.stderr,
+            disable=not progress,
+            dynamic_ncols=True,
+        ) as bar,
+    ):
         try:
             for result in pool.map(inspect_image, paths, [near] * len(paths)):
                 results.append(result)
@@ -250,9 +264,15 @@ def inspect_images(paths: Sequence[Path], *, workers: int | None = None, progres
 
 
 # --------------------------------------------------------------------------------------------- split
-def split_groups(group_class: np.ndarray, group_size: np.ndarray, fractions: Sequence[float], *,
-                 seed: int = 0, classes: Sequence[str], allow_small_classes: bool = False
-                 ) -> tuple[np.ndarray, list[str]]:
+def split_groups(
+    group_class: np.ndarray,
+    group_size: np.ndarray,
+    fractions: Sequence[float],
+    *,
+    seed: int = 0,
+    classes: Sequence[str],
+    allow_small_classes: bool = False,
+) -> tuple[np.ndarray, list[str]]:
     """Assign each group to a split, stratified by class; returns (split index per group (G,), warnings).
 
     Per class (in ``classes`` order, one seeded generator for all): shuffle its groups, order them by
@@ -271,16 +291,18 @@ def split_groups(group_class: np.ndarray, group_size: np.ndarray, fractions: Seq
             small.append((name, len(idx), int(group_size[idx].sum())))
     if small and not allow_small_classes:
         listed = ", ".join(f"{name!r} has {g} group(s) ({n} image(s))" for name, g, n in small)
-        raise UserError(f"class(es) too small to split: {listed}; each class needs at least "
-                        f"{MIN_GROUPS_PER_CLASS} distinct images (after merging near-duplicates) for "
-                        "train/valid/test; add images or pass --allow-small-classes")
+        raise UserError(
+            f"class(es) too small to split: {listed}; each class needs at least "
+            f"{MIN_GROUPS_PER_CLASS} distinct images (after merging near-duplicates) for "
+            "train/valid/test; add images or pass --allow-small-classes"
+        )
     for c, name in enumerate(classes):
         idx = np.flatnonzero(group_class == c)
         idx = idx[rng.permutation(len(idx))]
         idx = idx[np.argsort(-group_size[idx], kind="stable")]
         if len(idx) < MIN_GROUPS_PER_CLASS:
             split_of[idx] = np.arange(len(idx))  # train, then valid
-            missing = data.SPLITS[len(idx):]
+            missing = data.SPLITS[len(idx) :]
             warnings.append(f"class {name!r} has only {len(idx)} group(s): none in {'/'.join(missing)}")
             continue
         target = fractions * group_size[idx].sum()
@@ -323,12 +345,15 @@ class PrepareResult:
 def check_fractions(valid_frac: float, test_frac: float) -> tuple[float, float, float]:
     for name, value in (("valid", valid_frac), ("test", test_frac)):
         if not 0 < value < 1:  # also rejects NaN
-            raise UserError(f"--{name}-frac must be > 0 and < 1, got {value} "
-                            "(the search needs a valid split and the final score a test split)")
+            raise UserError(
+                f"--{name}-frac must be > 0 and < 1, got {value} "
+                "(the search needs a valid split and the final score a test split)"
+            )
     train = 1.0 - valid_frac - test_frac
     if train <= 0:
-        raise UserError(f"--valid-frac {valid_frac} + --test-frac {test_frac} must be < 1 "
-                        "(nothing would be left for training)")
+        raise UserError(
+            f"--valid-frac {valid_frac} + --test-frac {test_frac} must be < 1 (nothing would be left for training)"
+        )
     return train, float(valid_frac), float(test_frac)
 
 
@@ -343,8 +368,10 @@ def resolve_out(data_dir: Path, out: str | os.PathLike | None) -> Path:
     except ValueError:
         return out_path
     if len(rel.parts) > 1 and not _is_hidden(rel.parts[0]):
-        raise UserError(f"{out_path}: inside the class folder {rel.parts[0]!r} of {data_dir}; labels.csv "
-                        "must not be written into class folders (put it at the top of DATA_DIR or elsewhere)")
+        raise UserError(
+            f"{out_path}: inside the class folder {rel.parts[0]!r} of {data_dir}; labels.csv "
+            "must not be written into class folders (put it at the top of DATA_DIR or elsewhere)"
+        )
     if out_path.suffix.lower() in data.IMAGE_EXTENSIONS:
         raise UserError(f"{out_path}: has an image extension; name the labels file *.csv")
     return out_path
@@ -364,11 +391,20 @@ def duplicates_path(labels_csv: Path) -> Path:
     return labels_csv.with_name(name)
 
 
-def prepare_dataset(data_dir: str | os.PathLike, *, out: str | os.PathLike | None = None,
-                    valid_frac: float = 0.15, test_frac: float = 0.15, seed: int = 0,
-                    dedup_mode: str = "near", min_similarity: float = dedup.DEFAULT_MIN_SIMILARITY,
-                    flips: bool = True, allow_small_classes: bool = False,
-                    workers: int | None = None, progress: bool = True) -> PrepareResult:
+def prepare_dataset(
+    data_dir: str | os.PathLike,
+    *,
+    out: str | os.PathLike | None = None,
+    valid_frac: float = 0.15,
+    test_frac: float = 0.15,
+    seed: int = 0,
+    dedup_mode: str = "near",
+    min_similarity: float = dedup.DEFAULT_MIN_SIMILARITY,
+    flips: bool = True,
+    allow_small_classes: bool = False,
+    workers: int | None = None,
+    progress: bool = True,
+) -> PrepareResult:
     """Scan, validate, group duplicates, split and write labels.csv and duplicates.csv (atomically).
 
     ``out`` defaults to ``DATA_DIR/labels.csv``; elsewhere is allowed, and its ``path`` column stays
@@ -385,13 +421,17 @@ def prepare_dataset(data_dir: str | os.PathLike, *, out: str | os.PathLike | Non
     out_path = resolve_out(root, out)
     scan = scan_dataset(root)
     if not scan.classes:
-        hint = " (images are at the top level: put them in one folder per class)" if any(
-            reason == "not inside a class folder" for _, reason in scan.skipped) else ""
+        hint = (
+            " (images are at the top level: put them in one folder per class)"
+            if any(reason == "not inside a class folder" for _, reason in scan.skipped)
+            else ""
+        )
         raise UserError(f"{root}: no class folders; expected {root}/<class>/<images>{hint}")
     _require_two_classes(root, {c.label for c in scan.candidates}, scan.classes)
 
-    infos = inspect_images([c.path for c in scan.candidates], workers=workers, progress=progress,
-                           near=dedup_mode == "near")
+    infos = inspect_images(
+        [c.path for c in scan.candidates], workers=workers, progress=progress, near=dedup_mode == "near"
+    )
     skipped = list(scan.skipped)
     rows = []
     for cand, info in zip(scan.candidates, infos):
@@ -413,8 +453,13 @@ def prepare_dataset(data_dir: str | os.PathLike, *, out: str | os.PathLike | Non
     paths = [r[0] for r in rows]
     labels = np.asarray([classes.index(r[1]) for r in rows])  # (N,)
     sha1s = [r[2].sha1 for r in rows]
-    grouping = dedup.group_images(sha1s, [r[2].signature for r in rows] if dedup_mode == "near" else None,
-                                  mode=dedup_mode, min_similarity=min_similarity, flips=flips)
+    grouping = dedup.group_images(
+        sha1s,
+        [r[2].signature for r in rows] if dedup_mode == "near" else None,
+        mode=dedup_mode,
+        min_similarity=min_similarity,
+        flips=flips,
+    )
     group = grouping.group  # (N,)
     n_groups = int(group.max()) + 1
     group_size = np.bincount(group, minlength=n_groups)  # (G,)
@@ -428,29 +473,35 @@ def prepare_dataset(data_dir: str | os.PathLike, *, out: str | os.PathLike | Non
     for g in np.flatnonzero((votes > 0).sum(axis=1) > 1):
         cross.append([(paths[k], classes[labels[k]]) for k in np.flatnonzero(group == g)])
     if cross:
-        msg = (f"{len(cross)} duplicate group(s) hold images of different classes (a labelling "
-               "problem?); each is kept together in its majority class's split")
+        msg = (
+            f"{len(cross)} duplicate group(s) hold images of different classes (a labelling "
+            "problem?); each is kept together in its majority class's split"
+        )
         warnings.append(msg)
         log.warning("%s, e.g. %s", msg, _examples(cross[0]))
     warnings.extend(_large_group_warnings(group, group_size, labels, classes, paths))
 
-    split_of, split_warnings = split_groups(group_class, group_size, fractions, seed=seed, classes=classes,
-                                            allow_small_classes=allow_small_classes)
+    split_of, split_warnings = split_groups(
+        group_class, group_size, fractions, seed=seed, classes=classes, allow_small_classes=allow_small_classes
+    )
     for w in split_warnings:
         log.warning(w)
     warnings.extend(split_warnings)
 
     width = max(5, len(str(n_groups - 1)))
-    frame = pd.DataFrame({
-        "path": paths,
-        "label": [r[1] for r in rows],
-        "split": [data.SPLITS[s] for s in split_of[group]],
-        "group": [f"g{g:0{width}d}" for g in group],
-        "width": np.asarray([r[2].width for r in rows], dtype=np.int64),
-        "height": np.asarray([r[2].height for r in rows], dtype=np.int64),
-        "sha1": sha1s,
-        "dhash": [f"{r[2].dhash:016x}" for r in rows],
-    }, columns=list(COLUMNS))
+    frame = pd.DataFrame(
+        {
+            "path": paths,
+            "label": [r[1] for r in rows],
+            "split": [data.SPLITS[s] for s in split_of[group]],
+            "group": [f"g{g:0{width}d}" for g in group],
+            "width": np.asarray([r[2].width for r in rows], dtype=np.int64),
+            "height": np.asarray([r[2].height for r in rows], dtype=np.int64),
+            "sha1": sha1s,
+            "dhash": [f"{r[2].dhash:016x}" for r in rows],
+        },
+        columns=list(COLUMNS),
+    )
     dup_path = duplicates_path(out_path)
     _write_atomic(_duplicates_frame(grouping, group, paths, [r[1] for r in rows], width), dup_path)
     _write_atomic(frame, out_path)
@@ -459,35 +510,62 @@ def prepare_dataset(data_dir: str | os.PathLike, *, out: str | os.PathLike | Non
     largest = np.argsort(-group_size, kind="stable")[:5]
     largest = [sorted(paths[k] for k in np.flatnonzero(group == g)) for g in largest if group_size[g] > 1]
     checks = [p[2] for p in grouping.pairs]
-    return PrepareResult(labels_csv=out_path, data_dir=root, frame=frame, classes=classes, skipped=skipped,
-                         empty_classes=empty_classes, n_groups_merged=len(merged),
-                         n_images_in_merged=int(merged.sum()), cross_class_groups=cross, warnings=warnings,
-                         dedup=dedup_mode, flips=flips, duplicates_csv=dup_path, largest_groups=largest,
-                         n_candidates=grouping.n_candidates,
-                         n_pairs={c: checks.count(c) for c in ("exact", "near")}, n_blocked=grouping.n_blocked)
+    return PrepareResult(
+        labels_csv=out_path,
+        data_dir=root,
+        frame=frame,
+        classes=classes,
+        skipped=skipped,
+        empty_classes=empty_classes,
+        n_groups_merged=len(merged),
+        n_images_in_merged=int(merged.sum()),
+        cross_class_groups=cross,
+        warnings=warnings,
+        dedup=dedup_mode,
+        flips=flips,
+        duplicates_csv=dup_path,
+        largest_groups=largest,
+        n_candidates=grouping.n_candidates,
+        n_pairs={c: checks.count(c) for c in ("exact", "near")},
+        n_blocked=grouping.n_blocked,
+    )
 
 
-DUPLICATE_COLUMNS = ("group", "path_a", "label_a", "path_b", "label_b", "check", "similarity", "outline",
-                     "orientation", "joined")
+DUPLICATE_COLUMNS = (
+    "group",
+    "path_a",
+    "label_a",
+    "path_b",
+    "label_b",
+    "check",
+    "similarity",
+    "outline",
+    "orientation",
+    "joined",
+)
 
 
-def _duplicates_frame(grouping: dedup.Grouping, group: np.ndarray, paths: list[str], labels: list[str],
-                      width: int) -> pd.DataFrame:
+def _duplicates_frame(
+    grouping: dedup.Grouping, group: np.ndarray, paths: list[str], labels: list[str], width: int
+) -> pd.DataFrame:
     """One row per accepted pair: its group, the two images, the check that accepted it and its scores
     (``joined`` is false where the chain guard kept the two groups apart)."""
     rows = sorted(grouping.pairs, key=lambda p: (group[p[0]], p[0], p[1]))
-    return pd.DataFrame({
-        "group": [f"g{group[a]:0{width}d}" for a, *_ in rows],
-        "path_a": [paths[a] for a, *_ in rows],
-        "label_a": [labels[a] for a, *_ in rows],
-        "path_b": [paths[b] for _, b, *_ in rows],
-        "label_b": [labels[b] for _, b, *_ in rows],
-        "check": [p[2] for p in rows],
-        "similarity": [f"{p[3]:.3f}" for p in rows],
-        "outline": [f"{p[4]:.3f}" for p in rows],
-        "orientation": [p[5] for p in rows],
-        "joined": [str(p[6]).lower() for p in rows],
-    }, columns=list(DUPLICATE_COLUMNS))
+    return pd.DataFrame(
+        {
+            "group": [f"g{group[a]:0{width}d}" for a, *_ in rows],
+            "path_a": [paths[a] for a, *_ in rows],
+            "label_a": [labels[a] for a, *_ in rows],
+            "path_b": [paths[b] for _, b, *_ in rows],
+            "label_b": [labels[b] for _, b, *_ in rows],
+            "check": [p[2] for p in rows],
+            "similarity": [f"{p[3]:.3f}" for p in rows],
+            "outline": [f"{p[4]:.3f}" for p in rows],
+            "orientation": [p[5] for p in rows],
+            "joined": [str(p[6]).lower() for p in rows],
+        },
+        columns=list(DUPLICATE_COLUMNS),
+    )
 
 
 def _examples(members: Sequence[tuple[str, str]], k: int = 2) -> str:
@@ -496,8 +574,9 @@ def _examples(members: Sequence[tuple[str, str]], k: int = 2) -> str:
     return shown + (f" (+{len(members) - k} more)" if len(members) > k else "")
 
 
-def _large_group_warnings(group: np.ndarray, group_size: np.ndarray, labels: np.ndarray,
-                          classes: list[str], paths: list[str]) -> list[str]:
+def _large_group_warnings(
+    group: np.ndarray, group_size: np.ndarray, labels: np.ndarray, classes: list[str], paths: list[str]
+) -> list[str]:
     """A warning for each group (of 3 or more) larger than LARGE_GROUP_SHARE of its majority class."""
     class_size = np.bincount(labels, minlength=len(classes))
     out = []
@@ -505,10 +584,12 @@ def _large_group_warnings(group: np.ndarray, group_size: np.ndarray, labels: np.
         members = np.flatnonzero(group == g)
         c = int(np.bincount(labels[members]).argmax())
         if group_size[g] > LARGE_GROUP_SHARE * class_size[c]:
-            msg = (f"a duplicate group of {group_size[g]} images is {group_size[g] / class_size[c]:.0%} of class "
-                   f"{classes[c]!r} (e.g. {paths[members[0]]}, {paths[members[1]]}): a burst of shots of one "
-                   "subject, or look-alike photos the check could not tell apart? Review it in "
-                   "duplicates.csv; a higher --dup-min-similarity joins fewer")
+            msg = (
+                f"a duplicate group of {group_size[g]} images is {group_size[g] / class_size[c]:.0%} of class "
+                f"{classes[c]!r} (e.g. {paths[members[0]]}, {paths[members[1]]}): a burst of shots of one "
+                "subject, or look-alike photos the check could not tell apart? Review it in "
+                "duplicates.csv; a higher --dup-min-similarity joins fewer"
+            )
             log.warning(msg)
             out.append(msg)
     return out
@@ -518,11 +599,11 @@ def _require_two_classes(root: Path, present: set[str], folders: list[str]) -> N
     if len(present) >= 2:
         return
     if not present:
-        raise UserError(f"{root}: no usable images in any of the {len(folders)} class folder(s) "
-                        f"({', '.join(folders)})")
+        raise UserError(f"{root}: no usable images in any of the {len(folders)} class folder(s) ({', '.join(folders)})")
     only = next(iter(present))
-    raise UserError(f"{root}: only one class with images ({only!r}); a classifier needs at least 2 "
-                    "class folders with images")
+    raise UserError(
+        f"{root}: only one class with images ({only!r}); a classifier needs at least 2 class folders with images"
+    )
 
 
 def _write_atomic(frame: pd.DataFrame, out_path: Path) -> None:
@@ -548,7 +629,8 @@ def format_report(result: PrepareResult) -> str:
     frame = result.frame
     lines = [f"{len(frame)} images in {len(result.classes)} classes from {result.data_dir}", ""]
     table = pd.crosstab(frame["label"], frame["split"]).reindex(
-        index=result.classes, columns=list(data.SPLITS), fill_value=0)
+        index=result.classes, columns=list(data.SPLITS), fill_value=0
+    )
     table["total"] = table.sum(axis=1)
     table.loc["total"] = table.sum(axis=0)
     name_w = max(5, *(len(c) for c in table.index))
@@ -572,8 +654,10 @@ def format_report(result: PrepareResult) -> str:
         lines.extend(f"  {w}" for w in result.warnings)
     lines.append(f"labels written to {result.labels_csv}")
     if result.labels_csv.parent != result.data_dir:  # its paths are relative to DATA_DIR, not to its folder
-        lines.append(f"its paths are relative to {result.data_dir}: search with "
-                     f"--data {result.labels_csv} --data-root {result.data_dir}")
+        lines.append(
+            f"its paths are relative to {result.data_dir}: search with "
+            f"--data {result.labels_csv} --data-root {result.data_dir}"
+        )
     return "\n".join(lines)
 
 
@@ -581,21 +665,34 @@ def _duplicate_summary(result: PrepareResult) -> list[str]:
     """A few lines: how the groups were made, how many, the largest with examples, the cross-class ones."""
     if result.dedup == "off":
         return ["duplicate groups: none (--dedup off: copies may sit in train and test alike)"]
-    how = ("exact byte copies only" if result.dedup == "exact" else
-           "exact and near copies" + (", flips and turns included" if result.flips else ", no flips or turns"))
-    lines = [f"duplicate groups merged: {result.n_groups_merged} (covering {result.n_images_in_merged} images; "
-             f"{how}; each group kept in one split)"]
+    how = (
+        "exact byte copies only"
+        if result.dedup == "exact"
+        else "exact and near copies" + (", flips and turns included" if result.flips else ", no flips or turns")
+    )
+    lines = [
+        f"duplicate groups merged: {result.n_groups_merged} (covering {result.n_images_in_merged} images; "
+        f"{how}; each group kept in one split)"
+    ]
     if result.dedup == "near":
-        lines.append(f"  pairs: {result.n_pairs.get('exact', 0)} exact, {result.n_pairs.get('near', 0)} near "
-                     f"(verified of {result.n_candidates} candidates), {result.n_blocked} kept apart by the "
-                     "chain guard")
+        lines.append(
+            f"  pairs: {result.n_pairs.get('exact', 0)} exact, {result.n_pairs.get('near', 0)} near "
+            f"(verified of {result.n_candidates} candidates), {result.n_blocked} kept apart by the "
+            "chain guard"
+        )
     if result.largest_groups:
-        lines.append("  largest: " + "; ".join(
-            f"{len(g)} images ({', '.join(g[:2])}{', ...' if len(g) > 2 else ''})" for g in result.largest_groups))
+        lines.append(
+            "  largest: "
+            + "; ".join(
+                f"{len(g)} images ({', '.join(g[:2])}{', ...' if len(g) > 2 else ''})" for g in result.largest_groups
+            )
+        )
     cross = result.cross_class_groups
     if cross:
-        lines.append(f"  spanning classes: {len(cross)} group(s), {sum(map(len, cross))} images, e.g. "
-                     f"{_examples(cross[0])}; check these labels")
+        lines.append(
+            f"  spanning classes: {len(cross)} group(s), {sum(map(len, cross))} images, e.g. "
+            f"{_examples(cross[0])}; check these labels"
+        )
     if result.duplicates_csv is not None:
         lines.append(f"  every grouped pair with its scores: {result.duplicates_csv}")
     return lines
@@ -608,8 +705,9 @@ def check_materialize_target(out_dir: str | os.PathLike, data_dir: str | os.Path
     resolved = out_dir.parent.resolve() / out_dir.name
     root = Path(data_dir).expanduser().resolve()
     if resolved == root or root in resolved.parents:
-        raise UserError(f"{out_dir}: --materialize folder is inside the dataset folder {root}; "
-                        "choose a folder outside it")
+        raise UserError(
+            f"{out_dir}: --materialize folder is inside the dataset folder {root}; choose a folder outside it"
+        )
     if resolved.exists():
         if not resolved.is_dir():
             raise UserError(f"{out_dir}: --materialize target exists and is not a folder")
@@ -649,8 +747,13 @@ def materialize(result: PrepareResult, out_dir: str | os.PathLike) -> dict[str, 
                 counts["copied"] += 1
         except OSError as e:
             raise UserError(f"{dst}: cannot link or copy {src} ({e.strerror or e})") from None
-    log.info("materialised %d files in %s (%d hard links, %d copies)", len(result.frame), out_dir,
-             counts["linked"], counts["copied"])
+    log.info(
+        "materialised %d files in %s (%d hard links, %d copies)",
+        len(result.frame),
+        out_dir,
+        counts["linked"],
+        counts["copied"],
+    )
     return counts
 
 
@@ -659,37 +762,70 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=os.environ.get("TUNE_RICE_PROG", "python -m tune_rice.prepare"),
         description="Scan DATA_DIR/<class>/... (one folder per class), check that every image decodes, "
-                    "group exact and near-duplicate images, and write labels.csv with a group-aware, "
-                    "class-stratified train/valid/test split. Images are never copied or modified.")
+        "group exact and near-duplicate images, and write labels.csv with a group-aware, "
+        "class-stratified train/valid/test split. Images are never copied or modified.",
+    )
     p.add_argument("data_dir", metavar="DATA_DIR", help="folder with one subfolder per class")
-    p.add_argument("--out", metavar="FILE", default=None,
-                   help="where to write labels.csv (default: DATA_DIR/labels.csv); paths in it stay "
-                        "relative to DATA_DIR (elsewhere: search and evaluate then need --data-root DATA_DIR)")
-    p.add_argument("--valid-frac", type=float, default=0.15,
-                   help="fraction of each class's images for valid, > 0 (default 0.15)")
-    p.add_argument("--test-frac", type=float, default=0.15,
-                   help="fraction of each class's images for test, > 0 (default 0.15); the rest is train")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the split (default 0); the same seed gives a byte-identical labels.csv")
-    p.add_argument("--dedup", default="near", metavar="MODE",
-                   help="which copies share a split: near (default) = exact byte copies and near copies "
-                        "(re-encoded, resized, brightened, cropped, shifted, flipped, turned), found by "
-                        "perceptual hashes and each verified on aligned thumbnails; exact = byte copies "
-                        "only; off = no grouping (copies can leak from train into test)")
-    p.add_argument("--dup-min-similarity", type=float, default=dedup.DEFAULT_MIN_SIMILARITY, metavar="S",
-                   help="near mode: how alike two images' fine detail must be, after the best alignment, "
-                        "to count as copies: the correlation (0-1] of their locally normalised 72 px "
-                        f"greyscale thumbnails (default {dedup.DEFAULT_MIN_SIMILARITY}); higher joins fewer "
-                        "pairs, lower catches more heavily edited copies")
-    p.add_argument("--dup-no-flips", action="store_true",
-                   help="near mode: a flipped or 90/180/270-degree turned copy is not a copy (by default "
-                        "it is: many public sets ship such augmented copies beside the originals)")
+    p.add_argument(
+        "--out",
+        metavar="FILE",
+        default=None,
+        help="where to write labels.csv (default: DATA_DIR/labels.csv); paths in it stay "
+        "relative to DATA_DIR (elsewhere: search and evaluate then need --data-root DATA_DIR)",
+    )
+    p.add_argument(
+        "--valid-frac", type=float, default=0.15, help="fraction of each class's images for valid, > 0 (default 0.15)"
+    )
+    p.add_argument(
+        "--test-frac",
+        type=float,
+        default=0.15,
+        help="fraction of each class's images for test, > 0 (default 0.15); the rest is train",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the split (default 0); the same seed gives a byte-identical labels.csv",
+    )
+    p.add_argument(
+        "--dedup",
+        default="near",
+        metavar="MODE",
+        help="which copies share a split: near (default) = exact byte copies and near copies "
+        "(re-encoded, resized, brightened, cropped, shifted, flipped, turned), found by "
+        "perceptual hashes and each verified on aligned thumbnails; exact = byte copies "
+        "only; off = no grouping (copies can leak from train into test)",
+    )
+    p.add_argument(
+        "--dup-min-similarity",
+        type=float,
+        default=dedup.DEFAULT_MIN_SIMILARITY,
+        metavar="S",
+        help="near mode: how alike two images' fine detail must be, after the best alignment, "
+        "to count as copies: the correlation (0-1] of their locally normalised 72 px "
+        f"greyscale thumbnails (default {dedup.DEFAULT_MIN_SIMILARITY}); higher joins fewer "
+        "pairs, lower catches more heavily edited copies",
+    )
+    p.add_argument(
+        "--dup-no-flips",
+        action="store_true",
+        help="near mode: a flipped or 90/180/270-degree turned copy is not a copy (by default "
+        "it is: many public sets ship such augmented copies beside the originals)",
+    )
     p.add_argument("--dup-threshold", type=float, default=None, help=argparse.SUPPRESS)  # the old knob
-    p.add_argument("--allow-small-classes", action="store_true",
-                   help="accept classes with fewer than 3 distinct images (they get no valid/test member)")
-    p.add_argument("--materialize", metavar="OUT_DIR", default=None,
-                   help="also lay out OUT_DIR/{train,valid,test}/<class>/ as hard links (copies across "
-                        "devices); OUT_DIR must be empty or new, and outside DATA_DIR")
+    p.add_argument(
+        "--allow-small-classes",
+        action="store_true",
+        help="accept classes with fewer than 3 distinct images (they get no valid/test member)",
+    )
+    p.add_argument(
+        "--materialize",
+        metavar="OUT_DIR",
+        default=None,
+        help="also lay out OUT_DIR/{train,valid,test}/<class>/ as hard links (copies across "
+        "devices); OUT_DIR must be empty or new, and outside DATA_DIR",
+    )
     p.add_argument("--workers", type=int, default=None, help="decoding threads (default: CPUs + 2, at most 16)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -702,18 +838,30 @@ def _main(argv: Sequence[str] | None = None) -> int:
     if args.materialize is not None:  # refuse before any work, so nothing is written on error
         check_materialize_target(args.materialize, check_data_dir(args.data_dir))
     if args.dup_threshold is not None:
-        raise UserError("--dup-threshold (bits of a difference hash) was replaced by --dup-min-similarity "
-                        "(near copies are now verified on aligned thumbnails; see --help)")
-    result = prepare_dataset(args.data_dir, out=args.out, valid_frac=args.valid_frac,
-                             test_frac=args.test_frac, seed=args.seed, dedup_mode=args.dedup,
-                             min_similarity=args.dup_min_similarity, flips=not args.dup_no_flips,
-                             allow_small_classes=args.allow_small_classes, workers=args.workers,
-                             progress=not args.no_progress)
+        raise UserError(
+            "--dup-threshold (bits of a difference hash) was replaced by --dup-min-similarity "
+            "(near copies are now verified on aligned thumbnails; see --help)"
+        )
+    result = prepare_dataset(
+        args.data_dir,
+        out=args.out,
+        valid_frac=args.valid_frac,
+        test_frac=args.test_frac,
+        seed=args.seed,
+        dedup_mode=args.dedup,
+        min_similarity=args.dup_min_similarity,
+        flips=not args.dup_no_flips,
+        allow_small_classes=args.allow_small_classes,
+        workers=args.workers,
+        progress=not args.no_progress,
+    )
     print(format_report(result))
     if args.materialize is not None:
         counts = materialize(result, args.materialize)
-        print(f"split laid out in {Path(args.materialize).resolve()} "
-              f"({counts['linked']} hard links, {counts['copied']} copies)")
+        print(
+            f"split laid out in {Path(args.materialize).resolve()} "
+            f"({counts['linked']} hard links, {counts['copied']} copies)"
+        )
     return 0
 
 

@@ -73,9 +73,16 @@ def standardize(head: Head, x: np.ndarray | torch.Tensor) -> torch.Tensor:
 ONE_THREAD_BELOW = 50_000_000
 
 
-def fit_logistic(z: torch.Tensor, y: torch.Tensor, n_classes: int, *, C: float,
-                 init: tuple[torch.Tensor, torch.Tensor] | None = None, max_iter: int = 500,
-                 tol: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_logistic(
+    z: torch.Tensor,
+    y: torch.Tensor,
+    n_classes: int,
+    *,
+    C: float,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+    max_iter: int = 500,
+    tol: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression on ``z`` (N, D), labels ``y`` (N,): minimises
     ``0.5 * ||W||^2 + C * sum CE`` by full-batch L-BFGS (scipy's, as scikit-learn uses; the loss and
     gradient in torch); returns ``(W (C, D), b (C,))`` in float64. ``init`` warm-starts it (the fit at a
@@ -90,13 +97,16 @@ def fit_logistic(z: torch.Tensor, y: torch.Tensor, n_classes: int, *, C: float,
 
     def f(theta):
         t = torch.from_numpy(theta).requires_grad_(True)
-        w, b = t[:n_classes * d].view(n_classes, d), t[n_classes * d:]
+        w, b = t[: n_classes * d].view(n_classes, d), t[n_classes * d :]
         loss = F.cross_entropy(x @ w.T + b, yt) + 0.5 * l2 * (w * w).sum()
         loss.backward()
         return float(loss.detach()), t.grad.numpy()
 
-    theta0 = np.zeros(n_classes * (d + 1)) if init is None else \
-        np.concatenate([np.asarray(init[0], dtype=np.float64).ravel(), np.asarray(init[1], dtype=np.float64)])
+    theta0 = (
+        np.zeros(n_classes * (d + 1))
+        if init is None
+        else np.concatenate([np.asarray(init[0], dtype=np.float64).ravel(), np.asarray(init[1], dtype=np.float64)])
+    )
     threads = torch.get_num_threads()
     if n * d * n_classes < ONE_THREAD_BELOW:
         torch.set_num_threads(1)
@@ -104,7 +114,7 @@ def fit_logistic(z: torch.Tensor, y: torch.Tensor, n_classes: int, *, C: float,
         res = minimize(f, theta0, jac=True, method="L-BFGS-B", options={"maxiter": max_iter, "gtol": tol})
     finally:
         torch.set_num_threads(threads)
-    w, b = res.x[:n_classes * d].reshape(n_classes, d), res.x[n_classes * d:]
+    w, b = res.x[: n_classes * d].reshape(n_classes, d), res.x[n_classes * d :]
     return torch.from_numpy(w.copy()), torch.from_numpy(b.copy())
 
 
@@ -155,9 +165,19 @@ def _better(a: dict, b: dict | None, metric: str) -> bool:
     return (sign * a[metric], -a["loss"]) > (sign * b[metric], -b["loss"])
 
 
-def fit_probe(train_x: np.ndarray, train_y: np.ndarray, valid_x: np.ndarray, valid_y: np.ndarray, *,
-              n_classes: int, mean: np.ndarray | None = None, std: np.ndarray | None = None,
-              Cs: Sequence[float] = DEFAULT_CS, metric: str = "acc", tol: float = 1e-5) -> ProbeResult:
+def fit_probe(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    valid_x: np.ndarray,
+    valid_y: np.ndarray,
+    *,
+    n_classes: int,
+    mean: np.ndarray | None = None,
+    std: np.ndarray | None = None,
+    Cs: Sequence[float] = DEFAULT_CS,
+    metric: str = "acc",
+    tol: float = 1e-5,
+) -> ProbeResult:
     """Fit the probe on ``train_x`` (N, D) for each C, keep the C that scores best on ``valid_x`` by
     ``metric`` (``acc``, ``macro_f1`` or ``loss``). ``mean``/``std`` standardise the features (default:
     train's own), as :meth:`Head.set_standardization` does for a trained head; ``tol`` as for
@@ -185,15 +205,30 @@ def probe_bank(bank: FeatureBank, *, Cs: Sequence[float] = DEFAULT_CS, metric: s
     """The probe on ``bank``: trained on train's un-augmented view 0, C chosen on valid, standardised
     with the bank's statistics (the same as every trial's head)."""
     train, valid = bank.splits["train"], bank.splits["valid"]
-    result = fit_probe(train.features[:, 0], train.targets, valid.features[:, 0], valid.targets,
-                       n_classes=len(bank.classes), mean=bank.mean, std=bank.std, Cs=Cs, metric=metric)
-    log.info("linear probe on %s: C=%g, valid acc %s (%.1fs)", bank.spec.name, result.C,
-             format_accuracy(result.valid["acc"], result.valid["count"]), result.seconds)
+    result = fit_probe(
+        train.features[:, 0],
+        train.targets,
+        valid.features[:, 0],
+        valid.targets,
+        n_classes=len(bank.classes),
+        mean=bank.mean,
+        std=bank.std,
+        Cs=Cs,
+        metric=metric,
+    )
+    log.info(
+        "linear probe on %s: C=%g, valid acc %s (%.1fs)",
+        bank.spec.name,
+        result.C,
+        format_accuracy(result.valid["acc"], result.valid["count"]),
+        result.seconds,
+    )
     return result
 
 
-def probe_bank_cv(bank: FeatureBank, folds: np.ndarray, *, Cs: Sequence[float] = DEFAULT_CS,
-                  metric: str = "acc") -> ProbeResult:
+def probe_bank_cv(
+    bank: FeatureBank, folds: np.ndarray, *, Cs: Sequence[float] = DEFAULT_CS, metric: str = "acc"
+) -> ProbeResult:
     """The probe with C chosen by K-fold cross-validation on train+valid pooled (``folds``: fold per
     pooled image, see :func:`pooled_view0`), then refitted on all of it: the deployed probe of a
     cross-validated search. Its ``valid`` scores are the out-of-fold predictions of the chosen C."""
@@ -218,10 +253,23 @@ def probe_bank_cv(bank: FeatureBank, folds: np.ndarray, *, Cs: Sequence[float] =
     C = best.pop("C")
     head = _linear_head(x.shape[1], n_classes, x.mean(0), x.std(0))
     _set_weights(head, *fit_logistic(standardize(head, x), torch.as_tensor(y), n_classes, C=C))
-    result = ProbeResult(head=head, C=C, valid=best, path=path, seconds=time.perf_counter() - t0, folds=k,
-                         oof_logits=oof[C].double().numpy())
-    log.info("linear probe on %s, %d-fold CV: C=%g, out-of-fold acc %s (%.1fs)", bank.spec.name, k, C,
-             format_accuracy(best["acc"], best["count"]), result.seconds)
+    result = ProbeResult(
+        head=head,
+        C=C,
+        valid=best,
+        path=path,
+        seconds=time.perf_counter() - t0,
+        folds=k,
+        oof_logits=oof[C].double().numpy(),
+    )
+    log.info(
+        "linear probe on %s, %d-fold CV: C=%g, out-of-fold acc %s (%.1fs)",
+        bank.spec.name,
+        k,
+        C,
+        format_accuracy(best["acc"], best["count"]),
+        result.seconds,
+    )
     return result
 
 
@@ -252,8 +300,14 @@ def fold_split(labels: Sequence, groups: Sequence, k: int, *, seed: int = 0) -> 
         raise UserError(f"--cv {k}: train+valid hold only {n_groups} distinct image groups; use fewer folds")
     votes = np.zeros((n_groups, len(classes)), dtype=np.int64)
     np.add.at(votes, (group_idx, label_idx), 1)
-    fold_of_group, _ = split_groups(votes.argmax(1), votes.sum(1), [1.0 / k] * k, seed=seed,
-                                    classes=[str(c) for c in classes], allow_small_classes=True)
+    fold_of_group, _ = split_groups(
+        votes.argmax(1),
+        votes.sum(1),
+        [1.0 / k] * k,
+        seed=seed,
+        classes=[str(c) for c in classes],
+        allow_small_classes=True,
+    )
     return fold_of_group[group_idx].astype(np.int64)
 
 
@@ -299,12 +353,24 @@ def metric_key(metric: str) -> str:
 def probe_row(name: str, result: ProbeResult, bank: FeatureBank, metric: str) -> dict:
     """The probe's row in results.csv (``kind`` = probe): its valid scores where a trial has its best."""
     v = result.valid
-    return {"kind": PROBE_KIND, "trial_id": f"probe:{name}", "status": "PROBE", f"best/{metric}": v[metric_key(metric)],
-            "valid_count": v["count"], "best/valid/acc": v["acc"], "last/valid/acc": v["acc"],
-            "last/valid/loss": v["loss"], "last/valid/macro_f1": v["macro_f1"], "cv_folds": result.folds,
-            "seconds": result.seconds, "weights": bank.weights, "config/C": result.C,
-            "config/backbone": bank.spec.backbone, "config/image_size": bank.spec.image_size,
-            "config/head": bank.spec.feature_layer}
+    return {
+        "kind": PROBE_KIND,
+        "trial_id": f"probe:{name}",
+        "status": "PROBE",
+        f"best/{metric}": v[metric_key(metric)],
+        "valid_count": v["count"],
+        "best/valid/acc": v["acc"],
+        "last/valid/acc": v["acc"],
+        "last/valid/loss": v["loss"],
+        "last/valid/macro_f1": v["macro_f1"],
+        "cv_folds": result.folds,
+        "seconds": result.seconds,
+        "weights": bank.weights,
+        "config/C": result.C,
+        "config/backbone": bank.spec.backbone,
+        "config/image_size": bank.spec.image_size,
+        "config/head": bank.spec.feature_layer,
+    }
 
 
 def best_probe(probes: dict[str, ProbeResult], metric: str, mode: str) -> tuple[str, ProbeResult]:
@@ -342,15 +408,18 @@ def write_probe_tensorboard(folder, probes: dict[str, ProbeResult], *, max_epoch
         for step in sorted({1, max(1, int(max_epochs))}):
             for key in ("acc", "macro_f1", "loss"):
                 writer.add_scalar(f"valid/{key}{suffix}", result.valid[key], step)
-        rows = "\n".join(f"    C={r['C']:g}: acc {r['acc']:.4f}, macro_f1 {r['macro_f1']:.4f}, loss {r['loss']:.4f}"
-                         for r in result.path)
+        rows = "\n".join(
+            f"    C={r['C']:g}: acc {r['acc']:.4f}, macro_f1 {r['macro_f1']:.4f}, loss {r['loss']:.4f}"
+            for r in result.path
+        )
         how = f"{result.folds}-fold CV on train+valid" if result.folds else "valid"
         writer.add_text(f"probe{suffix}", f"linear probe on {name}, C={result.C:g} chosen on {how}\n\n{rows}", 0)
     writer.close()
 
 
-def fit_probes(banks: dict[str, FeatureBank], *, metric: str, folds: np.ndarray | None = None
-               ) -> dict[str, ProbeResult]:
+def fit_probes(
+    banks: dict[str, FeatureBank], *, metric: str, folds: np.ndarray | None = None
+) -> dict[str, ProbeResult]:
     """The probe on every bank of a search: C chosen on valid, or with ``folds`` (one per pooled
     train+valid image, the same for every bank: they list the same images) by cross-validation and
     refitted on train+valid."""

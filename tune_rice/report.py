@@ -55,8 +55,7 @@ from .study import best_values, load_study
 log = logging.getLogger(__name__)
 
 REPORT_DIR = "report"
-FIGURES = ("curves.png", "params.png", "importance.png", "confusion.png", "reliability.png", "coverage.png",
-           "cost.png")
+FIGURES = ("curves.png", "params.png", "importance.png", "confusion.png", "reliability.png", "coverage.png", "cost.png")
 TOP_CURVES = 5
 TOP_TABLE = 10
 EDGE_FRACTION = 0.05  # a best value this close to a bound (as a fraction of the range) says: widen the space
@@ -93,8 +92,11 @@ class Experiment:
         if self.space is not None:
             return [p for p in self.space.searched if f"config/{p}" in self.results]
         # Space file gone (moved experiment): every config column that varies was searched.
-        return [c[len("config/"):] for c in self.results.columns
-                if c.startswith("config/") and self.results[c].nunique(dropna=True) > 1]
+        return [
+            c[len("config/") :]
+            for c in self.results.columns
+            if c.startswith("config/") and self.results[c].nunique(dropna=True) > 1
+        ]
 
     def status(self, row) -> str:
         if row.get("status") == "ERROR":
@@ -183,8 +185,10 @@ def load_experiment(exp_dir: str | os.PathLike) -> Experiment:
     if not exp_dir.is_dir():
         raise UserError(f"{exp_dir}: no such experiment folder")
     if not csv.is_file():
-        raise UserError(f"{exp_dir}: no results.csv (not a finished tune-rice search; runs/<name> after "
-                        "`python -m tune_rice.search` finishes)")
+        raise UserError(
+            f"{exp_dir}: no results.csv (not a finished tune-rice search; runs/<name> after "
+            "`python -m tune_rice.search` finishes)"
+        )
     try:
         results = pd.read_csv(csv, dtype={"trial_id": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
@@ -205,19 +209,29 @@ def load_experiment(exp_dir: str | os.PathLike) -> Experiment:
     if space is not None:
         metric, mode = space.metric, space.mode
     else:
-        keys = [c[len("best/"):] for c in results.columns if c.startswith("best/")]
+        keys = [c[len("best/") :] for c in results.columns if c.startswith("best/")]
         metric = keys[0] if keys else "valid/acc"
         mode = METRICS.get(metric, "max")
     max_epochs = args.get("max_epochs") or (space.max_epochs if space else None)
     if not max_epochs:  # search's own default, unless the space that might have set it is gone
         ran = pd.to_numeric(results.get("epochs"), errors="coerce") if "epochs" in results else None
         max_epochs = 10 if space is not None or ran is None or ran.isna().all() else int(ran.max())
-    exp = Experiment(exp_dir, results, metric, mode, int(max_epochs), space, args,
-                     _read_json(exp_dir / "test_metrics.json"), final=_read_json(exp_dir / "final.json"),
-                     probes=probes)
+    exp = Experiment(
+        exp_dir,
+        results,
+        metric,
+        mode,
+        int(max_epochs),
+        space,
+        args,
+        _read_json(exp_dir / "test_metrics.json"),
+        final=_read_json(exp_dir / "final.json"),
+        probes=probes,
+    )
     if exp.key in results:
-        exp.results = results.sort_values(exp.key, ascending=(mode == "min"), na_position="last",
-                                          kind="stable").reset_index(drop=True)
+        exp.results = results.sort_values(
+            exp.key, ascending=(mode == "min"), na_position="last", kind="stable"
+        ).reset_index(drop=True)
     for _, row in exp.results.iterrows():
         d = _trial_dir(exp_dir, row)
         hist = _read_history(d) if d is not None else None
@@ -251,8 +265,10 @@ def edge_flags(exp: Experiment) -> list[str]:
             if not _can_widen(name, lo, hi, side, log_scale):
                 continue  # e.g. dropout 0 or warmup 0: the edge of what the parameter can take, not of the space
             scale = " (measured on a log scale)" if log_scale else ""
-            flags.append(f"`{name}` = {value:.4g} in the best trial is within {EDGE_FRACTION:.0%} of the {side} "
-                         f"bound {bound:g} of [{lo:g}, {hi:g}]{scale}: **widen the space** past that bound.")
+            flags.append(
+                f"`{name}` = {value:.4g} in the best trial is within {EDGE_FRACTION:.0%} of the {side} "
+                f"bound {bound:g} of [{lo:g}, {hi:g}]{scale}: **widen the space** past that bound."
+            )
     return flags
 
 
@@ -289,17 +305,21 @@ def trial_flags(exp: Experiment) -> list[str]:
             text = "**" + text + "** Check the space for values that break training (learning rates too high)."
     lines.append(text)
     shown = ", ".join(f"`{t}`" for t in stopped[:12]) + (f" and {len(stopped) - 12} more" if len(stopped) > 12 else "")
-    lines.append(f"{len(stopped)} of {n} trials were stopped early by ASHA"
-                 + (f" ({shown})." if stopped else ".") +
-                 (" Their best values come from fewer epochs than the others'." if stopped else ""))
+    lines.append(
+        f"{len(stopped)} of {n} trials were stopped early by ASHA"
+        + (f" ({shown})." if stopped else ".")
+        + (" Their best values come from fewer epochs than the others'." if stopped else "")
+    )
     return lines
 
 
 def weights_flag(exp: Experiment) -> str:
     w = exp.weights
     if w.startswith("random:"):
-        return (f"**The backbone was randomly initialised ({w}), not pretrained: every score here is far below "
-                "what ImageNet weights would give, and the best hyperparameters may differ.**")
+        return (
+            f"**The backbone was randomly initialised ({w}), not pretrained: every score here is far below "
+            "what ImageNet weights would give, and the best hyperparameters may differ.**"
+        )
     return f"Backbone weights: `{w}`."
 
 
@@ -311,8 +331,10 @@ def random_weights_flag(exp: Experiment) -> str | None:
         return None
     named = ", ".join(f"{b} (`{w}`, {n} trial{'s' if n != 1 else ''})" for (b, w), n in random.items())
     total = sum(runs.values())
-    return (f"**{sum(random.values())} of {total} trials ran on randomly initialised backbones: {named}.** Their "
-            "scores say little about what the same settings give on pretrained features.")
+    return (
+        f"**{sum(random.values())} of {total} trials ran on randomly initialised backbones: {named}.** Their "
+        "scores say little about what the same settings give on pretrained features."
+    )
 
 
 # ------------------------------------------------------------------------------------------- figures
@@ -345,8 +367,16 @@ def curves_figure(exp: Experiment):
         # The best is drawn widest and lowest, each next one narrower on top of it: curves that coincide
         # (several trials at 100% accuracy) show as nested bands instead of hiding one another.
         width = 1.6 + 0.8 * (len(top) - 1 - top.index(trial_id)) if is_top else 1.0
-        line, = ax.plot(x, y, color=colour, lw=width, alpha=1.0 if is_top else 0.55, marker="o" if is_top else None,
-                        ms=1.5 + width, zorder=3 + 0.1 * top.index(trial_id) if is_top else 2)
+        (line,) = ax.plot(
+            x,
+            y,
+            color=colour,
+            lw=width,
+            alpha=1.0 if is_top else 0.55,
+            marker="o" if is_top else None,
+            ms=1.5 + width,
+            zorder=3 + 0.1 * top.index(trial_id) if is_top else 2,
+        )
         if status == "stopped early":
             ax.plot(x[-1], y[-1], "x", color=colour, ms=9, mew=2.2, zorder=4)
         elif status == "errored":
@@ -358,14 +388,20 @@ def curves_figure(exp: Experiment):
     extra = [Line2D([], [], color=GREY, lw=1.0, label="other trials")] if len(exp.histories) > len(top) else []
     extra.append(Line2D([], [], color="black", marker="x", ls="none", ms=8, mew=2, label="stopped early (ASHA)"))
     if any(exp.status(r) == "errored" for _, r in exp.results.iterrows()):
-        extra.append(Line2D([], [], color=ERROR_COLOUR, marker="s", ls="none", mfc="none", ms=7, mew=1.8,
-                            label="errored"))
+        extra.append(
+            Line2D([], [], color=ERROR_COLOUR, marker="s", ls="none", mfc="none", ms=7, mew=1.8, label="errored")
+        )
     if exp.max_epochs:
         ax.axvline(exp.max_epochs, color="black", ls=":", lw=1)
         extra.append(Line2D([], [], color="black", ls=":", lw=1, label=f"max epochs ({exp.max_epochs})"))
-    fig.legend([h[0] for h in handles] + extra, [h[1] for h in handles] + [e.get_label() for e in extra],
-               loc="outside right upper", fontsize=9, title=f"top {len(handles)} by best {exp.metric}",
-               title_fontsize=9)
+    fig.legend(
+        [h[0] for h in handles] + extra,
+        [h[1] for h in handles] + [e.get_label() for e in extra],
+        loc="outside right upper",
+        fontsize=9,
+        title=f"top {len(handles)} by best {exp.metric}",
+        title_fontsize=9,
+    )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"{exp.metric} ({exp.mode} is better)")
@@ -459,11 +495,13 @@ def params_figure(exp: Experiment):
         ax.set_xlabel(name)
         ax.set_ylabel(f"best {exp.metric}")
         ax.grid(alpha=0.3)
-    legend = [Line2D([], [], color=COLOURS[0], marker="o", ls="none", label="trial that ran to the end"),
-              Line2D([], [], color=GREY, marker="x", ls="none", mew=1.6, label="stopped early (ASHA)"),
-              Line2D([], [], color=COLOURS[1], marker="*", ls="none", ms=13, mec="black", label="best trial"),
-              Line2D([], [], color="black", ls="--", lw=0.9, label="search bounds"),
-              Line2D([], [], color="black", lw=1.5, label="mean per choice")]
+    legend = [
+        Line2D([], [], color=COLOURS[0], marker="o", ls="none", label="trial that ran to the end"),
+        Line2D([], [], color=GREY, marker="x", ls="none", mew=1.6, label="stopped early (ASHA)"),
+        Line2D([], [], color=COLOURS[1], marker="*", ls="none", ms=13, mec="black", label="best trial"),
+        Line2D([], [], color="black", ls="--", lw=0.9, label="search bounds"),
+        Line2D([], [], color="black", lw=1.5, label="mean per choice"),
+    ]
     if exp.space is None or kinds <= {"choice"}:
         legend = [h for h in legend if h.get_label() != "search bounds"]
     if "choice" not in kinds:
@@ -503,8 +541,7 @@ def importances(exp: Experiment) -> tuple[dict[str, float] | None, str]:
             frozen = {t.number: t for t in kept.get_trials(deepcopy=False)}
             for number, value in best_values(kept, exp.mode).items():
                 t = frozen[number]
-                study.add_trial(optuna.trial.create_trial(params=t.params, distributions=t.distributions,
-                                                          value=value))
+                study.add_trial(optuna.trial.create_trial(params=t.params, distributions=t.distributions, value=value))
         rows = exp.results.iterrows() if kept is None else ()
         for _, row in rows:
             value = row.get(exp.key)
@@ -538,8 +575,10 @@ def importances(exp: Experiment) -> tuple[dict[str, float] | None, str]:
             result = optuna.importance.get_param_importances(study, evaluator=evaluator)
         if any("select the same set of trials" in str(w.message) for w in caught):
             # ties at the top: the "best" group is every trial, and Optuna returns equal importances
-            return None, (f"the best trials cannot be told apart from the rest ({n} trials, "
-                          f"{len({t.value for t in study.trials})} distinct {exp.metric} values)")
+            return None, (
+                f"the best trials cannot be told apart from the rest ({n} trials, "
+                f"{len({t.value for t in study.trials})} distinct {exp.metric} values)"
+            )
     except Exception as e:  # noqa: BLE001 - an importance estimate is a nicety; the report goes on
         return None, f"Optuna could not compute it ({type(e).__name__}: {e})"
     finally:
@@ -585,15 +624,16 @@ def draw_confusion(cm: np.ndarray, classes, *, title: str = "confusion matrix", 
     top = cm.max() if cm.size else 0
     for i in range(cm.shape[0]):
         for j in range(cm.shape[1]):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
-                    color="white" if cm[i, j] > top / 2 else "black")
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > top / 2 else "black")
     return fig
 
 
 def confusion_figure(test: dict):
     """The test confusion matrix of test_metrics.json."""
-    title = (f"test confusion matrix (trial {test.get('trial_id', '?')}): "
-             f"accuracy {test['accuracy']:.3f}, n={test['test_count']}")
+    title = (
+        f"test confusion matrix (trial {test.get('trial_id', '?')}): "
+        f"accuracy {test['accuracy']:.3f}, n={test['test_count']}"
+    )
     return draw_confusion(test["confusion_matrix"], test["classes"], title=title, min_size=(6.0, 5.0))
 
 
@@ -609,17 +649,36 @@ def reliability_figure(final: dict):
         acc = np.asarray([np.nan if a is None else a for a in bins["accuracy"]], dtype=float)
         conf = np.asarray([np.nan if c is None else c for c in bins["confidence"]], dtype=float)
         full = count > 0
-        ax.bar(lo[full], acc[full], width=(hi - lo)[full], align="edge", color=COLOURS[0], alpha=0.8,
-               edgecolor="white", label="accuracy in the bin")
-        ax.bar(lo[full], conf[full] - acc[full], bottom=acc[full], width=(hi - lo)[full], align="edge",
-               color=COLOURS[1], alpha=0.25, label="gap to the mean confidence")
+        ax.bar(
+            lo[full],
+            acc[full],
+            width=(hi - lo)[full],
+            align="edge",
+            color=COLOURS[0],
+            alpha=0.8,
+            edgecolor="white",
+            label="accuracy in the bin",
+        )
+        ax.bar(
+            lo[full],
+            conf[full] - acc[full],
+            bottom=acc[full],
+            width=(hi - lo)[full],
+            align="edge",
+            color=COLOURS[1],
+            alpha=0.25,
+            label="gap to the mean confidence",
+        )
         ax.plot([0, 1], [0, 1], color="black", ls="--", lw=1, label="perfect calibration")
         for x, h, n in zip(lo[full], acc[full], count[full]):
             ax.text(x + (hi - lo)[0] / 2, min(h, 0.93) + 0.02, str(int(n)), ha="center", fontsize=7)
         t = final["temperature"] if key == "after" else 1.0
         m = valid[label]
-        ax.set_title(f"valid, {'after' if key == 'after' else 'before'} temperature (T = {t:.3g}): "
-                     f"ECE {m['ece']:.3f}, NLL {m['nll']:.3f}", fontsize=10)
+        ax.set_title(
+            f"valid, {'after' if key == 'after' else 'before'} temperature (T = {t:.3g}): "
+            f"ECE {m['ece']:.3f}, NLL {m['nll']:.3f}",
+            fontsize=10,
+        )
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.set_xlabel("top probability (15 bins; numbers: images per bin)")
@@ -634,12 +693,24 @@ def coverage_figure(final: dict):
     fig = _figure(figsize=(7, 4.6))
     ax = fig.add_subplot()
     curve, th = final["coverage"], final["threshold"]
-    ax.plot(curve["coverage"], curve["accuracy"], color=COLOURS[0], lw=2, drawstyle="steps-post",
-            label="accuracy among the images kept")
+    ax.plot(
+        curve["coverage"],
+        curve["accuracy"],
+        color=COLOURS[0],
+        lw=2,
+        drawstyle="steps-post",
+        label="accuracy among the images kept",
+    )
     ax.axhline(th["target_accuracy"], color="black", ls=":", lw=1, label=f"target {th['target_accuracy']:.0%}")
     if th.get("threshold") is not None:
-        ax.plot([th["coverage"]], [th["accuracy"]], "o", color=COLOURS[1], ms=8,
-                label=f"--min-confidence {th['threshold']:.3g}: keeps {th['coverage']:.0%}")
+        ax.plot(
+            [th["coverage"]],
+            [th["accuracy"]],
+            "o",
+            color=COLOURS[1],
+            ms=8,
+            label=f"--min-confidence {th['threshold']:.3g}: keeps {th['coverage']:.0%}",
+        )
     ax.set_xlim(0, 1.02)
     ax.set_xlabel("coverage (share of valid images with top probability >= P)")
     ax.set_ylabel("accuracy")
@@ -655,16 +726,22 @@ def final_lines(exp: Experiment) -> list[str]:
     md = ["## Final model", ""]
     n = len(fin["members"])
     what = f"an ensemble of {n} heads" if fin["deployed"] == "ensemble" else "the single best trial's head"
-    md.append(f"Deployed: {what}, chosen on valid among {len(fin['candidates'])} candidates (the best "
-              f"checkpoints of the top trials) by greedy selection with replacement, up to "
-              f"{fin.get('k', '?')} members; temperature {fin['temperature']:.4g} fitted on valid.")
+    md.append(
+        f"Deployed: {what}, chosen on valid among {len(fin['candidates'])} candidates (the best "
+        f"checkpoints of the top trials) by greedy selection with replacement, up to "
+        f"{fin.get('k', '?')} members; temperature {fin['temperature']:.4g} fitted on valid."
+    )
     if fin["deployed"] == "single" and len(fin["selection"]["members"]) > 1:
-        md.append(f"An ensemble of {len(fin['selection']['members'])} lowered the valid NLL but not "
-                  f"{fin['metric']}, so it was not deployed.")
+        md.append(
+            f"An ensemble of {len(fin['selection']['members'])} lowered the valid NLL but not "
+            f"{fin['metric']}, so it was not deployed."
+        )
     md.append("")
     specs = {c["name"]: c for c in fin.get("candidate_info", [])}
-    rows = [{"member": m, "weight": w, **{k: specs.get(m, {}).get(k) for k in ("score", "backbone", "head", "hidden")}}
-            for m, w in zip(fin["members"], fin["weights"])]
+    rows = [
+        {"member": m, "weight": w, **{k: specs.get(m, {}).get(k) for k in ("score", "backbone", "head", "hidden")}}
+        for m, w in zip(fin["members"], fin["weights"])
+    ]
     md += [markdown_table(pd.DataFrame(rows).rename(columns={"score": f"best {exp.metric}"})), ""]
     v = fin["valid"]
     kinds = [("single best", "single", fin["single_temperature"])]
@@ -673,27 +750,47 @@ def final_lines(exp: Experiment) -> list[str]:
     rows = []
     for label, key, t in kinds:
         mark = " (deployed)" if fin["deployed"] == key else ""
-        rows += [(f"{label}{mark}", "valid", "1", v[key]), (f"{label}{mark}", "valid", f"{t:.3g}", v[f"{key}_calibrated"])]
+        rows += [
+            (f"{label}{mark}", "valid", "1", v[key]),
+            (f"{label}{mark}", "valid", f"{t:.3g}", v[f"{key}_calibrated"]),
+        ]
         scored = test.get("single_best" if key == "single" else "ensemble")
         if scored and scored.get("calibration"):
-            rows += [(f"{label}{mark}", "test", "1", scored["calibration"]["before"]),
-                     (f"{label}{mark}", "test", f"{t:.3g}", scored["calibration"]["after"])]
-    frame = pd.DataFrame([{"model": name, "split": split, "temperature": t,
-                           **{k: m[k] for k in ("acc", "macro_f1", "ece", "nll", "brier")}}
-                          for name, split, t, m in rows])
-    md += [markdown_table(frame), "",
-           "ECE: expected calibration error over 15 bins of the top probability; NLL: mean negative log "
-           "likelihood; Brier: mean squared error of the probability vector. Valid figures are optimistic: "
-           "valid chose the ensemble and fitted the temperature.", ""]
+            rows += [
+                (f"{label}{mark}", "test", "1", scored["calibration"]["before"]),
+                (f"{label}{mark}", "test", f"{t:.3g}", scored["calibration"]["after"]),
+            ]
+    frame = pd.DataFrame(
+        [
+            {
+                "model": name,
+                "split": split,
+                "temperature": t,
+                **{k: m[k] for k in ("acc", "macro_f1", "ece", "nll", "brier")},
+            }
+            for name, split, t, m in rows
+        ]
+    )
+    md += [
+        markdown_table(frame),
+        "",
+        "ECE: expected calibration error over 15 bins of the top probability; NLL: mean negative log "
+        "likelihood; Brier: mean squared error of the probability vector. Valid figures are optimistic: "
+        "valid chose the ensemble and fitted the temperature.",
+        "",
+    ]
     th = fin["threshold"]
     if th.get("threshold") is None:
         md += [f"No confidence threshold reaches {th['target_accuracy']:.0%} accuracy on valid.", ""]
     elif th["threshold"] == 0:
         md += [f"All valid images together reach {th['target_accuracy']:.0%} accuracy: no threshold is needed.", ""]
     else:
-        md += [f"`predict --min-confidence {th['threshold']:.3g}` keeps {th['coverage']:.0%} of the valid images "
-               f"at {th['accuracy']:.1%} accuracy (target {th['target_accuracy']:.0%}); the rest are labelled "
-               "`uncertain`.", ""]
+        md += [
+            f"`predict --min-confidence {th['threshold']:.3g}` keeps {th['coverage']:.0%} of the valid images "
+            f"at {th['accuracy']:.1%} accuracy (target {th['target_accuracy']:.0%}); the rest are labelled "
+            "`uncertain`.",
+            "",
+        ]
     return md
 
 
@@ -732,8 +829,10 @@ def probe_lines(exp: Experiment) -> list[str]:
     sign = 1 if exp.mode == "max" else -1
     best = exp.probes.loc[(sign * exp.probes[exp.key]).idxmax()]
     how = f"C by {int(best['cv_folds'])}-fold CV on train+valid" if best.get("cv_folds") else "C chosen on valid"
-    lines = [f"- linear probe baseline (`{best['trial_id']}`, C={best['config/C']:g}, {how}): "
-             f"{exp.metric} {best[exp.key]:.4f}" + _valid_size(best)]
+    lines = [
+        f"- linear probe baseline (`{best['trial_id']}`, C={best['config/C']:g}, {how}): "
+        f"{exp.metric} {best[exp.key]:.4f}" + _valid_size(best)
+    ]
     trials = exp.results[exp.key].dropna() if exp.key in exp.results else pd.Series(dtype=float)
     top = (trials.max() if exp.mode == "max" else trials.min()) if len(trials) else None
     lines.append(f"- {probe_verdict(top, float(best[exp.key]), metric=exp.metric, mode=exp.mode)}")
@@ -771,8 +870,9 @@ def cost_figure(frontier: pd.DataFrame, metric: str):
     ax.scatter(off["gflops"], off["best"], color=GREY, label="dominated")
     ax.plot(front["gflops"], front["best"], "o-", color=COLOURS[0], label="Pareto front")
     for r in frontier.itertuples():
-        ax.annotate(f"{r.backbone} {r.image_size}px", (r.gflops, r.best), textcoords="offset points",
-                    xytext=(4, 4), fontsize=7)
+        ax.annotate(
+            f"{r.backbone} {r.image_size}px", (r.gflops, r.best), textcoords="offset points", xytext=(4, 4), fontsize=7
+        )
     ax.set_xscale("log")
     ax.set_xlabel("GFLOPs per image (torchvision's figure, scaled to the image size)")
     ax.set_ylabel(f"best {metric}")
@@ -809,30 +909,44 @@ def write_report(exp_dir: str | os.PathLike) -> Path:
     md.append(f"- experiment: `{exp.exp_dir}`")
     if exp.args.get("data"):
         md.append(f"- data: `{exp.args['data']}`")
-    space_name = f"`{exp.space.path}`" if exp.space else \
-        f"`{exp.args.get('search_space', 'unknown')}` (not readable now: scales and bounds guessed from the trials)"
-    md.append(f"- search space: {space_name}; optimised `{exp.metric}` ({exp.mode}), "
-              f"up to {exp.max_epochs} epochs per trial")
-    md.append(f"- trials: {n}: {statuses.count('completed')} ran to the end, "
-              f"{statuses.count('stopped early')} stopped early by ASHA, {statuses.count('errored')} errored")
+    space_name = (
+        f"`{exp.space.path}`"
+        if exp.space
+        else f"`{exp.args.get('search_space', 'unknown')}` (not readable now: scales and bounds guessed from the trials)"
+    )
+    md.append(
+        f"- search space: {space_name}; optimised `{exp.metric}` ({exp.mode}), up to {exp.max_epochs} epochs per trial"
+    )
+    md.append(
+        f"- trials: {n}: {statuses.count('completed')} ran to the end, "
+        f"{statuses.count('stopped early')} stopped early by ASHA, {statuses.count('errored')} errored"
+    )
     if exp.key in df and df[exp.key].notna().any():
         best = df.iloc[0]
         epoch = f" at epoch {int(best['best_epoch'])}" if pd.notna(best.get("best_epoch")) else ""
-        md.append(f"- best trial: `{best['trial_id']}`, {exp.metric} {best[exp.key]:.4f}{epoch}"
-                  + _valid_size(best))
+        md.append(f"- best trial: `{best['trial_id']}`, {exp.metric} {best[exp.key]:.4f}{epoch}" + _valid_size(best))
     md += probe_lines(exp)
     if exp.test:
         t = exp.test
-        scored = (f"the deployed ensemble of {len(t['members'])} heads" if t.get("deployed") == "ensemble"
-                  else "the best trial's best checkpoint")
-        md.append(f"- test (scored once, {scored}): accuracy {t['accuracy']:.4f}, "
-                  f"macro-F1 {t['macro_f1']:.4f} on {t['test_count']} images")
+        scored = (
+            f"the deployed ensemble of {len(t['members'])} heads"
+            if t.get("deployed") == "ensemble"
+            else "the best trial's best checkpoint"
+        )
+        md.append(
+            f"- test (scored once, {scored}): accuracy {t['accuracy']:.4f}, "
+            f"macro-F1 {t['macro_f1']:.4f} on {t['test_count']} images"
+        )
         single = t.get("single_best")
         if single and not single.get("deployed"):
-            md.append(f"- single best trial on test (same pass, not deployed): accuracy {single['accuracy']:.4f}, "
-                      f"macro-F1 {single['macro_f1']:.4f}")
-    md.append(f"- backbone weights: `{exp.weights}`" + (" (randomly initialised)" if exp.weights.startswith("random:")
-                                                        else ""))
+            md.append(
+                f"- single best trial on test (same pass, not deployed): accuracy {single['accuracy']:.4f}, "
+                f"macro-F1 {single['macro_f1']:.4f}"
+            )
+    md.append(
+        f"- backbone weights: `{exp.weights}`"
+        + (" (randomly initialised)" if exp.weights.startswith("random:") else "")
+    )
     md.append("")
 
     md += ["## Flags", ""]
@@ -863,9 +977,13 @@ def write_report(exp_dir: str | os.PathLike) -> Path:
     if not exp.histories:
         md += ["No trial folder with a progress.csv was found.", ""]
     elif draw("curves.png", lambda: curves_figure(exp)):
-        md += [f"![{exp.metric} per epoch for every trial](curves.png)", "",
-               f"The best {min(TOP_CURVES, len(exp.histories))} trials are in colour; an `x` marks a trial "
-               "ASHA stopped before the last epoch.", ""]
+        md += [
+            f"![{exp.metric} per epoch for every trial](curves.png)",
+            "",
+            f"The best {min(TOP_CURVES, len(exp.histories))} trials are in colour; an `x` marks a trial "
+            "ASHA stopped before the last epoch.",
+            "",
+        ]
     frontier = cost_table(exp)
     if not frontier.empty:
         from .backbones import cheaper_choice
@@ -873,12 +991,22 @@ def write_report(exp_dir: str | os.PathLike) -> Path:
         md += ["## Accuracy against cost", ""]
         if draw("cost.png", lambda: cost_figure(frontier, exp.metric)):
             md += ["![best metric per backbone against GFLOPs](cost.png)", ""]
-        md += [markdown_table(frontier.rename(columns={"best": f"best {exp.metric}", "extract_img_s":
-                                                       "extraction img/s (this search)"})), ""]
+        md += [
+            markdown_table(
+                frontier.rename(
+                    columns={"best": f"best {exp.metric}", "extract_img_s": "extraction img/s (this search)"}
+                )
+            ),
+            "",
+        ]
         line = cheaper_choice(frontier, exp.mode)
-        md += [f"The {line}." if line else "The best backbone is also the cheapest good one here.", "",
-               "GFLOPs are torchvision's figures for the weights at their crop, scaled by area to the image "
-               "size; the Pareto front holds the backbones no other one beats at equal or lower cost.", ""]
+        md += [
+            f"The {line}." if line else "The best backbone is also the cheapest good one here.",
+            "",
+            "GFLOPs are torchvision's figures for the weights at their crop, scaled by area to the image "
+            "size; the Pareto front holds the backbones no other one beats at equal or lower cost.",
+            "",
+        ]
     if exp.searched:
         md += ["## Hyperparameters", ""]
         if draw("params.png", lambda: params_figure(exp)):
@@ -888,10 +1016,15 @@ def write_report(exp_dir: str | os.PathLike) -> Path:
     if not values:
         md += [f"Not computed: {note}.", ""]
     elif draw("importance.png", lambda: importance_figure(values, note)):
-        md += ["![hyperparameter importance](importance.png)", "",
-               f"Optuna's PED-ANOVA evaluator on {note}: how much each parameter's distribution among the best "
-               "trials differs from its distribution over all trials. With few trials this is a rough guide.", "",
-               markdown_table(pd.DataFrame({"parameter": list(values), "importance": list(values.values())})), ""]
+        md += [
+            "![hyperparameter importance](importance.png)",
+            "",
+            f"Optuna's PED-ANOVA evaluator on {note}: how much each parameter's distribution among the best "
+            "trials differs from its distribution over all trials. With few trials this is a rough guide.",
+            "",
+            markdown_table(pd.DataFrame({"parameter": list(values), "importance": list(values.values())})),
+            "",
+        ]
     if exp.final:
         try:
             md += final_lines(exp)
@@ -904,8 +1037,12 @@ def write_report(exp_dir: str | os.PathLike) -> Path:
     if exp.test and exp.test.get("confusion_matrix"):
         md += ["## Test confusion matrix", ""]
         if draw("confusion.png", lambda: confusion_figure(exp.test)):
-            md += ["![test confusion matrix](confusion.png)", "",
-                   "Rows are the true class, columns the predicted class.", ""]
+            md += [
+                "![test confusion matrix](confusion.png)",
+                "",
+                "Rows are the true class, columns the predicted class.",
+                "",
+            ]
     try:
         md += gallery_section(exp.exp_dir, out, device=resolve_device("auto"))
     except Exception as e:  # noqa: BLE001 - like a figure: a failed gallery costs the gallery, not the report
@@ -923,7 +1060,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=os.environ.get("TUNE_RICE_PROG", "python -m tune_rice.report"),
         description="Write plots and a markdown report for a finished search into runs/<name>/report/.",
-        formatter_class=cli.HelpFormatter)
+        formatter_class=cli.HelpFormatter,
+    )
     p.add_argument("experiment", help="the experiment folder, runs/<name>")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p

@@ -17,8 +17,14 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 PAGE = "index.html"
-_MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml",
-         ".gif": "image/gif", ".webp": "image/webp"}
+_MIME = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".svg": "image/svg+xml",
+    ".gif": "image/gif",
+    ".webp": "image/webp",
+}
 _IMG_SRC = re.compile(r'(<img\b[^>]*?\bsrc=")([^"]+)(")', re.IGNORECASE)
 CSS = """
 :root { color-scheme: light; }
@@ -61,9 +67,11 @@ def render_html(markdown_text: str, folder: Path) -> str:
     body = body.replace("<table>", '<div class="scroll"><table>').replace("</table>", "</table></div>")
     body = _IMG_SRC.sub(lambda m: _inline(m, folder), body)
     first = next((ln[2:].strip() for ln in markdown_text.splitlines() if ln.startswith("# ")), "report")
-    return ("<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-            f"<title>{html.escape(first)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n")
+    return (
+        '<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{html.escape(first)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
+    )
 
 
 def write_html(report_md: Path) -> Path:

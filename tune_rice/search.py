@@ -65,45 +65,83 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=os.environ.get("TUNE_RICE_PROG", "python -m tune_rice.search"),
         description="Search hyperparameters of a frozen-backbone image classifier with Ray Tune "
-                    "(Optuna proposes, ASHA stops early), then score the best model once on the test split.",
-        formatter_class=cli.HelpFormatter)
-    p.add_argument("--data", help="dataset folder (class sub-folders; prepared if it has no labels.csv) or a "
-                                  "labels.csv; default: the built-in synthetic rice-leaf demo set")
-    p.add_argument("--data-root", metavar="DIR", help="folder the labels.csv paths are relative to (default: the "
-                                                      "folder holding it; for `prepare --out` outside DATA_DIR)")
+        "(Optuna proposes, ASHA stops early), then score the best model once on the test split.",
+        formatter_class=cli.HelpFormatter,
+    )
+    p.add_argument(
+        "--data",
+        help="dataset folder (class sub-folders; prepared if it has no labels.csv) or a "
+        "labels.csv; default: the built-in synthetic rice-leaf demo set",
+    )
+    p.add_argument(
+        "--data-root",
+        metavar="DIR",
+        help="folder the labels.csv paths are relative to (default: the "
+        "folder holding it; for `prepare --out` outside DATA_DIR)",
+    )
     p.add_argument("--num-samples", type=int, default=30, help="number of trials")
-    p.add_argument("--search-space", default="default",
-                   help="YAML file, or the name of a bundled space: default, quick or wide (default: default)")
+    p.add_argument(
+        "--search-space",
+        default="default",
+        help="YAML file, or the name of a bundled space: default, quick or wide (default: default)",
+    )
     p.add_argument("--max-epochs", type=int, help="epochs per trial (default: the space's max_epochs, else 10)")
     p.add_argument("--grace-period", type=int, default=2, help="ASHA: epochs before a trial can be stopped")
     p.add_argument("--reduction-factor", type=float, default=3, help="ASHA: keep 1/R of trials at each rung")
-    p.add_argument("--gpus-per-trial", default="auto",
-                   help=f"GPUs per trial: a number, or auto = {DEFAULT_GPU_FRACTION} when the cluster has GPUs, else 0")
+    p.add_argument(
+        "--gpus-per-trial",
+        default="auto",
+        help=f"GPUs per trial: a number, or auto = {DEFAULT_GPU_FRACTION} when the cluster has GPUs, else 0",
+    )
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs reserved per trial")
     p.add_argument("--max-concurrent", type=int, default=0, help="most trials at once (0 = as resources allow)")
     p.add_argument("--storage-path", default="runs", help="where experiments are written (local path or URI)")
     p.add_argument("--name", help="experiment name (default: search-<timestamp>)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted experiment --name")
     p.add_argument("--seed", type=int, default=0, help="seed for the search, the heads and the augmentation")
-    p.add_argument("--weights", default="auto",
-                   help="backbone weights: auto (ImageNet if available, else random with a warning), "
-                        "imagenet, none (random init), or a state-dict file")
-    p.add_argument("--feature-cache", choices=("on", "off"), default="on",
-                   help="on: extract features once and train heads on them; off: run the backbone inside "
-                        "every trial with online augmentation (the slow reference path)")
-    p.add_argument("--cv", default="off", metavar="K|auto|off",
-                   help="cross-validate every trial on the bank: train+valid pooled into K folds (by group and "
-                        f"class), K heads per trial, out-of-fold scores; auto = {CV_AUTO_FOLDS} folds when valid "
-                        f"has fewer than {CV_AUTO_BELOW} images (default: off)")
-    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
-                   help="Ray cluster to join (default: $RAY_ADDRESS, else start a local Ray)")
-    p.add_argument("--wait-for-gpus", type=float, default=0, metavar="SECONDS",
-                   help="autoscaling cluster whose GPU nodes scale from zero: if no GPU node is up, ask the "
-                        "autoscaler for one and wait up to SECONDS before sizing trials and extracting")
-    p.add_argument("--ensemble", type=int, default=final.DEFAULT_ENSEMBLE, metavar="K",
-                   help="after the trials, greedy ensemble selection on valid over the best checkpoints of the "
-                        f"top {TOP_CANDIDATES} trials, up to K heads; deployed only when not worse than the single "
-                        "best on valid. 1 = the single best trial")
+    p.add_argument(
+        "--weights",
+        default="auto",
+        help="backbone weights: auto (ImageNet if available, else random with a warning), "
+        "imagenet, none (random init), or a state-dict file",
+    )
+    p.add_argument(
+        "--feature-cache",
+        choices=("on", "off"),
+        default="on",
+        help="on: extract features once and train heads on them; off: run the backbone inside "
+        "every trial with online augmentation (the slow reference path)",
+    )
+    p.add_argument(
+        "--cv",
+        default="off",
+        metavar="K|auto|off",
+        help="cross-validate every trial on the bank: train+valid pooled into K folds (by group and "
+        f"class), K heads per trial, out-of-fold scores; auto = {CV_AUTO_FOLDS} folds when valid "
+        f"has fewer than {CV_AUTO_BELOW} images (default: off)",
+    )
+    p.add_argument(
+        "--address",
+        default=os.environ.get("RAY_ADDRESS"),
+        help="Ray cluster to join (default: $RAY_ADDRESS, else start a local Ray)",
+    )
+    p.add_argument(
+        "--wait-for-gpus",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="autoscaling cluster whose GPU nodes scale from zero: if no GPU node is up, ask the "
+        "autoscaler for one and wait up to SECONDS before sizing trials and extracting",
+    )
+    p.add_argument(
+        "--ensemble",
+        type=int,
+        default=final.DEFAULT_ENSEMBLE,
+        metavar="K",
+        help="after the trials, greedy ensemble selection on valid over the best checkpoints of the "
+        f"top {TOP_CANDIDATES} trials, up to K heads; deployed only when not worse than the single "
+        "best on valid. 1 = the single best trial",
+    )
     p.add_argument("--no-report", action="store_true", help="skip the plots and report.md at the end")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -188,8 +226,16 @@ def run_search(args) -> dict:
             write_report_or_warn(paths.local)
     summary = write_outputs(paths, df, test, space, winner, weights, clock, result_grid, banks, baseline)
     print("\n" + summary, flush=True)
-    return {"exp_dir": paths.local, "results": df, "test": test, "phases": clock.phases, "seconds": clock.total(),
-            "banks": banks, "best_trial": winner.trial_id, "probes": baseline.probes}
+    return {
+        "exp_dir": paths.local,
+        "results": df,
+        "test": test,
+        "phases": clock.phases,
+        "seconds": clock.total(),
+        "banks": banks,
+        "best_trial": winner.trial_id,
+        "probes": baseline.probes,
+    }
 
 
 # ---------------------------------------------------------------------------- experiment and arguments
@@ -220,8 +266,10 @@ def _restore_experiment(args, paths: ExperimentPaths) -> None:
         # Finished already: the test split was scored once; scoring it again would break that promise.
         summary = paths.read("summary.txt")
         print(summary.decode() if summary else f"{paths.where()}: finished", flush=True)
-        raise UserError(f"--resume: {args.name!r} already finished (test split scored, results in "
-                        f"{paths.where()}); nothing to resume")
+        raise UserError(
+            f"--resume: {args.name!r} already finished (test split scored, results in "
+            f"{paths.where()}); nothing to resume"
+        )
     started = paths.read(storage.TEST_MARK)
     if started is not None:
         # Scoring began and left no result (killed, or a test image failed): the test split may have been
@@ -230,11 +278,13 @@ def _restore_experiment(args, paths: ExperimentPaths) -> None:
         model = mark.get("model") or str(paths.local / "best" / "model.pt")
         if paths.remote and not Path(model).is_file():
             model = f"{model} (a copy of {paths.ray_path}/best/model.pt)"
-        raise UserError(f"--resume: {args.name!r} began scoring the test split at {mark.get('started', '?')} and "
-                        f"recorded no result; it is not scored again. To score the saved model deliberately "
-                        f"(a second look at the test split): python -m tune_rice.evaluate --model {model} "
-                        f"--data {mark.get('labels', 'LABELS_CSV')}"
-                        + (f" --data-root {mark['data_root']}" if mark.get("data_root") else ""))
+        raise UserError(
+            f"--resume: {args.name!r} began scoring the test split at {mark.get('started', '?')} and "
+            f"recorded no result; it is not scored again. To score the saved model deliberately "
+            f"(a second look at the test split): python -m tune_rice.evaluate --model {model} "
+            f"--data {mark.get('labels', 'LABELS_CSV')}"
+            + (f" --data-root {mark['data_root']}" if mark.get("data_root") else "")
+        )
     log.info("resuming %s with its original arguments", paths.local)
 
 
@@ -273,14 +323,21 @@ def _same_weights(backbone: str, identity: str | None, args) -> ResolvedWeights:
     head = f"--resume: the search trained {backbone} heads on {identity} features"
     if identity.startswith("imagenet:"):
         w, cached = hub_weights_file(backbone)
-        problem = (f"here they resolve to {resolved.identity}" if resolved is not None
-                   else f"they are not in the torch cache here ({cached}) and cannot be downloaded")
-        raise UserError(f"{head}, but {problem}; put {w.url} at {cached}, or set TORCH_HOME to the torch cache "
-                        "the search started with, then resume again")
+        problem = (
+            f"here they resolve to {resolved.identity}"
+            if resolved is not None
+            else f"they are not in the torch cache here ({cached}) and cannot be downloaded"
+        )
+        raise UserError(
+            f"{head}, but {problem}; put {w.url} at {cached}, or set TORCH_HOME to the torch cache "
+            "the search started with, then resume again"
+        )
     if resolved is not None:
         problem = f"here the file is {resolved.identity}"
-    raise UserError(f"{head}, but {problem.rstrip('.')}; put the file the search started with back at "
-                    f"{args.weights}, then resume again")
+    raise UserError(
+        f"{head}, but {problem.rstrip('.')}; put the file the search started with back at "
+        f"{args.weights}, then resume again"
+    )
 
 
 def record_start(args, paths: ExperimentPaths, weights: dict[str, ResolvedWeights]) -> None:
@@ -330,8 +387,12 @@ def resolve_data(data: str | None) -> Path:
     log.info("%s has no labels.csv: preparing it now with the default split fractions", p)
     result = prepare_dataset(p)  # the default split (seed 0), the same as `python -m tune_rice.prepare`
     # prepare's own warning says the skipped files are "listed in the report": this is that report
-    log.log(logging.WARNING if result.skipped or result.empty_classes else logging.INFO, "prepared %s:\n%s",
-            p, format_report(result))
+    log.log(
+        logging.WARNING if result.skipped or result.empty_classes else logging.INFO,
+        "prepared %s:\n%s",
+        p,
+        format_report(result),
+    )
     return result.labels_csv
 
 
@@ -343,16 +404,18 @@ def start_ray(args) -> float:
     return tune_glue.resolve_gpus(args.gpus_per_trial)
 
 
-def search_banks(args, specs: list[FeatureSpec], table: LabelTable,
-                 weights: dict[str, ResolvedWeights]) -> dict[str, FeatureBank] | None:
+def search_banks(
+    args, specs: list[FeatureSpec], table: LabelTable, weights: dict[str, ResolvedWeights]
+) -> dict[str, FeatureBank] | None:
     """The feature banks the trials train on; None with ``--feature-cache off`` (trials read the images)."""
     if args.feature_cache != "on":
         return None
     return _extract_banks(specs, table, weights, use_gpu=tune_glue.cluster_gpus()[0] > 0)
 
 
-def _extract_banks(specs: list[FeatureSpec], table: LabelTable, weights: dict[str, ResolvedWeights],
-                   use_gpu: bool) -> dict[str, FeatureBank]:
+def _extract_banks(
+    specs: list[FeatureSpec], table: LabelTable, weights: dict[str, ResolvedWeights], use_gpu: bool
+) -> dict[str, FeatureBank]:
     """One bank per spec, train and valid only (the test split is not touched before the end). Specs
     that see the same input tensors are extracted together (one decode pass; see extract_banks)."""
     banks = {}
@@ -361,22 +424,32 @@ def _extract_banks(specs: list[FeatureSpec], table: LabelTable, weights: dict[st
 
         # 2 CPUs to decode for the GPU, but never more than a GPU node has: a task that no node can hold
         # waits forever (a GPU node started with 1 CPU would hang the search here).
-        gpu_node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes()
-                         if n.get("Alive") and n["Resources"].get("GPU", 0.0) >= 1]
+        gpu_node_cpus = [
+            n["Resources"].get("CPU", 0.0)
+            for n in ray.nodes()
+            if n.get("Alive") and n["Resources"].get("GPU", 0.0) >= 1
+        ]
         remote = ray.remote(num_gpus=1, num_cpus=min(2.0, max(gpu_node_cpus, default=1.0)))(extract_banks)
         groups: dict[tuple, list[FeatureSpec]] = {}
         for s in specs:
             groups.setdefault(pass_key(s), []).append(s)
-        refs = [remote.remote(table, group, weights=weights, splits=("train", "valid"), progress=False)
-                for group in groups.values()]
+        refs = [
+            remote.remote(table, group, weights=weights, splits=("train", "valid"), progress=False)
+            for group in groups.values()
+        ]
         for ref in refs:
             banks.update(ray.get(ref))
         banks = {s.name: banks[s.name] for s in specs}
     else:
         banks = extract_banks(table, specs, weights=weights, splits=("train", "valid"))
     for name, bank in banks.items():
-        log.info("bank %s: %s, %.1f MB, %s", name, "from cache" if bank.from_cache else f"{bank.seconds:.1f}s",
-                 bank.nbytes() / 1e6, bank.weights)
+        log.info(
+            "bank %s: %s, %.1f MB, %s",
+            name,
+            "from cache" if bank.from_cache else f"{bank.seconds:.1f}s",
+            bank.nbytes() / 1e6,
+            bank.weights,
+        )
     return banks
 
 
@@ -394,8 +467,14 @@ class Baseline:
         return 0 if self.folds is None else int(self.folds.max()) + 1
 
 
-def fit_baseline(args, table: LabelTable, banks: dict[str, FeatureBank] | None, specs: list[FeatureSpec],
-                 weights: dict[str, ResolvedWeights], space: SearchSpace) -> Baseline:
+def fit_baseline(
+    args,
+    table: LabelTable,
+    banks: dict[str, FeatureBank] | None,
+    specs: list[FeatureSpec],
+    weights: dict[str, ResolvedWeights],
+    space: SearchSpace,
+) -> Baseline:
     """``--cv``: the folds of train+valid (by group and class); then the linear probe on every bank, C
     chosen on valid or by the same folds. Deterministic: a resumed search fits the same. Without banks (``--feature-cache off``) the probe gets banks of its own, one
     un-augmented view per image."""
@@ -411,14 +490,23 @@ def fit_baseline(args, table: LabelTable, banks: dict[str, FeatureBank] | None, 
     if k:
         first = next(iter(probe_banks.values()))
         folds = bank_folds(first, dict(zip(table.frame["path"], table.frame["group"])), k, seed=args.seed)
-        log.info("--cv %s: %d folds over %d train+valid images (each trial trains %d heads; valid figures "
-                 "are out-of-fold)", args.cv, k, len(folds), k)
+        log.info(
+            "--cv %s: %d folds over %d train+valid images (each trial trains %d heads; valid figures are out-of-fold)",
+            args.cv,
+            k,
+            len(folds),
+            k,
+        )
     return Baseline(folds, fit_probes(probe_banks, metric=space.metric, folds=folds), probe_banks)
 
 
 # ------------------------------------------------------------------------------------------- the tuner
-def trial_data(table: LabelTable, banks: dict[str, FeatureBank] | None, weights: dict[str, ResolvedWeights],
-               folds: np.ndarray | None = None):
+def trial_data(
+    table: LabelTable,
+    banks: dict[str, FeatureBank] | None,
+    weights: dict[str, ResolvedWeights],
+    folds: np.ndarray | None = None,
+):
     """What every trial trains on: the banks (with ``folds``: K heads per trial on them), or (no banks)
     the images with the resolved weights."""
     if banks is not None and folds is not None:
@@ -446,43 +534,71 @@ def make_tuner(args, paths: ExperimentPaths, space: SearchSpace, base: dict, dat
             raise UserError(f"--resume: {paths.ray_path} has no Ray Tune state to restore (did the search start?)")
         # Tuner.restore unpickles the experiment state: point it only at your own experiments.
         return tune.Tuner.restore(paths.ray_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-    scheduler = ASHAScheduler(metric=space.metric, mode=space.mode, time_attr="training_iteration",
-                              max_t=max_epochs, grace_period=args.grace_period,
-                              reduction_factor=args.reduction_factor)
+    scheduler = ASHAScheduler(
+        metric=space.metric,
+        mode=space.mode,
+        time_attr="training_iteration",
+        max_t=max_epochs,
+        grace_period=args.grace_period,
+        reduction_factor=args.reduction_factor,
+    )
     run_config = tune.RunConfig(
-        name=args.name, storage_path=paths.storage, verbose=1,
+        name=args.name,
+        storage_path=paths.storage,
+        verbose=1,
         progress_reporter=tune_glue.progress_reporter(space, paths.ray_path),
         # Every checkpoint is kept until the search ends (then _prune_checkpoints): with num_to_keep, Tune
         # deletes a trial's previous checkpoint before its experiment snapshot stops naming it, and a driver
         # killed in between left a trial that --resume could only mark errored.
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=None, checkpoint_score_attribute=space.metric,
-                                                checkpoint_score_order=space.mode),
+        checkpoint_config=tune.CheckpointConfig(
+            num_to_keep=None, checkpoint_score_attribute=space.metric, checkpoint_score_order=space.mode
+        ),
         failure_config=tune.FailureConfig(max_failures=2),
         # Our TensorBoard writer instead of Ray's TBX logger (turned off in run_trials); CSV and JSON stay.
-        callbacks=[CSVLoggerCallback(), JsonLoggerCallback(),
-                   tune_glue.tensorboard_callback_cls()(params=space.searched,
-                                                        metrics=dict.fromkeys([space.metric, "valid/acc", "valid/loss"]))])
+        callbacks=[
+            CSVLoggerCallback(),
+            JsonLoggerCallback(),
+            tune_glue.tensorboard_callback_cls()(
+                params=space.searched, metrics=dict.fromkeys([space.metric, "valid/acc", "valid/loss"])
+            ),
+        ],
+    )
     # The study lives in the experiment folder (optuna-dashboard reads it); --resume restores the
     # searcher with it from Tune's snapshot, which replays the same journal file.
-    searcher = tune_glue.optuna_search_cls()(metric=space.metric, mode=space.mode, seed=args.seed, max_t=max_epochs,
-                                             storage=study.study_storage(paths.local), study_name=args.name)
+    searcher = tune_glue.optuna_search_cls()(
+        metric=space.metric,
+        mode=space.mode,
+        seed=args.seed,
+        max_t=max_epochs,
+        storage=study.study_storage(paths.local),
+        study_name=args.name,
+    )
     return tune.Tuner(
-        trainable, param_space=space.tune_space(),
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=args.num_samples,
-                                    max_concurrent_trials=args.max_concurrent or None,
-                                    # A trial on a bank trains in seconds; starting a fresh worker
-                                    # process (torch import) for each costs more than that.
-                                    reuse_actors=True, trial_name_creator=tune_glue.trial_name,
-                                    trial_dirname_creator=tune_glue.trial_name),
-        run_config=run_config)
+        trainable,
+        param_space=space.tune_space(),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=args.num_samples,
+            max_concurrent_trials=args.max_concurrent or None,
+            # A trial on a bank trains in seconds; starting a fresh worker
+            # process (torch import) for each costs more than that.
+            reuse_actors=True,
+            trial_name_creator=tune_glue.trial_name,
+            trial_dirname_creator=tune_glue.trial_name,
+        ),
+        run_config=run_config,
+    )
 
 
 def run_trials(tuner, args, gpus: float):
     """``tuner.fit()``, with as many trials pending as the cluster holds at once (see trials_at_once)."""
     pending = args.max_concurrent or tune_glue.trials_at_once(args.cpus_per_trial, gpus, args.num_samples)
     # Ray's automatic loggers off: make_tuner passes the CSV and JSON ones, and TensorBoard is ours.
-    with tune_glue.env_default("TUNE_MAX_PENDING_TRIALS_PG", str(pending)), \
-            tune_glue.env_default("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1"):
+    with (
+        tune_glue.env_default("TUNE_MAX_PENDING_TRIALS_PG", str(pending)),
+        tune_glue.env_default("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1"),
+    ):
         return tuner.fit()
 
 
@@ -493,8 +609,9 @@ def collect_results(result_grid, space: SearchSpace, max_epochs: int, exp_dir: P
     trial's result)."""
     df = summarize_trials(result_grid, space.metric, space.mode, max_epochs)
     exp_dir.mkdir(parents=True, exist_ok=True)
-    probes = pd.DataFrame([probe_row(name, p, baseline.banks[name], space.metric)
-                           for name, p in baseline.probes.items()])
+    probes = pd.DataFrame(
+        [probe_row(name, p, baseline.banks[name], space.metric) for name, p in baseline.probes.items()]
+    )
     rows = pd.concat([df, probes], ignore_index=True)
     for col in df.columns:  # whole numbers stay whole where the probe rows have none (epochs, best_epoch)
         if pd.api.types.is_bool_dtype(df[col]):  # and flags stay flags: the probe was not stopped early
@@ -526,12 +643,21 @@ def summarize_trials(result_grid, metric: str, mode: str, max_epochs: int) -> pd
         if hist is not None and not hist.empty and metric in hist:
             best_i = hist[metric].idxmax() if mode == "max" else hist[metric].idxmin()
             epochs = int(hist["training_iteration"].max())
-            row.update({"epochs": epochs, "stopped_early": bool(not r.error and epochs < max_epochs),
-                        f"best/{metric}": float(hist.loc[best_i, metric]),
-                        "best_epoch": int(hist.loc[best_i, "training_iteration"])})
+            row.update(
+                {
+                    "epochs": epochs,
+                    "stopped_early": bool(not r.error and epochs < max_epochs),
+                    f"best/{metric}": float(hist.loc[best_i, metric]),
+                    "best_epoch": int(hist.loc[best_i, "training_iteration"]),
+                }
+            )
             # the size behind the best figure (out-of-fold: all train+valid images) and the accuracy there
-            for key, out in (("valid/acc", "best/valid/acc"), ("valid/acc_sd", "best/valid/acc_sd"),
-                             ("valid_count", "valid_count"), ("cv_folds", "cv_folds")):
+            for key, out in (
+                ("valid/acc", "best/valid/acc"),
+                ("valid/acc_sd", "best/valid/acc_sd"),
+                ("valid_count", "valid_count"),
+                ("cv_folds", "cv_folds"),
+            ):
                 if key in hist and pd.notna(hist.loc[best_i, key]):
                     row[out] = hist.loc[best_i, key]
             for key in ("valid/acc", "valid/loss", "valid/macro_f1", "train/loss"):
@@ -543,7 +669,9 @@ def summarize_trials(result_grid, metric: str, mode: str, max_epochs: int) -> pd
         else:
             row.update({"epochs": 0, "stopped_early": False})
         if r.error:
-            row["error"] = str(r.error).strip().splitlines()[-1][:300] if str(r.error).strip() else type(r.error).__name__
+            row["error"] = (
+                str(r.error).strip().splitlines()[-1][:300] if str(r.error).strip() else type(r.error).__name__
+            )
         for k, v in sorted((r.config or {}).items()):
             row[f"config/{k}"] = v
         row["trial_dir"] = r.path
@@ -589,8 +717,14 @@ def _prune_checkpoints(result_grid, metric: str, mode: str) -> None:
                     log.warning("could not delete %s: %s", checkpoint.path, e)
 
 
-def final_candidates(result_grid, base: dict, space: SearchSpace, *, limit: int = TOP_CANDIDATES,
-                     weights: dict[str, ResolvedWeights] | None = None):
+def final_candidates(
+    result_grid,
+    base: dict,
+    space: SearchSpace,
+    *,
+    limit: int = TOP_CANDIDATES,
+    weights: dict[str, ResolvedWeights] | None = None,
+):
     """The best checkpoints (not the latest) of the top ``limit`` trials, best first, as final-model
     candidates; and each one's (best epoch, config) by trial id. With ``weights`` (backbone -> the weights
     the final model will be built on), a checkpoint whose head was trained on other weights is refused."""
@@ -612,8 +746,10 @@ def final_candidates(result_grid, base: dict, space: SearchSpace, *, limit: int 
 def _check_trained_on(state: dict, cfg: TrialConfig, weights: dict[str, ResolvedWeights] | None, where) -> None:
     trained_on, here = state.get("weights"), (weights or {}).get(cfg.backbone)
     if trained_on is not None and here is not None and trained_on != here.identity:
-        raise UserError(f"the checkpoint {where} holds a head trained on {cfg.backbone} features from {trained_on} "
-                        f"weights, but the backbone here has {here.identity}: a model built from the two would be wrong")
+        raise UserError(
+            f"the checkpoint {where} holds a head trained on {cfg.backbone} features from {trained_on} "
+            f"weights, but the backbone here has {here.identity}: a model built from the two would be wrong"
+        )
 
 
 @dataclass
@@ -638,17 +774,37 @@ class Winner:
 
     def save(self, folder: Path, extra_metrics: dict | None = None) -> Path:
         c = self.fm.choice
-        calibration = {"method": "temperature scaling", "fitted_on": "valid", "temperature": c.temperature,
-                       "valid_before": c.valid["deployed"], "valid_after": c.valid["deployed_calibrated"]}
-        return save_artifact(folder / "model.pt", self.fm.model, classes=self.classes,
-                             preprocessing=self.cfg.feature_spec().preprocessing.to_dict(), weights=self.fm.resolved,
-                             config=self.cfg.to_dict(), metrics={**self.metrics, **(extra_metrics or {})},
-                             calibration=calibration)
+        calibration = {
+            "method": "temperature scaling",
+            "fitted_on": "valid",
+            "temperature": c.temperature,
+            "valid_before": c.valid["deployed"],
+            "valid_after": c.valid["deployed_calibrated"],
+        }
+        return save_artifact(
+            folder / "model.pt",
+            self.fm.model,
+            classes=self.classes,
+            preprocessing=self.cfg.feature_spec().preprocessing.to_dict(),
+            weights=self.fm.resolved,
+            config=self.cfg.to_dict(),
+            metrics={**self.metrics, **(extra_metrics or {})},
+            calibration=calibration,
+        )
 
 
-def save_winner(result_grid, base: dict, weights: dict[str, ResolvedWeights], space: SearchSpace,
-                table: LabelTable, banks: dict[str, FeatureBank] | None, paths: ExperimentPaths, *,
-                k: int = final.DEFAULT_ENSEMBLE, extra: Sequence[final.Candidate] = ()) -> Winner:
+def save_winner(
+    result_grid,
+    base: dict,
+    weights: dict[str, ResolvedWeights],
+    space: SearchSpace,
+    table: LabelTable,
+    banks: dict[str, FeatureBank] | None,
+    paths: ExperimentPaths,
+    *,
+    k: int = final.DEFAULT_ENSEMBLE,
+    extra: Sequence[final.Candidate] = (),
+) -> Winner:
     """The final model, chosen on valid (from the banks' valid logits: no image decoded) and calibrated,
     saved as best/model.pt with final.json before the test images are read: a bad test file must not
     lose it. A resumed search that had chosen already reads final.json back instead of choosing again.
@@ -656,28 +812,64 @@ def save_winner(result_grid, base: dict, weights: dict[str, ResolvedWeights], sp
     probes, once the search fits them)."""
     exp_dir = paths.local
     candidates, info = final_candidates(result_grid, base, space, weights=weights)
-    candidates = _lead_with_a_better_probe(final.merge_candidates(candidates, extra, mode=space.mode), extra,
-                                           space.mode)
+    candidates = _lead_with_a_better_probe(
+        final.merge_candidates(candidates, extra, mode=space.mode), extra, space.mode
+    )
     for c in extra:  # a probe has no epochs; its config names its bank and a linear head
-        info[c.name] = (None, TrialConfig(backbone=c.spec.backbone, image_size=c.spec.image_size,
-                                          head="seed" if c.spec.feature_layer == "logits" else "pooled",
-                                          aug_policy=c.spec.policy, views=c.spec.views, hidden=0, dropout=0.0,
-                                          epochs=1, seed=base["seed"]))
+        info[c.name] = (
+            None,
+            TrialConfig(
+                backbone=c.spec.backbone,
+                image_size=c.spec.image_size,
+                head="seed" if c.spec.feature_layer == "logits" else "pooled",
+                aug_policy=c.spec.policy,
+                views=c.spec.views,
+                hidden=0,
+                dropout=0.0,
+                epochs=1,
+                seed=base["seed"],
+            ),
+        )
     recorded = paths.read(FINAL_RECORD)
-    fm = final.make_final_model(candidates, weights=weights, banks=banks, table=table, k=k, metric=space.metric,
-                                mode=space.mode, recorded=json.loads(recorded) if recorded else None)
+    fm = final.make_final_model(
+        candidates,
+        weights=weights,
+        banks=banks,
+        table=table,
+        k=k,
+        metric=space.metric,
+        mode=space.mode,
+        recorded=json.loads(recorded) if recorded else None,
+    )
     single = fm.single_best
     epoch, cfg = info[single.name]
-    metrics = {"trial_id": single.name, "best_epoch": epoch, space.metric: single.score,
-               "deployed": fm.choice.deployed, "members": fm.choice.members}
+    metrics = {
+        "trial_id": single.name,
+        "best_epoch": epoch,
+        space.metric: single.score,
+        "deployed": fm.choice.deployed,
+        "members": fm.choice.members,
+    }
     winner = Winner(fm, cfg, single.name, metrics, single.score, table.classes)
     winner.save(exp_dir / "best")
     (exp_dir / FINAL_RECORD).write_text(json.dumps({**fm.record(), "k": k}, indent=1))
-    (exp_dir / "best" / "config.yaml").write_text(yaml.safe_dump(
-        {"trial_id": single.name, "metric": space.metric, "best_value": single.score, "epoch": metrics["best_epoch"],
-         "weights": winner.identity, "config": cfg.to_dict(), "deployed": fm.choice.deployed,
-         "members": fm.choice.members, "member_weights": fm.choice.weights, "temperature": fm.choice.temperature},
-        sort_keys=False))
+    (exp_dir / "best" / "config.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "trial_id": single.name,
+                "metric": space.metric,
+                "best_value": single.score,
+                "epoch": metrics["best_epoch"],
+                "weights": winner.identity,
+                "config": cfg.to_dict(),
+                "deployed": fm.choice.deployed,
+                "members": fm.choice.members,
+                "member_weights": fm.choice.weights,
+                "temperature": fm.choice.temperature,
+            },
+            sort_keys=False,
+        )
+    )
     return winner
 
 
@@ -703,8 +895,10 @@ def score_winner(winner: Winner, table: LabelTable, paths: ExperimentPaths) -> d
     try:
         test = score_on_test(winner.fm, table)
     except UserError as e:  # an unreadable test image, already reduced to one line
-        raise UserError(f"scoring the test split failed: {e}. The final model is saved at {best_dir / 'model.pt'}; "
-                        "fix or remove the file, then score it with python -m tune_rice.evaluate") from None
+        raise UserError(
+            f"scoring the test split failed: {e}. The final model is saved at {best_dir / 'model.pt'}; "
+            "fix or remove the file, then score it with python -m tune_rice.evaluate"
+        ) from None
     winner.save(best_dir, {"test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"]})
     test_out = {"trial_id": winner.trial_id, "weights": winner.identity, "pretrained": winner.pretrained, **test}
     (exp_dir / "test_metrics.json").write_text(json.dumps(test_out, indent=1))
@@ -716,9 +910,13 @@ def score_winner(winner: Winner, table: LabelTable, paths: ExperimentPaths) -> d
 
 def mark_test_started(paths: ExperimentPaths, winner: Winner, table: LabelTable) -> None:
     """The durable mark that the test split is about to be read (on the storage URI too, before any image)."""
-    mark = {"started": datetime.now().astimezone().isoformat(timespec="seconds"), "trial_id": winner.trial_id,
-            "model": str(paths.local / "best" / "model.pt"), "labels": str(table.csv_path),
-            "data_root": str(table.root) if table.root != table.csv_path.parent else None}
+    mark = {
+        "started": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "trial_id": winner.trial_id,
+        "model": str(paths.local / "best" / "model.pt"),
+        "labels": str(table.csv_path),
+        "data_root": str(table.root) if table.root != table.csv_path.parent else None,
+    }
     storage.write_durably(paths.local / storage.TEST_MARK, json.dumps(mark, indent=1))
     if paths.remote:  # the model that is being scored goes with the mark
         storage.upload(paths.local, paths.ray_path, names=("best", storage.TEST_MARK))
@@ -749,15 +947,20 @@ def write_test_tensorboard(folder: Path, test: dict, config: dict, trial_id: str
         if which in test:
             writer.add_scalar(f"test/{which}/acc", test[which]["accuracy"], 0)
             writer.add_scalar(f"test/{which}/macro_f1", test[which]["macro_f1"], 0)
-    deployed = "the single best trial" if test.get("deployed", "single") == "single" else \
-        f"an ensemble of {len(test['members'])} heads"
-    fig = draw_confusion(test["confusion_matrix"], test["classes"],
-                         title=f"test confusion matrix ({deployed})")
+    deployed = (
+        "the single best trial"
+        if test.get("deployed", "single") == "single"
+        else f"an ensemble of {len(test['members'])} heads"
+    )
+    fig = draw_confusion(test["confusion_matrix"], test["classes"], title=f"test confusion matrix ({deployed})")
     writer.add_figure("test/confusion_matrix", fig, 0, close=False)
     if "members" in test:
         rows = "\n".join(f"| {m} | {w:.3f} |" for m, w in zip(test["members"], test["weights"]))
-        writer.add_text("final/members", f"deployed: {deployed}, temperature {test['temperature']:.4g}\n\n"
-                                         f"| member | weight |\n|---|---|\n{rows}", 0)
+        writer.add_text(
+            "final/members",
+            f"deployed: {deployed}, temperature {test['temperature']:.4g}\n\n| member | weight |\n|---|---|\n{rows}",
+            0,
+        )
     text = f"best trial: {trial_id}\n\n    " + yaml.safe_dump(config, sort_keys=True).replace("\n", "\n    ")
     writer.add_text("best/config", text, 0)
     writer.close()
@@ -773,35 +976,78 @@ def write_report_or_warn(exp_dir: Path) -> None:
         log.warning("report not written: %s", e)
 
 
-def write_outputs(paths: ExperimentPaths, df: pd.DataFrame, test: dict, space: SearchSpace, winner: Winner,
-                  weights: dict[str, ResolvedWeights], clock: _Clock, result_grid,
-                  banks: dict[str, FeatureBank] | None, baseline: Baseline) -> str:
+def write_outputs(
+    paths: ExperimentPaths,
+    df: pd.DataFrame,
+    test: dict,
+    space: SearchSpace,
+    winner: Winner,
+    weights: dict[str, ResolvedWeights],
+    clock: _Clock,
+    result_grid,
+    banks: dict[str, FeatureBank] | None,
+    baseline: Baseline,
+) -> str:
     """summary.txt, baseline.json and timings.json, everything copied to a URI storage path; returns the
     summary."""
     seconds = clock.total()
     identities = {b: w.identity for b, w in sorted(weights.items())}
-    summary = format_summary(df, test, metric=space.metric, exp_dir=paths.local, seconds=seconds,
-                             phases=clock.phases, weights=winner.identity, searched=space.searched,
-                             final_record=winner.fm.record(), mode=space.mode, backbones=identities,
-                             probes=baseline.probes, folds=baseline.k)
+    summary = format_summary(
+        df,
+        test,
+        metric=space.metric,
+        exp_dir=paths.local,
+        seconds=seconds,
+        phases=clock.phases,
+        weights=winner.identity,
+        searched=space.searched,
+        final_record=winner.fm.record(),
+        mode=space.mode,
+        backbones=identities,
+        probes=baseline.probes,
+        folds=baseline.k,
+    )
     (paths.local / "summary.txt").write_text(summary + "\n")
     (paths.local / BASELINE_FILE).write_text(json.dumps(baseline_record(df, baseline, winner, space), indent=1))
     trial_seconds = [float(r.metrics.get("time_total_s", 0.0)) for r in result_grid if r.metrics]
-    (paths.local / "timings.json").write_text(json.dumps(
-        {"seconds": seconds, "phases": clock.phases, "trial_seconds": trial_seconds,
-         "weights": identities, "random_weights": [b for b, w in identities.items() if w.startswith("random:")],
-         "banks": {name: {"seconds": b.seconds, "from_cache": b.from_cache, "mb": b.nbytes() / 1e6, **b.info}
-                   for name, b in (banks or {}).items()}}, indent=1))
+    (paths.local / "timings.json").write_text(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "phases": clock.phases,
+                "trial_seconds": trial_seconds,
+                "weights": identities,
+                "random_weights": [b for b, w in identities.items() if w.startswith("random:")],
+                "banks": {
+                    name: {"seconds": b.seconds, "from_cache": b.from_cache, "mb": b.nbytes() / 1e6, **b.info}
+                    for name, b in (banks or {}).items()
+                },
+            },
+            indent=1,
+        )
+    )
     if paths.remote:
         storage.upload(paths.local, paths.ray_path)
     return summary
 
 
-def format_summary(df: pd.DataFrame, test: dict | None, *, metric: str, exp_dir: Path, seconds: float,
-                   phases: dict, weights: str, top: int = 5, searched: Sequence[str] | None = None,
-                   final_record: dict | None = None, mode: str | None = None,
-                   backbones: dict[str, str] | None = None, probes: dict[str, ProbeResult] | None = None,
-                   folds: int = 0) -> str:
+def format_summary(
+    df: pd.DataFrame,
+    test: dict | None,
+    *,
+    metric: str,
+    exp_dir: Path,
+    seconds: float,
+    phases: dict,
+    weights: str,
+    top: int = 5,
+    searched: Sequence[str] | None = None,
+    final_record: dict | None = None,
+    mode: str | None = None,
+    backbones: dict[str, str] | None = None,
+    probes: dict[str, ProbeResult] | None = None,
+    folds: int = 0,
+) -> str:
     """The console summary; the top-trials table shows only the ``searched`` parameters (default: all),
     each valid figure with its size and 95% interval; then the linear probe, and whether it was beaten.
     With ``mode`` and several backbones, it names the best one under a phone-sized cost when that is not
@@ -813,18 +1059,25 @@ def format_summary(df: pd.DataFrame, test: dict | None, *, metric: str, exp_dir:
     n = len(df)
     errored = int((df["status"] == "ERROR").sum())
     stopped = int(df.get("stopped_early", pd.Series(dtype=bool)).fillna(False).sum())
-    lines.append(f"{n} trials: {n - errored - stopped} ran to the end, {stopped} stopped early by ASHA, "
-                 f"{errored} errored")
+    lines.append(
+        f"{n} trials: {n - errored - stopped} ran to the end, {stopped} stopped early by ASHA, {errored} errored"
+    )
     key = f"best/{metric}"
-    show = [c for c in ("trial_id", key, "best_epoch", "epochs") if c in df] + \
-        [c for c in df.columns if c.startswith("config/") and (searched is None or c[7:] in searched)]
+    show = [c for c in ("trial_id", key, "best_epoch", "epochs") if c in df] + [
+        c for c in df.columns if c.startswith("config/") and (searched is None or c[7:] in searched)
+    ]
     if key in df:
         table = df[df[key].notna()].head(top)
         shown = table[show].rename(columns=lambda c: c.replace("config/", ""))
         if "valid_count" in table and "best/valid/acc" in table:
-            shown.insert(2, "valid acc, n [95% CI]", [
-                format_accuracy(float(a), int(n)) if pd.notna(a) and pd.notna(n) else ""
-                for a, n in zip(table["best/valid/acc"], table["valid_count"])])
+            shown.insert(
+                2,
+                "valid acc, n [95% CI]",
+                [
+                    format_accuracy(float(a), int(n)) if pd.notna(a) and pd.notna(n) else ""
+                    for a, n in zip(table["best/valid/acc"], table["valid_count"])
+                ],
+            )
         lines.append(f"top {min(top, len(table))} by {metric}:")
         lines.append(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     lines += probe_summary(df, probes or {}, metric=metric, mode=mode or "max")
@@ -834,27 +1087,39 @@ def format_summary(df: pd.DataFrame, test: dict | None, *, metric: str, exp_dir:
     if cheaper:
         lines.append(cheaper[0].upper() + cheaper[1:] + " (report/cost.png)")
     if test:
-        what = (f"the deployed ensemble of {len(test['members'])}" if test.get("deployed") == "ensemble"
-                else "the linear probe" if str(test.get("trial_id", "")).startswith("probe:")
-                else "the best trial's best checkpoint")
+        what = (
+            f"the deployed ensemble of {len(test['members'])}"
+            if test.get("deployed") == "ensemble"
+            else "the linear probe"
+            if str(test.get("trial_id", "")).startswith("probe:")
+            else "the best trial's best checkpoint"
+        )
         cal = test.get("calibration")
         ece = f", ECE {cal['before']['ece']:.3f} -> {cal['after']['ece']:.3f} with the temperature" if cal else ""
-        lines.append(f"TEST (scored once, {what}): accuracy {test['accuracy']:.4f}, "
-                     f"macro-F1 {test['macro_f1']:.4f} on {test['test_count']} images{ece}")
+        lines.append(
+            f"TEST (scored once, {what}): accuracy {test['accuracy']:.4f}, "
+            f"macro-F1 {test['macro_f1']:.4f} on {test['test_count']} images{ece}"
+        )
         for which, label in (("single_best", "single best trial"), ("ensemble", "selected ensemble")):
             other = test.get(which)
             if other and not other.get("deployed"):
-                lines.append(f"  {label} (same pass, not deployed): accuracy {other['accuracy']:.4f}, "
-                             f"macro-F1 {other['macro_f1']:.4f}")
+                lines.append(
+                    f"  {label} (same pass, not deployed): accuracy {other['accuracy']:.4f}, "
+                    f"macro-F1 {other['macro_f1']:.4f}"
+                )
     random = {b: w for b, w in (backbones or {}).items() if w.startswith("random:")}
     if random and (len(backbones) > 1 or not weights.startswith("random:")):
         named = ", ".join(f"{b} ({w})" for b, w in list(random.items())[:2])
         more = f" and {len(random) - 2} more" if len(random) > 2 else ""
-        lines.append(f"NOTE: {len(random)} of {len(backbones)} backbones ran on RANDOMLY INITIALISED weights: "
-                     f"{named}{more}; their trials' scores are far below what ImageNet weights give.")
+        lines.append(
+            f"NOTE: {len(random)} of {len(backbones)} backbones ran on RANDOMLY INITIALISED weights: "
+            f"{named}{more}; their trials' scores are far below what ImageNet weights give."
+        )
     if weights.startswith("random:"):
-        lines.append(f"NOTE: the best model's backbone was RANDOMLY INITIALISED ({weights}); ImageNet weights give far "
-                     "better features (see README: weights).")
+        lines.append(
+            f"NOTE: the best model's backbone was RANDOMLY INITIALISED ({weights}); ImageNet weights give far "
+            "better features (see README: weights)."
+        )
     lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in phases.items()) + f", total {seconds:.1f}s")
     lines.append(f"outputs: {exp_dir}  (results.csv, best/model.pt, test_metrics.json, report/)")
     lines.append(f"tensorboard --logdir {exp_dir}   # then open http://localhost:6006")
@@ -876,18 +1141,27 @@ def baseline_record(df: pd.DataFrame, baseline: Baseline, winner: Winner, space:
     def num(row, col):
         return float(row[col]) if row is not None and col in row and pd.notna(row[col]) else None
 
-    out = {"metric": space.metric, "mode": space.mode, "cv_folds": baseline.k,
-           "probes": {n: p.to_dict() for n, p in baseline.probes.items()},
-           "best_trial": None if top is None else {
-               "trial_id": top["trial_id"], "value": num(top, key), "valid_acc": num(top, "best/valid/acc"),
-               "valid_count": num(top, "valid_count")},
-           "single_best": winner.trial_id, "deployed": winner.fm.choice.deployed,
-           "members": list(winner.fm.choice.members)}
+    out = {
+        "metric": space.metric,
+        "mode": space.mode,
+        "cv_folds": baseline.k,
+        "probes": {n: p.to_dict() for n, p in baseline.probes.items()},
+        "best_trial": None
+        if top is None
+        else {
+            "trial_id": top["trial_id"],
+            "value": num(top, key),
+            "valid_acc": num(top, "best/valid/acc"),
+            "valid_count": num(top, "valid_count"),
+        },
+        "single_best": winner.trial_id,
+        "deployed": winner.fm.choice.deployed,
+        "members": list(winner.fm.choice.members),
+    }
     if baseline.probes:
         name, probe = best_probe(baseline.probes, space.metric, space.mode)
         out["best_probe"] = name
-        out["search_beat_probe"] = search_beats_probe(num(top, key), probe.valid[metric_key(space.metric)],
-                                                      space.mode)
+        out["search_beat_probe"] = search_beats_probe(num(top, key), probe.valid[metric_key(space.metric)], space.mode)
     # the deployed model on the logits the choice was made on (valid, or out-of-fold), before its temperature
     deployed = winner.fm.choice.valid["deployed"]
     out["deployed_valid_acc"], out["deployed_valid_count"] = deployed["acc"], deployed["count"]
@@ -903,8 +1177,10 @@ def probe_summary(df: pd.DataFrame, probes: dict[str, ProbeResult], *, metric: s
     lines = []
     for name, p in probes.items():
         how = f"C by {p.folds}-fold CV" if p.folds else "C chosen on valid"
-        lines.append(f"linear probe on {name} ({how}: {p.C:g}): valid acc "
-                     f"{format_accuracy(p.valid['acc'], p.valid['count'])}, {metric} {p.valid[metric_key(metric)]:.4g}")
+        lines.append(
+            f"linear probe on {name} ({how}: {p.C:g}): valid acc "
+            f"{format_accuracy(p.valid['acc'], p.valid['count'])}, {metric} {p.valid[metric_key(metric)]:.4g}"
+        )
     _, best = best_probe(probes, metric, mode)
     key = f"best/{metric}"
     values = df[key].dropna() if key in df else pd.Series(dtype=float)
@@ -922,16 +1198,22 @@ def final_lines(record: dict) -> list[str]:
         members = ", ".join(f"{m} {w:.2f}" for m, w in zip(record["members"], record["weights"]))
         head = f"FINAL: an ensemble of {len(record['members'])} ({members})"
     elif len(sel["members"]) > 1:
-        head = (f"FINAL: {single} (an ensemble of {len(sel['members'])} was not better on valid: "
-                f"acc {v['ensemble']['acc']:.4f} vs {v['single']['acc']:.4f})")
+        head = (
+            f"FINAL: {single} (an ensemble of {len(sel['members'])} was not better on valid: "
+            f"acc {v['ensemble']['acc']:.4f} vs {v['single']['acc']:.4f})"
+        )
     else:
         head = f"FINAL: {single}"
-    lines = [f"{head}; chosen on valid among {len(record['candidates'])} candidates; temperature "
-             f"{record['temperature']:.3g} (valid ECE {v['deployed']['ece']:.3f} -> {v['deployed_calibrated']['ece']:.3f})"]
+    lines = [
+        f"{head}; chosen on valid among {len(record['candidates'])} candidates; temperature "
+        f"{record['temperature']:.3g} (valid ECE {v['deployed']['ece']:.3f} -> {v['deployed_calibrated']['ece']:.3f})"
+    ]
     th = record["threshold"]
     if th.get("threshold"):
-        lines.append(f"  predict --min-confidence {th['threshold']:.3g} keeps {th['coverage']:.0%} of valid at "
-                     f"{th['accuracy']:.1%} accuracy (target {th['target_accuracy']:.0%}); the rest 'uncertain'")
+        lines.append(
+            f"  predict --min-confidence {th['threshold']:.3g} keeps {th['coverage']:.0%} of valid at "
+            f"{th['accuracy']:.1%} accuracy (target {th['target_accuracy']:.0%}); the rest 'uncertain'"
+        )
     return lines
 
 

@@ -96,8 +96,9 @@ class SearchSpace:
                 axes.append([self.constants.get(name, getattr(defaults, name))])
         specs = []
         for backbone, size, head, policy, views in itertools.product(*axes):
-            cfg = TrialConfig(backbone=backbone, image_size=int(size), head=head, aug_policy=policy,
-                              views=int(views), seed=seed)
+            cfg = TrialConfig(
+                backbone=backbone, image_size=int(size), head=head, aug_policy=policy, views=int(views), seed=seed
+            )
             spec = cfg.feature_spec()
             if spec not in specs:
                 specs.append(spec)
@@ -155,8 +156,9 @@ def load_search_space(name_or_path: str | os.PathLike) -> SearchSpace:
     if not isinstance(params, dict):
         raise UserError(f"{path}: params: expected a mapping of parameter names")
     valid = searchable_params()
-    space = SearchSpace(path=path, metric=metric, mode=mode, max_epochs=max_epochs,
-                        description=str(raw.get("description", "")))
+    space = SearchSpace(
+        path=path, metric=metric, mode=mode, max_epochs=max_epochs, description=str(raw.get("description", ""))
+    )
     for name, spec in params.items():
         key = f"params.{name}"
         if name not in valid:
@@ -167,7 +169,7 @@ def load_search_space(name_or_path: str | os.PathLike) -> SearchSpace:
             continue
         if len(spec) != 1:
             raise UserError(f"{path}: {key}: expected one of {{{', '.join(DISTRIBUTIONS)}: ...}}, got {spec!r}")
-        (kind, args), = spec.items()
+        ((kind, args),) = spec.items()
         if kind not in DISTRIBUTIONS:
             raise UserError(f"{path}: {key}: unknown distribution {kind!r}; valid: {', '.join(DISTRIBUTIONS)}")
         if not isinstance(args, list) or not args:
@@ -176,8 +178,9 @@ def load_search_space(name_or_path: str | os.PathLike) -> SearchSpace:
             space.distributions[name] = (kind, [_check_value(path, f"{key}.choice", name, v) for v in args])
             continue
         if name in FEATURE_PARAMS:
-            raise UserError(f"{path}: {key}: a parameter that changes the feature bank must be a constant "
-                            f"or a choice, not {kind}")
+            raise UserError(
+                f"{path}: {key}: a parameter that changes the feature bank must be a constant or a choice, not {kind}"
+            )
         if len(args) != 2:
             raise UserError(f"{path}: {key}.{kind}: expected [low, high], got {args!r}")
         kind_type = type(getattr(TrialConfig(), name))

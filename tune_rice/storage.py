@@ -26,8 +26,21 @@ TEST_MARK = "test_started.json"
 # The resolved identity of each backbone's weights, kept in ARGS_FILE under this key (see save_args).
 WEIGHTS_KEY = "resolved_weights"
 # What the driver copies to a URI storage path (files and folders of the local experiment folder).
-OUTPUTS = ("results.csv", "final.json", TEST_MARK, "test_metrics.json", "summary.txt", "timings.json",
-           "baseline.json", ARGS_FILE, "best", "test", "report", "probe", STUDY_FILE)
+OUTPUTS = (
+    "results.csv",
+    "final.json",
+    TEST_MARK,
+    "test_metrics.json",
+    "summary.txt",
+    "timings.json",
+    "baseline.json",
+    ARGS_FILE,
+    "best",
+    "test",
+    "report",
+    "probe",
+    STUDY_FILE,
+)
 
 
 def is_uri(path: str) -> bool:
@@ -136,8 +149,9 @@ def upload(local: Path, uri: str, names=OUTPUTS) -> None:
         if src.exists():
             if src.is_dir():
                 fs.create_dir(f"{path}/{name}", recursive=True)
-            pyarrow.fs.copy_files(str(src), f"{path}/{name}", source_filesystem=pyarrow.fs.LocalFileSystem(),
-                                  destination_filesystem=fs)
+            pyarrow.fs.copy_files(
+                str(src), f"{path}/{name}", source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=fs
+            )
     log.info("outputs copied to %s", uri)
 
 

@@ -63,8 +63,12 @@ def close_unfinished(exp_dir: str | Path, *, reason: str) -> dict[str, int]:
     counts = {k: len(v) for k, v in numbers.items()}
     if any(counts.values()):
         study.set_user_attr("ended_early", {"reason": reason, **numbers})
-        log.info("optuna study: %d running trials cut and %d never started (%s)", counts["cut"],
-                 counts["not_started"], reason)
+        log.info(
+            "optuna study: %d running trials cut and %d never started (%s)",
+            counts["cut"],
+            counts["not_started"],
+            reason,
+        )
     return counts
 
 

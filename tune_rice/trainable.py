@@ -67,13 +67,19 @@ def start_run(cfg: TrialConfig, data: TrialData, device: str) -> HeadRun | CVHea
         return CVHeadRun(cfg, bank=data.banks[cfg.feature_spec().name], folds=data.folds, device=device)
     if isinstance(data, ImageSource):
         cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
-        return HeadRun(cfg, table=read_labels(data.labels_csv, root=data.data_root),
-                       weights=data.weights[cfg.backbone], device=device, num_workers=max(0, cpus - 1))
+        return HeadRun(
+            cfg,
+            table=read_labels(data.labels_csv, root=data.data_root),
+            weights=data.weights[cfg.backbone],
+            device=device,
+            num_workers=max(0, cpus - 1),
+        )
     return HeadRun(cfg, bank=data[cfg.feature_spec().name], device=device)
 
 
-def train_head(config: dict, *, data: TrialData, base: dict | None = None, metric: str = "valid/acc",
-               mode: str = "max") -> None:
+def train_head(
+    config: dict, *, data: TrialData, base: dict | None = None, metric: str = "valid/acc", mode: str = "max"
+) -> None:
     """Train one trial for ``epochs`` epochs, reporting every epoch and checkpointing improvements.
 
     ``data``: the feature banks by FeatureSpec name, :class:`CVBanks` (K fold heads per trial, reporting
@@ -93,8 +99,12 @@ def train_head(config: dict, *, data: TrialData, base: dict | None = None, metri
         run.load_state_dict(state)
         best = state.get("best")
     context = ray.get_runtime_context()
-    where = {"node_id": context.get_node_id(), "gpu_ids": ",".join(map(str, ray.get_gpu_ids())),
-             "device": device, "weights": run.weights}
+    where = {
+        "node_id": context.get_node_id(),
+        "gpu_ids": ",".join(map(str, ray.get_gpu_ids())),
+        "device": device,
+        "weights": run.weights,
+    }
     while run.epoch < cfg.epochs:
         metrics = {**run.step(), **where}
         if _better(metrics[metric], best, mode):

@@ -61,8 +61,12 @@ def optuna_search_cls():
             # A trial restored from a checkpoint runs the epochs after it again, with the same values
             # (tested): Optuna keeps the first and would warn for each repeat, so repeats are not passed on.
             step = result.get("training_iteration")
-            if (trial_id in self._ot_trials and trial_id not in self._completed_trials
-                    and step is not None and int(step) in self._reported(trial_id)):
+            if (
+                trial_id in self._ot_trials
+                and trial_id not in self._completed_trials
+                and step is not None
+                and int(step) in self._reported(trial_id)
+            ):
                 return None
             return super().on_trial_result(trial_id, result)
 
@@ -153,8 +157,9 @@ def tensorboard_callback_cls():
                 self._writers[trial].close()
             trial.init_local_path()
             if trial not in self._last_step:  # a trial resumed by a new driver: what is written already
-                self._last_step[trial] = last_logged_step(trial.local_path, trial.storage.storage_filesystem,
-                                                           trial.path)
+                self._last_step[trial] = last_logged_step(
+                    trial.local_path, trial.storage.storage_filesystem, trial.path
+                )
             self._writers[trial] = SummaryWriter(trial.local_path, flush_secs=10)
 
         def log_trial_result(self, iteration, trial, result):
@@ -175,8 +180,11 @@ def tensorboard_callback_cls():
             writer.flush()
 
         def _write_trial_info(self, writer, trial, result):
-            config = {k: _hparam_value(v) for k, v in sorted(trial.config.items())
-                      if self._params is None or k in self._params}
+            config = {
+                k: _hparam_value(v)
+                for k, v in sorted(trial.config.items())
+                if self._params is None or k in self._params
+            }
             for summary in hparams(config, dict.fromkeys(self._metrics, 0.0)):
                 writer.file_writer.add_summary(summary)
             if result.get("weights"):
@@ -200,8 +208,10 @@ def _hparam_value(value):
 def weights_text(backbone: str, identity: str) -> str:
     """A trial's TensorBoard note on where its backbone's numbers came from; random init is flagged."""
     if str(identity).startswith("random:"):
-        return (f"**{backbone}: RANDOMLY INITIALISED ({identity})**, not pretrained: this trial's features come "
-                "from a random backbone, and its scores are far below what ImageNet weights give.")
+        return (
+            f"**{backbone}: RANDOMLY INITIALISED ({identity})**, not pretrained: this trial's features come "
+            "from a random backbone, and its scores are far below what ImageNet weights give."
+        )
     return f"{backbone}: {identity}"
 
 
@@ -262,8 +272,10 @@ def wait_for_gpus(seconds: float) -> None:
     try:
         while cluster_gpus()[0] == 0:
             if time.monotonic() > deadline:
-                raise UserError(f"--wait-for-gpus {seconds:g}: no GPU node joined the cluster in time "
-                                "(check the cluster's GPU node type and `ray status`)")
+                raise UserError(
+                    f"--wait-for-gpus {seconds:g}: no GPU node joined the cluster in time "
+                    "(check the cluster's GPU node type and `ray status`)"
+                )
             time.sleep(5)
     finally:
         request_resources(bundles=[])  # a standing request would keep the GPU node up after the search
@@ -276,10 +288,11 @@ def resolve_gpus(value: str) -> float:
         return DEFAULT_GPU_FRACTION if total > 0 else 0.0
     g = float(value)
     if g > per_node:
-        raise UserError(f"--gpus-per-trial {value}: no node has that many GPUs (the most on one node: "
-                        f"{per_node:g}, in the cluster: {total:g})")
+        raise UserError(
+            f"--gpus-per-trial {value}: no node has that many GPUs (the most on one node: "
+            f"{per_node:g}, in the cluster: {total:g})"
+        )
     return g
-
 
 
 # ----------------------------------------------------------------------------- running trials, console
@@ -317,13 +330,21 @@ def progress_reporter(space: SearchSpace, results: str):
 
     class Reporter(tune.CLIReporter):
         def _print(self, msg: str):
-            super()._print("\n".join(f"Results: {results}" if line.startswith("Result logdir: ") else line
-                                     for line in msg.splitlines()))
+            super()._print(
+                "\n".join(
+                    f"Results: {results}" if line.startswith("Result logdir: ") else line for line in msg.splitlines()
+                )
+            )
 
-    return Reporter(metric_columns=metrics, parameter_columns=space.searched, metric=space.metric,
-                    mode=space.mode, max_report_frequency=30, max_column_length=16)
+    return Reporter(
+        metric_columns=metrics,
+        parameter_columns=space.searched,
+        metric=space.metric,
+        mode=space.mode,
+        max_report_frequency=30,
+        max_column_length=16,
+    )
 
 
 def trial_name(trial) -> str:
     return f"trial_{trial.trial_id}"
-
