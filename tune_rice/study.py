@@ -56,7 +56,7 @@ def close_unfinished(exp_dir: str | Path, *, reason: str) -> dict[str, int]:
     study = load_study(exp_dir)
     if study is None:
         return {"cut": 0, "not_started": 0}
-    numbers = {"cut": [], "not_started": []}
+    numbers: dict[str, list[int]] = {"cut": [], "not_started": []}
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
         numbers["cut" if trial.intermediate_values else "not_started"].append(trial.number)
         study.tell(trial.number, state=TrialState.PRUNED)
