@@ -76,6 +76,8 @@ def one_run(mode: str, args, work: Path, concurrency: int) -> dict:
     exp = work / "runs" / name
     timings = json.loads((exp / "timings.json").read_text())
     results = pd.read_csv(exp / "results.csv")
+    if "kind" in results:  # the linear-probe baseline's rows are not trials
+        results = results[results["kind"] != "probe"]
     test = json.loads((exp / "test_metrics.json").read_text())
     metric = [c for c in results.columns if c.startswith("best/")][0]
     per_trial = json.loads((exp / "timings.json").read_text()).get("trial_seconds", [])

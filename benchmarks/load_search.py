@@ -128,6 +128,8 @@ def main() -> None:
         raise SystemExit(f"search failed (rc {m['rc']}), log: {log}")
 
     results = pd.read_csv(exp / "results.csv")
+    if "kind" in results:  # the linear-probe baseline's rows are not trials
+        results = results[results["kind"] != "probe"]
     test = json.loads((exp / "test_metrics.json").read_text())
     statuses = results["status"].value_counts().to_dict()
     stopped = int(results["stopped_early"].sum())

@@ -268,6 +268,8 @@ def run(args) -> int:
             failures.append(f"search exited {proc.returncode}; tail: {lines.lines[-5:] if lines.lines else ''}")
         if (exp / "results.csv").is_file():
             df = pd.read_csv(exp / "results.csv", dtype={"trial_id": str, "node_id": str, "gpu_ids": str})
+            if "kind" in df:  # the linear-probe baseline's rows are not trials
+                df = df[df["kind"] != "probe"]
             status = df["status"].value_counts().to_dict()
             report["trials"] = (
                 f"{len(df)}/{args.num_samples} in results.csv, status {status}, "
