@@ -107,6 +107,7 @@ def test_search_spreads_over_two_nodes(separable, tmp_path):
 
     exp = storage / "multinode"
     df = pd.read_csv(exp / "results.csv", dtype={"trial_id": str, "node_id": str, "gpu_ids": str})
+    df = df[df["kind"] == "trial"]  # the linear-probe baseline's rows are not trials
     df = df[df["kind"] == "trial"]  # the linear probe has rows of its own
     assert len(df) == NUM_SAMPLES and (df["status"] == "TERMINATED").all(), df
     print(

@@ -311,7 +311,7 @@ def test_a_real_search_on_random_weights_says_so_everywhere(real_search):
     assert timings["weights"] == {"resnet18": "random:seed=0"} and timings["random_weights"] == ["resnet18"]
     assert "RANDOMLY INITIALISED" in (real_search / "summary.txt").read_text()
     df = pd.read_csv(real_search / "results.csv")
-    for trial_dir in df["trial_dir"]:
+    for trial_dir in df.loc[df["kind"] == "trial", "trial_dir"]:
         acc = EventAccumulator(trial_dir, size_guidance={"tensors": 0})
         acc.Reload()
         texts = [e.tensor_proto.string_val[0].decode() for e in acc.Tensors("weights/text_summary")]

@@ -95,6 +95,7 @@ def test_fractional_logical_gpus_run_trials_side_by_side(ray_with_logical_gpus, 
     assert rc == 0
     exp = tmp_path / "runs" / "gpus"
     df = pd.read_csv(exp / "results.csv", dtype={"gpu_ids": str})
+    df = df[df["kind"] == "trial"]  # the linear-probe baseline's rows are not trials
     assert len(df) == 4 and set(df["status"]) == {"TERMINATED"}
     assert (df["epochs"] == 3).all()
     assert df["gpu_ids"].notna().all() and set(df["gpu_ids"]) <= {"0", "1"}  # a (logical) GPU each
