@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import local_ray, make_separable_dataset
 from test_engine import synthetic_bank
+from test_search import SEARCH_DRIVER
 
 from tune_rice import search
 from tune_rice.data import build_transform, load_image, read_labels
@@ -92,23 +93,29 @@ def test_cv_search_end_to_end_with_resume(ray_local, labels, tmp_path):
         ray_local,
     ]
     log = tmp_path / "first.log"
-    with open(log, "w") as out:  # each epoch slowed by the trainable's hook, so the kill lands mid-search
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    with open(log, "w") as out:
+        # the third trial is held after its first epoch until the driver is killed, so the kill lands
+        # mid-search however fast or loaded the machine is
+        spec = {"dir": str(hold), "hold": {"trial": 2, "after_epoch": 1}}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tune_rice.search", *argv],
+            [sys.executable, str(SEARCH_DRIVER), json.dumps(spec), *argv],
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=tmp_path,
-            env={**os.environ, "TUNE_RICE_TEST_EPOCH_SECONDS": "1.0"},
+            env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"},
         )
     try:
-        deadline = time.monotonic() + 240
-        while len(_terminated(exp)) < 2:
+        deadline = time.monotonic() + 900  # a guard against a hang, not a wait (below pytest's timeout)
+        while not ((hold / "held-2").exists() and len(_terminated(exp)) >= 2):
             assert proc.poll() is None, f"the search ended before it was killed:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, f"no 2 finished trials in time:\n{log.read_text()[-3000:]}"
             time.sleep(0.2)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        (hold / "release").touch()  # a worker still holding lets go
     assert not (exp / "results.csv").exists()
     assert search.main(["--resume", "--name", "cv", "--storage-path", str(storage)]) == 0
 
