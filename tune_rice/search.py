@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, default=0, help="most trials at once (0 = as resources allow)")
     p.add_argument("--storage-path", default="runs", help="where experiments are written (local path or URI)")
     p.add_argument("--name", help="experiment name (default: search-<timestamp>)")
+    p.add_argument(
+        "--time-budget",
+        metavar="DURATION",
+        help="stop starting trials after this long (2h, 90m, 40s or seconds); running trials are "
+        "stopped, and the best trial so far is still scored once on test",
+    )
     p.add_argument("--resume", action="store_true", help="continue the interrupted experiment --name")
     p.add_argument("--seed", type=int, default=0, help="seed for the search, the heads and the augmentation")
     p.add_argument(
@@ -169,11 +175,27 @@ def _validate_args(args) -> None:
             raise UserError(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
     if args.ensemble < 1:
         raise UserError(f"--ensemble must be >= 1, got {args.ensemble}")
+    if args.time_budget is not None:
+        parse_duration(args.time_budget, what="--time-budget")
     if args.resume and not args.name:
         raise UserError("--resume needs --name of the experiment to continue")
     resolve_folds(args.cv, 0)  # a bad value is one line before anything starts
     if args.feature_cache != "on" and args.cv not in ("off", "auto"):
         raise UserError("--cv needs the feature bank: it trains K heads per trial on it (drop --feature-cache off)")
+
+
+def parse_duration(text: str, *, what: str) -> float:
+    """``2h``, ``90m``, ``40s`` or plain seconds (``1.5h`` too) -> seconds, > 0."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0}
+    t = str(text).strip().lower()
+    scale = units.get(t[-1:], None)
+    try:
+        seconds = float(t[:-1] if scale else t) * (scale or 1.0)
+    except ValueError:
+        raise UserError(f"{what} {text!r}: expected a duration such as 2h, 90m, 40s or a number of seconds") from None
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise UserError(f"{what} {text!r}: must be a positive duration")
+    return seconds
 
 
 # ------------------------------------------------------------------------------------------ the search
@@ -214,8 +236,11 @@ def run_search(args) -> dict:
             record_start(args, paths, weights)
         tuner = make_tuner(args, paths, space, base, trial_data(table, banks, weights, baseline.folds), gpus)
         result_grid = run_trials(tuner, args, gpus)
-    study.close_unfinished(paths.local, reason="the search ended before Tune told the searcher")
-    df, best = collect_results(result_grid, space, max_epochs, paths.local, baseline)
+    ended = study.close_unfinished(
+        paths.local,
+        reason="time budget" if args.time_budget else "the search ended before Tune told the searcher",
+    )
+    df, best = collect_results(result_grid, space, max_epochs, paths.local, baseline, budget=args.time_budget)
     with clock("final"):
         probes = final.probe_candidates(baseline.probes, baseline.banks, metric=space.metric)
         winner = save_winner(result_grid, base, weights, space, table, banks, paths, k=args.ensemble, extra=probes)
@@ -224,7 +249,8 @@ def run_search(args) -> dict:
     if not args.no_report:
         with clock("report"):
             write_report_or_warn(paths.local)
-    summary = write_outputs(paths, df, test, space, winner, weights, clock, result_grid, banks, baseline)
+    notes = budget_notes(args, df, ended, clock.phases["trials"])
+    summary = write_outputs(paths, df, test, space, winner, weights, clock, result_grid, banks, baseline, notes=notes)
     print("\n" + summary, flush=True)
     return {
         "exp_dir": paths.local,
@@ -581,6 +607,7 @@ def make_tuner(args, paths: ExperimentPaths, space: SearchSpace, base: dict, dat
             scheduler=scheduler,
             num_samples=args.num_samples,
             max_concurrent_trials=args.max_concurrent or None,
+            time_budget_s=parse_duration(args.time_budget, what="--time-budget") if args.time_budget else None,
             # A trial on a bank trains in seconds; starting a fresh worker
             # process (torch import) for each costs more than that.
             reuse_actors=True,
@@ -603,10 +630,12 @@ def run_trials(tuner, args, gpus: float):
 
 
 # ------------------------------------------------------------------------------- results and the winner
-def collect_results(result_grid, space: SearchSpace, max_epochs: int, exp_dir: Path, baseline: Baseline):
+def collect_results(
+    result_grid, space: SearchSpace, max_epochs: int, exp_dir: Path, baseline: Baseline, *, budget: str | None = None
+):
     """results.csv (the trials, then the probe of each bank as rows of kind ``probe``), the probe's
     TensorBoard run, checkpoints pruned to each trial's best and latest; (the trials' table, the best
-    trial's result)."""
+    trial's result). Trials that ``--time-budget`` kept from starting get no row."""
     df = summarize_trials(result_grid, space.metric, space.mode, max_epochs)
     exp_dir.mkdir(parents=True, exist_ok=True)
     probes = pd.DataFrame(
@@ -624,6 +653,11 @@ def collect_results(result_grid, space: SearchSpace, max_epochs: int, exp_dir: P
     write_probe_tensorboard(folder, baseline.probes, max_epochs=max_epochs)
     _prune_checkpoints(result_grid, space.metric, space.mode)
     best = _best_result(result_grid, space.metric, space.mode)
+    if best is None and budget and not any(r.error for r in result_grid):
+        raise UserError(
+            f"--time-budget {budget} ran out before any trial finished an epoch: nothing to score "
+            f"(details in {exp_dir})"
+        )
     if best is None:
         first = next((r.error for r in result_grid if r.error), None)
         reason = str(first).strip().splitlines()[-1] if first else "none"
@@ -637,6 +671,8 @@ def summarize_trials(result_grid, metric: str, mode: str, max_epochs: int) -> pd
     rows = []
     for r in result_grid:
         hist = r.metrics_dataframe
+        if r.error is None and (hist is None or hist.empty or metric not in hist):
+            continue  # created but never started: --time-budget ended the search first
         last = r.metrics or {}
         trial_id = last.get("trial_id") or Path(r.path).name
         row = {"kind": "trial", "trial_id": trial_id, "status": "ERROR" if r.error else "TERMINATED"}
@@ -976,6 +1012,20 @@ def write_report_or_warn(exp_dir: Path) -> None:
         log.warning("report not written: %s", e)
 
 
+def budget_notes(args, df: pd.DataFrame, ended: dict[str, int], trial_seconds: float) -> list[str]:
+    """The summary's line when ``--time-budget`` cut the search (no line when every trial ran)."""
+    if not args.time_budget:
+        return []
+    ran, cut = len(df), ended.get("cut", 0)
+    if ran >= args.num_samples and not cut:
+        return []
+    return [
+        f"the time budget ({args.time_budget}) cut the search after {trial_seconds:.0f}s of trials: "
+        f"{ran} of {args.num_samples} trials ran; {cut} were running when it ran out and were stopped "
+        "there (counted above as stopped early)"
+    ]
+
+
 def write_outputs(
     paths: ExperimentPaths,
     df: pd.DataFrame,
@@ -987,9 +1037,11 @@ def write_outputs(
     result_grid,
     banks: dict[str, FeatureBank] | None,
     baseline: Baseline,
+    *,
+    notes: Sequence[str] = (),
 ) -> str:
     """summary.txt, baseline.json and timings.json, everything copied to a URI storage path; returns the
-    summary."""
+    summary. ``notes``: extra summary lines after the count of trials."""
     seconds = clock.total()
     identities = {b: w.identity for b, w in sorted(weights.items())}
     summary = format_summary(
@@ -1006,6 +1058,7 @@ def write_outputs(
         backbones=identities,
         probes=baseline.probes,
         folds=baseline.k,
+        notes=notes,
     )
     (paths.local / "summary.txt").write_text(summary + "\n")
     (paths.local / BASELINE_FILE).write_text(json.dumps(baseline_record(df, baseline, winner, space), indent=1))
@@ -1047,12 +1100,13 @@ def format_summary(
     backbones: dict[str, str] | None = None,
     probes: dict[str, ProbeResult] | None = None,
     folds: int = 0,
+    notes: Sequence[str] = (),
 ) -> str:
     """The console summary; the top-trials table shows only the ``searched`` parameters (default: all),
     each valid figure with its size and 95% interval; then the linear probe, and whether it was beaten.
     With ``mode`` and several backbones, it names the best one under a phone-sized cost when that is not
     the overall best. ``weights``: the deployed model's backbone weights; ``backbones``: every backbone's
-    (name -> identity)."""
+    (name -> identity). ``notes`` follow the count of trials."""
     lines = []
     if folds:
         lines.append(f"cross-validated: {folds} folds over train+valid; every valid figure is out-of-fold")
@@ -1062,6 +1116,7 @@ def format_summary(
     lines.append(
         f"{n} trials: {n - errored - stopped} ran to the end, {stopped} stopped early by ASHA, {errored} errored"
     )
+    lines.extend(notes)
     key = f"best/{metric}"
     show = [c for c in ("trial_id", key, "best_epoch", "epochs") if c in df] + [
         c for c in df.columns if c.startswith("config/") and (searched is None or c[7:] in searched)

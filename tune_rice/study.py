@@ -2,7 +2,7 @@
 
 The searcher (``tune_glue.PruningAwareOptunaSearch``) writes every trial it proposes into
 ``runs/<name>/optuna_journal.log``: its params, each epoch's value (Optuna's intermediate values) and its
-end state (COMPLETE, PRUNED when ASHA stopped it, FAIL when it errored). The file is
+end state (COMPLETE, PRUNED when ASHA or the time budget stopped it, FAIL when it errored). The file is
 Optuna's own format, so ``optuna-dashboard runs/<name>/optuna_journal.log`` and ``optuna.load_study``
 read it; the report reads it for the parameter importances. Nothing here imports Ray.
 """
