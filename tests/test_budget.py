@@ -23,15 +23,32 @@ params:
   views: 1
   lr: {loguniform: [1.0e-3, 3.0e-2]}
 """
-# Each epoch sleeps this long (trainable's test hook), so that 20 trials of 4 epochs on 2 CPUs need 600 s
+# Each epoch sleeps this long (a worker setup hook), so that 20 trials of 4 epochs on 2 CPUs need 600 s
 # or more, far longer than the 120 s budget: the budget, not the trials, ends the search; and a worker
 # starts (imports torch) well within it even on a busy machine, so some epochs do run.
 EPOCH_SECONDS = 15.0
 
 
+def _slow_hook(seconds: float):
+    def hook():  # runs in every Ray worker: each epoch of a trial takes ``seconds`` more
+        import time
+
+        from tune_rice.engine import HeadRun
+
+        step = HeadRun.step
+
+        def slow(self):
+            time.sleep(seconds)
+            return step(self)
+
+        HeadRun.step = slow
+
+    return hook
+
+
 @pytest.fixture(scope="module")
 def ray_slow_epochs(tmp_path_factory):
-    with local_ray(tmp_path_factory, worker_env={"TUNE_RICE_TEST_EPOCH_SECONDS": str(EPOCH_SECONDS)}) as r:
+    with local_ray(tmp_path_factory, runtime_env={"worker_process_setup_hook": _slow_hook(EPOCH_SECONDS)}) as r:
         yield r
 
 
