@@ -7,8 +7,22 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import make_separable_dataset
 
+from tune_rice import search
 from tune_rice.study import TRIAL_ID_ATTR, load_study
+
+
+def run_small_search(tmp_path: Path, space: str, name: str, *extra) -> Path:
+    """A search of the separable test set (16 images a class, 32 px, random-init backbone) with the
+    search space text ``space`` and the extra arguments; its experiment folder, once it ended with 0."""
+    labels = make_separable_dataset(tmp_path / "data", per_class=16, size=32)
+    (tmp_path / "space.yaml").write_text(space)
+    storage = tmp_path / "runs"
+    args = ["--data", labels, "--search-space", tmp_path / "space.yaml", "--weights", "none"]
+    args += ["--storage-path", storage, "--name", name, "--no-report", *extra]
+    assert search.main([str(a) for a in args]) == 0
+    return storage / name
 
 
 def assert_study_matches_results(exp: Path, metric: str, max_epochs: int) -> dict[str, str]:

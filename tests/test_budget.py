@@ -7,9 +7,10 @@ import json
 
 import pandas as pd
 import pytest
-from conftest import local_ray, make_separable_dataset
+from conftest import local_ray
+from helpers_study import run_small_search
 
-from tune_rice import UserError, search
+from tune_rice import search
 from tune_rice.study import load_study
 
 ray = pytest.importorskip("ray")
@@ -23,10 +24,10 @@ params:
   views: 1
   lr: {loguniform: [1.0e-3, 3.0e-2]}
 """
-# Each epoch sleeps this long (a worker setup hook), so that 20 trials of 4 epochs on 2 CPUs need 600 s
-# or more, far longer than the 120 s budget: the budget, not the trials, ends the search; and a worker
-# starts (imports torch) well within it even on a busy machine, so some epochs do run.
-EPOCH_SECONDS = 15.0
+# Each epoch sleeps this long (a worker setup hook), so that the trials are still running when the budget
+# runs out and Tune has to stop them.
+EPOCH_SECONDS = 2.0
+BUDGET = "2h"
 
 
 def _slow_hook(seconds: float):
@@ -52,22 +53,43 @@ def ray_slow_epochs(tmp_path_factory):
         yield r
 
 
+@pytest.fixture
+def budget_runs_out_at_the_first_epoch(monkeypatch):
+    """Tune's budget clock (its TimeoutStopper, in this process), made to run out as soon as a trial has
+    reported its second epoch (so that Tune has registered the first one's checkpoint): an event, where a
+    real clock would race the workers' start on a busy machine. Returns the budgets in seconds that Tune
+    was given."""
+    from ray.tune.stopper.timeout import TimeoutStopper
+
+    budgets: list[float] = []
+    results: list[str] = []
+
+    def on_result(self, trial_id, result):  # Tune shows the stopper every result
+        results.append(trial_id)
+        return False
+
+    def stop_all(self):
+        budgets.append(self._timeout_seconds)
+        return len(results) > len(set(results))
+
+    monkeypatch.setattr(TimeoutStopper, "__call__", on_result)
+    monkeypatch.setattr(TimeoutStopper, "stop_all", stop_all)
+    return budgets
+
+
 @pytest.mark.slow
-def test_time_budget_cuts_the_search_and_keeps_its_outputs(ray_slow_epochs, tmp_path, capsys):
-    labels = make_separable_dataset(tmp_path / "data", per_class=16, size=32)
-    (tmp_path / "space.yaml").write_text(SPACE)
-    storage = tmp_path / "runs"
-    rc = search.main(list(map(str, ["--data", labels, "--search-space", tmp_path / "space.yaml", "--weights", "none",
-                                    "--storage-path", storage, "--name", "b", "--num-samples", 20,
-                                    "--time-budget", "120s", "--no-report"])))
-    assert rc == 0
-    exp = storage / "b"
-    df = pd.read_csv(exp / "results.csv")
+def test_time_budget_cuts_the_search_and_keeps_its_outputs(
+    ray_slow_epochs, budget_runs_out_at_the_first_epoch, tmp_path, capsys
+):
+    exp = run_small_search(tmp_path, SPACE, "b", "--num-samples", 20, "--time-budget", BUDGET)
+    assert set(budget_runs_out_at_the_first_epoch) == {search.parse_duration(BUDGET, what="--time-budget")}
+    rows = pd.read_csv(exp / "results.csv")
+    df = rows[rows["kind"] == "trial"]  # the linear probe's rows follow the trials'
     assert 1 <= len(df) < 20 and (df["epochs"] >= 1).all(), df[["trial_id", "epochs"]]
-    test = json.loads((exp / "test_metrics.json").read_text())  # the best so far, scored once
-    assert test["trial_id"] in set(df["trial_id"]) and (exp / "best" / "model.pt").is_file()
+    test = json.loads((exp / "test_metrics.json").read_text())  # the best so far (or the probe), scored once
+    assert test["trial_id"] in set(rows["trial_id"]) and (exp / "best" / "model.pt").is_file()
     summary = (exp / "summary.txt").read_text()
-    assert f"the time budget (120s) cut the search" in summary and f"{len(df)} of 20 trials ran" in summary
+    assert f"the time budget ({BUDGET}) cut the search" in summary and f"{len(df)} of 20 trials ran" in summary
     assert summary in capsys.readouterr().out
     # the study has no trial left RUNNING: the cut ones are PRUNED, each with the epochs it ran
     study = load_study(exp)

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-from conftest import local_ray, make_separable_dataset
-from helpers_study import assert_study_matches_results
+from conftest import local_ray
+from helpers_study import assert_study_matches_results, run_small_search
 
-from tune_rice import search
 from tune_rice.report import importances, load_experiment
 from tune_rice.study import load_study
 
@@ -52,37 +51,7 @@ def ray_crashing(tmp_path_factory):
 
 @pytest.mark.slow  # errored trials are retried twice, each retry a fresh worker
 def test_study_is_kept_with_complete_pruned_and_failed_trials(ray_crashing, tmp_path):
-    labels = make_separable_dataset(tmp_path / "data", per_class=16, size=32)
-    (tmp_path / "space.yaml").write_text(SPACE)
-    storage = tmp_path / "runs"
-    rc = search.main(
-        list(
-            map(
-                str,
-                [
-                    "--data",
-                    labels,
-                    "--search-space",
-                    tmp_path / "space.yaml",
-                    "--weights",
-                    "none",
-                    "--storage-path",
-                    storage,
-                    "--name",
-                    "kept",
-                    "--num-samples",
-                    8,
-                    "--grace-period",
-                    1,
-                    "--reduction-factor",
-                    4,
-                    "--no-report",
-                ],
-            )
-        )
-    )
-    assert rc == 0
-    exp = storage / "kept"
+    exp = run_small_search(tmp_path, SPACE, "kept", "--num-samples", 8, "--grace-period", 1, "--reduction-factor", 4)
     states = assert_study_matches_results(exp, "valid/loss", max_epochs=4)
     assert {"COMPLETE", "PRUNED", "FAIL"} <= set(states.values()), states
     df = pd.read_csv(exp / "results.csv")
