@@ -18,11 +18,13 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
 import torchvision
 from torch import nn
+from torchvision.models import WeightsEnum
 
 from . import UserError
 from .backbones import classifier_dims, create_network, cut_classifier, drop_aux, parse_backbone, weights_file
@@ -53,10 +55,13 @@ def _offline() -> bool:
     return os.environ.get("TUNE_RICE_OFFLINE", "") not in ("", "0") or os.environ.get("HF_HUB_OFFLINE") == "1"
 
 
-def hub_weights_file(name: str) -> tuple[object, Path]:
+def hub_weights_file(name: str) -> tuple[WeightsEnum, Path]:
     """The torchvision ``Weights`` enum member for backbone ``name`` (``arch`` or ``arch:WEIGHTS``) and
     where torch's hub cache keeps its file."""
-    return parse_backbone(name).weights, weights_file(name)
+    weights = parse_backbone(name).weights
+    if not isinstance(weights, WeightsEnum):  # parse_backbone takes its members from torchvision's enums
+        raise TypeError(f"{name}: {weights!r} is not a torchvision weights enum member")
+    return weights, weights_file(name)
 
 
 def _file_digest(path: Path) -> str:
@@ -221,6 +226,9 @@ class Head(nn.Module):
     linear classifier ``Dropout -> Linear(D, C)``.
     """
 
+    mean: torch.Tensor  # (D,) buffers: nn.Module's attribute lookup would type them Tensor | Module
+    std: torch.Tensor
+
     def __init__(self, in_dim: int, n_classes: int, *, hidden: int = 256, dropout: float = 0.0, kind: str = "pooled"):
         super().__init__()
         if kind not in HEAD_KINDS:
@@ -340,6 +348,13 @@ class Ensemble(nn.Module):
         self.temperature = float(temperature)
         self.names = [str(n) for n in names] if names is not None else [f"head{i}" for i in range(len(heads))]
 
+    # nn.ModuleList registers its items (state_dict, .to) but types each as Module; these say what they are.
+    def backbone_list(self) -> list[FrozenBackbone]:
+        return [cast(FrozenBackbone, b) for b in self.backbones]
+
+    def head_list(self) -> list[Head]:
+        return [cast(Head, h) for h in self.heads]
+
     def member_logits(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Each head's own logits (B, C), before weighting and temperature; one pass per backbone."""
         features = [b(x) for b in self.backbones]  # one (B, D_j) per distinct backbone
@@ -402,8 +417,10 @@ def _state(module: nn.Module) -> dict:
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
-def _identity(weights: ResolvedWeights | str) -> str:
-    return weights.identity if isinstance(weights, ResolvedWeights) else str(weights)
+def _identities(weights: ResolvedWeights | str | Sequence[ResolvedWeights | str]) -> list[str]:
+    if isinstance(weights, (ResolvedWeights, str)):
+        return [weights.identity if isinstance(weights, ResolvedWeights) else weights]
+    return [w.identity if isinstance(w, ResolvedWeights) else str(w) for w in weights]
 
 
 def save_artifact(
@@ -427,11 +444,11 @@ def save_artifact(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(model, Ensemble):
-        backbones, heads, index = list(model.backbones), list(model.heads), model.backbone_index
+        backbones, heads, index = model.backbone_list(), model.head_list(), model.backbone_index
         mix, names = model.weights, model.names
     else:
         backbones, heads, index, mix, names = [model.backbone], [model.head], [0], [1.0], ["head0"]
-    identities = [_identity(w) for w in weights] if isinstance(weights, (list, tuple)) else [_identity(weights)]
+    identities = _identities(weights)
     if len(identities) == 1:
         identities = identities * len(backbones)
     if len(identities) != len(backbones):
@@ -477,6 +494,12 @@ def _upgrade_v1(payload: dict) -> dict:
     }
 
 
+class _StateDict(OrderedDict[str, torch.Tensor]):
+    """A state dict carrying torch's per-module format versions, which ``load_state_dict`` reads."""
+
+    _metadata: dict | None
+
+
 def load_artifact(
     path: str | os.PathLike, *, map_location: str | torch.device = "cpu"
 ) -> tuple[Classifier | Ensemble, dict]:
@@ -503,7 +526,7 @@ def load_artifact(
     for b in payload["backbones"]:
         net = drop_aux(create_network(b["name"], init=False))  # every weight is loaded next
         backbone = FrozenBackbone(net, name=b["name"], feature_layer=b["feature_layer"])
-        state = OrderedDict(b["state_dict"])
+        state = _StateDict(b["state_dict"])
         # The saved tensors lost their modules' format versions (state_dict()._metadata); the network
         # built here is the same code, so its own versions are right (MNASNet refuses to load without).
         state._metadata = getattr(backbone.net.state_dict(), "_metadata", None)
@@ -518,6 +541,7 @@ def load_artifact(
         heads.append(head)
     ens = payload["ensemble"]
     index = [int(h["backbone"]) for h in payload["heads"]]
+    model: Classifier | Ensemble
     if len(heads) == 1:
         model = Classifier(backbones[index[0]], heads[0], temperature=ens["temperature"])
     else:
@@ -625,6 +649,7 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
     """
     path = resolve_model_path(path)
     device = torch.device(device)
+    module: nn.Module
     try:
         with warnings.catch_warnings():  # torch.load's note on meeting a TorchScript archive: handled below
             warnings.filterwarnings("ignore", message=".*TorchScript archive", category=UserWarning)
