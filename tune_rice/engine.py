@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import math
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +23,7 @@ from . import UserError
 from .data import AUG_POLICIES, LabelTable, build_transform, dataset_for_split
 from .devices import default_num_workers, resolve_device
 from .features import FeatureBank, FeatureSpec, SplitFeatures, run_backbone
-from .model import HEAD_KINDS, Classifier, ResolvedWeights, build_backbone, build_head, feature_layer_for
+from .model import HEAD_KINDS, Classifier, Head, ResolvedWeights, build_backbone, build_head, feature_layer_for
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ class ImageBatches:
 
 
 # ------------------------------------------------------------------------------------ optimisation
-def make_optimizer(params: Iterable[nn.Parameter], cfg: TrialConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: Iterable[torch.Tensor], cfg: TrialConfig) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -338,6 +338,9 @@ class HeadRun:
             raise ValueError("give exactly one of bank (feature-bank path) or table (inline path)")
         self.cfg, self.device, self.epoch = cfg, resolve_device(device), 0
         torch.manual_seed(cfg.seed)
+        self.model: nn.Module  # the head alone on a bank, backbone + head on images
+        self.train_batches: BankBatches | ImageBatches
+        self.valid_batches: BankBatches | ImageBatches
         if bank is not None:
             self.classes = bank.classes
             self.weights = bank.weights
@@ -352,7 +355,7 @@ class HeadRun:
             )
             self.valid_batches = BankBatches(bank.splits["valid"], batch_size=512, train=False, device=self.device)
             counts = np.bincount(bank.splits["train"].targets, minlength=n_classes)
-        else:
+        elif table is not None:
             self.classes = table.classes
             n_classes = len(table.classes)
             spec = cfg.feature_spec()
@@ -433,7 +436,7 @@ class HeadRun:
         return out
 
     def state_dict(self) -> dict:
-        state = {
+        return {
             "epoch": self.epoch,
             "head": self.head.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -441,21 +444,30 @@ class HeadRun:
             "config": self.cfg.to_dict(),
             "classes": list(self.classes),
             "weights": self.weights,
-            "torch_rng": torch.get_rng_state(),
+            **_rng_state(self.device),
         }
-        if self.device.type == "cuda":  # dropout on the GPU draws from the CUDA generator, not the CPU one
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.head.load_state_dict(state["head"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.epoch = int(state["epoch"])
-        if "torch_rng" in state:
-            torch.set_rng_state(state["torch_rng"])
-        if "cuda_rng" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
+        self.epoch = _load_progress(state, self.optimizer, self.scheduler, self.device)
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":  # dropout on the GPU draws from the CUDA generator, not the CPU one
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _load_progress(state: dict, optimizer: torch.optim.Optimizer, scheduler, device: torch.device) -> int:
+    """Restore a checkpoint's optimizer, scheduler and random generators (those it has); returns its epoch."""
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if "torch_rng" in state:
+        torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
+    return int(state["epoch"])
 
 
 # ------------------------------------------------------------------------- cross-validated trials
@@ -467,7 +479,7 @@ class HeadStack:
     element, and gradient clipping is per head: one step equals K separate steps (tested).
     """
 
-    def __init__(self, heads: list[nn.Module]):
+    def __init__(self, heads: Sequence[nn.Module]):
         from torch.func import stack_module_state
 
         self.k = len(heads)
@@ -714,7 +726,7 @@ class CVHeadRun:
         return self.stack.head(f, template).eval()
 
     def state_dict(self) -> dict:
-        state = {
+        return {
             "epoch": self.epoch,
             "stack": self.stack.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -725,24 +737,15 @@ class CVHeadRun:
             "oof_logits": self.last_logits if self.last_logits is not None else torch.empty(0),
             "classes": list(self.classes),
             "weights": self.weights,
-            "torch_rng": torch.get_rng_state(),
+            **_rng_state(self.device),
         }
-        if self.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.stack.load_state_dict(state["stack"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.epoch = int(state["epoch"])
-        if "torch_rng" in state:
-            torch.set_rng_state(state["torch_rng"])
-        if "cuda_rng" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
+        self.epoch = _load_progress(state, self.optimizer, self.scheduler, self.device)
 
 
-def fold_heads(state: dict, cfg: TrialConfig, *, n_classes: int) -> list[nn.Module]:
+def fold_heads(state: dict, cfg: TrialConfig, *, n_classes: int) -> list[Head]:
     """The K fold heads of a cross-validated trial's checkpoint (``CVHeadRun.state_dict()``), as plain
     heads: together, averaged, they are the trial's deployed model."""
     params, buffers = state["stack"]["params"], state["stack"]["buffers"]
