@@ -48,12 +48,11 @@ def load_image(path: str | os.PathLike, *, draft_size: int | None = None) -> Ima
     """
     path = Path(path)
     try:
-        with Image.open(path) as im:
-            if draft_size and im.format == "JPEG":
-                im.draft("RGB", (draft_size, draft_size))
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            return _to_rgb(im)
+        with Image.open(path) as opened:
+            if draft_size and opened.format == "JPEG":
+                opened.draft("RGB", (draft_size, draft_size))
+            opened.load()
+            return _to_rgb(ImageOps.exif_transpose(opened))
     except FileNotFoundError:
         raise ImageDecodeError(f"{path}: file not found") from None
     except UnidentifiedImageError:
@@ -162,7 +161,7 @@ def read_labels_checked(
     for rel in listed:  # paths are validated POSIX-relative by read_labels
         folder, _, name = rel.rpartition("/")
         by_folder.setdefault(folder, []).append((rel, name))
-    missing = []
+    missing: list[str] = []
     for folder, items in by_folder.items():
         try:
             with os.scandir(table.root / folder) as entries:

@@ -567,8 +567,8 @@ def _jpeg(image: Image.Image | np.ndarray, quality: int) -> bytes:
 
 def _near_duplicate(original: bytes, rng: np.random.Generator, quality: int) -> tuple[bytes, str]:
     """Another file of the same picture: decoded, maybe shifted and/or brightened, re-encoded."""
-    with Image.open(io.BytesIO(original)) as im:
-        im = im.convert("L" if im.mode == "L" else "RGB")  # a greyscale scan stays greyscale
+    with Image.open(io.BytesIO(original)) as opened:
+        im = opened.convert("L" if opened.mode == "L" else "RGB")  # a greyscale scan stays greyscale
     S = im.width
     how = []
     kind = rng.choice(3)  # 0: re-encode only, 1: shift, 2: brighten (each also re-encodes)

@@ -183,6 +183,7 @@ def export_model(
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    diff: float | None
     try:
         if fmt == "torchscript":
             diff = export_torchscript(model, meta, tmp)

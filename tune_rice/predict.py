@@ -169,7 +169,7 @@ def predict_files(
             labels[idx] = top_i.cpu().numpy()
         bar.update(len(idx) + len(failures))
     bar.close()
-    rows = {"path": [str(f) for f in files]}
+    rows: dict[str, list[str] | np.ndarray] = {"path": [str(f) for f in files]}  # one column each
     names = np.asarray(loaded.classes + [""], dtype=object)  # index -1 -> "" for skipped files
     rows["label"] = names[labels[:, 0]]
     if min_confidence is not None:

@@ -280,7 +280,7 @@ def split_groups(
     ``fraction * images``; the last groups go to any split still empty, so a class with >= 3 groups has
     train, valid and test members. With singleton groups every split lands within one image of target.
     """
-    fractions = np.asarray(fractions, dtype=np.float64)
+    share = np.asarray(fractions, dtype=np.float64)  # (3,) train, valid, test
     rng = np.random.default_rng(seed)
     split_of = np.full(len(group_class), -1, dtype=np.int64)
     warnings: list[str] = []
@@ -305,12 +305,12 @@ def split_groups(
             missing = data.SPLITS[len(idx) :]
             warnings.append(f"class {name!r} has only {len(idx)} group(s): none in {'/'.join(missing)}")
             continue
-        target = fractions * group_size[idx].sum()
-        count = np.zeros(len(fractions))
-        members = np.zeros(len(fractions), dtype=np.int64)
+        target = share * group_size[idx].sum()
+        count = np.zeros(len(share))
+        members = np.zeros(len(share), dtype=np.int64)
         for k, g in enumerate(idx):
             empty = np.flatnonzero(members == 0)
-            candidates = empty if len(empty) >= len(idx) - k else np.arange(len(fractions))
+            candidates = empty if len(empty) >= len(idx) - k else np.arange(len(share))
             s = candidates[np.argmax((target - count)[candidates])]  # first of ties: train, valid, test
             split_of[g] = s
             count[s] += group_size[g]
@@ -453,9 +453,13 @@ def prepare_dataset(
     paths = [r[0] for r in rows]
     labels = np.asarray([classes.index(r[1]) for r in rows])  # (N,)
     sha1s = [r[2].sha1 for r in rows]
+    signatures = None
+    if dedup_mode == "near":  # inspect_images computed one per image in this mode
+        signatures = [sig for r in rows if (sig := r[2].signature) is not None]
+        assert len(signatures) == len(rows)
     grouping = dedup.group_images(
         sha1s,
-        [r[2].signature for r in rows] if dedup_mode == "near" else None,
+        signatures,
         mode=dedup_mode,
         min_similarity=min_similarity,
         flips=flips,
@@ -507,8 +511,8 @@ def prepare_dataset(
     _write_atomic(frame, out_path)
     log.info("wrote %s (%d images, %d classes)", out_path, len(frame), len(classes))
     merged = group_size[group_size > 1]
-    largest = np.argsort(-group_size, kind="stable")[:5]
-    largest = [sorted(paths[k] for k in np.flatnonzero(group == g)) for g in largest if group_size[g] > 1]
+    biggest = np.argsort(-group_size, kind="stable")[:5]
+    largest = [sorted(paths[k] for k in np.flatnonzero(group == g)) for g in biggest if group_size[g] > 1]
     checks = [p[2] for p in grouping.pairs]
     return PrepareResult(
         labels_csv=out_path,
