@@ -384,7 +384,7 @@ def curves_figure(exp: Experiment):
         if is_top:
             best = row.get(exp.key)
             handles.append((top.index(trial_id), line, f"#{top.index(trial_id) + 1} {trial_id}: {best:.4g}"))
-    handles = [h[1:] for h in sorted(handles)]
+    labelled = [h[1:] for h in sorted(handles)]
     extra = [Line2D([], [], color=GREY, lw=1.0, label="other trials")] if len(exp.histories) > len(top) else []
     extra.append(Line2D([], [], color="black", marker="x", ls="none", ms=8, mew=2, label="stopped early (ASHA)"))
     if any(exp.status(r) == "errored" for _, r in exp.results.iterrows()):
@@ -395,17 +395,17 @@ def curves_figure(exp: Experiment):
         ax.axvline(exp.max_epochs, color="black", ls=":", lw=1)
         extra.append(Line2D([], [], color="black", ls=":", lw=1, label=f"max epochs ({exp.max_epochs})"))
     fig.legend(
-        [h[0] for h in handles] + extra,
-        [h[1] for h in handles] + [e.get_label() for e in extra],
+        [h[0] for h in labelled] + extra,
+        [h[1] for h in labelled] + [e.get_label() for e in extra],
         loc="outside right upper",
         fontsize=9,
-        title=f"top {len(handles)} by best {exp.metric}",
+        title=f"top {len(labelled)} by best {exp.metric}",
         title_fontsize=9,
     )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"{exp.metric} ({exp.mode} is better)")
-    ax.set_title(f"{exp.metric} per epoch: {len(exp.histories)} trials, best {len(handles)} in colour")
+    ax.set_title(f"{exp.metric} per epoch: {len(exp.histories)} trials, best {len(labelled)} in colour")
     ax.grid(alpha=0.3)
     return fig
 
@@ -424,7 +424,7 @@ def _match_choice(value, choices):
     return None
 
 
-def _param_kind(exp: Experiment, name: str) -> tuple[str, list | tuple | None]:
+def _param_kind(exp: Experiment, name: str) -> tuple[str, list | tuple]:
     """(``log`` | ``linear`` | ``int`` | ``choice``, bounds or choices)."""
     if exp.space is not None and name in exp.space.distributions:
         kind, args = exp.space.distributions[name]
@@ -516,12 +516,12 @@ def params_figure(exp: Experiment):
 def importances(exp: Experiment) -> tuple[dict[str, float] | None, str]:
     """PED-ANOVA importances of the searched parameters; (None, why) when they cannot be computed."""
     import optuna
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
     names = exp.searched
     if exp.key not in exp.results or not names:
         return None, "no metric values or no searched parameters"
-    dists = {}
+    dists: dict[str, CategoricalDistribution | IntDistribution | FloatDistribution] = {}
     for name in names:
         kind, spec = _param_kind(exp, name)
         if kind == "choice":
@@ -530,6 +530,7 @@ def importances(exp: Experiment) -> tuple[dict[str, float] | None, str]:
             dists[name] = IntDistribution(int(spec[0]), int(spec[1]))
         elif float(spec[0]) < float(spec[1]):
             dists[name] = FloatDistribution(float(spec[0]), float(spec[1]), log=kind == "log")
+    searched: dict[str, BaseDistribution] = dict(dists)  # what create_trial takes (dict is invariant)
     previous = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
@@ -562,7 +563,7 @@ def importances(exp: Experiment) -> tuple[dict[str, float] | None, str]:
                     v = float(min(max(float(v), dist.low), dist.high))
                 params[name] = v
             else:
-                study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=float(value)))
+                study.add_trial(optuna.trial.create_trial(params=params, distributions=searched, value=float(value)))
         n = len(study.trials)
         if n < MIN_TRIALS_FOR_IMPORTANCE:
             return None, f"only {n} trials with a value (need {MIN_TRIALS_FOR_IMPORTANCE})"
@@ -720,9 +721,10 @@ def coverage_figure(final: dict):
     return fig
 
 
-def final_lines(exp: Experiment) -> list[str]:
-    """The report's section on the deployed model: members, weights, valid and test figures."""
-    fin, test = exp.final, exp.test or {}
+def final_lines(exp: Experiment, fin: dict) -> list[str]:
+    """The report's section on the deployed model (``fin``: final.json): members, weights, valid and test
+    figures."""
+    test = exp.test or {}
     md = ["## Final model", ""]
     n = len(fin["members"])
     what = f"an ensemble of {n} heads" if fin["deployed"] == "ensemble" else "the single best trial's head"
@@ -747,16 +749,16 @@ def final_lines(exp: Experiment) -> list[str]:
     kinds = [("single best", "single", fin["single_temperature"])]
     if len(fin["selection"]["members"]) > 1:
         kinds.append((f"ensemble of {len(fin['selection']['members'])}", "ensemble", fin["ensemble_temperature"]))
-    rows = []
+    scores = []  # (model, split, temperature, metrics)
     for label, key, t in kinds:
         mark = " (deployed)" if fin["deployed"] == key else ""
-        rows += [
+        scores += [
             (f"{label}{mark}", "valid", "1", v[key]),
             (f"{label}{mark}", "valid", f"{t:.3g}", v[f"{key}_calibrated"]),
         ]
         scored = test.get("single_best" if key == "single" else "ensemble")
         if scored and scored.get("calibration"):
-            rows += [
+            scores += [
                 (f"{label}{mark}", "test", "1", scored["calibration"]["before"]),
                 (f"{label}{mark}", "test", f"{t:.3g}", scored["calibration"]["after"]),
             ]
@@ -768,7 +770,7 @@ def final_lines(exp: Experiment) -> list[str]:
                 "temperature": t,
                 **{k: m[k] for k in ("acc", "macro_f1", "ece", "nll", "brier")},
             }
-            for name, split, t, m in rows
+            for name, split, t, m in scores
         ]
     )
     md += [
@@ -843,7 +845,7 @@ def extraction_rates(exp: Experiment) -> dict[str, float]:
     """Images/s of each backbone's bank extraction in this search (timings.json; a bank read from the
     cache has none). Banks extracted in one pass share its rate."""
     timings = _read_json(exp.exp_dir / "timings.json") or {}
-    rates = {}
+    rates: dict[str, float] = {}
     for name, info in (timings.get("banks") or {}).items():
         if isinstance(info, dict) and info.get("images_per_s") and not info.get("from_cache"):
             rates.setdefault(name.split("-")[0], float(info["images_per_s"]))  # "<backbone>-<size>px-..."
@@ -1026,13 +1028,14 @@ def write_report(exp_dir: str | os.PathLike) -> Path:
             "",
         ]
     if exp.final:
+        fin = exp.final
         try:
-            md += final_lines(exp)
+            md += final_lines(exp, fin)
         except (KeyError, TypeError, ValueError) as e:  # a final.json from another version
             md += [f"(final.json not understood: {type(e).__name__}: {e})", ""]
-        if draw("reliability.png", lambda: reliability_figure(exp.final)):
+        if draw("reliability.png", lambda: reliability_figure(fin)):
             md += ["![reliability diagram on valid, before and after the temperature](reliability.png)", ""]
-        if draw("coverage.png", lambda: coverage_figure(exp.final)):
+        if draw("coverage.png", lambda: coverage_figure(fin)):
             md += ["![accuracy against coverage on valid](coverage.png)", ""]
     if exp.test and exp.test.get("confusion_matrix"):
         md += ["## Test confusion matrix", ""]
