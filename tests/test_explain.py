@@ -326,6 +326,24 @@ def test_gallery_without_a_model_or_data_says_why(tmp_path):
     )
 
 
+def test_the_gallery_run_reaches_a_uri_storage_path(tmp_path):
+    """On a URI ``--storage-path`` the search copies its outputs there: the gallery's TensorBoard run
+    (``valid``) goes with them, beside ``test`` and the report."""
+    from matplotlib.figure import Figure
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tune_rice import storage
+
+    exp = tmp_path / "runs" / "e"
+    fig = Figure(figsize=(2, 2))
+    fig.add_subplot().plot([0, 1], [1, 0])
+    explain.write_tensorboard_gallery(exp, {"valid/mistakes": fig})
+    storage.upload(exp, f"file://{tmp_path}/bucket/e")
+    acc = EventAccumulator(str(tmp_path / "bucket" / "e" / explain.VALID_RUN), size_guidance={"images": 0})
+    acc.Reload()
+    assert acc.Tags()["images"] == ["valid/mistakes"]
+
+
 # ------------------------------------------------------------------------ do the maps find the evidence?
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["field"])

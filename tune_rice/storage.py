@@ -37,6 +37,7 @@ OUTPUTS = (
     ARGS_FILE,
     "best",
     "test",
+    "valid",  # the report's gallery run (explain.VALID_RUN), beside test and the trials
     "report",
     "probe",
     STUDY_FILE,
