@@ -76,6 +76,36 @@ def make_separable_dataset(
     return csv
 
 
+# A space whose checks pass: what the tests that stop before any trial (or run one or two) search over.
+SMALL_SPACE = """\
+metric: valid/acc
+max_epochs: 2
+params:
+  backbone: resnet18
+  image_size: 32
+  views: 1
+  lr: {loguniform: [1.0e-3, 3.0e-2]}
+"""
+
+
+def search_argv(labels: Path, space: Path, storage: Path | str, name: str, *extra, weights: str = "none") -> list[str]:
+    """``tune_rice.search`` arguments for a test search: no report, random init unless ``weights`` says."""
+    return [
+        "--data",
+        str(labels),
+        "--search-space",
+        str(space),
+        "--weights",
+        weights,
+        "--storage-path",
+        str(storage),
+        "--name",
+        name,
+        "--no-report",
+        *map(str, extra),
+    ]
+
+
 @pytest.fixture
 def separable(tmp_path) -> Path:
     """labels.csv of a tiny 3-class separable dataset (12 images per class, 48 px)."""

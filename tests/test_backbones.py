@@ -351,7 +351,7 @@ params:
 @pytest.mark.slow
 def test_a_search_across_families_saves_and_scores_the_winner_with_its_preprocessing(tmp_path_factory, tmp_path):
     pytest.importorskip("ray")
-    from conftest import local_ray, make_separable_dataset
+    from conftest import local_ray, make_separable_dataset, search_argv
 
     from tune_rice import search
     from tune_rice.evaluate import evaluate_model
@@ -360,25 +360,7 @@ def test_a_search_across_families_saves_and_scores_the_winner_with_its_preproces
     space = tmp_path / "zoo-tiny.yaml"
     space.write_text(ZOO_SPACE)
     with local_ray(tmp_path_factory):
-        rc = search.main(
-            [
-                "--data",
-                str(labels),
-                "--search-space",
-                str(space),
-                "--weights",
-                "none",
-                "--storage-path",
-                str(tmp_path / "runs"),
-                "--name",
-                "zoo",
-                "--no-report",
-                "--num-samples",
-                "4",
-                "--seed",
-                "0",
-            ]
-        )
+        rc = search.main(search_argv(labels, space, tmp_path / "runs", "zoo", "--num-samples", 4, "--seed", 0))
     assert rc == 0
     exp = tmp_path / "runs" / "zoo"
     df = pd.read_csv(exp / "results.csv")

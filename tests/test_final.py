@@ -215,6 +215,28 @@ def _scans_dataset(root):
     return folder / "labels.csv"
 
 
+def _tiny_config(**values):
+    """A trial on random-init resnet18 features at 32 px, one view (seconds on a CPU)."""
+    from tune_rice import engine
+
+    return engine.TrialConfig(backbone="resnet18", image_size=32, views=1, aug_policy="none", **values)
+
+
+def _bank(labels, cfg, tmp_path):
+    """``cfg``'s feature bank of ``labels``: random init, on the CPU, cached under ``tmp_path``."""
+    from tune_rice import features
+
+    return features.extract_bank(
+        labels,
+        cfg.feature_spec(),
+        weights="none",
+        cache_dir=tmp_path / "cache",
+        device="cpu",
+        num_workers=0,
+        progress=False,
+    )
+
+
 @pytest.fixture(params=["colour", "scans"])
 def tiny_candidates(request, tmp_path):
     """Six heads trained a few epochs on one resnet18 bank (random init, 32 px), as trials would."""
@@ -225,16 +247,8 @@ def tiny_candidates(request, tmp_path):
     labels = (
         make_separable_dataset(tmp_path / "data") if request.param == "colour" else _scans_dataset(tmp_path / "scans")
     )
-    cfg = engine.TrialConfig(backbone="resnet18", image_size=32, views=1, aug_policy="none", epochs=4, seed=0)
-    bank = features.extract_bank(
-        labels,
-        cfg.feature_spec(),
-        weights="none",
-        cache_dir=tmp_path / "cache",
-        device="cpu",
-        num_workers=0,
-        progress=False,
-    )
+    cfg = _tiny_config(epochs=4, seed=0)
+    bank = _bank(labels, cfg, tmp_path)
     candidates = []
     for i, (hidden, lr) in enumerate([(32, 3e-3), (0, 1e-2), (64, 1e-3), (16, 3e-2), (0, 1e-3), (32, 1e-2)]):
         run = engine.HeadRun(
@@ -304,18 +318,10 @@ def test_the_deployed_model_on_images_is_the_choice_made_on_bank_logits(tiny_can
 
 
 def test_candidates_from_checkpoint_states_plain_and_cross_validated(separable, tmp_path):
-    from tune_rice import engine, features
+    from tune_rice import engine
 
-    cfg = engine.TrialConfig(backbone="resnet18", image_size=32, views=1, aug_policy="none", epochs=2, hidden=16)
-    bank = features.extract_bank(
-        separable,
-        cfg.feature_spec(),
-        weights="none",
-        cache_dir=tmp_path / "cache",
-        device="cpu",
-        num_workers=0,
-        progress=False,
-    )
+    cfg = _tiny_config(epochs=2, hidden=16)
+    bank = _bank(separable, cfg, tmp_path)
     run = engine.HeadRun(cfg, bank=bank, device="cpu")
     run.step()
     plain = final.candidate_from_state("t0", run.state_dict(), cfg, score=0.5)
@@ -360,18 +366,10 @@ def test_make_final_model_and_its_record_rebuild_the_same_model(tiny_candidates)
 
 
 def test_probes_join_the_candidates_behind_the_single_best(separable, tmp_path):
-    from tune_rice import engine, features, probe
+    from tune_rice import probe
 
-    cfg = engine.TrialConfig(backbone="resnet18", image_size=32, views=1, aug_policy="none", epochs=2, hidden=16)
-    bank = features.extract_bank(
-        separable,
-        cfg.feature_spec(),
-        weights="none",
-        cache_dir=tmp_path / "cache",
-        device="cpu",
-        num_workers=0,
-        progress=False,
-    )
+    cfg = _tiny_config(epochs=2, hidden=16)
+    bank = _bank(separable, cfg, tmp_path)
     banks = {bank.spec.name: bank}
     probes = probe.fit_probes(banks, metric="valid/acc")
     (cand,) = final.probe_candidates(probes, banks, metric="valid/acc")

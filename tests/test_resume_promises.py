@@ -13,22 +13,13 @@ import pandas as pd
 import pytest
 import torch
 import torchvision
+from conftest import SMALL_SPACE, search_argv
 
 from tune_rice import UserError, evaluate, report, search, storage, tune_glue
 from tune_rice.engine import TrialConfig
 from tune_rice.model import hub_weights_file, load_artifact, resolve_weights
 
 pytest_plugins = ["helpers_artifacts"]
-
-SPACE = """\
-metric: valid/acc
-max_epochs: 2
-params:
-  backbone: resnet18
-  image_size: 32
-  views: 1
-  lr: {loguniform: [1.0e-3, 3.0e-2]}
-"""
 
 
 def _no_ray(monkeypatch):
@@ -40,22 +31,10 @@ def _started_experiment(
 ) -> tuple[str, Path]:
     """An interrupted search's folder as the search leaves it when it starts: search_args.json with the
     resolved weights. Returns (storage path, local experiment folder)."""
-    (tmp_path / "space.yaml").write_text(SPACE)
+    (tmp_path / "space.yaml").write_text(SMALL_SPACE)
     storage_path = storage_path or str(tmp_path / "runs")
     args = search.build_parser().parse_args(
-        [
-            "--data",
-            str(labels),
-            "--search-space",
-            str(tmp_path / "space.yaml"),
-            "--weights",
-            weights_arg,
-            "--storage-path",
-            storage_path,
-            "--name",
-            "r",
-            "--no-report",
-        ]
+        search_argv(labels, tmp_path / "space.yaml", storage_path, "r", weights=weights_arg)
     )
     paths = storage.experiment_paths(storage_path, "r")
     storage.save_args(paths.local, args, weights=recorded)
@@ -128,7 +107,7 @@ def test_the_final_model_is_not_built_on_other_weights_than_its_heads_saw(tmp_pa
         best_checkpoints=[(checkpoint, {})],
         get_best_checkpoint=lambda metric, mode: checkpoint,
     )
-    (tmp_path / "space.yaml").write_text(SPACE)
+    (tmp_path / "space.yaml").write_text(SMALL_SPACE)
     space = load_search_space(str(tmp_path / "space.yaml"))
     base = {"epochs": 2, "seed": 0, "backbone": "resnet18", "image_size": 32, "views": 1}
     with pytest.raises(UserError) as e:

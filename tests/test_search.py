@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import local_ray, make_separable_dataset
+from conftest import local_ray, make_separable_dataset, search_argv
 from helpers_study import assert_study_matches_results
 from torch.utils.tensorboard import SummaryWriter
 
@@ -101,23 +101,6 @@ def _space(folder: Path, *, metric="valid/acc", epochs=3, views=2, name="space.y
     return path
 
 
-def _argv(labels: Path, space: Path, storage: Path, name: str, *extra) -> list[str]:
-    return [
-        "--data",
-        str(labels),
-        "--search-space",
-        str(space),
-        "--weights",
-        "none",
-        "--storage-path",
-        str(storage),
-        "--name",
-        name,
-        "--no-report",
-        *map(str, extra),
-    ]
-
-
 def _reads(trace: Path) -> list[tuple[int, Path]]:
     if not trace.exists():
         return []
@@ -170,7 +153,7 @@ def test_search_end_to_end(ray_local, labels, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(search, "run_search", run_and_keep)
     ray_local["trace"].unlink(missing_ok=True)
     storage = tmp_path / "runs"
-    rc = search.main(_argv(labels, _space(tmp_path), storage, "smoke", "--num-samples", 3, "--seed", 1))
+    rc = search.main(search_argv(labels, _space(tmp_path), storage, "smoke", "--num-samples", 3, "--seed", 1))
     out = capsys.readouterr().out
     assert rc == 0
     exp = storage / "smoke"
@@ -266,7 +249,7 @@ def test_asha_stops_are_recorded_as_pruned_in_optuna(ray_local, labels, tmp_path
     space = _space(tmp_path, metric="valid/loss", epochs=4, views=1)
     storage = tmp_path / "runs"
     rc = search.main(
-        _argv(labels, space, storage, "asha", "--num-samples", 6, "--grace-period", 1, "--reduction-factor", 4)
+        search_argv(labels, space, storage, "asha", "--num-samples", 6, "--grace-period", 1, "--reduction-factor", 4)
     )
     assert rc == 0
     exp = storage / "asha"
@@ -401,7 +384,9 @@ def test_crashing_trials_are_retried_then_reported_as_errors(ray_local, labels, 
     control.write_text(json.dumps({"crash_lr_above": 5e-3}))
     storage = tmp_path / "runs"
     try:
-        rc = search.main(_argv(labels, _space(tmp_path), storage, "crash", "--num-samples", 4, "--grace-period", 3))
+        rc = search.main(
+            search_argv(labels, _space(tmp_path), storage, "crash", "--num-samples", 4, "--grace-period", 3)
+        )
     finally:
         control.unlink()
     out = capsys.readouterr().out
@@ -432,7 +417,7 @@ def test_trials_never_read_the_test_split_with_the_feature_cache_off(ray_local, 
     trace.unlink(missing_ok=True)
     storage = tmp_path / "runs"
     rc = search.main(
-        _argv(
+        search_argv(
             labels, _space(tmp_path, epochs=2, views=1), storage, "inline", "--num-samples", 2, "--feature-cache", "off"
         )
     )
@@ -473,7 +458,7 @@ def _terminated(exp_dir: Path) -> set[str]:
 def test_resume_after_the_driver_is_killed(ray_local, labels, tmp_path):
     storage = tmp_path / "runs"
     exp = storage / "r"
-    argv = _argv(
+    argv = search_argv(
         labels,
         _space(tmp_path),
         storage,
@@ -537,7 +522,7 @@ def test_data_root_reaches_the_trials_that_read_images(ray_local, labels, tmp_pa
     meta.parent.mkdir()
     meta.write_bytes(labels.read_bytes())
     storage = tmp_path / "runs"
-    argv = _argv(
+    argv = search_argv(
         meta,
         _space(tmp_path, epochs=1, views=1),
         storage,
@@ -569,7 +554,7 @@ def test_an_unreadable_test_image_keeps_the_best_model(ray_local, tmp_path, caps
     good = broken.read_bytes()
     broken.write_bytes(good[:40])  # a truncated PNG
     storage = tmp_path / "runs"
-    rc = search.main(_argv(csv, _space(tmp_path), storage, "broken", "--num-samples", 3))
+    rc = search.main(search_argv(csv, _space(tmp_path), storage, "broken", "--num-samples", 3))
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert "scoring the test split failed" in err[-1] and broken.name in err[-1]
@@ -611,7 +596,7 @@ def test_uri_storage_keeps_everything_there_and_guards_the_name(ray_local, label
     first.mkdir()
     second.mkdir()
     monkeypatch.chdir(first)
-    assert search.main(_argv(labels, _space(tmp_path), uri, "u", "--num-samples", 2)) == 0
+    assert search.main(search_argv(labels, _space(tmp_path), uri, "u", "--num-samples", 2)) == 0
     out = capsys.readouterr().out
     exp = remote / "tune-rice" / "u"
     assert f"Results: {uri}/u\n" in out
@@ -636,7 +621,7 @@ def test_uri_storage_keeps_everything_there_and_guards_the_name(ray_local, label
 
     monkeypatch.chdir(second)  # a new job: nothing local
     before = {p: p.stat().st_mtime_ns for p in exp.rglob("*") if p.is_file()}
-    assert search.main(_argv(labels, _space(tmp_path), uri, "u", "--num-samples", 2)) == 2
+    assert search.main(search_argv(labels, _space(tmp_path), uri, "u", "--num-samples", 2)) == 2
     err = capsys.readouterr().err
     assert f"{uri}/u already exists" in err and "--resume" in err
     assert search.main(["--resume", "--name", "u", "--storage-path", uri]) == 2
@@ -666,31 +651,34 @@ def test_bad_input_is_one_line_and_writes_nothing(case, labels, tmp_path, capsys
     space = _space(tmp_path)
     name, words = "x", []
     if case == "num_samples":
-        argv, words = _argv(labels, space, storage, name, "--num-samples", 0), ["--num-samples", ">= 1"]
+        argv, words = search_argv(labels, space, storage, name, "--num-samples", 0), ["--num-samples", ">= 1"]
     elif case == "missing_data":
-        argv = _argv(tmp_path / "no-such-folder", space, storage, name)
+        argv = search_argv(tmp_path / "no-such-folder", space, storage, name)
         words = [str(tmp_path / "no-such-folder"), "no such file"]
     elif case == "bad_space":
         space.write_text(space.read_text().replace("loguniform", "lognormal"))
-        argv, words = _argv(labels, space, storage, name), [str(space), "params.lr", "lognormal"]
+        argv, words = search_argv(labels, space, storage, name), [str(space), "params.lr", "lognormal"]
     elif case == "existing":
         (storage / name / "trial_x").mkdir(parents=True)
         (storage / name / "results.csv").write_text("precious\n")
-        argv, words = _argv(labels, space, storage, name), ["already exists", "--resume"]
+        argv, words = search_argv(labels, space, storage, name), ["already exists", "--resume"]
     elif case == "resume_unknown":
         argv, words = ["--resume", "--name", "nope", "--storage-path", str(storage)], ["nope", "--resume"]
         name = "nope"
     elif case == "labels_elsewhere":  # `prepare DATA --out meta/labels.csv` and no --data-root
         (tmp_path / "meta").mkdir()
         (tmp_path / "meta" / "labels.csv").write_bytes(labels.read_bytes())
-        argv = _argv(tmp_path / "meta" / "labels.csv", space, storage, name)
+        argv = search_argv(tmp_path / "meta" / "labels.csv", space, storage, name)
         words = ["48 of 48 listed images are not under", str(tmp_path / "meta"), "--data-root DATA_DIR"]
     elif case == "bad_uri":  # a scheme pyarrow has no file system for
-        argv, words = _argv(labels, space, "foo://bucket/runs", name), ["--storage-path: cannot open foo://bucket/runs"]
+        argv, words = (
+            search_argv(labels, space, "foo://bucket/runs", name),
+            ["--storage-path: cannot open foo://bucket/runs"],
+        )
     elif case == "grace_period":
-        argv, words = _argv(labels, space, storage, name, "--grace-period", 5), ["--grace-period 5", "3 epochs"]
+        argv, words = search_argv(labels, space, storage, name, "--grace-period", 5), ["--grace-period 5", "3 epochs"]
     else:
-        argv, words = _argv(labels, space, storage, name, "--reduction-factor", 1), ["--reduction-factor"]
+        argv, words = search_argv(labels, space, storage, name, "--reduction-factor", 1), ["--reduction-factor"]
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     rc = search.main(argv)
     err = capsys.readouterr().err.strip()

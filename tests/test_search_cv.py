@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import local_ray, make_separable_dataset
+from conftest import local_ray, make_separable_dataset, search_argv
 from test_engine import synthetic_bank
 from test_search import SEARCH_DRIVER
 
@@ -71,27 +71,9 @@ def test_cv_search_end_to_end_with_resume(ray_local, labels, tmp_path):
     storage, space = tmp_path / "runs", tmp_path / "space.yaml"
     space.write_text(SPACE)
     exp = storage / "cv"
-    argv = [
-        "--data",
-        str(labels),
-        "--search-space",
-        str(space),
-        "--weights",
-        "none",
-        "--storage-path",
-        str(storage),
-        "--name",
-        "cv",
-        "--no-report",
-        "--num-samples",
-        "4",
-        "--max-concurrent",
-        "1",
-        "--cv",
-        "3",
-        "--address",
-        ray_local,
-    ]
+    argv = search_argv(
+        labels, space, storage, "cv", "--num-samples", 4, "--max-concurrent", 1, "--cv", 3, "--address", ray_local
+    )
     log = tmp_path / "first.log"
     hold = tmp_path / "hold"
     hold.mkdir()

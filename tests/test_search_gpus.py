@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import local_ray, make_separable_dataset
+from conftest import local_ray, make_separable_dataset, search_argv
 
 from tune_rice import search
 
@@ -67,20 +67,7 @@ def _argv(tmp_path: Path, name: str, *extra) -> list[str]:
     labels = make_separable_dataset(tmp_path / "data", per_class=12, size=32)
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
-    return [
-        "--data",
-        str(labels),
-        "--search-space",
-        str(space),
-        "--weights",
-        "none",
-        "--storage-path",
-        str(tmp_path / "runs"),
-        "--name",
-        name,
-        "--no-report",
-        *map(str, extra),
-    ]
+    return search_argv(labels, space, tmp_path / "runs", name, *extra)
 
 
 @pytest.mark.slow

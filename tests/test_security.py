@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import SMALL_SPACE, search_argv
 
 import tune_rice
 from tune_rice import evaluate, export, search, tune_glue
@@ -155,17 +156,6 @@ def test_export_refuses_a_planted_pickle(evil_model, tmp_path, capsys):
     assert not marker.exists() and not (tmp_path / "m.ts").exists()
 
 
-SPACE = """\
-metric: valid/acc
-max_epochs: 2
-params:
-  backbone: resnet18
-  image_size: 32
-  views: 1
-  lr: {loguniform: [1.0e-3, 3.0e-2]}
-"""
-
-
 def _no_ray(monkeypatch):
     """The search up to its first use of Ray, without starting one (the checks below come first)."""
     monkeypatch.setattr(tune_glue, "init_ray", lambda address: None)
@@ -176,22 +166,8 @@ def _no_ray(monkeypatch):
 def test_search_weights_file_refuses_a_planted_pickle(evil_model, separable, tmp_path, capsys, monkeypatch):
     path, marker = evil_model
     _no_ray(monkeypatch)
-    (tmp_path / "space.yaml").write_text(SPACE)
-    rc = search.main(
-        [
-            "--data",
-            str(separable),
-            "--search-space",
-            str(tmp_path / "space.yaml"),
-            "--weights",
-            str(path),
-            "--storage-path",
-            str(tmp_path / "runs"),
-            "--name",
-            "x",
-            "--no-report",
-        ]
-    )
+    (tmp_path / "space.yaml").write_text(SMALL_SPACE)
+    rc = search.main(search_argv(separable, tmp_path / "space.yaml", tmp_path / "runs", "x", weights=str(path)))
     assert rc == 2
     _one_line_refusal(capsys.readouterr().err, path)
     assert not marker.exists() and not (tmp_path / "runs" / "x").exists()
@@ -206,22 +182,8 @@ def test_search_refuses_labels_that_escape_the_dataset_root(bad, separable, tmp_
     frame.to_csv(separable, index=False)
     _no_ray(monkeypatch)
     monkeypatch.setattr(search, "resolve_weights", lambda *a, **k: pytest.fail("got past the labels check"))
-    (tmp_path / "space.yaml").write_text(SPACE)
-    rc = search.main(
-        [
-            "--data",
-            str(separable),
-            "--search-space",
-            str(tmp_path / "space.yaml"),
-            "--weights",
-            "none",
-            "--storage-path",
-            str(tmp_path / "runs"),
-            "--name",
-            "x",
-            "--no-report",
-        ]
-    )
+    (tmp_path / "space.yaml").write_text(SMALL_SPACE)
+    rc = search.main(search_argv(separable, tmp_path / "space.yaml", tmp_path / "runs", "x"))
     err = capsys.readouterr().err.strip()
     assert rc == 2, err
     assert err.startswith("error: ") and "\n" not in err and repr(bad) in err and "dataset root" in err, err
