@@ -63,6 +63,20 @@ def bare_rate(backbone, x_all: torch.Tensor, batch_size: int, device, repeats: i
     return n / (time.perf_counter() - t0)
 
 
+def extraction_context(device: torch.device) -> dict:
+    """When and on what an extraction benchmark ran: the fields its JSON starts with."""
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
 def full_rate(csv, spec, *, batch_size, device, workers, splits=("train",)) -> tuple[float, object]:
     with tempfile.TemporaryDirectory() as cache:
         # warm-up: the first DataLoader start and the first forward pay one-off costs
@@ -116,14 +130,7 @@ def main() -> int:
     bare = bare_rate(backbone, x_all, args.batch_size, device)
     full, bank = full_rate(csv, spec, batch_size=args.batch_size, device=device, workers=args.workers)
     out = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "device": str(device),
-        "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "torch_threads": torch.get_num_threads(),
+        **extraction_context(device),
         "backbone": args.backbone,
         "image_size": args.image_size,
         "batch_size": args.batch_size,

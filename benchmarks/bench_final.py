@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +35,9 @@ from tune_rice.data import preprocessing_spec, read_labels  # noqa: E402
 from tune_rice.engine import TrialConfig  # noqa: E402
 from tune_rice.model import Classifier, Ensemble, resolve_weights  # noqa: E402
 from tune_rice.predict import LoadedModel, predict_files  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from search_child import run_logged, search_command, search_env  # noqa: E402
 
 
 def dataset(family: str, per_class: int, root: Path) -> Path:
@@ -76,44 +78,13 @@ def dataset(family: str, per_class: int, root: Path) -> Path:
 
 
 def run_search(labels: Path, args, work: Path, name: str) -> Path:
-    env = {
-        **os.environ,
-        "TUNE_RICE_CACHE": str(work / "cache"),
-        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "tune_rice.search",
-        "--data",
-        str(labels),
-        "--search-space",
-        args.space,
-        "--num-samples",
-        str(args.num_samples),
-        "--seed",
-        str(args.seed),
-        "--weights",
-        "none",
-        "--ensemble",
-        str(args.ensemble),
-        "--storage-path",
-        str(work / "runs"),
-        "--name",
-        name,
-        "--no-report",
-    ]
+    options = ["--num-samples", args.num_samples, "--seed", args.seed, "--weights", "none", "--ensemble", args.ensemble]
     if args.max_epochs:
-        cmd += ["--max-epochs", str(args.max_epochs)]
-    log = work / f"{name}.log"
+        options += ["--max-epochs", args.max_epochs]
+    cmd = search_command(labels, args.space, work, name, *options)
     print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
-    t = time.perf_counter()
-    with open(log, "w") as f:
-        rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
-    if rc != 0:
-        print(log.read_text()[-3000:])
-        raise SystemExit(f"search {name} failed (rc {rc}), log: {log}")
-    print(f"[{name}] {time.perf_counter() - t:.0f}s", flush=True)
+    seconds = run_logged(cmd, search_env(work), work / f"{name}.log", f"search {name}")
+    print(f"[{name}] {seconds:.0f}s", flush=True)
     return work / "runs" / name
 
 

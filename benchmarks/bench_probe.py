@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -29,6 +28,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from search_child import run_logged, search_command, search_env  # noqa: E402
 
 # name: (demo family, per_class, seed). Sizes after the split (15% valid / 15% test): about 38, 96 and
 # 158 valid images.
@@ -94,43 +96,9 @@ def probe_figures(csv: Path, space: Path, cache: Path, folds_k: int) -> dict:
 
 
 def search(csv: Path, space: Path, work: Path, name: str, cv: str, args) -> dict:
-    env = {
-        **os.environ,
-        "TUNE_RICE_CACHE": str(work / "cache"),
-        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "tune_rice.search",
-        "--data",
-        str(csv),
-        "--search-space",
-        str(space),
-        "--num-samples",
-        str(args.num_samples),
-        "--seed",
-        "0",
-        "--weights",
-        "none",
-        "--cv",
-        cv,
-        "--storage-path",
-        str(work / "runs"),
-        "--name",
-        name,
-        "--no-report",
-        "--max-concurrent",
-        "2",
-    ]
-    t0 = time.perf_counter()
-    log = work / f"{name}.log"
-    with open(log, "w") as f:
-        rc = subprocess.call(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
-    seconds = time.perf_counter() - t0
-    if rc != 0:
-        print(log.read_text()[-3000:])
-        raise SystemExit(f"search {name} failed (rc {rc}), log: {log}")
+    options = ["--num-samples", args.num_samples, "--seed", 0, "--weights", "none", "--cv", cv, "--max-concurrent", 2]
+    cmd = search_command(csv, space, work, name, *options)
+    seconds = run_logged(cmd, search_env(work), work / f"{name}.log", f"search {name}")
     exp = work / "runs" / name
     baseline = json.loads((exp / "baseline.json").read_text())
     test = json.loads((exp / "test_metrics.json").read_text())

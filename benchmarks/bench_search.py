@@ -29,50 +29,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from procmem import run_measured  # noqa: E402
 from run_info import run_info  # noqa: E402
+from search_child import check_rc, search_command, search_env  # noqa: E402
 
 
 def one_run(mode: str, args, work: Path, concurrency: int) -> dict:
     name = f"bench-{Path(args.space).stem}-{mode}-c{concurrency}-{time.strftime('%H%M%S')}"
-    env = dict(os.environ)
-    env["TUNE_RICE_CACHE"] = str(work / "cache")
     shutil.rmtree(work / "cache" / "features", ignore_errors=True)  # every run pays its own extraction
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [
-        sys.executable,
-        "-m",
-        "tune_rice.search",
-        "--data",
-        args.data,
-        "--search-space",
-        args.space,
-        "--num-samples",
-        str(args.num_samples),
-        "--seed",
-        str(args.seed),
-        "--weights",
-        args.weights,
-        "--feature-cache",
-        mode,
-        "--storage-path",
-        str(work / "runs"),
-        "--name",
-        name,
-        "--no-report",
-        "--cpus-per-trial",
-        str(args.cpus_per_trial),
-        "--max-concurrent",
-        str(concurrency),
-    ]
+    options = ["--num-samples", args.num_samples, "--seed", args.seed, "--weights", args.weights]
+    options += ["--feature-cache", mode, "--cpus-per-trial", args.cpus_per_trial, "--max-concurrent", concurrency]
     if args.max_epochs:
-        cmd += ["--max-epochs", str(args.max_epochs)]
+        options += ["--max-epochs", args.max_epochs]
     if args.gpus_per_trial:
-        cmd += ["--gpus-per-trial", args.gpus_per_trial]
+        options += ["--gpus-per-trial", args.gpus_per_trial]
+    cmd = search_command(args.data, args.space, work, name, *options)
     log = work / f"{name}.log"
     print(f"[{mode}] {' '.join(cmd[1:])}", flush=True)
-    m = run_measured(cmd, env=env, log_path=log)
-    if m["rc"] != 0:
-        print(log.read_text()[-3000:])
-        raise SystemExit(f"run {mode} failed (rc {m['rc']}), log: {log}")
+    m = run_measured(cmd, env=search_env(work), log_path=log)
+    check_rc(m["rc"], log, f"run {mode}")
     exp = work / "runs" / name
     timings = json.loads((exp / "timings.json").read_text())
     results = pd.read_csv(exp / "results.csv")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_extract import bare_rate, demo_labels  # noqa: E402
+from bench_extract import bare_rate, demo_labels, extraction_context  # noqa: E402
 
 from tune_rice import backbones  # noqa: E402
 from tune_rice.data import build_transform, dataset_for_split, load_image, read_labels  # noqa: E402
@@ -135,14 +134,7 @@ def main() -> int:
             f"{r['full_images_per_s']:>10.1f} {r['efficiency']:>5.2f} {r['bank_bytes_per_image_view']:>6}"
         )
     out = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "device": str(device),
-        "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "torch_threads": torch.get_num_threads(),
+        **extraction_context(device),
         "loadavg_at_start": os.getloadavg()[0],
         "images": len(table.split("train")),
         "batch_size": args.batch_size,

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from procmem import Sampler, _children, pss_mb, run_measured  # noqa: E402
 from run_info import run_info  # noqa: E402
+from search_child import check_rc, search_command, search_env  # noqa: E402
 
 SPACE = """\
 metric: valid/acc
@@ -89,43 +90,14 @@ def main() -> None:
     space.write_text(SPACE.format(epochs=args.max_epochs))
     name = f"load-{time.strftime('%H%M%S')}"
     exp = work / "runs" / name
-    env = {
-        **os.environ,
-        "TUNE_RICE_CACHE": str(work / "cache"),
-        "TUNE_RICE_OFFLINE": "1",
-        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "tune_rice.search",
-        "--data",
-        str(data),
-        "--search-space",
-        str(space),
-        "--num-samples",
-        str(args.num_samples),
-        "--max-concurrent",
-        str(args.max_concurrent),
-        "--max-epochs",
-        str(args.max_epochs),
-        "--grace-period",
-        "1",
-        "--weights",
-        "none",
-        "--no-report",
-        "--storage-path",
-        str(work / "runs"),
-        "--name",
-        name,
-    ]
+    options = ["--num-samples", args.num_samples, "--max-concurrent", args.max_concurrent]
+    options += ["--max-epochs", args.max_epochs, "--grace-period", 1, "--weights", "none"]
+    cmd = search_command(data, space, work, name, *options)
     log = work / f"{name}.log"
     print(f"{len(os.sched_getaffinity(0))} CPUs; {' '.join(cmd[1:])}", flush=True)
     with Timeline(exp) as timeline:
-        m = run_measured(cmd, env=env, log_path=log)
-    if m["rc"] != 0:
-        print(log.read_text()[-3000:])
-        raise SystemExit(f"search failed (rc {m['rc']}), log: {log}")
+        m = run_measured(cmd, env=search_env(work, TUNE_RICE_OFFLINE="1"), log_path=log)
+    check_rc(m["rc"], log, "search")
 
     results = pd.read_csv(exp / "results.csv")
     if "kind" in results:  # the linear-probe baseline's rows are not trials
