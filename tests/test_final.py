@@ -363,6 +363,8 @@ def test_make_final_model_and_its_record_rebuild_the_same_model(tiny_candidates)
         assert torch.equal(again.model(x), fm.model(x)) and torch.equal(again.selected(x), fm.selected(x))
     scores = final.score_final(fm, table, device="cpu")
     assert scores["test_count"] == len(table.split("test")) and scores["deployed"] == fm.choice.deployed
+    # the members' weights have their own key: "weights" in test_metrics.json is the backbone identity
+    assert scores["member_weights"] == fm.choice.weights and "weights" not in scores
 
 
 def test_probes_join_the_candidates_behind_the_single_best(separable, tmp_path):

@@ -173,6 +173,7 @@ def test_search_end_to_end(ray_local, labels, tmp_path, capsys, monkeypatch):
     rows = pd.read_csv(exp / "results.csv")
     assert (rows["kind"] == "probe").sum() == 1
     assert test["trial_id"] in set(rows["trial_id"])
+    assert test["weights"] == "random:seed=1" and len(test["member_weights"]) == len(test["members"])
     assert rows.loc[rows["trial_id"] == test["trial_id"], "best/valid/acc"].item() == rows["best/valid/acc"].max()
     cm = np.asarray(test["confusion_matrix"])
     assert cm.shape == (3, 3) and cm.sum() == test["test_count"] == len(table.split("test"))

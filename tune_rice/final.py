@@ -637,7 +637,8 @@ def record_test_scores(member_logits, targets, classes: Sequence[str], choice: F
         }
 
     deployed = scored(choice.deployed)
-    out = {**deployed, "deployed": choice.deployed, "members": list(choice.members), "weights": list(choice.weights)}
+    out = {**deployed, "deployed": choice.deployed, "members": list(choice.members)}
+    out["member_weights"] = list(choice.weights)  # "weights" in test_metrics.json is the backbone identity
     keep = ("accuracy", "macro_f1", "loss", "test_count", "temperature", "calibration")
     single = deployed if choice.deployed == "single" else scored("single")
     out["single_best"] = {
@@ -649,7 +650,7 @@ def record_test_scores(member_logits, targets, classes: Sequence[str], choice: F
         ens = deployed if choice.deployed == "ensemble" else scored("ensemble")
         out["ensemble"] = {
             "members": [choice.candidates[i] for i in choice.selection.members],
-            "weights": list(choice.selection.weights),
+            "member_weights": list(choice.selection.weights),
             "deployed": choice.deployed == "ensemble",
             **{k: ens[k] for k in keep},
         }

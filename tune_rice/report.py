@@ -105,8 +105,8 @@ class Experiment:
 
     @property
     def weights(self) -> str:
-        # test_metrics.json's "weights": the backbone identity, but an ensemble's member weights (a list)
-        # when one is deployed; then the trials' rows say where the backbone's numbers came from
+        # test_metrics.json's "weights": the backbone identity (files written before "member_weights" held the
+        # ensemble's member weights there, a list; then the trials' rows say where the numbers came from)
         if self.test and isinstance(self.test.get("weights"), str):
             return self.test["weights"]
         if "weights" in self.results and self.results["weights"].notna().any():

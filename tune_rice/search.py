@@ -991,7 +991,7 @@ def write_test_tensorboard(folder: Path, test: dict, config: dict, trial_id: str
     fig = draw_confusion(test["confusion_matrix"], test["classes"], title=f"test confusion matrix ({deployed})")
     writer.add_figure("test/confusion_matrix", fig, 0, close=False)
     if "members" in test:
-        rows = "\n".join(f"| {m} | {w:.3f} |" for m, w in zip(test["members"], test["weights"]))
+        rows = "\n".join(f"| {m} | {w:.3f} |" for m, w in zip(test["members"], test["member_weights"]))
         writer.add_text(
             "final/members",
             f"deployed: {deployed}, temperature {test['temperature']:.4g}\n\n| member | weight |\n|---|---|\n{rows}",
