@@ -234,7 +234,7 @@ def test_summary_flags_every_backbone_on_random_weights():
         **kwargs,
     )
     assert "1 of 2 backbones ran on RANDOMLY INITIALISED weights: resnet18 (random:seed=0)" in text, text
-    assert "best model's backbone" not in text
+    assert "deployed model's backbone" not in text
     text = search.format_summary(
         df,
         None,

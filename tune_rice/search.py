@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=os.environ.get("TUNE_RICE_PROG", "python -m tune_rice.search"),
         description="Search hyperparameters of a frozen-backbone image classifier with Ray Tune "
-        "(Optuna proposes, ASHA stops early), then score the best model once on the test split.",
+        "(Optuna proposes, ASHA stops early), choose the final model on valid and score it once on the test split.",
         formatter_class=cli.HelpFormatter,
     )
     p.add_argument(
@@ -1172,7 +1172,7 @@ def format_summary(
         )
     if weights.startswith("random:"):
         lines.append(
-            f"NOTE: the best model's backbone was RANDOMLY INITIALISED ({weights}); ImageNet weights give far "
+            f"NOTE: the deployed model's backbone was RANDOMLY INITIALISED ({weights}); ImageNet weights give far "
             "better features (see README: weights)."
         )
     lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in phases.items()) + f", total {seconds:.1f}s")
