@@ -197,6 +197,79 @@ def test_decide_keeps_the_single_best_when_the_ensemble_loses_accuracy():
     assert choice.deployed == "single" and choice.members == ["a"]  # ... but valid accuracy says no
 
 
+# ------------------------------------------------------------------- the best trial against the probe
+def _right_wrong(pattern, c=3):
+    """Logits (N, c) for targets 0: right (class 0 on top) where ``pattern`` is 1, wrong (class 1) where 0."""
+    z = np.zeros((len(pattern), c))
+    z[np.arange(len(pattern)), np.where(np.asarray(pattern) == 1, 0, 1)] = 2.0
+    return z
+
+
+def test_paired_advantage_by_hand():
+    y = np.zeros(10, dtype=int)
+    a = _right_wrong([1, 1, 1, 1, 1, 1, 1, 0, 0, 0])  # 7 of 10
+    b = _right_wrong([1, 1, 1, 1, 1, 0, 0, 1, 0, 0])  # 6 of 10; a and b differ on 3 images
+    adv, se = final.paired_advantage(a, b, y, metric="valid/acc", mode="max")
+    d = np.array([0, 0, 0, 0, 0, 1, 1, -1, 0, 0])
+    assert adv == pytest.approx(0.1) and se == pytest.approx(d.std(ddof=1) / np.sqrt(10))
+    assert not final.clearly_better(a, b, y, metric="valid/acc", mode="max")  # 0.1 < 0.18: noise
+    # the same one-image lead with no image where a is the worse one stands out
+    a2 = _right_wrong([1, 1, 1, 1, 1, 1, 0, 0, 0, 0])
+    b2 = _right_wrong([1, 1, 1, 1, 1, 0, 0, 0, 0, 0])
+    assert final.paired_advantage(a2, b2, y, metric="valid/acc", mode="max") == (pytest.approx(0.1), pytest.approx(0.1))
+    assert not final.clearly_better(a2, b2, y, metric="valid/acc", mode="max")  # more than one SE is needed
+    a3 = _right_wrong([1] * 8 + [0] * 2)
+    assert final.clearly_better(a3, b2, y, metric="valid/acc", mode="max")  # 3 images more, never fewer
+    # valid/loss (mode min): per-image NLL differences; lower NLL is the advantage
+    logits, yy = _candidates(3, n=200)
+    adv, se = final.paired_advantage(logits[0], logits[5], yy, metric="valid/loss", mode="min")
+    rows = np.arange(len(yy))
+    d = final.log_softmax(logits[0])[rows, yy] - final.log_softmax(logits[5])[rows, yy]
+    assert adv == pytest.approx(final.nll(logits[5], yy) - final.nll(logits[0], yy)) == pytest.approx(d.mean())
+    assert se == pytest.approx(d.std(ddof=1) / np.sqrt(len(d)))
+
+
+def _fake_candidates(names, baseline=()):
+    from tune_rice import engine
+    from tune_rice.model import build_head
+
+    spec = engine.TrialConfig(backbone="resnet18", image_size=32).feature_spec()
+    head = build_head("pooled", in_dim=4, n_classes=3, hidden=0, dropout=0.0)
+    return [final.Candidate(n, spec, head, baseline=n in baseline) for n in names]
+
+
+@pytest.mark.parametrize("trial_pattern, leader", [([1] * 7 + [0] * 3, "probe:b"), ([1] * 9 + [0], "t0")])
+def test_the_probe_leads_unless_the_best_trial_clearly_beats_it(trial_pattern, leader):
+    y = np.zeros(10, dtype=int)
+    probe = _right_wrong([1, 1, 1, 1, 1, 0, 0, 1, 0, 0])  # 6 of 10
+    other = _right_wrong([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+    pool = _fake_candidates(["t0", "t1", "probe:b"], baseline=["probe:b"])
+    choice = final.choose_final(pool, [_right_wrong(trial_pattern), other, probe], y, k=3, metric="valid/acc")
+    assert choice.candidates[0] == leader and choice.lead["leader"] == leader
+    assert choice.lead["trial"] == "t0" and choice.lead["probe"] == "probe:b" and choice.lead["count"] == 10
+    adv, se = final.paired_advantage(_right_wrong(trial_pattern), probe, y, metric="valid/acc", mode="max")
+    assert choice.lead["advantage"] == pytest.approx(adv) and choice.lead["standard_error"] == pytest.approx(se)
+    assert sorted(choice.candidates) == ["probe:b", "t0", "t1"]
+    assert final.FinalChoice.from_dict(json.loads(json.dumps(choice.to_dict()))) == choice
+    text = " ".join(final.lead_lines(choice.to_dict()))
+    assert ("within noise" in text) == (leader == "probe:b")
+    if leader == "probe:b":  # the trials join the probe only if that clearly beats the probe alone
+        ens = final.ensemble_logits(
+            [probe, _right_wrong(trial_pattern), other], choice.selection.members, choice.selection.weights
+        )
+        wanted = final.clearly_better(ens, probe, y, metric="valid/acc", mode="max")
+        assert choice.deployed == ("ensemble" if wanted and len(choice.selection.members) > 1 else "single")
+        assert choice.deployed == "single" and choice.members == ["probe:b"]
+
+
+def test_no_probe_in_the_pool_leaves_the_best_trial_leading():
+    logits, y = _candidates(0, m=3)
+    pool = _fake_candidates(["t0", "t1", "t2"])
+    choice = final.choose_final(pool, logits, y, k=3)
+    assert choice.candidates == ["t0", "t1", "t2"] and choice.lead == {}
+    assert final.lead_lines(choice.to_dict()) == []
+
+
 # ------------------------------------------------------------------- from banks to the deployed model
 def _scans_dataset(root):
     """Demo greyscale scans (4 classes), split by index within each class (no prepare: small and fixed)."""
@@ -383,3 +456,12 @@ def test_probes_join_the_candidates_behind_the_single_best(separable, tmp_path):
     merged = final.merge_candidates(trials, [cand], mode="max")
     assert merged[0].name == "best"  # the search's own best trial starts the selection, whatever the probe
     assert [c.name for c in merged[1:]] == [c.name for c in sorted(merged[1:], key=lambda c: -c.score)]
+    # The trials here are the probe's own head: a best trial that ties the probe on every valid image
+    # does not clearly beat it, so the probe leads and is deployed alone.
+    fm = final.make_final_model(
+        merged, weights={"resnet18": features.resolve_weights("resnet18", "none")}, banks=banks, k=3
+    )
+    assert fm.single_best.name == cand.name and fm.choice.candidates[0] == cand.name
+    assert fm.choice.deployed == "single" and fm.choice.members == [cand.name]
+    assert fm.choice.lead == {**fm.choice.lead, "trial": "best", "leader": cand.name, "advantage": 0.0}
+    assert fm.record()["candidate_info"][0]["name"] == cand.name

@@ -281,6 +281,34 @@ def valid_score(logits, targets, metric: str) -> float:
     return float(calibration_metrics(logits, targets)[key])
 
 
+def paired_advantage(a_logits, b_logits, targets, *, metric: str, mode: str) -> tuple[float, float]:
+    """How far model ``a`` beats model ``b`` on the same valid images by the search ``metric`` (> 0: ``a``
+    is better), and the standard error of that difference: ``std(d) / sqrt(n)`` over the per-image
+    differences ``d`` (right-or-wrong for acc, NLL for loss). Both models are scored on the same images,
+    so the noise of their difference is the paired one, far smaller than either accuracy's own interval
+    when they agree on most images. macro-F1 has no per-image terms: the accuracy's differences stand in.
+    With fewer than two images the error is infinite (nothing can be told apart)."""
+    za, zb = np.asarray(a_logits, dtype=np.float64), np.asarray(b_logits, dtype=np.float64)
+    y = _targets(targets, len(za))
+    sign = 1.0 if mode == "max" else -1.0
+    advantage = sign * (valid_score(za, y, metric) - valid_score(zb, y, metric))
+    if metric == "valid/loss":
+        rows = np.arange(len(y))
+        d = log_softmax(zb)[rows, y] - log_softmax(za)[rows, y]  # NLL of a minus NLL of b, per image
+    else:
+        d = (za.argmax(1) == y).astype(np.float64) - (zb.argmax(1) == y).astype(np.float64)
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("inf")
+    return float(advantage), se
+
+
+def clearly_better(a_logits, b_logits, targets, *, metric: str, mode: str) -> bool:
+    """``a`` beats ``b`` on valid by more than one paired standard error (:func:`paired_advantage`):
+    the one-standard-error rule (Breiman et al. 1984; Hastie et al., ESL 7.10), which keeps the simpler
+    model unless the other's advantage stands out of the noise of the valid set."""
+    advantage, se = paired_advantage(a_logits, b_logits, targets, metric=metric, mode=mode)
+    return advantage > se
+
+
 @dataclass
 class FinalChoice:
     """What the search deploys, all decided on valid: members, weights, temperature and the figures."""
@@ -299,6 +327,7 @@ class FinalChoice:
     coverage: dict = field(default_factory=dict)
     metric: str = "valid/acc"
     mode: str = "max"
+    lead: dict = field(default_factory=dict)  # the best trial against the linear probe (see lead_index)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -325,12 +354,15 @@ def decide(
     mode: str = "max",
     rounds: int = DEFAULT_ROUNDS,
     target_accuracy: float = DEFAULT_TARGET_ACCURACY,
+    baseline: bool = False,
 ) -> FinalChoice:
     """Select an ensemble, decide it against the single best (``names[0]``), calibrate the deployed one.
 
     The ensemble is deployed when it has at least two distinct members and is not worse than the single
-    best on the search ``metric`` on valid (its valid NLL is lower by construction). The temperature is
-    fitted on the deployed model's valid logits.
+    best on the search ``metric`` on valid (its valid NLL is lower by construction). When ``baseline``
+    (``names[0]`` is the linear probe, the simpler model), the ensemble must beat it by more than one
+    paired standard error instead (:func:`clearly_better`), the rule that let the probe lead. The
+    temperature is fitted on the deployed model's valid logits.
     """
     if len(names) != len(logits_list):
         raise ValueError("one name per candidate")
@@ -339,8 +371,11 @@ def decide(
     single = np.asarray(logits_list[0], dtype=np.float64)
     ens = ensemble_logits(logits_list, sel.members, sel.weights)
     s_single, s_ens = valid_score(single, y, metric), valid_score(ens, y, metric)
-    not_worse = s_ens >= s_single if mode == "max" else s_ens <= s_single
-    use_ensemble = len(sel.members) > 1 and not_worse
+    if baseline:
+        good_enough = clearly_better(ens, single, y, metric=metric, mode=mode)
+    else:
+        good_enough = s_ens >= s_single if mode == "max" else s_ens <= s_single
+    use_ensemble = len(sel.members) > 1 and good_enough
     if len(sel.members) > 1 and not use_ensemble:
         log.info(
             "ensemble of %d not deployed: %s %.4f on valid vs the single best's %.4f",
@@ -394,6 +429,7 @@ class Candidate:
     # Out-of-fold logits over train+valid pooled (train rows first) for a cross-validated candidate, whose
     # heads saw valid in training: the choice is then made on these instead of the bank's valid split.
     oof_logits: np.ndarray | None = None
+    baseline: bool = False  # the linear probe: the simpler model the search must clearly beat
 
     def __post_init__(self):
         if isinstance(self.heads, Head):
@@ -426,7 +462,7 @@ def probe_candidates(probes: dict, banks: dict[str, FeatureBank], *, metric: str
     scored by its valid (or out-of-fold) ``metric``."""
     key = metric.split("/", 1)[-1]
     return [
-        Candidate(f"probe:{name}", banks[name].spec, [r.head], float(r.valid[key]), r.oof_logits)
+        Candidate(f"probe:{name}", banks[name].spec, [r.head], float(r.valid[key]), r.oof_logits, baseline=True)
         for name, r in probes.items()
     ]
 
@@ -525,17 +561,79 @@ def choose_final(
     rounds: int = DEFAULT_ROUNDS,
     target_accuracy: float = DEFAULT_TARGET_ACCURACY,
 ) -> FinalChoice:
-    """:func:`decide` over the pool's valid logits (``pool[0]``: the single best)."""
-    return decide(
-        [c.name for c in pool],
-        logits,
+    """:func:`decide` over the pool's valid logits, led by ``pool[0]`` (the search's best trial) or, when
+    that does not clearly beat it (:func:`lead_index`), by the best linear probe. ``choice.candidates``
+    lists the names in the order decided on: the leader first."""
+    lead, record = lead_index(pool, logits, targets, metric=metric, mode=mode)
+    order = [lead, *(i for i in range(len(pool)) if i != lead)]
+    choice = decide(
+        [pool[i].name for i in order],
+        [logits[i] for i in order],
         targets,
         k=k,
         metric=metric,
         mode=mode,
         rounds=rounds,
         target_accuracy=target_accuracy,
+        baseline=pool[lead].baseline,
     )
+    choice.lead = record
+    return choice
+
+
+def lead_index(
+    pool: Sequence[Candidate], logits: Sequence[np.ndarray], targets, *, metric: str, mode: str
+) -> tuple[int, dict]:
+    """Who leads the final model: ``pool[0]`` (the best trial) when it beats the best linear probe in the
+    pool by more than one paired standard error on valid (:func:`clearly_better`), else that probe.
+
+    Why: the best trial's valid figure is the best of many trials and epochs on the same images, so it
+    is biased upward by the choice itself (the winner's curse), while the probe's is one of a few values
+    of C. A lead of one or two valid images is what that choice alone produces. Returns the index and
+    a record for final.json (empty when the pool holds no probe or a probe leads already)."""
+    probes = [i for i, c in enumerate(pool) if c.baseline]
+    if not probes or pool[0].baseline:
+        return 0, {}
+    sign = 1.0 if mode == "max" else -1.0
+    best = max(probes, key=lambda i: (sign * valid_score(logits[i], targets, metric), -i))
+    advantage, se = paired_advantage(logits[0], logits[best], targets, metric=metric, mode=mode)
+    lead = 0 if advantage > se else best
+    record = {
+        "rule": "one paired standard error",
+        "trial": pool[0].name,
+        "probe": pool[best].name,
+        "advantage": advantage,
+        "standard_error": se,
+        "count": len(np.asarray(targets)),
+        "leader": pool[lead].name,
+    }
+    if lead:
+        log.info(
+            "the linear probe %s leads the final model: the best trial's %s lead over it on valid, %+.4f, is "
+            "within one standard error (%.4f)",
+            pool[best].name,
+            metric,
+            advantage,
+            se,
+        )
+    return lead, record
+
+
+def lead_lines(record: dict) -> list[str]:
+    """The summary's line on who led the final model (final.json's ``lead``), or none."""
+    lead = record.get("lead") or {}
+    if not lead:
+        return []
+    gap = (
+        f"{record['metric']} {lead['advantage']:+.4f} against one paired standard error of "
+        f"{lead['standard_error']:.4f} on {lead['count']} images"
+    )
+    if lead["leader"] == lead["trial"]:
+        return [f"  the best trial clearly beat the linear probe on valid ({gap}), so it led the final model"]
+    return [
+        f"  the best trial's lead over the linear probe on valid is within noise ({gap}): the simpler "
+        "probe led the final model"
+    ]
 
 
 def _assemble(
@@ -729,6 +827,8 @@ def make_final_model(
         seconds["valid_logits"] = time.perf_counter() - t0
         t = time.perf_counter()
         choice = choose_final(pool, logits, targets, k=k, metric=metric, mode=mode)
+        by_name = {c.name: c for c in pool}
+        pool = [by_name[n] for n in choice.candidates]  # the leader first: FinalModel.single_best
         seconds["select_and_calibrate"] = time.perf_counter() - t
     t = time.perf_counter()
     model, resolved, _ = build_final_model(choice, pool, weights)

@@ -1263,6 +1263,7 @@ def final_lines(record: dict) -> list[str]:
         f"{head}; chosen on valid among {len(record['candidates'])} candidates; temperature "
         f"{record['temperature']:.3g} (valid ECE {v['deployed']['ece']:.3f} -> {v['deployed_calibrated']['ece']:.3f})"
     ]
+    lines += final.lead_lines(record)
     th = record["threshold"]
     if th.get("threshold"):
         lines.append(
