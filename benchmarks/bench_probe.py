@@ -5,10 +5,13 @@ Per data set: the probe (fitted here on the same bank as the search's, C chosen 
 by K-fold CV on train+valid and refitted) scored on valid and test; then two fresh ``python -m
 tune_rice.search`` runs (``--cv off`` and ``--cv K``) of the bundled quick space at 64 px, whose summary
 files give the deployed model (the best trial or the probe, chosen on valid) and its one test score.
-The winner's curse is the deployed model's valid figure minus its test accuracy.
+The winner's curse is the deployed model's valid figure minus its test accuracy. For the record, the
+search's best trial is also scored here on the test bank (from its best checkpoint), whether or not it
+was deployed: the search itself reads the test split only for its deployed model.
 
     python benchmarks/bench_probe.py                      # three sets, 12 trials per search
     python benchmarks/bench_probe.py --sets field-small --num-samples 6
+    python benchmarks/bench_probe.py --sets plain-medium --num-samples 6 --merge   # one set at a time
 
 Random-init resnet18 (no ImageNet weights on this machine). Writes benchmarks/results/probe.json.
 """
@@ -18,10 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
@@ -30,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from run_info import run_info  # noqa: E402
 from search_child import run_logged, search_command, search_env  # noqa: E402
 
 # name: (demo family, per_class, seed). Sizes after the split (15% valid / 15% test): about 38, 96 and
@@ -46,9 +48,9 @@ def make_set(name: str, work: Path) -> Path:
     folder = generate_demo(
         work / "data" / name, per_class=per_class, size=IMAGE_SIZE, seed=seed, family=family, workers=1
     )
-    # Exact copies grouped only: at 64 px the difference hash groups most drawings of the plain and scans
-    # families together (distinct images of near-identical layout), which would leave no stratified split.
-    return prepare_dataset(folder, dup_threshold=0, progress=False, workers=1).labels_csv
+    # Exact copies grouped only, as when these sets were first measured (BENCHMARKS.md section 6): the same
+    # splits from one run to the next, whatever the near-duplicate rules become.
+    return prepare_dataset(folder, dedup_mode="exact", progress=False, workers=1).labels_csv
 
 
 def space_file(work: Path) -> Path:
@@ -60,7 +62,8 @@ def space_file(work: Path) -> Path:
     return path
 
 
-def probe_figures(csv: Path, space: Path, cache: Path, folds_k: int) -> dict:
+def probe_figures(csv: Path, space: Path, cache: Path, folds_k: int):
+    """The probe's figures on the search's bank (C on valid, and by K-fold CV), and the bank."""
     from tune_rice.data import read_labels
     from tune_rice.engine import BankBatches, evaluate
     from tune_rice.features import extract_banks
@@ -92,16 +95,38 @@ def probe_figures(csv: Path, space: Path, cache: Path, folds_k: int) -> dict:
         "test_acc": evaluate(cv.head, test, n_classes=n_classes)["acc"],
         "seconds": cv.seconds,
     }
-    return out
+    return out, bank
 
 
-def search(csv: Path, space: Path, work: Path, name: str, cv: str, args) -> dict:
+def trial_test_acc(exp: Path, trial_id: str, bank) -> float:
+    """The test accuracy of a trial's best checkpoint (the only one kept after a search) on ``bank``'s test
+    split: its head, or a cross-validated trial's fold heads averaged, as the final model would deploy it."""
+    import numpy as np
+    import torch
+
+    from tune_rice.engine import TrialConfig
+    from tune_rice.final import candidate_from_state
+
+    (folder,) = (exp / f"trial_{trial_id}").glob("checkpoint_*")
+    state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    cfg = TrialConfig.from_dict(json.loads((exp / f"trial_{trial_id}" / "params.json").read_text()))
+    cand = candidate_from_state(trial_id, state, cfg)
+    test = bank.splits["test"]
+    with torch.no_grad():
+        x = torch.as_tensor(np.asarray(test.features[:, 0], dtype=np.float32))
+        z = torch.stack([h.eval()(x) for h in cand.heads]).mean(0)
+    return float((z.argmax(1).numpy() == np.asarray(test.targets)).mean())
+
+
+def search(csv: Path, space: Path, work: Path, name: str, cv: str, args, bank) -> dict:
     options = ["--num-samples", args.num_samples, "--seed", 0, "--weights", "none", "--cv", cv, "--max-concurrent", 2]
     cmd = search_command(csv, space, work, name, *options)
     seconds = run_logged(cmd, search_env(work), work / f"{name}.log", f"search {name}")
     exp = work / "runs" / name
     baseline = json.loads((exp / "baseline.json").read_text())
     test = json.loads((exp / "test_metrics.json").read_text())
+    chosen = json.loads((exp / "final.json").read_text())
+    best_trial = baseline["best_trial"]["trial_id"]
     keep = (
         "cv_folds",
         "best_trial",
@@ -118,6 +143,9 @@ def search(csv: Path, space: Path, work: Path, name: str, cv: str, args) -> dict
         "seconds": seconds,
         **{k: baseline.get(k) for k in keep},
         "probe_C": {n: p["C"] for n, p in baseline["probes"].items()},
+        "lead": chosen.get("lead", {}),
+        "leader": chosen["candidates"][0],
+        "best_trial_test_acc": trial_test_acc(exp, best_trial, bank),
         "test_acc": test["accuracy"],
         "test_count": test["test_count"],
         "gap": baseline["deployed_valid_acc"] - test["accuracy"],
@@ -131,6 +159,7 @@ def main(argv=None) -> int:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--work", default="/tmp/tune_rice_bench_probe")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "probe.json"))
+    p.add_argument("--merge", action="store_true", help="keep the other sets already in --out (run one set at a time)")
     args = p.parse_args(argv)
     import torch
 
@@ -140,36 +169,43 @@ def main(argv=None) -> int:
     space = space_file(work)
     stamp = time.strftime("%H%M%S")
     out = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
+        **run_info(),
         "weights": "random init (resnet18, seed 0)",
         "space": f"quick.yaml at {IMAGE_SIZE} px",
         "num_samples": args.num_samples,
         "folds": args.folds,
         "sets": {},
     }
+    if args.merge and Path(args.out).is_file():
+        out["sets"] = json.loads(Path(args.out).read_text()).get("sets", {})
     for name in args.sets:
+        started = run_info()
         csv = make_set(name, work)
-        res = probe_figures(csv, space, work / "cache" / "features", args.folds)
+        res, bank = probe_figures(csv, space, work / "cache" / "features", args.folds)
         print(
             f"{name}: {res['sizes']}  probe valid {res['probe']['valid_acc']:.3f} test {res['probe']['test_acc']:.3f}"
             f" | CV probe oof {res['probe_cv']['valid_acc']:.3f} test {res['probe_cv']['test_acc']:.3f}",
             flush=True,
         )
         for cv in ("off", str(args.folds)):
-            r = search(csv, space, work, f"{name}-cv{cv}-{stamp}", cv, args)
+            r = search(csv, space, work, f"{name}-cv{cv}-{stamp}", cv, args, bank)
             res[f"search_cv_{cv}"] = r
             print(
                 f"  search --cv {cv}: beat probe {r['search_beat_probe']}, deployed {r['deployed']} valid "
                 f"{r['deployed_valid_acc']:.3f} on "
-                f"{r['deployed_valid_count']}, test {r['test_acc']:.3f}, gap {r['gap']:+.3f} ({r['seconds']:.0f}s)",
+                f"{r['deployed_valid_count']}, test {r['test_acc']:.3f}, gap {r['gap']:+.3f} ({r['seconds']:.0f}s); "
+                f"led by {r['leader']}; best trial test {r['best_trial_test_acc']:.3f}",
                 flush=True,
             )
-        out["sets"][name] = res
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+        # Each set with its own date and load: with --merge, the sets of one file ran one after another.
+        out["sets"][name] = {
+            "run": {**started, "load_average_end": list(os.getloadavg())},
+            "seconds": sum(res[f"search_cv_{cv}"]["seconds"] for cv in ("off", str(args.folds))),
+            **res,
+        }
+        # Written after every set: a run cut short keeps the sets it finished.
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=1))
     print(f"wrote {args.out}")
     return 0
 
