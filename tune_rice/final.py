@@ -519,10 +519,13 @@ def valid_logits_from_banks(
             )
         splits = banks[pool[0].spec.name].splits
         targets = np.concatenate([splits["train"].targets, splits["valid"].targets])
+        out = []
         for c in pool:
-            if len(c.oof_logits) != len(targets):
-                raise RuntimeError(f"candidate {c.name}: {len(c.oof_logits)} out-of-fold rows for {len(targets)}")
-        return [np.asarray(c.oof_logits, dtype=np.float64) for c in pool], targets
+            rows = np.asarray(c.oof_logits, dtype=np.float64)
+            if len(rows) != len(targets):
+                raise RuntimeError(f"candidate {c.name}: {len(rows)} out-of-fold rows for {len(targets)}")
+            out.append(rows)
+        return out, targets
     reference = banks[pool[0].spec.name].splits["valid"]
     for c in pool:
         if banks[c.spec.name].splits["valid"].paths != reference.paths:
@@ -546,8 +549,8 @@ def valid_logits_from_images(
     z, y = split_logits(
         MemberLogits(everyone, groups), table, "valid", pool[0].spec.preprocessing, device, num_workers=num_workers
     )  # (N, M, C)
-    z = z.double().numpy()
-    return [z[:, i] for i in range(len(pool))], y.numpy()
+    zn = z.double().numpy()
+    return [zn[:, i] for i in range(len(pool))], y.numpy()
 
 
 def choose_final(

@@ -65,7 +65,7 @@ def format_accuracy(acc: float, n: int) -> str:
 def standardize(head: Head, x: np.ndarray | torch.Tensor) -> torch.Tensor:
     """``x`` (N, D) standardised as ``head`` does it (float64 for the solver)."""
     x = torch.as_tensor(np.asarray(x, dtype=np.float32))
-    return ((x - head.mean) / head.std).double()
+    return ((x - torch.as_tensor(head.mean)) / torch.as_tensor(head.std)).double()
 
 
 # Below this many multiply-adds per pass (N * D * classes) one thread is faster than several: the work is
@@ -142,6 +142,7 @@ def _linear_head(in_dim: int, n_classes: int, mean, std) -> Head:
 
 def _set_weights(head: Head, w: torch.Tensor, b: torch.Tensor) -> Head:
     linear = head.net[-1]
+    assert isinstance(linear, torch.nn.Linear)  # a probe's head is linear (hidden 0)
     with torch.no_grad():
         linear.weight.copy_(w.float())
         linear.bias.copy_(b.float())
@@ -154,6 +155,14 @@ def _scores(logits: torch.Tensor, y: np.ndarray, n_classes: int) -> dict:
     m = compute_metrics(y, logits.argmax(1).numpy(), n_classes)
     loss = float(F.cross_entropy(logits.double(), torch.as_tensor(y, dtype=torch.long)))
     return {"acc": m["acc"], "macro_f1": m["macro_f1"], "loss": loss, "count": m["count"]}
+
+
+def _chosen(best: dict | None) -> tuple[float, dict]:
+    """The C kept and its scores, from the best row of a C path (``{..., "C": C}``)."""
+    if best is None:
+        raise ValueError("no value of C to try")
+    scores = dict(best)
+    return float(scores.pop("C")), scores
 
 
 def _better(a: dict, b: dict | None, metric: str) -> bool:
@@ -189,16 +198,19 @@ def fit_probe(
     head = _linear_head(train_x.shape[1], n_classes, mean, std)
     z, zv = standardize(head, train_x), standardize(head, valid_x)
     y = torch.as_tensor(np.asarray(train_y), dtype=torch.long)
-    best, best_wb, path, init = None, None, [], None
+    best: dict | None = None
+    fits: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+    path: list[dict] = []
+    init = None
     for C in sorted(Cs):
-        init = fit_logistic(z, y, n_classes, C=C, init=init, tol=tol)
+        init = fits[float(C)] = fit_logistic(z, y, n_classes, C=C, init=init, tol=tol)
         scores = _scores((zv @ init[0].T + init[1]).float(), np.asarray(valid_y), n_classes)
         path.append({"C": float(C), **scores})
         if _better(scores, best, metric):
-            best, best_wb = {**scores, "C": float(C)}, init
-    _set_weights(head, *best_wb)
-    C = best.pop("C")
-    return ProbeResult(head=head, C=C, valid=best, path=path, seconds=time.perf_counter() - t0)
+            best = {**scores, "C": float(C)}
+    C, valid = _chosen(best)
+    _set_weights(head, *fits[C])
+    return ProbeResult(head=head, C=C, valid=valid, path=path, seconds=time.perf_counter() - t0)
 
 
 def probe_bank(bank: FeatureBank, *, Cs: Sequence[float] = DEFAULT_CS, metric: str = "acc") -> ProbeResult:
@@ -244,19 +256,20 @@ def probe_bank_cv(
         for C in sorted(Cs):
             init = fit_logistic(z, torch.as_tensor(y[tr]), n_classes, C=C, init=init)
             oof[C][torch.as_tensor(np.flatnonzero(va))] = (zv @ init[0].T + init[1]).float()
-    best, path = None, []
+    best: dict | None = None
+    path: list[dict] = []
     for C in sorted(Cs):
         scores = _scores(oof[C], y, n_classes)
         path.append({"C": float(C), **scores})
         if _better(scores, best, metric):
             best = {**scores, "C": float(C)}
-    C = best.pop("C")
+    C, valid = _chosen(best)
     head = _linear_head(x.shape[1], n_classes, x.mean(0), x.std(0))
     _set_weights(head, *fit_logistic(standardize(head, x), torch.as_tensor(y), n_classes, C=C))
     result = ProbeResult(
         head=head,
         C=C,
-        valid=best,
+        valid=valid,
         path=path,
         seconds=time.perf_counter() - t0,
         folds=k,
@@ -267,7 +280,7 @@ def probe_bank_cv(
         bank.spec.name,
         k,
         C,
-        format_accuracy(best["acc"], best["count"]),
+        format_accuracy(valid["acc"], valid["count"]),
         result.seconds,
     )
     return result
@@ -290,11 +303,10 @@ def fold_split(labels: Sequence, groups: Sequence, k: int, *, seed: int = 0) -> 
     """
     from .prepare import split_groups
 
-    labels, groups = np.asarray(labels), np.asarray(groups)
     if k < 2:
         raise UserError(f"--cv needs at least 2 folds, got {k}")
-    classes, label_idx = np.unique(labels, return_inverse=True)
-    _, group_idx = np.unique(groups, return_inverse=True)
+    classes, label_idx = np.unique(np.asarray(labels), return_inverse=True)
+    _, group_idx = np.unique(np.asarray(groups), return_inverse=True)
     n_groups = int(group_idx.max()) + 1
     if n_groups < k:
         raise UserError(f"--cv {k}: train+valid hold only {n_groups} distinct image groups; use fewer folds")
