@@ -116,15 +116,21 @@ def test_cv_search_end_to_end_with_resume(ray_local, labels, tmp_path):
         tags = acc.Tags()["scalars"]
         assert {"valid/acc", "valid/acc_sd", "valid/acc_min", "valid/acc_max"} <= set(tags), row["trial_id"]
         assert [e.step for e in acc.Scalars("valid/acc")] == list(range(1, int(row["epochs"]) + 1))
-    # the final model, chosen on the out-of-fold logits over train+valid: the single best candidate (the
-    # probe only when strictly better) or an ensemble; a CV trial joins it as its 3 fold heads averaged.
+    # the final model, chosen on the out-of-fold logits over train+valid: led by the best trial when it
+    # beats the probe by more than one paired standard error, else by the probe; a single model or an
+    # ensemble; a CV trial joins it as its 3 fold heads averaged.
     # It classifies the test images as test_metrics.json says.
     baseline = json.loads((exp / "baseline.json").read_text())
     test = json.loads((exp / "test_metrics.json").read_text())
     assert baseline["cv_folds"] == 3 and baseline["single_best"] == test["trial_id"]
     assert baseline["deployed_valid_count"] == pooled
     best_trial, probe_value = trials["best/valid/acc"].max(), probes["best/valid/acc"].item()
-    assert test["trial_id"].startswith("probe:") == (probe_value > best_trial)
+    lead = json.loads((exp / "final.json").read_text())["lead"]  # empty when the probe scored higher outright
+    if lead:
+        assert lead["count"] == pooled and lead["leader"] == (
+            lead["trial"] if lead["advantage"] > lead["standard_error"] else lead["probe"]
+        )
+    assert test["trial_id"].startswith("probe:") == (probe_value > best_trial or lead["leader"].startswith("probe:"))
     model, _ = load_artifact(exp / "best" / "model.pt")
     heads = len(model.heads) if isinstance(model, Ensemble) else 1
     assert heads == sum(1 if m.startswith("probe:") else 3 for m in test["members"])

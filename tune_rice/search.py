@@ -1254,7 +1254,7 @@ def final_lines(record: dict) -> list[str]:
         head = f"FINAL: an ensemble of {len(record['members'])} ({members})"
     elif len(sel["members"]) > 1:
         head = (
-            f"FINAL: {single} (an ensemble of {len(sel['members'])} was not better on valid: "
+            f"FINAL: {single} (an ensemble of {len(sel['members'])} was not deployed on valid: "
             f"acc {v['ensemble']['acc']:.4f} vs {v['single']['acc']:.4f})"
         )
     else:
