@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -253,6 +254,16 @@ def test_the_probe_leads_unless_the_best_trial_clearly_beats_it(trial_pattern, l
     assert final.FinalChoice.from_dict(json.loads(json.dumps(choice.to_dict()))) == choice
     text = " ".join(final.lead_lines(choice.to_dict()))
     assert ("within noise" in text) == (leader == "probe:b")
+    # the report names who was deployed and why the probe led
+    import pandas as pd
+
+    from tune_rice.report import Experiment, final_lines
+
+    md = "\n".join(
+        final_lines(Experiment(Path("."), pd.DataFrame(), "valid/acc", "max", None, None, final=choice.to_dict()))
+    )
+    deployed = "the linear probe's head" if leader == "probe:b" else "the single best trial's head"
+    assert f"Deployed: {deployed}" in md and ("the simpler probe led the final model" in md) == (leader == "probe:b")
     if leader == "probe:b":  # the trials join the probe only if that clearly beats the probe alone
         ens = final.ensemble_logits(
             [probe, _right_wrong(trial_pattern), other], choice.selection.members, choice.selection.weights

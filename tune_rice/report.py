@@ -48,6 +48,7 @@ from . import UserError, cli
 from .devices import resolve_device
 from .engine import TrialConfig
 from .explain import gallery_section
+from .final import lead_lines
 from .report_html import PAGE, write_html
 from .space import METRICS, SearchSpace, load_search_space
 from .study import best_values, load_study
@@ -727,15 +728,19 @@ def final_lines(exp: Experiment, fin: dict) -> list[str]:
     test = exp.test or {}
     md = ["## Final model", ""]
     n = len(fin["members"])
-    what = f"an ensemble of {n} heads" if fin["deployed"] == "ensemble" else "the single best trial's head"
+    probe_led = str(fin["candidates"][0]).startswith("probe:")
+    single = "the linear probe's head" if probe_led else "the single best trial's head"
+    what = f"an ensemble of {n} heads" if fin["deployed"] == "ensemble" else single
     md.append(
         f"Deployed: {what}, chosen on valid among {len(fin['candidates'])} candidates (the best "
-        f"checkpoints of the top trials) by greedy selection with replacement, up to "
+        f"checkpoints of the top trials and the linear probe) by greedy selection with replacement, up to "
         f"{fin.get('k', '?')} members; temperature {fin['temperature']:.4g} fitted on valid."
     )
+    md += [line.strip() for line in lead_lines(fin)]
     if fin["deployed"] == "single" and len(fin["selection"]["members"]) > 1:
+        bar = "beat the probe by more than one paired standard error on" if probe_led else "improve"
         md.append(
-            f"An ensemble of {len(fin['selection']['members'])} lowered the valid NLL but not "
+            f"An ensemble of {len(fin['selection']['members'])} lowered the valid NLL but did not {bar} "
             f"{fin['metric']}, so it was not deployed."
         )
     md.append("")
