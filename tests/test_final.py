@@ -260,7 +260,10 @@ def test_the_probe_leads_unless_the_best_trial_clearly_beats_it(trial_pattern, l
     from tune_rice.report import Experiment, final_lines
 
     md = "\n".join(
-        final_lines(Experiment(Path("."), pd.DataFrame(), "valid/acc", "max", None, None, final=choice.to_dict()))
+        final_lines(
+            Experiment(Path("."), pd.DataFrame(), "valid/acc", "max", None, None, final=choice.to_dict()),
+            choice.to_dict(),
+        )
     )
     deployed = "the linear probe's head" if leader == "probe:b" else "the single best trial's head"
     assert f"Deployed: {deployed}" in md and ("the simpler probe led the final model" in md) == (leader == "probe:b")
@@ -452,7 +455,7 @@ def test_make_final_model_and_its_record_rebuild_the_same_model(tiny_candidates)
 
 
 def test_probes_join_the_candidates_behind_the_single_best(separable, tmp_path):
-    from tune_rice import probe
+    from tune_rice import features, probe
 
     cfg = _tiny_config(epochs=2, hidden=16)
     bank = _bank(separable, cfg, tmp_path)
