@@ -56,6 +56,7 @@ class Signature:
     phash: int  # 64-bit perceptual hash, the same for the image flipped or rotated by 90 degrees
     hist: np.ndarray  # (HIST_DIM,) float32: colour and gradient histograms of the inner 84%
     thumb: np.ndarray  # (THUMB, THUMB) uint8 greyscale, aspect ratio ignored
+    views: np.ndarray  # (len(VIEWS), VIEW_GRID**2) float16: the blurred inner area of the whole and of crops
 
 
 _IU = [(u, v) for u in range(_PHASH_BLOCK) for v in range(u, _PHASH_BLOCK) if (u, v) != (0, 0)][:64]
@@ -103,6 +104,37 @@ def _histograms(rgb: np.ndarray) -> np.ndarray:
     return np.concatenate([colour, 0.7 * grad]).astype(np.float32)
 
 
+# The crops a view is taken of, per axis: (cut at the start, cut at the end) as fractions of the side.
+# A copy cut by up to 10% per side lands near one of the 16 crops (both axes) of its source.
+_CROPS = ((0.0, 0.0), (0.08, 0.08), (0.1, 0.02), (0.02, 0.1))
+VIEWS = [(y, x) for y in _CROPS for x in _CROPS]  # (y crop, x crop); VIEWS[0] is the whole image
+VIEW_GRID = 8
+_VIEW_BLUR, _VIEW_INNER = 2.5, (0.12, 0.88)  # px of the 48 px thumbnail; the inner part of each crop
+
+
+def view_vectors(grey: np.ndarray) -> np.ndarray:
+    """(len(VIEWS), VIEW_GRID**2) unit vectors of a (48, 48) float greyscale thumbnail, zero mean each.
+
+    Each view is the inner 76% of one crop (:data:`VIEWS`) of the blurred thumbnail, sampled on an 8x8
+    grid: the blur (2.5 px of 48) and the coarse grid make it blind to shifts of a few percent, and the
+    crops make a cut copy match one view of its source (its whole view matches one of the source's
+    crops) where the whole images no longer do.
+    """
+    blurred = ndimage.gaussian_filter(np.asarray(grey, dtype=np.float64), _VIEW_BLUR, mode="nearest")
+    side = blurred.shape[0]
+    lo, hi = _VIEW_INNER
+    u = lo + (np.arange(VIEW_GRID) + 0.5) / VIEW_GRID * (hi - lo)  # (G,) inside the crop, 0..1
+
+    def at(cut: tuple[float, float]) -> np.ndarray:
+        return (cut[0] + u * (1 - cut[0] - cut[1])) * side - 0.5
+
+    grids = [np.meshgrid(at(cy), at(cx), indexing="ij") for cy, cx in VIEWS]
+    yy, xx = np.stack([g[0] for g in grids]), np.stack([g[1] for g in grids])  # (V, G, G)
+    v = ndimage.map_coordinates(blurred, [yy.ravel(), xx.ravel()], order=1, mode="nearest").reshape(len(VIEWS), -1)
+    v = v - v.mean(axis=1, keepdims=True)
+    return v / (np.linalg.norm(v, axis=1, keepdims=True) + 1e-9)
+
+
 def signature(image: Image.Image) -> Signature:
     """The :class:`Signature` of a decoded image (any size; a JPEG draft of >= 128 px is plenty)."""
     rgb = image.convert("RGB")
@@ -112,7 +144,8 @@ def signature(image: Image.Image) -> Signature:
     g32 = np.asarray(rgb.convert("L").resize((_PHASH_SIDE, _PHASH_SIDE), Image.Resampling.LANCZOS))
     phash = int(pack_bits(phash_bits(g32)))
     thumb = np.asarray(grey if THUMB == _HIST_SIDE else rgb.convert("L").resize((THUMB, THUMB), Image.Resampling.BOX))
-    return Signature(phash=phash, hist=hist, thumb=np.ascontiguousarray(thumb, dtype=np.uint8))
+    views = view_vectors(np.asarray(grey, dtype=np.float64) / 255.0).astype(np.float16)
+    return Signature(phash=phash, hist=hist, thumb=np.ascontiguousarray(thumb, dtype=np.uint8), views=views)
 
 
 # ------------------------------------------------------------------------------------ candidates
@@ -180,6 +213,59 @@ def candidate_pairs(
     return key // n, key % n
 
 
+def view_codes(views: np.ndarray, *, seed: int = 0) -> np.ndarray:
+    """(N, V) uint64 random-hyperplane codes of (N, V, D) view vectors, centred on the mean whole view.
+
+    Distinct pictures of one layout (a leaf centred on a sheet) share most of their blurred views; the
+    mean is that shared part, so taking it away leaves each code to what tells the pictures apart.
+    """
+    v = np.asarray(views, dtype=np.float64)
+    if len(v) == 0:
+        return np.zeros((0, v.shape[1] if v.ndim == 3 else 0), dtype=np.uint64)
+    v = v - v[:, 0].mean(axis=0)
+    planes = np.random.default_rng([seed, 0x71E5]).standard_normal((v.shape[-1], 64))
+    return pack_bits(v @ planes > 0)
+
+
+def crop_pairs(
+    codes: np.ndarray, *, window: int = 6, bands: int = 8, per_image: int = 2
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs ``(i, j)``, ``i < j``, where the whole view of one image is among the nearest codes of the
+    other's views (:func:`view_codes`, (N, V), column 0 the whole view).
+
+    For each band, every view code of every image is sorted with that band first, and each image's
+    whole-view code looks up the ``window`` codes on either side of it. Of all the images found so,
+    each image keeps the ``per_image`` nearest (fewest differing bits between a whole view and any view
+    of the other, either way round), so a run of look-alikes gives ``O(per_image * N)`` pairs.
+    """
+    c = np.ascontiguousarray(codes, dtype=np.uint64)
+    n, v = c.shape
+    if n < 2:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    whole, flat, owner = c[:, 0], c.ravel(), np.repeat(np.arange(n), v)
+    width = 64 // bands
+    keys = []
+    for b in range(bands):
+        ordered = _rotl(flat, width * b)
+        order = np.argsort(ordered, kind="stable")
+        at = np.searchsorted(ordered[order], _rotl(whole, width * b))  # (N,)
+        for off in range(-window, window):
+            j = owner[order[np.clip(at + off, 0, len(flat) - 1)]]
+            i = np.arange(n)
+            keep = i != j
+            keys.append(np.minimum(i[keep], j[keep]) * n + np.maximum(i[keep], j[keep]))
+    key = np.unique(np.concatenate(keys))
+    i, j = key // n, key % n
+    bits = np.minimum(popcount(whole[i, None] ^ c[j]).min(axis=1), popcount(whole[j, None] ^ c[i]).min(axis=1))
+    keep = np.zeros(len(i), dtype=bool)
+    for a, b in ((i, j), (j, i)):  # the per_image nearest of each image, ties by index
+        order = np.lexsort((b, bits, a))
+        first = np.r_[0, np.flatnonzero(np.diff(a[order])) + 1]
+        rank = np.arange(len(order)) - np.repeat(first, np.diff(np.r_[first, len(order)]))
+        keep[order[rank < per_image]] = True
+    return i[keep], j[keep]
+
+
 # ---------------------------------------------------------------------------------- verification
 @dataclass
 class Checked:
@@ -196,9 +282,11 @@ _BORDER = 0.06  # the outer 6% of either image is left out of every comparison (
 _SCALES = np.geomspace(0.8, 1.25, 9)
 _SHIFTS = np.linspace(-0.08, 0.08, 17)
 _MIN_OVERLAP = 0.4  # of the area; less is no match
+_COARSE_MIN = 0.6  # 12 px thumbnails correlating less than this are not looked at closer
 _GUARD = 8  # members of each group checked against each other before two groups join
 _GUARD_SLACK = 0.2  # ... at a detail similarity this much below the pair check's
-_COARSE_MIN = 0.6  # 12 px thumbnails correlating less than this are not looked at closer
+_VIEW_ONLY_MIN = 0.85  # detail similarity a pair found by the views alone must reach
+_VIEW_ALIKE = 0.95  # ... unless their blurred views say one is a crop of the other
 _ROUGH_MIN = 0.8  # outlines correlating less than this at the profile alignment are not refined
 
 
@@ -432,7 +520,24 @@ def _compare_at(a: np.ndarray, b: np.ndarray, sy, ty, sx, tx):
     return np.where(enough, outline, -1.0), np.where(enough, detail, -1.0), sy, sx
 
 
-def verify_pairs(thumbs: np.ndarray, i: np.ndarray, j: np.ndarray, *, flips: bool = True, chunk: int = 128) -> Checked:
+def view_similarity(views: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """(P,) cosine similarity of the whole view of one image of each pair with the closest view of the
+    other, either way round: near 1 for a copy cut by up to 10% per side (:func:`view_vectors`)."""
+    v = np.asarray(views, dtype=np.float32)
+    one = np.einsum("pd,pvd->pv", v[i, 0], v[j]).max(axis=1)
+    other = np.einsum("pd,pvd->pv", v[j, 0], v[i]).max(axis=1)
+    return np.maximum(one, other)
+
+
+def verify_pairs(
+    thumbs: np.ndarray,
+    i: np.ndarray,
+    j: np.ndarray,
+    *,
+    flips: bool = True,
+    views: np.ndarray | None = None,
+    chunk: int = 128,
+) -> Checked:
     """Align and compare the thumbnails of every pair (i[k], j[k]); see the module doc.
 
     ``thumbs`` is (N, S, S) uint8. With ``flips``, the flip or turn of j whose 12 px thumbnail looks
@@ -440,6 +545,8 @@ def verify_pairs(thumbs: np.ndarray, i: np.ndarray, j: np.ndarray, *, flips: boo
     as it is. The scale (0.8-1.25x) and shift (+-8% of the side) along y and along x that best match
     i's row and column profiles are found; j is warped by them and compared with i over the overlap
     (at least 40% of the area). The orientation with the higher outline + detail correlation wins.
+    Pairs whose 12 px thumbnails do not look alike are not compared further, unless ``views`` (N, V, D)
+    of :func:`view_vectors` say one is a crop of the other (a cut copy is stretched in its thumbnail).
     """
     n = thumbs.shape[-1]
     if n not in _GRIDS:
@@ -457,6 +564,9 @@ def verify_pairs(thumbs: np.ndarray, i: np.ndarray, j: np.ndarray, *, flips: boo
         a = thumbs[i[sl]].astype(np.float32) / 255
         b = thumbs[j[sl]].astype(np.float32) / 255
         corr = _orientations(a, b)  # (C, 8)
+        if views is not None:
+            cropped = view_similarity(views, i[sl], j[sl]) >= _VIEW_ALIKE
+            corr[:, 0] = np.where(cropped, np.maximum(corr[:, 0], _COARSE_MIN), corr[:, 0])
         if not flips:
             corr[:, 1:] = -1.0
         ranked = np.argsort(-corr, axis=-1, kind="stable")
@@ -538,26 +648,62 @@ def group_images(
             raise ValueError("near mode needs one signature per image")
         reps = np.asarray([k for k in range(n) if find(k) == k])  # one image per set of byte copies
         thumbs = np.stack([s.thumb for s in signatures])
+        views = np.stack([s.views for s in signatures])  # (N, V, D)
         codes = [
             np.asarray([signatures[k].phash for k in reps], dtype=np.uint64),
             histogram_codes(np.stack([signatures[k].hist for k in reps])),
         ]
         found = [candidate_pairs(c, window=window, max_bits=b) for c, b in zip(codes, _MAX_BITS)]
-        key = np.unique(np.concatenate([ci * len(reps) + cj for ci, cj in found]))
+        by_hash = np.unique(np.concatenate([ci * len(reps) + cj for ci, cj in found]))
+        vi, vj = crop_pairs(view_codes(views[reps]))
+        key = np.union1d(by_hash, vi * len(reps) + vj)
         ci, cj = reps[key // len(reps)], reps[key % len(reps)]
         n_candidates = len(ci)
-        checked = verify_pairs(thumbs, ci, cj, flips=flips)
-        ok = (checked.similarity >= min_similarity) & (checked.outline >= min_outline)
+        checked = verify_pairs(thumbs, ci, cj, flips=flips, views=views)
+        # A pair that only the views proposed (a cut or moved copy, its hashes far apart) had less going
+        # for it before the check than one whose hashes agree, so it must pass a stricter one.
+        need = np.where(np.isin(key, by_hash), min_similarity, max(min_similarity, _VIEW_ONLY_MIN))
+        ok = (checked.similarity >= need) & (checked.outline >= min_outline)
         log.debug("%d candidate pairs, %d verified", n_candidates, int(ok.sum()))
-        # Strongest pairs first; a pair joins two groups only if every member of one passes a slightly
-        # looser check against every member of the other (the first _GUARD of each): complete linkage,
-        # so a chain of gradually changing images cannot grow one group end to end.
-        loose = (checked.similarity >= min_similarity - _GUARD_SLACK) & (checked.outline >= min_outline - 0.05)
-        known = {(int(x), int(y)): bool(v) for x, y, v in zip(ci, cj, loose)}
-        members = {int(r): [int(r)] for r in reps}
-        for k in range(n):
-            if find(k) != k:
-                members[find(k)].append(k)
+        # Strongest pairs first; two groups join through a pair only if (1) one of their centres -- the
+        # one with more verified pairs first, usually the original of a set of copies -- passes the check
+        # against every member of both: no member is more than two checks from another, so a chain of
+        # gradually changing images, each close to the next, cannot grow one group end to end; and (2)
+        # every member of one passes a looser check against every member of the other (the first
+        # _GUARD of each): two edits of one original (a re-encoded and a shifted copy) are each close to
+        # it but farther from each other, while two look-alike originals and their copies are not.
+        strict = {(int(x), int(y)): bool(v) for x, y, v in zip(ci, cj, ok)}
+        loose_ok = (checked.similarity >= min_similarity - _GUARD_SLACK) & (checked.outline >= min_outline - 0.05)
+        loose = {(int(x), int(y)): bool(v) for x, y, v in zip(ci, cj, loose_ok)}
+        degree = np.bincount(np.concatenate([ci[ok], cj[ok]]), minlength=n)
+        members = {int(r): [int(r)] for r in reps}  # byte copies share their representative's check
+        centre = {r: r for r in members}
+
+        def check(todo_pairs: set[tuple[int, int]]) -> None:
+            todo = sorted(todo_pairs - strict.keys())
+            if todo:
+                got = verify_pairs(
+                    thumbs, np.array([t[0] for t in todo]), np.array([t[1] for t in todo]), flips=flips, views=views
+                )
+                good = (got.similarity >= min_similarity) & (got.outline >= min_outline)
+                fair = (got.similarity >= min_similarity - _GUARD_SLACK) & (got.outline >= min_outline - 0.05)
+                strict.update({t: bool(v) for t, v in zip(todo, good)})
+                loose.update({t: bool(v) for t, v in zip(todo, fair)})
+
+        def can_join(ra: int, rb: int) -> int | None:
+            """The centre of the joined group, or None if the two may not join."""
+            cross = {(min(x, y), max(x, y)) for x in members[ra][:_GUARD] for y in members[rb][:_GUARD]}
+            check(cross)
+            if not all(loose[c] for c in cross):
+                return None
+            union = members[ra] + members[rb]
+            for c in sorted({centre[ra], centre[rb]}, key=lambda c: (-degree[c], c)):
+                spokes = {(min(c, m), max(c, m)) for m in union if m != c}
+                check(spokes)
+                if all(strict[t] for t in spokes):
+                    return c
+            return None
+
         idx = np.flatnonzero(ok)
         idx = idx[np.lexsort((cj[idx], ci[idx], -checked.similarity[idx]))]
         for k in idx:
@@ -565,20 +711,13 @@ def group_images(
             ra, rb = find(a), find(b)
             joined = True
             if ra != rb:
-                cross = [(min(x, y), max(x, y)) for x in members[ra][:_GUARD] for y in members[rb][:_GUARD]]
-                todo = sorted({c for c in cross if c not in known})
-                if todo:
-                    c = verify_pairs(
-                        thumbs, np.array([t[0] for t in todo]), np.array([t[1] for t in todo]), flips=flips
-                    )
-                    # Looser than the pair check: two edits of one original (a re-encoded and a shifted
-                    # copy) are each close to it but farther from each other.
-                    passed = (c.similarity >= min_similarity - _GUARD_SLACK) & (c.outline >= min_outline - 0.05)
-                    known.update({t: bool(v) for t, v in zip(todo, passed)})
-                if all(known[c] for c in cross):
+                chosen = can_join(ra, rb)
+                if chosen is not None:
                     lo, hi = min(ra, rb), max(ra, rb)
                     parent[hi] = lo
                     members[lo] = sorted(members[lo] + members.pop(hi))
+                    centre[lo] = chosen
+                    centre.pop(hi)
                 else:
                     joined = False
                     n_blocked += 1
