@@ -6,9 +6,12 @@ near copies count as copies of their source), then copies of every kind in demo.
 planted from distinct originals. Scored per method: pair recall per kind (copy grouped with its
 source), distinct originals wrongly merged (an identity sharing a group with another identity),
 the largest number of identities in one group, and the valid/test share after the group split at
-0.15/0.15. Also the candidate search time on synthetic 64-bit codes at --scale sizes.
+0.15/0.15. Also the candidate search time on synthetic 64-bit codes at --scale sizes, and the whole
+``prepare`` (decode, signatures, grouping, split, CSVs) on a generated field set of about
+--prepare-images images (kept in --prepare-root to be reused; 0 skips it).
 
     python benchmarks/bench_dedup.py [--per-class 40] [--copies 10] [--scale 10000 100000 1000000]
+        [--prepare-images 10000] [--prepare-root DIR]
 
 Writes benchmarks/results/dedup.json.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import platform
 import tempfile
 import time
@@ -148,18 +152,58 @@ def candidate_timing(n: int) -> dict:
     return {"n": n, "seconds": round(time.perf_counter() - t0, 2), "pairs_within_12_bits": int(len(i))}
 
 
+def prepare_timing(n_images: int, root: Path) -> dict:
+    """The whole prepare on a generated field set of about n_images, with its grouping timed apart."""
+    per_class = max(1, round(n_images / sum(demo.CLASS_MULTIPLIERS.values())))
+    t0 = time.perf_counter()
+    data_dir = demo.generate_demo(root / f"field-p{per_class}", per_class=per_class, size=256, seed=0)
+    t_gen = time.perf_counter() - t0
+    group_images, spent = dedup.group_images, []
+
+    def timed(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return group_images(*args, **kwargs)
+        finally:
+            spent.append(time.perf_counter() - t)
+
+    dedup.group_images = timed  # prepare calls dedup.group_images through the module
+    try:
+        t0 = time.perf_counter()
+        res = prepare.prepare_dataset(data_dir, out=root / "labels.csv", progress=False)
+        total = time.perf_counter() - t0
+    finally:
+        dedup.group_images = group_images
+    split = res.frame["split"].value_counts(normalize=True)
+    return {
+        "images": len(res.frame),
+        "per_class": per_class,
+        "generate_seconds": round(t_gen, 1),
+        "prepare_seconds": round(total, 1),
+        "grouping_seconds": round(sum(spent), 1),
+        "candidates": res.n_candidates,
+        "near_pairs": res.n_pairs.get("near", 0),
+        "groups_merged": res.n_groups_merged,
+        "valid": round(float(split.get("valid", 0.0)), 4),
+        "test": round(float(split.get("test", 0.0)), 4),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--per-class", type=int, default=40)
     ap.add_argument("--copies", type=int, default=10, help="copies planted per kind and family")
     ap.add_argument("--families", nargs="+", default=list(demo.FAMILIES))
     ap.add_argument("--scale", nargs="*", type=int, default=[10_000, 100_000, 1_000_000])
+    ap.add_argument("--prepare-images", type=int, default=10_000, help="images of the timed prepare (0: skip)")
+    ap.add_argument("--prepare-root", default=None, help="where the prepare set is generated (default: a temp dir)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "dedup.json"))
     args = ap.parse_args()
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "load_average_at_start": [round(x, 1) for x in os.getloadavg()],
         "machine": platform.platform(),
-        "cpus": len(__import__("os").sched_getaffinity(0)),
+        "cpus": len(os.sched_getaffinity(0)),
         "python": platform.python_version(),
         "numpy": np.__version__,
         "pillow": PIL.__version__,
@@ -175,6 +219,11 @@ def main() -> None:
     for n in args.scale:
         result["candidate_search"].append(candidate_timing(n))
         print(result["candidate_search"][-1])
+    if args.prepare_images > 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            result["prepare"] = prepare_timing(args.prepare_images, Path(args.prepare_root or tmp))
+        print("prepare", result["prepare"])
+    result["load_average_at_end"] = [round(x, 1) for x in os.getloadavg()]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 

@@ -6,22 +6,27 @@ flipped and rotated ones. And they hold many *distinct* images that look alike a
 centred, on the same grey sheet): a coarse hash cannot tell those apart, and joining every pair it
 finds chains a whole class into one group. So two stages:
 
-1. **Candidates** (cheap, sub-quadratic, errs towards too many). Each image gets two 64-bit codes:
-   a perceptual DCT hash made blind to flips and 90-degree rotations (:func:`phash_codes`; it catches
-   re-encoded, resized, brightened, flipped and rotated copies), and a code of its colour and gradient
-   histograms, which ignore where things are (:func:`histogram_codes`; it catches cropped and shifted
-   copies). For each code, the hashes are sorted with each of 8 bands of 8 bits first in turn, and
-   each hash is paired with its nearest few neighbours in every order (:func:`candidate_pairs`):
-   ``O(N log N)`` per band, a bounded number of pairs per image whatever the data.
-2. **Verification** (finer, independent of the hashes). The two images' 48 px greyscale thumbnails
-   are aligned -- flips and rotations tried, then a scale and shift per axis estimated from their row
+1. **Candidates** (cheap, sub-quadratic, errs towards too many). Each image gets three kinds of code:
+   a perceptual DCT hash made blind to flips and 90-degree rotations (:func:`phash_bits`; it catches
+   re-encoded, resized, brightened, flipped and rotated copies), a code of its colour and gradient
+   histograms, which ignore where things are (:func:`histogram_codes`), and codes of 16 blurred views,
+   the whole image and 15 crops of up to 10% per side (:func:`view_vectors`, :func:`view_codes`; a cut
+   or moved copy matches one crop of its source where its hashes no longer do). For each code, the
+   codes are sorted with each of 8 bands of 8 bits first in turn, and each image is paired with its
+   nearest few in every order (:func:`candidate_pairs`, :func:`crop_pairs`): ``O(N log N)`` per band,
+   a bounded number of pairs per image whatever the data.
+2. **Verification** (finer, independent of the codes). The two images' 72 px greyscale thumbnails are
+   aligned -- flips and rotations tried, then a scale and shift per axis estimated from their row
    and column profiles -- and compared by normalised correlation over the overlap, both of the
    thumbnails and of their fine detail (the thumbnail minus its blur), which is what tells two
-   similar leaves apart (:func:`verify_pairs`). A pair is a near copy only if both pass.
+   similar leaves apart (:func:`verify_pairs`). A pair is a near copy only if both pass; a pair that
+   only the views proposed must reach a higher detail similarity (0.85).
 
-Groups are joined only through verified pairs, and only when every member of one group also passes
-the check against every member of the other (the first 8 of each in a larger group; :func:`group_images`):
-a chain of gradually changing images, each close to the next, does not become one group. Exact byte copies are always joined.
+Groups are joined only through verified pairs, and only when one of the two groups' centres passes the
+check against every member of both, and every member of one group passes a looser check against every
+member of the other (the first 8 of each; :func:`group_images`): no member is more than two checks from
+another, so a chain of gradually changing images, each close to the next, does not become one group.
+Exact byte copies are always joined.
 """
 
 from __future__ import annotations
@@ -328,8 +333,8 @@ class _Hypotheses:
 
     @classmethod
     def grid(cls, n: int, m: int) -> _Hypotheses:
-        s, t = np.meshgrid(_SCALES, _SHIFTS, indexing="ij")
-        s, t = s.ravel(), t.ravel()  # (H,)
+        s_grid, t_grid = np.meshgrid(_SCALES, _SHIFTS, indexing="ij")
+        s, t = s_grid.ravel(), t_grid.ravel()  # (H,)
         lo_m, frac_m, inside_m = cls._taps(s, t, m)
         match = np.zeros((len(s), m, m), dtype=np.float32)  # (H, i's sample, j's sample)
         hyp, rows = np.meshgrid(np.arange(len(s)), np.arange(m), indexing="ij")
@@ -425,8 +430,8 @@ def _compare(a: np.ndarray, b: np.ndarray, g: _Hypotheses):
     a fraction of a pixel)."""
     n = a.shape[-1]
     m = n // _PROFILE
-    fine_s, fine_t = np.meshgrid(np.geomspace(0.97, 1.03, 7), np.linspace(-0.02, 0.02, 9), indexing="ij")
-    fine_s, fine_t = fine_s.ravel(), fine_t.ravel()  # (F,)
+    fine_grid = np.meshgrid(np.geomspace(0.97, 1.03, 7), np.linspace(-0.02, 0.02, 9), indexing="ij")
+    fine_s, fine_t = fine_grid[0].ravel(), fine_grid[1].ravel()  # (F,)
     found = []
     for axis in (2, 1):  # along y (rows) first, then along x (columns)
         pa, pb = _strip_profiles(a, axis, m), _strip_profiles(b, axis, m)  # (C, k, m)
