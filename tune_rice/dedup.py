@@ -259,7 +259,8 @@ def crop_pairs(
             i = np.arange(n)
             keep = i != j
             keys.append(np.minimum(i[keep], j[keep]) * n + np.maximum(i[keep], j[keep]))
-    key = np.unique(np.concatenate(keys))
+    key = np.sort(np.concatenate(keys))
+    key = key[np.r_[True, key[1:] != key[:-1]]]  # unique (np.unique hashes: slower here)
     i, j = key // n, key % n
     bits = np.minimum(popcount(whole[i, None] ^ c[j]).min(axis=1), popcount(whole[j, None] ^ c[i]).min(axis=1))
     keep = np.zeros(len(i), dtype=bool)
