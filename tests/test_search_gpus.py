@@ -111,7 +111,7 @@ def test_more_gpus_per_trial_than_any_node_has_is_a_user_error(ray_with_logical_
 
 
 @pytest.mark.slow
-def test_banks_on_a_gpu_cluster_are_extracted_by_ray_tasks_one_per_shared_pass(ray_with_logical_gpus, tmp_path):
+def test_banks_on_a_gpu_cluster_are_extracted_by_ray_tasks_sharing_each_pass(ray_with_logical_gpus, tmp_path):
     from tune_rice.data import read_labels
     from tune_rice.features import FeatureSpec, extract_bank
     from tune_rice.model import resolve_weights
@@ -121,10 +121,11 @@ def test_banks_on_a_gpu_cluster_are_extracted_by_ray_tasks_one_per_shared_pass(r
         FeatureSpec(backbone="resnet18", image_size=32, views=2, feature_layer=layer) for layer in ("pooled", "logits")
     ] + [FeatureSpec(backbone="resnet18", image_size=40, views=1)]
     weights = {"resnet18": resolve_weights("resnet18", "none")}
-    banks = search._extract_banks(specs, table, weights, use_gpu=True)
-    assert list(banks) == [s.name for s in specs]
+    refs = search._extract_banks(specs, table, weights, use_gpu=True, cache_dir=tmp_path / "cache")
+    assert list(refs) == [s.name for s in specs]
     for spec in specs:
         alone = extract_bank(table, spec, weights="none", use_cache=False, progress=False, device="cpu")
-        assert banks[spec.name].info["extracted_with"] == (2 if spec.image_size == 32 else 1)
+        bank = ray.get(refs[spec.name].ref)  # the banks stay in the object store: the driver has references
+        assert bank.info["extracted_with"] == (2 if spec.image_size == 32 else 1)
         for split in ("train", "valid"):
-            assert np.array_equal(banks[spec.name].splits[split].features, alone.splits[split].features)
+            assert np.array_equal(bank.splits[split].features, alone.splits[split].features)

@@ -190,9 +190,10 @@ def run_backbones(
     device: torch.device,
     desc: str = "extract",
     progress: bool = True,
+    first: int = 0,
 ) -> dict[tuple[str, str], np.ndarray]:
     """Pass every item of ``loader`` (decoded and transformed once) through each backbone; returns float16
-    ``(n, views, D)`` per (backbone name, feature layer)."""
+    ``(n, views, D)`` per (backbone name, feature layer). ``first``: the dataset index of row 0 (a shard)."""
     out: dict[tuple[str, str], np.ndarray] = {}
     bar = tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False, dynamic_ncols=True)
     for x, _, idx in loader:
@@ -200,7 +201,7 @@ def run_backbones(
         if x.dim() == 5:  # (B, V, 3, S, S) -> (B*V, 3, S, S)
             x = x.flatten(0, 1)
         x = x.contiguous(memory_format=torch.channels_last)
-        rows = idx.numpy()
+        rows = idx.numpy() - first
         for name, (backbone, layers) in backbones.items():
             got = _forward_in_parts(backbone, x, layers, device)
             for layer, f in got.items():
@@ -357,6 +358,73 @@ def extract_banks(
     """
     table = labels if isinstance(labels, LabelTable) else read_labels(labels)
     splits = tuple(splits)
+    plan = plan_banks(table, specs, weights=weights, splits=splits, cache_dir=cache_dir, use_cache=use_cache)
+    resolved, keys, cache = plan.resolved, plan.keys, plan.cache
+    banks: dict[str, FeatureBank] = {}
+    for spec, final in plan.hits.items():
+        try:
+            banks[spec.name] = load_bank(final)
+            log.info("feature bank %s: cache hit (%s)", spec.name, final)
+        except (OSError, ValueError, KeyError, TypeError, EOFError, UserError) as e:
+            log.warning("feature bank at %s is unreadable (%s): extracting again", final, e)
+            shutil.rmtree(final, ignore_errors=True)  # else save_bank finds the key taken and keeps the broken one
+            plan.todo.setdefault(pass_key(spec), []).append(spec)
+
+    device = resolve_device(device)
+    workers = default_num_workers() if num_workers is None else num_workers
+    for group in plan.todo.values():
+        nets = pass_networks(group, resolved, device)
+        batch = fit_batch_size(group, batch_size, device)
+        t0 = time.perf_counter()
+        parts = {
+            split: [
+                extract_pass_shard(
+                    table,
+                    group,
+                    resolved,
+                    split,
+                    0,
+                    len(table.split(split)),
+                    device=device,
+                    batch_size=batch,
+                    num_workers=workers,
+                    progress=progress,
+                    nets=nets,
+                )
+            ]
+            for split in splits
+        }
+        for bank in assemble_pass(table, group, resolved, keys, parts, time.perf_counter() - t0, device):
+            if use_cache:
+                save_bank(bank, cache / bank.key)
+            banks[bank.spec.name] = bank
+    return {spec.name: banks[spec.name] for spec in plan.specs}
+
+
+@dataclass
+class BankPlan:
+    """What a set of specs needs: resolved weights and cache key per spec, the banks already in the cache
+    (``hits``: spec -> folder) and the passes to run (``todo``: pass key -> specs sharing it)."""
+
+    specs: list[FeatureSpec]
+    resolved: dict
+    keys: dict
+    cache: Path
+    hits: dict
+    todo: dict
+
+
+def plan_banks(
+    table: LabelTable,
+    specs,
+    *,
+    weights: str | ResolvedWeights | dict = "auto",
+    splits=("train", "valid"),
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+) -> BankPlan:
+    """Resolve weights, key every bank and look each up in the cache (a folder every node may share)."""
+    splits = tuple(splits)
     if "train" not in splits:
         raise ValueError("a feature bank needs the train split (its statistics standardise the head)")
     for s in splits:
@@ -370,78 +438,119 @@ def extract_banks(
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     fingerprint = data_fingerprint(table, splits)  # once: it reads labels.csv and stats every image
     keys = {spec: bank_key(table, spec, resolved[spec].identity, splits, fingerprint=fingerprint) for spec in specs}
-    banks: dict[str, FeatureBank] = {}
-    todo: dict[tuple, list[FeatureSpec]] = {}
+    hits, todo = {}, {}
     for spec in specs:
-        final = cache / keys[spec]
-        if use_cache and (final / "meta.json").is_file():
-            try:
-                banks[spec.name] = load_bank(final)
-                log.info("feature bank %s: cache hit (%s)", spec.name, final)
-                continue
-            except (OSError, ValueError, KeyError, TypeError, EOFError, UserError) as e:
-                log.warning("feature bank at %s is unreadable (%s): extracting again", final, e)
-                shutil.rmtree(final, ignore_errors=True)  # else save_bank finds the key taken and keeps the broken one
-        todo.setdefault(pass_key(spec), []).append(spec)
+        if use_cache and (cache / keys[spec] / "meta.json").is_file():
+            hits[spec] = cache / keys[spec]
+        else:
+            todo.setdefault(pass_key(spec), []).append(spec)
+    return BankPlan(specs=specs, resolved=resolved, keys=keys, cache=cache, hits=hits, todo=todo)
 
-    def net_key(spec: FeatureSpec) -> str:  # one network per backbone and weights within a pass
-        return f"{spec.backbone}|{resolved[spec].identity}"
 
+def _net_key(spec: FeatureSpec, resolved: dict) -> str:  # one network per backbone and weights within a pass
+    return f"{spec.backbone}|{resolved[spec].identity}"
+
+
+def shard_align(spec: FeatureSpec, split: str, batch_size: int = 64) -> int:
+    """Images per extraction batch of ``split``: shards that start at multiples of it put the same images
+    in the same batches as one whole pass, so they give bit-identical features (as long as no shard's
+    device has to lower the batch to fit its memory: see fit_batch_size)."""
+    return max(1, batch_size // (spec.views if split == "train" else 1))
+
+
+def pass_networks(group: list[FeatureSpec], resolved: dict, device: torch.device) -> dict:
+    """The networks of one pass: one per backbone and weights (the seed is the pass's), built for logits
+    when any spec wants them (its pooled features come from the same pass)."""
+    wanted: dict[str, tuple[FeatureSpec, set[str]]] = {}
+    for spec in group:
+        wanted.setdefault(_net_key(spec, resolved), (spec, set()))[1].add(spec.feature_layer)
+    nets: dict[str, tuple[FrozenBackbone, tuple[str, ...]]] = {}
+    for name, (spec, layers) in wanted.items():
+        backbone, _ = build_backbone(
+            spec.backbone,
+            weights=resolved[spec],
+            seed=spec.seed,
+            feature_layer="logits" if "logits" in layers else "pooled",
+        )
+        nets[name] = (backbone.to(device).to(memory_format=torch.channels_last), tuple(sorted(layers)))
+    return nets
+
+
+def extract_pass_shard(
+    table: LabelTable,
+    group: list[FeatureSpec],
+    resolved: dict,
+    split: str,
+    start: int,
+    stop: int,
+    *,
+    device: str | torch.device = "auto",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    progress: bool = False,
+    nets: dict | None = None,
+) -> dict[str, np.ndarray]:
+    """Images ``start:stop`` of ``split`` through the networks of one pass (specs sharing ``pass_key``);
+    returns float16 ``(stop - start, views, D)`` by ``"<backbone>|<weights>|<layer>"``. Augmentation is a
+    function of (seed, image index), so a shard's views are those of a whole pass. ``nets``: from
+    ``pass_networks`` (built here when not given)."""
     device = resolve_device(device)
-    workers = default_num_workers() if num_workers is None else num_workers
-    for group in todo.values():
-        # one network per backbone and weights (the seed is the pass's); built for logits when any spec
-        # wants them (its pooled features come from the same pass)
-        wanted: dict[str, tuple[FeatureSpec, set[str]]] = {}
-        for spec in group:
-            wanted.setdefault(net_key(spec), (spec, set()))[1].add(spec.feature_layer)
-        nets: dict[str, tuple[FrozenBackbone, tuple[str, ...]]] = {}
-        for name, (spec, layers) in wanted.items():
-            backbone, _ = build_backbone(
-                spec.backbone,
-                weights=resolved[spec],
-                seed=spec.seed,
-                feature_layer="logits" if "logits" in layers else "pooled",
+    nets = nets if nets is not None else pass_networks(group, resolved, device)
+    first = group[0]
+    eval_tf = build_transform(first.preprocessing, train=False)
+    train_tf = build_transform(first.preprocessing, train=True, policy=first.policy)
+    batch = fit_batch_size(group, batch_size, device)
+    views = first.views if split == "train" else 1
+    ds = dataset_for_split(
+        table, split, train_tf if views > 1 else eval_tf, views=views, first_transform=eval_tf, seed=first.seed
+    )
+    if (start, stop) != (0, len(ds)):
+        ds = torch.utils.data.Subset(ds, range(start, stop))
+    loader = DataLoader(
+        ds,
+        batch_size=max(1, batch // views),
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers else None,
+    )
+    out = run_backbones(
+        nets,
+        loader,
+        n=stop - start,
+        views=views,
+        device=device,
+        desc=f"features {split}",
+        progress=progress,
+        first=start,
+    )
+    return {f"{name}|{layer}": f for (name, layer), f in out.items()}
+
+
+def assemble_pass(
+    table: LabelTable,
+    group: list[FeatureSpec],
+    resolved: dict,
+    keys: dict,
+    parts: dict[str, list[dict[str, np.ndarray]]],
+    seconds: float,
+    device: str | torch.device,
+) -> list[FeatureBank]:
+    """The banks of one pass from its shards: per split, the shards' arrays concatenated in order."""
+    banks = []
+    for spec in group:
+        name = f"{_net_key(spec, resolved)}|{spec.feature_layer}"
+        result = {
+            split: SplitFeatures(
+                np.concatenate([p[name] for p in shards]) if len(shards) > 1 else shards[0][name],
+                table.targets(split),
+                list(table.split(split)["path"]),
             )
-            nets[name] = (backbone.to(device).to(memory_format=torch.channels_last), tuple(sorted(layers)))
-        first = group[0]
-        eval_tf = build_transform(first.preprocessing, train=False)
-        train_tf = build_transform(first.preprocessing, train=True, policy=first.policy)
-        batch = fit_batch_size(group, batch_size, device)
-        t0 = time.perf_counter()
-        feats: dict[str, dict[tuple[str, str], np.ndarray]] = {}
-        for split in splits:
-            views = first.views if split == "train" else 1
-            ds = dataset_for_split(
-                table, split, train_tf if views > 1 else eval_tf, views=views, first_transform=eval_tf, seed=first.seed
-            )
-            loader = DataLoader(
-                ds,
-                batch_size=max(1, batch // views),
-                shuffle=False,
-                num_workers=workers,
-                pin_memory=device.type == "cuda",
-                persistent_workers=False,
-                prefetch_factor=4 if workers else None,
-            )
-            feats[split] = run_backbones(
-                nets, loader, n=len(ds), views=views, device=device, desc=f"features {split}", progress=progress
-            )
-        seconds = time.perf_counter() - t0
-        for spec in group:
-            result = {
-                split: SplitFeatures(
-                    feats[split][net_key(spec), spec.feature_layer],
-                    table.targets(split),
-                    list(table.split(split)["path"]),
-                )
-                for split in splits
-            }
-            bank = _finish_bank(table, spec, resolved[spec], result, keys[spec], seconds, device, shared=len(group))
-            if use_cache:
-                save_bank(bank, cache / bank.key)
-            banks[spec.name] = bank
-    return {spec.name: banks[spec.name] for spec in specs}
+            for split, shards in parts.items()
+        }
+        banks.append(_finish_bank(table, spec, resolved[spec], result, keys[spec], seconds, device, shared=len(group)))
+    return banks
 
 
 def _finish_bank(

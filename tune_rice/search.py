@@ -36,7 +36,7 @@ from . import UserError, cli, final, storage, study, tune_glue
 from .backbones import cheaper_choice, cost_frontier
 from .data import LabelTable, read_labels_checked
 from .engine import TrialConfig
-from .features import FeatureBank, FeatureSpec, extract_banks, pass_key
+from .features import FeatureBank, FeatureSpec, extract_banks
 from .model import ResolvedWeights, hub_weights_file, resolve_weights, save_artifact
 from .probe import (
     CV_AUTO_BELOW,
@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="on",
         help="on: extract features once and train heads on them; off: run the backbone inside "
         "every trial with online augmentation (the slow reference path)",
+    )
+    p.add_argument(
+        "--bank-cache",
+        metavar="DIR",
+        help="folder of the feature-bank cache (default: $TUNE_RICE_CACHE/features, else "
+        "~/.cache/tune_rice/features); on a cluster, a folder every node shares",
     )
     p.add_argument(
         "--cv",
@@ -436,17 +442,25 @@ def search_banks(
     """The feature banks the trials train on; None with ``--feature-cache off`` (trials read the images)."""
     if args.feature_cache != "on":
         return None
-    return _extract_banks(specs, table, weights, use_gpu=tune_glue.cluster_gpus()[0] > 0)
+    return _extract_banks(specs, table, weights, use_gpu=tune_glue.cluster_gpus()[0] > 0, cache_dir=args.bank_cache)
 
 
 def _extract_banks(
-    specs: list[FeatureSpec], table: LabelTable, weights: dict[str, ResolvedWeights], use_gpu: bool
-) -> dict[str, FeatureBank]:
+    specs: list[FeatureSpec],
+    table: LabelTable,
+    weights: dict[str, ResolvedWeights],
+    use_gpu: bool,
+    cache_dir: str | os.PathLike | None = None,
+) -> dict:
     """One bank per spec, train and valid only (the test split is not touched before the end). Specs
-    that see the same input tensors are extracted together (one decode pass; see extract_banks)."""
-    banks = {}
-    if use_gpu:  # on a GPU cluster extraction runs as Ray tasks on GPU nodes, one per shared pass
+    that see the same input tensors are extracted together (one decode pass; see extract_banks).
+
+    On a cluster with GPUs each pass runs in shards over all of them (shards.py) and the banks stay in
+    the object store: the result holds references (BankRef), never the arrays."""
+    if use_gpu:
         import ray
+
+        from .shards import extract_banks_sharded
 
         # 2 CPUs to decode for the GPU, but never more than a GPU node has: a task that no node can hold
         # waits forever (a GPU node started with 1 CPU would hang the search here).
@@ -455,19 +469,16 @@ def _extract_banks(
             for n in ray.nodes()
             if n.get("Alive") and n["Resources"].get("GPU", 0.0) >= 1
         ]
-        remote = ray.remote(num_gpus=1, num_cpus=min(2.0, max(gpu_node_cpus, default=1.0)))(extract_banks)
-        groups: dict[tuple, list[FeatureSpec]] = {}
-        for s in specs:
-            groups.setdefault(pass_key(s), []).append(s)
-        refs = [
-            remote.remote(table, group, weights=weights, splits=("train", "valid"), progress=False)
-            for group in groups.values()
-        ]
-        for ref in refs:
-            banks.update(ray.get(ref))
-        banks = {s.name: banks[s.name] for s in specs}
+        banks = extract_banks_sharded(
+            table,
+            specs,
+            weights=weights,
+            splits=("train", "valid"),
+            cache_dir=cache_dir,
+            num_cpus=min(2.0, max(gpu_node_cpus, default=1.0)),
+        )
     else:
-        banks = extract_banks(table, specs, weights=weights, splits=("train", "valid"))
+        banks = extract_banks(table, specs, weights=weights, splits=("train", "valid"), cache_dir=cache_dir)
     for name, bank in banks.items():
         log.info(
             "bank %s: %s, %.1f MB, %s",
@@ -508,14 +519,29 @@ def fit_baseline(
     if k and banks is None:  # --cv auto with --feature-cache off (an explicit K was refused up front)
         log.info("--cv auto: off, since trials read the images (--feature-cache off)")
         k = 0
+    groups = dict(zip(table.frame["path"], table.frame["group"]))
+    if banks is not None and by_reference(banks):  # banks in the object store: the probes fit where they are
+        from .shards import final_views, fit_probes_remote
+
+        folds, probes = fit_probes_remote(banks, metric=space.metric, group_of_path=groups, k=k, seed=args.seed)
+        _log_folds(args, folds)
+        return Baseline(folds, probes, final_views(banks))
     probe_banks = banks
     if probe_banks is None:
         probe_specs = list(dict.fromkeys(dataclasses.replace(s, views=1) for s in specs))
-        probe_banks = extract_banks(table, probe_specs, weights=weights, splits=("train", "valid"))
+        probe_banks = extract_banks(
+            table, probe_specs, weights=weights, splits=("train", "valid"), cache_dir=args.bank_cache
+        )
     folds = None
     if k:
-        first = next(iter(probe_banks.values()))
-        folds = bank_folds(first, dict(zip(table.frame["path"], table.frame["group"])), k, seed=args.seed)
+        folds = bank_folds(next(iter(probe_banks.values())), groups, k, seed=args.seed)
+    _log_folds(args, folds)
+    return Baseline(folds, fit_probes(probe_banks, metric=space.metric, folds=folds), probe_banks)
+
+
+def _log_folds(args, folds: np.ndarray | None) -> None:
+    if folds is not None:
+        k = int(folds.max()) + 1
         log.info(
             "--cv %s: %d folds over %d train+valid images (each trial trains %d heads; valid figures are out-of-fold)",
             args.cv,
@@ -523,7 +549,11 @@ def fit_baseline(
             len(folds),
             k,
         )
-    return Baseline(folds, fit_probes(probe_banks, metric=space.metric, folds=folds), probe_banks)
+
+
+def by_reference(banks: dict) -> bool:
+    """Whether ``banks`` are references to banks in the object store (shards.BankRef), not the arrays."""
+    return any(hasattr(b, "ref") for b in banks.values())
 
 
 # ------------------------------------------------------------------------------------------- the tuner
@@ -535,12 +565,14 @@ def trial_data(
 ):
     """What every trial trains on: the banks (with ``folds``: K heads per trial on them), or (no banks)
     the images with the resolved weights."""
-    if banks is not None and folds is not None:
+    if banks is not None:
+        # a bank in the object store goes by reference: each trial fetches its own, on its node
+        data = {name: getattr(bank, "ref", bank) for name, bank in banks.items()}
+        if folds is None:
+            return data
         from .trainable import CVBanks
 
-        return CVBanks(banks, folds)
-    if banks is not None:
-        return banks
+        return CVBanks(data, folds)
     from .trainable import ImageSource
 
     return ImageSource(labels_csv=str(table.csv_path), data_root=str(table.root), weights=weights)
@@ -867,6 +899,10 @@ def save_winner(
             ),
         )
     recorded = paths.read(FINAL_RECORD)
+    if banks is not None and by_reference(banks):
+        from .shards import final_views
+
+        banks = final_views(banks)  # the valid split only: the driver never holds a whole bank
     fm = final.make_final_model(
         candidates,
         weights=weights,

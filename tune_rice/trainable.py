@@ -37,16 +37,16 @@ class ImageSource:
 
 @dataclass(frozen=True)
 class CVBanks:
-    """A cross-validated trial's data (``--cv K``): the banks, and the fold of every train+valid image in
-    the pooled order (train then valid, the same in every bank)."""
+    """A cross-validated trial's data (``--cv K``): the banks (or their object references), and the fold
+    of every train+valid image in the pooled order (train then valid, the same in every bank)."""
 
-    banks: dict[str, FeatureBank]
+    banks: dict[str, FeatureBank | ray.ObjectRef]
     folds: np.ndarray  # (N_train + N_valid,) int64
 
 
-# A trial's data: the feature banks by FeatureSpec name (the fast path), the same with folds (--cv),
-# or the images themselves.
-TrialData = dict[str, FeatureBank] | CVBanks | ImageSource
+# A trial's data: the feature banks (or their object references) by FeatureSpec name (the fast path),
+# the same with folds (--cv), or the images themselves.
+TrialData = dict[str, FeatureBank | ray.ObjectRef] | CVBanks | ImageSource
 
 
 def _better(value: float, best: float | None, mode: str) -> bool:
@@ -64,7 +64,7 @@ def start_run(cfg: TrialConfig, data: TrialData, device: str) -> HeadRun | CVHea
     """The trial's HeadRun on its bank, its K fold heads (CVHeadRun) with folds, or a HeadRun on the
     images (decoded by the CPUs Ray gave it, less one)."""
     if isinstance(data, CVBanks):
-        return CVHeadRun(cfg, bank=data.banks[cfg.feature_spec().name], folds=data.folds, device=device)
+        return CVHeadRun(cfg, bank=_fetch(data.banks[cfg.feature_spec().name]), folds=data.folds, device=device)
     if isinstance(data, ImageSource):
         cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
         return HeadRun(
@@ -74,7 +74,13 @@ def start_run(cfg: TrialConfig, data: TrialData, device: str) -> HeadRun | CVHea
             device=device,
             num_workers=max(0, cpus - 1),
         )
-    return HeadRun(cfg, bank=data[cfg.feature_spec().name], device=device)
+    return HeadRun(cfg, bank=_fetch(data[cfg.feature_spec().name]), device=device)
+
+
+def _fetch(bank: FeatureBank | ray.ObjectRef) -> FeatureBank:
+    """A bank extracted on the cluster comes as a reference: fetched here, on the trial's node, never
+    through the driver."""
+    return ray.get(bank) if isinstance(bank, ray.ObjectRef) else bank
 
 
 def train_head(
