@@ -111,7 +111,7 @@ def test_sharded_banks_are_bit_identical_spread_over_nodes_and_cached(tmp_path):
                 first, again = report[f"first/{spec.name}"], report[f"again/{spec.name}"]
                 assert not first["from_cache"] and again["from_cache"], spec.name  # the next call finds it
                 shards = first["shards"]
-                assert len(shards) >= 4 and {s["node"] for s in shards} == workers, (family, shards)
+                assert len(shards) >= 3 and {s["node"] for s in shards} == workers, (family, shards)
                 alone = extract_bank(
                     table, spec, weights="none", use_cache=False, progress=False, device="cpu", batch_size=BATCH
                 )
