@@ -22,9 +22,11 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import ray
+import torch
 
 from .data import LabelTable
 from .devices import resolve_device
@@ -88,6 +90,10 @@ def _probe(bank: FeatureBank, name: str, metric: str, folds) -> ProbeResult:
     return fit_probes({name: bank}, metric=metric, folds=folds)[name]
 
 
+def _folds(bank: FeatureBank, group_of_path: dict[str, str], k: int, seed: int) -> np.ndarray:
+    return bank_folds(bank, group_of_path, k, seed=seed)
+
+
 def fit_probes_remote(
     banks: dict[str, BankRef], *, metric: str, group_of_path: dict[str, str], k: int, seed: int
 ) -> tuple[np.ndarray | None, dict[str, ProbeResult]]:
@@ -96,7 +102,7 @@ def fit_probes_remote(
     folds = None
     if k:
         first = next(iter(banks.values()))
-        folds = ray.get(ray.remote(num_cpus=1)(bank_folds).remote(first.ref, group_of_path, k, seed=seed))
+        folds = ray.get(ray.remote(num_cpus=1)(_folds).remote(first.ref, group_of_path, k, seed))
     task = ray.remote(num_cpus=1)(_probe)
     refs = {name: task.remote(b.ref, name, metric, folds) for name, b in banks.items()}
     return folds, {name: ray.get(r) for name, r in refs.items()}
@@ -119,6 +125,8 @@ def _shard(table, group, resolved, split, start, stop, batch_size):
     feats = extract_pass_shard(
         table, group, resolved, split, start, stop, batch_size=batch_size, num_workers=max(0, cpus - 1)
     )
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the process stays for the next shard (max_calls=0): free what it cached
     return feats, {
         "split": split,
         "start": start,
@@ -174,12 +182,16 @@ def extract_banks_sharded(
     plan = plan_banks(table, specs, weights=weights, splits=splits, cache_dir=cache_dir, use_cache=use_cache)
     gpus = float(ray.cluster_resources().get("GPU", 0.0)) if gpus is None else gpus
     slots = max(1, int(gpus)) * SHARDS_PER_GPU
-    shard_task = ray.remote(num_gpus=1 if gpus >= 1 else 0, num_cpus=num_cpus, num_returns=2)(_shard)
+    # max_calls=0: a worker runs shard after shard. Ray's default for a GPU task is a fresh process per
+    # call, which pays the torch import and CUDA start for every shard (a shard's own work is seconds);
+    # _shard empties the CUDA cache, so an idle worker keeps only its context.
+    shard_task = ray.remote(num_gpus=1 if gpus >= 1 else 0, num_cpus=num_cpus, num_returns=2, max_calls=0)(_shard)
     load_task = ray.remote(num_cpus=1, num_returns=2)(_load)
     refs: dict[str, ray.ObjectRef] = {}
     summary_refs: dict[tuple[str, ...], ray.ObjectRef] = {}  # bank names -> their summaries, one object
     for spec, path in plan.hits.items():
-        refs[spec.name], summary_refs[(spec.name,)] = load_task.remote(str(path))
+        loaded: Any = load_task.remote(str(path))  # num_returns=2: (bank, summary)
+        refs[spec.name], summary_refs[(spec.name,)] = loaded
     passes = []
     t0 = time.perf_counter()
     for group in plan.todo.values():  # every shard of every pass is submitted now: passes run at once
@@ -187,7 +199,8 @@ def extract_banks_sharded(
         for split in splits:
             split_refs = []
             for start, stop in plan_shards(len(table.split(split)), shard_align(group[0], split, batch_size), slots):
-                feats, info = shard_task.remote(table, group, plan.resolved, split, start, stop, batch_size)
+                shard: Any = shard_task.remote(table, group, plan.resolved, split, start, stop, batch_size)
+                feats, info = shard  # num_returns=2: (arrays, where and how long)
                 split_refs.append(feats)
                 infos.append(info)
             shard_refs.append(split_refs)
@@ -197,7 +210,7 @@ def extract_banks_sharded(
         shard_info = ray.get(infos)  # small dicts; the arrays stay on the nodes that made them
         seconds = time.perf_counter() - t0
         assemble = ray.remote(num_cpus=1, num_returns=len(group) + 1)(_assemble)
-        got = assemble.remote(
+        got: Any = assemble.remote(
             table,
             group,
             plan.resolved,
