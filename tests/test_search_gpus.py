@@ -10,7 +10,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 from conftest import local_ray, make_separable_dataset, search_argv
@@ -88,6 +87,10 @@ def test_fractional_logical_gpus_run_trials_side_by_side(ray_with_logical_gpus, 
     assert df["gpu_ids"].notna().all() and set(df["gpu_ids"]) <= {"0", "1"}  # a (logical) GPU each
     assert (df["device"] == "cpu").all()  # ... that is not there, so the trial trains on the CPU
     assert json.loads((exp / "test_metrics.json").read_text())["test_count"] == 9  # 3 of 12 images per class
+    # the bank was extracted in shards (tests/test_shards.py checks them bit for bit on several nodes) and
+    # the trials and the probe reached it by reference: timings.json names each shard's node
+    (bank,) = json.loads((exp / "timings.json").read_text())["banks"].values()
+    assert not bank["from_cache"] and len(bank["shards"]) >= 2 and all(s["node"] for s in bank["shards"])
 
     # 4 trials x 0.5 GPU on 2 GPUs and 2 CPUs: they overlap in time rather than queue
     epochs = [(int(pid), float(a), float(b)) for pid, a, b in (line.split() for line in log.read_text().splitlines())]
@@ -108,24 +111,3 @@ def test_more_gpus_per_trial_than_any_node_has_is_a_user_error(ray_with_logical_
     assert err.startswith("error: --gpus-per-trial 3") and "\n" not in err, err
     assert "the most on one node: 2" in err
     assert not (tmp_path / "runs" / "toomany").exists()  # nothing left behind to block a retry
-
-
-@pytest.mark.slow
-def test_banks_on_a_gpu_cluster_are_extracted_by_ray_tasks_sharing_each_pass(ray_with_logical_gpus, tmp_path):
-    from tune_rice.data import read_labels
-    from tune_rice.features import FeatureSpec, extract_bank
-    from tune_rice.model import resolve_weights
-
-    table = read_labels(make_separable_dataset(tmp_path / "data", per_class=6, size=32))
-    specs = [
-        FeatureSpec(backbone="resnet18", image_size=32, views=2, feature_layer=layer) for layer in ("pooled", "logits")
-    ] + [FeatureSpec(backbone="resnet18", image_size=40, views=1)]
-    weights = {"resnet18": resolve_weights("resnet18", "none")}
-    refs = search._extract_banks(specs, table, weights, use_gpu=True, cache_dir=tmp_path / "cache")
-    assert list(refs) == [s.name for s in specs]
-    for spec in specs:
-        alone = extract_bank(table, spec, weights="none", use_cache=False, progress=False, device="cpu")
-        bank = ray.get(refs[spec.name].ref)  # the banks stay in the object store: the driver has references
-        assert bank.info["extracted_with"] == (2 if spec.image_size == 32 else 1)
-        for split in ("train", "valid"):
-            assert np.array_equal(bank.splits[split].features, alone.splits[split].features)
