@@ -24,21 +24,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from datetime import date
 from pathlib import Path
-
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO))
 
 from local_cluster import LocalCluster  # noqa: E402
+from run_info import run_info  # noqa: E402
 
 
 def rss() -> int:
@@ -84,8 +82,9 @@ def dataset(root: Path, per_class: int):
 
 from tune_rice.features import FeatureSpec  # noqa: E402
 
-SPECS = [FeatureSpec(backbone="resnet18", image_size=64, views=2, feature_layer=layer) for layer in ("pooled", "logits")] \
-    + [FeatureSpec(backbone="resnet18", image_size=96, views=1)]
+SPECS = [
+    FeatureSpec(backbone="resnet18", image_size=64, views=2, feature_layer=layer) for layer in ("pooled", "logits")
+] + [FeatureSpec(backbone="resnet18", image_size=96, views=1)]
 MEMORY_BANK_MB = 150  # a bank big enough to see in a driver's RSS (one of 1M images x 1 view x 75 floats16)
 
 
@@ -106,8 +105,11 @@ def driver_memory(mb: int) -> dict:
         bank = ray.get(ref)  # the earlier path: the bank into the driver ...
         data_old = ray.put({"bank": bank})  # ... and back into the object store by tune.with_parameters
     del data, data_old, bank
-    return {"memory_bank_mb": mb, "driver_added_mb_by_reference": by_ref.added_mb,
-            "driver_added_mb_old_path": old.added_mb}
+    return {
+        "memory_bank_mb": mb,
+        "driver_added_mb_by_reference": by_ref.added_mb,
+        "driver_added_mb_old_path": old.added_mb,
+    }
 
 
 def one_run(labels_csv: str, n_workers: int, batch: int, memory: bool) -> dict:
@@ -127,12 +129,16 @@ def one_run(labels_csv: str, n_workers: int, batch: int, memory: bool) -> dict:
         wall = time.perf_counter() - t0
         per_pass = {id(b.info["shards"]): b.info["shards"] for b in banks.values()}  # a pass's banks share them
         unique = [s for shards in per_pass.values() for s in shards]
-        out = {"workers": n_workers, "wall_s": wall, "shards": len(unique),
-               "nodes_used": len({s["node"] for s in unique}),
-               "shard_seconds_sum": sum(s["seconds"] for s in unique),
-               "shard_seconds_mean": sum(s["seconds"] for s in unique) / len(unique),
-               "images_per_shard_mean": sum(s["stop"] - s["start"] for s in unique) / len(unique),
-               "bank_mb": sum(b.nbytes() for b in banks.values()) / 1e6}
+        out = {
+            "workers": n_workers,
+            "wall_s": wall,
+            "shards": len(unique),
+            "nodes_used": len({s["node"] for s in unique}),
+            "shard_seconds_sum": sum(s["seconds"] for s in unique),
+            "shard_seconds_mean": sum(s["seconds"] for s in unique) / len(unique),
+            "images_per_shard_mean": sum(s["stop"] - s["start"] for s in unique) / len(unique),
+            "bank_mb": sum(b.nbytes() for b in banks.values()) / 1e6,
+        }
         if memory:
             out.update(driver_memory(MEMORY_BANK_MB))
         del trial_data
@@ -161,9 +167,7 @@ def main(argv=None) -> int:
         Path(out).write_text(json.dumps(one_run(labels, int(n), args.batch_size, memory == "1")))
         return 0
 
-    import ray
-    import torch
-
+    info = run_info()  # the date, versions and the load average at the start
     with tempfile.TemporaryDirectory() as tmp:
         table = dataset(Path(tmp), args.per_class)
         n_train, n_valid = len(table.split("train")), len(table.split("valid"))
@@ -175,26 +179,49 @@ def main(argv=None) -> int:
                 for _ in range(n):
                     cluster.add_node(num_cpus=1, num_gpus=1)
                 child_out = Path(tmp) / f"run{n}.json"
-                subprocess.run([sys.executable, __file__, "--batch-size", str(args.batch_size), "--child",
-                                str(table.csv_path), str(n), "1" if memory else "0", str(child_out)],
-                               env={**os.environ, **cluster.client_env, "RAY_ADDRESS": cluster.address},
-                               check=True, timeout=900)
+                subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--batch-size",
+                        str(args.batch_size),
+                        "--child",
+                        str(table.csv_path),
+                        str(n),
+                        "1" if memory else "0",
+                        str(child_out),
+                    ],
+                    env={**os.environ, **cluster.client_env, "RAY_ADDRESS": cluster.address},
+                    check=True,
+                    timeout=900,
+                )
             run = json.loads(child_out.read_text())
             run["images_per_s"] = 2 * (n_train + n_valid) / run["wall_s"]  # two passes over train + valid
             runs.append(run)
-            print(f"{n} worker(s): {run['wall_s']:.1f}s wall, {run['shards']} shards on {run['nodes_used']} node(s),"
-                  f" shards {run['shard_seconds_mean']:.2f}s each ({run['shard_seconds_sum']:.1f}s of work)",
-                  flush=True)
-    result = {"date": str(date.today()), "machine": platform.machine(), "cpus": os.cpu_count(),
-              "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
-              "note": "2 shared cores; workers are 1-CPU local ray nodes with 1 logical GPU each (CPU forward)",
-              "weights": "random init", "backbone": "resnet18", "passes": ["64px K=2 (pooled+logits)", "96px K=1"],
-              "per_class": args.per_class,
-              "batch_size": args.batch_size, "train_images": n_train, "valid_images": n_valid, "runs": runs}
+            print(
+                f"{n} worker(s): {run['wall_s']:.1f}s wall, {run['shards']} shards on {run['nodes_used']} node(s),"
+                f" shards {run['shard_seconds_mean']:.2f}s each ({run['shard_seconds_sum']:.1f}s of work)",
+                flush=True,
+            )
+    result = {
+        **info,
+        "load_average_end": list(os.getloadavg()),
+        "note": "2 shared cores; workers are 1-CPU local ray nodes with 1 logical GPU each (CPU forward)",
+        "weights": "random init",
+        "backbone": "resnet18",
+        "passes": ["64px K=2 (pooled+logits)", "96px K=1"],
+        "per_class": args.per_class,
+        "batch_size": args.batch_size,
+        "train_images": n_train,
+        "valid_images": n_valid,
+        "runs": runs,
+    }
     last = runs[-1]
     if "driver_added_mb_old_path" in last:
-        print(f"driver memory added for a {last['memory_bank_mb']} MB bank: by reference "
-              f"{last['driver_added_mb_by_reference']:.1f} MB, earlier path {last['driver_added_mb_old_path']:.1f} MB")
+        print(
+            f"driver memory added for a {last['memory_bank_mb']} MB bank: by reference "
+            f"{last['driver_added_mb_by_reference']:.1f} MB, earlier path {last['driver_added_mb_old_path']:.1f} MB"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
