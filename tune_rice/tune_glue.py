@@ -55,6 +55,7 @@ def optuna_search_cls():
 
         def _reported(self, trial_id) -> dict:
             ot_trial = self._ot_trials[trial_id]
+            assert self._ot_study is not None  # set up before any trial is suggested
             return self._ot_study.get_trials(deepcopy=False)[ot_trial.number].intermediate_values
 
         def on_trial_result(self, trial_id, result):
@@ -222,13 +223,18 @@ def init_ray(address: str | None):
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    kwargs = dict(ignore_reinit_error=True, log_to_driver=True, logging_level=logging.WARNING)
     if address:
-        ray.init(address=address, **kwargs)
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=True, logging_level=logging.WARNING)
         log.info("joined Ray cluster at %s", address)
     else:
         # A local Ray: its dashboard (if installed) listens on loopback only.
-        ray.init(dashboard_host="127.0.0.1", include_dashboard=False, **kwargs)
+        ray.init(
+            dashboard_host="127.0.0.1",
+            include_dashboard=False,
+            ignore_reinit_error=True,
+            log_to_driver=True,
+            logging_level=logging.WARNING,
+        )
 
 
 def cluster_gpus() -> tuple[float, float]:
