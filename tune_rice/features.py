@@ -205,10 +205,10 @@ def run_backbones(
         for name, (backbone, layers) in backbones.items():
             got = _forward_in_parts(backbone, x, layers, device)
             for layer, f in got.items():
-                f = f.float().reshape(len(idx), views, -1).cpu().numpy()  # (B, V, D)
+                arr = f.float().reshape(len(idx), views, -1).cpu().numpy()  # (B, V, D)
                 if (name, layer) not in out:
-                    out[name, layer] = np.empty((n, views, f.shape[-1]), dtype=np.float16)
-                out[name, layer][rows] = f.astype(np.float16)
+                    out[name, layer] = np.empty((n, views, arr.shape[-1]), dtype=np.float16)
+                out[name, layer][rows] = arr.astype(np.float16)
         bar.update(len(idx))
     bar.close()
     if not out:
@@ -438,7 +438,8 @@ def plan_banks(
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     fingerprint = data_fingerprint(table, splits)  # once: it reads labels.csv and stats every image
     keys = {spec: bank_key(table, spec, resolved[spec].identity, splits, fingerprint=fingerprint) for spec in specs}
-    hits, todo = {}, {}
+    hits: dict[FeatureSpec, Path] = {}
+    todo: dict[tuple, list[FeatureSpec]] = {}
     for spec in specs:
         if use_cache and (cache / keys[spec] / "meta.json").is_file():
             hits[spec] = cache / keys[spec]
@@ -504,10 +505,9 @@ def extract_pass_shard(
     ds = dataset_for_split(
         table, split, train_tf if views > 1 else eval_tf, views=views, first_transform=eval_tf, seed=first.seed
     )
-    if (start, stop) != (0, len(ds)):
-        ds = torch.utils.data.Subset(ds, range(start, stop))
+    images = ds if (start, stop) == (0, len(ds)) else torch.utils.data.Subset(ds, range(start, stop))
     loader = DataLoader(
-        ds,
+        images,
         batch_size=max(1, batch // views),
         shuffle=False,
         num_workers=num_workers,
@@ -560,7 +560,7 @@ def _finish_bank(
     result: dict[str, SplitFeatures],
     key: str,
     seconds: float,
-    device: torch.device,
+    device: str | torch.device,
     *,
     shared: int,
 ) -> FeatureBank:
@@ -638,9 +638,9 @@ def sweep_stale_temps(cache_dir: Path) -> list[Path]:
             idle = now - entry.stat().st_mtime
         except OSError:  # removed meanwhile
             continue
-        mine = m is not None and m["host"] == host
+        pid = int(m["pid"]) if m is not None and m["host"] == host else None  # a write from this host
         stale = idle > STALE_FOREIGN_TEMP_S or (
-            mine and idle > STALE_TEMP_S and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"]))
+            pid is not None and idle > STALE_TEMP_S and pid != os.getpid() and not _alive(pid)
         )
         if stale:
             shutil.rmtree(entry, ignore_errors=True)
