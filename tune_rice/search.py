@@ -353,7 +353,7 @@ def _same_weights(backbone: str, identity: str | None, args) -> ResolvedWeights:
     if resolved is not None and (identity is None or resolved.identity == identity):
         return resolved
     head = f"--resume: the search trained {backbone} heads on {identity} features"
-    if identity.startswith("imagenet:"):
+    if (identity or "").startswith("imagenet:"):
         w, cached = hub_weights_file(backbone)
         problem = (
             f"here they resolve to {resolved.identity}"
@@ -436,10 +436,9 @@ def start_ray(args) -> float:
     return tune_glue.resolve_gpus(args.gpus_per_trial)
 
 
-def search_banks(
-    args, specs: list[FeatureSpec], table: LabelTable, weights: dict[str, ResolvedWeights]
-) -> dict[str, FeatureBank] | None:
-    """The feature banks the trials train on; None with ``--feature-cache off`` (trials read the images)."""
+def search_banks(args, specs: list[FeatureSpec], table: LabelTable, weights: dict[str, ResolvedWeights]) -> dict | None:
+    """The feature banks the trials train on (FeatureBank, or shards.BankRef on a GPU cluster, by spec
+    name); None with ``--feature-cache off`` (trials read the images)."""
     if args.feature_cache != "on":
         return None
     return _extract_banks(specs, table, weights, use_gpu=tune_glue.cluster_gpus()[0] > 0, cache_dir=args.bank_cache)
@@ -457,6 +456,7 @@ def _extract_banks(
 
     On a cluster with GPUs each pass runs in shards over all of them (shards.py) and the banks stay in
     the object store: the result holds references (BankRef), never the arrays."""
+    banks: dict  # FeatureBank, or shards.BankRef on a GPU cluster, by spec name
     if use_gpu:
         import ray
 
@@ -507,7 +507,7 @@ class Baseline:
 def fit_baseline(
     args,
     table: LabelTable,
-    banks: dict[str, FeatureBank] | None,
+    banks: dict | None,
     specs: list[FeatureSpec],
     weights: dict[str, ResolvedWeights],
     space: SearchSpace,
@@ -796,7 +796,8 @@ def final_candidates(
     """The best checkpoints (not the latest) of the top ``limit`` trials, best first, as final-model
     candidates; and each one's (best epoch, config) by trial id. With ``weights`` (backbone -> the weights
     the final model will be built on), a checkpoint whose head was trained on other weights is refused."""
-    candidates, info = [], {}
+    candidates: list[final.Candidate] = []
+    info: dict = {}
     for r in _ranked_results(result_grid, space.metric, space.mode)[:limit]:
         if r.error is not None and candidates:
             continue  # an errored trial only when nothing ended cleanly (see _best_result)
@@ -1199,11 +1200,12 @@ def format_summary(
                     f"macro-F1 {other['macro_f1']:.4f}"
                 )
     random = {b: w for b, w in (backbones or {}).items() if w.startswith("random:")}
-    if random and (len(backbones) > 1 or not weights.startswith("random:")):
+    n_backbones = len(backbones or {})
+    if random and (n_backbones > 1 or not weights.startswith("random:")):
         named = ", ".join(f"{b} ({w})" for b, w in list(random.items())[:2])
         more = f" and {len(random) - 2} more" if len(random) > 2 else ""
         lines.append(
-            f"NOTE: {len(random)} of {len(backbones)} backbones ran on RANDOMLY INITIALISED weights: "
+            f"NOTE: {len(random)} of {n_backbones} backbones ran on RANDOMLY INITIALISED weights: "
             f"{named}{more}; their trials' scores are far below what ImageNet weights give."
         )
     if weights.startswith("random:"):
