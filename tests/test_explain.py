@@ -14,7 +14,7 @@ import torchvision
 from PIL import Image
 
 from tune_rice import UserError, cli, explain, predict
-from tune_rice.model import Classifier, FrozenBackbone, build_backbone, build_ensemble, build_head
+from tune_rice.model import Classifier, FrozenBackbone, build_backbone, build_ensemble, build_head, read_torchscript
 
 pytest_plugins = ["helpers_artifacts"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -222,8 +222,13 @@ def test_a_torchscript_export_is_refused_in_one_line(tiny_model, tmp_path, capsy
     photo = tiny_model.root / "alpha" / "alpha_000.png"
     assert explain.main(["--model", str(ts), str(photo), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "TorchScript export has no layers to hook" in err
+    assert err.count("\n") == 1 and f"{ts}: a TorchScript export has no layers to hook" in err
     assert not (tmp_path / "x").exists()
+    # why: the export keeps its layers, but TorchScript takes no hook on them (Grad-CAM's way in)
+    scripted = read_torchscript(ts)[0]
+    layer = next(m for n, m in scripted.named_modules() if n.endswith("layer4"))
+    with pytest.raises(RuntimeError, match="register_forward_hook is not supported on ScriptModules"):
+        layer.register_forward_hook(lambda *a: None)
 
 
 # ---------------------------------------------------------------------------- the gallery and the page

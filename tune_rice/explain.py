@@ -333,9 +333,11 @@ def explain_files(
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     device = torch.device(device)
     if loaded.kind != "artifact":
+        # The export keeps its layers, but torch refuses forward hooks on ScriptModules, which is how
+        # Grad-CAM reads activations and their gradients.
         raise UserError(
-            f"{loaded.path}: a TorchScript export has no layers to hook: explain needs the tune-rice "
-            "model file (runs/<name>/best/model.pt)"
+            f"{loaded.path}: a TorchScript export has no layers to hook (TorchScript takes no module hooks): "
+            "explain needs the tune-rice model file (runs/<name>/best/model.pt)"
         )
     model = loaded.module.to(device).eval()
     loader = DataLoader(
