@@ -136,6 +136,57 @@ def test_pooled_features_times_the_final_layer_give_torchvisions_logits_and_seed
     assert head(both["logits"]).shape == (4, 3)
 
 
+@pytest.mark.parametrize("family", ["Inception V3", "GoogLeNet", "ResNet"])
+def test_banks_keep_features_that_float16_cannot_hold_in_float32(family, caplog):
+    """Random-init Inception V3's features reach ~1e7-1e11 (float16 overflows at 65504), GoogLeNet's
+    ~1e-11 (float16 flushes them to zero): their banks are float32, with a warning; ResNet's stay float16."""
+    backbone = pooled_backbone(family)
+    x = probe(family)
+    with torch.no_grad():
+        want = backbone(x).numpy()  # (B, D) float32
+    loader = [(x[:2], None, torch.arange(2)), (x[2:], None, torch.arange(2, 4))]
+    with caplog.at_level("WARNING", logger="tune_rice.features"):
+        got = features.run_backbone(backbone, loader, n=4, views=1, device=torch.device("cpu"), progress=False)
+    assert got.shape == (4, 1, backbone.out_dim) and np.isfinite(got).all()
+    if family == "ResNet":
+        assert got.dtype == np.float16 and not caplog.records
+        assert np.allclose(got[:, 0], want, rtol=2e-3, atol=1e-3 * np.abs(want).max())
+    else:
+        assert got.dtype == np.float32 and "do not fit float16" in caplog.text
+        assert not features.fits_float16(want) and close(torch.from_numpy(got[:, 0]), torch.from_numpy(want))
+
+
+def test_a_loaded_model_is_built_without_random_init_and_holds_the_saved_weights_bit_for_bit(tmp_path):
+    """load_artifact builds the backbone and head on the meta device and takes the saved tensors as they
+    are: no random number is drawn, nothing is left on the meta device, and the outputs are bit-equal."""
+    backbone = pooled_backbone("EfficientNet")
+    torch.manual_seed(0)
+    clf = model.Classifier(backbone, model.build_head("pooled", in_dim=backbone.out_dim, n_classes=2, hidden=4)).eval()
+    path = model.save_artifact(
+        tmp_path / "model.pt", clf, classes=["a", "b"], preprocessing={"image_size": 32}, weights="random:seed=0"
+    )
+    rng = torch.random.get_rng_state()
+    loaded, _ = model.load_artifact(path)
+    assert torch.equal(torch.random.get_rng_state(), rng)  # a random init would have drawn numbers
+    want, got = clf.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert not any(t.is_meta for t in got.values()) and not any(p.requires_grad for p in loaded.backbone.parameters())
+    x = probe("EfficientNet")
+    with torch.no_grad():
+        assert torch.equal(loaded(x), clf(x))
+    # ImageNet-style weights given by state dict: the same meta build, the file's numbers, cast to float32
+    half = {
+        k: v.half() if v.is_floating_point() else v
+        for k, v in backbones.create_network("resnet18").state_dict().items()
+    }
+    built, _ = model.build_backbone(
+        "resnet18", weights=model.ResolvedWeights(half, "file:half", True), feature_layer="logits"
+    )
+    assert all(
+        torch.equal(built.net.state_dict()[k], v.float() if v.is_floating_point() else v) for k, v in half.items()
+    )
+
+
 # ----------------------------------------------------------------------------- end to end, per family
 def _image_families(root):
     """Demo field-like leaves and greyscale line drawings: two image families of different character."""

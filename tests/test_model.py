@@ -290,6 +290,9 @@ def test_standardisation_is_saved_with_the_head():
     head.set_standardization(torch.zeros(8), torch.tensor([0.0, 1e-7, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]))
     assert torch.allclose(head.std[:2], torch.full((2,), 0.1 * 6 / 8))
     assert torch.equal(head.std[2:], torch.ones(6))
+    # ... and features of a tiny scale (random-init EfficientNet: ~1e-14) keep theirs: the floor is relative
+    head.set_standardization(torch.zeros(8), torch.full((8,), 1e-15))
+    assert torch.equal(head.std, torch.full((8,), 1e-15))
 
 
 # --------------------------------------------------------------------------------------------- artifact

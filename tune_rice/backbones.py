@@ -27,8 +27,10 @@ import json
 import logging
 import os
 import sys
+import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,32 +213,73 @@ def pool_classifier_input(x: torch.Tensor) -> torch.Tensor:
     return torch.flatten(nn.functional.adaptive_avg_pool2d(nn.functional.relu(x), 1), 1)
 
 
+_WEIGHTLESS_LOCK = threading.Lock()
+
+
 @contextmanager
 def _weightless() -> Iterator[None]:
     """Build networks with every parameter and buffer on the meta device: shapes without memory or
-    initialisation, for sizes and for checking which input sizes a network takes. Module-global while
-    active (only this module's metadata functions use it, never while a real network is built)."""
+    initialisation (the builders' init functions do nothing on meta tensors), for sizes, for checking
+    which input sizes a network takes, and for a network whose weights are loaded next. The patch is
+    module-global while active, so it acts on this thread only (a network another thread builds
+    meanwhile is real) and one thread at a time holds it. ``torch.device("meta")`` would be the plain
+    way, but RegNet's builder computes its widths with tensors, which cannot leave the meta device."""
     register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+    owner = threading.get_ident()
 
     def parameter(self, name, param):
-        if param is not None and param.device.type != "meta":
+        if param is not None and param.device.type != "meta" and threading.get_ident() == owner:
             param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
         register_parameter(self, name, param)
 
     def buffer(self, name, tensor, persistent=True):
-        register_buffer(self, name, tensor.to("meta") if tensor is not None else None, persistent)
+        if tensor is not None and threading.get_ident() == owner:
+            tensor = tensor.to("meta")
+        register_buffer(self, name, tensor, persistent)
 
-    nn.Module.register_parameter, nn.Module.register_buffer = parameter, buffer
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
+    with _WEIGHTLESS_LOCK:
+        nn.Module.register_parameter, nn.Module.register_buffer = parameter, buffer  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer  # type: ignore[method-assign]
+
+
+def empty_network(value: str) -> nn.Module:
+    """``value``'s network with its parameters and buffers on the meta device, for :func:`load_state`
+    (no memory, no random initialisation; auxiliary classifiers kept, for a weights file that has them)."""
+    with _weightless():
+        return create_network(value, init=False)
 
 
 def shape_network(value: str) -> nn.Module:
     """``value``'s network on the meta device (no memory, no initialisation), in eval mode."""
-    with _weightless():
-        return drop_aux(create_network(value, init=False)).eval()
+    return drop_aux(empty_network(value)).eval()
+
+
+class _StateDict(OrderedDict[str, torch.Tensor]):
+    """A state dict carrying torch's per-module format versions, which ``load_state_dict`` reads."""
+
+    _metadata: dict | None
+
+
+def load_state(net: nn.Module, state: Mapping[str, torch.Tensor], *, strict: bool = True) -> tuple[list, list]:
+    """Load ``state`` into ``net`` built by :func:`empty_network` (``assign=True``: the tensors become
+    the network's own, bit for bit, cast only where their dtype differs from the network's); returns
+    ``(missing, unexpected)`` keys as ``load_state_dict`` does. A tensor the state leaves on the meta
+    device while no key is missing (a non-persistent buffer) is an error, not a network without numbers."""
+    own = net.state_dict()
+    loaded = _StateDict(
+        (k, v.to(own[k].dtype) if k in own and v.dtype != own[k].dtype else v) for k, v in state.items()
+    )
+    # Saved tensors lose their modules' format versions (state_dict()._metadata) unless the state kept
+    # them; the network built here is the same code, so its own are right (MNASNet refuses to load without).
+    loaded._metadata = getattr(state, "_metadata", None) or getattr(own, "_metadata", None)
+    missing, unexpected = net.load_state_dict(loaded, strict=strict, assign=True)
+    empty = [n for n, t in (*net.named_parameters(), *net.named_buffers()) if t.is_meta]
+    if empty and not missing:
+        raise RuntimeError(f"{type(net).__name__}: {empty[0]} is not in the state dict (a non-persistent buffer?)")
+    return list(missing), list(unexpected)
 
 
 @functools.cache

@@ -3,7 +3,8 @@
 A frozen backbone in eval mode gives the same output for the same input, so running it in every epoch of
 every trial repeats identical arithmetic. Here each image is decoded once and passed through the backbone
 once per view: valid/test get one deterministic view, train gets view 0 un-augmented plus ``views - 1``
-augmented views that epochs draw among. Arrays are float16 ``(N, K, D)``.
+augmented views that epochs draw among. Arrays are float16 ``(N, K, D)`` (float32 for features out of
+float16's range: :func:`fits_float16`).
 
 No Ray here. Banks are keyed by a hash of everything that changes their numbers, written atomically, and
 reused by later runs.
@@ -88,7 +89,7 @@ class FeatureSpec:
 
 @dataclass
 class SplitFeatures:
-    features: np.ndarray  # (N, K, D) float16
+    features: np.ndarray  # (N, K, D) float16 (float32 when float16 cannot hold them)
     targets: np.ndarray  # (N,) int64
     paths: list[str]  # relative to the dataset root, as in labels.csv
 
@@ -180,6 +181,26 @@ def _forward_layers(backbone: FrozenBackbone, x: torch.Tensor, layers: tuple[str
     return {"logits": logits, "pooled": pool_classifier_input(seen[0]).float()}
 
 
+# float16 keeps 11 significant bits: a stored feature is within 2**-11 of its value, or of the batch's
+# largest magnitude for values near zero. Beyond this, float16 has lost the numbers.
+FLOAT16_RTOL = 2.0**-10
+
+
+def fits_float16(f: np.ndarray) -> bool:
+    """Whether float16 holds ``f`` (float32) to its own precision, relative to ``f``'s largest magnitude.
+
+    Not when features overflow it (random-init Inception V3: torchvision's init draws every conv from a
+    normal of std 0.1 and BatchNorm's running statistics are still 0 and 1, so activations grow ~10x per
+    block, to ~1e11 at the pooled features) or underflow it (random-init GoogLeNet, std 0.01: ~1e-11,
+    which float16 flushes to zero). Trained weights keep features in range; random ones need not."""
+    scale = float(np.abs(f).max()) if f.size else 0.0
+    if scale == 0.0 or not np.isfinite(scale):  # zeros, or a backbone that already gave inf/NaN
+        return True
+    with np.errstate(over="ignore", under="ignore"):
+        error = np.abs(f.astype(np.float16).astype(np.float32) - f).max()
+    return bool(error <= FLOAT16_RTOL * scale)
+
+
 @torch.inference_mode()
 def run_backbones(
     backbones: dict[str, tuple[FrozenBackbone, tuple[str, ...]]],
@@ -192,8 +213,10 @@ def run_backbones(
     progress: bool = True,
     first: int = 0,
 ) -> dict[tuple[str, str], np.ndarray]:
-    """Pass every item of ``loader`` (decoded and transformed once) through each backbone; returns float16
-    ``(n, views, D)`` per (backbone name, feature layer). ``first``: the dataset index of row 0 (a shard)."""
+    """Pass every item of ``loader`` (decoded and transformed once) through each backbone; returns
+    ``(n, views, D)`` per (backbone name, feature layer): float16, or float32 for features that float16
+    cannot hold (:func:`fits_float16`; every reader casts to float32 anyway). ``first``: the dataset index
+    of row 0 (a shard)."""
     out: dict[tuple[str, str], np.ndarray] = {}
     bar = tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False, dynamic_ncols=True)
     for x, _, idx in loader:
@@ -208,7 +231,16 @@ def run_backbones(
                 arr = f.float().reshape(len(idx), views, -1).cpu().numpy()  # (B, V, D)
                 if (name, layer) not in out:
                     out[name, layer] = np.empty((n, views, arr.shape[-1]), dtype=np.float16)
-                out[name, layer][rows] = arr.astype(np.float16)
+                if out[name, layer].dtype == np.float16 and not fits_float16(arr):
+                    log.warning(
+                        "%s (%s): features of magnitude %.3g do not fit float16 (largest 65504, smallest "
+                        "normal 6.1e-05); this bank is kept in float32 (twice the size)",
+                        name,
+                        layer,
+                        float(np.abs(arr).max()),
+                    )
+                    out[name, layer] = out[name, layer].astype(np.float32)  # the rows so far are exact in both
+                out[name, layer][rows] = arr
         bar.update(len(idx))
     bar.close()
     if not out:
@@ -312,7 +344,7 @@ def run_backbone(
     desc: str = "extract",
     progress: bool = True,
 ) -> np.ndarray:
-    """Pass every item of ``loader`` through ``backbone``; returns float16 ``(n, views, D)``."""
+    """Pass every item of ``loader`` through ``backbone``; returns ``(n, views, D)`` as :func:`run_backbones`."""
     key = (backbone.name, backbone.feature_layer)
     return run_backbones(
         {key[0]: (backbone, (key[1],))}, loader, n=n, views=views, device=device, desc=desc, progress=progress
@@ -492,7 +524,7 @@ def extract_pass_shard(
     nets: dict | None = None,
 ) -> dict[str, np.ndarray]:
     """Images ``start:stop`` of ``split`` through the networks of one pass (specs sharing ``pass_key``);
-    returns float16 ``(stop - start, views, D)`` by ``"<backbone>|<weights>|<layer>"``. Augmentation is a
+    returns ``(stop - start, views, D)`` (dtype as run_backbones; np.concatenate of shards promotes) by ``"<backbone>|<weights>|<layer>"``. Augmentation is a
     function of (seed, image index), so a shard's views are those of a whole pass. ``nets``: from
     ``pass_networks`` (built here when not given)."""
     device = resolve_device(device)

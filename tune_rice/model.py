@@ -14,7 +14,6 @@ import os
 import pickle
 import warnings
 import zipfile
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,16 @@ from torch import nn
 from torchvision.models import WeightsEnum
 
 from . import UserError
-from .backbones import classifier_dims, create_network, cut_classifier, drop_aux, parse_backbone, weights_file
+from .backbones import (
+    classifier_dims,
+    create_network,
+    cut_classifier,
+    drop_aux,
+    empty_network,
+    load_state,
+    parse_backbone,
+    weights_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -193,12 +201,14 @@ def build_backbone(
     """
     parse_backbone(name)  # a clear error for an unknown name before any weights are looked for
     resolved = weights if isinstance(weights, ResolvedWeights) else resolve_weights(name, weights, seed=seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = create_network(name, init=resolved.state_dict is None)
-    if resolved.state_dict is not None:
+    if resolved.state_dict is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = create_network(name)
+    else:
+        net = empty_network(name)  # no random init for numbers about to be replaced
         try:
-            missing, unexpected = net.load_state_dict(resolved.state_dict, strict=False)
+            missing, unexpected = load_state(net, resolved.state_dict, strict=False)
         except RuntimeError as e:  # shape mismatches, e.g. a classifier fine-tuned on another class count
             detail = "; ".join(ln.strip() for ln in str(e).splitlines()[1:4] if ln.strip())
             raise UserError(f"weights {resolved.identity} do not fit {name}: {detail[:300]}") from None
@@ -262,8 +272,9 @@ class Head(nn.Module):
         std = torch.tensor(np.asarray(std, dtype=np.float32))
         # A dim constant on the un-augmented train images (dead ReLU units: dozens with random weights) still
         # moves on augmented views and new images; dividing by its ~0 std made values of 1e4-1e5 and train
-        # losses of ~50. So no dim is amplified more than 10x an average one.
-        std = std.clamp_min(max(1e-6, 0.1 * float(std.mean())))
+        # losses of ~50. So no dim is amplified more than 10x an average one. The floor is relative only:
+        # random-init EfficientNets give features of ~1e-14, which an absolute floor (1e-6) would flatten.
+        std = std.clamp_min(max(0.1 * float(std.mean()), torch.finfo(torch.float32).tiny))
         self.mean.copy_(mean)
         self.std.copy_(std)
 
@@ -494,12 +505,6 @@ def _upgrade_v1(payload: dict) -> dict:
     }
 
 
-class _StateDict(OrderedDict[str, torch.Tensor]):
-    """A state dict carrying torch's per-module format versions, which ``load_state_dict`` reads."""
-
-    _metadata: dict | None
-
-
 def load_artifact(
     path: str | os.PathLike, *, map_location: str | torch.device = "cpu"
 ) -> tuple[Classifier | Ensemble, dict]:
@@ -524,20 +529,17 @@ def load_artifact(
         )
     backbones = []
     for b in payload["backbones"]:
-        net = drop_aux(create_network(b["name"], init=False))  # every weight is loaded next
-        backbone = FrozenBackbone(net, name=b["name"], feature_layer=b["feature_layer"])
-        state = _StateDict(b["state_dict"])
-        # The saved tensors lost their modules' format versions (state_dict()._metadata); the network
-        # built here is the same code, so its own versions are right (MNASNet refuses to load without).
-        state._metadata = getattr(backbone.net.state_dict(), "_metadata", None)
-        backbone.net.load_state_dict(state)
+        # built on the meta device and given the saved tensors themselves: no random init, one copy in memory
+        backbone = FrozenBackbone(drop_aux(empty_network(b["name"])), name=b["name"], feature_layer=b["feature_layer"])
+        load_state(backbone.net, b["state_dict"])
         backbones.append(backbone)
     heads = []
     for h in payload["heads"]:
-        head = build_head(
-            h["kind"], in_dim=h["in_dim"], n_classes=h["n_classes"], hidden=h["hidden"], dropout=h["dropout"]
-        )
-        head.load_state_dict(h["state_dict"])
+        with torch.device("meta"):  # the saved numbers replace the init: none is drawn
+            head = build_head(
+                h["kind"], in_dim=h["in_dim"], n_classes=h["n_classes"], hidden=h["hidden"], dropout=h["dropout"]
+            )
+        head.load_state_dict(h["state_dict"], assign=True)
         heads.append(head)
     ens = payload["ensemble"]
     index = [int(h["backbone"]) for h in payload["heads"]]
