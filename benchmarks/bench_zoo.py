@@ -5,11 +5,13 @@ For each family's smallest member at its weights' own preprocessing (crop, resiz
   full  = the extraction pipeline on the same images: decode + the weights' transforms in the
           DataLoader + the backbone (``features.run_backbones``, what ``extract_banks`` runs per pass;
           building the network is timed apart, as ``build_s``);
-  efficiency = full / bare; bank bytes per image and view (float16 features).
+  efficiency = full / bare; bank bytes per image and view (float16 features, float32 for a backbone
+  whose features float16 cannot hold: random-init Inception V3, GoogLeNet, EfficientNet).
 
     python benchmarks/bench_zoo.py --out benchmarks/results/zoo_extract.json
     python benchmarks/bench_zoo.py --families ResNet ViT --per-class 4
     python benchmarks/bench_zoo.py --backbones zoo --device cuda     # zoo.yaml's six backbones instead
+    python benchmarks/bench_zoo.py --device cpu --out benchmarks/results/zoo_extract_cpu.json  # BENCHMARKS 4c
 """
 
 from __future__ import annotations
@@ -87,6 +89,8 @@ def measure(value: str, table, *, batch_size: int, device, workers: int, repeats
         "full_images_per_s": full,
         "efficiency": full / bare,
         "bank_bytes_per_image_view": int(feats[0].nbytes),
+        "bank_dtype": str(feats.dtype),  # float32 where float16 cannot hold the features (features.fits_float16)
+        "feature_max_abs": float(abs(feats.astype("float32")).max()),
     }
 
 
@@ -142,6 +146,7 @@ def main() -> int:
         "bare_repeats": args.repeats,
         "weights": "none (random init)",
         "seconds": time.perf_counter() - t0,
+        "loadavg_at_end": os.getloadavg()[0],
         "rows": rows,
     }
     if args.out:
