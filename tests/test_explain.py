@@ -351,7 +351,7 @@ def test_the_gallery_run_reaches_a_uri_storage_path(tmp_path):
 
 # ------------------------------------------------------------------------ do the maps find the evidence?
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["field"])
+@pytest.mark.parametrize("family", ["field", "plain"])
 def test_maps_put_their_mass_on_the_mark_that_decides_the_class(family, tmp_path):
     """Random-init resnet18, a head trained on its bank; only a small spot (4% of the image, anywhere) makes
     a photo 'lesion'. Two stages before the last layer, the map for 'lesion' puts at least twice the spot's
