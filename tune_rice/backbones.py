@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import nn
+from torchvision.models import WeightsEnum
 
 from . import UserError, cli
 from .data import Preprocessing
@@ -95,7 +96,7 @@ class BackboneRef:
     """A parsed backbone value: the torchvision model name and its weights (enum member)."""
 
     arch: str
-    weights: object  # a torchvision WeightsEnum member
+    weights: WeightsEnum  # a member of the architecture's torchvision weights enum
     named: bool  # the value named its weights (else: the default ones)
 
     @property
@@ -137,7 +138,7 @@ def build_args(value: str) -> dict:
     """Constructor arguments for ``torchvision.models.get_model(arch, weights=None, **args)`` that give
     the architecture the weights of ``value`` were made for (e.g. ViT at 384 px for SWAG end-to-end)."""
     ref = parse_backbone(value)
-    args = dict(_WEIGHTS_BUILD_ARGS.get(ref.arch, {}))
+    args: dict[str, object] = dict(_WEIGHTS_BUILD_ARGS.get(ref.arch, {}))
     size_arg = _SIZE_ARGS.get(ref.arch.split("_")[0])
     if size_arg:
         min_size = ref.weights.meta["min_size"]
@@ -163,25 +164,26 @@ def drop_aux(net: nn.Module) -> nn.Module:
     """Remove the auxiliary classifiers (GoogLeNet, Inception V3) once weights are loaded, as the
     torchvision builders do: they are used only in training, and the frozen backbone never trains."""
     if getattr(net, "aux_logits", False):
-        net.aux_logits = False
+        setattr(net, "aux_logits", False)  # noqa: B010 (an attribute of GoogLeNet and Inception3 only)
         for attr in ("aux1", "aux2", "AuxLogits"):
             if hasattr(net, attr):
                 setattr(net, attr, None)
     return net
 
 
-def final_layer(net: nn.Module) -> tuple[nn.Module, str, nn.Module]:
+def final_layer(net: nn.Module) -> tuple[nn.Module, str, nn.Linear | nn.Conv2d]:
     """(parent, attribute, layer) of ``net``'s final classifier: its last ``nn.Linear``, or for a
     network without one (SqueezeNet) its last ``nn.Conv2d``. torchvision registers the classifier after
     the body, so "last" in module order is the one applied last (the feature-equivalence tests prove it
     for every family)."""
-    found = None
-    for kind in (nn.Linear, nn.Conv2d):
-        for name, module in net.named_modules():
-            if isinstance(module, kind):
-                found = (name, module)
-        if found:
-            break
+    linear: tuple[str, nn.Linear] | None = None
+    conv: tuple[str, nn.Conv2d] | None = None
+    for name, module in net.named_modules():
+        if isinstance(module, nn.Linear):
+            linear = (name, module)
+        elif isinstance(module, nn.Conv2d):
+            conv = (name, module)
+    found = linear or conv
     if found is None:
         raise UserError(f"{type(net).__name__}: no nn.Linear or nn.Conv2d to take features before")
     name, layer = found

@@ -30,14 +30,20 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from . import UserError, cli
 from .devices import DEVICE_CHOICES
+
+if TYPE_CHECKING:
+    from .data import LabelTable
+    from .model import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -125,16 +131,21 @@ def find_spatial_layer(net: nn.Module, *, image_size: int, earlier: int = 0) -> 
     finally:
         for h in hooks:
             h.remove()
-    qualified = []  # (name, grid), last first
+    qualified: list[tuple[str, tuple[int, int]]] = []  # (name, grid), last first
     for name, grad in zip(reversed(order), reversed(grads)):
         module, out, reshape = by_name[name]
         if grad is None:
             continue
-        positions = _spatial_view(grad)[0] if reshape is None else grad[:, reshape.extra :, :]  # (1, P, D)
+        if reshape is None:
+            view = _spatial_view(grad)
+            assert view is not None  # the layer's output was a spatial map: so is its gradient
+            positions = view[0]  # (1, P, D)
+        else:
+            positions = grad[:, reshape.extra :, :]
         reach = (positions.abs().amax(dim=-1) > 0).float().mean().item()
         if reach >= REACH_SHARE:
             grid = (out.shape[-2], out.shape[-1]) if reshape is None else (reshape.h, reshape.w)
-            qualified.append((name, tuple(int(v) for v in grid)))
+            qualified.append((name, (int(grid[0]), int(grid[1]))))
     if not qualified:
         raise UserError(
             f"{type(net).__name__}: no layer with a spatial output reaches the output at "
@@ -147,10 +158,10 @@ def find_spatial_layer(net: nn.Module, *, image_size: int, earlier: int = 0) -> 
             f"resolution stage(s) with a map ({', '.join(f'{h}x{w}' for h, w in grids)}); "
             f"valid: 0 to {len(grids) - 1}"
         )
-    name, grid = next((n, gr) for n, gr in qualified if gr == grids[earlier])
+    name, chosen = next((n, gr) for n, gr in qualified if gr == grids[earlier])
     module, _, reshape = by_name[name]
-    log.debug("spatial layer: %s, %s grid", name, grid)
-    return SpatialLayer(name, module, grid, reshape)
+    log.debug("spatial layer: %s, %s grid", name, chosen)
+    return SpatialLayer(name, module, chosen, reshape)
 
 
 # ----------------------------------------------------------------------------------------- explaining
@@ -174,9 +185,10 @@ def members(model: nn.Module) -> list[tuple[nn.Module, float]]:
     from .model import Classifier, Ensemble
 
     if isinstance(model, Ensemble):
+        backbones = model.backbone_list()
         return [
-            (Classifier(model.backbones[j], head), float(w))
-            for head, j, w in zip(model.heads, model.backbone_index, model.weights)
+            (Classifier(backbones[j], head), float(w))
+            for head, j, w in zip(model.head_list(), model.backbone_index, model.weights)
         ]
     return [(model, 1.0)]
 
@@ -210,7 +222,7 @@ class Explainer:
             parts.append((member, weight, find_spatial_layer(backbone.net, image_size=image_size, earlier=earlier)))
         # One leaf hook per layer (members may share a backbone), registered before any of the library's
         # hooks so that every one of them sees the leaf the rest of the forward pass uses.
-        self._handles = {}
+        self._handles: dict[int, RemovableHandle] = {}
         for _, _, layer in parts:
             if id(layer.module) not in self._handles:
                 self._handles[id(layer.module)] = layer.module.register_forward_hook(_as_leaf)
@@ -438,7 +450,7 @@ class Gallery:
         return pd.DataFrame(rows)
 
 
-def gallery_data(exp_dir: Path) -> tuple[object, object] | str:
+def gallery_data(exp_dir: Path) -> tuple[LoadedModel, LabelTable] | str:
     """The deployed model and the labels table of a finished search, or why they cannot be had."""
     from .data import read_labels_checked
     from .evaluate import align_classes, resolve_labels
@@ -496,11 +508,11 @@ def build_gallery(
     device = torch.device(device)
     model = loaded.module.to(device).eval()
     ds = dataset_for_split(table, "valid", eval_transform(loaded.preprocessing))
-    probs = []
+    batches = []
     with torch.inference_mode():
         for x, _, _ in DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0):
-            probs.append(torch.softmax(model(x.to(device)).float(), dim=1).cpu())
-    probs = torch.cat(probs).numpy()  # (N, C)
+            batches.append(torch.softmax(model(x.to(device)).float(), dim=1).cpu())
+    probs = torch.cat(batches).numpy()  # (N, C)
     truth = np.asarray(ds.targets)
     classes = list(loaded.classes)
     pred = probs.argmax(1)
