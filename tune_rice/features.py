@@ -38,7 +38,9 @@ from .model import FEATURE_LAYERS, FrozenBackbone, ResolvedWeights, build_backbo
 
 log = logging.getLogger(__name__)
 
-BANK_FORMAT = 1
+# 2: a bank whose features float16 cannot hold is kept in float32 (format 1 stored inf or zeros for them),
+# so banks cached by format 1 are not found again and are re-extracted.
+BANK_FORMAT = 2
 # Share of the free memory that one extraction batch may take (the rest: loader workers, the banks
 # being filled, other processes on the machine).
 MEMORY_SHARE = 0.5
