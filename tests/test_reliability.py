@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import search_argv
 from PIL import Image
-from test_search import SEARCH_DRIVER, _argv, _optuna_trials, _scalars, _space, _terminated, _trial_states, ray_local  # noqa: F401
+from test_search import SEARCH_DRIVER, _optuna_trials, _scalars, _space, _terminated, _trial_states, ray_local  # noqa: F401
 
 import tune_rice.data as data
 from tune_rice import features, report, search
@@ -189,7 +190,7 @@ def salted_search(ray_local, tmp_path_factory):  # noqa: F811 -- the fixture imp
             m.setattr(search, "save_winner", choose_and_mark)
             m.setattr(data, "load_image", _driver_trace(trace))
             rc = search.main(
-                _argv(
+                search_argv(
                     root,
                     _space(work, epochs=2, views=1),
                     work / "runs",
@@ -323,7 +324,7 @@ def test_resume_after_a_kill_mid_trial_loses_nothing_and_repeats_exactly(ray_loc
     epochs, samples = 60, 5
     storage = tmp_path / "runs"
     exp = storage / "r"
-    argv = _argv(
+    argv = search_argv(
         labels,
         _space(tmp_path, epochs=epochs, views=1),
         storage,
@@ -458,7 +459,7 @@ def test_same_data_seed_and_space_give_the_same_search(ray_local, tmp_path):  # 
         shutil.copytree(raw, folder)
         storage = tmp_path / f"runs{k}"
         rc = search.main(
-            _argv(
+            search_argv(
                 folder,
                 space,
                 storage,
