@@ -21,6 +21,11 @@ finds chains a whole class into one group. So two stages:
    thumbnails and of their fine detail (the thumbnail minus its blur), which is what tells two
    similar leaves apart (:func:`verify_pairs`). A pair is a near copy only if both pass; a pair that
    only the views proposed must reach a higher detail similarity (0.85).
+3. **Keypoints** (only for pairs that passed at a detail similarity below 0.9). Two distinct leaves of
+   the same layout on the same sheet can pass the thumbnail check at up to 0.86, where a cut or moved
+   copy may score 0.71, so no threshold on it tells them apart. Such a pair must also share at least
+   15 ORB keypoints of its 128 px greyscale images that one similarity transform maps onto each other
+   (RANSAC inliers, :func:`keypoint_inliers`): copies share 17 or more, look-alikes 12 at most.
 
 Groups are joined only through verified pairs, and only when one of the two groups' centres passes the
 check against every member of both, and every member of one group passes a looser check against every
@@ -35,6 +40,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 from PIL import Image
 from scipy import fft as sfft
@@ -43,6 +49,7 @@ from scipy import ndimage
 log = logging.getLogger(__name__)
 
 THUMB = 72  # side of the greyscale thumbnail kept per image for the check (5 kB each)
+FINE = 128  # side of the greyscale image kept per image for the keypoint check (16 kB each)
 MODES = ("near", "exact", "off")
 # Candidates further apart than this (bits of the perceptual hash, of the histogram code) are not checked.
 _MAX_BITS = (12, 12)
@@ -61,6 +68,7 @@ class Signature:
     phash: int  # 64-bit perceptual hash, the same for the image flipped or rotated by 90 degrees
     hist: np.ndarray  # (HIST_DIM,) float32: colour and gradient histograms of the inner 84%
     thumb: np.ndarray  # (THUMB, THUMB) uint8 greyscale, aspect ratio ignored
+    fine: np.ndarray  # (FINE, FINE) uint8 greyscale, aspect ratio ignored
     views: np.ndarray  # (len(VIEWS), VIEW_GRID**2) float16: the blurred inner area of the whole and of crops
 
 
@@ -150,7 +158,14 @@ def signature(image: Image.Image) -> Signature:
     phash = int(pack_bits(phash_bits(g32)))
     thumb = np.asarray(grey if THUMB == _HIST_SIDE else rgb.convert("L").resize((THUMB, THUMB), Image.Resampling.BOX))
     views = view_vectors(np.asarray(grey, dtype=np.float64) / 255.0).astype(np.float16)
-    return Signature(phash=phash, hist=hist, thumb=np.ascontiguousarray(thumb, dtype=np.uint8), views=views)
+    fine = np.asarray(rgb.convert("L").resize((FINE, FINE), Image.Resampling.BOX))
+    return Signature(
+        phash=phash,
+        hist=hist,
+        thumb=np.ascontiguousarray(thumb, dtype=np.uint8),
+        fine=np.ascontiguousarray(fine, dtype=np.uint8),
+        views=views,
+    )
 
 
 # ------------------------------------------------------------------------------------ candidates
@@ -294,6 +309,8 @@ _GUARD_SLACK = 0.2  # ... at a detail similarity this much below the pair check'
 _VIEW_ONLY_MIN = 0.85  # detail similarity a pair found by the views alone must reach
 _VIEW_ALIKE = 0.95  # ... unless their blurred views say one is a crop of the other
 _ROUGH_MIN = 0.8  # outlines correlating less than this at the profile alignment are not refined
+_AMBIGUOUS = 0.9  # pairs passing below this detail similarity must also pass the keypoint check
+_MIN_INLIERS = 15  # keypoint matches one similarity transform must explain (copies: 17+, look-alikes: <= 12)
 
 
 def _dihedral(t: np.ndarray) -> np.ndarray:
@@ -596,6 +613,51 @@ def verify_pairs(
     return out
 
 
+def keypoint_inliers(fines: np.ndarray, i: np.ndarray, j: np.ndarray, orientation: np.ndarray) -> np.ndarray:
+    """(P,) int: ORB keypoint matches of the (N, S, S) uint8 images of each pair (i[k], j[k]) that one
+    similarity transform (rotation, uniform scale, shift; RANSAC, 3 px) maps onto each other, j turned
+    or flipped by ``orientation`` (indices into ORIENTATIONS, from :func:`verify_pairs`) first, since
+    ORB descriptors follow turns but not flips. Matches must pass Lowe's ratio test (0.8)."""
+    side = fines.shape[-1]
+    edge = max(7, side // 8)  # small images: a smaller patch, else the border leaves no keypoints
+    orb = cv2.ORB.create(nfeatures=500, nlevels=4, edgeThreshold=edge, patchSize=edge, fastThreshold=5)
+    matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
+    cache: dict[tuple[int, int], tuple] = {}
+
+    def features(k: int, o: int) -> tuple:
+        if (k, o) not in cache:
+            img = fines[k] if o == 0 else _dihedral(fines[k])[o]
+            cache[k, o] = orb.detectAndCompute(np.ascontiguousarray(img), None)
+        return cache[k, o]
+
+    out = np.zeros(len(i), dtype=np.int64)
+    for p, (a, b, o) in enumerate(zip(np.asarray(i), np.asarray(j), np.asarray(orientation))):
+        (ka, da), (kb, db) = features(int(a), 0), features(int(b), int(o))
+        if da is None or db is None or len(ka) < 2 or len(kb) < 2:
+            continue
+        good = [m[0] for m in matcher.knnMatch(da, db, k=2) if len(m) == 2 and m[0].distance < 0.8 * m[1].distance]
+        if len(good) < 3:
+            continue
+        pa = np.array([ka[m.queryIdx].pt for m in good], dtype=np.float32)
+        pb = np.array([kb[m.trainIdx].pt for m in good], dtype=np.float32)
+        _, inliers = cv2.estimateAffinePartial2D(pa, pb, method=cv2.RANSAC, ransacReprojThreshold=3.0)
+        out[p] = 0 if inliers is None else int(inliers.sum())
+    return out
+
+
+def _keypoints_agree(
+    fines: np.ndarray, i: np.ndarray, j: np.ndarray, checked: Checked, passed: np.ndarray
+) -> np.ndarray:
+    """``passed`` with the pairs that passed below the ambiguous detail similarity kept only if their
+    keypoints agree (:func:`keypoint_inliers`)."""
+    unsure = np.flatnonzero(passed & (checked.similarity < _AMBIGUOUS))
+    out = passed.copy()
+    if len(unsure):
+        n = keypoint_inliers(fines, i[unsure], j[unsure], checked.orientation[unsure])
+        out[unsure] = n >= _MIN_INLIERS
+    return out
+
+
 # -------------------------------------------------------------------------------------- grouping
 @dataclass
 class Grouping:
@@ -654,6 +716,7 @@ def group_images(
             raise ValueError("near mode needs one signature per image")
         reps = np.asarray([k for k in range(n) if find(k) == k])  # one image per set of byte copies
         thumbs = np.stack([s.thumb for s in signatures])
+        fines = np.stack([s.fine for s in signatures])
         views = np.stack([s.views for s in signatures])  # (N, V, D)
         codes = [
             np.asarray([signatures[k].phash for k in reps], dtype=np.uint64),
@@ -670,6 +733,7 @@ def group_images(
         # for it before the check than one whose hashes agree, so it must pass a stricter one.
         need = np.where(np.isin(key, by_hash), min_similarity, max(min_similarity, _VIEW_ONLY_MIN))
         ok = (checked.similarity >= need) & (checked.outline >= min_outline)
+        ok = _keypoints_agree(fines, ci, cj, checked, ok)
         log.debug("%d candidate pairs, %d verified", n_candidates, int(ok.sum()))
         # Strongest pairs first; two groups join through a pair only if (1) one of their centres -- the
         # one with more verified pairs first, usually the original of a set of copies -- passes the check
@@ -688,10 +752,10 @@ def group_images(
         def check(todo_pairs: set[tuple[int, int]]) -> None:
             todo = sorted(todo_pairs - strict.keys())
             if todo:
-                got = verify_pairs(
-                    thumbs, np.array([t[0] for t in todo]), np.array([t[1] for t in todo]), flips=flips, views=views
-                )
+                ti, tj = np.array([t[0] for t in todo]), np.array([t[1] for t in todo])
+                got = verify_pairs(thumbs, ti, tj, flips=flips, views=views)
                 good = (got.similarity >= min_similarity) & (got.outline >= min_outline)
+                good = _keypoints_agree(fines, ti, tj, got, good)
                 fair = (got.similarity >= min_similarity - _GUARD_SLACK) & (got.outline >= min_outline - 0.05)
                 strict.update({t: bool(v) for t, v in zip(todo, good)})
                 loose.update({t: bool(v) for t, v in zip(todo, fair)})
