@@ -28,6 +28,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import cv2
 import numpy as np
 import PIL
 from PIL import Image
@@ -223,6 +224,7 @@ def main() -> None:
         "python": platform.python_version(),
         "numpy": np.__version__,
         "pillow": PIL.__version__,
+        "opencv": cv2.__version__,
         "per_class": args.per_class,
         "copies_per_kind": args.copies,
         "families": {},
