@@ -295,3 +295,14 @@ def test_a_real_search_on_random_weights_says_so_everywhere(real_search):
         acc.Reload()
         texts = [e.tensor_proto.string_val[0].decode() for e in acc.Tensors("weights/text_summary")]
         assert texts and "RANDOMLY INITIALISED" in texts[0], trial_dir
+
+
+def test_summary_names_the_linear_probe_when_it_was_the_single_best_beside_a_deployed_ensemble():
+    df = pd.DataFrame({"trial_id": ["a", "b"], "status": ["TERMINATED"] * 2, "best/valid/acc": [0.9, 0.5]})
+    kwargs = dict(metric="valid/acc", exp_dir=Path("runs/r"), seconds=1.0, phases={}, weights="random:seed=0")
+    test = {"trial_id": "probe:bank", "deployed": "ensemble", "members": ["probe:bank", "a"], "accuracy": 0.8}
+    test |= {"macro_f1": 0.7, "test_count": 5}
+    for single_id, label in (("probe:bank", "linear probe"), ("a", "single best trial")):
+        single = {"trial_id": single_id, "deployed": False, "accuracy": 0.6, "macro_f1": 0.5}
+        text = search.format_summary(df, {**test, "single_best": single}, **kwargs)
+        assert f"  {label} (same pass, not deployed): accuracy 0.6000, macro-F1 0.5000" in text, text

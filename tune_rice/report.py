@@ -946,8 +946,11 @@ def write_report(exp_dir: str | os.PathLike) -> Path:
         )
         single = t.get("single_best")
         if single and not single.get("deployed"):
+            single_label = (
+                "linear probe" if str(single.get("trial_id", "")).startswith("probe:") else "single best trial"
+            )
             md.append(
-                f"- single best trial on test (same pass, not deployed): accuracy {single['accuracy']:.4f}, "
+                f"- {single_label} on test (same pass, not deployed): accuracy {single['accuracy']:.4f}, "
                 f"macro-F1 {single['macro_f1']:.4f}"
             )
     md.append(

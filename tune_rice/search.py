@@ -1021,7 +1021,7 @@ def write_test_tensorboard(folder: Path, test: dict, config: dict, trial_id: str
             writer.add_scalar(f"test/{which}/acc", test[which]["accuracy"], 0)
             writer.add_scalar(f"test/{which}/macro_f1", test[which]["macro_f1"], 0)
     deployed = (
-        "the single best trial"
+        f"the {single_best_label(test)}"
         if test.get("deployed", "single") == "single"
         else f"an ensemble of {len(test['members'])} heads"
     )
@@ -1121,6 +1121,11 @@ def write_outputs(
     return summary
 
 
+def single_best_label(record: dict) -> str:
+    """What the single best candidate of a test record is: a trial, or the linear probe when it led."""
+    return "linear probe" if str(record.get("trial_id", "")).startswith("probe:") else "single best trial"
+
+
 def format_summary(
     df: pd.DataFrame,
     test: dict | None,
@@ -1192,9 +1197,10 @@ def format_summary(
             f"TEST (scored once, {what}): accuracy {test['accuracy']:.4f}, "
             f"macro-F1 {test['macro_f1']:.4f} on {test['test_count']} images{ece}"
         )
-        for which, label in (("single_best", "single best trial"), ("ensemble", "selected ensemble")):
+        for which in ("single_best", "ensemble"):
             other = test.get(which)
             if other and not other.get("deployed"):
+                label = "selected ensemble" if which == "ensemble" else single_best_label(other)
                 lines.append(
                     f"  {label} (same pass, not deployed): accuracy {other['accuracy']:.4f}, "
                     f"macro-F1 {other['macro_f1']:.4f}"
