@@ -34,11 +34,12 @@ from tune_rice.model import build_backbone  # noqa: E402
 
 def demo_labels(per_class: int, size: int = 256, seed: int = 0) -> Path:
     from tune_rice.demo import ensure_demo
-    from tune_rice.prepare import prepare_dataset
 
     folder = ensure_demo(per_class=per_class, size=size, seed=seed)
     csv = folder / "labels.csv"
-    if not csv.is_file():
+    if not csv.is_file():  # prepared here only when missing (a folder prepared elsewhere may be copied in)
+        from tune_rice.prepare import prepare_dataset
+
         prepare_dataset(folder, seed=seed, progress=False)
     return csv
 

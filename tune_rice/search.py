@@ -394,11 +394,11 @@ def load_data(args) -> LabelTable:
 def resolve_data(data: str | None) -> Path:
     """--data (folder, labels.csv, or nothing for the demo set) -> the path of a labels.csv.
 
-    Data and split never depend on the search's --seed: seeds compare searches on the same data."""
-    from .prepare import format_report, prepare_dataset
-
+    Data and split never depend on the search's --seed: seeds compare searches on the same data.
+    ``prepare`` (and the image libraries its grouping needs) is imported only when something is prepared."""
     if data is None:
         from .demo import ensure_demo
+        from .prepare import prepare_dataset
 
         # The demo data and its split stay fixed (seed 0) whatever --seed: seeds compare searches, not data.
         folder = ensure_demo()
@@ -417,6 +417,8 @@ def resolve_data(data: str | None) -> Path:
         log.info("using %s", csv)
         return csv
     log.info("%s has no labels.csv: preparing it now with the default split fractions", p)
+    from .prepare import format_report, prepare_dataset
+
     result = prepare_dataset(p)  # the default split (seed 0), the same as `python -m tune_rice.prepare`
     # prepare's own warning says the skipped files are "listed in the report": this is that report
     log.log(
