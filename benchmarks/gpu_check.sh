@@ -26,8 +26,11 @@ EPOCH_ARGS=(); [ -n "$EPOCHS" ] && EPOCH_ARGS=(--max-epochs "$EPOCHS")
 
 $PY benchmarks/bench_extract.py --device "$DEVICE" --backbone "$BACKBONE" --image-size "$SIZE" \
     --batch-size 128 --per-class "$PER_CLASS" --out "$OUT/extract.json"
-$PY benchmarks/bench_search.py --space quick --num-samples "$SAMPLES" --per-class "$PER_CLASS" \
-    --work "$OUT/search" "${GPU_ARGS[@]}" "${EPOCH_ARGS[@]}" --out "$OUT/search.json"
+# One JSON per mode, the bank first: a run cut short by a time limit still leaves the finished mode's figures.
+for mode in on off; do
+  $PY benchmarks/bench_search.py --space quick --num-samples "$SAMPLES" --per-class "$PER_CLASS" --modes "$mode" \
+      --work "$OUT/search" "${GPU_ARGS[@]}" "${EPOCH_ARGS[@]}" --out "$OUT/search_$mode.json"
+done
 
 $PY - "$OUT" <<'PYEOF'
 import json, sys
@@ -35,12 +38,11 @@ from pathlib import Path
 import pandas as pd
 out = Path(sys.argv[1])
 e = json.loads((out / "extract.json").read_text())
-s = json.loads((out / "search.json").read_text())
+runs = {r["mode"]: r for f in sorted(out.glob("search_o*.json")) for r in json.loads(f.read_text())["runs"]}
 print("\n== gpu_check summary ==")
 print(f"device {e['device']} {e.get('gpu') or ''} | torch {e['torch']} | {e['backbone']} @ {e['image_size']}px, batch {e['batch_size']}")
 print(f"extraction: bare {e['bare_images_per_s']:.0f} img/s, full {e['full_images_per_s']:.0f} img/s, efficiency {e['efficiency']:.2f}")
-runs = {r["mode"]: r for r in s["runs"]}
-for mode, r in runs.items():
+for mode, r in sorted(runs.items(), key=lambda kv: kv[0] != "on"):  # the bank's run first
     res = pd.read_csv(Path(r["log"]).with_suffix("").parent / "runs" / Path(r["log"]).stem / "results.csv")
     devices = ",".join(sorted(set(map(str, res["device"].dropna()))))
     gpus = ",".join(sorted(set(map(str, res["gpu_ids"].dropna()))))
