@@ -10,7 +10,7 @@ the largest number of identities in one group, and the valid/test share after th
 ``prepare`` (decode, signatures, grouping, split, CSVs) on a generated field set of about
 --prepare-images images (kept in --prepare-root to be reused; 0 skips it).
 
-    python benchmarks/bench_dedup.py [--per-class 40] [--copies 10] [--scale 10000 100000 1000000]
+    python benchmarks/bench_dedup.py [--per-class 40] [--copies 40] [--scale 10000 100000 1000000]
         [--prepare-images 10000] [--prepare-root DIR]
 
 Writes benchmarks/results/dedup.json.
@@ -93,6 +93,48 @@ def score(
     }
 
 
+def explain_misses(
+    grouping: dedup.Grouping,
+    sigs: list,
+    kinds: list[str],
+    sources: list[int],
+    copies: list[int],
+    hows: list[str],
+) -> list[dict]:
+    """Why each planted copy missing from its source's group is missing, from the pair itself: its
+    scores under the check, its keypoint inliers, and whether the grouping checked and accepted it."""
+    listed = {(min(p[0], p[1]), max(p[0], p[1])): p for p in grouping.pairs}
+    out = []
+    for kind, s, c, how in zip(kinds, sources, copies, hows):
+        if grouping.group[s] == grouping.group[c]:
+            continue
+        i, j = np.array([min(s, c)]), np.array([max(s, c)])
+        checked = dedup.verify_pairs(np.stack([x.thumb for x in sigs]), i, j, views=np.stack([x.views for x in sigs]))
+        inliers = int(dedup.keypoint_inliers(np.stack([x.fine for x in sigs]), i, j, checked.orientation)[0])
+        sim, outline = float(checked.similarity[0]), float(checked.outline[0])
+        pair = listed.get((int(i[0]), int(j[0])))
+        if pair is not None:
+            why = "accepted, not joined: the chain guard kept the two groups apart"
+        elif outline < dedup.DEFAULT_MIN_OUTLINE or sim < dedup.DEFAULT_MIN_SIMILARITY:
+            why = "check: below the outline or detail threshold"
+        elif sim < dedup._AMBIGUOUS and inliers < dedup._MIN_INLIERS:
+            why = "keypoints: too few inliers"
+        else:
+            why = "passes the check directly: not a candidate (or a view-only candidate below 0.85)"
+        out.append(
+            {
+                "kind": kind,
+                "how": how,
+                "similarity": round(sim, 3),
+                "outline": round(outline, 3),
+                "orientation": dedup.ORIENTATIONS[int(checked.orientation[0])],
+                "inliers": inliers,
+                "why": why,
+            }
+        )
+    return out
+
+
 def run_family(family: str, per_class: int, n_copies: int, tmp: Path) -> dict:
     root = demo.generate_demo(tmp / family, per_class=per_class, size=256, seed=7, family=family)
     marker = json.loads((root / demo.MARKER).read_text())
@@ -104,10 +146,11 @@ def run_family(family: str, per_class: int, n_copies: int, tmp: Path) -> dict:
     labels = [r.split("/")[0] for r in rels]
     originals = [k for k, r in enumerate(rels) if r not in source_of]
     rng = np.random.default_rng(0)
-    kinds, sources, copies = [], [], []
+    kinds, sources, copies, hows = [], [], [], []
     for kind in demo.COPY_KINDS:
         for k in rng.choice(originals, size=n_copies, replace=False):
-            data_, _ = demo.copy_image(Image.open(io.BytesIO(raw[k])), kind, rng)
+            data_, how = demo.copy_image(Image.open(io.BytesIO(raw[k])), kind, rng)
+            hows.append(how)
             copies.append(len(raw))
             raw.append(data_)
             ident.append(ident[k])
@@ -141,6 +184,7 @@ def run_family(family: str, per_class: int, n_copies: int, tmp: Path) -> dict:
             "seconds": round(t_new, 2),
             "candidates": new.n_candidates,
             "blocked_by_chain_guard": new.n_blocked,
+            "misses": explain_misses(new, [x[1] for x in infos], kinds, sources, copies, hows),
         },
     }
 
@@ -209,7 +253,7 @@ def prepare_timing(n_images: int, root: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--per-class", type=int, default=40)
-    ap.add_argument("--copies", type=int, default=10, help="copies planted per kind and family")
+    ap.add_argument("--copies", type=int, default=40, help="copies planted per kind and family")
     ap.add_argument("--families", nargs="*", default=list(demo.FAMILIES))
     ap.add_argument("--scale", nargs="*", type=int, default=[10_000, 100_000, 1_000_000])
     ap.add_argument("--prepare-images", type=int, default=10_000, help="images of the timed prepare (0: skip)")

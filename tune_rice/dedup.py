@@ -13,8 +13,8 @@ finds chains a whole class into one group. So two stages:
    the whole image and 15 crops of up to 10% per side (:func:`view_vectors`, :func:`view_codes`; a cut
    or moved copy matches one crop of its source where its hashes no longer do). For each code, the
    codes are sorted with each of 8 bands of 8 bits first in turn, and each image is paired with its
-   nearest few in every order (:func:`candidate_pairs`, :func:`crop_pairs`): ``O(N log N)`` per band,
-   a bounded number of pairs per image whatever the data.
+   nearest few (fewest differing bits) of the codes near it in those orders (:func:`candidate_pairs`,
+   :func:`crop_pairs`): ``O(N log N)`` per band, a bounded number of pairs per image whatever the data.
 2. **Verification** (finer, independent of the codes). The two images' 72 px greyscale thumbnails are
    aligned -- flips and rotations tried, then a scale and shift per axis estimated from their row
    and column profiles -- and compared by normalised correlation over the overlap, both of the
@@ -203,17 +203,33 @@ def _rotl(x: np.ndarray, k: int) -> np.ndarray:
     return (x << np.uint64(k)) | (x >> np.uint64(64 - k))
 
 
+def _nearest_per_image(i: np.ndarray, j: np.ndarray, bits: np.ndarray, per_image: int) -> np.ndarray:
+    """(P,) bool: the pairs among the ``per_image`` nearest (fewest ``bits``, ties by index) of either
+    of their two images."""
+    keep = np.zeros(len(i), dtype=bool)
+    for a, b in ((i, j), (j, i)):
+        order = np.lexsort((b, bits, a))
+        first = np.r_[0, np.flatnonzero(np.diff(a[order])) + 1]
+        rank = np.arange(len(order)) - np.repeat(first, np.diff(np.r_[first, len(order)]))
+        keep[order[rank < per_image]] = True
+    return keep
+
+
 def candidate_pairs(
-    codes: np.ndarray, *, window: int = 4, bands: int = 8, max_bits: int = 64
+    codes: np.ndarray, *, window: int = 16, bands: int = 8, max_bits: int = 64, per_image: int = 3
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs ``(i, j)``, ``i < j``, of 64-bit codes that sit close in a banded sort order.
+    """Pairs ``(i, j)``, ``i < j``, of 64-bit codes: each code's ``per_image`` nearest (fewest differing
+    bits) among those that sit close to it in a banded sort order.
 
     The code is cut into ``bands`` bands; for each band the codes are sorted with that band first (the
-    rest following, rotated) and each is paired with the ``window`` next ones. Two codes that agree
-    on a band sit in one run of that order, and within a run the ones that agree on more bits sit
-    closer; a run of many look-alikes is not compared all with all, so the work and the number of pairs
-    stay ``O(bands * window * N)`` after ``bands`` sorts, whatever the data. Pairs differing in more
-    than ``max_bits`` bits are dropped. Sorted by (i, j), no repeats.
+    rest following, rotated) and each is compared with the ``window`` next ones. Two codes within
+    ``bands - 1`` bits agree on a band, so they sit in one run of that order; but the order within a
+    run follows the next band, not the whole distance, so in a long run of look-alikes (one leaf laid
+    alike on one sheet, again and again) a copy 6 bits away may sit behind a few codes 20 bits away.
+    Hence the wide window, and of all the codes met so, only each code's nearest few are kept: the
+    work stays ``O(bands * window * N)`` after ``bands`` sorts and the pairs ``O(per_image * N)``,
+    whatever the data. Pairs differing in more than ``max_bits`` bits are dropped. Sorted by (i, j),
+    no repeats.
     """
     c = np.ascontiguousarray(codes, dtype=np.uint64)
     n = len(c)
@@ -229,8 +245,11 @@ def candidate_pairs(
                 keep = popcount(c[i] ^ c[j]) <= max_bits
                 i, j = i[keep], j[keep]
             keys.append(np.minimum(i, j) * n + np.maximum(i, j))
-    key = np.unique(np.concatenate(keys))
-    return key // n, key % n
+    key = np.sort(np.concatenate(keys))
+    key = key[np.r_[True, key[1:] != key[:-1]]] if len(key) else key  # unique (np.unique hashes: slower)
+    i, j = key // n, key % n
+    keep = _nearest_per_image(i, j, popcount(c[i] ^ c[j]), per_image)
+    return i[keep], j[keep]
 
 
 def view_codes(views: np.ndarray, *, seed: int = 0) -> np.ndarray:
@@ -278,12 +297,7 @@ def crop_pairs(
     key = key[np.r_[True, key[1:] != key[:-1]]]  # unique (np.unique hashes: slower here)
     i, j = key // n, key % n
     bits = np.minimum(popcount(whole[i, None] ^ c[j]).min(axis=1), popcount(whole[j, None] ^ c[i]).min(axis=1))
-    keep = np.zeros(len(i), dtype=bool)
-    for a, b in ((i, j), (j, i)):  # the per_image nearest of each image, ties by index
-        order = np.lexsort((b, bits, a))
-        first = np.r_[0, np.flatnonzero(np.diff(a[order])) + 1]
-        rank = np.arange(len(order)) - np.repeat(first, np.diff(np.r_[first, len(order)]))
-        keep[order[rank < per_image]] = True
+    keep = _nearest_per_image(i, j, bits, per_image)
     return i[keep], j[keep]
 
 
@@ -688,7 +702,7 @@ def group_images(
     min_similarity: float = DEFAULT_MIN_SIMILARITY,
     min_outline: float = DEFAULT_MIN_OUTLINE,
     flips: bool = True,
-    window: int = 2,
+    per_image: int = 3,
 ) -> Grouping:
     """Group exact copies (same SHA-1) and, in ``near`` mode, verified near copies. See the module doc.
 
@@ -722,7 +736,7 @@ def group_images(
             np.asarray([signatures[k].phash for k in reps], dtype=np.uint64),
             histogram_codes(np.stack([signatures[k].hist for k in reps])),
         ]
-        found = [candidate_pairs(c, window=window, max_bits=b) for c, b in zip(codes, _MAX_BITS)]
+        found = [candidate_pairs(c, max_bits=b, per_image=per_image) for c, b in zip(codes, _MAX_BITS)]
         by_hash = np.unique(np.concatenate([ci * len(reps) + cj for ci, cj in found]))
         vi, vj = crop_pairs(view_codes(views[reps]))
         key = np.union1d(by_hash, vi * len(reps) + vj)
