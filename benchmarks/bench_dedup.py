@@ -109,18 +109,53 @@ def explain_misses(
         if grouping.group[s] == grouping.group[c]:
             continue
         i, j = np.array([min(s, c)]), np.array([max(s, c)])
-        checked = dedup.verify_pairs(np.stack([x.thumb for x in sigs]), i, j, views=np.stack([x.views for x in sigs]))
-        inliers = int(dedup.keypoint_inliers(np.stack([x.fine for x in sigs]), i, j, checked.orientation)[0])
+        thumbs, fines = np.stack([x.thumb for x in sigs]), np.stack([x.fine for x in sigs])
+        checked, ok = dedup.check_pairs(
+            thumbs,
+            fines,
+            i,
+            j,
+            need=dedup.DEFAULT_MIN_SIMILARITY,
+            min_outline=dedup.DEFAULT_MIN_OUTLINE,
+            views=np.stack([x.views for x in sigs]),
+        )
+        inliers = int(dedup.keypoint_inliers(fines, i, j, checked.orientation)[0])
+        fine = dedup.verify_pairs(fines, i, j)
         sim, outline = float(checked.similarity[0]), float(checked.outline[0])
         pair = listed.get((int(i[0]), int(j[0])))
+        blockers = []
         if pair is not None:
             why = "accepted, not joined: the chain guard kept the two groups apart"
+            # the members of the other group that the copy fails against, and how they were made
+            made = dict(zip(copies, hows))
+            others = [int(m) for m in np.flatnonzero(grouping.group == grouping.group[s]) if m != s]
+            if others:
+                oi = np.array([min(c, m) for m in others])
+                oj = np.array([max(c, m) for m in others])
+                got, good = dedup.check_pairs(
+                    thumbs,
+                    fines,
+                    oi,
+                    oj,
+                    need=dedup.DEFAULT_MIN_SIMILARITY,
+                    min_outline=dedup.DEFAULT_MIN_OUTLINE,
+                    views=np.stack([x.views for x in sigs]),
+                )
+                blockers = [
+                    {
+                        "other": made.get(m, "a demo copy"),
+                        "similarity": round(float(sm), 3),
+                        "outline": round(float(ol), 3),
+                    }
+                    for m, sm, ol, g in zip(others, got.similarity, got.outline, good)
+                    if not g
+                ]
+        elif ok[0]:
+            why = "passes the check directly: not a candidate (or a view-only candidate below 0.85)"
         elif outline < dedup.DEFAULT_MIN_OUTLINE or sim < dedup.DEFAULT_MIN_SIMILARITY:
             why = "check: below the outline or detail threshold"
-        elif sim < dedup._AMBIGUOUS and inliers < dedup._MIN_INLIERS:
-            why = "keypoints: too few inliers"
         else:
-            why = "passes the check directly: not a candidate (or a view-only candidate below 0.85)"
+            why = "below 0.9: too few keypoint inliers and the 128 px check failed"
         out.append(
             {
                 "kind": kind,
@@ -129,7 +164,10 @@ def explain_misses(
                 "outline": round(outline, 3),
                 "orientation": dedup.ORIENTATIONS[int(checked.orientation[0])],
                 "inliers": inliers,
+                "similarity_128px": round(float(fine.similarity[0]), 3),
+                "outline_128px": round(float(fine.outline[0]), 3),
                 "why": why,
+                **({"fails_against": blockers} if blockers else {}),
             }
         )
     return out

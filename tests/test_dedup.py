@@ -36,30 +36,34 @@ def family(request, tmp_path_factory):
     return request.param, [Image.open(p).convert("RGB") for p in files]
 
 
-# Known shortfalls, measured on these very copies; strict, so each flags as soon as it is fixed.
+# Known misses, measured on these very copies; the test fails as soon as one is fixed (or another appears).
 KNOWN_MISSES = {
-    ("plain", "shift"): "the shifted copy of original 17 verifies at detail similarity 0.57 (< 0.7), "
-    "outline 0.93: the alignment search does not recover that shift to the pixel",
+    # detail similarity 0.62 at 72 px (0.60 at 128 px), outline 0.99, 27 keypoint inliers: aligned,
+    # yet the moved leaf's fine detail does not correlate enough
+    "plain": [("shift", 12)],
+    # passes the check (0.94, 79 inliers) but is no candidate: 22 bits from its source's perceptual
+    # hash, 18 from its histogram code, and its whole view is 16 bits from every view of its source once
+    # the set's mean view is taken away (0.97 cosine before)
+    "scans": [("crop", 10)],
 }
 
 
-@pytest.mark.parametrize("kind", demo.COPY_KINDS)
-def test_each_kind_of_copy_is_grouped_and_nothing_else(family, kind, request):
+def test_each_kind_of_copy_is_grouped_and_nothing_else(family):
+    # 3 copies of each kind, each kind from 3 originals of its own, all grouped in one go
     name, originals = family
-    if (name, kind) in KNOWN_MISSES:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=KNOWN_MISSES[name, kind]))
     rng = np.random.default_rng(5)
-    sources = [0, 9, 17]
-    copies = [_decode(demo.copy_image(originals[k], kind, rng)[0]) for k in sources]
-    sigs = [_signature(im) for im in originals + copies]
-    sha1s = [f"x{k}" for k in range(len(sigs))]
-    grouping = dedup.group_images(sha1s, sigs)
+    sources = {kind: [3 * k, 3 * k + 1, 3 * k + 2] for k, kind in enumerate(demo.COPY_KINDS)}
+    made = [
+        (kind, src, demo.copy_image(originals[src], kind, rng)[0]) for kind in demo.COPY_KINDS for src in sources[kind]
+    ]
+    sigs = [_signature(im) for im in originals + [_decode(data) for _, _, data in made]]
+    grouping = dedup.group_images([f"x{k}" for k in range(len(sigs))], sigs)
     g = grouping.group
     n = len(originals)
-    for c, k in enumerate(sources):
-        assert g[n + c] == g[k], (name, kind, c)
+    missed = [(kind, src) for c, (kind, src, _) in enumerate(made) if g[n + c] != g[src]]
+    assert missed == KNOWN_MISSES.get(name, []), (name, missed)
     # distinct originals stay apart: one group per original
-    assert len(set(g[:n].tolist())) == n, (name, kind)
+    assert len(set(g[:n].tolist())) == n, name
     near = [p for p in grouping.pairs if p[2] == "near"]
     assert all(p[3] >= dedup.DEFAULT_MIN_SIMILARITY and p[4] >= dedup.DEFAULT_MIN_OUTLINE for p in near)
 
@@ -199,13 +203,17 @@ def test_candidate_pairs_see_past_a_run_of_look_alikes():
 def test_plain_look_alikes_that_pass_the_thumbnail_check_stay_apart():
     # Distinct leaves of the plain demo (per_class=100, seed=0) that pass the 72 px check (detail
     # similarity 0.73-0.86) and were grouped by it, two of them across classes; a moved copy of one of
-    # them, which passes it only in that band too, is still grouped with its source.
+    # them, which passes it only in that band too, is still grouped with its source, and so are two
+    # moved copies that share fewer than 15 keypoint inliers with theirs (plain leaves have few
+    # keypoints): the 128 px check confirms them.
     names = ["bs_0014", "he_0096", "bs_0067", "he_0115", "he_0126", "he_0032", "he_0078", "he_0113", "he_0130"]
     jobs = {job.relpath.split("/")[-1][:-4]: job for job in demo._plan(100, 0)}
     data = [demo._render_job(jobs[n], SIZE, 0, "plain")[1] for n in names]
     images = [_decode(d) for d in data]
     moved = _decode(demo.copy_image(Image.open(io.BytesIO(data[2])), "shift", np.random.default_rng(3))[0])
-    sigs = [_signature(im) for im in [*images, moved]]
+    rng = np.random.default_rng(0)
+    shifted = [_decode(demo.copy_image(Image.open(io.BytesIO(d)), "shift", rng)[0]) for d in data[:7]]
+    sigs = [_signature(im) for im in [*images, moved, shifted[3], shifted[6]]]
     n = len(names)
     i, j = np.triu_indices(n, 1)
     checked = dedup.verify_pairs(np.stack([s.thumb for s in sigs]), i, j)
@@ -213,6 +221,11 @@ def test_plain_look_alikes_that_pass_the_thumbnail_check_stay_apart():
     assert passed.sum() >= 3  # the thumbnail check alone would join them
     g = dedup.group_images([f"x{k}" for k in range(len(sigs))], sigs).group
     assert len(set(g[:n].tolist())) == n, dict(zip(names, g[:n].tolist()))
-    assert g[n] == g[2]
-    moved_check = dedup.verify_pairs(np.stack([sigs[2].thumb, sigs[n].thumb]), np.array([0]), np.array([1]))
-    assert dedup.DEFAULT_MIN_SIMILARITY <= moved_check.similarity[0] < dedup._AMBIGUOUS
+    assert g[n] == g[2] and g[n + 1] == g[3] and g[n + 2] == g[6], g.tolist()
+    thumbs, fines = np.stack([s.thumb for s in sigs]), np.stack([s.fine for s in sigs])
+    src, cp = np.array([2, 3, 6]), np.array([n, n + 1, n + 2])
+    moved_check = dedup.verify_pairs(thumbs, src, cp)
+    assert (
+        (dedup.DEFAULT_MIN_SIMILARITY <= moved_check.similarity) & (moved_check.similarity < dedup._AMBIGUOUS)
+    ).all()
+    assert (dedup.keypoint_inliers(fines, src[1:], cp[1:], moved_check.orientation[1:]) < dedup._MIN_INLIERS).all()

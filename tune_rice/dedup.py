@@ -20,12 +20,19 @@ finds chains a whole class into one group. So two stages:
    and column profiles -- and compared by normalised correlation over the overlap, both of the
    thumbnails and of their fine detail (the thumbnail minus its blur), which is what tells two
    similar leaves apart (:func:`verify_pairs`). A pair is a near copy only if both pass; a pair that
-   only the views proposed must reach a higher detail similarity (0.85).
-3. **Keypoints** (only for pairs that passed at a detail similarity below 0.9). Two distinct leaves of
-   the same layout on the same sheet can pass the thumbnail check at up to 0.86, where a cut or moved
-   copy may score 0.71, so no threshold on it tells them apart. Such a pair must also share at least
-   15 ORB keypoints of its 128 px greyscale images that one similarity transform maps onto each other
-   (RANSAC inliers, :func:`keypoint_inliers`): copies share 17 or more, look-alikes 12 at most.
+   only the views proposed must reach a higher detail similarity (0.85). The profiles of a cut or
+   moved copy can change shape enough to fool that estimate (a 9 px shift read as a 0.83x scale), so
+   a pair that fails is aligned again from the map its ORB keypoints agree on
+   (:func:`keypoint_aligned`) and compared the same way; the better alignment counts
+   (:func:`check_pairs`).
+3. **Confirmation** (only for pairs that passed at a detail similarity below 0.9). Two distinct leaves
+   of the same layout on the same sheet can pass the thumbnail check at up to 0.86, where a cut or
+   moved copy may score 0.71, so no threshold on it tells them apart. Such a pair must also share at
+   least 15 ORB keypoints of its 128 px greyscale images that one similarity transform maps onto each
+   other (RANSAC inliers, :func:`keypoint_inliers`; look-alikes share 12 at most), or, as plain leaves
+   give few keypoints (copies there may share only 5), pass the check again on the 128 px images at
+   a detail similarity of 0.8 and an outline of 0.98, where veins and marks the thumbnail blurs away
+   tell look-alikes apart (copies 0.85 or more, look-alikes 0.73 or less on the generated sets).
 
 Groups are joined only through verified pairs, and only when one of the two groups' centres passes the
 check against every member of both, and every member of one group passes a looser check against every
@@ -324,7 +331,8 @@ _VIEW_ONLY_MIN = 0.85  # detail similarity a pair found by the views alone must 
 _VIEW_ALIKE = 0.95  # ... unless their blurred views say one is a crop of the other
 _ROUGH_MIN = 0.8  # outlines correlating less than this at the profile alignment are not refined
 _AMBIGUOUS = 0.9  # pairs passing below this detail similarity must also pass the keypoint check
-_MIN_INLIERS = 15  # keypoint matches one similarity transform must explain (copies: 17+, look-alikes: <= 12)
+_MIN_INLIERS = 15  # keypoint matches one similarity transform must explain (look-alikes: <= 12)
+_FINE_MIN, _FINE_MIN_OUTLINE = 0.8, 0.98  # ... or the check at 128 px (copies: 0.85+, look-alikes: <= 0.73)
 
 
 def _dihedral(t: np.ndarray) -> np.ndarray:
@@ -627,11 +635,10 @@ def verify_pairs(
     return out
 
 
-def keypoint_inliers(fines: np.ndarray, i: np.ndarray, j: np.ndarray, orientation: np.ndarray) -> np.ndarray:
-    """(P,) int: ORB keypoint matches of the (N, S, S) uint8 images of each pair (i[k], j[k]) that one
-    similarity transform (rotation, uniform scale, shift; RANSAC, 3 px) maps onto each other, j turned
-    or flipped by ``orientation`` (indices into ORIENTATIONS, from :func:`verify_pairs`) first, since
-    ORB descriptors follow turns but not flips. Matches must pass Lowe's ratio test (0.8)."""
+def _keypoint_matches(fines: np.ndarray, i: np.ndarray, j: np.ndarray, orientation: np.ndarray):
+    """For each pair k: (k, points in i, points in j), the ORB matches of the (N, S, S) uint8 images
+    passing Lowe's ratio test (0.8), j turned or flipped by ``orientation`` first (ORB descriptors
+    follow turns but not flips); pairs with fewer than 3 such matches are left out."""
     side = fines.shape[-1]
     edge = max(7, side // 8)  # small images: a smaller patch, else the border leaves no keypoints
     orb = cv2.ORB.create(nfeatures=500, nlevels=4, edgeThreshold=edge, patchSize=edge, fastThreshold=5)
@@ -644,7 +651,6 @@ def keypoint_inliers(fines: np.ndarray, i: np.ndarray, j: np.ndarray, orientatio
             cache[k, o] = orb.detectAndCompute(np.ascontiguousarray(img), None)
         return cache[k, o]
 
-    out = np.zeros(len(i), dtype=np.int64)
     for p, (a, b, o) in enumerate(zip(np.asarray(i), np.asarray(j), np.asarray(orientation))):
         (ka, da), (kb, db) = features(int(a), 0), features(int(b), int(o))
         if da is None or db is None or len(ka) < 2 or len(kb) < 2:
@@ -654,22 +660,125 @@ def keypoint_inliers(fines: np.ndarray, i: np.ndarray, j: np.ndarray, orientatio
             continue
         pa = np.array([ka[m.queryIdx].pt for m in good], dtype=np.float32)
         pb = np.array([kb[m.trainIdx].pt for m in good], dtype=np.float32)
+        yield p, pa, pb
+
+
+def keypoint_inliers(fines: np.ndarray, i: np.ndarray, j: np.ndarray, orientation: np.ndarray) -> np.ndarray:
+    """(P,) int: ORB keypoint matches of the (N, S, S) uint8 images of each pair (i[k], j[k]) that one
+    similarity transform (rotation, uniform scale, shift; RANSAC, 3 px) maps onto each other, j turned
+    or flipped by ``orientation`` (indices into ORIENTATIONS, from :func:`verify_pairs`) first."""
+    out = np.zeros(len(i), dtype=np.int64)
+    for p, pa, pb in _keypoint_matches(fines, i, j, orientation):
         _, inliers = cv2.estimateAffinePartial2D(pa, pb, method=cv2.RANSAC, ransacReprojThreshold=3.0)
         out[p] = 0 if inliers is None else int(inliers.sum())
     return out
 
 
-def _keypoints_agree(
-    fines: np.ndarray, i: np.ndarray, j: np.ndarray, checked: Checked, passed: np.ndarray
+_MAP_SCALES = (0.7, 1.45)  # a keypoint map's scale along either axis must lie within these ...
+_MAP_TURN = 0.1  # ... and it may turn by at most this (radians): flips and turns are applied before
+
+
+def keypoint_aligned(
+    thumbs: np.ndarray, fines: np.ndarray, i: np.ndarray, j: np.ndarray, orientation: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(outline, detail, inliers, scale (P, 2) along (y, x)), each (P,): the thumbnail check of each pair with j's thumbnail placed
+    on i's starting from the map its keypoints agree on, not from the profile search.
+
+    The profile search of :func:`verify_pairs` estimates a scale and shift per axis from row and column
+    profiles; a cut or moved copy whose profiles change shape (a border of fill, a leaf tip cut off) can
+    fool it (a 9 px shift read as a 0.83x scale), and the detail correlation then fails on a true copy.
+    Here the start comes from the ORB matches of the 128 px images: the affine map (RANSAC, 3 px) that
+    explains at least _MIN_INLIERS of them, scales each axis by 0.7-1.45x and turns by 0.1 rad at most
+    (else the pair keeps -1), read as a scale and shift per axis; it is then polished and compared
+    exactly as in :func:`verify_pairs`.
+    """
+    big = fines.shape[-1]
+    outline, detail = np.full(len(i), -1.0), np.full(len(i), -1.0)
+    inliers = np.zeros(len(i), dtype=np.int64)
+    scale = np.ones((len(i), 2))
+    found, params = [], []
+    for p, pa, pb in _keypoint_matches(fines, i, j, orientation):
+        m, used = cv2.estimateAffine2D(pa, pb, method=cv2.RANSAC, ransacReprojThreshold=3.0)
+        if m is None or used is None or not np.isfinite(m).all():  # degenerate matches give NaN maps
+            continue
+        inliers[p] = int(used.sum())
+        lin = m[:, :2]
+        sv = np.linalg.svd(lin, compute_uv=False)
+        turn = abs(np.arctan2(lin[1, 0] - lin[0, 1], lin[0, 0] + lin[1, 1]))
+        if inliers[p] < _MIN_INLIERS or sv.min() < _MAP_SCALES[0] or sv.max() > _MAP_SCALES[1] or turn > _MAP_TURN:
+            continue
+        # pixel X of i (x * big - 0.5) -> s X + shift in j; as u = s (x - 0.5) + 0.5 + t in 0..1 units
+        sx, sy = lin[0, 0], lin[1, 1]
+        tx = (m[0, 2] + 0.5 - 0.5 * sx) / big + 0.5 * sx - 0.5
+        ty = (m[1, 2] + 0.5 - 0.5 * sy) / big + 0.5 * sy - 0.5
+        found.append(p)
+        params.append((sy, ty, sx, tx))
+    if found:
+        at = np.asarray(found)
+        a = thumbs[np.asarray(i)[at]].astype(np.float32) / 255
+        b = _orient(thumbs[np.asarray(j)[at]].astype(np.float32) / 255, np.asarray(orientation)[at])
+        sy, ty, sx, tx = (np.asarray(v, dtype=np.float64) for v in zip(*params))
+        ry, rty, rx, rtx = _refine(a, b, sy, ty, sx, tx)
+        outline[at], detail[at], scale[at, 0], scale[at, 1] = _compare_at(a, b, ry, rty, rx, rtx)
+    return outline, detail, inliers, scale
+
+
+def _confirmed(
+    fines: np.ndarray, i: np.ndarray, j: np.ndarray, checked: Checked, passed: np.ndarray, flips: bool
 ) -> np.ndarray:
     """``passed`` with the pairs that passed below the ambiguous detail similarity kept only if their
-    keypoints agree (:func:`keypoint_inliers`)."""
+    keypoints agree (:func:`keypoint_inliers`) or, failing that, they pass the thumbnail check again
+    on the 128 px images at a detail similarity of _FINE_MIN and an outline of _FINE_MIN_OUTLINE.
+
+    On plain-sheet leaves, keypoints are few: copies there may share as few as 5 inliers, as few as
+    look-alikes do. At 128 px the check sees veins and marks the 72 px thumbnail blurs away: copies
+    passing at 0.85-0.95 at 72 px keep 0.85 or more (outline >= 0.997), while distinct look-alikes
+    passing at up to 0.86 at 72 px fall to 0.73 or less (outline <= 0.98)."""
     unsure = np.flatnonzero(passed & (checked.similarity < _AMBIGUOUS))
     out = passed.copy()
     if len(unsure):
         n = keypoint_inliers(fines, i[unsure], j[unsure], checked.orientation[unsure])
         out[unsure] = n >= _MIN_INLIERS
+        again = unsure[n < _MIN_INLIERS]
+        if len(again):
+            fine = verify_pairs(fines, i[again], j[again], flips=flips)
+            out[again] = (fine.similarity >= _FINE_MIN) & (fine.outline >= _FINE_MIN_OUTLINE)
     return out
+
+
+def check_pairs(
+    thumbs: np.ndarray,
+    fines: np.ndarray,
+    i: np.ndarray,
+    j: np.ndarray,
+    *,
+    need: float | np.ndarray,
+    min_outline: float,
+    flips: bool = True,
+    views: np.ndarray | None = None,
+) -> tuple[Checked, np.ndarray]:
+    """The whole check of pairs (i[k], j[k]): (their scores, (P,) bool passed).
+
+    :func:`verify_pairs` first; a pair that fails it after looking alike at 12 px is compared again
+    from its keypoints' map (:func:`keypoint_aligned`), and the better of the two alignments counts.
+    A pair passes with a detail similarity of at least ``need`` and an outline of at least
+    ``min_outline``, and, below a detail similarity of 0.9, with keypoints that agree
+    (:func:`keypoint_inliers`)."""
+    checked = verify_pairs(thumbs, i, j, flips=flips, views=views)
+    ok = (checked.similarity >= need) & (checked.outline >= min_outline)
+    retry = np.flatnonzero(~ok & (checked.outline >= _COARSE_MIN))
+    # A leaf alike both ways round may look most like its copy flipped at 12 px: unflipped is tried too.
+    chosen = checked.orientation[retry].copy()
+    for at, turn in ((retry, chosen), (retry[chosen != 0], np.zeros(int((chosen != 0).sum()), dtype=np.int64))):
+        if not len(at):
+            continue
+        outline, detail, _, scale = keypoint_aligned(thumbs, fines, i[at], j[at], turn)
+        better = outline + detail > checked.outline[at] + checked.similarity[at]
+        at = at[better]
+        checked.outline[at], checked.similarity[at], checked.scale[at] = outline[better], detail[better], scale[better]
+        checked.orientation[at] = turn[better]
+    ok = (checked.similarity >= need) & (checked.outline >= min_outline)
+    return checked, _confirmed(fines, i, j, checked, ok, flips)
 
 
 # -------------------------------------------------------------------------------------- grouping
@@ -742,12 +851,10 @@ def group_images(
         key = np.union1d(by_hash, vi * len(reps) + vj)
         ci, cj = reps[key // len(reps)], reps[key % len(reps)]
         n_candidates = len(ci)
-        checked = verify_pairs(thumbs, ci, cj, flips=flips, views=views)
         # A pair that only the views proposed (a cut or moved copy, its hashes far apart) had less going
         # for it before the check than one whose hashes agree, so it must pass a stricter one.
         need = np.where(np.isin(key, by_hash), min_similarity, max(min_similarity, _VIEW_ONLY_MIN))
-        ok = (checked.similarity >= need) & (checked.outline >= min_outline)
-        ok = _keypoints_agree(fines, ci, cj, checked, ok)
+        checked, ok = check_pairs(thumbs, fines, ci, cj, need=need, min_outline=min_outline, flips=flips, views=views)
         log.debug("%d candidate pairs, %d verified", n_candidates, int(ok.sum()))
         # Strongest pairs first; two groups join through a pair only if (1) one of their centres -- the
         # one with more verified pairs first, usually the original of a set of copies -- passes the check
@@ -767,9 +874,9 @@ def group_images(
             todo = sorted(todo_pairs - strict.keys())
             if todo:
                 ti, tj = np.array([t[0] for t in todo]), np.array([t[1] for t in todo])
-                got = verify_pairs(thumbs, ti, tj, flips=flips, views=views)
-                good = (got.similarity >= min_similarity) & (got.outline >= min_outline)
-                good = _keypoints_agree(fines, ti, tj, got, good)
+                got, good = check_pairs(
+                    thumbs, fines, ti, tj, need=min_similarity, min_outline=min_outline, flips=flips, views=views
+                )
                 fair = (got.similarity >= min_similarity - _GUARD_SLACK) & (got.outline >= min_outline - 0.05)
                 strict.update({t: bool(v) for t, v in zip(todo, good)})
                 loose.update({t: bool(v) for t, v in zip(todo, fair)})
