@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 
 import torch
@@ -37,3 +38,13 @@ def default_num_workers(most: int = 8, *, batches: int | None = None) -> int:
     ``most``, and no more than there are ``batches`` to decode (0: decode in the calling process)."""
     n = max(1, min(most, usable_cpus() - 1))
     return n if batches is None else max(0, min(n, batches))
+
+
+def add_device_args(p: argparse.ArgumentParser, *, loader: bool = True) -> None:
+    """The ``--device`` option of a tool that runs a model; with ``loader``, also its batch size and
+    image-decoding workers (the defaults above)."""
+    if loader:
+        p.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto = GPU when present")
+    if loader:
+        p.add_argument("--num-workers", type=int, help="image-decoding worker processes (default: up to 4)")

@@ -36,7 +36,7 @@ from .data import (
     dataset_for_split,
     read_labels_checked,
 )
-from .devices import DEVICE_CHOICES, default_num_workers, device_from_arg, resolve_device
+from .devices import add_device_args, default_num_workers, device_from_arg, resolve_device
 from .engine import ImageBatches, compute_metrics, predict_logits
 from .model import load_model
 from .storage import TEST_MARK
@@ -216,9 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--split", choices=SPLITS, default="test", help="which rows of labels.csv to score")
     p.add_argument("--out", help="JSON file to write (default: eval_<split>.json in the current folder)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
-    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto = GPU when present")
-    p.add_argument("--num-workers", type=int, help="image-decoding worker processes (default: up to 4)")
+    add_device_args(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 

@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from . import UserError, cli
-from .devices import DEVICE_CHOICES
+from .devices import add_device_args
 
 if TYPE_CHECKING:
     from .data import LabelTable
@@ -699,7 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"ranked classes shown per photo (default: {DEFAULT_TOPK}, or the class count if smaller)",
     )
     p.add_argument("--batch-size", type=int, default=16, help="images per batch")
-    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto = GPU when present")
+    add_device_args(p, loader=False)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from . import UserError, cli
 from .data import IMAGE_EXTENSIONS, Preprocessing, build_transform, find_images, load_image
-from .devices import DEVICE_CHOICES, default_num_workers, device_from_arg
+from .devices import add_device_args, default_num_workers, device_from_arg
 from .model import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
@@ -233,9 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"label an image {UNCERTAIN!r} when its (calibrated) top probability is below P; the "
         "row keeps its top-k. The search's report suggests P for a target accuracy",
     )
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
-    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto = GPU when present")
-    p.add_argument("--num-workers", type=int, help="image-decoding worker processes (default: up to 4)")
+    add_device_args(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
