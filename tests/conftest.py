@@ -13,6 +13,11 @@ from PIL import Image
 
 # No test may reach the network or the user's caches.
 os.environ.setdefault("TUNE_RICE_OFFLINE", "1")
+# One torch thread in the test process and the processes it starts (set before torch is imported; Ray
+# workers get one already). The tests' tensors are tiny, and on 2 cores with Ray's processes or other jobs
+# beside it a second OpenMP thread spends its time waiting: test_backbones' fast tests took 674 s with two
+# threads and 119 s with one, back to back at load average 6-10 on this 2-core machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -10,12 +10,20 @@ SPEC (all keys optional besides ``dir``, a folder the test watches):
 - ``together``: N: each of the first N trials waits after its first report until N trials have started,
   so that N trials are running at the same moment.
 Each trial claims its ordinal by creating ``dir/started-<n>`` (the first free n).
+
+The tests import :func:`kill_mid_search` from here: it runs this driver and kills it while a trial is held.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 
 def make_hook(spec: dict):
@@ -61,6 +69,56 @@ def make_hook(spec: dict):
         ray.tune.report = held_report
 
     return hook
+
+
+def trial_states(exp_dir: Path) -> dict[str, tuple[str, int]]:
+    """Trial id -> (status, number of failures) in Tune's saved experiment state."""
+    states = {}
+    for f in sorted(exp_dir.glob("experiment_state-*.json")):
+        try:
+            state = json.loads(f.read_text())
+        except (OSError, ValueError):  # being rewritten
+            continue
+        for trial_json, run_json in state.get("trial_data", []):
+            trial, run = json.loads(trial_json), json.loads(run_json)
+            states[trial["trial_id"]] = (trial.get("status"), int(run.get("num_failures", 0)))
+    return states
+
+
+def terminated(exp_dir: Path) -> set[str]:
+    """The trials Tune's saved experiment state lists as finished."""
+    return {tid for tid, (status, _) in trial_states(exp_dir).items() if status == "TERMINATED"}
+
+
+def kill_mid_search(
+    argv: list[str], *, work: Path, trial: int, after_epoch: int, ready: Callable[[], bool], what: str
+) -> None:
+    """Run the search ``argv`` in a driver process of its own (cwd ``work``, its output in
+    ``work/first.log``) with its ``trial``-th trial held after epoch ``after_epoch``; once that trial is
+    held and ``ready()`` says so, SIGKILL the driver, then let the held worker go. Fails if the search
+    ends first. Experiment snapshots every second (Tune's default is >= 10 s), so the kill finds the
+    finished trials in one."""
+    log, hold = work / "first.log", work / "hold"
+    hold.mkdir()
+    spec = {"dir": str(hold), "hold": {"trial": trial, "after_epoch": after_epoch}}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, __file__, json.dumps(spec), *argv],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=work,
+            env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"},
+        )
+    try:
+        deadline = time.monotonic() + 900  # a guard against a hang, not a wait (below pytest's timeout)
+        while not ((hold / f"held-{trial}").exists() and ready()):
+            assert proc.poll() is None, f"the search ended before it was killed:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"{what} not reached in time:\n{log.read_text()[-3000:]}"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        (hold / "release").touch()  # a worker still holding lets go
 
 
 def main() -> int:

@@ -135,27 +135,9 @@ def test_views_shape_and_view0_is_the_unaugmented_image(dataset, bank):
 
 def test_extraction_is_deterministic_whatever_the_workers(dataset, bank):
     spec = FeatureSpec(backbone="resnet18", image_size=32, views=3, seed=0)
-    serial = extract_bank(
-        dataset,
-        spec,
-        splits=("train",),
-        use_cache=False,
-        weights="none",
-        num_workers=0,
-        batch_size=16,
-        progress=False,
-        device="cpu",
-    )
-    parallel = extract_bank(
-        dataset,
-        spec,
-        splits=("train",),
-        use_cache=False,
-        weights="none",
-        num_workers=2,
-        batch_size=16,
-        progress=False,
-        device="cpu",
+    serial, parallel = (  # in this process, then in 2 DataLoader worker processes
+        extract_bank(dataset, spec, splits=("train",), use_cache=False, batch_size=16, **{**QUICK, "num_workers": n})
+        for n in (0, 2)
     )
     assert np.array_equal(serial.splits["train"].features, parallel.splits["train"].features)
     # Same seed, other batch size: the same augmentations (the views are a function of seed and image).

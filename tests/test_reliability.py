@@ -26,7 +26,8 @@ import pandas as pd
 import pytest
 from conftest import search_argv
 from PIL import Image
-from test_search import SEARCH_DRIVER, _optuna_trials, _scalars, _space, _terminated, _trial_states, ray_local  # noqa: F401
+from search_driver import kill_mid_search, terminated, trial_states
+from test_search import _optuna_trials, _scalars, _space, ray_local  # noqa: F401
 
 import tune_rice.data as data
 from tune_rice import features, report, search
@@ -338,36 +339,17 @@ def test_resume_after_a_kill_mid_trial_loses_nothing_and_repeats_exactly(ray_loc
         "--address",
         ray_local["address"],
     )
-    log = tmp_path / "first.log"
-    # A snapshot every second (Tune's default is >= 10 s): the kill then finds finished trials in it.
-    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
-    hold = tmp_path / "hold"
-    hold.mkdir()
-    spec = {"dir": str(hold), "hold": {"trial": 1, "after_epoch": 20}}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, str(SEARCH_DRIVER), json.dumps(spec), *argv],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=tmp_path,
-            env=env,
-        )
-    try:
-        deadline = time.monotonic() + 900  # a guard against a hang, not a wait (below pytest's timeout)
-        while True:
-            assert proc.poll() is None, f"the search ended before it was killed:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no trial half done in time:\n{log.read_text()[-3000:]}"
-            finished = _terminated(exp)
-            running = {d.name[len("trial_") :]: _epochs(d) for d in exp.glob("trial_*")} if finished else {}
-            half = {t: len(e) for t, e in running.items() if t not in finished and e}  # started, not done
-            if finished and half and (hold / "held-1").exists():
-                break
-            time.sleep(0.05)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        (hold / "release").touch()  # a worker still holding lets go
-    finished = _terminated(exp)
+    at_kill: dict[str, int] = {}
+
+    def half_done() -> bool:  # a trial finished and another started, not done
+        finished = terminated(exp)
+        running = {d.name[len("trial_") :]: _epochs(d) for d in exp.glob("trial_*")} if finished else {}
+        at_kill.clear()
+        at_kill.update({t: len(e) for t, e in running.items() if t not in finished and e})
+        return bool(finished and at_kill)
+
+    kill_mid_search(argv, work=tmp_path, trial=1, after_epoch=20, ready=half_done, what="a trial half done")
+    finished = terminated(exp)
     before = {d.name: (d / "progress.csv").read_bytes() for d in exp.glob("trial_*") if (d / "progress.csv").exists()}
     assert not (exp / "results.csv").exists()
 
@@ -408,11 +390,11 @@ def test_resume_after_a_kill_mid_trial_loses_nothing_and_repeats_exactly(ray_loc
             assert [step for step, _ in scalars[tag]] == list(range(1, epochs + 1)), (row["trial_id"], tag)
         first = history.drop_duplicates("epoch").set_index("epoch")["valid/acc"]
         assert np.allclose([v for _, v in scalars["valid/acc"]], first.loc[range(1, epochs + 1)], atol=1e-6)
-    print(f"epochs run again after the restore: {repeated} (epochs done per trial at the kill: {half})")
+    print(f"epochs run again after the restore: {repeated} (epochs done per trial at the kill: {at_kill})")
     assert report.main([str(exp)]) == 0  # reads those histories (it crashed on the shifted columns)
     assert len(report.load_experiment(exp).histories) == samples
     assert f"{samples} trials" in (exp / "report" / "report.md").read_text()
-    states = _trial_states(exp)
+    states = trial_states(exp)
     assert {t: s for t, (s, _) in states.items()} == {t: "TERMINATED" for t in df["trial_id"]}
     trials = _optuna_trials(exp, "valid/acc", "max", max_t=epochs)
     assert set(trials) == set(df["trial_id"])  # one proposal per trial: none proposed or run again

@@ -10,9 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -23,14 +20,13 @@ import pytest
 import torch
 from conftest import local_ray, make_separable_dataset, search_argv
 from helpers_study import assert_study_matches_results
+from search_driver import kill_mid_search, terminated, trial_states
 from torch.utils.tensorboard import SummaryWriter
 
 from tune_rice import search, tune_glue
 from tune_rice.data import build_transform, load_image, read_labels
 from tune_rice.model import load_artifact
 from tune_rice.study import load_study
-
-SEARCH_DRIVER = Path(__file__).with_name("search_driver.py")
 
 ray = pytest.importorskip("ray")
 
@@ -403,7 +399,7 @@ def test_crashing_trials_are_retried_then_reported_as_errors(ray_local, labels, 
     trials = _optuna_trials(exp, "valid/acc", "max", max_t=3)
     for _, row in df.iterrows():
         assert trials[row["trial_id"]].state.name == ("FAIL" if row["status"] == "ERROR" else "COMPLETE")
-    states = _trial_states(exp)
+    states = trial_states(exp)
     for _, row in df.iterrows():  # FailureConfig(max_failures=2): a crashing trial ran 3 times
         assert states[row["trial_id"]] == (row["status"], 3 if row["status"] == "ERROR" else 0)
     # tied on valid/acc with the crashed trials' first epoch, a clean trial is the one scored on test (or
@@ -438,24 +434,6 @@ def test_trials_never_read_the_test_split_with_the_feature_cache_off(ray_local, 
 
 
 # ------------------------------------------------------------------------------------------ resume
-def _trial_states(exp_dir: Path) -> dict[str, tuple[str, int]]:
-    """Trial id -> (status, number of failures) in Tune's saved experiment state."""
-    states = {}
-    for f in sorted(exp_dir.glob("experiment_state-*.json")):
-        try:
-            state = json.loads(f.read_text())
-        except (OSError, ValueError):  # being rewritten
-            continue
-        for trial_json, run_json in state.get("trial_data", []):
-            trial, run = json.loads(trial_json), json.loads(run_json)
-            states[trial["trial_id"]] = (trial.get("status"), int(run.get("num_failures", 0)))
-    return states
-
-
-def _terminated(exp_dir: Path) -> set[str]:
-    return {tid for tid, (status, _) in _trial_states(exp_dir).items() if status == "TERMINATED"}
-
-
 @pytest.mark.slow
 def test_resume_after_the_driver_is_killed(ray_local, labels, tmp_path):
     storage = tmp_path / "runs"
@@ -472,31 +450,12 @@ def test_resume_after_the_driver_is_killed(ray_local, labels, tmp_path):
         "--address",
         ray_local["address"],
     )
-    log = tmp_path / "first.log"
-    hold = tmp_path / "hold"
-    hold.mkdir()
-    with open(log, "w") as out:
-        # Trials on a bank take well under a second: the third trial is held after its first epoch until
-        # the driver is killed, so the kill lands mid-search however fast or loaded the machine is.
-        spec = {"dir": str(hold), "hold": {"trial": 2, "after_epoch": 1}}
-        proc = subprocess.Popen(
-            [sys.executable, str(SEARCH_DRIVER), json.dumps(spec), *argv],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=tmp_path,
-            env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"},
-        )
-    try:
-        deadline = time.monotonic() + 900  # a guard against a hang, not a wait (below pytest's timeout)
-        while not ((hold / "held-2").exists() and len(_terminated(exp)) >= 2):
-            assert proc.poll() is None, f"the search ended before it was killed:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no 2 finished trials in time:\n{log.read_text()[-3000:]}"
-            time.sleep(0.2)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        (hold / "release").touch()  # a worker still holding lets go
-    finished = _terminated(exp)
+    # Trials on a bank take well under a second: the third trial is held after its first epoch until the
+    # driver is killed, so the kill lands mid-search however fast or loaded the machine is.
+    kill_mid_search(
+        argv, work=tmp_path, trial=2, after_epoch=1, ready=lambda: len(terminated(exp)) >= 2, what="2 finished trials"
+    )
+    finished = terminated(exp)
     kept = {tid: (exp / f"trial_{tid}" / "result.json").read_bytes() for tid in finished}
     assert not (exp / "results.csv").exists()
 

@@ -4,11 +4,6 @@ model of a cross-validated trial."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +11,8 @@ import pandas as pd
 import pytest
 import torch
 from conftest import local_ray, make_separable_dataset, search_argv
+from search_driver import kill_mid_search, terminated
 from test_engine import synthetic_bank
-from test_search import SEARCH_DRIVER
 
 from tune_rice import search
 from tune_rice.data import build_transform, load_image, read_labels
@@ -50,20 +45,6 @@ def labels(tmp_path_factory) -> Path:
     return make_separable_dataset(tmp_path_factory.mktemp("cv") / "data", per_class=16, size=32)
 
 
-def _terminated(exp_dir: Path) -> set[str]:
-    done = set()
-    for f in sorted(exp_dir.glob("experiment_state-*.json")):
-        try:
-            state = json.loads(f.read_text())
-        except (OSError, ValueError):  # being rewritten
-            continue
-        for trial_json, _ in state.get("trial_data", []):
-            trial = json.loads(trial_json)
-            if trial.get("status") == "TERMINATED":
-                done.add(trial["trial_id"])
-    return done
-
-
 @pytest.mark.slow
 def test_cv_search_end_to_end_with_resume(ray_local, labels, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -74,30 +55,11 @@ def test_cv_search_end_to_end_with_resume(ray_local, labels, tmp_path):
     argv = search_argv(
         labels, space, storage, "cv", "--num-samples", 4, "--max-concurrent", 1, "--cv", 3, "--address", ray_local
     )
-    log = tmp_path / "first.log"
-    hold = tmp_path / "hold"
-    hold.mkdir()
-    with open(log, "w") as out:
-        # the third trial is held after its first epoch until the driver is killed, so the kill lands
-        # mid-search however fast or loaded the machine is
-        spec = {"dir": str(hold), "hold": {"trial": 2, "after_epoch": 1}}
-        proc = subprocess.Popen(
-            [sys.executable, str(SEARCH_DRIVER), json.dumps(spec), *argv],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=tmp_path,
-            env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"},
-        )
-    try:
-        deadline = time.monotonic() + 900  # a guard against a hang, not a wait (below pytest's timeout)
-        while not ((hold / "held-2").exists() and len(_terminated(exp)) >= 2):
-            assert proc.poll() is None, f"the search ended before it was killed:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no 2 finished trials in time:\n{log.read_text()[-3000:]}"
-            time.sleep(0.2)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        (hold / "release").touch()  # a worker still holding lets go
+    # the third trial is held after its first epoch until the driver is killed, so the kill lands
+    # mid-search however fast or loaded the machine is
+    kill_mid_search(
+        argv, work=tmp_path, trial=2, after_epoch=1, ready=lambda: len(terminated(exp)) >= 2, what="2 finished trials"
+    )
     assert not (exp / "results.csv").exists()
     assert search.main(["--resume", "--name", "cv", "--storage-path", str(storage)]) == 0
 
