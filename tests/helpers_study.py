@@ -13,6 +13,28 @@ from tune_rice import search
 from tune_rice.study import TRIAL_ID_ATTR, load_study
 
 
+def head_step_hook(*, sleep_s: float = 0.0, crash_lr_above: float | None = None):
+    """A Ray worker setup hook (it runs in every worker of the job): each epoch of a head first sleeps
+    ``sleep_s``, and a trial whose lr is above ``crash_lr_above`` raises in its second epoch, every attempt."""
+
+    def hook():
+        import time
+
+        from tune_rice.engine import HeadRun
+
+        step = HeadRun.step
+
+        def wrapped(self):
+            if crash_lr_above is not None and self.cfg.lr > crash_lr_above and self.epoch == 1:
+                raise RuntimeError(f"test crash: lr {self.cfg.lr:g} > {crash_lr_above:g}")
+            time.sleep(sleep_s)
+            return step(self)
+
+        HeadRun.step = wrapped
+
+    return hook
+
+
 def run_small_search(tmp_path: Path, space: str, name: str, *extra) -> Path:
     """A search of the separable test set (16 images a class, 32 px, random-init backbone) with the
     search space text ``space`` and the extra arguments; its experiment folder, once it ended with 0."""

@@ -8,7 +8,7 @@ import json
 import pandas as pd
 import pytest
 from conftest import local_ray
-from helpers_study import run_small_search
+from helpers_study import head_step_hook, run_small_search
 
 from tune_rice import search
 from tune_rice.study import load_study
@@ -30,26 +30,11 @@ EPOCH_SECONDS = 2.0
 BUDGET = "2h"
 
 
-def _slow_hook(seconds: float):
-    def hook():  # runs in every Ray worker: each epoch of a trial takes ``seconds`` more
-        import time
-
-        from tune_rice.engine import HeadRun
-
-        step = HeadRun.step
-
-        def slow(self):
-            time.sleep(seconds)
-            return step(self)
-
-        HeadRun.step = slow
-
-    return hook
-
-
 @pytest.fixture(scope="module")
 def ray_slow_epochs(tmp_path_factory):
-    with local_ray(tmp_path_factory, runtime_env={"worker_process_setup_hook": _slow_hook(EPOCH_SECONDS)}) as r:
+    with local_ray(
+        tmp_path_factory, runtime_env={"worker_process_setup_hook": head_step_hook(sleep_s=EPOCH_SECONDS)}
+    ) as r:
         yield r
 
 

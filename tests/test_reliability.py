@@ -320,9 +320,10 @@ def test_resume_after_a_kill_mid_trial_loses_nothing_and_repeats_exactly(ray_loc
     labels = tmp_path / "data"
     make_plain_folder(labels, per_class=8)
     # An epoch of a head on this bank takes a few ms, so a whole search can end between two polls: the
-    # second trial is held after epoch 20 of 60 until the kill (a worker setup hook, tests/search_driver.py),
-    # which changes no number the test compares.
-    epochs, samples = 60, 5
+    # second trial is held after epoch 5 of 10 until the kill (a worker setup hook, tests/search_driver.py),
+    # which changes no number the test compares. Three trials: one finished, one half done and one not
+    # started at the kill.
+    epochs, samples = 10, 3
     storage = tmp_path / "runs"
     exp = storage / "r"
     argv = search_argv(
@@ -348,7 +349,7 @@ def test_resume_after_a_kill_mid_trial_loses_nothing_and_repeats_exactly(ray_loc
         at_kill.update({t: len(e) for t, e in running.items() if t not in finished and e})
         return bool(finished and at_kill)
 
-    kill_mid_search(argv, work=tmp_path, trial=1, after_epoch=20, ready=half_done, what="a trial half done")
+    kill_mid_search(argv, work=tmp_path, trial=1, after_epoch=5, ready=half_done, what="a trial half done")
     finished = terminated(exp)
     before = {d.name: (d / "progress.csv").read_bytes() for d in exp.glob("trial_*") if (d / "progress.csv").exists()}
     assert not (exp / "results.csv").exists()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 from conftest import local_ray
-from helpers_study import assert_study_matches_results, run_small_search
+from helpers_study import assert_study_matches_results, head_step_hook, run_small_search
 
 from tune_rice.report import importances, load_experiment
 from tune_rice.study import load_study
@@ -23,29 +23,15 @@ params:
   lr: {loguniform: [1.0e-3, 3.0e-2]}
   hidden: {choice: [0, 32]}
 """
-CRASH_LR = 1.2e-2  # trials above it raise in their second epoch, every attempt (a worker setup hook)
-
-
-def _crash_hook(limit: float):
-    def hook():  # runs in every Ray worker: trials with a larger lr raise in their second epoch, every attempt
-        from tune_rice.engine import HeadRun
-
-        step = HeadRun.step
-
-        def crashing(self):
-            if self.cfg.lr > limit and self.epoch == 1:
-                raise RuntimeError(f"test crash: lr {self.cfg.lr:g} > {limit:g}")
-            return step(self)
-
-        HeadRun.step = crashing
-
-    return hook
+CRASH_LR = 1.2e-2  # trials above it raise in their second epoch, every attempt
 
 
 @pytest.fixture(scope="module")
 def ray_crashing(tmp_path_factory):
     """A local Ray whose workers crash the trials with a large lr."""
-    with local_ray(tmp_path_factory, runtime_env={"worker_process_setup_hook": _crash_hook(CRASH_LR)}) as r:
+    with local_ray(
+        tmp_path_factory, runtime_env={"worker_process_setup_hook": head_step_hook(crash_lr_above=CRASH_LR)}
+    ) as r:
         yield r
 
 
