@@ -72,7 +72,7 @@ def pids_matching(needle: str) -> list[int]:
 
 
 class LocalCluster:
-    """``with LocalCluster() as c: c.add_node(head=True, ...); c.add_node(...)`` -> ``c.address``."""
+    """``with LocalCluster() as c: c.add_node(head=True, ...); c.add_nodes(2, ...)`` -> ``c.address``."""
 
     def __init__(self, *, object_store_mb: int = 100, env: dict | None = None):
         # Short root: Ray's unix socket paths live under it and must stay < 108 characters.
@@ -89,6 +89,22 @@ class LocalCluster:
 
     # ---------------------------------------------------------------------------------------- nodes
     def add_node(self, *, head: bool = False, num_cpus: int = 1, num_gpus: int = 0, timeout: float = 60) -> dict:
+        return self._start(self._command(head=head, num_cpus=num_cpus, num_gpus=num_gpus), timeout)
+
+    def add_nodes(self, count: int, *, num_cpus: int = 1, num_gpus: int = 0, timeout: float = 60) -> list[dict]:
+        """``count`` worker nodes, their ``ray start`` run side by side (each takes seconds, mostly its
+        own start-up)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        commands = []
+        for _ in range(count):
+            commands.append(self._command(head=False, num_cpus=num_cpus, num_gpus=num_gpus))
+            self.nodes.append({"name": commands[-1][0]})  # reserves the name until the node is up
+        with ThreadPoolExecutor(count) as pool:
+            started = list(pool.map(lambda c: self._start(c, timeout, placeholder=True), commands))
+        return started
+
+    def _command(self, *, head: bool, num_cpus: int, num_gpus: int) -> tuple[str, bool, int, int, list[str]]:
         name = "head" if head else f"w{len(self.nodes)}"
         temp_dir = self.root / name
         cmd = [
@@ -111,16 +127,22 @@ class LocalCluster:
                 "--include-dashboard=false",
                 f"--dashboard-port={free_port()}",
             ]
+            self._head_port = port
         else:
             if self.address is None:
                 raise RuntimeError("start the head node first")
             cmd += [f"--address={self.address}"]
+        return name, head, num_cpus, num_gpus, cmd
+
+    def _start(self, command: tuple, timeout: float, placeholder: bool = False) -> dict:
+        name, head, num_cpus, num_gpus, cmd = command
+        temp_dir = self.root / name
         t = time.perf_counter()
         proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         if head:
-            self.address = f"{LOCALHOST}:{port}"
+            self.address = f"{LOCALHOST}:{self._head_port}"
         raylet = self._raylet_pid(temp_dir)
         node = {
             "name": name,
@@ -131,7 +153,10 @@ class LocalCluster:
             "num_gpus": num_gpus,
             "start_s": time.perf_counter() - t,
         }
-        self.nodes.append(node)
+        if placeholder:  # add_nodes put a placeholder under this name
+            self.nodes[next(i for i, n in enumerate(self.nodes) if n["name"] == name)] = node
+        else:
+            self.nodes.append(node)
         return node
 
     @staticmethod

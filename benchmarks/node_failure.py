@@ -113,7 +113,11 @@ class Watch:
         return self.rows
 
 
-def run(args) -> int:
+def run(args, cluster: LocalCluster | None = None) -> int:
+    """``cluster``: one already up (its nodes named ``head``, ``w1``...), used as it is and left running
+    (the worker killed stays dead; with a head without GPUs the trials run on the workers only, and the
+    lost trial's retry waits for the other worker's slot); without it, a head and ``--workers`` workers
+    of 1 CPU and 2 GPUs each."""
     work = Path(tempfile.mkdtemp(prefix="node_failure_"))
     make_separable_dataset(work / "data", per_class=args.per_class, size=48)
     (work / "space.yaml").write_text(SPACE.format(epochs=args.epochs))
@@ -122,14 +126,18 @@ def run(args) -> int:
     report = {}
     failures = []
     t0 = time.time()
-    cluster = LocalCluster(env=env)
+    own = cluster is None
+    cluster = LocalCluster(env=env) if cluster is None else cluster
     proc = None
     try:
         # One trial slot per node (1 CPU; trials take 1 CPU) and two trials at once. With one worker the
         # first two trials are placed together, one on each node, so one is certainly on the worker, and
         # its retry waits for the head's slot. With two workers a slot is always free when one dies.
-        head = cluster.add_node(head=True, num_cpus=1, num_gpus=2)
-        workers = [cluster.add_node(num_cpus=1, num_gpus=2) for _ in range(args.workers)]
+        if own:
+            cluster.add_node(head=True, num_cpus=1, num_gpus=2)
+            cluster.add_nodes(args.workers, num_cpus=1, num_gpus=2)
+        head = cluster.node("head")
+        workers = [n for n in cluster.nodes if n["name"] != "head"]
         names = {head["node_id"]: "head", **{w["node_id"]: w["name"] for w in workers}}
         report["cluster up"] = (
             f"{time.time() - t0:.1f}s: "
@@ -293,7 +301,8 @@ def run(args) -> int:
     finally:
         if proc is not None and proc.poll() is None:
             proc.kill()
-        cluster.shutdown()
+        if own:
+            cluster.shutdown()
         if not args.keep:
             import shutil
 
@@ -308,7 +317,7 @@ def run(args) -> int:
     return 1 if failures else 0
 
 
-def main(argv=None) -> int:
+def main(argv=None, cluster: LocalCluster | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--epochs",
@@ -334,7 +343,7 @@ def main(argv=None) -> int:
     )
     p.add_argument("--timeout", type=float, default=240, help="give up after this many seconds")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (data, runs, driver.log)")
-    return run(p.parse_args(argv))
+    return run(p.parse_args(argv), cluster)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
-"""Scale-out for real: a 2-node Ray cluster on this machine, the search CLI joining it with --address.
+"""Scale-out for real: a 3-node Ray cluster on this machine, the search CLI joining it with --address.
 
 Each node is its own ``ray start`` (own raylet, object store and worker processes; see
-``benchmarks/local_cluster.py``), and each advertises 2 GPUs (logical ones on a CPU-only machine: Ray still
-assigns GPU ids to trials, and ``torch.cuda`` reports none, so trials train on the CPU). One trial slot
-per node is 1 CPU and trials take 1 CPU, two at a time, so the first two are placed one on each node;
-40 epochs a trial keep the head busy while the worker starts its trial process (with Tune reusing
-actors, trials of a few milliseconds could otherwise all run in the head's process). The search runs in
-a subprocess, exactly as a user runs it, so this test process never touches Ray.
+``benchmarks/local_cluster.py``): a head with 1 CPU and no GPU, and two workers with 1 CPU and 2 GPUs each
+(logical ones on a CPU-only machine: Ray still assigns GPU ids to trials, and ``torch.cuda`` reports none,
+so trials train on the CPU). Trials take 1 CPU and half a GPU, so they run on the workers only, one at a
+time on each. One cluster serves the module: the search over both workers first, then the test that
+kills a worker (it must be last: the killed node stays dead). The searches run in subprocesses, exactly
+as a user runs them, so this test process never touches Ray.
 """
 
 from __future__ import annotations
@@ -24,24 +24,44 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from conftest import search_argv  # noqa: E402
 from local_cluster import LocalCluster  # noqa: E402
 
-SPACE = """\
+EPOCHS = 15
+SPACE = f"""\
 metric: valid/acc
 mode: max
-max_epochs: 40
+max_epochs: {EPOCHS}
 params:
   backbone: resnet18
   image_size: 32
   head: pooled
   aug_policy: standard
   views: 1
-  hidden: {choice: [0, 16]}
-  lr: {loguniform: [1.0e-3, 1.0e-1]}
+  hidden: {{choice: [0, 16]}}
+  lr: {{loguniform: [1.0e-3, 1.0e-1]}}
   batch_size: 16
 """
 
-NUM_SAMPLES = 6
+NUM_SAMPLES = 4
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Head without GPUs, two workers with 2 logical GPUs each; their processes (the trials) on the tests'
+    isolated caches."""
+    base = tmp_path_factory.getbasetemp()
+    env = {
+        "TUNE_RICE_OFFLINE": "1",
+        "TUNE_RICE_CACHE": str(base / "tune_rice_cache"),
+        "TORCH_HOME": str(base / "torch"),
+    }
+    t0 = time.perf_counter()
+    with LocalCluster(env=env) as c:
+        c.add_node(head=True, num_cpus=1, num_gpus=0)
+        c.add_nodes(2, num_cpus=1, num_gpus=2)
+        print(f"cluster up {time.perf_counter() - t0:.1f}s")
+        yield c
 
 
 def scalar_tags(folder: Path) -> set[str]:
@@ -56,68 +76,41 @@ def scalar_tags(folder: Path) -> set[str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_search_spreads_over_two_nodes(separable, tmp_path):
-    t0 = time.perf_counter()
+def test_inline_trials_spread_over_both_workers(cluster, separable, tmp_path):
+    """Trials that read the images (``--feature-cache off``) run on both workers. They take seconds, longer
+    than a worker process takes to start, so each worker's trial process is up before the other's trial
+    ends. (Trials on a bank end in about a second: Tune then hands a finished trial's process to the next
+    trial, even one whose own process is still starting on another node, and they may all run on one
+    node; docs/scale.md.)"""
     (tmp_path / "space.yaml").write_text(SPACE)
     storage = tmp_path / "shared"  # what every node can reach: an NFS mount or s3:// on a real cluster
-    with LocalCluster() as cluster:
-        head = cluster.add_node(head=True, num_cpus=1, num_gpus=2)
-        worker = cluster.add_node(num_cpus=1, num_gpus=2)
-        t_up = time.perf_counter() - t0
-        # Trials on a bank finish faster than a worker process starts; with reused actors one node could
-        # then run them all. The first two trials wait for each other after their first epoch (a worker
-        # setup hook, tests/search_driver.py), so both nodes' workers hold a trial at the same moment.
-        spec = {"dir": str(tmp_path / "hold"), "together": 2}
-        (tmp_path / "hold").mkdir()
-        cmd = [
-            sys.executable,
-            str(REPO / "tests" / "search_driver.py"),
-            json.dumps(spec),
-            "--address",
-            cluster.address,
-            "--data",
-            str(separable),
-            "--search-space",
-            str(tmp_path / "space.yaml"),
-            "--num-samples",
-            str(NUM_SAMPLES),
-            "--weights",
-            "none",
-            "--gpus-per-trial",
-            "0.5",
-            "--cpus-per-trial",
-            "1",
-            "--max-concurrent",
-            "2",
-            "--grace-period",
-            "40",
-            "--storage-path",
-            str(storage),
-            "--name",
-            "multinode",
-            "--no-report",
-        ]
-        proc = subprocess.run(
-            cmd, env={**os.environ, **cluster.client_env}, cwd=tmp_path, capture_output=True, text=True, timeout=240
-        )
-        t_search = time.perf_counter() - t0 - t_up
+    argv = search_argv(separable, tmp_path / "space.yaml", storage, "multinode")
+    argv += ["--address", cluster.address, "--num-samples", NUM_SAMPLES, "--feature-cache", "off"]
+    argv += ["--gpus-per-trial", 0.5, "--cpus-per-trial", 1, "--max-concurrent", 2, "--grace-period", EPOCHS]
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "tune_rice.search", *map(str, argv)],
+        env={**os.environ, **cluster.client_env},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    print(f"cluster up {t_up:.1f}s, search {t_search:.1f}s, total {time.perf_counter() - t0:.1f}s")
+    print(f"search {time.perf_counter() - t0:.1f}s")
 
     exp = storage / "multinode"
     df = pd.read_csv(exp / "results.csv", dtype={"trial_id": str, "node_id": str, "gpu_ids": str})
     probes = set(df.loc[df["kind"] == "probe", "trial_id"])  # the linear probe has rows of its own
     df = df[df["kind"] == "trial"]
     assert len(df) == NUM_SAMPLES and (df["status"] == "TERMINATED").all(), df
-    print(
-        "trials per node:",
-        df["node_id"].map({head["node_id"]: "head", worker["node_id"]: "worker"}).value_counts().to_dict(),
-    )
-    # trials really ran on both nodes, each with GPU ids assigned by Ray
-    assert set(df["node_id"]) == {head["node_id"], worker["node_id"]}, df[["trial_id", "node_id"]]
+    names = {n["node_id"]: n["name"] for n in cluster.nodes}
+    print("trials per node:", df["node_id"].map(names).value_counts().to_dict())
+    # trials ran on both workers (the head has no GPU), each with GPU ids assigned by Ray
+    assert set(df["node_id"].map(names)) == {"w1", "w2"}, df[["trial_id", "node_id"]]
     assert df["gpu_ids"].notna().all() and (df["gpu_ids"].str.len() > 0).all(), df[["trial_id", "gpu_ids"]]
-    assert set(df["device"]) <= {"cpu", "cuda"}
+    assert (df["device"] == "cpu").all(), df["device"]  # logical GPUs: torch sees none
     # every trial's checkpoint and TensorBoard scalars are in the shared storage path
     for trial_id in df["trial_id"]:
         trial_dir = exp / f"trial_{trial_id}"
@@ -132,15 +125,17 @@ def test_search_spreads_over_two_nodes(separable, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(360)
-def test_search_survives_a_worker_node_dying(capsys):
-    """benchmarks/node_failure.py as a test: every process of the worker node (raylet and the trial's
-    process with it) is SIGKILLed while a trial runs there; the trial resumes on the head from a
-    checkpoint (not epoch 1) and all 4 trials finish (~40-90 s). The whole node rather than its raylet
-    alone: a raylet-only kill leaves the trial's process training for seconds, so with short trials it
-    could finish before the failure is noticed."""
+def test_search_survives_a_worker_node_dying(cluster, capsys):
+    """benchmarks/node_failure.py as a test, on the module's cluster (last: the node stays dead): every
+    process of a worker node (raylet and the trial's process with it) is SIGKILLed while a trial runs
+    there; the trial resumes on the other worker from a checkpoint (not epoch 1) and all 3 trials
+    finish. The whole node rather than its raylet alone: a raylet-only kill leaves the trial's process
+    training for seconds, so with short trials it could finish before the failure is noticed."""
     import node_failure
 
-    rc = node_failure.main(["--kill", "node", "--epochs", "30", "--timeout", "240"])
+    # 15 epochs: a node kill stops the trial at once, so it lands mid-trial well before its last epoch
+    argv = ["--kill", "node", "--epochs", "15", "--num-samples", "3", "--timeout", "240"]
+    rc = node_failure.main(argv, cluster=cluster)
     out = capsys.readouterr().out
     print(out)
     assert rc == 0, out

@@ -166,7 +166,7 @@ def test_sharded_banks_are_bit_identical_spread_over_nodes_and_cached(tmp_path):
     out.mkdir()
     with LocalCluster() as cluster:
         cluster.add_node(head=True, num_cpus=1, num_gpus=0)
-        workers = {cluster.add_node(num_cpus=1, num_gpus=1)["node_id"] for _ in range(2)}
+        workers = {n["node_id"] for n in cluster.add_nodes(2, num_cpus=1, num_gpus=1)}
         proc = subprocess.run(
             [sys.executable, "-c", DRIVER, str(csv), str(cache), str(out), str(BATCH)]
             + [json.dumps([dataclasses.asdict(s) for s in specs])],
