@@ -32,7 +32,15 @@ from tqdm.auto import tqdm
 
 from . import UserError
 from .backbones import final_layer, pool_classifier_input, preprocessing_for, shape_network
-from .data import AUG_POLICIES, LabelTable, Preprocessing, build_transform, dataset_for_split, read_labels
+from .data import (
+    AUG_POLICIES,
+    ImageDataset,
+    LabelTable,
+    Preprocessing,
+    build_transform,
+    dataset_for_split,
+    read_labels,
+)
 from .devices import default_num_workers, resolve_device
 from .model import FEATURE_LAYERS, FrozenBackbone, ResolvedWeights, build_backbone, resolve_weights
 
@@ -511,6 +519,18 @@ def pass_networks(group: list[FeatureSpec], resolved: dict, device: torch.device
     return nets
 
 
+def pass_dataset(table: LabelTable, group: list[FeatureSpec], split: str) -> ImageDataset:
+    """The images of ``split`` as one pass decodes them: train with the pass's K views (view 0 the plain
+    eval transform, the others augmented with the pass's seed), valid with one."""
+    first = group[0]
+    eval_tf = build_transform(first.preprocessing, train=False)
+    train_tf = build_transform(first.preprocessing, train=True, policy=first.policy)
+    views = first.views if split == "train" else 1
+    return dataset_for_split(
+        table, split, train_tf if views > 1 else eval_tf, views=views, first_transform=eval_tf, seed=first.seed
+    )
+
+
 def extract_pass_shard(
     table: LabelTable,
     group: list[FeatureSpec],
@@ -531,14 +551,9 @@ def extract_pass_shard(
     ``pass_networks`` (built here when not given)."""
     device = resolve_device(device)
     nets = nets if nets is not None else pass_networks(group, resolved, device)
-    first = group[0]
-    eval_tf = build_transform(first.preprocessing, train=False)
-    train_tf = build_transform(first.preprocessing, train=True, policy=first.policy)
     batch = fit_batch_size(group, batch_size, device)
-    views = first.views if split == "train" else 1
-    ds = dataset_for_split(
-        table, split, train_tf if views > 1 else eval_tf, views=views, first_transform=eval_tf, seed=first.seed
-    )
+    ds = pass_dataset(table, group, split)
+    views = ds.views
     images = ds if (start, stop) == (0, len(ds)) else torch.utils.data.Subset(ds, range(start, stop))
     loader = DataLoader(
         images,
