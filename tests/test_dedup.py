@@ -229,3 +229,29 @@ def test_plain_look_alikes_that_pass_the_thumbnail_check_stay_apart():
         (dedup.DEFAULT_MIN_SIMILARITY <= moved_check.similarity) & (moved_check.similarity < dedup._AMBIGUOUS)
     ).all()
     assert (dedup.keypoint_inliers(fines, src[1:], cp[1:], moved_check.orientation[1:]) < dedup._MIN_INLIERS).all()
+
+
+def test_a_flipped_and_a_moved_copy_of_one_source_join_it():
+    # A scan (scans demo, per_class=10, seed 7, lb_0005), its mirror image and a copy moved by (-9.3,
+    # +5.2) px: at 12 px the moved copy looks most like the mirror image unflipped, so their check fails
+    # (outline 0.64) and the chain guard kept the moved copy out of the group of the other two; the guard
+    # now checks such pairs again with every flip and turn aligned from their keypoints.
+    job = next(j for j in demo._plan(10, 7) if j.relpath.endswith("lb_0005.jpg"))
+    source = Image.open(io.BytesIO(demo._render_job(job, SIZE, 7, "scans")[1])).convert("L")
+
+    def jpeg(im: Image.Image) -> bytes:
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=90)
+        return buf.getvalue()
+
+    flipped = jpeg(source.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+    moved = jpeg(
+        source.transform(source.size, Image.Transform.AFFINE, (1, 0, 9.3, 0, 1, -5.2), Image.Resampling.BILINEAR)
+    )
+    sigs = [_signature(_decode(b)) for b in (jpeg(source), flipped, moved)]
+    thumbs, fines = np.stack([s.thumb for s in sigs]), np.stack([s.fine for s in sigs])
+    one, two = np.array([1]), np.array([2])
+    first = dedup.check_pairs(thumbs, fines, one, two, need=0.7, min_outline=0.9)[1]
+    every = dedup.check_pairs(thumbs, fines, one, two, need=0.7, min_outline=0.9, every_turn=True)[1]
+    assert not first[0] and every[0]
+    assert dedup.group_images(["a", "b", "c"], sigs).group.tolist() == [0, 0, 0]

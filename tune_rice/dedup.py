@@ -36,8 +36,9 @@ finds chains a whole class into one group. So two stages:
 
 Groups are joined only through verified pairs, and only when one of the two groups' centres passes the
 check against every member of both, and every member of one group passes a looser check against every
-member of the other (the first 8 of each; :func:`group_images`): no member is more than two checks from
-another, so a chain of gradually changing images, each close to the next, does not become one group.
+member of the other (the first 8 of each; :func:`group_images`; these checks try every flip and turn
+aligned from the keypoints, as two copies of one source, one mirrored and one moved, differ by both):
+no member is more than two checks from another, so a chain of gradually changing images, each close to the next, does not become one group.
 Exact byte copies are always joined.
 """
 
@@ -756,6 +757,7 @@ def check_pairs(
     min_outline: float,
     flips: bool = True,
     views: np.ndarray | None = None,
+    every_turn: bool = False,
 ) -> tuple[Checked, np.ndarray]:
     """The whole check of pairs (i[k], j[k]): (their scores, (P,) bool passed).
 
@@ -766,12 +768,16 @@ def check_pairs(
     (:func:`keypoint_inliers`)."""
     checked = verify_pairs(thumbs, i, j, flips=flips, views=views)
     ok = (checked.similarity >= need) & (checked.outline >= min_outline)
-    retry = np.flatnonzero(~ok & (checked.outline >= _COARSE_MIN))
-    # A leaf alike both ways round may look most like its copy flipped at 12 px: unflipped is tried too.
+    retry = np.flatnonzero(~ok & ((checked.outline >= _COARSE_MIN) | every_turn))
+    # A leaf alike both ways round may look most like its copy flipped at 12 px: unflipped is tried too
+    # (with ``every_turn``, every flip and turn: two copies of one source, one flipped and one moved).
     chosen = checked.orientation[retry].copy()
-    for at, turn in ((retry, chosen), (retry[chosen != 0], np.zeros(int((chosen != 0).sum()), dtype=np.int64))):
+    others = range(len(ORIENTATIONS)) if every_turn and flips else [0]
+    for o in [-1, *others]:
+        at = retry if o < 0 else retry[chosen != o]
         if not len(at):
             continue
+        turn = chosen if o < 0 else np.full(len(at), o, dtype=np.int64)
         outline, detail, _, scale = keypoint_aligned(thumbs, fines, i[at], j[at], turn)
         better = outline + detail > checked.outline[at] + checked.similarity[at]
         at = at[better]
@@ -870,16 +876,35 @@ def group_images(
         members = {int(r): [int(r)] for r in reps}  # byte copies share their representative's check
         centre = {r: r for r in members}
 
+        view_only = {(int(x), int(y)) for x, y, v in zip(ci, cj, need > min_similarity) if v}
+        retried: set[tuple[int, int]] = set()
+
         def check(todo_pairs: set[tuple[int, int]]) -> None:
-            todo = sorted(todo_pairs - strict.keys())
+            # New pairs, and candidate pairs that failed, once more with every flip and turn tried
+            # (the candidate check tried the likeliest only: a flipped and a moved copy of one source
+            # may need both a flip and the keypoints' alignment).
+            new = sorted(todo_pairs - strict.keys())
+            again = sorted(t for t in todo_pairs & strict.keys() if not (strict[t] and loose[t]) and t not in retried)
+            todo = new + again
             if todo:
                 ti, tj = np.array([t[0] for t in todo]), np.array([t[1] for t in todo])
                 got, good = check_pairs(
-                    thumbs, fines, ti, tj, need=min_similarity, min_outline=min_outline, flips=flips, views=views
+                    thumbs,
+                    fines,
+                    ti,
+                    tj,
+                    need=min_similarity,
+                    min_outline=min_outline,
+                    flips=flips,
+                    views=views,
+                    every_turn=True,  # few pairs
                 )
                 fair = (got.similarity >= min_similarity - _GUARD_SLACK) & (got.outline >= min_outline - 0.05)
-                strict.update({t: bool(v) for t, v in zip(todo, good)})
-                loose.update({t: bool(v) for t, v in zip(todo, fair)})
+                for t, v, f in zip(todo, good, fair):
+                    loose[t] = loose.get(t, False) or bool(f)
+                    if t not in view_only:  # those keep the stricter need they failed
+                        strict[t] = strict.get(t, False) or bool(v)
+                retried.update(again)
 
         def can_join(ra: int, rb: int) -> int | None:
             """The centre of the joined group, or None if the two may not join."""
