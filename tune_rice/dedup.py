@@ -38,7 +38,8 @@ Groups are joined only through verified pairs, and only when one of the two grou
 check against every member of both, and every member of one group passes a looser check against every
 member of the other (the first 8 of each; :func:`group_images`; these checks try every flip and turn
 aligned from the keypoints, as two copies of one source, one mirrored and one moved, differ by both):
-no member is more than two checks from another, so a chain of gradually changing images, each close to the next, does not become one group.
+no member is more than two checks from another, so a chain of gradually changing images, each close
+to the next, does not become one group.
 Exact byte copies are always joined.
 """
 
