@@ -75,7 +75,6 @@ def scalar_tags(folder: Path) -> set[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
 def test_inline_trials_spread_over_both_workers(cluster, separable, tmp_path):
     """Trials that read the images (``--feature-cache off``) run on both workers. They take seconds, longer
     than a worker process takes to start, so each worker's trial process is up before the other's trial
@@ -94,7 +93,6 @@ def test_inline_trials_spread_over_both_workers(cluster, separable, tmp_path):
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=240,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
@@ -124,7 +122,6 @@ def test_inline_trials_spread_over_both_workers(cluster, separable, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(360)
 def test_search_survives_a_worker_node_dying(cluster, capsys):
     """benchmarks/node_failure.py as a test, on the module's cluster (last: the node stays dead): every
     process of a worker node (raylet and the trial's process with it) is SIGKILLed while a trial runs
@@ -134,7 +131,7 @@ def test_search_survives_a_worker_node_dying(cluster, capsys):
     import node_failure
 
     # 15 epochs: a node kill stops the trial at once, so it lands mid-trial well before its last epoch
-    argv = ["--kill", "node", "--epochs", "15", "--num-samples", "3", "--timeout", "240"]
+    argv = ["--kill", "node", "--epochs", "15", "--num-samples", "3", "--timeout", "1100"]  # a hang guard only
     rc = node_failure.main(argv, cluster=cluster)
     out = capsys.readouterr().out
     print(out)

@@ -361,7 +361,6 @@ def test_resume_after_a_kill_mid_trial_loses_nothing_and_repeats_exactly(ray_loc
         capture_output=True,
         text=True,
         cwd=tmp_path,
-        timeout=300,
     )
     out = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, out[-3000:]

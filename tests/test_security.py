@@ -271,7 +271,7 @@ def test_local_ray_serves_no_dashboard_and_requires_a_token(tmp_path):
     authentication, which a new local cluster turns on when RAY_AUTH_MODE is unset."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
     proc = subprocess.run(
-        [sys.executable, "-c", _LISTENERS_CHILD], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240
+        [sys.executable, "-c", _LISTENERS_CHILD], capture_output=True, text=True, env=env, cwd=tmp_path
     )
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("LISTENERS ")), None)
     assert proc.returncode == 0 and line, proc.stdout[-2000:] + proc.stderr[-3000:]
