@@ -4,6 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 NUM_SAMPLES ?= 30
 ARGS ?=
+# make test runs the suite in this many processes (pytest-xdist), one test module at a time each.
+TEST_WORKERS ?= 2
+XDIST = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 .PHONY: demo test test-fast lint install install-test bench clean
 
@@ -27,10 +30,10 @@ demo: install
 	$(PY) -m tune_rice.search --num-samples $(NUM_SAMPLES) $(ARGS)
 
 test: install-test
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q $(XDIST) $(ARGS)
 
 test-fast: install-test
-	$(PY) -m pytest -q -m "not slow" $(ARGS)
+	$(PY) -m pytest -q -m "not slow" $(XDIST) $(ARGS)
 
 # The linter, the formatter and the type checker, configured in pyproject.toml; CI runs this before the tests.
 lint: install-test

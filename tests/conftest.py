@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 from pathlib import Path
@@ -18,6 +19,17 @@ os.environ.setdefault("TUNE_RICE_OFFLINE", "1")
 # beside it a second OpenMP thread spends its time waiting: test_backbones' fast tests took 674 s with two
 # threads and 119 s with one, back to back at load average 6-10 on this 2-core machine.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The heaviest modules first, each module's own order kept. ``make test`` runs the suite in 2 processes
+    that each take a whole module at a time (pytest-xdist's ``--dist loadfile --no-loadscope-reorder``):
+    starting with the modules of end-to-end searches keeps one process from being left alone at the end
+    with one of them. A module's weight: 30 per slow test (a Ray search takes tens of seconds), 1 per other."""
+    weight: collections.Counter = collections.Counter()
+    for item in items:
+        weight[item.path] += 30 if item.get_closest_marker("slow") else 1
+    items.sort(key=lambda item: -weight[item.path])  # a stable sort: modules stay whole and in order
 
 
 @pytest.fixture(autouse=True)
