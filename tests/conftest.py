@@ -67,6 +67,14 @@ def local_ray(tmp_path_factory, **init_kwargs):
                 os.environ[k] = v
 
 
+def error_line(err: str) -> str:
+    """The one ``error: `` line of a command's stderr. It is the last line the command prints itself, but
+    a line from a Ray worker's log (``log_to_driver``) can reach the driver's stderr after it."""
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, err[-3000:]
+    return errors[0]
+
+
 CLASS_COLOURS = {"alpha": (200, 60, 50), "beta": (50, 170, 60), "gamma": (60, 80, 200)}
 
 

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 import torchvision
-from conftest import SMALL_SPACE, search_argv
+from conftest import SMALL_SPACE, error_line, search_argv
 
 from tune_rice import UserError, evaluate, report, search, storage, tune_glue
 from tune_rice.engine import TrialConfig
@@ -44,9 +44,7 @@ def _started_experiment(
 
 
 def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()  # log lines first, then the error
-    assert err and err[-1].startswith("error: "), err
-    return err[-1]
+    return error_line(capsys.readouterr().err)
 
 
 # ------------------------------------------------------------------------------------ weights on resume

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import local_ray, make_separable_dataset, search_argv
+from conftest import error_line, local_ray, make_separable_dataset, search_argv
 from helpers_study import assert_study_matches_results
 from search_driver import kill_mid_search, terminated, trial_states
 from torch.utils.tensorboard import SummaryWriter
@@ -517,9 +517,9 @@ def test_an_unreadable_test_image_keeps_the_best_model(ray_local, tmp_path, caps
     broken.write_bytes(good[:40])  # a truncated PNG
     storage = tmp_path / "runs"
     rc = search.main(search_argv(csv, _space(tmp_path), storage, "broken", "--num-samples", 3))
-    err = capsys.readouterr().err.strip().splitlines()
+    err = error_line(capsys.readouterr().err)
     assert rc == 2
-    assert "scoring the test split failed" in err[-1] and broken.name in err[-1]
+    assert "scoring the test split failed" in err and broken.name in err
     exp = storage / "broken"
     model, meta = load_artifact(exp / "best" / "model.pt")
     assert meta["classes"] == list(table.classes) and "test_accuracy" not in meta["metrics"]
@@ -527,7 +527,7 @@ def test_an_unreadable_test_image_keeps_the_best_model(ray_local, tmp_path, caps
     record = (exp / "final.json").read_text()
     # the test split was opened once: a resume does not score it again, and says how to score deliberately
     assert search.main(["--resume", "--name", "broken", "--storage-path", str(storage)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    err = error_line(capsys.readouterr().err)
     assert "began scoring the test split" in err and "python -m tune_rice.evaluate" in err, err
     assert not (exp / "test_metrics.json").exists()
 
