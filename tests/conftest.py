@@ -19,6 +19,11 @@ os.environ.setdefault("TUNE_RICE_OFFLINE", "1")
 # beside it a second OpenMP thread spends its time waiting: test_backbones' fast tests took 674 s with two
 # threads and 119 s with one, back to back at load average 6-10 on this 2-core machine.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Ray starts its worker processes at nice 15 (its worker_niceness), so beside other busy processes at nice 0
+# a test's trials and extraction tasks get a small share of the CPU: with two CPU burners beside it, the slow
+# suite took over an hour (the whole suite: 12 minutes unloaded). The tests' Ray workers run at the tests'
+# own priority.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 
 def pytest_collection_modifyitems(config, items):
