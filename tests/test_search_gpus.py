@@ -1,7 +1,7 @@
 """GPU scheduling without GPUs: Ray's logical GPUs (``ray.init(num_gpus=2)``) on a CPU machine.
 
-Its own module because it needs its own local Ray. A worker setup hook slows each epoch a little and
-records when it ran, so the test can see trials overlap in time.
+Its own module because it needs its own local Ray. A worker setup hook records when each epoch ran, so the
+test can see trials overlap in time; and a process's first epoch waits until a second process has begun one.
 """
 
 from __future__ import annotations
@@ -27,22 +27,36 @@ params:
   lr: {loguniform: [1.0e-3, 3.0e-2]}
   hidden: {choice: [0, 32]}
 """
-EPOCH_SECONDS = 0.4
+# How long a process's first epoch waits for a second trial process to begin an epoch: a guard against a
+# scheduler that runs one trial at a time (then the test fails on the overlap), never reached otherwise.
+RENDEZVOUS_S = 600.0
 
 
 def _timing_hook(log: str, seconds: float):
-    """Runs in every Ray worker: each epoch sleeps ``seconds`` and logs ``pid start end``."""
+    """Runs in every Ray worker: each epoch logs ``pid start end``. The first epoch of a process also logs its
+    pid to ``log.started`` and waits (at most ``seconds``) until two processes have, so that trials which can
+    run side by side do, whatever the machine's load: Tune hands a finished trial's process to the next trial
+    (``reuse_actors``), and on a busy machine one process could run all four short trials before a second
+    process has started."""
 
     def hook():
         import time
+        from pathlib import Path
 
         from tune_rice.engine import HeadRun
 
         step = HeadRun.step
+        started = Path(log + ".started")
+        waited = []
 
         def timed(self):
             start = time.time()
-            time.sleep(seconds)
+            if not waited:
+                waited.append(True)
+                with open(started, "a") as f:
+                    f.write(f"{os.getpid()}\n")
+                while len(set(started.read_text().split())) < 2 and time.time() < start + seconds:
+                    time.sleep(0.05)
             out = step(self)
             with open(log, "a") as f:
                 f.write(f"{os.getpid()} {start} {time.time()}\n")
@@ -57,7 +71,7 @@ def _timing_hook(log: str, seconds: float):
 def ray_with_logical_gpus(tmp_path_factory):
     log = tmp_path_factory.mktemp("timing") / "epochs.txt"
     with local_ray(
-        tmp_path_factory, num_gpus=2, runtime_env={"worker_process_setup_hook": _timing_hook(str(log), EPOCH_SECONDS)}
+        tmp_path_factory, num_gpus=2, runtime_env={"worker_process_setup_hook": _timing_hook(str(log), RENDEZVOUS_S)}
     ):
         yield log
 
@@ -73,6 +87,7 @@ def _argv(tmp_path: Path, name: str, *extra) -> list[str]:
 def test_fractional_logical_gpus_run_trials_side_by_side(ray_with_logical_gpus, tmp_path):
     log = ray_with_logical_gpus
     log.unlink(missing_ok=True)
+    Path(f"{log}.started").unlink(missing_ok=True)
     rc = search.main(
         _argv(
             tmp_path, "gpus", "--num-samples", 4, "--gpus-per-trial", 0.5, "--cpus-per-trial", 0.5, "--grace-period", 3
