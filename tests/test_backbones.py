@@ -472,7 +472,8 @@ def test_the_cost_frontier_marks_the_pareto_front_and_names_the_cheap_choice():
 def test_the_report_and_the_summary_show_accuracy_against_cost(tmp_path):
     from helpers_artifacts import make_fake_experiment
 
-    from tune_rice import report, search
+    from tune_rice import report
+    from tune_rice.summary import format_summary
 
     exp = make_fake_experiment(tmp_path, n_trials=12)
     results = pd.read_csv(exp / "results.csv")
@@ -484,7 +485,7 @@ def test_the_report_and_the_summary_show_accuracy_against_cost(tmp_path):
     assert "## Accuracy against cost" in text and (exp / "report" / "cost.png").stat().st_size > 10_000
     front = backbones.cost_frontier(results, "best/valid/acc", "max")
     assert set(front["backbone"]) == set(values) and front["pareto"].any()
-    summary = search.format_summary(
+    summary = format_summary(
         results, None, metric="valid/acc", exp_dir=exp, seconds=1.0, phases={}, weights="random:seed=0", mode="max"
     )
     line = backbones.cheaper_choice(front, "max")

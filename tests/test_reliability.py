@@ -30,7 +30,7 @@ from search_driver import kill_mid_search, terminated, trial_states
 from test_search import _optuna_trials, _scalars, _space, ray_local  # noqa: F401
 
 import tune_rice.data as data
-from tune_rice import features, report, search
+from tune_rice import features, report, results, search
 from tune_rice.features import FeatureSpec, extract_bank, load_bank
 from tune_rice.model import load_artifact
 
@@ -153,7 +153,7 @@ def salted_search(ray_local, tmp_path_factory):  # noqa: F811 -- the fixture imp
     trace = ray_local["trace"]
     trace.unlink(missing_ok=True)
     produced, records = {}, _Records()
-    run_search, resolve_data, score_on_test = search.run_search, search.resolve_data, search.score_on_test
+    run_search, resolve_data, score_on_test = search.run_search, search.resolve_data, results.score_on_test
     save_winner = search.save_winner
     exp = work / "runs" / "salted"
     saved_before_test = []
@@ -187,7 +187,7 @@ def salted_search(ray_local, tmp_path_factory):  # noqa: F811 -- the fixture imp
         with pytest.MonkeyPatch.context() as m, contextlib.redirect_stdout(stdout):
             m.setattr(search, "run_search", keep)
             m.setattr(search, "resolve_data", resolve_and_mark)
-            m.setattr(search, "score_on_test", score_and_mark)
+            m.setattr(results, "score_on_test", score_and_mark)
             m.setattr(search, "save_winner", choose_and_mark)
             m.setattr(data, "load_image", _driver_trace(trace))
             rc = search.main(

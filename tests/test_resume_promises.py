@@ -15,9 +15,10 @@ import torch
 import torchvision
 from conftest import SMALL_SPACE, error_line, search_argv
 
-from tune_rice import UserError, evaluate, report, search, storage, tune_glue
+from tune_rice import UserError, evaluate, report, results, search, storage, tune_glue
 from tune_rice.engine import TrialConfig
 from tune_rice.model import hub_weights_file, load_artifact, resolve_weights
+from tune_rice.summary import format_summary
 
 pytest_plugins = ["helpers_artifacts"]
 
@@ -109,13 +110,13 @@ def test_the_final_model_is_not_built_on_other_weights_than_its_heads_saw(tmp_pa
     space = load_search_space(str(tmp_path / "space.yaml"))
     base = {"epochs": 2, "seed": 0, "backbone": "resnet18", "image_size": 32, "views": 1}
     with pytest.raises(UserError) as e:
-        search.final_candidates([result], base, space, weights={"resnet18": resolve_weights("resnet18", "none")})
+        results.final_candidates([result], base, space, weights={"resnet18": resolve_weights("resnet18", "none")})
     assert "imagenet:ResNet18_Weights.IMAGENET1K_V1" in str(e.value) and "random:seed=0" in str(e.value)
 
 
 # ---------------------------------------------------------------------------------------- the test read
 def _winner(tiny_model) -> SimpleNamespace:
-    """What score_winner uses of search.Winner, around the tiny trained model (``model``: the module)."""
+    """What score_winner uses of results.Winner, around the tiny trained model (``model``: the module)."""
     from tune_rice.data import preprocessing_spec
     from tune_rice.model import save_artifact
 
@@ -159,13 +160,13 @@ def test_a_resume_after_a_started_test_read_refuses_to_score_again(tiny_model, t
         assert (remote / "best" / "model.pt").is_file()  # the model that is being scored, beside the mark
         raise UserError("alpha_000.png: cannot decode")
 
-    monkeypatch.setattr(search, "score_on_test", score)
+    monkeypatch.setattr(results, "score_on_test", score)
     paths = storage.experiment_paths(where, "r")
     with pytest.raises(UserError, match="scoring the test split failed"):
-        search.score_winner(winner, read_labels(tiny_model.labels_csv), paths)
+        results.score_winner(winner, read_labels(tiny_model.labels_csv), paths)
     assert not (exp / "test_metrics.json").exists()
 
-    monkeypatch.setattr(search, "score_on_test", lambda *a, **k: pytest.fail("the test split was scored again"))
+    monkeypatch.setattr(results, "score_on_test", lambda *a, **k: pytest.fail("the test split was scored again"))
     (tmp_path / "job2").mkdir()
     monkeypatch.chdir(tmp_path / "job2")
     assert search.main(["--resume", "--name", "r", "--storage-path", where]) == 2
@@ -185,11 +186,11 @@ def test_test_results_reach_the_storage_uri_as_soon_as_they_exist(tiny_model, tm
     winner.save(exp / "best")
     table = read_labels(tiny_model.labels_csv)
     monkeypatch.setattr(
-        search,
+        results,
         "score_on_test",  # the tiny model on the real test images
         lambda fm, table: evaluate.evaluate_model(winner.model, table, "test", winner.cfg.image_size),
     )
-    test = search.score_winner(winner, table, storage.experiment_paths(where, "r"))
+    test = results.score_winner(winner, table, storage.experiment_paths(where, "r"))
     remote = tmp_path / "bucket" / "r"
     assert json.loads((remote / "test_metrics.json").read_text()) == test
     assert test["test_count"] == len(table.split("test"))
@@ -224,7 +225,7 @@ def test_evaluate_on_test_says_it_is_a_second_look(tiny_model, tmp_path, capsys,
 def test_summary_flags_every_backbone_on_random_weights():
     df = pd.DataFrame({"trial_id": ["a", "b"], "status": ["TERMINATED"] * 2, "best/valid/acc": [0.9, 0.5]})
     kwargs = dict(metric="valid/acc", exp_dir=Path("runs/r"), seconds=1.0, phases={})
-    text = search.format_summary(
+    text = format_summary(
         df,
         None,
         weights="imagenet:ResNet34_Weights.IMAGENET1K_V1",
@@ -233,7 +234,7 @@ def test_summary_flags_every_backbone_on_random_weights():
     )
     assert "1 of 2 backbones ran on RANDOMLY INITIALISED weights: resnet18 (random:seed=0)" in text, text
     assert "deployed model's backbone" not in text
-    text = search.format_summary(
+    text = format_summary(
         df,
         None,
         weights="imagenet:ResNet34_Weights.IMAGENET1K_V1",
@@ -302,5 +303,5 @@ def test_summary_names_the_linear_probe_when_it_was_the_single_best_beside_a_dep
     test |= {"macro_f1": 0.7, "test_count": 5}
     for single_id, label in (("probe:bank", "linear probe"), ("a", "single best trial")):
         single = {"trial_id": single_id, "deployed": False, "accuracy": 0.6, "macro_f1": 0.5}
-        text = search.format_summary(df, {**test, "single_best": single}, **kwargs)
+        text = format_summary(df, {**test, "single_best": single}, **kwargs)
         assert f"  {label} (same pass, not deployed): accuracy 0.6000, macro-F1 0.5000" in text, text

@@ -766,3 +766,8 @@ def load_bank(path: str | os.PathLike) -> FeatureBank:
         from_cache=True,
         info=meta.get("info", {}),
     )
+
+
+def by_reference(banks: dict) -> bool:
+    """Whether ``banks`` are references to banks in the object store (shards.BankRef), not the arrays."""
+    return any(hasattr(b, "ref") for b in banks.values())

@@ -134,6 +134,19 @@ class ProbeResult:
         return {"C": self.C, "valid": self.valid, "path": self.path, "seconds": self.seconds, "folds": self.folds}
 
 
+@dataclass
+class Baseline:
+    """The folds of a cross-validated search (None: off) and the linear probe of every bank."""
+
+    folds: np.ndarray | None
+    probes: dict[str, ProbeResult]
+    banks: dict[str, FeatureBank]  # what the probes were fitted on (the search's banks, or view-0 ones)
+
+    @property
+    def k(self) -> int:
+        return 0 if self.folds is None else int(self.folds.max()) + 1
+
+
 def _linear_head(in_dim: int, n_classes: int, mean, std) -> Head:
     head = build_head("pooled", in_dim=in_dim, n_classes=n_classes, hidden=0, dropout=0.0)
     head.set_standardization(mean, std)

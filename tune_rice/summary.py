@@ -1,0 +1,207 @@
+"""The search's console summary (also summary.txt) and baseline.json: the top trials, the linear probe
+and whether the search beat it, the final model, the test score, and which backbones ran on random
+weights."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from . import final
+from .backbones import cheaper_choice, cost_frontier
+from .probe import Baseline, ProbeResult, format_accuracy, probe_verdict
+from .results import Winner, single_best_label
+from .space import SearchSpace
+
+
+def format_summary(
+    df: pd.DataFrame,
+    test: dict | None,
+    *,
+    metric: str,
+    exp_dir: Path,
+    seconds: float,
+    phases: dict,
+    weights: str,
+    top: int = 5,
+    searched: Sequence[str] | None = None,
+    final_record: dict | None = None,
+    mode: str | None = None,
+    backbones: dict[str, str] | None = None,
+    probes: dict[str, ProbeResult] | None = None,
+    folds: int = 0,
+    notes: Sequence[str] = (),
+) -> str:
+    """The console summary; the top-trials table shows only the ``searched`` parameters (default: all),
+    each valid figure with its size and 95% interval; then the linear probe, and whether it was beaten.
+    With ``mode`` and several backbones, it names the best one under a phone-sized cost when that is not
+    the overall best. ``weights``: the deployed model's backbone weights; ``backbones``: every backbone's
+    (name -> identity). ``notes`` follow the count of trials."""
+    lines = []
+    if folds:
+        lines.append(f"cross-validated: {folds} folds over train+valid; every valid figure is out-of-fold")
+    n = len(df)
+    errored = int((df["status"] == "ERROR").sum())
+    stopped = int(df.get("stopped_early", pd.Series(dtype=bool)).fillna(False).sum())
+    lines.append(
+        f"{n} trials: {n - errored - stopped} ran to the end, {stopped} stopped early by ASHA, {errored} errored"
+    )
+    lines.extend(notes)
+    key = f"best/{metric}"
+    show = [c for c in ("trial_id", key, "best_epoch", "epochs") if c in df] + [
+        c for c in df.columns if c.startswith("config/") and (searched is None or c[7:] in searched)
+    ]
+    if key in df:
+        table = df[df[key].notna()].head(top)
+        shown = table[show].rename(columns=lambda c: c.replace("config/", ""))
+        if "valid_count" in table and "best/valid/acc" in table:
+            shown.insert(
+                2,
+                "valid acc, n [95% CI]",
+                [
+                    format_accuracy(float(a), int(n)) if pd.notna(a) and pd.notna(n) else ""
+                    for a, n in zip(table["best/valid/acc"], table["valid_count"])
+                ],
+            )
+        lines.append(f"top {min(top, len(table))} by {metric}:")
+        lines.append(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    lines += probe_summary(df, probes or {}, metric=metric, mode=mode or "max")
+    if final_record:
+        lines += final_lines(final_record)
+    cheaper = cheaper_choice(cost_frontier(df, key, mode), mode) if mode else ""
+    if cheaper:
+        lines.append(cheaper[0].upper() + cheaper[1:] + " (report/cost.png)")
+    if test:
+        what = (
+            f"the deployed ensemble of {len(test['members'])}"
+            if test.get("deployed") == "ensemble"
+            else "the linear probe"
+            if str(test.get("trial_id", "")).startswith("probe:")
+            else "the best trial's best checkpoint"
+        )
+        cal = test.get("calibration")
+        ece = f", ECE {cal['before']['ece']:.3f} -> {cal['after']['ece']:.3f} with the temperature" if cal else ""
+        lines.append(
+            f"TEST (scored once, {what}): accuracy {test['accuracy']:.4f}, "
+            f"macro-F1 {test['macro_f1']:.4f} on {test['test_count']} images{ece}"
+        )
+        for which in ("single_best", "ensemble"):
+            other = test.get(which)
+            if other and not other.get("deployed"):
+                label = "selected ensemble" if which == "ensemble" else single_best_label(other)
+                lines.append(
+                    f"  {label} (same pass, not deployed): accuracy {other['accuracy']:.4f}, "
+                    f"macro-F1 {other['macro_f1']:.4f}"
+                )
+    random = {b: w for b, w in (backbones or {}).items() if w.startswith("random:")}
+    n_backbones = len(backbones or {})
+    if random and (n_backbones > 1 or not weights.startswith("random:")):
+        named = ", ".join(f"{b} ({w})" for b, w in list(random.items())[:2])
+        more = f" and {len(random) - 2} more" if len(random) > 2 else ""
+        lines.append(
+            f"NOTE: {len(random)} of {n_backbones} backbones ran on RANDOMLY INITIALISED weights: "
+            f"{named}{more}; their trials' scores are far below what ImageNet weights give."
+        )
+    if weights.startswith("random:"):
+        lines.append(
+            f"NOTE: the deployed model's backbone was RANDOMLY INITIALISED ({weights}); ImageNet weights give far "
+            "better features (see README: weights)."
+        )
+    lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in phases.items()) + f", total {seconds:.1f}s")
+    lines.append(f"outputs: {exp_dir}  (results.csv, best/model.pt, test_metrics.json, report/)")
+    lines.append(f"tensorboard --logdir {exp_dir}   # then open http://localhost:6006")
+    return "\n".join(lines)
+
+
+BASELINE_FILE = "baseline.json"
+
+
+def baseline_record(df: pd.DataFrame, baseline: Baseline, winner: Winner, space: SearchSpace) -> dict:
+    """baseline.json: every probe, the best trial, whether it beat the best probe on valid, and the
+    deployed model's valid figures (out-of-fold with --cv)."""
+    from .probe import best_probe, metric_key, search_beats_probe
+
+    key = f"best/{space.metric}"
+    trials = df[df[key].notna()] if key in df else df.iloc[:0]
+    top = trials.iloc[0] if len(trials) else None
+
+    def num(row, col):
+        return float(row[col]) if row is not None and col in row and pd.notna(row[col]) else None
+
+    out = {
+        "metric": space.metric,
+        "mode": space.mode,
+        "cv_folds": baseline.k,
+        "probes": {n: p.to_dict() for n, p in baseline.probes.items()},
+        "best_trial": None
+        if top is None
+        else {
+            "trial_id": top["trial_id"],
+            "value": num(top, key),
+            "valid_acc": num(top, "best/valid/acc"),
+            "valid_count": num(top, "valid_count"),
+        },
+        "single_best": winner.trial_id,
+        "deployed": winner.fm.choice.deployed,
+        "members": list(winner.fm.choice.members),
+    }
+    if baseline.probes:
+        name, probe = best_probe(baseline.probes, space.metric, space.mode)
+        out["best_probe"] = name
+        out["search_beat_probe"] = search_beats_probe(num(top, key), probe.valid[metric_key(space.metric)], space.mode)
+    # the deployed model on the logits the choice was made on (valid, or out-of-fold), before its temperature
+    deployed = winner.fm.choice.valid["deployed"]
+    out["deployed_valid_acc"], out["deployed_valid_count"] = deployed["acc"], deployed["count"]
+    return out
+
+
+def probe_summary(df: pd.DataFrame, probes: dict[str, ProbeResult], *, metric: str, mode: str) -> list[str]:
+    """The linear probe of each bank with its valid figures, then one plain line: was it beaten."""
+    if not probes:
+        return []
+    from .probe import best_probe, metric_key
+
+    lines = []
+    for name, p in probes.items():
+        how = f"C by {p.folds}-fold CV" if p.folds else "C chosen on valid"
+        lines.append(
+            f"linear probe on {name} ({how}: {p.C:g}): valid acc "
+            f"{format_accuracy(p.valid['acc'], p.valid['count'])}, {metric} {p.valid[metric_key(metric)]:.4g}"
+        )
+    _, best = best_probe(probes, metric, mode)
+    key = f"best/{metric}"
+    values = df[key].dropna() if key in df else pd.Series(dtype=float)
+    top = (values.max() if mode == "max" else values.min()) if len(values) else None
+    lines.append(probe_verdict(top, best.valid[metric_key(metric)], metric=metric, mode=mode))
+    return lines
+
+
+def final_lines(record: dict) -> list[str]:
+    """The summary's lines on the final model: what was deployed, from what, and the suggested threshold."""
+    v = record["valid"]
+    sel = record["selection"]
+    single = "the linear probe" if str(record["candidates"][0]).startswith("probe:") else "the single best trial"
+    if record["deployed"] == "ensemble":
+        members = ", ".join(f"{m} {w:.2f}" for m, w in zip(record["members"], record["weights"]))
+        head = f"FINAL: an ensemble of {len(record['members'])} ({members})"
+    elif len(sel["members"]) > 1:
+        head = (
+            f"FINAL: {single} (an ensemble of {len(sel['members'])} was not deployed on valid: "
+            f"acc {v['ensemble']['acc']:.4f} vs {v['single']['acc']:.4f})"
+        )
+    else:
+        head = f"FINAL: {single}"
+    lines = [
+        f"{head}; chosen on valid among {len(record['candidates'])} candidates; temperature "
+        f"{record['temperature']:.3g} (valid ECE {v['deployed']['ece']:.3f} -> {v['deployed_calibrated']['ece']:.3f})"
+    ]
+    lines += final.lead_lines(record)
+    th = record["threshold"]
+    if th.get("threshold"):
+        lines.append(
+            f"  predict --min-confidence {th['threshold']:.3g} keeps {th['coverage']:.0%} of valid at "
+            f"{th['accuracy']:.1%} accuracy (target {th['target_accuracy']:.0%}); the rest 'uncertain'"
+        )
+    return lines
