@@ -35,6 +35,7 @@ FINAL_RECORD = "final.json"  # how the final model was chosen on valid; a resume
 TOP_CANDIDATES = 20  # the best checkpoints of this many top trials are the ensemble's candidates
 
 
+# -------------------------------------------------------------------------------- the trials' results
 def collect_results(
     result_grid, space: SearchSpace, max_epochs: int, exp_dir: Path, baseline: Baseline, *, budget: str | None = None
 ):
@@ -157,6 +158,7 @@ def _prune_checkpoints(result_grid, metric: str, mode: str) -> None:
                     log.warning("could not delete %s: %s", checkpoint.path, e)
 
 
+# ------------------------------------------------------------------------------------ the final model
 def final_candidates(
     result_grid,
     base: dict,
@@ -330,6 +332,7 @@ def _lead_with_a_better_probe(candidates: list, probes: Sequence, mode: str) -> 
     return candidates
 
 
+# --------------------------------------------------------------------- the one read of the test split
 def score_winner(winner: Winner, table: LabelTable, paths: ExperimentPaths) -> dict:
     """The one read of the test split; writes test_metrics.json, the test TensorBoard run and the test
     scores into best/model.pt, and copies them to a URI storage path at once. Returns what
