@@ -30,6 +30,7 @@ from . import UserError
 from .engine import BankBatches, TrialConfig, compute_metrics, fold_heads, predict_logits
 from .features import FeatureBank, FeatureSpec
 from .model import Classifier, Ensemble, Head, ResolvedWeights, build_backbone, build_ensemble, build_head
+from .probe import is_probe_id, probe_id
 
 log = logging.getLogger(__name__)
 
@@ -462,7 +463,7 @@ def probe_candidates(probes: dict, banks: dict[str, FeatureBank], *, metric: str
     scored by its valid (or out-of-fold) ``metric``."""
     key = metric.split("/", 1)[-1]
     return [
-        Candidate(f"probe:{name}", banks[name].spec, [r.head], float(r.valid[key]), r.oof_logits, baseline=True)
+        Candidate(probe_id(name), banks[name].spec, [r.head], float(r.valid[key]), r.oof_logits, baseline=True)
         for name, r in probes.items()
     ]
 
@@ -871,3 +872,8 @@ def score_final(fm: FinalModel, table, *, device="auto", batch_size: int = 64) -
         batch_size=batch_size,
     )
     return record_test_scores(z.double().numpy(), y.numpy(), table.classes, fm.choice)
+
+
+def single_best_label(record: dict) -> str:
+    """What the single best candidate of a test record is: a trial, or the linear probe when it led."""
+    return "linear probe" if is_probe_id(record.get("trial_id", "")) else "single best trial"

@@ -365,6 +365,16 @@ def bank_folds(bank: FeatureBank, group_of_path: dict[str, str], k: int, *, seed
 
 # ------------------------------------------------------------------------------------------ in a search
 PROBE_KIND = "probe"
+PROBE_PREFIX = "probe:"  # a probe's name as a candidate and its trial_id in results.csv: probe:<bank>
+
+
+def probe_id(bank: str) -> str:
+    return PROBE_PREFIX + bank
+
+
+def is_probe_id(name) -> bool:
+    """Whether a candidate name or trial_id (final.json, test_metrics.json, results.csv) is a linear probe's."""
+    return str(name).startswith(PROBE_PREFIX)
 
 
 def metric_key(metric: str) -> str:
@@ -380,7 +390,7 @@ def probe_row(name: str, result: ProbeResult, bank: FeatureBank, metric: str) ->
     v = result.valid
     return {
         "kind": PROBE_KIND,
-        "trial_id": f"probe:{name}",
+        "trial_id": probe_id(name),
         "status": "PROBE",
         f"best/{metric}": v[metric_key(metric)],
         "valid_count": v["count"],

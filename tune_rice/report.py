@@ -48,7 +48,8 @@ from . import UserError, cli
 from .devices import resolve_device
 from .engine import TrialConfig
 from .explain import gallery_section
-from .final import lead_lines
+from .final import lead_lines, single_best_label
+from .probe import is_probe_id
 from .report_html import PAGE, write_html
 from .space import METRICS, SearchSpace, load_search_space
 from .study import best_values, load_study
@@ -728,7 +729,7 @@ def final_lines(exp: Experiment, fin: dict) -> list[str]:
     test = exp.test or {}
     md = ["## Final model", ""]
     n = len(fin["members"])
-    probe_led = str(fin["candidates"][0]).startswith("probe:")
+    probe_led = is_probe_id(fin["candidates"][0])
     single = "the linear probe's head" if probe_led else "the single best trial's head"
     what = f"an ensemble of {n} heads" if fin["deployed"] == "ensemble" else single
     md.append(
@@ -946,9 +947,7 @@ def write_report(exp_dir: str | os.PathLike) -> Path:
         )
         single = t.get("single_best")
         if single and not single.get("deployed"):
-            single_label = (
-                "linear probe" if str(single.get("trial_id", "")).startswith("probe:") else "single best trial"
-            )
+            single_label = single_best_label(single)
             md.append(
                 f"- {single_label} on test (same pass, not deployed): accuracy {single['accuracy']:.4f}, "
                 f"macro-F1 {single['macro_f1']:.4f}"

@@ -376,11 +376,6 @@ def score_on_test(fm: final.FinalModel, table: LabelTable, *, device="auto", bat
     return final.score_final(fm, table, device=device, batch_size=batch_size)
 
 
-def single_best_label(record: dict) -> str:
-    """What the single best candidate of a test record is: a trial, or the linear probe when it led."""
-    return "linear probe" if str(record.get("trial_id", "")).startswith("probe:") else "single best trial"
-
-
 def write_test_tensorboard(folder: Path, test: dict, config: dict, trial_id: str) -> None:
     """A ``test`` run next to the trials: the deployed model's test scalars (and its calibration), the
     single best's beside them, the confusion matrix image, the members and the best config."""
@@ -401,7 +396,7 @@ def write_test_tensorboard(folder: Path, test: dict, config: dict, trial_id: str
             writer.add_scalar(f"test/{which}/acc", test[which]["accuracy"], 0)
             writer.add_scalar(f"test/{which}/macro_f1", test[which]["macro_f1"], 0)
     deployed = (
-        f"the {single_best_label(test)}"
+        f"the {final.single_best_label(test)}"
         if test.get("deployed", "single") == "single"
         else f"an ensemble of {len(test['members'])} heads"
     )

@@ -500,8 +500,7 @@ def fit_baseline(
         from .shards import final_views, fit_probes_remote
 
         folds, probes = fit_probes_remote(banks, metric=space.metric, group_of_path=groups, k=k, seed=args.seed)
-        _log_folds(args, folds)
-        return Baseline(folds, probes, final_views(banks))
+        return _log_folds(args, Baseline(folds, probes, final_views(banks)))
     probe_banks = banks
     if probe_banks is None:
         probe_specs = list(dict.fromkeys(dataclasses.replace(s, views=1) for s in specs))
@@ -511,20 +510,19 @@ def fit_baseline(
     folds = None
     if k:
         folds = bank_folds(next(iter(probe_banks.values())), groups, k, seed=args.seed)
-    _log_folds(args, folds)
-    return Baseline(folds, fit_probes(probe_banks, metric=space.metric, folds=folds), probe_banks)
+    return _log_folds(args, Baseline(folds, fit_probes(probe_banks, metric=space.metric, folds=folds), probe_banks))
 
 
-def _log_folds(args, folds: np.ndarray | None) -> None:
-    if folds is not None:
-        k = int(folds.max()) + 1
+def _log_folds(args, baseline: Baseline) -> Baseline:
+    if baseline.folds is not None:
         log.info(
             "--cv %s: %d folds over %d train+valid images (each trial trains %d heads; valid figures are out-of-fold)",
             args.cv,
-            k,
-            len(folds),
-            k,
+            baseline.k,
+            len(baseline.folds),
+            baseline.k,
         )
+    return baseline
 
 
 # ------------------------------------------------------------------------------------------- the tuner

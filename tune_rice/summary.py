@@ -11,8 +11,8 @@ import pandas as pd
 
 from . import final
 from .backbones import cheaper_choice, cost_frontier
-from .probe import Baseline, ProbeResult, format_accuracy, probe_verdict
-from .results import Winner, single_best_label
+from .probe import Baseline, ProbeResult, format_accuracy, is_probe_id, probe_verdict
+from .results import Winner
 from .space import SearchSpace
 
 
@@ -78,7 +78,7 @@ def format_summary(
             f"the deployed ensemble of {len(test['members'])}"
             if test.get("deployed") == "ensemble"
             else "the linear probe"
-            if str(test.get("trial_id", "")).startswith("probe:")
+            if is_probe_id(test.get("trial_id", ""))
             else "the best trial's best checkpoint"
         )
         cal = test.get("calibration")
@@ -90,7 +90,7 @@ def format_summary(
         for which in ("single_best", "ensemble"):
             other = test.get(which)
             if other and not other.get("deployed"):
-                label = "selected ensemble" if which == "ensemble" else single_best_label(other)
+                label = "selected ensemble" if which == "ensemble" else final.single_best_label(other)
                 lines.append(
                     f"  {label} (same pass, not deployed): accuracy {other['accuracy']:.4f}, "
                     f"macro-F1 {other['macro_f1']:.4f}"
@@ -182,7 +182,7 @@ def final_lines(record: dict) -> list[str]:
     """The summary's lines on the final model: what was deployed, from what, and the suggested threshold."""
     v = record["valid"]
     sel = record["selection"]
-    single = "the linear probe" if str(record["candidates"][0]).startswith("probe:") else "the single best trial"
+    single = "the linear probe" if is_probe_id(record["candidates"][0]) else "the single best trial"
     if record["deployed"] == "ensemble":
         members = ", ".join(f"{m} {w:.2f}" for m, w in zip(record["members"], record["weights"]))
         head = f"FINAL: an ensemble of {len(record['members'])} ({members})"
