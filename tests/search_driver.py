@@ -71,9 +71,10 @@ def make_hook(spec: dict):
     return hook
 
 
-def trial_states(exp_dir: Path) -> dict[str, tuple[str, int]]:
-    """Trial id -> (status, number of failures) in Tune's saved experiment state."""
-    states = {}
+def snapshot(exp_dir: Path) -> dict[str, dict]:
+    """Trial id -> what Tune's saved experiment state says of it: ``status``, ``failures`` and
+    ``iteration``, the last reported training iteration that state records (0: none)."""
+    trials = {}
     for f in sorted(exp_dir.glob("experiment_state-*.json")):
         try:
             state = json.loads(f.read_text())
@@ -81,8 +82,17 @@ def trial_states(exp_dir: Path) -> dict[str, tuple[str, int]]:
             continue
         for trial_json, run_json in state.get("trial_data", []):
             trial, run = json.loads(trial_json), json.loads(run_json)
-            states[trial["trial_id"]] = (trial.get("status"), int(run.get("num_failures", 0)))
-    return states
+            trials[trial["trial_id"]] = {
+                "status": trial.get("status"),
+                "failures": int(run.get("num_failures", 0)),
+                "iteration": int((run.get("last_result") or {}).get("training_iteration", 0)),
+            }
+    return trials
+
+
+def trial_states(exp_dir: Path) -> dict[str, tuple[str, int]]:
+    """Trial id -> (status, number of failures) in Tune's saved experiment state."""
+    return {tid: (t["status"], t["failures"]) for tid, t in snapshot(exp_dir).items()}
 
 
 def terminated(exp_dir: Path) -> set[str]:
