@@ -143,7 +143,7 @@ def localisation(
     x = torch.stack([tf(load_image(root / p)) for p in held["path"]])  # (N, 3, S, S)
     truth = held["label"].map(CLASSES.index).to_numpy()
     lesion = CLASSES.index("lesion")
-    on = held.index[held["label"] == "lesion"].to_numpy()
+    on = np.flatnonzero(held["label"].to_numpy() == "lesion")  # writable, unlike an Index's to_numpy view
     area = np.array(
         [(b.x1 - b.x0) * (b.y1 - b.y0) / image_size**2 for b in (boxes.loc[p] for p in held.loc[on, "path"])]
     )
