@@ -323,7 +323,7 @@ def test_resume_after_a_kill_mid_trial_loses_nothing_and_repeats_exactly(ray_loc
     # second trial is held after epoch 5 of 10 until the kill (a worker setup hook, tests/search_driver.py),
     # which changes no number the test compares. Three trials: one finished, one half done and one not
     # started at the kill.
-    epochs, samples = 10, 3
+    epochs, samples, held_at = 10, 3, 5
     storage = tmp_path / "runs"
     exp = storage / "r"
     argv = search_argv(
@@ -343,18 +343,19 @@ def test_resume_after_a_kill_mid_trial_loses_nothing_and_repeats_exactly(ray_loc
     at_kill: dict[str, int] = {}
 
     def half_done() -> bool:  # a trial finished and another started, not done
-        finished = terminated(exp)
+        states = snapshot(exp)
+        finished = {t for t, state in states.items() if state["status"] == "TERMINATED"}
         running = {d.name[len("trial_") :]: _epochs(d) for d in exp.glob("trial_*")} if finished else {}
         at_kill.clear()
         at_kill.update({t: len(e) for t, e in running.items() if t not in finished and e})
-        # ... and the experiment snapshot the resume reads records the held trial at its 5th epoch. Until
+        # ... and the experiment snapshot the resume reads records the held trial at that epoch. Until
         # then it may name epoch 1's checkpoint in the trial's last result before Tune has registered it
         # (the save is processed after the result), and the resume starts that trial from scratch: the
         # kill would not test a restore (it happened once under load).
-        held = any(t["status"] == "RUNNING" and t["iteration"] == 5 for t in snapshot(exp).values())
+        held = any(state["status"] == "RUNNING" and state["iteration"] == held_at for state in states.values())
         return bool(finished and at_kill and held)
 
-    kill_mid_search(argv, work=tmp_path, trial=1, after_epoch=5, ready=half_done, what="a trial half done")
+    kill_mid_search(argv, work=tmp_path, trial=1, after_epoch=held_at, ready=half_done, what="a trial half done")
     finished = terminated(exp)
     before = {d.name: (d / "progress.csv").read_bytes() for d in exp.glob("trial_*") if (d / "progress.csv").exists()}
     assert not (exp / "results.csv").exists()

@@ -500,7 +500,9 @@ def fit_baseline(
         from .shards import final_views, fit_probes_remote
 
         folds, probes = fit_probes_remote(banks, metric=space.metric, group_of_path=groups, k=k, seed=args.seed)
-        return _log_folds(args, Baseline(folds, probes, final_views(banks)))
+        baseline = Baseline(folds, probes, final_views(banks))
+        _log_folds(args, baseline)
+        return baseline
     probe_banks = banks
     if probe_banks is None:
         probe_specs = list(dict.fromkeys(dataclasses.replace(s, views=1) for s in specs))
@@ -510,10 +512,12 @@ def fit_baseline(
     folds = None
     if k:
         folds = bank_folds(next(iter(probe_banks.values())), groups, k, seed=args.seed)
-    return _log_folds(args, Baseline(folds, fit_probes(probe_banks, metric=space.metric, folds=folds), probe_banks))
+    baseline = Baseline(folds, fit_probes(probe_banks, metric=space.metric, folds=folds), probe_banks)
+    _log_folds(args, baseline)
+    return baseline
 
 
-def _log_folds(args, baseline: Baseline) -> Baseline:
+def _log_folds(args, baseline: Baseline) -> None:
     if baseline.folds is not None:
         log.info(
             "--cv %s: %d folds over %d train+valid images (each trial trains %d heads; valid figures are out-of-fold)",
@@ -522,7 +526,6 @@ def _log_folds(args, baseline: Baseline) -> Baseline:
             len(baseline.folds),
             baseline.k,
         )
-    return baseline
 
 
 # ------------------------------------------------------------------------------------------- the tuner
