@@ -7,13 +7,14 @@ is one clear line on stderr with exit code 2 (never a traceback) and logging loo
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 
-from . import UserError
+from . import UserError, __version__
 
 TOOLS = {
     "search": "run a hyperparameter search (the main job)",
@@ -66,6 +67,9 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-V", "--version"):
+        print(f"tune-rice {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in TOOLS:
         width = max(map(len, TOOLS))
         lines = [f"  {name:<{width}}  {text}" for name, text in TOOLS.items()]
@@ -73,12 +77,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             "usage: tune-rice TOOL [options]   (tune-rice TOOL --help for its options)\n\ntools:\n" + "\n".join(lines)
         )
         if argv and argv[0] not in ("-h", "--help"):
-            print(f"\nerror: unknown tool {argv[0]!r}", file=sys.stderr)
+            print(f"\nerror: {unknown_tool(argv[0])}", file=sys.stderr)
             return 2
         return 0
     module = importlib.import_module(f"tune_rice.{argv[0]}")
     os.environ.setdefault("TUNE_RICE_PROG", f"tune-rice {argv[0]}")
     return module.main(argv[1:])
+
+
+def unknown_tool(name: str) -> str:
+    """The error for a tool name that is not one of :data:`TOOLS`, with the closest names if any."""
+    close = difflib.get_close_matches(name, TOOLS, n=2, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else f"; valid: {', '.join(TOOLS)}"
+    return f"unknown tool {name!r}{hint}"
 
 
 if __name__ == "__main__":
