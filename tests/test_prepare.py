@@ -241,7 +241,7 @@ def test_dedup_modes(dataset):
     members = ["blast/big.jpg", "blast/copy.jpg", "blast/reencoded.jpg"]
     groups = {}
     for mode in ("near", "exact", "off"):
-        result = prepare_dataset(dataset, progress=False, dedup_mode=mode)
+        result = prepare_dataset(dataset, progress=False, dedup_mode=mode, force=True)
         groups[mode] = result.frame.set_index("path").loc[members, "group"].tolist()
         report = format_report(result)
         if mode == "off":
