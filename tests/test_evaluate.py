@@ -151,7 +151,7 @@ def test_a_labels_csv_kept_outside_the_dataset_needs_and_takes_data_root(tiny_mo
 
 def test_a_folder_without_labels_csv_and_an_unreadable_image(tiny_model, tmp_path, capsys):
     assert evaluate.main(["--model", str(tiny_model.model_path), "--data", str(tmp_path)]) == 2
-    assert "tune_rice.prepare" in capsys.readouterr().err
+    assert "no labelled images" in capsys.readouterr().err
     root = tmp_path / "broken"
     (root / "alpha").mkdir(parents=True)
     (root / "alpha" / "x.png").write_bytes(b"garbage")
