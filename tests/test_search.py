@@ -478,11 +478,15 @@ def test_resume_after_the_driver_is_killed(ray_local, labels, tmp_path):
 
 @pytest.mark.slow
 def test_data_root_reaches_the_trials_that_read_images(ray_local, labels, tmp_path):
-    """A labels.csv outside its dataset (prepare --out elsewhere) with --data-root, on the path where the
-    trials themselves decode the images (--feature-cache off); --resume keeps the root."""
-    meta = tmp_path / "meta" / "labels.csv"
+    """A Kaggle-style CSV of image ids (no extension) and labels kept outside the images' folder, with
+    --data-root: the search prepares labels.csv beside the CSV, its paths relative to the root, and the
+    root reaches the trials that decode the images themselves (--feature-cache off)."""
+    meta = tmp_path / "meta" / "train.csv"
     meta.parent.mkdir()
-    meta.write_bytes(labels.read_bytes())
+    frame = pd.read_csv(labels)
+    pd.DataFrame({"image_id": frame["path"].str.removesuffix(".png"), "Disease": frame["label"]}).to_csv(
+        meta, index=False
+    )
     storage = tmp_path / "runs"
     argv = search_argv(
         meta,
@@ -499,10 +503,13 @@ def test_data_root_reaches_the_trials_that_read_images(ray_local, labels, tmp_pa
         labels.parent,
     )
     assert search.main(argv) == 0
+    prepared = read_labels(meta.with_name("labels.csv"), root=labels.parent)
+    assert sorted(prepared.frame["path"]) == sorted(frame["path"])
     test = json.loads((storage / "root" / "test_metrics.json").read_text())
-    assert test["test_count"] == len(read_labels(labels).split("test"))
+    assert test["test_count"] == len(prepared.split("test"))
     saved = json.loads((storage / "root" / "search_args.json").read_text())
     assert saved["data_root"] == str(labels.parent.resolve()) and saved["data"] == str(meta.resolve())
+    assert saved["labels"] == str(prepared.csv_path)
 
 
 @pytest.mark.slow
@@ -651,3 +658,15 @@ def test_bad_input_is_one_line_and_writes_nothing(case, labels, tmp_path, capsys
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     if case == "existing":
         assert (storage / name / "results.csv").read_text() == "precious\n"
+
+
+def test_a_search_without_data_says_first_that_it_runs_the_demo_set(tmp_path, capsys):
+    (tmp_path / "runs" / "taken" / "results.csv").parent.mkdir(parents=True)
+    (tmp_path / "runs" / "taken" / "results.csv").write_text("precious\n")
+    argv = ["--storage-path", str(tmp_path / "runs"), "--name", "taken", "--no-report"]
+    assert search.main(argv) == 2  # stops at the taken name, before any data is made or read
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert "no --data: this search runs on the bundled synthetic rice-leaf demo set" in lines[0]
+    assert lines[-1].startswith("error: ") and "already exists" in lines[-1]
+    assert search.main([*argv, "--data", str(tmp_path)]) == 2
+    assert "demo" not in capsys.readouterr().err
