@@ -612,6 +612,11 @@ class PrepareResult:
     leakage: pd.DataFrame | None = None  # a kept split's copy pairs across splits (LEAKAGE_COLUMNS)
     leakage_csv: Path | None = None
 
+    @property
+    def leaks(self) -> int:
+        """Copy pairs across a kept split's splits."""
+        return 0 if self.leakage is None else len(self.leakage)
+
 
 def check_fractions(valid_frac: float, test_frac: float) -> tuple[float, float, float]:
     for name, value in (("valid", valid_frac), ("test", test_frac)):
@@ -701,6 +706,10 @@ def prepare_dataset(
         raise UserError(f"--seed must be >= 0, got {seed}")
     scan = read_source(data_dir, path_col=path_col, label_col=label_col, image_dir=image_dir)
     root = scan.data_dir
+    if resplit and scan.layout != "presplit":
+        raise UserError(
+            f"{data_dir}: --resplit is for a pre-split train/ valid/ test/ tree; this split is made here anyway"
+        )
     out_path = resolve_out(root, default_out(scan) if out is None else out)
     if scan.csv is not None and out_path == scan.csv:
         raise UserError(f"{out_path}: is the input CSV; write the labels elsewhere with --out")

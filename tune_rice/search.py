@@ -418,7 +418,7 @@ def resolve_data(
     result = prepare_dataset(p, image_dir=data_root if p.is_file() else None, path_col=path_col, label_col=label_col)
     # prepare's own warning says the skipped files are "listed in the report": this is that report
     log.log(
-        logging.WARNING if result.skipped or result.empty_classes else logging.INFO,
+        logging.WARNING if result.skipped or result.empty_classes or result.warnings or result.leaks else logging.INFO,
         "prepared %s:\n%s",
         p,
         format_report(result),
