@@ -16,7 +16,6 @@ the class folders.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import hashlib
 import json
@@ -254,8 +253,11 @@ def read_csv_source(
     """
     csv_path = Path(csv_path).expanduser().resolve()
     try:
-        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8-sig", sep=None, engine="python")
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, csv.Error) as e:
+        with open(csv_path, encoding="utf-8-sig") as f:
+            header = f.readline()
+        sep = max((",", ";", "\t"), key=header.count)  # Excel writes ';' in some locales
+        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8-sig", sep=sep)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as e:
         raise UserError(f"{csv_path}: not a readable CSV ({str(e).splitlines()[0]})") from None
     pcol = _find_column(csv_path, frame, path_col, PATH_COLUMNS, "--path-col", "path")
     lcol = _find_column(csv_path, frame, label_col, LABEL_COLUMNS, "--label-col", "label")
@@ -270,8 +272,15 @@ def read_csv_source(
         example = f" (first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
         raise UserError(f"{csv_path}: none of its {len(frame)} rows names an image under {root}{example}")
     classes = sorted({c.label for c in candidates})
-    scan = Scan(data_dir=root, classes=classes, candidates=candidates, skipped=skipped, layout="csv", csv=csv_path)
-    scan.columns = (pcol, lcol)
+    scan = Scan(
+        data_dir=root,
+        classes=classes,
+        candidates=candidates,
+        skipped=skipped,
+        layout="csv",
+        csv=csv_path,
+        columns=(pcol, lcol),
+    )
     disagree = [c for c in candidates if _folder_label(c.rel, classes) not in (None, c.label)]
     if disagree:
         shown = "; ".join(f"{c.rel} is labelled {c.label!r}" for c in disagree[:2])
