@@ -159,6 +159,12 @@ def is_labels_file(csv_path: str | os.PathLike) -> bool:
     return all(c in header.columns for c in REQUIRED_COLUMNS)
 
 
+def prepared_labels_path(csv_path: Path) -> Path:
+    """Where ``prepare`` writes the labels of a CSV of images by default: labels.csv beside it
+    (``labels.prepared.csv`` when the CSV is itself named labels.csv)."""
+    return csv_path.with_name("labels.prepared.csv" if csv_path.name == "labels.csv" else "labels.csv")
+
+
 def read_labels_checked(
     csv_path: str | os.PathLike, root: str | os.PathLike | None = None, *, splits: Sequence[str] = SPLITS
 ) -> LabelTable:

@@ -949,13 +949,7 @@ def default_out(scan: Scan) -> Path:
     itself named labels.csv)."""
     if scan.csv is None:
         return scan.data_dir / "labels.csv"
-    return prepared_path(scan.csv)
-
-
-def prepared_path(csv_path: Path) -> Path:
-    """Where ``prepare CSV`` writes its labels by default."""
-    name = "labels.prepared.csv" if csv_path.name == "labels.csv" else "labels.csv"
-    return csv_path.with_name(name)
+    return data.prepared_labels_path(scan.csv)
 
 
 def leakage_path(labels_csv: Path) -> Path:
@@ -1032,7 +1026,9 @@ def experiments_using(labels_csv: Path, runs_dir: str | os.PathLike) -> list[str
         if not used:
             continue
         p = Path(used)
-        if labels_csv in (p, p / "labels.csv") or (p.suffix.lower() == ".csv" and labels_csv == prepared_path(p)):
+        if labels_csv in (p, p / "labels.csv") or (
+            p.suffix.lower() == ".csv" and labels_csv == data.prepared_labels_path(p)
+        ):
             found.append(str(args_file.parent))
     return found
 

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from . import UserError, cli, final, storage, study, tune_glue
-from .data import LabelTable, is_labels_file, read_labels_checked
+from .data import LabelTable, is_labels_file, prepared_labels_path, read_labels_checked
 from .features import FeatureBank, FeatureSpec, by_reference, extract_banks
 from .model import ResolvedWeights, hub_weights_file, resolve_weights
 from .probe import CV_AUTO_BELOW, CV_AUTO_FOLDS, Baseline, bank_folds, fit_probes, resolve_folds
@@ -407,12 +407,12 @@ def resolve_data(
         return p
     if not p.exists():
         raise UserError(f"--data {data}: no such file or folder")
-    from .prepare import format_report, prepare_dataset, prepared_path
-
-    csv = prepared_path(p) if p.is_file() else p / "labels.csv"
+    csv = prepared_labels_path(p) if p.is_file() else p / "labels.csv"
     if csv.is_file():
         log.info("using %s", csv)
         return csv
+    from .prepare import format_report, prepare_dataset
+
     log.info("%s has no labels file: preparing it now (%s) with the default split fractions", p, csv.name)
     # the default split (seed 0), the same as `python -m tune_rice.prepare`
     result = prepare_dataset(p, image_dir=data_root if p.is_file() else None, path_col=path_col, label_col=label_col)
