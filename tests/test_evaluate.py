@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -192,11 +193,12 @@ def test_evaluate_reproduces_the_searchs_test_metrics(real_search, tmp_path, cap
 
 def test_split_all_scores_every_image_of_a_labels_csv_a_class_folder_or_a_csv(tiny_model, tmp_path, capsys):
     """--split all on the labels.csv, the same images as bare class folders (a stray file beside them) and as
-    a CSV of ids: every image scored once, the confusion matrix the sum of the three splits'."""
+    a CSV of ids: every image scored once, the confusion matrix the sum of the three splits'; as a pre-split
+    tree: its test/ folder by default."""
     model = ["--model", str(tiny_model.model_path), "--num-workers", "0"]
     by_split = [_direct(tiny_model.model_path, tiny_model.labels_csv, s) for s in ("train", "valid", "test")]
     want_cm = np.sum([r["cm"] for r in by_split], axis=0).tolist()
-    n = sum(r["n"] for r in by_split)
+    assert sum(r["n"] for r in by_split) == np.sum(want_cm) == 36
 
     folders = tmp_path / "folders"
     shutil.copytree(tiny_model.root, folders, ignore=shutil.ignore_patterns("*.csv"))
@@ -207,19 +209,25 @@ def test_split_all_scores_every_image_of_a_labels_csv_a_class_folder_or_a_csv(ti
         ids, index=False
     )
 
+    presplit = tmp_path / "presplit"  # val/ train/ test/ folders of class folders: test by default
+    for rel, label, split in frame[["path", "label", "split"]].itertuples(index=False):
+        (presplit / split.replace("valid", "val") / label).mkdir(parents=True, exist_ok=True)
+        os.link(tiny_model.root / rel, presplit / split.replace("valid", "val") / rel)
+
     cases = {
-        "labels": ([str(tiny_model.labels_csv), "--split", "all"], "all"),
-        "folders": ([str(folders)], "all"),
-        "csv": ([str(ids), "--data-root", str(tiny_model.root)], "all"),
+        "labels": ([str(tiny_model.labels_csv), "--split", "all"], "all", want_cm),
+        "folders": ([str(folders)], "all", want_cm),
+        "csv": ([str(ids), "--data-root", str(tiny_model.root)], "all", want_cm),
+        "presplit": ([str(presplit)], "test", by_split[2]["cm"]),
     }
-    for name, (data_args, split) in cases.items():
+    for name, (data_args, split, cm) in cases.items():
         out = tmp_path / f"{name}.json"
         assert evaluate.main([*model, "--data", *data_args, "--out", str(out)]) == 0, name
         printed = capsys.readouterr().out
         got = json.loads(out.read_text())
-        assert got["split"] == split and got["test_count"] == n == 36, name
-        assert got["confusion_matrix"] == want_cm, name
-        assert sum(v["support"] for v in got["per_class"].values()) == n
+        assert got["split"] == split and got["test_count"] == np.sum(cm), name
+        assert got["confusion_matrix"] == cm, name
+        assert sum(v["support"] for v in got["per_class"].values()) == got["test_count"]
         assert "confusion matrix" in printed and "precision" in printed
         assert ("optimistic" in printed) == (name == "labels"), name  # only the labels.csv says train/valid
 
