@@ -546,6 +546,7 @@ def test_a_presplit_tree_keeps_its_split_and_lists_cross_split_copies(tmp_path, 
         frozenset(("val/b/again.png", "train/b/img_001.jpg")),
     }
     assert "split kept from the folders train/, val/, test/" in out
+    assert "the folders' split kept, copies across it below" in out and "each group kept in one split" not in out
     assert "leakage: 2 copy pair(s) across splits (4 images)" in out and str(root / "leakage.csv") in out
     assert "class 'c' has no images in valid" in out
     assert "train/loose.jpg: not inside a class folder" in out

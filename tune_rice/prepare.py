@@ -1,8 +1,11 @@
-"""Scan a folder-per-class image set and write labels.csv with a leakage-safe, stratified split.
+"""Scan a labelled image set and write labels.csv with a leakage-safe, stratified split.
 
 ``DATA_DIR/<class>/**/<image>`` -> ``DATA_DIR/labels.csv`` with the columns ``path`` (relative to
 DATA_DIR, POSIX separators), ``label``, ``split`` (train/valid/test), ``group``, ``width``, ``height``,
-``sha1``, ``dhash``. Read it back with ``data.read_labels(csv, root=DATA_DIR)``.
+``sha1``, ``dhash``. Read it back with ``data.read_labels(csv, root=DATA_DIR)``. Two other layouts
+(:func:`read_source`): a pre-split ``DATA_DIR/{train,val|valid,test}/<class>/...``, whose split is kept
+(its copies across splits go to ``leakage.csv``), and a CSV of image paths and labels, whose labels.csv
+goes beside it.
 
 Every candidate file is decoded (a file that will not decode is skipped and reported, never a crash
 later in the search). Exact copies (same SHA-1 of the bytes) and near copies (found by perceptual
@@ -1178,7 +1181,12 @@ def _duplicate_summary(result: PrepareResult) -> list[str]:
     )
     lines = [
         f"duplicate groups merged: {result.n_groups_merged} (covering {result.n_images_in_merged} images; "
-        f"{how}; each group kept in one split)"
+        f"{how}; "
+        + (
+            "the folders' split kept, copies across it below)"
+            if result.leakage is not None
+            else "each group kept in one split)"
+        )
     ]
     if result.dedup == "near":
         lines.append(
