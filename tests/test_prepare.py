@@ -469,7 +469,9 @@ def test_a_kaggle_style_csv_of_ids_without_extensions(tmp_path, capsys):
     image(800).save(root / "images" / "twin.jpg")
     image(801).save(root / "images" / "twin.png")
     (root / "images" / "notes.txt").write_text("not data")
+    image(802).save(root / "images" / "far.jpg")
     rows += [("twin", "brown_spot"), ("gone", "brown_spot"), ("id_0", "brown_spot"), ("", "brown_spot")]
+    rows += [("/kaggle/input/rice/train_images/far.jpg", "brown_spot"), ("images/twin.gif", "brown_spot")]
     pd.DataFrame(rows, columns=["Image_ID", "Disease Label"]).to_csv(root / "train.csv", index=False)
 
     rc, out, _ = run_cli(capsys, root / "train.csv")
@@ -478,13 +480,15 @@ def test_a_kaggle_style_csv_of_ids_without_extensions(tmp_path, capsys):
     labels = root / "labels.csv"
     table = data.read_labels(labels)  # as search reads it: paths relative to the CSV's folder
     assert table.classes == ("Bacterial blight", "Hispa ü", "brown_spot")
-    assert sorted(table.frame["path"]) == sorted(f"images/id_{k}{'.JPG' if k % 3 == 0 else '.jpg'}" for k in range(12))
+    want = [f"images/id_{k}{'.JPG' if k % 3 == 0 else '.jpg'}" for k in range(12)] + ["images/far.jpg"]
+    assert sorted(table.frame["path"]) == sorted(want)  # far.jpg: a path written on another machine
     assert table.frame.set_index("path").loc["images/id_0.JPG", "label"] == "Bacterial blight"  # first row kept
     for split in data.SPLITS:
         assert all(p.is_file() for p in table.paths(split)) and len(table.split(split)) >= 3
     assert "from train.csv (columns 'Image_ID', 'Disease Label'); split made here" in out
     assert "twin: ambiguous: images/twin.jpg, images/twin.png" in out
     assert "gone: file not found" in out
+    assert "images/twin.gif: file not found" in out  # its folder exists: no guessing by name
     assert "id_0: listed again with another label ('brown_spot'; kept 'Bacterial blight')" in out
     assert "row 17: empty path" in out
     assert "notes.txt" not in out  # a file the CSV does not name is not looked at

@@ -331,24 +331,30 @@ def _csv_rows(rows: list[tuple[str, str]], root: Path) -> tuple[list[Candidate],
         if not label:
             skipped.append((shown, "no label"))
             continue
-        full = Path(os.path.normpath(root / raw.replace("\\", "/")))
-        if full != root and root not in full.parents:
-            skipped.append((shown, f"outside the image folder {root}"))
-            continue
-        names, by_stem = listings.get(full.parent) or listings.setdefault(full.parent, _listing(full.parent))
+        posix = raw.replace("\\", "/")
+        full = Path(os.path.normpath(root / posix))
+        inside = full == root or root in full.parents
+        names, by_stem = (
+            (listings.get(full.parent) or listings.setdefault(full.parent, _listing(full.parent)))
+            if inside
+            else (set(), {})
+        )
         if full.name in names:
             if full.suffix.lower() not in data.IMAGE_EXTENSIONS:
                 skipped.append((shown, "not an image extension"))
                 continue
             found = [full]
-        else:  # an image id without its extension, or a bare name in a subfolder (images/, train_images/)
+        else:  # an image id without its extension
             found = [full.parent / n for n in by_stem.get(full.name, [])]
-            if not found and "/" not in raw.replace("\\", "/"):
-                index = index if index is not None else _image_index(root)
-                found = index.get(raw, []) or index.get(raw + "\0", [])
+        if not found and ("/" not in posix or not (inside and full.parent.is_dir())):
+            # a bare name or id of a file in a subfolder (images/, train_images/), or a path written on
+            # another machine (/kaggle/input/...): the one image of that name under root
+            index = index if index is not None else _image_index(root)
+            found = index.get(full.name, []) or index.get(full.name + "\0", [])
         if len(found) != 1:
             listed = ", ".join(sorted(p.relative_to(root).as_posix() for p in found)[:3])
-            skipped.append((shown, f"ambiguous: {listed}" if found else "file not found"))
+            missing = "file not found" if inside else f"not under the image folder {root}"
+            skipped.append((shown, f"ambiguous: {listed}" if found else missing))
             continue
         rel = found[0].relative_to(root).as_posix()
         if rel in first_label:
@@ -364,7 +370,13 @@ def _image_index(root: Path) -> dict[str, list[Path]]:
     """Every image file under ``root`` by its name and (key ``stem + NUL``) by its stem; hidden folders
     are not entered. Built once, only when a CSV names files by bare name or id outside its folder."""
     index: dict[str, list[Path]] = {}
+    seen: set[tuple[int, int]] = set()
     for folder, dirs, files in os.walk(root, followlinks=True):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:  # a symlink loop or a folder linked twice
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirs[:] = sorted(d for d in dirs if not _is_hidden(d) and not _bad_name(d))
         for name in files:
             stem, suffix = os.path.splitext(name)
