@@ -477,7 +477,7 @@ def test_a_kaggle_style_csv_of_ids_without_extensions(tmp_path, capsys):
     rc, out, _ = run_cli(capsys, root / "train.csv")
 
     assert rc == 0
-    labels = root / "labels.csv"
+    labels = root / "train.labels.csv"
     table = data.read_labels(labels)  # as search reads it: paths relative to the CSV's folder
     assert table.classes == ("Bacterial blight", "Hispa ü", "brown_spot")
     want = [f"images/id_{k}{'.JPG' if k % 3 == 0 else '.jpg'}" for k in range(12)] + ["images/far.jpg"]
@@ -508,14 +508,14 @@ def test_a_csv_with_named_columns_an_image_folder_elsewhere_and_a_disagreeing_la
     )
 
     assert rc == 0, out
-    table = data.read_labels(meta / "labels.csv", root=images)
+    table = data.read_labels(meta / "list.labels.csv", root=images)
     assert table.frame.set_index("path").loc[rels[0], "label"] == "healthy 2"
     assert all(p.is_file() for s in data.SPLITS for p in table.paths(s))
     assert (
         f"1 row(s) of list.csv give a label other than their class folder's (e.g. {rels[0]} is labelled 'healthy 2')"
         in out
     )
-    assert f"--data {meta / 'labels.csv'} --data-root {images.resolve()}" in out
+    assert f"--data {meta / 'list.labels.csv'} --data-root {images.resolve()}" in out
     rc, _, err = run_cli(capsys, meta / "list.csv", "--label-col", "verdict", "--image-dir", images)
     assert rc == 2 and "no column 'verdict' (--label-col); its columns: file, label, Truth" in error_line(err)
 

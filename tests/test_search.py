@@ -503,7 +503,7 @@ def test_data_root_reaches_the_trials_that_read_images(ray_local, labels, tmp_pa
         labels.parent,
     )
     assert search.main(argv) == 0
-    prepared = read_labels(meta.with_name("labels.csv"), root=labels.parent)
+    prepared = read_labels(meta.with_name("train.labels.csv"), root=labels.parent)
     assert sorted(prepared.frame["path"]) == sorted(frame["path"])
     test = json.loads((storage / "root" / "test_metrics.json").read_text())
     assert test["test_count"] == len(prepared.split("test"))

@@ -160,9 +160,9 @@ def is_labels_file(csv_path: str | os.PathLike) -> bool:
 
 
 def prepared_labels_path(csv_path: Path) -> Path:
-    """Where ``prepare`` writes the labels of a CSV of images by default: labels.csv beside it
-    (``labels.prepared.csv`` when the CSV is itself named labels.csv)."""
-    return csv_path.with_name("labels.prepared.csv" if csv_path.name == "labels.csv" else "labels.csv")
+    """Where ``prepare`` writes the labels of a CSV of images by default: ``<stem>.labels.csv`` beside it
+    (``train.csv`` -> ``train.labels.csv``), so that two CSVs in one folder never share a labels file."""
+    return csv_path.with_name(f"{csv_path.stem}.labels.csv")
 
 
 def read_labels_checked(

@@ -4,8 +4,8 @@
 DATA_DIR, POSIX separators), ``label``, ``split`` (train/valid/test), ``group``, ``width``, ``height``,
 ``sha1``, ``dhash``. Read it back with ``data.read_labels(csv, root=DATA_DIR)``. Two other layouts
 (:func:`read_source`): a pre-split ``DATA_DIR/{train,val|valid,test}/<class>/...``, whose split is kept
-(its copies across splits go to ``leakage.csv``), and a CSV of image paths and labels, whose labels.csv
-goes beside it.
+(its copies across splits go to ``leakage.csv``), and a CSV of image paths and labels (``train.csv``),
+whose labels go beside it (``train.labels.csv``).
 
 Every candidate file is decoded (a file that will not decode is skipped and reported, never a crash
 later in the search). Exact copies (same SHA-1 of the bytes) and near copies (found by perceptual
@@ -960,8 +960,7 @@ def _layout_line(scan: Scan, resplit: bool, seed: int, fractions: Sequence[float
 
 
 def default_out(scan: Scan) -> Path:
-    """labels.csv at the top of DATA_DIR; for a CSV, beside it (``labels.prepared.csv`` when the CSV is
-    itself named labels.csv)."""
+    """labels.csv at the top of DATA_DIR; for a CSV, ``<stem>.labels.csv`` beside it."""
     if scan.csv is None:
         return scan.data_dir / "labels.csv"
     return data.prepared_labels_path(scan.csv)
@@ -1321,7 +1320,7 @@ def _parser() -> argparse.ArgumentParser:
         "--out",
         metavar="FILE",
         default=None,
-        help="where to write labels.csv (default: DATA_DIR/labels.csv, or beside the CSV); paths in it "
+        help="where to write labels.csv (default: DATA_DIR/labels.csv, or NAME.labels.csv beside NAME.csv); paths in it "
         "stay relative to DATA_DIR (elsewhere: search and evaluate then need --data-root DATA_DIR)",
     )
     p.add_argument(
