@@ -670,3 +670,18 @@ def test_a_search_without_data_says_first_that_it_runs_the_demo_set(tmp_path, ca
     assert lines[-1].startswith("error: ") and "already exists" in lines[-1]
     assert search.main([*argv, "--data", str(tmp_path)]) == 2
     assert "demo" not in capsys.readouterr().err
+
+
+def test_a_csv_of_images_is_prepared_once_and_a_later_change_is_said(tmp_path, caplog):
+    labels = make_separable_dataset(tmp_path / "data", per_class=4, size=32)
+    frame = pd.read_csv(labels)
+    source = tmp_path / "data" / "train.csv"
+    pd.DataFrame({"filename": frame["path"], "class": frame["label"]}).to_csv(source, index=False)
+    prepared = search.resolve_data(str(source))
+    assert prepared == source.with_name("train.labels.csv") and len(read_labels(prepared).frame) == 12
+    written = prepared.stat().st_mtime_ns
+    assert search.resolve_data(str(source)) == prepared and prepared.stat().st_mtime_ns == written  # reused
+    os.utime(source, ns=(written + 10**9, written + 10**9))
+    caplog.clear()
+    assert search.resolve_data(str(source)) == prepared
+    assert "train.csv changed after train.labels.csv was prepared from it" in caplog.text

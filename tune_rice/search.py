@@ -410,6 +410,14 @@ def resolve_data(
     csv = prepared_labels_path(p) if p.is_file() else p / "labels.csv"
     if csv.is_file():
         log.info("using %s", csv)
+        if p.is_file() and p.stat().st_mtime > csv.stat().st_mtime:
+            log.warning(
+                "%s changed after %s was prepared from it: the search uses the labels as prepared; "
+                "`python -m tune_rice.prepare %s` updates them",
+                p.name,
+                csv.name,
+                p,
+            )
         return csv
     from .prepare import format_report, prepare_dataset
 
