@@ -1,6 +1,7 @@
-"""``python -m tune_rice.evaluate``: score a trained model on a labelled split.
+"""``python -m tune_rice.evaluate``: score a trained model on a labelled split, or on every labelled image.
 
     python -m tune_rice.evaluate --model runs/<name>/best/model.pt --data data/labels.csv --split test
+    python -m tune_rice.evaluate --model runs/<name>/best/model.pt --data new_field/     # class folders: all
 
 The numbers and the JSON are those of a search's ``test_metrics.json`` (accuracy, macro_f1, loss,
 test_count, classes, per_class{precision, recall, f1, support}, confusion_matrix with rows = true class),
