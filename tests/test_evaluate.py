@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import error_line
 
 from tune_rice import evaluate
 from tune_rice.data import build_transform, load_image, read_labels
@@ -151,7 +154,7 @@ def test_a_labels_csv_kept_outside_the_dataset_needs_and_takes_data_root(tiny_mo
 
 def test_a_folder_without_labels_csv_and_an_unreadable_image(tiny_model, tmp_path, capsys):
     assert evaluate.main(["--model", str(tiny_model.model_path), "--data", str(tmp_path)]) == 2
-    assert "tune_rice.prepare" in capsys.readouterr().err
+    assert "no labelled images" in capsys.readouterr().err
     root = tmp_path / "broken"
     (root / "alpha").mkdir(parents=True)
     (root / "alpha" / "x.png").write_bytes(b"garbage")
@@ -186,3 +189,47 @@ def test_evaluate_reproduces_the_searchs_test_metrics(real_search, tmp_path, cap
     for key in ("accuracy", "macro_f1", "test_count", "classes", "per_class", "confusion_matrix"):
         assert got[key] == saved[key], key
     assert got["loss"] == pytest.approx(saved["loss"], rel=1e-5)
+
+
+def test_split_all_scores_every_image_of_a_labels_csv_a_class_folder_or_a_csv(tiny_model, tmp_path, capsys):
+    """--split all on the labels.csv, the same images as bare class folders (a stray file beside them) and as
+    a CSV of ids: every image scored once, the confusion matrix the sum of the three splits'; as a pre-split
+    tree: its test/ folder by default."""
+    model = ["--model", str(tiny_model.model_path), "--num-workers", "0"]
+    by_split = [_direct(tiny_model.model_path, tiny_model.labels_csv, s) for s in ("train", "valid", "test")]
+    want_cm = np.sum([r["cm"] for r in by_split], axis=0).tolist()
+    assert sum(r["n"] for r in by_split) == np.sum(want_cm) == 36
+
+    folders = tmp_path / "folders"
+    shutil.copytree(tiny_model.root, folders, ignore=shutil.ignore_patterns("*.csv"))
+    (folders / "alpha" / "readme.txt").write_text("not an image")
+    frame = pd.read_csv(tiny_model.labels_csv)
+    ids = tmp_path / "ids.csv"  # a CSV elsewhere: its paths are relative to --data-root
+    pd.DataFrame({"filename": frame["path"].str.removesuffix(".png"), "category": frame["label"]}).to_csv(
+        ids, index=False
+    )
+
+    presplit = tmp_path / "presplit"  # val/ train/ test/ folders of class folders: test by default
+    for rel, label, split in frame[["path", "label", "split"]].itertuples(index=False):
+        (presplit / split.replace("valid", "val") / label).mkdir(parents=True, exist_ok=True)
+        os.link(tiny_model.root / rel, presplit / split.replace("valid", "val") / rel)
+
+    cases = {
+        "labels": ([str(tiny_model.labels_csv), "--split", "all"], "all", want_cm),
+        "folders": ([str(folders)], "all", want_cm),
+        "csv": ([str(ids), "--data-root", str(tiny_model.root)], "all", want_cm),
+        "presplit": ([str(presplit)], "test", by_split[2]["cm"]),
+    }
+    for name, (data_args, split, cm) in cases.items():
+        out = tmp_path / f"{name}.json"
+        assert evaluate.main([*model, "--data", *data_args, "--out", str(out)]) == 0, name
+        printed = capsys.readouterr().out
+        got = json.loads(out.read_text())
+        assert got["split"] == split and got["test_count"] == np.sum(cm), name
+        assert got["confusion_matrix"] == cm, name
+        assert sum(v["support"] for v in got["per_class"].values()) == got["test_count"]
+        assert "confusion matrix" in printed and "precision" in printed
+        assert ("optimistic" in printed) == (name == "labels"), name  # only the labels.csv says train/valid
+
+    assert evaluate.main([*model, "--data", str(folders), "--split", "test", "--out", str(tmp_path / "x.json")]) == 2
+    assert "no test images" in error_line(capsys.readouterr().err) and not (tmp_path / "x.json").exists()

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import error_line
 from PIL import Image, ImageEnhance
 
 from tune_rice import UserError, data, prepare
@@ -241,7 +242,7 @@ def test_dedup_modes(dataset):
     members = ["blast/big.jpg", "blast/copy.jpg", "blast/reencoded.jpg"]
     groups = {}
     for mode in ("near", "exact", "off"):
-        result = prepare_dataset(dataset, progress=False, dedup_mode=mode)
+        result = prepare_dataset(dataset, progress=False, dedup_mode=mode, force=True)
         groups[mode] = result.frame.set_index("path").loc[members, "group"].tolist()
         report = format_report(result)
         if mode == "off":
@@ -400,6 +401,11 @@ def _error_cases(tmp_path: Path, dataset: Path):
     make_dataset(small, {"a": 5, "b": 2}, seed0=400)
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
+    mixed = tmp_path / "mixed"
+    make_dataset(mixed, {"blast": 3}, seed0=500)
+    make_dataset(mixed / "train", {"blast": 3}, seed0=510)
+    no_label = tmp_path / "list.csv"
+    no_label.write_text("file,kind\nblast/img_000.jpg,x\n")
     d = str(dataset)
     return [
         ("missing DATA_DIR", [tmp_path / "nope"], "dataset folder not found"),
@@ -417,6 +423,8 @@ def _error_cases(tmp_path: Path, dataset: Path):
         ("bad similarity", [d, "--dup-min-similarity", "1.5"], "--dup-min-similarity must be > 0 and <= 1"),
         ("negative seed", [d, "--seed", "-1"], "--seed must be >= 0"),
         ("out is a folder", [d, "--out", tmp_path], "is a folder"),
+        ("split and class folders", [mixed], "split folders (train) beside other folders (blast)"),
+        ("no label column", [no_label], "no label column among its columns (file, kind)"),
     ]
 
 
@@ -445,3 +453,150 @@ def test_module_entry_point_exit_code(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing'}: dataset folder not found"]
+
+
+# ------------------------------------------------------------------------------- other layouts: CSV
+def test_a_kaggle_style_csv_of_ids_without_extensions(tmp_path, capsys):
+    """``train.csv`` with ``Image_ID,Disease Label``, the images in ``images/`` under their ids plus an
+    extension: columns found, ids resolved, odd rows skipped with a reason, nothing else written."""
+    root = tmp_path / "kaggle"
+    (root / "images").mkdir(parents=True)
+    rows = []
+    for k, label in enumerate(["Bacterial blight"] * 4 + ["Hispa ü"] * 4 + ["brown_spot"] * 4):
+        ext = ".JPG" if k % 3 == 0 else ".jpg"
+        image(700 + k).save(root / "images" / f"id_{k}{ext}", format="JPEG")
+        rows.append((f"id_{k}", label))
+    image(800).save(root / "images" / "twin.jpg")
+    image(801).save(root / "images" / "twin.png")
+    (root / "images" / "notes.txt").write_text("not data")
+    image(802).save(root / "images" / "far.jpg")
+    rows += [("twin", "brown_spot"), ("gone", "brown_spot"), ("id_0", "brown_spot"), ("", "brown_spot")]
+    rows += [("/kaggle/input/rice/train_images/far.jpg", "brown_spot"), ("images/twin.gif", "brown_spot")]
+    pd.DataFrame(rows, columns=["Image_ID", "Disease Label"]).to_csv(root / "train.csv", index=False)
+
+    rc, out, _ = run_cli(capsys, root / "train.csv")
+
+    assert rc == 0
+    labels = root / "train.labels.csv"
+    table = data.read_labels(labels)  # as search reads it: paths relative to the CSV's folder
+    assert table.classes == ("Bacterial blight", "Hispa ü", "brown_spot")
+    want = [f"images/id_{k}{'.JPG' if k % 3 == 0 else '.jpg'}" for k in range(12)] + ["images/far.jpg"]
+    assert sorted(table.frame["path"]) == sorted(want)  # far.jpg: a path written on another machine
+    assert table.frame.set_index("path").loc["images/id_0.JPG", "label"] == "Bacterial blight"  # first row kept
+    for split in data.SPLITS:
+        assert all(p.is_file() for p in table.paths(split)) and len(table.split(split)) >= 3
+    assert "from train.csv (columns 'Image_ID', 'Disease Label'); split made here" in out
+    assert "twin: ambiguous: images/twin.jpg, images/twin.png" in out
+    assert "gone: file not found" in out
+    assert "images/twin.gif: file not found" in out  # its folder exists: no guessing by name
+    assert "id_0: listed again with another label ('brown_spot'; kept 'Bacterial blight')" in out
+    assert "row 17: empty path" in out
+    assert "notes.txt" not in out  # a file the CSV does not name is not looked at
+
+
+def test_a_csv_with_named_columns_an_image_folder_elsewhere_and_a_disagreeing_label(tmp_path, capsys):
+    images = tmp_path / "photos"
+    rels = make_dataset(images, {"blast": 4, "healthy 2": 4})
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    frame = pd.DataFrame({"file": rels, "label": ["wrong"] * 8, "Truth": [r.split("/")[0] for r in rels]})
+    frame.loc[0, "Truth"] = "healthy 2"  # a blast/ photo labelled healthy 2
+    frame.to_csv(meta / "list.csv", sep=";", index=False)
+
+    rc, out, _ = run_cli(
+        capsys, meta / "list.csv", "--label-col", "Truth", "--image-dir", images, "--allow-small-classes"
+    )
+
+    assert rc == 0, out
+    table = data.read_labels(meta / "list.labels.csv", root=images)
+    assert table.frame.set_index("path").loc[rels[0], "label"] == "healthy 2"
+    assert all(p.is_file() for s in data.SPLITS for p in table.paths(s))
+    assert (
+        f"1 row(s) of list.csv give a label other than their class folder's (e.g. {rels[0]} is labelled 'healthy 2')"
+        in out
+    )
+    assert f"--data {meta / 'list.labels.csv'} --data-root {images.resolve()}" in out
+    rc, _, err = run_cli(capsys, meta / "list.csv", "--label-col", "verdict", "--image-dir", images)
+    assert rc == 2 and "no column 'verdict' (--label-col); its columns: file, label, Truth" in error_line(err)
+
+
+# ------------------------------------------------------------------------------- other layouts: pre-split
+def make_presplit(root: Path, folders: dict[str, dict[str, int]], seed0: int = 1000) -> None:
+    seed = seed0
+    for folder, counts in folders.items():
+        make_dataset(root / folder, counts, seed0=seed)
+        seed += 100
+
+
+def test_a_presplit_tree_keeps_its_split_and_lists_cross_split_copies(tmp_path, capsys):
+    root = tmp_path / "presplit"
+    make_presplit(root, {"train": {"a": 6, "b": 6, "c": 4}, "val": {"a": 2, "b": 2}, "test": {"a": 2, "b": 2, "c": 2}})
+    (root / "test" / "a" / "copy.jpg").write_bytes((root / "train" / "a" / "img_000.jpg").read_bytes())
+    data.load_image(root / "train" / "b" / "img_001.jpg").save(root / "val" / "b" / "again.png")  # re-encoded
+    (root / "train" / "loose.jpg").write_bytes((root / "train" / "a" / "img_002.jpg").read_bytes())
+
+    rc, out, _ = run_cli(capsys, root)
+
+    assert rc == 0
+    frame = read_csv(root / "labels.csv")
+    folder_split = {"train": "train", "val": "valid", "test": "test"}
+    assert (frame["split"] == frame["path"].str.split("/").str[0].map(folder_split)).all()  # kept as given
+    assert set(frame["label"]) == {"a", "b", "c"}
+    leaks = read_csv(root / "leakage.csv")
+    assert list(leaks.columns) == list(prepare.LEAKAGE_COLUMNS)
+    pairs = {frozenset((r.path_a, r.path_b)) for r in leaks.itertuples()}
+    assert pairs == {
+        frozenset(("test/a/copy.jpg", "train/a/img_000.jpg")),
+        frozenset(("val/b/again.png", "train/b/img_001.jpg")),
+    }
+    assert "split kept from the folders train/, val/, test/" in out
+    assert "the folders' split kept, copies across it below" in out and "each group kept in one split" not in out
+    assert "leakage: 2 copy pair(s) across splits (4 images)" in out and str(root / "leakage.csv") in out
+    assert "class 'c' has no images in valid" in out
+    assert "train/loose.jpg: not inside a class folder" in out
+
+    # --resplit: a fresh grouped split (replacing the kept one needs --force)
+    rc, _, err = run_cli(capsys, root, "--resplit")
+    assert rc == 2 and "would change" in error_line(err) and "--force" in error_line(err)
+    rc, out, _ = run_cli(capsys, root, "--resplit", "--force")
+    assert rc == 0 and "pre-split folders train/, val/, test/ ignored (--resplit)" in out
+    frame = read_csv(root / "labels.csv").set_index("path")
+    assert frame.loc["test/a/copy.jpg", "split"] == frame.loc["train/a/img_000.jpg", "split"]
+    assert frame.loc["val/b/again.png", "split"] == frame.loc["train/b/img_001.jpg", "split"]
+    assert (frame.groupby("group")["split"].nunique() == 1).all()
+    assert "leakage" not in out
+
+
+def test_a_presplit_tree_without_copies_or_a_valid_folder(tmp_path, capsys):
+    root = tmp_path / "presplit"
+    make_presplit(root, {"Train": {"a": 8, "b": 8}, "Test": {"a": 2, "b": 2}})
+    rc, out, _ = run_cli(capsys, root)
+    assert rc == 0
+    frame = read_csv(root / "labels.csv")
+    assert (frame.loc[frame["path"].str.startswith("Test/"), "split"] == "test").all()
+    from_train = frame[frame["path"].str.startswith("Train/")]
+    assert sorted(from_train["split"].value_counts().items()) == [("train", 14), ("valid", 2)]
+    assert "no valid folder: 2 of the 16 train images taken as valid" in out
+    assert "leakage: no copies across splits" in out
+    assert read_csv(root / "leakage.csv").empty
+
+
+# ------------------------------------------------------------------------------- changing a split
+def test_a_split_that_would_change_is_refused_without_force(dataset, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(capsys, dataset)[0] == 0
+    labels = dataset / "labels.csv"
+    before = labels.read_bytes()
+    for name, data_arg in (("exp1", dataset), ("exp2", labels), ("other", tmp_path / "elsewhere")):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "search_args.json").write_text(f'{{"data": "{data_arg.resolve()}"}}')
+    assert run_cli(capsys, dataset)[0] == 0 and labels.read_bytes() == before  # same split: rewritten as it was
+    rc, out, err = run_cli(capsys, dataset, "--seed", "1")
+    line = error_line(err)
+    assert rc == 2 and out == "" and labels.read_bytes() == before
+    assert "moved to another split" in line and "experiments trained on it: runs/exp1, runs/exp2;" in line
+    image(4242).save(dataset / "healthy" / "new.jpg")
+    rc, _, err = run_cli(capsys, dataset)
+    assert rc == 2 and "1 image(s) added, 0 removed" in error_line(err) and labels.read_bytes() == before
+    assert run_cli(capsys, dataset, "--seed", "1", "--force")[0] == 0
+    assert list(read_csv(labels)["split"]) != list(pd.read_csv(io.BytesIO(before), dtype=str)["split"])

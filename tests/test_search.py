@@ -478,11 +478,15 @@ def test_resume_after_the_driver_is_killed(ray_local, labels, tmp_path):
 
 @pytest.mark.slow
 def test_data_root_reaches_the_trials_that_read_images(ray_local, labels, tmp_path):
-    """A labels.csv outside its dataset (prepare --out elsewhere) with --data-root, on the path where the
-    trials themselves decode the images (--feature-cache off); --resume keeps the root."""
-    meta = tmp_path / "meta" / "labels.csv"
+    """A Kaggle-style CSV of image ids (no extension) and labels kept outside the images' folder, with
+    --data-root: the search prepares labels.csv beside the CSV, its paths relative to the root, and the
+    root reaches the trials that decode the images themselves (--feature-cache off)."""
+    meta = tmp_path / "meta" / "train.csv"
     meta.parent.mkdir()
-    meta.write_bytes(labels.read_bytes())
+    frame = pd.read_csv(labels)
+    pd.DataFrame({"image_id": frame["path"].str.removesuffix(".png"), "Disease": frame["label"]}).to_csv(
+        meta, index=False
+    )
     storage = tmp_path / "runs"
     argv = search_argv(
         meta,
@@ -499,10 +503,13 @@ def test_data_root_reaches_the_trials_that_read_images(ray_local, labels, tmp_pa
         labels.parent,
     )
     assert search.main(argv) == 0
+    prepared = read_labels(meta.with_name("train.labels.csv"), root=labels.parent)
+    assert sorted(prepared.frame["path"]) == sorted(frame["path"])
     test = json.loads((storage / "root" / "test_metrics.json").read_text())
-    assert test["test_count"] == len(read_labels(labels).split("test"))
+    assert test["test_count"] == len(prepared.split("test"))
     saved = json.loads((storage / "root" / "search_args.json").read_text())
     assert saved["data_root"] == str(labels.parent.resolve()) and saved["data"] == str(meta.resolve())
+    assert saved["labels"] == str(prepared.csv_path)
 
 
 @pytest.mark.slow
@@ -651,3 +658,30 @@ def test_bad_input_is_one_line_and_writes_nothing(case, labels, tmp_path, capsys
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     if case == "existing":
         assert (storage / name / "results.csv").read_text() == "precious\n"
+
+
+def test_a_search_without_data_says_first_that_it_runs_the_demo_set(tmp_path, capsys):
+    (tmp_path / "runs" / "taken" / "results.csv").parent.mkdir(parents=True)
+    (tmp_path / "runs" / "taken" / "results.csv").write_text("precious\n")
+    argv = ["--storage-path", str(tmp_path / "runs"), "--name", "taken", "--no-report"]
+    assert search.main(argv) == 2  # stops at the taken name, before any data is made or read
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert "no --data: this search runs on the bundled synthetic rice-leaf demo set" in lines[0]
+    assert lines[-1].startswith("error: ") and "already exists" in lines[-1]
+    assert search.main([*argv, "--data", str(tmp_path)]) == 2
+    assert "demo" not in capsys.readouterr().err
+
+
+def test_a_csv_of_images_is_prepared_once_and_a_later_change_is_said(tmp_path, caplog):
+    labels = make_separable_dataset(tmp_path / "data", per_class=4, size=32)
+    frame = pd.read_csv(labels)
+    source = tmp_path / "data" / "train.csv"
+    pd.DataFrame({"filename": frame["path"], "class": frame["label"]}).to_csv(source, index=False)
+    prepared = search.resolve_data(str(source))
+    assert prepared == source.with_name("train.labels.csv") and len(read_labels(prepared).frame) == 12
+    written = prepared.stat().st_mtime_ns
+    assert search.resolve_data(str(source)) == prepared and prepared.stat().st_mtime_ns == written  # reused
+    os.utime(source, ns=(written + 10**9, written + 10**9))
+    caplog.clear()
+    assert search.resolve_data(str(source)) == prepared
+    assert "train.csv changed after train.labels.csv was prepared from it" in caplog.text

@@ -149,6 +149,22 @@ def read_labels(csv_path: str | os.PathLike, *, root: str | os.PathLike | None =
     return LabelTable(frame=frame, root=root, classes=classes, csv_path=csv_path)
 
 
+def is_labels_file(csv_path: str | os.PathLike) -> bool:
+    """Whether ``csv_path`` is a labels file (it has the ``REQUIRED_COLUMNS``), not a CSV of images and
+    labels that ``prepare`` has yet to split."""
+    try:
+        header = pd.read_csv(csv_path, nrows=0, encoding="utf-8-sig")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+        return False
+    return all(c in header.columns for c in REQUIRED_COLUMNS)
+
+
+def prepared_labels_path(csv_path: Path) -> Path:
+    """Where ``prepare`` writes the labels of a CSV of images by default: ``<stem>.labels.csv`` beside it
+    (``train.csv`` -> ``train.labels.csv``), so that two CSVs in one folder never share a labels file."""
+    return csv_path.with_name(f"{csv_path.stem}.labels.csv")
+
+
 def read_labels_checked(
     csv_path: str | os.PathLike, root: str | os.PathLike | None = None, *, splits: Sequence[str] = SPLITS
 ) -> LabelTable:

@@ -1,6 +1,7 @@
-"""``python -m tune_rice.evaluate``: score a trained model on a labelled split.
+"""``python -m tune_rice.evaluate``: score a trained model on a labelled split, or on every labelled image.
 
     python -m tune_rice.evaluate --model runs/<name>/best/model.pt --data data/labels.csv --split test
+    python -m tune_rice.evaluate --model runs/<name>/best/model.pt --data new_field/     # class folders: all
 
 The numbers and the JSON are those of a search's ``test_metrics.json`` (accuracy, macro_f1, loss,
 test_count, classes, per_class{precision, recall, f1, support}, confusion_matrix with rows = true class),
@@ -23,17 +24,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
 from . import UserError, cli
 from .data import (
     SPLITS,
+    ImageDataset,
     ImageDecodeError,
     LabelTable,
     Preprocessing,
     build_transform,
-    dataset_for_split,
+    is_labels_file,
     read_labels_checked,
 )
 from .devices import add_device_args, default_num_workers, device_from_arg, resolve_device
@@ -42,6 +45,8 @@ from .model import load_model
 from .storage import TEST_MARK
 
 log = logging.getLogger(__name__)
+
+ALL = "all"  # --split all: every labelled image, whatever its split
 
 
 def resolve_labels(data: str | os.PathLike) -> Path:
@@ -54,6 +59,59 @@ def resolve_labels(data: str | os.PathLike) -> Path:
             return p / "labels.csv"
         raise UserError(f"{p}: no labels.csv in this folder; write one with `python -m tune_rice.prepare {p}`")
     raise UserError(f"--data {data}: no such file or folder")
+
+
+def load_scored(
+    data: str | os.PathLike,
+    data_root: str | os.PathLike | None,
+    split: str | None,
+    *,
+    path_col: str | None = None,
+    label_col: str | None = None,
+) -> tuple[LabelTable, str]:
+    """--data as a table and the split to score (``split``, else test, or all for data with no split).
+
+    A labels.csv (or a folder holding one) is read as the search reads it; a class-folder tree, a
+    pre-split tree or a CSV of images is read as it is (nothing is written, nothing decoded yet); only
+    a pre-split tree has a split, the others are scored with ``all``."""
+    p = Path(data).expanduser()
+    if (p.is_file() and is_labels_file(p)) or (p.is_dir() and (p / "labels.csv").is_file()):
+        split = split or "test"
+        splits = SPLITS if split == ALL else (split,)
+        return read_labels_checked(resolve_labels(p), data_root, splits=splits), split
+    if not p.exists():
+        raise UserError(f"--data {data}: no such file or folder")
+    from .prepare import read_source
+
+    scan = read_source(p, path_col=path_col, label_col=label_col, image_dir=data_root if p.is_file() else None)
+    if scan.skipped:
+        log.warning(
+            "%s: %d file(s) not scored, e.g. %s",
+            p,
+            len(scan.skipped),
+            "; ".join(f"{rel}: {reason}" for rel, reason in scan.skipped[:2]),
+        )
+    if not scan.candidates:
+        raise UserError(
+            f"{p}: no labelled images (expected a labels.csv, class folders, train/ valid/ test/ folders "
+            "of them, or a CSV of image paths and labels)"
+        )
+    frame = pd.DataFrame(
+        {
+            "path": [c.rel for c in scan.candidates],
+            "label": [c.label for c in scan.candidates],
+            "split": [c.split or "" for c in scan.candidates],
+            "group": "",
+        }
+    )
+    table = LabelTable(
+        frame=frame, root=scan.data_dir, classes=tuple(sorted(set(frame["label"]))), csv_path=p.resolve()
+    )
+    split = split or ("test" if scan.layout == "presplit" else ALL)
+    if split != ALL and table.split(split).empty:
+        what = "its split folders" if scan.layout == "presplit" else "a class folder or a CSV of images has no split"
+        raise UserError(f"{p}: no {split} images ({what}); score every image with --split all")
+    return table, split
 
 
 def align_classes(table: LabelTable, model_classes: Sequence[str]) -> LabelTable:
@@ -85,17 +143,24 @@ def split_logits(
     batch_size: int = 64,
     num_workers: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``model``'s outputs on the ``split`` images of ``table`` (decoded once, in order) and the targets.
+    """``model``'s outputs on the ``split`` images of ``table`` (``all``: every row; decoded once, in
+    order) and the targets.
 
     ``preprocessing``: the model's (as saved with it), or a bare image size for the ResNet convention.
     """
-    if split not in SPLITS:
-        raise UserError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
-    if table.split(split).empty:
+    if split not in (*SPLITS, ALL):
+        raise UserError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}, {ALL}")
+    rows = table.frame if split == ALL else table.split(split)
+    if rows.empty:
         raise UserError(f"{table.csv_path}: the {split} split has no images")
     device = resolve_device(device)
     workers = default_num_workers(4) if num_workers is None else num_workers
-    ds = dataset_for_split(table, split, build_transform(preprocessing, train=False))
+    index = {c: i for i, c in enumerate(table.classes)}
+    ds = ImageDataset(
+        [table.root / q for q in rows["path"]],
+        np.asarray([index[c] for c in rows["label"]], dtype=np.int64),
+        build_transform(preprocessing, train=False),
+    )
     batches = ImageBatches(ds, batch_size=batch_size, train=False, num_workers=workers, device=device)
     try:
         return predict_logits(model.to(device), batches)
@@ -208,13 +273,26 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="runs/<name>/best/model.pt, an exported TorchScript file, or an experiment folder",
     )
-    p.add_argument("--data", required=True, help="a labels.csv, or a dataset folder holding one")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="a labels.csv or a dataset folder holding one; or, read as they are, a folder of class "
+        "folders, a pre-split train/ valid/ test/ tree of them, or a CSV of image paths and labels",
+    )
     p.add_argument(
         "--data-root",
         metavar="DIR",
-        help="folder the labels.csv paths are relative to (default: the folder holding the labels.csv)",
+        help="folder the labels.csv paths are relative to (default: the folder holding the labels.csv); "
+        "for a CSV of images, their folder",
     )
-    p.add_argument("--split", choices=SPLITS, default="test", help="which rows of labels.csv to score")
+    p.add_argument("--path-col", metavar="NAME", help="a CSV of images: its column of paths or ids (default: found)")
+    p.add_argument("--label-col", metavar="NAME", help="a CSV of images: its column of labels (default: found)")
+    p.add_argument(
+        "--split",
+        choices=(*SPLITS, ALL),
+        default=None,
+        help="which images to score: a split, or all of them (default: test; all for data with no split)",
+    )
     p.add_argument("--out", help="JSON file to write (default: eval_<split>.json in the current folder)")
     add_device_args(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -226,21 +304,20 @@ def _main(argv: Sequence[str] | None) -> int:
     cli.setup_logging(args.verbose)
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    out = Path(args.out) if args.out else Path(f"eval_{args.split}.json")
-    if out.name == "test_metrics.json":
+    if args.out and Path(args.out).name == "test_metrics.json":
         raise UserError(
-            f"--out {out}: refusing to write test_metrics.json (the search's own record of its "
+            f"--out {args.out}: refusing to write test_metrics.json (the search's own record of its "
             "one test read); choose another name"
         )
     device = device_from_arg(args.device)
     loaded = load_model(args.model, device=device)
-    table = align_classes(
-        read_labels_checked(resolve_labels(args.data), args.data_root, splits=(args.split,)), loaded.classes
-    )
+    table, split = load_scored(args.data, args.data_root, args.split, path_col=args.path_col, label_col=args.label_col)
+    out = Path(args.out) if args.out else Path(f"eval_{split}.json")
+    table = align_classes(table, loaded.classes)
     result = evaluate_model(
         loaded.module,
         table,
-        args.split,
+        split,
         loaded.preprocessing,
         device,
         batch_size=args.batch_size,
@@ -249,19 +326,21 @@ def _main(argv: Sequence[str] | None) -> int:
     record = {
         "model": str(loaded.path),
         "data": str(table.csv_path),
-        "split": args.split,
+        "split": split,
         "weights": loaded.weights,
         **result,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1))
-    print(format_metrics(result, title=f"{loaded.path} on {table.csv_path} [{args.split}]"))
-    if args.split != "test":
+    print(format_metrics(result, title=f"{loaded.path} on {table.csv_path} [{split}]"))
+    scored = set(table.frame["split"]) if split == ALL else {split}
+    seen = sorted(scored & {"train", "valid"})
+    if seen:
         print(
-            f"note: the {args.split} split was seen while searching (train to fit, valid to choose); "
-            "its score is optimistic"
+            f"note: the {' and '.join(seen)} images were seen while searching (train to fit, valid to "
+            "choose); their score is optimistic"
         )
-    else:
+    if "test" in scored:
         second = second_look(loaded.path)
         if second:
             print(f"note: {second}")

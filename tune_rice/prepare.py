@@ -1,8 +1,11 @@
-"""Scan a folder-per-class image set and write labels.csv with a leakage-safe, stratified split.
+"""Scan a labelled image set and write labels.csv with a leakage-safe, stratified split.
 
 ``DATA_DIR/<class>/**/<image>`` -> ``DATA_DIR/labels.csv`` with the columns ``path`` (relative to
 DATA_DIR, POSIX separators), ``label``, ``split`` (train/valid/test), ``group``, ``width``, ``height``,
-``sha1``, ``dhash``. Read it back with ``data.read_labels(csv, root=DATA_DIR)``.
+``sha1``, ``dhash``. Read it back with ``data.read_labels(csv, root=DATA_DIR)``. Two other layouts
+(:func:`read_source`): a pre-split ``DATA_DIR/{train,val|valid,test}/<class>/...``, whose split is kept
+(its copies across splits go to ``leakage.csv``), and a CSV of image paths and labels (``train.csv``),
+whose labels go beside it (``train.labels.csv``).
 
 Every candidate file is decoded (a file that will not decode is skipped and reported, never a crash
 later in the search). Exact copies (same SHA-1 of the bytes) and near copies (found by perceptual
@@ -16,7 +19,9 @@ the class folders.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -47,6 +52,34 @@ _DRAFT_SIZE = 128
 _MAX_LISTED = 50
 # Metadata folders that archivers and file browsers leave behind; never classes.
 _JUNK_NAMES = frozenset({"__MACOSX"})
+# The folders of a pre-split tree (any case) and the split each holds.
+SPLIT_FOLDERS = {
+    "train": "train",
+    "training": "train",
+    "val": "valid",
+    "valid": "valid",
+    "validation": "valid",
+    "test": "test",
+    "testing": "test",
+}
+# Column names a CSV of images and labels commonly uses, in order of preference (compared in lower case,
+# spaces and hyphens as underscores).
+PATH_COLUMNS = (
+    "path",
+    "filepath",
+    "file_path",
+    "image_path",
+    "filename",
+    "file_name",
+    "file",
+    "image",
+    "image_id",
+    "image_name",
+    "img",
+    "id",
+)
+LABEL_COLUMNS = ("label", "labels", "class", "class_name", "category", "disease", "target", "species")
+LEAKAGE_COLUMNS = ("path_a", "split_a", "label_a", "path_b", "split_b", "label_b", "check", "similarity")
 
 
 # ------------------------------------------------------------------------------------------ hashing
@@ -71,16 +104,24 @@ class Candidate:
     rel: str
     label: str
     path: Path
+    split: str | None = None  # the split its folder names (a pre-split tree); None: split here
 
 
 @dataclass
 class Scan:
-    """What the folder walk found, before decoding."""
+    """What the folder walk (or the CSV) found, before decoding. ``data_dir`` is the folder the paths
+    are relative to; ``layout`` is ``folders`` (one folder per class), ``presplit`` (train/, valid/,
+    test/, each with class folders; ``split_folders`` maps each split to its folder) or ``csv``."""
 
     data_dir: Path
     classes: list[str]  # class folders (sorted), including ones that turn out empty
     candidates: list[Candidate]
     skipped: list[tuple[str, str]]  # (relative path, reason)
+    layout: str = "folders"
+    split_folders: dict[str, str] = field(default_factory=dict)
+    csv: Path | None = None  # the CSV read (layout csv)
+    columns: tuple[str, str] = ("", "")  # its path and label columns
+    notes: list[str] = field(default_factory=list)  # one line each, for the report
 
 
 def _is_hidden(name: str) -> bool:
@@ -101,7 +142,10 @@ def check_data_dir(data_dir: str | os.PathLike) -> Path:
     if not data_dir.exists():
         raise UserError(f"{data_dir}: dataset folder not found")
     if not data_dir.is_dir():
-        raise UserError(f"{data_dir}: not a folder (expected a folder with one subfolder per class)")
+        raise UserError(
+            f"{data_dir}: not a folder or a CSV (expected a folder with one subfolder per class, "
+            "train/ valid/ test/ folders of them, or a CSV of image paths and labels)"
+        )
     return data_dir.resolve()
 
 
@@ -130,10 +174,258 @@ def scan_dataset(data_dir: str | os.PathLike) -> Scan:
         elif Path(entry.name).suffix.lower() in data.IMAGE_EXTENSIONS:
             skipped.append((entry.name, "not inside a class folder"))
         # other top-level files (labels.csv, README) are not part of the data set: ignored quietly
+    split_folders = _split_folders(root, classes)
+    if split_folders:
+        return _scan_presplit(root, split_folders, skipped)
     for label in classes:
         seen: set[tuple[int, int]] = set()
         _walk(root / label, label, label, seen, candidates, skipped)
     return Scan(data_dir=root, classes=classes, candidates=candidates, skipped=skipped)
+
+
+def _split_folders(root: Path, folders: list[str]) -> dict[str, str]:
+    """``{split: folder}`` when the top-level folders are split folders (train/, val/ or valid/, test/),
+    each holding class folders; ``{}`` for one folder per class."""
+    named = {f: SPLIT_FOLDERS[f.lower()] for f in folders if f.lower() in SPLIT_FOLDERS}
+    if not named or not any(_has_subfolder(root / f) for f in named):
+        return {}  # no split names, or a class that happens to be called "test" (images right inside)
+    others = [f for f in folders if f not in named]
+    if others:
+        raise UserError(
+            f"{root}: split folders ({', '.join(named)}) beside other folders ({', '.join(others[:3])}); "
+            "expected either one folder per class, or train/, valid/ (or val/), test/ each with class folders"
+        )
+    by_split: dict[str, str] = {}
+    for folder, split in named.items():
+        if split in by_split:
+            raise UserError(f"{root}: two folders for the {split} split ({by_split[split]}, {folder}); keep one")
+        by_split[split] = folder
+    return {s: by_split[s] for s in data.SPLITS if s in by_split}
+
+
+def _has_subfolder(folder: Path) -> bool:
+    try:
+        return any(_is_dir(e) and not _is_hidden(e.name) for e in os.scandir(folder))
+    except OSError:
+        return False
+
+
+def _scan_presplit(root: Path, split_folders: dict[str, str], skipped: list[tuple[str, str]]) -> Scan:
+    """A pre-split tree: ``root/<split folder>/<class>/...``; each candidate keeps its folder's split."""
+    candidates: list[Candidate] = []
+    classes: set[str] = set()
+    for split, folder in split_folders.items():
+        for entry in sorted(os.scandir(root / folder), key=lambda e: e.name):
+            rel = f"{folder}/{entry.name}"
+            if _bad_name(entry.name):
+                skipped.append((_printable(rel), "name is not valid UTF-8"))
+            elif _is_hidden(entry.name):
+                if _is_dir(entry):
+                    skipped.append((rel, "hidden folder"))
+            elif _is_dir(entry):
+                classes.add(entry.name)
+                found: list[Candidate] = []
+                _walk(Path(entry.path), rel, entry.name, set(), found, skipped)
+                candidates.extend(dataclasses.replace(c, split=split) for c in found)
+            elif Path(entry.name).suffix.lower() in data.IMAGE_EXTENSIONS:
+                skipped.append((rel, "not inside a class folder"))
+    return Scan(
+        data_dir=root,
+        classes=sorted(classes),
+        candidates=candidates,
+        skipped=skipped,
+        layout="presplit",
+        split_folders=split_folders,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- CSV
+def read_csv_source(
+    csv_path: str | os.PathLike,
+    *,
+    path_col: str | None = None,
+    label_col: str | None = None,
+    image_dir: str | os.PathLike | None = None,
+) -> Scan:
+    """A CSV of image paths and labels (a Kaggle-style ``train.csv``) as a :class:`Scan`.
+
+    Columns are found among the usual names (``PATH_COLUMNS``, ``LABEL_COLUMNS``, any case) unless
+    named. Paths are relative to ``image_dir`` (default: the CSV's folder), which is also the folder
+    the labels.csv paths will be relative to; an id without an image extension is matched to the one
+    image file of that name. Rows that name no usable file are skipped with a reason, never fatal.
+    """
+    csv_path = Path(csv_path).expanduser().resolve()
+    try:
+        with open(csv_path, encoding="utf-8-sig") as f:
+            header = f.readline()
+        sep = max((",", ";", "\t"), key=header.count)  # Excel writes ';' in some locales
+        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8-sig", sep=sep)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as e:
+        raise UserError(f"{csv_path}: not a readable CSV ({str(e).splitlines()[0]})") from None
+    pcol = _find_column(csv_path, frame, path_col, PATH_COLUMNS, "--path-col", "path")
+    lcol = _find_column(csv_path, frame, label_col, LABEL_COLUMNS, "--label-col", "label")
+    if image_dir is None:
+        root = csv_path.parent
+    else:
+        root = Path(image_dir).expanduser().resolve()
+        if not root.is_dir():
+            raise UserError(f"{image_dir}: image folder not found")
+    candidates, skipped = _csv_rows(list(zip(frame[pcol], frame[lcol])), root)
+    if not candidates:
+        example = f" (first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+        raise UserError(f"{csv_path}: none of its {len(frame)} rows names an image under {root}{example}")
+    classes = sorted({c.label for c in candidates})
+    scan = Scan(
+        data_dir=root,
+        classes=classes,
+        candidates=candidates,
+        skipped=skipped,
+        layout="csv",
+        csv=csv_path,
+        columns=(pcol, lcol),
+    )
+    disagree = [c for c in candidates if _folder_label(c.rel, classes) not in (None, c.label)]
+    if disagree:
+        shown = "; ".join(f"{c.rel} is labelled {c.label!r}" for c in disagree[:2])
+        scan.notes.append(
+            f"{len(disagree)} row(s) of {csv_path.name} give a label other than their class folder's "
+            f"(e.g. {shown}); the CSV's label is used"
+        )
+    return scan
+
+
+def _find_column(
+    csv_path: Path, frame: pd.DataFrame, named: str | None, usual: Sequence[str], option: str, what: str
+) -> str:
+    if named is not None:
+        if named not in frame.columns:
+            raise UserError(f"{csv_path}: no column {named!r} ({option}); its columns: {', '.join(frame.columns)}")
+        return named
+    by_key = {str(c).strip().lower().replace(" ", "_").replace("-", "_"): c for c in frame.columns}
+    for key in usual:
+        if key in by_key:
+            return str(by_key[key])
+    for key in usual:  # "Disease Label", "image_file_path"
+        suffixed = [c for k, c in by_key.items() if k.endswith("_" + key)]
+        if len(suffixed) == 1:
+            return str(suffixed[0])
+    raise UserError(
+        f"{csv_path}: no {what} column among its columns ({', '.join(map(str, frame.columns))}); "
+        f"looked for {', '.join(usual)}: name it with {option}"
+    )
+
+
+def _csv_rows(rows: list[tuple[str, str]], root: Path) -> tuple[list[Candidate], list[tuple[str, str]]]:
+    """Each (path, label) row as a candidate under ``root``, or a skipped (path, reason)."""
+    listings: dict[Path, tuple[set[str], dict[str, list[str]]]] = {}
+    candidates: list[Candidate] = []
+    skipped: list[tuple[str, str]] = []
+    first_label: dict[str, str] = {}
+    index: dict[str, list[Path]] | None = None
+    for k, (raw, label) in enumerate(rows):
+        raw, label = raw.strip(), label.strip()
+        shown = raw or f"row {k + 2}"
+        if not raw:
+            skipped.append((shown, "empty path"))
+            continue
+        if not label:
+            skipped.append((shown, "no label"))
+            continue
+        posix = raw.replace("\\", "/")
+        full = Path(os.path.normpath(root / posix))
+        inside = full == root or root in full.parents
+        names, by_stem = (
+            (listings.get(full.parent) or listings.setdefault(full.parent, _listing(full.parent)))
+            if inside
+            else (set(), {})
+        )
+        if full.name in names:
+            if full.suffix.lower() not in data.IMAGE_EXTENSIONS:
+                skipped.append((shown, "not an image extension"))
+                continue
+            found = [full]
+        else:  # an image id without its extension
+            found = [full.parent / n for n in by_stem.get(full.name, [])]
+        if not found and ("/" not in posix or not (inside and full.parent.is_dir())):
+            # a bare name or id of a file in a subfolder (images/, train_images/), or a path written on
+            # another machine (/kaggle/input/...): the one image of that name under root
+            index = index if index is not None else _image_index(root)
+            found = index.get(full.name, []) or index.get(full.name + "\0", [])
+        if len(found) != 1:
+            listed = ", ".join(sorted(p.relative_to(root).as_posix() for p in found)[:3])
+            missing = "file not found" if inside else f"not under the image folder {root}"
+            skipped.append((shown, f"ambiguous: {listed}" if found else missing))
+            continue
+        rel = found[0].relative_to(root).as_posix()
+        if rel in first_label:
+            again = "" if first_label[rel] == label else f" with another label ({label!r}; kept {first_label[rel]!r})"
+            skipped.append((shown, f"listed again{again}"))
+            continue
+        first_label[rel] = label
+        candidates.append(Candidate(rel=rel, label=label, path=found[0]))
+    return candidates, skipped
+
+
+def _image_index(root: Path) -> dict[str, list[Path]]:
+    """Every image file under ``root`` by its name and (key ``stem + NUL``) by its stem; hidden folders
+    are not entered. Built once, only when a CSV names files by bare name or id outside its folder."""
+    index: dict[str, list[Path]] = {}
+    seen: set[tuple[int, int]] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:  # a symlink loop or a folder linked twice
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs[:] = sorted(d for d in dirs if not _is_hidden(d) and not _bad_name(d))
+        for name in files:
+            stem, suffix = os.path.splitext(name)
+            if suffix.lower() in data.IMAGE_EXTENSIONS and not _bad_name(name):
+                path = Path(folder) / name
+                index.setdefault(name, []).append(path)
+                index.setdefault(stem + "\0", []).append(path)
+    return index
+
+
+def _listing(folder: Path) -> tuple[set[str], dict[str, list[str]]]:
+    """The file names in ``folder`` and, by stem, those with an image extension (one listing per folder,
+    not one stat per row: far fewer round trips on network file systems)."""
+    names: set[str] = set()
+    by_stem: dict[str, list[str]] = {}
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return names, by_stem
+    for e in entries:
+        if _bad_name(e.name) or not e.is_file():
+            continue
+        names.add(e.name)
+        stem, suffix = os.path.splitext(e.name)
+        if suffix.lower() in data.IMAGE_EXTENSIONS:
+            by_stem.setdefault(stem, []).append(e.name)
+    return names, by_stem
+
+
+def _folder_label(rel: str, classes: Sequence[str]) -> str | None:
+    """The class its folder names, if its folder is named after a class."""
+    parts = rel.split("/")
+    return parts[-2] if len(parts) > 1 and parts[-2] in classes else None
+
+
+def read_source(
+    source: str | os.PathLike,
+    *,
+    path_col: str | None = None,
+    label_col: str | None = None,
+    image_dir: str | os.PathLike | None = None,
+) -> Scan:
+    """A class-folder tree, a pre-split tree or a CSV of paths and labels, as a :class:`Scan`."""
+    p = Path(source).expanduser()
+    if p.is_file() and p.suffix.lower() in (".csv", ".tsv"):
+        return read_csv_source(p, path_col=path_col, label_col=label_col, image_dir=image_dir)
+    if path_col is not None or label_col is not None or image_dir is not None:
+        raise UserError(f"{p}: --path-col, --label-col and --image-dir are for a CSV input, not a folder")
+    return scan_dataset(p)
 
 
 def _printable(name: str) -> str:
@@ -340,6 +632,14 @@ class PrepareResult:
     n_candidates: int = 0  # candidate pairs checked (near mode)
     n_pairs: dict[str, int] = field(default_factory=dict)  # accepted pairs by check: exact, near
     n_blocked: int = 0  # verified pairs the chain guard kept apart
+    layout: str = ""  # where the images and the split came from, one line
+    leakage: pd.DataFrame | None = None  # a kept split's copy pairs across splits (LEAKAGE_COLUMNS)
+    leakage_csv: Path | None = None
+
+    @property
+    def leaks(self) -> int:
+        """Copy pairs across a kept split's splits."""
+        return 0 if self.leakage is None else len(self.leakage)
 
 
 def check_fractions(valid_frac: float, test_frac: float) -> tuple[float, float, float]:
@@ -404,22 +704,39 @@ def prepare_dataset(
     allow_small_classes: bool = False,
     workers: int | None = None,
     progress: bool = True,
+    path_col: str | None = None,
+    label_col: str | None = None,
+    image_dir: str | os.PathLike | None = None,
+    resplit: bool = False,
+    force: bool = False,
+    runs_dir: str | os.PathLike = "runs",
 ) -> PrepareResult:
     """Scan, validate, group duplicates, split and write labels.csv and duplicates.csv (atomically).
 
-    ``out`` defaults to ``DATA_DIR/labels.csv``; elsewhere is allowed, and its ``path`` column stays
-    relative to DATA_DIR (read it with ``data.read_labels(out, root=DATA_DIR)``). ``dedup_mode``:
-    ``near`` groups exact and verified near copies (``min_similarity``: the detail correlation a pair
-    needs; ``flips``: flipped and 90/180/270-degree turned copies count), ``exact`` byte copies only,
-    ``off`` nothing. Raises :class:`UserError` for bad input, in which case nothing is written.
+    ``data_dir``: a class-folder tree, a pre-split tree (its split is kept; ``resplit`` makes a fresh
+    one) or a CSV of paths and labels (see :func:`read_source`). ``out`` defaults to
+    ``DATA_DIR/labels.csv`` (beside the CSV: :func:`default_out`); elsewhere is allowed, and its
+    ``path`` column stays relative to DATA_DIR (the CSV's ``image_dir``; read it with
+    ``data.read_labels(out, root=DATA_DIR)``). ``dedup_mode``: ``near`` groups exact and verified near
+    copies (``min_similarity``: the detail correlation a pair needs; ``flips``: flipped and
+    90/180/270-degree turned copies count), ``exact`` byte copies only, ``off`` nothing. An existing
+    labels file whose split, classes or files would change is replaced only with ``force``
+    (experiments under ``runs_dir`` that used it are named). Raises :class:`UserError` for bad input,
+    in which case nothing is written.
     """
     fractions = check_fractions(valid_frac, test_frac)
     check_dedup(dedup_mode, min_similarity)
     if seed < 0:
         raise UserError(f"--seed must be >= 0, got {seed}")
-    root = check_data_dir(data_dir)
-    out_path = resolve_out(root, out)
-    scan = scan_dataset(root)
+    scan = read_source(data_dir, path_col=path_col, label_col=label_col, image_dir=image_dir)
+    root = scan.data_dir
+    if resplit and scan.layout != "presplit":
+        raise UserError(
+            f"{data_dir}: --resplit is for a pre-split train/ valid/ test/ tree; this split is made here anyway"
+        )
+    out_path = resolve_out(root, default_out(scan) if out is None else out)
+    if scan.csv is not None and out_path == scan.csv:
+        raise UserError(f"{out_path}: is the input CSV; write the labels elsewhere with --out")
     if not scan.classes:
         hint = (
             " (images are at the top level: put them in one folder per class)"
@@ -438,10 +755,10 @@ def prepare_dataset(
         if isinstance(info, str):
             skipped.append((cand.rel, info))
         else:
-            rows.append((cand.rel, cand.label, info))
+            rows.append((cand.rel, cand.label, info, cand.split))
     rows.sort(key=lambda r: r[0])
     skipped.sort(key=lambda s: s[0])
-    present = {label for _, label, _ in rows}
+    present = {label for _, label, _, _ in rows}
     empty_classes = [c for c in scan.classes if c not in present]
     for c in empty_classes:
         log.warning("class folder %r has no usable images: skipped", c)
@@ -468,11 +785,8 @@ def prepare_dataset(
     n_groups = int(group.max()) + 1
     group_size = np.bincount(group, minlength=n_groups)  # (G,)
 
-    # A group goes where its majority class goes (ties: the first class by name).
-    votes = np.zeros((n_groups, len(classes)), dtype=np.int64)
-    np.add.at(votes, (group, labels), 1)
-    group_class = votes.argmax(axis=1)  # (G,)
-    warnings: list[str] = []
+    group_class, votes = _group_classes(group, labels, len(classes))
+    warnings: list[str] = list(scan.notes)
     cross = []
     for g in np.flatnonzero((votes > 0).sum(axis=1) > 1):
         cross.append([(paths[k], classes[labels[k]]) for k in np.flatnonzero(group == g)])
@@ -485,9 +799,15 @@ def prepare_dataset(
         log.warning("%s, e.g. %s", msg, _examples(cross[0]))
     warnings.extend(_large_group_warnings(group, group_size, labels, classes, paths))
 
-    split_of, split_warnings = split_groups(
-        group_class, group_size, fractions, seed=seed, classes=classes, allow_small_classes=allow_small_classes
-    )
+    if scan.layout == "presplit" and not resplit:
+        given = np.asarray([data.SPLITS.index(r[3]) for r in rows])  # (N,)
+        split_row, split_warnings = keep_split(given, group, labels, fractions, seed=seed, classes=classes)
+        split_warnings = split_warnings + _missing_classes(split_row, labels, classes)
+    else:
+        split_of, split_warnings = split_groups(
+            group_class, group_size, fractions, seed=seed, classes=classes, allow_small_classes=allow_small_classes
+        )
+        split_row = split_of[group]
     for w in split_warnings:
         log.warning(w)
     warnings.extend(split_warnings)
@@ -497,7 +817,7 @@ def prepare_dataset(
         {
             "path": paths,
             "label": [r[1] for r in rows],
-            "split": [data.SPLITS[s] for s in split_of[group]],
+            "split": [data.SPLITS[s] for s in split_row],
             "group": [f"g{g:0{width}d}" for g in group],
             "width": np.asarray([r[2].width for r in rows], dtype=np.int64),
             "height": np.asarray([r[2].height for r in rows], dtype=np.int64),
@@ -506,6 +826,12 @@ def prepare_dataset(
         },
         columns=list(COLUMNS),
     )
+    check_replace(out_path, frame, force=force, runs_dir=runs_dir)
+    leaks = _leakage_frame(grouping, split_row, paths, [r[1] for r in rows])
+    leakage_csv = None
+    if scan.layout == "presplit" and not resplit and dedup_mode != "off":
+        leakage_csv = leakage_path(out_path)
+        _write_atomic(leaks, leakage_csv)
     dup_path = duplicates_path(out_path)
     _write_atomic(_duplicates_frame(grouping, group, paths, [r[1] for r in rows], width), dup_path)
     _write_atomic(frame, out_path)
@@ -532,7 +858,193 @@ def prepare_dataset(
         n_candidates=grouping.n_candidates,
         n_pairs={c: checks.count(c) for c in ("exact", "near")},
         n_blocked=grouping.n_blocked,
+        layout=_layout_line(scan, resplit, seed, fractions),
+        leakage=leaks if leakage_csv is not None else None,
+        leakage_csv=leakage_csv,
     )
+
+
+def _group_classes(group: np.ndarray, labels: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each group's class, where its majority goes (ties: the first class by name), and the votes (G, C)."""
+    votes = np.zeros((int(group.max()) + 1, n_classes), dtype=np.int64)
+    np.add.at(votes, (group, labels), 1)
+    return votes.argmax(axis=1), votes
+
+
+def keep_split(
+    given: np.ndarray,
+    group: np.ndarray,
+    labels: np.ndarray,
+    fractions: Sequence[float],
+    *,
+    seed: int,
+    classes: Sequence[str],
+) -> tuple[np.ndarray, list[str]]:
+    """A pre-split tree's split (index per image (N,)), with a missing valid or test split taken from
+    train (by group and class, ``fractions`` of train's images); returns it and one line per missing split."""
+    present = set(given.tolist())
+    if 0 not in present:
+        raise UserError(
+            "the split folders hold no train images; a pre-split tree needs a train/ folder of class "
+            "folders (or pass --resplit to split all of it afresh)"
+        )
+    missing = [s for s in (1, 2) if s not in present]
+    if not missing:
+        return given, []
+    train = np.flatnonzero(given == 0)
+    local, local_group = np.unique(group[train], return_inverse=True)  # train's groups, renumbered
+    group_class, _ = _group_classes(local_group, labels[train], len(classes))
+    share = [fractions[s] for s in missing]
+    picked, _ = split_groups(
+        group_class,
+        np.bincount(local_group, minlength=len(local)),
+        [1.0 - sum(share), *share],
+        seed=seed,
+        classes=classes,
+        allow_small_classes=True,
+    )
+    split_row = given.copy()
+    split_row[train] = np.asarray([0, *missing])[picked[local_group]]
+    notes = [
+        f"no {data.SPLITS[s]} folder: {np.sum(split_row == s)} of the {len(train)} train images taken as "
+        f"{data.SPLITS[s]} ({fractions[s]:.0%}, by near-copy group and class)"
+        for s in missing
+    ]
+    return split_row, notes
+
+
+def _missing_classes(split_row: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> list[str]:
+    """One line per class that some split lacks."""
+    counts = np.zeros((len(classes), len(data.SPLITS)), dtype=np.int64)
+    np.add.at(counts, (labels, split_row), 1)
+    out = []
+    for c, name in enumerate(classes):
+        lacking = [data.SPLITS[s] for s in np.flatnonzero(counts[c] == 0)]
+        if lacking:
+            why = " (the model cannot learn it)" if "train" in lacking else ""
+            out.append(f"class {name!r} has no images in {'/'.join(lacking)}{why}")
+    return out
+
+
+def _leakage_frame(
+    grouping: dedup.Grouping, split_row: np.ndarray, paths: list[str], labels: list[str]
+) -> pd.DataFrame:
+    """One row per copy pair whose two images sit in different splits."""
+    rows = sorted((p for p in grouping.pairs if split_row[p[0]] != split_row[p[1]]), key=lambda p: (p[0], p[1]))
+    return pd.DataFrame(
+        {
+            "path_a": [paths[p[0]] for p in rows],
+            "split_a": [data.SPLITS[split_row[p[0]]] for p in rows],
+            "label_a": [labels[p[0]] for p in rows],
+            "path_b": [paths[p[1]] for p in rows],
+            "split_b": [data.SPLITS[split_row[p[1]]] for p in rows],
+            "label_b": [labels[p[1]] for p in rows],
+            "check": [p[2] for p in rows],
+            "similarity": [f"{p[3]:.3f}" for p in rows],
+        },
+        columns=list(LEAKAGE_COLUMNS),
+    )
+
+
+def _layout_line(scan: Scan, resplit: bool, seed: int, fractions: Sequence[float]) -> str:
+    made = f"split made here (seed {seed}, valid {fractions[1]:g}, test {fractions[2]:g}; copies kept together)"
+    if scan.layout == "csv":
+        assert scan.csv is not None
+        return f"from {scan.csv.name} (columns {scan.columns[0]!r}, {scan.columns[1]!r}); {made}"
+    if scan.layout == "presplit":
+        folders = ", ".join(f + "/" for f in scan.split_folders.values())
+        if resplit:
+            return f"pre-split folders {folders} ignored (--resplit); {made}"
+        return f"split kept from the folders {folders}"
+    return made
+
+
+def default_out(scan: Scan) -> Path:
+    """labels.csv at the top of DATA_DIR; for a CSV, ``<stem>.labels.csv`` beside it."""
+    if scan.csv is None:
+        return scan.data_dir / "labels.csv"
+    return data.prepared_labels_path(scan.csv)
+
+
+def leakage_path(labels_csv: Path) -> Path:
+    """Where a kept split's cross-split copies go: ``leakage.csv`` beside ``labels.csv``."""
+    name = "leakage.csv" if labels_csv.name == "labels.csv" else f"{labels_csv.stem}.leakage.csv"
+    return labels_csv.with_name(name)
+
+
+# ------------------------------------------------------------------------------------ replacing a split
+def check_replace(out_path: Path, frame: pd.DataFrame, *, force: bool, runs_dir: str | os.PathLike) -> None:
+    """Refuse to replace ``out_path`` when its split, classes or files would change (unless ``force``),
+    naming the experiments under ``runs_dir`` that were trained on it."""
+    if force or not out_path.exists():
+        return
+    try:
+        old = pd.read_csv(out_path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError):
+        old = pd.DataFrame()
+    if {"path", "label", "split"} <= set(old.columns):
+        change = describe_change(old, frame)
+        if not change:
+            return
+    else:
+        change = "it is not a labels file written by prepare"
+    users = experiments_using(out_path, runs_dir)
+    used = ""
+    if users:
+        used = f"; experiments trained on it: {', '.join(users[:3])}" + (
+            f" and {len(users) - 3} more" if len(users) > 3 else ""
+        )
+    raise UserError(
+        f"{out_path}: exists and would change ({change}){used}; pass --force to replace it, or --out another file"
+    )
+
+
+def describe_change(old: pd.DataFrame, new: pd.DataFrame) -> str:
+    """What replacing labels ``old`` by ``new`` changes, in a few words ('' when split, classes and files
+    are the same)."""
+    before = dict(zip(old["path"], zip(old["label"], old["split"])))
+    after = dict(zip(new["path"], zip(new["label"], new["split"])))
+    parts = []
+    added, gone = len(after.keys() - before.keys()), len(before.keys() - after.keys())
+    if added or gone:
+        parts.append(f"{added} image(s) added, {gone} removed")
+    common = before.keys() & after.keys()
+    relabelled = sum(before[p][0] != after[p][0] for p in common)
+    moved = sum(before[p][1] != after[p][1] for p in common)
+    if relabelled:
+        parts.append(f"{relabelled} relabelled")
+    if moved:
+        parts.append(f"{moved} of {len(common)} moved to another split")
+    old_classes, new_classes = set(old["label"]), set(new["label"])
+    if old_classes != new_classes:
+        parts.append(
+            "classes "
+            + ", ".join(
+                [f"+{c}" for c in sorted(new_classes - old_classes)]
+                + [f"-{c}" for c in sorted(old_classes - new_classes)]
+            )
+        )
+    return "; ".join(parts)
+
+
+def experiments_using(labels_csv: Path, runs_dir: str | os.PathLike) -> list[str]:
+    """The experiments under ``runs_dir`` whose saved arguments (search_args.json) read ``labels_csv``:
+    by the labels file they recorded, else by their --data (a folder, the file, or a CSV it was prepared from)."""
+    found = []
+    for args_file in sorted(Path(runs_dir).expanduser().glob("*/search_args.json")):
+        try:
+            saved = json.loads(args_file.read_text())
+        except (OSError, ValueError):
+            continue
+        used = saved.get("labels") or saved.get("data")
+        if not used:
+            continue
+        p = Path(used)
+        if labels_csv in (p, p / "labels.csv") or (
+            p.suffix.lower() == ".csv" and labels_csv == data.prepared_labels_path(p)
+        ):
+            found.append(str(args_file.parent))
+    return found
 
 
 DUPLICATE_COLUMNS = (
@@ -631,7 +1143,10 @@ def _write_atomic(frame: pd.DataFrame, out_path: Path) -> None:
 def format_report(result: PrepareResult) -> str:
     """A plain-text summary: class x split counts, merged groups, skipped files and where the CSV is."""
     frame = result.frame
-    lines = [f"{len(frame)} images in {len(result.classes)} classes from {result.data_dir}", ""]
+    lines = [f"{len(frame)} images in {len(result.classes)} classes from {result.data_dir}"]
+    if result.layout:
+        lines.append(result.layout)
+    lines.append("")
     table = pd.crosstab(frame["label"], frame["split"]).reindex(
         index=result.classes, columns=list(data.SPLITS), fill_value=0
     )
@@ -644,6 +1159,7 @@ def format_report(result: PrepareResult) -> str:
         lines.append(f"{name:<{name_w}}" + "".join(f"{int(v):>{num_w}}" for v in row))
     lines.append("")
     lines.extend(_duplicate_summary(result))
+    lines.extend(_leakage_summary(result))
     if result.skipped:
         lines.append(f"skipped {len(result.skipped)} file(s):")
         lines.extend(f"  {p}: {reason}" for p, reason in result.skipped[:_MAX_LISTED])
@@ -676,7 +1192,12 @@ def _duplicate_summary(result: PrepareResult) -> list[str]:
     )
     lines = [
         f"duplicate groups merged: {result.n_groups_merged} (covering {result.n_images_in_merged} images; "
-        f"{how}; each group kept in one split)"
+        f"{how}; "
+        + (
+            "the folders' split kept, copies across it below)"
+            if result.leakage is not None
+            else "each group kept in one split)"
+        )
     ]
     if result.dedup == "near":
         lines.append(
@@ -700,6 +1221,24 @@ def _duplicate_summary(result: PrepareResult) -> list[str]:
     if result.duplicates_csv is not None:
         lines.append(f"  every grouped pair with its scores: {result.duplicates_csv}")
     return lines
+
+
+def _leakage_summary(result: PrepareResult) -> list[str]:
+    """A kept split's copies across splits: how many, two examples, where the list is."""
+    leaks, where = result.leakage, result.leakage_csv
+    if leaks is None or where is None:
+        return []
+    if leaks.empty:
+        return [f"leakage: no copies across splits (checked: {result.dedup} copies)"]
+    images = len(set(leaks["path_a"]) | set(leaks["path_b"]))
+    shown = "; ".join(
+        f"{r.path_a} [{r.split_a}] ~ {r.path_b} [{r.split_b}]" for r in leaks.head(2).itertuples(index=False)
+    )
+    return [
+        f"leakage: {len(leaks)} copy pair(s) across splits ({images} images), e.g. {shown}",
+        f"  the kept split scores these copies as unseen; every pair in {where}; --resplit makes a fresh "
+        "split that keeps copies together",
+    ]
 
 
 # ------------------------------------------------------------------------------------------ materialize
@@ -765,17 +1304,49 @@ def materialize(result: PrepareResult, out_dir: str | os.PathLike) -> dict[str, 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=os.environ.get("TUNE_RICE_PROG", "python -m tune_rice.prepare"),
-        description="Scan DATA_DIR/<class>/... (one folder per class), check that every image decodes, "
-        "group exact and near-duplicate images, and write labels.csv with a group-aware, "
-        "class-stratified train/valid/test split. Images are never copied or modified.",
+        description="Read a dataset (DATA_DIR/<class>/..., a pre-split DATA_DIR/{train,valid,test}/<class>/..., "
+        "or a CSV of image paths and labels), check that every image decodes, group exact and "
+        "near-duplicate images, and write labels.csv with a group-aware, class-stratified "
+        "train/valid/test split (a pre-split tree keeps its own, with its cross-split copies listed in "
+        "leakage.csv). Images are never copied or modified.",
     )
-    p.add_argument("data_dir", metavar="DATA_DIR", help="folder with one subfolder per class")
+    p.add_argument(
+        "data_dir",
+        metavar="DATA",
+        help="folder with one subfolder per class; or with train/, valid/ (or val/), test/ folders of "
+        "them; or a CSV with a path and a label column",
+    )
     p.add_argument(
         "--out",
         metavar="FILE",
         default=None,
-        help="where to write labels.csv (default: DATA_DIR/labels.csv); paths in it stay "
-        "relative to DATA_DIR (elsewhere: search and evaluate then need --data-root DATA_DIR)",
+        help="where to write labels.csv (default: DATA_DIR/labels.csv, or NAME.labels.csv beside NAME.csv); paths in it "
+        "stay relative to DATA_DIR (elsewhere: search and evaluate then need --data-root DATA_DIR)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing labels file even when its split, classes or files would change",
+    )
+    p.add_argument(
+        "--path-col",
+        metavar="NAME",
+        help=f"CSV input: the column of image paths or ids (default: the first of {', '.join(PATH_COLUMNS)})",
+    )
+    p.add_argument(
+        "--label-col",
+        metavar="NAME",
+        help=f"CSV input: the column of labels (default: the first of {', '.join(LABEL_COLUMNS)})",
+    )
+    p.add_argument(
+        "--image-dir",
+        metavar="DIR",
+        help="CSV input: the folder its paths are relative to (default: the CSV's folder)",
+    )
+    p.add_argument(
+        "--resplit",
+        action="store_true",
+        help="pre-split tree: ignore its train/valid/test folders and make a fresh grouped split",
     )
     p.add_argument(
         "--valid-frac", type=float, default=0.15, help="fraction of each class's images for valid, > 0 (default 0.15)"
@@ -840,7 +1411,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     cli.setup_logging(args.verbose)
     if args.materialize is not None:  # refuse before any work, so nothing is written on error
-        check_materialize_target(args.materialize, check_data_dir(args.data_dir))
+        source = Path(args.data_dir).expanduser()
+        target = (Path(args.image_dir) if args.image_dir else source.parent) if source.is_file() else source
+        check_materialize_target(args.materialize, check_data_dir(target))
     if args.dup_threshold is not None:
         raise UserError(
             "--dup-threshold (bits of a difference hash) was replaced by --dup-min-similarity "
@@ -858,6 +1431,11 @@ def _main(argv: Sequence[str] | None = None) -> int:
         allow_small_classes=args.allow_small_classes,
         workers=args.workers,
         progress=not args.no_progress,
+        path_col=args.path_col,
+        label_col=args.label_col,
+        image_dir=args.image_dir,
+        resplit=args.resplit,
+        force=args.force,
     )
     print(format_report(result))
     if args.materialize is not None:

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from . import UserError, cli, final, storage, study, tune_glue
-from .data import LabelTable, read_labels_checked
+from .data import LabelTable, is_labels_file, prepared_labels_path, read_labels_checked
 from .features import FeatureBank, FeatureSpec, by_reference, extract_banks
 from .model import ResolvedWeights, hub_weights_file, resolve_weights
 from .probe import CV_AUTO_BELOW, CV_AUTO_FOLDS, Baseline, bank_folds, fit_probes, resolve_folds
@@ -55,15 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--data",
-        help="dataset folder (class sub-folders; prepared if it has no labels.csv) or a "
-        "labels.csv; default: the built-in synthetic rice-leaf demo set",
+        help="a labels.csv; or a dataset folder (one sub-folder per class, or train/ valid/ test/ "
+        "folders of them), or a CSV of image paths and labels, prepared if no labels.csv is there yet; "
+        "default: the bundled synthetic rice-leaf demo set",
     )
     p.add_argument(
         "--data-root",
         metavar="DIR",
         help="folder the labels.csv paths are relative to (default: the "
-        "folder holding it; for `prepare --out` outside DATA_DIR)",
+        "folder holding it; for `prepare --out` outside DATA_DIR); for a CSV of images, their folder",
     )
+    p.add_argument("--path-col", metavar="NAME", help="a CSV of images: its column of paths or ids (default: found)")
+    p.add_argument("--label-col", metavar="NAME", help="a CSV of images: its column of labels (default: found)")
     p.add_argument("--num-samples", type=int, default=30, help="number of trials")
     p.add_argument(
         "--search-space",
@@ -368,16 +371,23 @@ def record_start(args, paths: ExperimentPaths, weights: dict[str, ResolvedWeight
 # ----------------------------------------------------------------------------------------------- data
 def load_data(args) -> LabelTable:
     """labels.csv (prepared first when --data is a bare folder), checked, with no empty split."""
-    labels_csv = resolve_data(args.data)
+    labels_csv = resolve_data(args.data, args.data_root, path_col=args.path_col, label_col=args.label_col)
     table = read_labels_checked(labels_csv, args.data_root)
+    args.labels = str(table.csv_path)  # saved with the arguments: prepare names the experiments a split fed
     for split in ("train", "valid", "test"):
         if table.split(split).empty:
             raise UserError(f"{labels_csv}: the {split} split is empty")
     return table
 
 
-def resolve_data(data: str | None) -> Path:
-    """--data (folder, labels.csv, or nothing for the demo set) -> the path of a labels.csv.
+def resolve_data(
+    data: str | None,
+    data_root: str | None = None,
+    *,
+    path_col: str | None = None,
+    label_col: str | None = None,
+) -> Path:
+    """--data (folder, labels.csv, CSV of images, or nothing for the demo set) -> the path of a labels.csv.
 
     Data and split never depend on the search's --seed: seeds compare searches on the same data.
     ``prepare`` (and the image libraries its grouping needs) is imported only when something is prepared."""
@@ -393,21 +403,30 @@ def resolve_data(data: str | None) -> Path:
         log.info("no --data given: using the synthetic rice-leaf demo set at %s", folder)
         return csv
     p = Path(data).expanduser().resolve()
-    if p.is_file():
+    if p.is_file() and is_labels_file(p):
         return p
     if not p.exists():
         raise UserError(f"--data {data}: no such file or folder")
-    csv = p / "labels.csv"
+    csv = prepared_labels_path(p) if p.is_file() else p / "labels.csv"
     if csv.is_file():
         log.info("using %s", csv)
+        if p.is_file() and p.stat().st_mtime > csv.stat().st_mtime:
+            log.warning(
+                "%s changed after %s was prepared from it: the search uses the labels as prepared; "
+                "`python -m tune_rice.prepare %s` updates them",
+                p.name,
+                csv.name,
+                p,
+            )
         return csv
-    log.info("%s has no labels.csv: preparing it now with the default split fractions", p)
     from .prepare import format_report, prepare_dataset
 
-    result = prepare_dataset(p)  # the default split (seed 0), the same as `python -m tune_rice.prepare`
+    log.info("%s has no labels file: preparing it now (%s) with the default split fractions", p, csv.name)
+    # the default split (seed 0), the same as `python -m tune_rice.prepare`
+    result = prepare_dataset(p, image_dir=data_root if p.is_file() else None, path_col=path_col, label_col=label_col)
     # prepare's own warning says the skipped files are "listed in the report": this is that report
     log.log(
-        logging.WARNING if result.skipped or result.empty_classes else logging.INFO,
+        logging.WARNING if result.skipped or result.empty_classes or result.warnings or result.leaks else logging.INFO,
         "prepared %s:\n%s",
         p,
         format_report(result),
@@ -725,6 +744,11 @@ def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging(args.verbose)
     _validate_args(args)
+    if args.data is None and not args.resume:
+        log.warning(
+            "no --data: this search runs on the bundled synthetic rice-leaf demo set, not on your images "
+            "(--data FOLDER or CSV for your own)"
+        )
     run_search(args)
     return 0
 
