@@ -517,7 +517,7 @@ def backbone_rows(family: str | None = None) -> list[dict]:
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], *, provider: str = "torchvision") -> str:
     head = ("backbone", "family", "dim", "params M", "GFLOPs", "top-1", "crop", "resize", "interp", "file MB", "cached")
     body = [
         (
@@ -539,6 +539,14 @@ def format_table(rows: list[dict]) -> str:
     lines = ["  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths)))]
     lines += ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(b, widths))) for b in body]
     cached = sum(r["cached"] for r in rows)
+    if provider == "timm":
+        lines.append(
+            f"{len(rows)} pretrained timm models in {len({r['family'] for r in rows})} families; {cached} in the "
+            f"local caches ({timm_zoo.hub_cache_dir()}). GFLOPs: measured (torch's FlopCounterMode at the native "
+            "crop, multiply-adds as torchvision counts them); top-1 and file size: timm does not ship them. "
+            "Use as backbone timm:NAME."
+        )
+        return "\n".join(lines)
     lines.append(
         f"{len(rows)} weights of {len({r['backbone'].split(':')[0] for r in rows})} models in "
         f"{len({r['family'] for r in rows})} families; {cached} in the local cache "
@@ -553,10 +561,21 @@ def build_parser() -> argparse.ArgumentParser:
         prog=os.environ.get("TUNE_RICE_PROG", "python -m tune_rice.backbones"),
         description="List the torchvision classification backbones usable here, with their weights: feature "
         "size, parameters, GFLOPs and ImageNet top-1 (torchvision's metadata), native crop and "
-        "resize, and whether the weights file is in the local torch hub cache. Works offline.",
+        "resize, and whether the weights file is in the local torch hub cache. Works offline. "
+        "--provider timm lists timm's pretrained models (backbone timm:NAME) by family.",
         formatter_class=cli.HelpFormatter,
     )
-    p.add_argument("--family", help="only this family (e.g. convnext, vit, 'mobilenet v3', regnet)")
+    p.add_argument(
+        "--provider",
+        choices=("torchvision", "timm"),
+        default="torchvision",
+        help="whose models: torchvision's, or timm's (needs `pip install 'tune-rice[timm]'`)",
+    )
+    p.add_argument(
+        "--family",
+        help="only this family (e.g. convnext, vit, 'mobilenet v3', regnet); with --provider timm: a timm "
+        "module (convnext, vision_transformer), a name prefix (convnextv2) or a wildcard ('*dinov2*')",
+    )
     p.add_argument("--json", action="store_true", help="print the rows as JSON (for tools)")
     p.add_argument(
         "--write-lite0",
@@ -579,6 +598,13 @@ def _main(argv: Sequence[str] | None) -> int:
             f"{timm_zoo.LITE0_PACKAGE}) mapped onto {timm_zoo.LITE0_VALUE}; use backbone "
             f"{timm_zoo.LITE0_VALUE} with --weights {path}"
         )
+        return 0
+    if args.provider == "timm":
+        if not args.family:  # ~1800 pretrained models: one line per family, and how to see one
+            print(timm_zoo.family_summary())
+            return 0
+        rows = timm_zoo.backbone_rows(args.family)
+        print(json.dumps(rows, indent=1) if args.json else format_table(rows, provider="timm"))
         return 0
     rows = backbone_rows(args.family)
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
