@@ -111,8 +111,8 @@ def fetch_hint(name: str) -> str:
         return timm_zoo.fetch_hint(name)
     w, cached = hub_weights_file(name)
     return (
-        f"fetch {w.url} into {cached.parent} on a machine with internet (or set TORCH_HOME to a cache that "
-        "has it), or pass --weights FILE or --weights none"
+        f"fetch {w.url} to {cached} on a machine with internet (or set TORCH_HOME to a cache that has it), "
+        "or pass --weights FILE, --weights none (random init) or --weights auto (random init when missing)"
     )
 
 

@@ -315,7 +315,10 @@ def fetch_hint(value: str) -> str:
         )
     else:
         how = f"fetch {ref.cfg['url']} into {places[-1][1].parent}"
-    return f"{how}, or pass --weights FILE (a state dict for {ref.model}) or --weights none"
+    return (
+        f"{how}, or pass --weights FILE (a state dict for {ref.model}), --weights none (random init) or "
+        "--weights auto (random init when missing)"
+    )
 
 
 def download(value: str) -> Path:
