@@ -15,6 +15,9 @@ comes from torchvision's own API (``list_models``, ``get_model_weights`` and the
 - **metadata** for the table ``python -m tune_rice.backbones`` prints: feature size, parameters, GFLOPs,
   ImageNet top-1, native crop, whether the weights file is in the torch hub cache.
 
+A ``timm:NAME`` value is timm's model (``timm_zoo``): each function here that takes a value or a network
+hands a timm one to it, so the rest of tune-rice treats both providers alike.
+
 No Ray, no network here.
 """
 
