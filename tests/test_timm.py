@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pandas as pd
@@ -13,6 +14,12 @@ import torch
 from tune_rice import UserError, backbones, cli, features, model, timm_zoo
 
 timm = pytest.importorskip("timm")
+
+
+def test_without_timm_a_timm_backbone_is_one_line_saying_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
+    with pytest.raises(UserError, match=r"backbone timm:not_parsed_yet needs timm.*pip install 'tune-rice\[timm\]'"):
+        backbones.validate("timm:not_parsed_yet")
 
 
 # ------------------------------------------------------------------------ EfficientNet-Lite0 weights

@@ -604,7 +604,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0
     if args.provider == "timm":
         if not args.family:  # ~1800 pretrained models: one line per family, and how to see one
-            print(timm_zoo.family_summary())
+            groups = timm_zoo.families(timm_zoo.pretrained_names())
+            print(json.dumps(dict(groups), indent=1) if args.json else timm_zoo.family_summary())
             return 0
         rows = timm_zoo.backbone_rows(args.family)
         print(json.dumps(rows, indent=1) if args.json else format_table(rows, provider="timm"))
