@@ -181,7 +181,7 @@ def test_search_refuses_labels_that_escape_the_dataset_root(bad, separable, tmp_
     frame.loc[0, "path"] = bad
     frame.to_csv(separable, index=False)
     _no_ray(monkeypatch)
-    monkeypatch.setattr(search, "resolve_weights", lambda *a, **k: pytest.fail("got past the labels check"))
+    monkeypatch.setattr(search, "start_ray", lambda *a, **k: pytest.fail("got past the labels check"))
     (tmp_path / "space.yaml").write_text(SMALL_SPACE)
     rc = search.main(search_argv(separable, tmp_path / "space.yaml", tmp_path / "runs", "x"))
     err = capsys.readouterr().err.strip()

@@ -30,11 +30,9 @@ import json
 import logging
 import os
 import sys
-import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +43,7 @@ from torchvision.models import WeightsEnum
 
 from . import UserError, cli, timm_zoo
 from .data import Preprocessing
+from .torchutil import weightless as _weightless
 
 log = logging.getLogger(__name__)
 
@@ -233,38 +232,6 @@ def pool_classifier_input(x: torch.Tensor) -> torch.Tensor:
     if x.dim() == 2:
         return x
     return torch.flatten(nn.functional.adaptive_avg_pool2d(nn.functional.relu(x), 1), 1)
-
-
-_WEIGHTLESS_LOCK = threading.Lock()
-
-
-@contextmanager
-def _weightless() -> Iterator[None]:
-    """Build networks with every parameter and buffer on the meta device: shapes without memory or
-    initialisation (the builders' init functions do nothing on meta tensors), for sizes, for checking
-    which input sizes a network takes, and for a network whose weights are loaded next. The patch is
-    module-global while active, so it acts on this thread only (a network another thread builds
-    meanwhile is real) and one thread at a time holds it. ``torch.device("meta")`` would be the plain
-    way, but RegNet's builder computes its widths with tensors, which cannot leave the meta device."""
-    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
-    owner = threading.get_ident()
-
-    def parameter(self, name, param):
-        if param is not None and param.device.type != "meta" and threading.get_ident() == owner:
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register_parameter(self, name, param)
-
-    def buffer(self, name, tensor, persistent=True):
-        if tensor is not None and threading.get_ident() == owner:
-            tensor = tensor.to("meta")
-        register_buffer(self, name, tensor, persistent)
-
-    with _WEIGHTLESS_LOCK:
-        nn.Module.register_parameter, nn.Module.register_buffer = parameter, buffer  # type: ignore[method-assign]
-        try:
-            yield
-        finally:
-            nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer  # type: ignore[method-assign]
 
 
 def empty_network(value: str) -> nn.Module:

@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import warnings
 import zipfile
 from collections.abc import Sequence
@@ -37,6 +36,7 @@ from .backbones import (
     validate,
     weights_file,
 )
+from .torchutil import safe_torch_load
 
 log = logging.getLogger(__name__)
 
@@ -79,30 +79,6 @@ def _file_digest(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:16]
-
-
-def safe_torch_load(path: str | os.PathLike, *, what: str = "file"):
-    """``torch.load(weights_only=True)`` with errors turned into one clear line; never unsafe loading."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: {what} not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # torch's first line is generic advice to retry unsafely; the line naming the refused global is the news.
-        text = str(e).split("WeightsUnpickler error:", 1)[-1]
-        lines = [
-            ln.strip()
-            for ln in text.splitlines()
-            if ln.strip() and not ln.strip().startswith(("Weights only load failed", "Check the documentation"))
-        ]
-        first = next((ln for ln in lines if "GLOBAL" in ln), lines[0] if lines else type(e).__name__)
-        raise UserError(
-            f"{path}: refused to load: it is not a weights-only file and unpickling it could run code ({first[:160]})"
-        ) from None
-    except Exception as e:  # garbage bytes surface as KeyError, EOFError, RuntimeError, ... from the unpickler
-        reason = (str(e).splitlines() or [""])[0][:160] or type(e).__name__
-        raise UserError(f"{path}: cannot read as a torch {what} ({reason})") from None
 
 
 def fetch_hint(name: str) -> str:

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from . import UserError
+from .torchutil import safe_torch_load, weightless
 
 log = logging.getLogger(__name__)
 
@@ -349,9 +350,7 @@ def download(value: str) -> Path:
 # ---------------------------------------------------------------------------- sizes, cost, the table
 def shape_network(value: str) -> nn.Module:
     """``value``'s network with parameters and buffers on the meta device, in eval mode."""
-    from .backbones import _weightless  # noqa: PLC0415 (backbones imports this module)
-
-    with _weightless():
+    with weightless():
         return create_network(value).eval()
 
 
@@ -534,8 +533,6 @@ def map_in_order(source: Mapping[str, torch.Tensor], target: Mapping[str, torch.
 def lite0_state_dict(source: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
     """The EfficientNet-Lite0 ImageNet weights (``source``, default: the package's file) as a state dict
     of timm's ``tf_efficientnet_lite0``."""
-    from .model import safe_torch_load  # noqa: PLC0415 (model imports backbones, which imports this)
-
     state = safe_torch_load(source or lite0_package_file(), what="state dict")
     with torch.random.fork_rng(devices=[]):
         target = shape_network(LITE0_VALUE).state_dict()
