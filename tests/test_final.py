@@ -168,7 +168,7 @@ def test_decide_deploys_the_ensemble_only_when_valid_says_so():
     names = [f"t{i}" for i in range(len(logits))]
     choice = final.decide(names, logits, y, k=5)
     ens = final.ensemble_logits(logits, choice.selection.members, choice.selection.weights)
-    better = np.mean(ens.argmax(1) == y) >= np.mean(logits[0].argmax(1) == y)
+    better = np.mean(ens.argmax(1) == y) > np.mean(logits[0].argmax(1) == y)  # a tie keeps the smaller model
     assert choice.deployed == ("ensemble" if better else "single")
     deployed = ens if better else logits[0]
     assert choice.temperature == pytest.approx(final.fit_temperature(deployed, y))
@@ -206,30 +206,6 @@ def _right_wrong(pattern, c=3):
     return z
 
 
-def test_paired_advantage_by_hand():
-    y = np.zeros(10, dtype=int)
-    a = _right_wrong([1, 1, 1, 1, 1, 1, 1, 0, 0, 0])  # 7 of 10
-    b = _right_wrong([1, 1, 1, 1, 1, 0, 0, 1, 0, 0])  # 6 of 10; a and b differ on 3 images
-    adv, se = final.paired_advantage(a, b, y, metric="valid/acc", mode="max")
-    d = np.array([0, 0, 0, 0, 0, 1, 1, -1, 0, 0])
-    assert adv == pytest.approx(0.1) and se == pytest.approx(d.std(ddof=1) / np.sqrt(10))
-    assert not final.clearly_better(a, b, y, metric="valid/acc", mode="max")  # 0.1 < 0.18: noise
-    # the same one-image lead with no image where a is the worse one stands out
-    a2 = _right_wrong([1, 1, 1, 1, 1, 1, 0, 0, 0, 0])
-    b2 = _right_wrong([1, 1, 1, 1, 1, 0, 0, 0, 0, 0])
-    assert final.paired_advantage(a2, b2, y, metric="valid/acc", mode="max") == (pytest.approx(0.1), pytest.approx(0.1))
-    assert not final.clearly_better(a2, b2, y, metric="valid/acc", mode="max")  # more than one SE is needed
-    a3 = _right_wrong([1] * 8 + [0] * 2)
-    assert final.clearly_better(a3, b2, y, metric="valid/acc", mode="max")  # 3 images more, never fewer
-    # valid/loss (mode min): per-image NLL differences; lower NLL is the advantage
-    logits, yy = _candidates(3, n=200)
-    adv, se = final.paired_advantage(logits[0], logits[5], yy, metric="valid/loss", mode="min")
-    rows = np.arange(len(yy))
-    d = final.log_softmax(logits[0])[rows, yy] - final.log_softmax(logits[5])[rows, yy]
-    assert adv == pytest.approx(final.nll(logits[5], yy) - final.nll(logits[0], yy)) == pytest.approx(d.mean())
-    assert se == pytest.approx(d.std(ddof=1) / np.sqrt(len(d)))
-
-
 def _fake_candidates(names, baseline=()):
     from tune_rice import engine
     from tune_rice.model import build_head
@@ -239,24 +215,35 @@ def _fake_candidates(names, baseline=()):
     return [final.Candidate(n, spec, head, baseline=n in baseline) for n in names]
 
 
-@pytest.mark.parametrize("trial_pattern, leader", [([1] * 7 + [0] * 3, "probe:b"), ([1] * 9 + [0], "t0")])
-def test_the_probe_leads_unless_the_best_trial_clearly_beats_it(trial_pattern, leader):
-    y = np.zeros(10, dtype=int)
-    probe = _right_wrong([1, 1, 1, 1, 1, 0, 0, 1, 0, 0])  # 6 of 10
-    other = _right_wrong([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+@pytest.mark.parametrize("lead_by, leader", [(2, "probe:b"), (9, "t0")])
+def test_the_probe_leads_unless_the_best_trial_beats_it_beyond_the_pick(lead_by, leader):
+    """The best trial right on ``lead_by`` images the probe gets wrong (and never the other way): 2-0 is
+    what picking the best gives by chance (the exact sign test alone says p = 0.25), 9-0 is not."""
+    n = 40
+    y = np.zeros(n, dtype=int)
+    probe = _right_wrong([1] * 20 + [0] * 20)
+    best = _right_wrong([1] * (20 + lead_by) + [0] * (20 - lead_by))
+    other = _right_wrong([1] * 19 + [0] * 21)
     pool = _fake_candidates(["t0", "t1", "probe:b"], baseline=["probe:b"])
-    choice = final.choose_final(pool, [_right_wrong(trial_pattern), other, probe], y, k=3, metric="valid/acc")
+    choice = final.choose_final(pool, [best, other, probe], y, k=3, metric="valid/acc", trials_run=6)
     assert choice.candidates[0] == leader and choice.lead["leader"] == leader
-    assert choice.lead["trial"] == "t0" and choice.lead["probe"] == "probe:b" and choice.lead["count"] == 10
-    adv, se = final.paired_advantage(_right_wrong(trial_pattern), probe, y, metric="valid/acc", mode="max")
-    assert choice.lead["advantage"] == pytest.approx(adv) and choice.lead["standard_error"] == pytest.approx(se)
+    assert choice.lead["trial"] == "t0" and choice.lead["probe"] == "probe:b" and choice.lead["count"] == n
+    assert choice.lead["advantage"] == pytest.approx(lead_by / n)
+    assert choice.lead["compared"] == 2 and choice.lead["trials"] == 6
+    # the record is stats.lead_test's on the two trials, with the 6 the search ran counted
+    from tune_rice import stats
+
+    again = stats.lead_test([best, other], probe, y, metric="valid/acc", mode="max", trials_run=6)
+    assert choice.lead["p_value"] == pytest.approx(again["p_value"]) and choice.lead["clear"] == (leader == "t0")
     assert sorted(choice.candidates) == ["probe:b", "t0", "t1"]
     assert final.FinalChoice.from_dict(json.loads(json.dumps(choice.to_dict()))) == choice
     text = " ".join(final.lead_lines(choice.to_dict()))
-    assert ("within noise" in text) == (leader == "probe:b")
+    assert ("what picking the best gives by chance" in text) == (leader == "probe:b")
+    assert "given the best of 6 trials was picked" in text
     # the report names who was deployed and why the probe led
     import pandas as pd
 
+    from tune_rice.probe import probe_verdict, search_beats_probe
     from tune_rice.report import Experiment, final_lines
 
     md = "\n".join(
@@ -267,12 +254,12 @@ def test_the_probe_leads_unless_the_best_trial_clearly_beats_it(trial_pattern, l
     )
     deployed = "the linear probe's head" if leader == "probe:b" else "the single best trial's head"
     assert f"Deployed: {deployed}" in md and ("the simpler probe led the final model" in md) == (leader == "probe:b")
-    if leader == "probe:b":  # the trials join the probe only if that clearly beats the probe alone
-        ens = final.ensemble_logits(
-            [probe, _right_wrong(trial_pattern), other], choice.selection.members, choice.selection.weights
-        )
-        wanted = final.clearly_better(ens, probe, y, metric="valid/acc", mode="max")
-        assert choice.deployed == ("ensemble" if wanted and len(choice.selection.members) > 1 else "single")
+    # one verdict: the probe line of the summary and the report reads the same record
+    assert search_beats_probe(choice.lead) == (leader == "t0")
+    verdict = probe_verdict(choice.lead, metric="valid/acc")
+    assert verdict.startswith("the search beat" if leader == "t0" else "the search did NOT beat")
+    if leader == "probe:b":  # the trials join the probe only if that beats the probe beyond the pick too
+        assert choice.deployed == ("ensemble" if choice.lead.get("ensemble", {}).get("clear") else "single")
         assert choice.deployed == "single" and choice.members == ["probe:b"]
 
 

@@ -214,8 +214,12 @@ def test_probe_and_folds_on_generated_images(tmp_path, family):
 # ------------------------------------------------------------------------------------------ report
 @pytest.mark.parametrize("probe_value, beaten", [(0.70, True), (0.80, False)])
 def test_report_puts_the_probe_beside_the_best_trial(tmp_path, probe_value, beaten):
+    """The report's verdict is final.json's lead record (the one verdict), not a comparison of its own."""
+    import json
+
     import pandas as pd
 
+    from tune_rice import stats
     from tune_rice.report import load_experiment, write_report
 
     rows = [
@@ -250,11 +254,18 @@ def test_report_puts_the_probe_beside_the_best_trial(tmp_path, probe_value, beat
         },
     ]
     pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
+    y = np.zeros(40, dtype=int)  # the best trial right on 30 of 40 valid images; the probe on 22 or 32
+    trial, probe = np.tile([0.0, 1.0], (40, 1)), np.tile([0.0, 1.0], (40, 1))  # class 1 on top: wrong
+    trial[:30] = probe[: 22 if beaten else 32] = [1.0, 0.0]
+    lead = stats.lead_test([trial], probe, y, metric="valid/acc", mode="max", trials_run=2)
+    lead.update(trial="t1", probe="probe:bank", leader="t1" if lead["clear"] else "probe:bank")
+    (tmp_path / "final.json").write_text(json.dumps({"lead": lead}))
     exp = load_experiment(tmp_path)
     assert list(exp.results["trial_id"]) == ["t1", "t2"] and list(exp.probes["trial_id"]) == ["probe:bank"]
     text = write_report(tmp_path).read_text()
     assert "trials: 2:" in text
     assert f"linear probe baseline (`probe:bank`, C=0.1, C chosen on valid): valid/acc {probe_value:.4f}" in text
     assert "valid acc 0.750 on 40 [0.60, 0.86]" in text  # the best trial's size and interval
-    assert ("the search beat the linear probe" in text) == beaten
-    assert ("did NOT beat the linear probe on valid/acc: 0.75 vs 0.8" in text) == (not beaten)
+    assert ("the search beat the linear probe on valid/acc: the best trial's +0.2 on 40 valid images" in text) == beaten
+    assert ("did NOT beat the linear probe on valid/acc: the best trial's -0.05" in text) == (not beaten)
+    assert f"p = {lead['p_value']:.3g} given it was the best of 2 trials" in text

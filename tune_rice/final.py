@@ -26,7 +26,7 @@ import torch
 from scipy.optimize import minimize_scalar
 from torch import nn
 
-from . import UserError
+from . import UserError, stats
 from .engine import BankBatches, TrialConfig, compute_metrics, fold_heads, predict_logits
 from .features import FeatureBank, FeatureSpec
 from .model import Classifier, Ensemble, Head, ResolvedWeights, build_backbone, build_ensemble, build_head
@@ -269,45 +269,10 @@ def suggest_threshold(probs, targets, *, target_accuracy: float = DEFAULT_TARGET
 
 
 # ------------------------------------------------------------------------------------ the decision
-_METRIC_KEYS = {"valid/acc": "acc", "valid/macro_f1": "macro_f1", "valid/loss": "nll"}
-
-
 def valid_score(logits, targets, metric: str) -> float:
-    """The search metric computed on valid logits (valid/acc, valid/macro_f1, valid/loss = NLL)."""
-    key = _METRIC_KEYS.get(metric)
-    if key is None:
-        raise UserError(
-            f"the final model is decided on valid/acc, valid/macro_f1 or valid/loss; the search metric is {metric!r}"
-        )
-    return float(calibration_metrics(logits, targets)[key])
-
-
-def paired_advantage(a_logits, b_logits, targets, *, metric: str, mode: str) -> tuple[float, float]:
-    """How far model ``a`` beats model ``b`` on the same valid images by the search ``metric`` (> 0: ``a``
-    is better), and the standard error of that difference: ``std(d) / sqrt(n)`` over the per-image
-    differences ``d`` (right-or-wrong for acc, NLL for loss). Both models are scored on the same images,
-    so the noise of their difference is the paired one, far smaller than either accuracy's own interval
-    when they agree on most images. macro-F1 has no per-image terms: the accuracy's differences stand in.
-    With fewer than two images the error is infinite (nothing can be told apart)."""
-    za, zb = np.asarray(a_logits, dtype=np.float64), np.asarray(b_logits, dtype=np.float64)
-    y = _targets(targets, len(za))
-    sign = 1.0 if mode == "max" else -1.0
-    advantage = sign * (valid_score(za, y, metric) - valid_score(zb, y, metric))
-    if metric == "valid/loss":
-        rows = np.arange(len(y))
-        d = log_softmax(zb)[rows, y] - log_softmax(za)[rows, y]  # NLL of a minus NLL of b, per image
-    else:
-        d = (za.argmax(1) == y).astype(np.float64) - (zb.argmax(1) == y).astype(np.float64)
-    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("inf")
-    return float(advantage), se
-
-
-def clearly_better(a_logits, b_logits, targets, *, metric: str, mode: str) -> bool:
-    """``a`` beats ``b`` on valid by more than one paired standard error (:func:`paired_advantage`):
-    the one-standard-error rule (Breiman et al. 1984; Hastie et al., ESL 7.10), which keeps the simpler
-    model unless the other's advantage stands out of the noise of the valid set."""
-    advantage, se = paired_advantage(a_logits, b_logits, targets, metric=metric, mode=mode)
-    return advantage > se
+    """The search metric computed on valid logits (valid/acc, valid/macro_f1, valid/balanced_acc, or
+    valid/loss = NLL); see :func:`tune_rice.stats.score`."""
+    return stats.score(logits, targets, metric)
 
 
 @dataclass
@@ -356,14 +321,16 @@ def decide(
     rounds: int = DEFAULT_ROUNDS,
     target_accuracy: float = DEFAULT_TARGET_ACCURACY,
     baseline: bool = False,
+    trials_run: int | None = None,
 ) -> FinalChoice:
     """Select an ensemble, decide it against the single best (``names[0]``), calibrate the deployed one.
 
-    The ensemble is deployed when it has at least two distinct members and is not worse than the single
-    best on the search ``metric`` on valid (its valid NLL is lower by construction). When ``baseline``
-    (``names[0]`` is the linear probe, the simpler model), the ensemble must beat it by more than one
-    paired standard error instead (:func:`clearly_better`), the rule that let the probe lead. The
-    temperature is fitted on the deployed model's valid logits.
+    The ensemble is deployed when it has at least two distinct members and beats the single best on the
+    search ``metric`` on valid (its valid NLL is lower by construction; a tie keeps the smaller model).
+    When ``baseline`` (``names[0]`` is the linear probe, the simpler model), the ensemble must beat it by
+    the rule that let the probe lead (:func:`tune_rice.stats.lead_test`), counted as one more pick among
+    the other candidates (``trials_run`` of them in the search). The temperature is fitted on the
+    deployed model's valid logits.
     """
     if len(names) != len(logits_list):
         raise ValueError("one name per candidate")
@@ -372,10 +339,15 @@ def decide(
     single = np.asarray(logits_list[0], dtype=np.float64)
     ens = ensemble_logits(logits_list, sel.members, sel.weights)
     s_single, s_ens = valid_score(single, y, metric), valid_score(ens, y, metric)
-    if baseline:
-        good_enough = clearly_better(ens, single, y, metric=metric, mode=mode)
+    tested: dict = {}
+    if baseline and len(sel.members) > 1:
+        family = [*logits_list[1:], ens]
+        tested = stats.lead_test(
+            family, single, y, metric=metric, mode=mode, lead=len(family) - 1, trials_run=trials_run
+        )
+        good_enough = tested["clear"]
     else:
-        good_enough = s_ens >= s_single if mode == "max" else s_ens <= s_single
+        good_enough = s_ens > s_single if mode == "max" else s_ens < s_single
     use_ensemble = len(sel.members) > 1 and good_enough
     if len(sel.members) > 1 and not use_ensemble:
         log.info(
@@ -413,6 +385,7 @@ def decide(
         coverage=coverage_curve(p_after, y),
         metric=metric,
         mode=mode,
+        lead={"ensemble": tested} if tested else {},
     )
 
 
@@ -564,11 +537,13 @@ def choose_final(
     mode: str = "max",
     rounds: int = DEFAULT_ROUNDS,
     target_accuracy: float = DEFAULT_TARGET_ACCURACY,
+    trials_run: int | None = None,
 ) -> FinalChoice:
-    """:func:`decide` over the pool's valid logits, led by ``pool[0]`` (the search's best trial) or, when
-    that does not clearly beat it (:func:`lead_index`), by the best linear probe. ``choice.candidates``
-    lists the names in the order decided on: the leader first."""
-    lead, record = lead_index(pool, logits, targets, metric=metric, mode=mode)
+    """:func:`decide` over the pool's valid logits, led by the search's best trial or, when that does not
+    beat the best linear probe by more than picking the best of ``trials_run`` trials explains
+    (:func:`lead_index`), by that probe. ``choice.candidates`` lists the names in the order decided on:
+    the leader first."""
+    lead, record = lead_index(pool, logits, targets, metric=metric, mode=mode, trials_run=trials_run)
     order = [lead, *(i for i in range(len(pool)) if i != lead)]
     choice = decide(
         [pool[i].name for i in order],
@@ -580,63 +555,74 @@ def choose_final(
         rounds=rounds,
         target_accuracy=target_accuracy,
         baseline=pool[lead].baseline,
+        trials_run=trials_run,
     )
-    choice.lead = record
+    choice.lead = {**record, **choice.lead}
     return choice
 
 
 def lead_index(
-    pool: Sequence[Candidate], logits: Sequence[np.ndarray], targets, *, metric: str, mode: str
+    pool: Sequence[Candidate],
+    logits: Sequence[np.ndarray],
+    targets,
+    *,
+    metric: str,
+    mode: str,
+    trials_run: int | None = None,
 ) -> tuple[int, dict]:
-    """Who leads the final model: ``pool[0]`` (the best trial) when it beats the best linear probe in the
-    pool by more than one paired standard error on valid (:func:`clearly_better`), else that probe.
+    """Who leads the final model: the best trial (the first in ``pool`` that is not a probe) when it beats
+    the best linear probe in the pool on valid by more than picking the best of the search's trials gives
+    by chance (:func:`tune_rice.stats.lead_test`: every trial in the pool is resampled with it, and the
+    ``trials_run`` the search ran are counted), else that probe.
 
     Why: the best trial's valid figure is the best of many trials and epochs on the same images, so it
     is biased upward by the choice itself (the winner's curse), while the probe's is one of a few values
-    of C. A lead of one or two valid images is what that choice alone produces. Returns the index and
-    a record for final.json (empty when the pool holds no probe or a probe leads already)."""
+    of C. Returns the index and the record final.json keeps as ``lead`` (empty when the pool holds no
+    probe or no trial); its ``clear`` is the search's one verdict against the probe."""
     probes = [i for i, c in enumerate(pool) if c.baseline]
-    if not probes or pool[0].baseline:
+    trials = [i for i, c in enumerate(pool) if not c.baseline]
+    if not probes or not trials:
         return 0, {}
     sign = 1.0 if mode == "max" else -1.0
     best = max(probes, key=lambda i: (sign * valid_score(logits[i], targets, metric), -i))
-    advantage, se = paired_advantage(logits[0], logits[best], targets, metric=metric, mode=mode)
-    lead = 0 if advantage > se else best
-    record = {
-        "rule": "one paired standard error",
-        "trial": pool[0].name,
-        "probe": pool[best].name,
-        "advantage": advantage,
-        "standard_error": se,
-        "count": len(np.asarray(targets)),
-        "leader": pool[lead].name,
-    }
-    if lead:
-        log.info(
-            "the linear probe %s leads the final model: the best trial's %s lead over it on valid, %+.4f, is "
-            "within one standard error (%.4f)",
-            pool[best].name,
-            metric,
-            advantage,
-            se,
-        )
+    test = stats.lead_test(
+        [logits[i] for i in trials], logits[best], targets, metric=metric, mode=mode, trials_run=trials_run
+    )
+    lead = trials[0] if test["clear"] else best
+    record = {**test, "trial": pool[trials[0]].name, "probe": pool[best].name, "leader": pool[lead].name}
+    log.info(
+        "%s leads the final model: the best trial's %s lead over the probe %s on valid, %+.4f, has p = %.3g "
+        "given the best of %d trials was picked (lead when <= %g)",
+        pool[lead].name,
+        metric,
+        pool[best].name,
+        test["advantage"],
+        test["p_value"],
+        test["trials"],
+        test["alpha"],
+    )
     return lead, record
+
+
+def lead_gap(lead: dict, metric: str) -> str:
+    """``valid/acc +0.0500 on 300 images, p = 0.012 given the best of 30 trials was picked``."""
+    return (
+        f"{metric} {lead['advantage']:+.4f} on {lead['count']} images, p = {lead['p_value']:.3g} given the best "
+        f"of {lead['trials']} trials was picked"
+    )
 
 
 def lead_lines(record: dict) -> list[str]:
     """The summary's line on who led the final model (final.json's ``lead``), or none."""
     lead = record.get("lead") or {}
-    if not lead:
+    if "trial" not in lead:
         return []
-    gap = (
-        f"{record['metric']} {lead['advantage']:+.4f} against one paired standard error of "
-        f"{lead['standard_error']:.4f} on {lead['count']} images"
-    )
+    gap = lead_gap(lead, record["metric"])
     if lead["leader"] == lead["trial"]:
-        return [f"  the best trial clearly beat the linear probe on valid ({gap}), so it led the final model"]
+        return [f"  the best trial led the final model: it beat the linear probe on valid ({gap} <= {lead['alpha']:g})"]
     return [
-        f"  the best trial's lead over the linear probe on valid is within noise ({gap}): the simpler "
-        "probe led the final model"
+        f"  the best trial's lead over the linear probe on valid is what picking the best gives by chance ({gap} "
+        f"> {lead['alpha']:g}): the simpler probe led the final model"
     ]
 
 
@@ -806,11 +792,13 @@ def make_final_model(
     mode: str = "max",
     recorded: dict | None = None,
     device="auto",
+    trials_run: int | None = None,
 ) -> FinalModel:
     """Choose (or, with ``recorded`` final.json, re-use the recorded choice) and build the final model.
 
     Valid logits come from ``banks`` (no image decoded) or, without banks, from one decode of the valid
-    images of ``table``. Nothing here reads the test split.
+    images of ``table``. ``trials_run``: how many trials the search ran (the lead rule counts them all).
+    Nothing here reads the test split.
     """
     t0 = time.perf_counter()
     pool = candidate_pool(candidates)
@@ -830,7 +818,7 @@ def make_final_model(
             logits, targets = valid_logits_from_images(pool, table, weights, device=device)
         seconds["valid_logits"] = time.perf_counter() - t0
         t = time.perf_counter()
-        choice = choose_final(pool, logits, targets, k=k, metric=metric, mode=mode)
+        choice = choose_final(pool, logits, targets, k=k, metric=metric, mode=mode, trials_run=trials_run)
         by_name = {c.name: c for c in pool}
         pool = [by_name[n] for n in choice.candidates]  # the leader first: FinalModel.single_best
         seconds["select_and_calibrate"] = time.perf_counter() - t
@@ -877,3 +865,11 @@ def score_final(fm: FinalModel, table, *, device="auto", batch_size: int = 64) -
 def single_best_label(record: dict) -> str:
     """What the single best candidate of a test record is: a trial, or the linear probe when it led."""
     return "linear probe" if is_probe_id(record.get("trial_id", "")) else "single best trial"
+
+
+def deployed_label(record: dict, *, heads: bool = False) -> str:
+    """What a test record's deployed model is: the ensemble of n, the linear probe, or the best trial's best
+    checkpoint (``heads``: "of n heads")."""
+    if record.get("deployed") == "ensemble":
+        return f"the deployed ensemble of {len(record['members'])}" + (" heads" if heads else "")
+    return "the linear probe" if is_probe_id(record.get("trial_id", "")) else "the best trial's best checkpoint"

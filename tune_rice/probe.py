@@ -416,20 +416,25 @@ def best_probe(probes: dict[str, ProbeResult], metric: str, mode: str) -> tuple[
     return name, probes[name]
 
 
-def search_beats_probe(trial_value: float | None, probe_value: float, mode: str) -> bool:
-    """Whether the best trial's valid metric beats the probe's. A tie goes to the probe: the simpler
-    model, fitted in seconds."""
-    if trial_value is None or not math.isfinite(trial_value):
-        return False
-    return trial_value > probe_value if mode == "max" else trial_value < probe_value
+def search_beats_probe(lead: dict | None) -> bool:
+    """The search's one verdict against the linear probe, from final.json's ``lead`` record
+    (``final.lead_index``): its best trial beat the probe on valid by more than picking the best of its
+    trials gives by chance. No record (no probe, or no trial to compare): False."""
+    return bool((lead or {}).get("clear"))
 
 
-def probe_verdict(trial_value: float | None, probe_value: float, *, metric: str, mode: str) -> str:
-    """One plain line: did the search's best trial beat the probe on valid."""
-    if search_beats_probe(trial_value, probe_value, mode):
-        return f"the search beat the linear probe on {metric}: {trial_value:.4g} vs {probe_value:.4g}"
-    shown = "no trial finished" if trial_value is None else f"{trial_value:.4g} vs {probe_value:.4g}"
-    return f"the search did NOT beat the linear probe on {metric}: {shown}"
+def probe_verdict(lead: dict | None, *, metric: str) -> str:
+    """One plain line: did the search beat the probe on valid, once the pick of its best trial is
+    accounted for (``lead``: final.json's record; see :func:`search_beats_probe`)."""
+    if not lead or "trial" not in lead:
+        return f"the search was not compared with the linear probe on {metric} (no trial and probe on the same input)"
+    shown = (
+        f"the best trial's {lead['advantage']:+.4g} on {lead['count']} valid images has p = {lead['p_value']:.3g} "
+        f"given it was the best of {lead['trials']} trials"
+    )
+    if search_beats_probe(lead):
+        return f"the search beat the linear probe on {metric}: {shown} (<= {lead['alpha']:g})"
+    return f"the search did NOT beat the linear probe on {metric}: {shown} (> {lead['alpha']:g}: within chance)"
 
 
 def write_probe_tensorboard(folder, probes: dict[str, ProbeResult], *, max_epochs: int) -> None:

@@ -48,7 +48,7 @@ from . import UserError, cli
 from .devices import resolve_device
 from .engine import TrialConfig
 from .explain import gallery_section
-from .final import lead_lines, single_best_label
+from .final import deployed_label, lead_lines, single_best_label
 from .probe import is_probe_id
 from .report_html import PAGE, write_html
 from .space import METRICS, SearchSpace, load_search_space
@@ -739,7 +739,7 @@ def final_lines(exp: Experiment, fin: dict) -> list[str]:
     )
     md += [line.strip() for line in lead_lines(fin)]
     if fin["deployed"] == "single" and len(fin["selection"]["members"]) > 1:
-        bar = "beat the probe by more than one paired standard error on" if probe_led else "improve"
+        bar = "beat the probe by more than picking the best explains on" if probe_led else "improve"
         md.append(
             f"An ensemble of {len(fin['selection']['members'])} lowered the valid NLL but did not {bar} "
             f"{fin['metric']}, so it was not deployed."
@@ -829,7 +829,8 @@ def _valid_size(row) -> str:
 
 
 def probe_lines(exp: Experiment) -> list[str]:
-    """The linear-probe baseline beside the best trial, and plainly whether the search beat it."""
+    """The linear-probe baseline beside the best trial, and plainly whether the search beat it (the one
+    verdict, final.json's ``lead``)."""
     from .probe import probe_verdict
 
     if exp.probes.empty or exp.key not in exp.probes:
@@ -841,9 +842,7 @@ def probe_lines(exp: Experiment) -> list[str]:
         f"- linear probe baseline (`{best['trial_id']}`, C={best['config/C']:g}, {how}): "
         f"{exp.metric} {best[exp.key]:.4f}" + _valid_size(best)
     ]
-    trials = exp.results[exp.key].dropna() if exp.key in exp.results else pd.Series(dtype=float)
-    top = (trials.max() if exp.mode == "max" else trials.min()) if len(trials) else None
-    lines.append(f"- {probe_verdict(top, float(best[exp.key]), metric=exp.metric, mode=exp.mode)}")
+    lines.append(f"- {probe_verdict((exp.final or {}).get('lead'), metric=exp.metric)}")
     return lines
 
 
@@ -936,11 +935,7 @@ def write_report(exp_dir: str | os.PathLike) -> Path:
     md += probe_lines(exp)
     if exp.test:
         t = exp.test
-        scored = (
-            f"the deployed ensemble of {len(t['members'])} heads"
-            if t.get("deployed") == "ensemble"
-            else "the best trial's best checkpoint"
-        )
+        scored = deployed_label(t, heads=True)
         md.append(
             f"- test (scored once, {scored}): accuracy {t['accuracy']:.4f}, "
             f"macro-F1 {t['macro_f1']:.4f} on {t['test_count']} images"

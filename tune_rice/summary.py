@@ -67,20 +67,14 @@ def format_summary(
             )
         lines.append(f"top {min(top, len(table))} by {metric}:")
         lines.append(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    lines += probe_summary(df, probes or {}, metric=metric, mode=mode or "max")
+    lines += probe_summary(probes or {}, (final_record or {}).get("lead"), metric=metric)
     if final_record:
         lines += final_lines(final_record)
     cheaper = cheaper_choice(cost_frontier(df, key, mode), mode) if mode else ""
     if cheaper:
         lines.append(cheaper[0].upper() + cheaper[1:] + " (report/cost.png)")
     if test:
-        what = (
-            f"the deployed ensemble of {len(test['members'])}"
-            if test.get("deployed") == "ensemble"
-            else "the linear probe"
-            if is_probe_id(test.get("trial_id", ""))
-            else "the best trial's best checkpoint"
-        )
+        what = final.deployed_label(test)
         cal = test.get("calibration")
         ece = f", ECE {cal['before']['ece']:.3f} -> {cal['after']['ece']:.3f} with the temperature" if cal else ""
         lines.append(
@@ -121,7 +115,7 @@ BASELINE_FILE = "baseline.json"
 def baseline_record(df: pd.DataFrame, baseline: Baseline, winner: Winner, space: SearchSpace) -> dict:
     """baseline.json: every probe, the best trial, whether it beat the best probe on valid, and the
     deployed model's valid figures (out-of-fold with --cv)."""
-    from .probe import best_probe, metric_key, search_beats_probe
+    from .probe import best_probe, search_beats_probe
 
     key = f"best/{space.metric}"
     trials = df[df[key].notna()] if key in df else df.iloc[:0]
@@ -148,20 +142,22 @@ def baseline_record(df: pd.DataFrame, baseline: Baseline, winner: Winner, space:
         "members": list(winner.fm.choice.members),
     }
     if baseline.probes:
-        name, probe = best_probe(baseline.probes, space.metric, space.mode)
+        name, _ = best_probe(baseline.probes, space.metric, space.mode)
         out["best_probe"] = name
-        out["search_beat_probe"] = search_beats_probe(num(top, key), probe.valid[metric_key(space.metric)], space.mode)
+        out["search_beat_probe"] = search_beats_probe(winner.fm.choice.lead)  # the one verdict: final.lead_index
+        out["lead"] = winner.fm.choice.lead
     # the deployed model on the logits the choice was made on (valid, or out-of-fold), before its temperature
     deployed = winner.fm.choice.valid["deployed"]
     out["deployed_valid_acc"], out["deployed_valid_count"] = deployed["acc"], deployed["count"]
     return out
 
 
-def probe_summary(df: pd.DataFrame, probes: dict[str, ProbeResult], *, metric: str, mode: str) -> list[str]:
-    """The linear probe of each bank with its valid figures, then one plain line: was it beaten."""
+def probe_summary(probes: dict[str, ProbeResult], lead: dict | None, *, metric: str) -> list[str]:
+    """The linear probe of each bank with its valid figures, then one plain line: was it beaten (``lead``:
+    final.json's record, the one verdict)."""
     if not probes:
         return []
-    from .probe import best_probe, metric_key
+    from .probe import metric_key
 
     lines = []
     for name, p in probes.items():
@@ -170,11 +166,7 @@ def probe_summary(df: pd.DataFrame, probes: dict[str, ProbeResult], *, metric: s
             f"linear probe on {name} ({how}: {p.C:g}): valid acc "
             f"{format_accuracy(p.valid['acc'], p.valid['count'])}, {metric} {p.valid[metric_key(metric)]:.4g}"
         )
-    _, best = best_probe(probes, metric, mode)
-    key = f"best/{metric}"
-    values = df[key].dropna() if key in df else pd.Series(dtype=float)
-    top = (values.max() if mode == "max" else values.min()) if len(values) else None
-    lines.append(probe_verdict(top, best.valid[metric_key(metric)], metric=metric, mode=mode))
+    lines.append(probe_verdict(lead, metric=metric))
     return lines
 
 
