@@ -66,6 +66,17 @@ def test_compute_metrics_by_hand():
     assert perfect["acc"] == 1.0 and perfect["macro_f1"] == 1.0
 
 
+def test_macro_f1_and_balanced_accuracy_are_scikit_learns_over_all_classes():
+    from sklearn.metrics import balanced_accuracy_score, f1_score
+
+    y_true = np.array([0, 0, 1, 1, 1, 2, 2, 0])  # class 3 never occurs and is predicted once; 4 neither
+    y_pred = np.array([0, 1, 1, 1, 3, 2, 0, 0])
+    m = compute_metrics(y_true, y_pred, 5)
+    assert m["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, labels=range(5), average="macro", zero_division=0))
+    with pytest.warns(UserWarning):  # scikit-learn warns of the class predicted but absent
+        assert m["balanced_acc"] == pytest.approx(balanced_accuracy_score(y_true, y_pred))
+
+
 # -------------------------------------------------------------------------------------------- batches
 def _view_bank(n: int = 40, k: int = 4) -> SplitFeatures:
     """Feature value = 10 * image + view, so each drawn row says which image and view it came from."""

@@ -423,7 +423,11 @@ def test_candidates_from_checkpoint_states_plain_and_cross_validated(separable, 
 
 def test_make_final_model_and_its_record_rebuild_the_same_model(tiny_candidates):
     candidates, banks, table, weights = tiny_candidates
-    fm = final.make_final_model(candidates, weights={"resnet18": weights}, banks=banks, k=3)
+    # the last trial's head stands in for a linear probe: the test pass scores it beside the deployed model
+    probe = final.Candidate("probe:b", candidates[0].spec, candidates[-1].heads, candidates[-1].score, baseline=True)
+    candidates = [*candidates[:-1], probe]
+    fm = final.make_final_model(candidates, weights={"resnet18": weights}, banks=banks, k=3, trials_run=8)
+    assert fm.choice.lead["probe"] == "probe:b" and fm.choice.lead["trials"] == 8
     assert set(fm.seconds) == {"valid_logits", "select_and_calibrate", "build"}
     record = json.loads(json.dumps(fm.record()))
     assert [c["name"] for c in record["candidate_info"]] == record["candidates"]
@@ -439,6 +443,28 @@ def test_make_final_model_and_its_record_rebuild_the_same_model(tiny_candidates)
     assert scores["test_count"] == len(table.split("test")) and scores["deployed"] == fm.choice.deployed
     # the members' weights have their own key: "weights" in test_metrics.json is the backbone identity
     assert scores["member_weights"] == fm.choice.weights and "weights" not in scores
+    # test figures carry intervals: Wilson for the accuracy, a bootstrap for macro-F1
+    from tune_rice.data import build_transform, load_image
+    from tune_rice.model import Classifier
+    from tune_rice.probe import wilson_interval
+
+    n = scores["test_count"]
+    assert scores["accuracy_interval"] == pytest.approx(list(wilson_interval(round(scores["accuracy"] * n), n)))
+    assert scores["macro_f1_interval"][0] <= scores["macro_f1"] <= scores["macro_f1_interval"][1]
+    # ... and the deployed model against the probe (or, when the probe is deployed, the best trial) it was
+    # chosen over, on the same test images: reported, with the exact McNemar counts
+    other = "trial" if fm.choice.deployed == "single" and fm.choice.candidates[0] == "probe:b" else "probe"
+    assert list(scores["compared"]) == [other]
+    got = scores["compared"][other]
+    head = probe.heads[0] if other == "probe" else candidates[0].heads[0]
+    backbone = fm.model.backbone if isinstance(fm.model, Classifier) else fm.model.backbones[0]
+    xt = torch.stack([build_transform(32, train=False)(load_image(p)) for p in table.paths("test")])
+    with torch.no_grad():
+        right = head(backbone(xt)).argmax(1).numpy() == table.targets("test")
+        deployed_right = fm.model(xt).argmax(1).numpy() == table.targets("test")
+    assert got["trial_id"] == fm.choice.lead[other] and got["accuracy"] == pytest.approx(right.mean())
+    assert got["mcnemar"]["deployed_only"] == int((deployed_right & ~right).sum())
+    assert got["mcnemar"]["other_only"] == int((right & ~deployed_right).sum())
 
 
 def test_probes_join_the_candidates_behind_the_single_best(separable, tmp_path):

@@ -131,7 +131,10 @@ def _coerce(name: str, value, kind: type):
 
 # -------------------------------------------------------------------------------------------- metrics
 def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> dict:
-    """Accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix (rows = true)."""
+    """Accuracy, macro-F1 and balanced accuracy, per-class precision/recall/F1 and the confusion matrix
+    (rows = true). Macro-F1 averages all ``n_classes`` (a class neither present nor predicted counts 0), as
+    scikit-learn's ``f1_score(labels=range(n_classes), average="macro")``; balanced accuracy is the mean
+    recall of the classes present, as its ``balanced_accuracy_score``."""
     cm = np.zeros((n_classes, n_classes), dtype=np.int64)
     np.add.at(cm, (np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)), 1)
     tp = np.diag(cm).astype(np.float64)
@@ -145,7 +148,8 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> d
     n = int(cm.sum())
     return {
         "acc": float(tp.sum() / n) if n else 0.0,
-        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "macro_f1": float(f1.mean()) if n_classes else 0.0,
+        "balanced_acc": float(recall[present].mean()) if present.any() else 0.0,
         "precision": precision.tolist(),
         "recall": recall.tolist(),
         "f1": f1.tolist(),

@@ -665,14 +665,20 @@ def build_final_model(
     the fitted temperature. Also returns the weights of each distinct backbone, in the model's order
     (what ``save_artifact`` records), and each head's member position (for :class:`MemberLogits`)."""
     if selection:
-        return _assemble(
-            pool,
-            [choice.candidates[i] for i in choice.selection.members],
-            choice.selection.weights,
-            choice.ensemble_temperature,
-            weights,
-        )
+        names = scored_names(choice)
+        mix = [*choice.selection.weights, *[0.0] * (len(names) - len(choice.selection.members))]
+        return _assemble(pool, names, mix, choice.ensemble_temperature, weights)
     return _assemble(pool, choice.members, choice.weights, choice.temperature, weights)
+
+
+def scored_names(choice: FinalChoice) -> list[str]:
+    """The candidates the one test pass scores: the selected ensemble's members, then the best trial and
+    the linear probe the lead rule compared (``choice.lead``) where they are not members (weight 0 in
+    the selected model), so that test can report the deployed model against the probe."""
+    names = [choice.candidates[i] for i in choice.selection.members]
+    return names + [
+        n for n in dict.fromkeys((choice.lead.get("trial"), choice.lead.get("probe"))) if n and n not in names
+    ]
 
 
 class MemberLogits(nn.Module):
@@ -704,12 +710,14 @@ def record_test_scores(member_logits, targets, classes: Sequence[str], choice: F
 
     z = np.asarray(member_logits, dtype=np.float64)
     y = np.asarray(targets, dtype=np.int64)
-    if z.shape[1] != len(choice.selection.members):
-        raise ValueError(f"logits of {z.shape[1]} members for a selection of {len(choice.selection.members)}")
+    names = scored_names(choice)
+    if z.shape[1] != len(names):
+        raise ValueError(f"logits of {z.shape[1]} members for {len(names)} scored ({', '.join(names[:3])}...)")
     yt = torch.from_numpy(y)
+    k = len(choice.selection.members)
     raw = {
         "single": z[:, 0],
-        "ensemble": np.einsum("nmc,m->nc", z, np.asarray(choice.selection.weights, dtype=np.float64)),
+        "ensemble": np.einsum("nmc,m->nc", z[:, :k], np.asarray(choice.selection.weights, dtype=np.float64)),
     }
     temperature = {"single": choice.single_temperature, "ensemble": choice.ensemble_temperature}
 
@@ -717,6 +725,7 @@ def record_test_scores(member_logits, targets, classes: Sequence[str], choice: F
         m = metrics_record(torch.from_numpy(raw[which] / temperature[which]), yt, classes)
         return {
             **m,
+            **test_intervals(raw[which], y),
             "temperature": temperature[which],
             "calibration": {
                 "before": calibration_metrics(raw[which], y),
@@ -727,7 +736,16 @@ def record_test_scores(member_logits, targets, classes: Sequence[str], choice: F
     deployed = scored(choice.deployed)
     out = {**deployed, "deployed": choice.deployed, "members": list(choice.members)}
     out["member_weights"] = list(choice.weights)  # "weights" in test_metrics.json is the backbone identity
-    keep = ("accuracy", "macro_f1", "loss", "test_count", "temperature", "calibration")
+    keep = (
+        "accuracy",
+        "accuracy_interval",
+        "macro_f1",
+        "macro_f1_interval",
+        "loss",
+        "test_count",
+        "temperature",
+        "calibration",
+    )
     single = deployed if choice.deployed == "single" else scored("single")
     out["single_best"] = {
         "trial_id": choice.candidates[0],
@@ -742,7 +760,41 @@ def record_test_scores(member_logits, targets, classes: Sequence[str], choice: F
             "deployed": choice.deployed == "ensemble",
             **{k: ens[k] for k in keep},
         }
+    shown = raw[choice.deployed]
+    out["compared"] = {
+        role: compared_on_test(z[:, names.index(name)], shown, y, name)
+        for role, name in (("trial", choice.lead.get("trial")), ("probe", choice.lead.get("probe")))
+        if name and not (choice.deployed == "single" and name == choice.candidates[0])
+    }
     return out
+
+
+def test_intervals(logits, targets) -> dict:
+    """95% intervals of a test figure: Wilson for the accuracy, a percentile bootstrap for macro-F1."""
+    from .probe import wilson_interval
+
+    y = np.asarray(targets, dtype=np.int64)
+    right = int((np.asarray(logits).argmax(1) == y).sum())
+    return {
+        "accuracy_interval": list(wilson_interval(right, len(y))),
+        "macro_f1_interval": list(stats.bootstrap_interval(logits, y, "macro_f1")),
+    }
+
+
+def compared_on_test(logits, deployed_logits, targets, name: str) -> dict:
+    """A candidate the deployed model was chosen over (the probe, or the best trial), scored in the same
+    test pass: its accuracy and macro-F1 with intervals, and the exact McNemar test of the deployed model
+    against it on the same images (``deployed_only``: images only the deployed model got right). A figure
+    to read, never a choice: the test split decides nothing."""
+    y = np.asarray(targets, dtype=np.int64)
+    m = stats.mcnemar(deployed_logits, logits, y)
+    return {
+        "trial_id": name,
+        "accuracy": stats.score(logits, y, "acc"),
+        "macro_f1": stats.score(logits, y, "macro_f1"),
+        **test_intervals(logits, y),
+        "mcnemar": {"deployed_only": m["a_only"], "other_only": m["b_only"], "p_value": m["p_value"]},
+    }
 
 
 # ---------------------------------------------------------------------------------- the final phase
@@ -824,7 +876,7 @@ def make_final_model(
         seconds["select_and_calibrate"] = time.perf_counter() - t
     t = time.perf_counter()
     model, resolved, _ = build_final_model(choice, pool, weights)
-    if choice.deployed == "ensemble":
+    if choice.deployed == "ensemble" and len(scored_names(choice)) == len(choice.selection.members):
         selected, groups = model, _groups(choice, pool)
     else:
         selected, _, groups = build_final_model(choice, pool, weights, selection=True)
@@ -873,3 +925,29 @@ def deployed_label(record: dict, *, heads: bool = False) -> str:
     if record.get("deployed") == "ensemble":
         return f"the deployed ensemble of {len(record['members'])}" + (" heads" if heads else "")
     return "the linear probe" if is_probe_id(record.get("trial_id", "")) else "the best trial's best checkpoint"
+
+
+def test_figures(record: dict) -> str:
+    """``accuracy 0.8400 [0.79, 0.88], macro-F1 0.8100 [0.75, 0.86]``: a test record's figures with
+    their 95% intervals (where the record has them)."""
+
+    def with_interval(key: str) -> str:
+        lo_hi = record.get(f"{key}_interval")
+        return f"{record[key]:.4f}" + (f" [{lo_hi[0]:.2f}, {lo_hi[1]:.2f}]" if lo_hi else "")
+
+    return f"accuracy {with_interval('accuracy')}, macro-F1 {with_interval('macro_f1')}"
+
+
+def comparison_lines(test: dict) -> list[str]:
+    """The test pass's paired comparison of the deployed model with the probe (or the best trial) it was
+    chosen over, as one line each: reported, never used to choose."""
+    lines = []
+    for role, other in (test.get("compared") or {}).items():
+        m = other["mcnemar"]
+        what = "the linear probe" if role == "probe" else "the best trial"
+        lines.append(
+            f"{what} ({other['trial_id']}) on test, same pass, not chosen on it: {test_figures(other)}; "
+            f"the deployed model was right on {m['deployed_only']} images it got wrong and wrong on "
+            f"{m['other_only']} it got right (exact McNemar p = {m['p_value']:.3g})"
+        )
+    return lines

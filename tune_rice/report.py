@@ -48,7 +48,7 @@ from . import UserError, cli
 from .devices import resolve_device
 from .engine import TrialConfig
 from .explain import gallery_section
-from .final import deployed_label, lead_lines, single_best_label
+from .final import comparison_lines, deployed_label, lead_lines, single_best_label, test_figures
 from .probe import is_probe_id
 from .report_html import PAGE, write_html
 from .space import METRICS, SearchSpace, load_search_space
@@ -936,17 +936,11 @@ def write_report(exp_dir: str | os.PathLike) -> Path:
     if exp.test:
         t = exp.test
         scored = deployed_label(t, heads=True)
-        md.append(
-            f"- test (scored once, {scored}): accuracy {t['accuracy']:.4f}, "
-            f"macro-F1 {t['macro_f1']:.4f} on {t['test_count']} images"
-        )
+        md.append(f"- test (scored once, {scored}): {test_figures(t)} on {t['test_count']} images")
         single = t.get("single_best")
         if single and not single.get("deployed"):
-            single_label = single_best_label(single)
-            md.append(
-                f"- {single_label} on test (same pass, not deployed): accuracy {single['accuracy']:.4f}, "
-                f"macro-F1 {single['macro_f1']:.4f}"
-            )
+            md.append(f"- {single_best_label(single)} on test (same pass, not deployed): {test_figures(single)}")
+        md += [f"- {line}" for line in comparison_lines(t)]
     md.append(
         f"- backbone weights: `{exp.weights}`"
         + (" (randomly initialised)" if exp.weights.startswith("random:") else "")

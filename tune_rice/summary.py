@@ -77,18 +77,13 @@ def format_summary(
         what = final.deployed_label(test)
         cal = test.get("calibration")
         ece = f", ECE {cal['before']['ece']:.3f} -> {cal['after']['ece']:.3f} with the temperature" if cal else ""
-        lines.append(
-            f"TEST (scored once, {what}): accuracy {test['accuracy']:.4f}, "
-            f"macro-F1 {test['macro_f1']:.4f} on {test['test_count']} images{ece}"
-        )
+        lines.append(f"TEST (scored once, {what}): {final.test_figures(test)} on {test['test_count']} images{ece}")
         for which in ("single_best", "ensemble"):
             other = test.get(which)
             if other and not other.get("deployed"):
                 label = "selected ensemble" if which == "ensemble" else final.single_best_label(other)
-                lines.append(
-                    f"  {label} (same pass, not deployed): accuracy {other['accuracy']:.4f}, "
-                    f"macro-F1 {other['macro_f1']:.4f}"
-                )
+                lines.append(f"  {label} (same pass, not deployed): {final.test_figures(other)}")
+        lines += [f"  {line}" for line in final.comparison_lines(test)]
     random = {b: w for b, w in (backbones or {}).items() if w.startswith("random:")}
     n_backbones = len(backbones or {})
     if random and (n_backbones > 1 or not weights.startswith("random:")):
