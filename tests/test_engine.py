@@ -329,6 +329,25 @@ def test_head_run_resume_matches_an_uninterrupted_run(tmp_path):
     assert [resumed.step() for _ in range(2)] == expected[2:]  # bit-identical metrics, dropout included
 
 
+def test_min_steps_repeats_passes_within_each_epoch_and_the_schedule_spans_them():
+    from tune_rice.engine import CVHeadRun, make_criterion
+
+    bank = synthetic_bank(n_train=60)  # batch 32: 2 steps a pass
+    cfg = TrialConfig.from_dict({**CFG, "batch_size": 32, "epochs": 3, "min_steps": 40})
+    run = HeadRun(cfg, bank=bank, device="cpu")
+    assert run.passes == math.ceil(40 / (3 * 2)) == 7
+    for _ in range(3):
+        run.step()
+    assert run.scheduler.last_epoch == 3 * 7 * 2  # optimiser steps taken, at least min_steps
+    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # the cosine ends with the steps
+    cv = CVHeadRun(cfg, bank=bank, folds=np.arange(90) % 3, device="cpu")
+    cv.step()
+    assert cv.passes == math.ceil(40 / (3 * len(cv.batches))) and cv.scheduler.last_epoch == cv.passes * len(cv.batches)
+    # label smoothing is for hidden layers only: a linear head trains on the plain targets
+    assert make_criterion(TrialConfig(hidden=0, label_smoothing=0.1), np.ones(3), "cpu").label_smoothing == 0.0
+    assert make_criterion(TrialConfig(hidden=8, label_smoothing=0.1), np.ones(3), "cpu").label_smoothing == 0.1
+
+
 def test_head_run_needs_exactly_one_source():
     with pytest.raises(ValueError):
         HeadRun(TrialConfig(**CFG))

@@ -167,7 +167,8 @@ def test_decide_deploys_the_ensemble_only_when_valid_says_so():
     logits, y = _candidates(0)
     names = [f"t{i}" for i in range(len(logits))]
     choice = final.decide(names, logits, y, k=5)
-    ens = final.ensemble_logits(logits, choice.selection.members, choice.selection.weights)
+    calibrated = [z / t for z, t in zip(logits, choice.candidate_temperatures)]  # each at its own temperature
+    ens = final.ensemble_logits(calibrated, choice.selection.members, choice.selection.weights)
     better = np.mean(ens.argmax(1) == y) > np.mean(logits[0].argmax(1) == y)  # a tie keeps the smaller model
     assert choice.deployed == ("ensemble" if better else "single")
     deployed = ens if better else logits[0]
@@ -187,11 +188,53 @@ def test_decide_deploys_the_ensemble_only_when_valid_says_so():
     assert one.temperature == pytest.approx(final.fit_temperature(logits[0], y))
 
 
+def test_selection_is_made_on_each_candidates_calibrated_logits():
+    logits, y = _candidates(0)
+    choice = final.decide([f"t{i}" for i in range(len(logits))], logits, y, k=5)
+    temps = [final.fit_temperature(z, y) for z in logits]
+    assert choice.candidate_temperatures == pytest.approx(temps) and choice.single_temperature == temps[0]
+    again = final.select_ensemble([z / t for z, t in zip(logits, temps)], y, k=5)
+    assert again == choice.selection
+    ens = final.ensemble_logits([z / t for z, t in zip(logits, temps)], again.members, again.weights)
+    assert choice.ensemble_temperature == pytest.approx(final.fit_temperature(ens, y))
+    assert choice.valid["ensemble"]["nll"] == pytest.approx(final.nll(ens, y))
+    names = [choice.candidates[i] for i in again.members]
+    assert choice.mix(names, again.weights) == pytest.approx(
+        [w / temps[i] for i, w in zip(again.members, again.weights)]
+    )
+
+
+def test_cross_fitted_temperature_and_threshold_by_direct_computation():
+    (z, *_), y = _candidates(3, n=120)
+    fold = final._crossfit_folds(len(y), 5)
+    assert sorted(np.bincount(fold)) == [24] * 5
+    scaled = np.empty_like(z)
+    kept = right = 0
+    for f in range(5):
+        t = final.fit_temperature(z[fold != f], y[fold != f])
+        scaled[fold == f] = z[fold == f] / t
+        th = final.suggest_threshold(final.softmax(z[fold != f] / t), y[fold != f], target_accuracy=0.8)["threshold"]
+        p = final.softmax(z[fold == f] / t)
+        keep = p.max(1) >= th
+        kept += keep.sum()
+        right += (p.argmax(1)[keep] == y[fold == f][keep]).sum()
+    assert final.crossfit_calibration(z, y)["ece"] == pytest.approx(final.ece(final.softmax(scaled), y))
+    got = final.crossfit_threshold(z, y, target_accuracy=0.8)
+    assert got["coverage"] == pytest.approx(kept / len(y)) and got["accuracy"] == pytest.approx(right / kept)
+    # on test: the share kept at the valid threshold and the accuracy among them
+    on_test = final.threshold_on_test(final.softmax(z), y, {"threshold": 0.6, "target_accuracy": 0.8})
+    keep = final.softmax(z).max(1) >= 0.6
+    assert on_test["coverage"] == pytest.approx(keep.mean()) and on_test["kept"] == keep.sum()
+    assert on_test["accuracy"] == pytest.approx((z.argmax(1)[keep] == y[keep]).mean())
+
+
 def test_decide_keeps_the_single_best_when_the_ensemble_loses_accuracy():
-    # Candidate 1 lowers NLL (it is sure where candidate 0 hesitates) but flips two right answers.
-    y = np.array([0, 0, 1, 1, 0, 1])
-    z0 = np.array([[0.2, 0.0], [0.2, 0.0], [0.0, 0.2], [0.0, 0.2], [0.2, 0.0], [0.0, 0.2]])  # all right, unsure
-    z1 = np.array([[0.0, 0.3], [0.0, 0.3], [0.0, 5.0], [0.0, 5.0], [5.0, 0.0], [0.0, 5.0]])
+    # Candidate 1 (each at its own temperature) lowers the NLL but flips two right answers.
+    y = np.array([1, 0, 1, 1, 1, 0, 0, 1])
+    z0 = np.array([[0.8, -0.3], [2.1, 0.9], [1.5, 2.1], [1.1, 1.5], [-0.3, 0.7], [0.8, 0.2], [0.3, -0.7], [1.4, -0.4]])
+    z1 = np.array(
+        [[2.2, 4.1], [-2.0, 2.8], [-0.2, 2.9], [-1.1, 2.6], [-1.4, -2.6], [3.5, -1.7], [-2.5, 0.1], [-0.6, 2.4]]
+    )
     choice = final.decide(["a", "b"], [z0, z1], y, k=2, rounds=2)
     assert choice.selection.members == [0, 1]  # the selection took b (lower NLL) ...
     assert choice.valid["ensemble"]["acc"] < choice.valid["single"]["acc"]
@@ -356,7 +399,8 @@ def test_the_deployed_model_on_images_is_the_choice_made_on_bank_logits(tiny_can
         assert np.allclose(a, b, atol=2e-2, rtol=1e-2), np.abs(a - b).max()
     assert np.allclose(logits[-1], (logits[1] + logits[2]) / 2)  # pool order = candidates order here
     members = [choice.candidates.index(m) for m in choice.members]
-    want = final.ensemble_logits(logits, members, choice.weights) / choice.temperature  # (N, C)
+    mix = choice.mix(choice.members, choice.weights) if choice.deployed == "ensemble" else choice.weights
+    want = final.ensemble_logits(logits, members, mix) / choice.temperature  # (N, C)
     # ... and the deployed model, run on the decoded valid images, gives the same calibrated logits
     # (the bank holds float16 features, hence the tolerance).
     model, resolved, _ = final.build_final_model(choice, pool, {"resnet18": weights})

@@ -42,6 +42,26 @@ def test_logistic_fit_matches_scikit_learn():
     np.testing.assert_allclose(result.head.net[-1].weight.detach().numpy(), ref.coef_, atol=2e-3)
 
 
+def test_class_balanced_probe_matches_scikit_learn_and_is_tried_for_macro_f1():
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    bank = synthetic_bank(n_train=90, n_valid=30, d=12)
+    x, y = bank.splits["train"].features[:, 0].astype(np.float32), bank.splits["train"].targets
+    keep = (y != 2) | (np.arange(len(y)) % 4 == 0)  # class 2 is a quarter as frequent
+    x, y = x[keep], y[keep]
+    result = fit_probe(x, y, x[:10], y[:10], n_classes=3, Cs=(0.05,), tol=1e-9, metric="macro_f1")
+    assert {r["class_balanced"] for r in result.path} == {False, True}
+    from tune_rice.probe import fit_logistic
+
+    z = standardize(result.head, x)
+    w, b = fit_logistic(z, torch.as_tensor(y), 3, C=0.05, tol=1e-9, class_balanced=True)
+    ref = sklearn.LogisticRegression(C=0.05, tol=1e-10, max_iter=10_000, class_weight="balanced").fit(z.numpy(), y)
+    np.testing.assert_allclose(w.numpy(), ref.coef_, atol=2e-3)
+    # acc tries the plain fit only; a C at the end of the grid is flagged
+    plain = fit_probe(x, y, x[:10], y[:10], n_classes=3, Cs=(1e-3, 1e-2), metric="acc")
+    assert {r["class_balanced"] for r in plain.path} == {False} and plain.edge in ("lowest", "highest")
+    assert fit_probe(x, y, x[:10], y[:10], n_classes=3, Cs=(0.05,)).edge is None
+
+
 def test_probe_keeps_the_c_that_scores_best_on_valid():
     bank = synthetic_bank(n_train=60, n_valid=60, d=24)
     result = probe_bank(bank, Cs=(1e-4, 1e-2, 1.0, 100.0))

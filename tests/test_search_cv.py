@@ -53,7 +53,20 @@ def test_cv_search_end_to_end_with_resume(ray_local, labels, tmp_path):
     space.write_text(SPACE)
     exp = storage / "cv"
     argv = search_argv(
-        labels, space, storage, "cv", "--num-samples", 4, "--max-concurrent", 1, "--cv", 3, "--address", ray_local
+        labels,
+        space,
+        storage,
+        "cv",
+        "--num-samples",
+        4,
+        "--max-concurrent",
+        1,
+        "--cv",
+        3,
+        "--address",
+        ray_local,
+        "--metric",
+        "balanced_acc",  # overrides the space's valid/acc, end to end, and survives the resume
     )
     # the third trial is held after its first epoch until the driver is killed, so the kill lands
     # mid-search however fast or loaded the machine is
@@ -86,6 +99,8 @@ def test_cv_search_end_to_end_with_resume(ray_local, labels, tmp_path):
     test = json.loads((exp / "test_metrics.json").read_text())
     assert baseline["cv_folds"] == 3 and baseline["single_best"] == test["trial_id"]
     assert baseline["deployed_valid_count"] == pooled
+    assert trials["best/valid/balanced_acc"].notna().all() and probes["best/valid/balanced_acc"].notna().all()
+    assert baseline["metric"] == "valid/balanced_acc" == json.loads((exp / "final.json").read_text())["metric"]
     lead = json.loads((exp / "final.json").read_text())["lead"]  # the one verdict against the probe
     assert lead["count"] == pooled and lead["trials"] == 4 and lead["probe"] == probes["trial_id"].item()
     assert lead["leader"] == (lead["trial"] if lead["clear"] else lead["probe"]) and lead["clear"] == (

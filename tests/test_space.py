@@ -115,6 +115,19 @@ def test_space_metric_mode_and_constants(tmp_path):
     assert (space.metric, space.mode, space.max_epochs) == ("valid/loss", "min", 3)
     assert space.constants == {"backbone": "resnet18", "image_size": 32}
     assert space.tune_space()["backbone"] == "resnet18"
+    # --metric overrides the file's metric (higher is better); nothing else changes
+    from tune_rice.space import with_metric
+
+    f1 = with_metric(space, "macro_f1")
+    assert (f1.metric, f1.mode, f1.max_epochs, f1.constants) == ("valid/macro_f1", "max", 3, space.constants)
+    assert with_metric(space, None) is space
+    with pytest.raises(UserError, match="valid choices are acc, macro_f1, balanced_acc"):
+        with_metric(space, "loss")
+
+
+@pytest.mark.parametrize("name", ["default", "quick", "zoo"])
+def test_bundled_spaces_search_class_balancing(name):
+    assert load_search_space(name).distributions["class_balanced"] == ("choice", [False, True])
 
 
 # ---------------------------------------------------------------------------------------- errors

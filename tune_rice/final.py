@@ -268,6 +268,58 @@ def suggest_threshold(probs, targets, *, target_accuracy: float = DEFAULT_TARGET
     return out
 
 
+CROSSFIT_FOLDS = 5
+
+
+def _crossfit_folds(n: int, folds: int, seed: int = 0) -> np.ndarray:
+    """A fold index per image: a seeded shuffle dealt round-robin (``min(folds, n)`` folds)."""
+    order = np.random.default_rng(seed).permutation(n)
+    out = np.empty(n, dtype=np.int64)
+    out[order] = np.arange(n) % max(1, min(folds, n))
+    return out
+
+
+def crossfit_calibration(logits, targets, *, folds: int = CROSSFIT_FOLDS) -> dict:
+    """:func:`calibration_metrics` of valid logits each scaled by a temperature fitted on the other folds:
+    what the temperature achieves on images it was not fitted on (the in-sample "after" figure is
+    optimistic). Adds ``folds``."""
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(targets, dtype=np.int64)
+    fold = _crossfit_folds(len(y), folds)
+    scaled = np.empty_like(z)
+    for f in np.unique(fold):
+        out = fold == f
+        scaled[out] = z[out] / fit_temperature(z[~out], y[~out]) if (~out).any() else z[out]
+    return {**calibration_metrics(scaled, y), "folds": int(fold.max()) + 1}
+
+
+def crossfit_threshold(logits, targets, *, target_accuracy: float, folds: int = CROSSFIT_FOLDS) -> dict:
+    """What the confidence threshold achieves on images it was not chosen on: for each fold, the temperature
+    and the threshold (:func:`suggest_threshold`) fitted on the other folds, applied to it. Returns the
+    share of valid images kept and the accuracy among them, pooled over the folds."""
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(targets, dtype=np.int64)
+    fold = _crossfit_folds(len(y), folds)
+    kept = right = 0
+    for f in np.unique(fold):
+        out = fold == f
+        if not (~out).any():
+            continue
+        t = fit_temperature(z[~out], y[~out])
+        th = suggest_threshold(softmax(z[~out] / t), y[~out], target_accuracy=target_accuracy)["threshold"]
+        if th is None:  # no threshold reached the target on the other folds: this fold keeps nothing
+            continue
+        p = softmax(z[out] / t)
+        keep = p.max(1) >= th
+        kept += int(keep.sum())
+        right += int((p.argmax(1)[keep] == y[out][keep]).sum())
+    return {
+        "coverage": kept / max(1, len(y)),
+        "accuracy": right / kept if kept else None,
+        "folds": int(fold.max()) + 1,
+    }
+
+
 # ------------------------------------------------------------------------------------ the decision
 def valid_score(logits, targets, metric: str) -> float:
     """The search metric computed on valid logits (valid/acc, valid/macro_f1, valid/balanced_acc, or
@@ -294,6 +346,15 @@ class FinalChoice:
     metric: str = "valid/acc"
     mode: str = "max"
     lead: dict = field(default_factory=dict)  # the best trial against the linear probe (see lead_index)
+    # each candidate's own temperature on valid (candidates' order): the ensemble is the weighted mean of
+    # its members' logits each divided by its own, then divided by ``ensemble_temperature``
+    candidate_temperatures: list[float] = field(default_factory=list)
+
+    def mix(self, names: Sequence[str], weights: Sequence[float]) -> list[float]:
+        """Each ensemble member's factor on its raw logits: its weight over its own temperature."""
+        if not self.candidate_temperatures:  # a final.json from before members had their own
+            return [float(w) for w in weights]
+        return [float(w) / self.candidate_temperatures[self.candidates.index(n)] for n, w in zip(names, weights)]
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -335,9 +396,13 @@ def decide(
     if len(names) != len(logits_list):
         raise ValueError("one name per candidate")
     y = np.asarray(targets, dtype=np.int64)
-    sel = select_ensemble(logits_list, y, k=k, rounds=rounds, start=0)
+    # each candidate at its own temperature: the selection then cannot favour a member for fixing an
+    # overconfidence that temperature scaling fixes for free
+    temperatures = [fit_temperature(z, y) for z in logits_list]
+    calibrated = [np.asarray(z, dtype=np.float64) / t for z, t in zip(logits_list, temperatures)]
+    sel = select_ensemble(calibrated, y, k=k, rounds=rounds, start=0)
     single = np.asarray(logits_list[0], dtype=np.float64)
-    ens = ensemble_logits(logits_list, sel.members, sel.weights)
+    ens = ensemble_logits(calibrated, sel.members, sel.weights)
     s_single, s_ens = valid_score(single, y, metric), valid_score(ens, y, metric)
     tested: dict = {}
     if baseline and len(sel.members) > 1:
@@ -359,10 +424,10 @@ def decide(
         )
     members, weights = (sel.members, sel.weights) if use_ensemble else ([0], [1.0])
     deployed = ens if use_ensemble else single
-    t_single = fit_temperature(single, y)
-    t_ens = fit_temperature(ens, y) if len(sel.members) > 1 else t_single
+    t_single, t_ens = temperatures[0], fit_temperature(ens, y)
     t = t_ens if use_ensemble else t_single
     p_before, p_after = softmax(deployed), softmax(deployed / t)
+    threshold = suggest_threshold(p_after, y, target_accuracy=target_accuracy)
     return FinalChoice(
         candidates=list(names),
         selection=sel,
@@ -379,13 +444,15 @@ def decide(
             "ensemble_calibrated": calibration_metrics(ens, y, temperature=t_ens),
             "deployed": calibration_metrics(deployed, y),
             "deployed_calibrated": calibration_metrics(deployed, y, temperature=t),
+            "deployed_crossfit": crossfit_calibration(deployed, y),
         },
-        threshold=suggest_threshold(p_after, y, target_accuracy=target_accuracy),
+        threshold={**threshold, "crossfit": crossfit_threshold(deployed, y, target_accuracy=target_accuracy)},
         reliability={"before": reliability_bins(p_before, y), "after": reliability_bins(p_after, y)},
         coverage=coverage_curve(p_after, y),
         metric=metric,
         mode=mode,
         lead={"ensemble": tested} if tested else {},
+        candidate_temperatures=temperatures,
     )
 
 
@@ -666,8 +733,11 @@ def build_final_model(
     (what ``save_artifact`` records), and each head's member position (for :class:`MemberLogits`)."""
     if selection:
         names = scored_names(choice)
-        mix = [*choice.selection.weights, *[0.0] * (len(names) - len(choice.selection.members))]
+        k = len(choice.selection.members)
+        mix = [*choice.mix(names[:k], choice.selection.weights), *[0.0] * (len(names) - k)]
         return _assemble(pool, names, mix, choice.ensemble_temperature, weights)
+    if choice.deployed == "ensemble":
+        return _assemble(pool, choice.members, choice.mix(choice.members, choice.weights), choice.temperature, weights)
     return _assemble(pool, choice.members, choice.weights, choice.temperature, weights)
 
 
@@ -717,7 +787,7 @@ def record_test_scores(member_logits, targets, classes: Sequence[str], choice: F
     k = len(choice.selection.members)
     raw = {
         "single": z[:, 0],
-        "ensemble": np.einsum("nmc,m->nc", z[:, :k], np.asarray(choice.selection.weights, dtype=np.float64)),
+        "ensemble": np.einsum("nmc,m->nc", z[:, :k], np.asarray(choice.mix(names[:k], choice.selection.weights))),
     }
     temperature = {"single": choice.single_temperature, "ensemble": choice.ensemble_temperature}
 
@@ -761,12 +831,31 @@ def record_test_scores(member_logits, targets, classes: Sequence[str], choice: F
             **{k: ens[k] for k in keep},
         }
     shown = raw[choice.deployed]
+    out["threshold"] = threshold_on_test(softmax(shown / temperature[choice.deployed]), y, choice.threshold)
     out["compared"] = {
         role: compared_on_test(z[:, names.index(name)], shown, y, name)
         for role, name in (("trial", choice.lead.get("trial")), ("probe", choice.lead.get("probe")))
         if name and not (choice.deployed == "single" and name == choice.candidates[0])
     }
     return out
+
+
+def threshold_on_test(probs, targets, valid_threshold: dict) -> dict:
+    """What the threshold suggested on valid (``--min-confidence``) does on test: the share of test images
+    at or above it and the accuracy among them, beside its target. Empty when valid suggested none."""
+    th = valid_threshold.get("threshold")
+    if th is None:
+        return {}
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(targets, dtype=np.int64)
+    keep = p.max(1) >= th
+    return {
+        "threshold": float(th),
+        "target_accuracy": valid_threshold["target_accuracy"],
+        "coverage": float(keep.mean()) if len(y) else 0.0,
+        "accuracy": float((p.argmax(1)[keep] == y[keep]).mean()) if keep.any() else None,
+        "kept": int(keep.sum()),
+    }
 
 
 def test_intervals(logits, targets) -> dict:
@@ -951,3 +1040,33 @@ def comparison_lines(test: dict) -> list[str]:
             f"{m['other_only']} it got right (exact McNemar p = {m['p_value']:.3g})"
         )
     return lines
+
+
+def valid_ece_text(valid: dict) -> str:
+    """``valid ECE 0.120 -> 0.045 cross-fitted (0.031 in-sample)``: the temperature's effect on valid, on
+    images it was not fitted on where final.json has that figure."""
+    before, after = valid["deployed"]["ece"], valid["deployed_calibrated"]["ece"]
+    crossfit = valid.get("deployed_crossfit")
+    if crossfit is None:
+        return f"valid ECE {before:.3f} -> {after:.3f} in-sample"
+    return f"valid ECE {before:.3f} -> {crossfit['ece']:.3f} cross-fitted ({after:.3f} in-sample)"
+
+
+def threshold_lines(th: dict, *, split: str = "valid") -> list[str]:
+    """The suggested ``--min-confidence`` and what it keeps: on valid, in-sample (it was chosen there) and
+    cross-fitted (chosen on the other folds); on test, against its target."""
+    if not th.get("threshold"):
+        return []
+    target = f"target {th['target_accuracy']:.0%}"
+    if split == "test":
+        acc = "no image" if th["accuracy"] is None else f"{th['accuracy']:.1%} accuracy"
+        return [f"--min-confidence {th['threshold']:.3g} on test: keeps {th['coverage']:.0%} at {acc} ({target})"]
+    line = (
+        f"predict --min-confidence {th['threshold']:.3g} keeps {th['coverage']:.0%} of valid at "
+        f"{th['accuracy']:.1%} accuracy in-sample ({target})"
+    )
+    crossfit = th.get("crossfit")
+    if crossfit:
+        acc = "no image" if crossfit["accuracy"] is None else f"{crossfit['accuracy']:.1%}"
+        line += f"; chosen on the other folds of valid it kept {crossfit['coverage']:.0%} at {acc}"
+    return [line + "; the rest 'uncertain'"]

@@ -82,11 +82,14 @@ def fit_logistic(
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
     max_iter: int = 500,
     tol: float = 1e-5,
+    class_balanced: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression on ``z`` (N, D), labels ``y`` (N,): minimises
     ``0.5 * ||W||^2 + C * sum CE`` by full-batch L-BFGS (scipy's, as scikit-learn uses; the loss and
     gradient in torch); returns ``(W (C, D), b (C,))`` in float64. ``init`` warm-starts it (the fit at a
-    neighbouring C); ``tol`` bounds the gradient of the mean loss."""
+    neighbouring C); ``tol`` bounds the gradient of the mean loss. ``class_balanced``: each image's loss
+    weighted ``n / (classes * n_class)``, scikit-learn's ``class_weight="balanced"``. Logs a warning when
+    L-BFGS stops before converging."""
     from scipy.optimize import minimize
 
     x = torch.as_tensor(z, dtype=torch.float64)
@@ -94,11 +97,15 @@ def fit_logistic(
     n, d = x.shape
     # Scaled by 1/(C n): the same minimiser, and gradients of order 1 for the solver's tolerance.
     l2 = 1.0 / (C * n)
+    weight = None
+    if class_balanced:  # the weighted mean: sum_i w_i CE_i / sum_i w_i, and sum_i w_i = n for these weights
+        counts = torch.bincount(yt, minlength=n_classes).double()
+        weight = torch.where(counts > 0, n / (n_classes * counts.clamp(min=1)), torch.zeros_like(counts))
 
     def f(theta):
         t = torch.from_numpy(theta).requires_grad_(True)
         w, b = t[: n_classes * d].view(n_classes, d), t[n_classes * d :]
-        loss = F.cross_entropy(x @ w.T + b, yt) + 0.5 * l2 * (w * w).sum()
+        loss = F.cross_entropy(x @ w.T + b, yt, weight=weight) + 0.5 * l2 * (w * w).sum()
         loss.backward()
         return float(loss.detach()), t.grad.numpy()
 
@@ -114,6 +121,8 @@ def fit_logistic(
         res = minimize(f, theta0, jac=True, method="L-BFGS-B", options={"maxiter": max_iter, "gtol": tol})
     finally:
         torch.set_num_threads(threads)
+    if not res.success:
+        log.warning("linear probe at C=%g: L-BFGS stopped before converging (%s)", C, res.message)
     w, b = res.x[: n_classes * d].reshape(n_classes, d), res.x[n_classes * d :]
     return torch.from_numpy(w.copy()), torch.from_numpy(b.copy())
 
@@ -129,9 +138,19 @@ class ProbeResult:
     seconds: float = 0.0
     folds: int = 0  # 0: C chosen on valid; K: by K-fold cross-validation on train+valid pooled
     oof_logits: np.ndarray | None = None  # (N, C) out-of-fold logits of the chosen C (cross-validated only)
+    class_balanced: bool = False  # inverse-frequency class weights in the fit (tried for macro_f1, balanced_acc)
+    edge: str | None = None  # "lowest"/"highest": the chosen C is at the end of the grid tried
 
     def to_dict(self) -> dict:
-        return {"C": self.C, "valid": self.valid, "path": self.path, "seconds": self.seconds, "folds": self.folds}
+        return {
+            "C": self.C,
+            "valid": self.valid,
+            "path": self.path,
+            "seconds": self.seconds,
+            "folds": self.folds,
+            "class_balanced": self.class_balanced,
+            "edge": self.edge,
+        }
 
 
 @dataclass
@@ -167,7 +186,13 @@ def _scores(logits: torch.Tensor, y: np.ndarray, n_classes: int) -> dict:
 
     m = compute_metrics(y, logits.argmax(1).numpy(), n_classes)
     loss = float(F.cross_entropy(logits.double(), torch.as_tensor(y, dtype=torch.long)))
-    return {"acc": m["acc"], "macro_f1": m["macro_f1"], "loss": loss, "count": m["count"]}
+    return {
+        "acc": m["acc"],
+        "macro_f1": m["macro_f1"],
+        "balanced_acc": m["balanced_acc"],
+        "loss": loss,
+        "count": m["count"],
+    }
 
 
 def _chosen(best: dict | None) -> tuple[float, dict]:
@@ -175,7 +200,27 @@ def _chosen(best: dict | None) -> tuple[float, dict]:
     if best is None:
         raise ValueError("no value of C to try")
     scores = dict(best)
+    scores.pop("class_balanced", None)
     return float(scores.pop("C")), scores
+
+
+def weightings(metric: str) -> tuple[bool, ...]:
+    """Class weightings the probe tries: balanced too when the metric weighs every class alike."""
+    return (False, True) if metric in ("macro_f1", "balanced_acc") else (False,)
+
+
+def _edge(C: float, Cs: Sequence[float]) -> str | None:
+    """``lowest``/``highest`` when the chosen C is at the end of the grid: a wider grid might do better."""
+    if len(Cs) < 2:
+        return None
+    return "lowest" if C == min(Cs) else "highest" if C == max(Cs) else None
+
+
+def _log_edge(result: ProbeResult, name: str) -> None:
+    if result.edge:
+        log.warning(
+            "linear probe on %s: C=%g is the %s value tried; the best C may lie beyond it", name, result.C, result.edge
+        )
 
 
 def _better(a: dict, b: dict | None, metric: str) -> bool:
@@ -212,18 +257,31 @@ def fit_probe(
     z, zv = standardize(head, train_x), standardize(head, valid_x)
     y = torch.as_tensor(np.asarray(train_y), dtype=torch.long)
     best: dict | None = None
-    fits: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+    fits: dict[tuple[float, bool], tuple[torch.Tensor, torch.Tensor]] = {}
     path: list[dict] = []
-    init = None
-    for C in sorted(Cs):
-        init = fits[float(C)] = fit_logistic(z, y, n_classes, C=C, init=init, tol=tol)
-        scores = _scores((zv @ init[0].T + init[1]).float(), np.asarray(valid_y), n_classes)
-        path.append({"C": float(C), **scores})
-        if _better(scores, best, metric):
-            best = {**scores, "C": float(C)}
+    for balanced in weightings(metric):
+        init = None
+        for C in sorted(Cs):
+            init = fits[float(C), balanced] = fit_logistic(
+                z, y, n_classes, C=C, init=init, tol=tol, class_balanced=balanced
+            )
+            scores = _scores((zv @ init[0].T + init[1]).float(), np.asarray(valid_y), n_classes)
+            path.append({"C": float(C), "class_balanced": balanced, **scores})
+            if _better(scores, best, metric):
+                best = {**scores, "C": float(C), "class_balanced": balanced}
+    assert best is not None
+    balanced = bool(best["class_balanced"])
     C, valid = _chosen(best)
-    _set_weights(head, *fits[C])
-    return ProbeResult(head=head, C=C, valid=valid, path=path, seconds=time.perf_counter() - t0)
+    _set_weights(head, *fits[C, balanced])
+    return ProbeResult(
+        head=head,
+        C=C,
+        valid=valid,
+        path=path,
+        seconds=time.perf_counter() - t0,
+        class_balanced=balanced,
+        edge=_edge(C, Cs),
+    )
 
 
 def probe_bank(bank: FeatureBank, *, Cs: Sequence[float] = DEFAULT_CS, metric: str = "acc") -> ProbeResult:
@@ -241,6 +299,7 @@ def probe_bank(bank: FeatureBank, *, Cs: Sequence[float] = DEFAULT_CS, metric: s
         Cs=Cs,
         metric=metric,
     )
+    _log_edge(result, bank.spec.name)
     log.info(
         "linear probe on %s: C=%g, valid acc %s (%.1fs)",
         bank.spec.name,
@@ -287,7 +346,9 @@ def probe_bank_cv(
         seconds=time.perf_counter() - t0,
         folds=k,
         oof_logits=oof[C].double().numpy(),
+        edge=_edge(C, Cs),
     )
+    _log_edge(result, bank.spec.name)
     log.info(
         "linear probe on %s, %d-fold CV: C=%g, out-of-fold acc %s (%.1fs)",
         bank.spec.name,
@@ -380,8 +441,8 @@ def is_probe_id(name) -> bool:
 def metric_key(metric: str) -> str:
     """``valid/acc`` -> ``acc``: the probe's score under a search space's metric name."""
     key = metric.split("/", 1)[-1]
-    if key not in ("acc", "macro_f1", "loss"):
-        raise UserError(f"the linear probe is scored by acc, macro_f1 or loss, not {metric!r}")
+    if key not in ("acc", "macro_f1", "balanced_acc", "loss"):
+        raise UserError(f"the linear probe is scored by acc, macro_f1, balanced_acc or loss, not {metric!r}")
     return key
 
 

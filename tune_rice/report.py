@@ -48,10 +48,17 @@ from . import UserError, cli
 from .devices import resolve_device
 from .engine import TrialConfig
 from .explain import gallery_section
-from .final import comparison_lines, deployed_label, lead_lines, single_best_label, test_figures
+from .final import (
+    comparison_lines,
+    deployed_label,
+    lead_lines,
+    single_best_label,
+    test_figures,
+    threshold_lines,
+)
 from .probe import is_probe_id
 from .report_html import PAGE, write_html
-from .space import METRICS, SearchSpace, load_search_space
+from .space import METRICS, SearchSpace, load_search_space, with_metric
 from .study import best_values, load_study
 
 log = logging.getLogger(__name__)
@@ -205,7 +212,7 @@ def load_experiment(exp_dir: str | os.PathLike) -> Experiment:
     space = None
     if args.get("search_space"):
         try:
-            space = load_search_space(args["search_space"])
+            space = with_metric(load_search_space(args["search_space"]), args.get("metric"))
         except UserError as e:
             log.warning("search space not readable (%s): bounds and scales are guessed from results.csv", e)
     if space is not None:
@@ -759,9 +766,13 @@ def final_lines(exp: Experiment, fin: dict) -> list[str]:
     for label, key, t in kinds:
         mark = " (deployed)" if fin["deployed"] == key else ""
         scores += [
-            (f"{label}{mark}", "valid", "1", v[key]),
-            (f"{label}{mark}", "valid", f"{t:.3g}", v[f"{key}_calibrated"]),
+            (f"{label}{mark}", "valid (in-sample)", "1", v[key]),
+            (f"{label}{mark}", "valid (in-sample)", f"{t:.3g}", v[f"{key}_calibrated"]),
         ]
+        if mark and "deployed_crossfit" in v:
+            scores.append(
+                (f"{label}{mark}", "valid (cross-fitted)", "fitted on the other folds", v["deployed_crossfit"])
+            )
         scored = test.get("single_best" if key == "single" else "ensemble")
         if scored and scored.get("calibration"):
             scores += [
@@ -783,8 +794,9 @@ def final_lines(exp: Experiment, fin: dict) -> list[str]:
         markdown_table(frame),
         "",
         "ECE: expected calibration error over 15 bins of the top probability; NLL: mean negative log "
-        "likelihood; Brier: mean squared error of the probability vector. Valid figures are optimistic: "
-        "valid chose the ensemble and fitted the temperature.",
+        "likelihood; Brier: mean squared error of the probability vector. In-sample valid figures are "
+        "optimistic: valid chose the ensemble and fitted the temperature. Cross-fitted: each fifth of valid "
+        "scaled by a temperature fitted on the other four.",
         "",
     ]
     th = fin["threshold"]
@@ -793,12 +805,8 @@ def final_lines(exp: Experiment, fin: dict) -> list[str]:
     elif th["threshold"] == 0:
         md += [f"All valid images together reach {th['target_accuracy']:.0%} accuracy: no threshold is needed.", ""]
     else:
-        md += [
-            f"`predict --min-confidence {th['threshold']:.3g}` keeps {th['coverage']:.0%} of the valid images "
-            f"at {th['accuracy']:.1%} accuracy (target {th['target_accuracy']:.0%}); the rest are labelled "
-            "`uncertain`.",
-            "",
-        ]
+        md += threshold_lines(th)
+        md += [""] + threshold_lines(test.get("threshold") or {}, split="test") + [""]
     return md
 
 

@@ -217,9 +217,13 @@ class Winner:
 
     def save(self, folder: Path, extra_metrics: dict | None = None) -> Path:
         c = self.fm.choice
+        cv = any(cand.oof_logits is not None for cand in self.fm.pool)
         calibration = {
             "method": "temperature scaling",
-            "fitted_on": "valid",
+            # with --cv the heads trained on valid too: the choice and T were made on out-of-fold logits
+            "fitted_on": "out-of-fold logits over train+valid (one fold head per image; the model averages them)"
+            if cv
+            else "valid",
             "temperature": c.temperature,
             "valid_before": c.valid["deployed"],
             "valid_after": c.valid["deployed_calibrated"],

@@ -36,7 +36,7 @@ from .features import FeatureBank, FeatureSpec, by_reference, extract_banks
 from .model import ResolvedWeights, hub_weights_file, resolve_weights
 from .probe import CV_AUTO_BELOW, CV_AUTO_FOLDS, Baseline, bank_folds, fit_probes, resolve_folds
 from .results import TOP_CANDIDATES, Winner, collect_results, save_winner, score_winner
-from .space import SearchSpace, load_search_space
+from .space import CLI_METRICS, SearchSpace, load_search_space, with_metric
 from .storage import ARGS_FILE, ExperimentPaths
 from .summary import BASELINE_FILE, baseline_record, format_summary
 
@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
         "folder holding it; for `prepare --out` outside DATA_DIR)",
     )
     p.add_argument("--num-samples", type=int, default=30, help="number of trials")
+    p.add_argument(
+        "--metric",
+        choices=CLI_METRICS,
+        help="what the trials, the probe and the final model are judged by on valid (default: the space's metric; "
+        "macro_f1 or balanced_acc for imbalanced classes)",
+    )
     p.add_argument(
         "--search-space",
         default="default",
@@ -307,7 +313,7 @@ def _restore_experiment(args, paths: ExperimentPaths) -> None:
 
 def load_space(args) -> tuple[SearchSpace, int]:
     """The search space and the epochs per trial."""
-    space = load_search_space(args.search_space)
+    space = with_metric(load_search_space(args.search_space), getattr(args, "metric", None))
     max_epochs = args.max_epochs or space.max_epochs or 10
     if args.grace_period > max_epochs:
         raise UserError(f"--grace-period {args.grace_period} is more than the {max_epochs} epochs per trial")

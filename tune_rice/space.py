@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -24,7 +24,8 @@ from .features import FeatureSpec
 # copies the linked files) finds them as well as a source tree or an editable install.
 SPACES_DIR = Path(__file__).resolve().parent / "search_spaces"
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
-METRICS = {"valid/acc": "max", "valid/macro_f1": "max", "valid/loss": "min"}
+METRICS = {"valid/acc": "max", "valid/macro_f1": "max", "valid/balanced_acc": "max", "valid/loss": "min"}
+CLI_METRICS = ("acc", "macro_f1", "balanced_acc")  # --metric: what imbalanced sets are judged by
 FEATURE_PARAMS = ("backbone", "image_size", "head", "aug_policy", "views")
 # Set by the command line, not by a space: the epoch budget and the seed.
 RESERVED = ("epochs", "seed")
@@ -208,3 +209,13 @@ def load_search_space(name_or_path: str | os.PathLike) -> SearchSpace:
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
     return space
+
+
+def with_metric(space: SearchSpace, metric: str | None) -> SearchSpace:
+    """``space`` optimising ``valid/<metric>`` (``--metric``: acc, macro_f1 or balanced_acc; higher is
+    better) instead of the metric its file names; unchanged when ``metric`` is empty."""
+    if not metric:
+        return space
+    if metric not in CLI_METRICS:
+        raise UserError(f"--metric {metric!r}: valid choices are {', '.join(CLI_METRICS)}")
+    return replace(space, metric=f"valid/{metric}", mode="max")

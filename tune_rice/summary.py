@@ -84,6 +84,7 @@ def format_summary(
                 label = "selected ensemble" if which == "ensemble" else final.single_best_label(other)
                 lines.append(f"  {label} (same pass, not deployed): {final.test_figures(other)}")
         lines += [f"  {line}" for line in final.comparison_lines(test)]
+        lines += [f"  {line}" for line in final.threshold_lines(test.get("threshold") or {}, split="test")]
     random = {b: w for b, w in (backbones or {}).items() if w.startswith("random:")}
     n_backbones = len(backbones or {})
     if random and (n_backbones > 1 or not weights.startswith("random:")):
@@ -182,13 +183,8 @@ def final_lines(record: dict) -> list[str]:
         head = f"FINAL: {single}"
     lines = [
         f"{head}; chosen on valid among {len(record['candidates'])} candidates; temperature "
-        f"{record['temperature']:.3g} (valid ECE {v['deployed']['ece']:.3f} -> {v['deployed_calibrated']['ece']:.3f})"
+        f"{record['temperature']:.3g} ({final.valid_ece_text(v)})"
     ]
     lines += final.lead_lines(record)
-    th = record["threshold"]
-    if th.get("threshold"):
-        lines.append(
-            f"  predict --min-confidence {th['threshold']:.3g} keeps {th['coverage']:.0%} of valid at "
-            f"{th['accuracy']:.1%} accuracy (target {th['target_accuracy']:.0%}); the rest 'uncertain'"
-        )
+    lines += [f"  {line}" for line in final.threshold_lines(record["threshold"])]
     return lines
