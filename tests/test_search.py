@@ -247,6 +247,10 @@ def test_search_end_to_end(ray_local, labels, tmp_path, capsys, monkeypatch):
             assert not set(features.paths) & test_paths
     assert _reads(ray_local["trace"]) == []  # with the feature cache on, trials decode no image
 
+    # every search tries a linear head first: the probe's model under the trials' optimiser
+    frozen = _optuna_trials(exp, "valid/acc", "max", 3)
+    assert min(frozen.values(), key=lambda t: t.number).params["hidden"] == 0
+
 
 # ------------------------------------------------------------------------------------------ pruning
 @pytest.mark.slow

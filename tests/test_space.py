@@ -126,8 +126,21 @@ def test_space_metric_mode_and_constants(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["default", "quick", "zoo"])
-def test_bundled_spaces_search_class_balancing(name):
-    assert load_search_space(name).distributions["class_balanced"] == ("choice", [False, True])
+def test_bundled_spaces_search_class_balancing_and_start_from_a_linear_head(name):
+    from tune_rice.space import linear_point
+
+    space = load_search_space(name)
+    assert space.distributions["class_balanced"] == ("choice", [False, True])
+    assert space.constants["min_steps"] == 300
+    low = {n: space.distributions[n][1][0] for n in ("dropout", "label_smoothing")}
+    assert linear_point(space) == {"hidden": 0, **low, "class_balanced": False}
+
+
+def test_no_linear_point_where_the_space_has_no_linear_head(tmp_path):
+    from tune_rice.space import linear_point
+
+    assert linear_point(load_search_space(_write(tmp_path, BASE + "  hidden: {choice: [32, 64]}\n"))) == {}
+    assert linear_point(load_search_space(_write(tmp_path, BASE + "  lr: {loguniform: [1.0e-3, 1.0e-2]}\n"))) == {}
 
 
 # ---------------------------------------------------------------------------------------- errors

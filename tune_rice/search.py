@@ -36,7 +36,7 @@ from .features import FeatureBank, FeatureSpec, by_reference, extract_banks
 from .model import ResolvedWeights, hub_weights_file, resolve_weights
 from .probe import CV_AUTO_BELOW, CV_AUTO_FOLDS, Baseline, bank_folds, fit_probes, resolve_folds
 from .results import TOP_CANDIDATES, Winner, collect_results, save_winner, score_winner
-from .space import CLI_METRICS, SearchSpace, load_search_space, with_metric
+from .space import CLI_METRICS, SearchSpace, linear_point, load_search_space, with_metric
 from .storage import ARGS_FILE, ExperimentPaths
 from .summary import BASELINE_FILE, baseline_record, format_summary
 
@@ -606,6 +606,7 @@ def make_tuner(args, paths: ExperimentPaths, space: SearchSpace, base: dict, dat
         mode=space.mode,
         seed=args.seed,
         max_t=max_epochs,
+        first=[point] if (point := linear_point(space)) else [],  # a linear head, tried first
         storage=study.study_storage(paths.local),
         study_name=args.name,
     )

@@ -219,3 +219,22 @@ def with_metric(space: SearchSpace, metric: str | None) -> SearchSpace:
     if metric not in CLI_METRICS:
         raise UserError(f"--metric {metric!r}: valid choices are {', '.join(CLI_METRICS)}")
     return replace(space, metric=f"valid/{metric}", mode="max")
+
+
+def linear_point(space: SearchSpace) -> dict:
+    """The searched parameters of a linear head, the probe's model trained by the trial's optimiser:
+    ``hidden`` 0 with the lowest dropout and label smoothing and no class weights the space allows (the
+    rest left to the searcher). Every search tries it first, so the best trial is never worse than the
+    space's own linear head. Empty when ``hidden`` is not searched or 0 is not among its choices."""
+    d = space.distributions
+    kind, args = d.get("hidden", (None, None))
+    if kind != "choice" or 0 not in args:
+        return {}
+    point: dict = {"hidden": 0}
+    for name in ("dropout", "label_smoothing"):
+        if name in d:
+            kind, args = d[name]
+            point[name] = min(args) if kind == "choice" else args[0]
+    if "class_balanced" in d and False in d["class_balanced"][1]:
+        point["class_balanced"] = False
+    return point
