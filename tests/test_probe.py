@@ -86,6 +86,11 @@ def test_probe_cv_refits_on_everything():
     z = standardize(result.head, x)
     w, b = fit_logistic(z, torch.as_tensor(y), 3, C=result.C)
     np.testing.assert_allclose(result.head.net[-1].weight.detach().numpy(), w.float().numpy(), atol=1e-5)
+    # macro_f1: class-balanced weights tried too, the refit uses the weighting chosen out of fold
+    f1 = probe_bank_cv(bank, folds, Cs=(0.01, 1.0), metric="macro_f1")
+    assert [(r["C"], r["class_balanced"]) for r in f1.path] == [(0.01, False), (1.0, False), (0.01, True), (1.0, True)]
+    w, b = fit_logistic(z, torch.as_tensor(y), 3, C=f1.C, class_balanced=f1.class_balanced)
+    np.testing.assert_allclose(f1.head.net[-1].weight.detach().numpy(), w.float().numpy(), atol=1e-5)
 
 
 def test_wilson_interval_by_hand():

@@ -319,25 +319,30 @@ def probe_bank_cv(
     t0 = time.perf_counter()
     x, y = pooled_view0(bank)
     n_classes, k = len(bank.classes), int(folds.max()) + 1
-    oof = {C: torch.zeros(len(y), n_classes) for C in Cs}
+    settings = [(float(C), b) for b in weightings(metric) for C in sorted(Cs)]  # (C, class_balanced)
+    oof = {s: torch.zeros(len(y), n_classes) for s in settings}
     for f in range(k):
         tr, va = folds != f, folds == f
         head = _linear_head(x.shape[1], n_classes, x[tr].mean(0), x[tr].std(0))
         z, zv = standardize(head, x[tr]), standardize(head, x[va])
-        init = None
-        for C in sorted(Cs):
-            init = fit_logistic(z, torch.as_tensor(y[tr]), n_classes, C=C, init=init)
-            oof[C][torch.as_tensor(np.flatnonzero(va))] = (zv @ init[0].T + init[1]).float()
+        for balanced in weightings(metric):
+            init = None
+            for C in sorted(Cs):
+                init = fit_logistic(z, torch.as_tensor(y[tr]), n_classes, C=C, init=init, class_balanced=balanced)
+                oof[float(C), balanced][torch.as_tensor(np.flatnonzero(va))] = (zv @ init[0].T + init[1]).float()
     best: dict | None = None
     path: list[dict] = []
-    for C in sorted(Cs):
-        scores = _scores(oof[C], y, n_classes)
-        path.append({"C": float(C), **scores})
+    for C, balanced in settings:
+        scores = _scores(oof[C, balanced], y, n_classes)
+        path.append({"C": C, "class_balanced": balanced, **scores})
         if _better(scores, best, metric):
-            best = {**scores, "C": float(C)}
+            best = {**scores, "C": C, "class_balanced": balanced}
+    assert best is not None
+    balanced = bool(best["class_balanced"])
     C, valid = _chosen(best)
     head = _linear_head(x.shape[1], n_classes, x.mean(0), x.std(0))
-    _set_weights(head, *fit_logistic(standardize(head, x), torch.as_tensor(y), n_classes, C=C))
+    w, b = fit_logistic(standardize(head, x), torch.as_tensor(y), n_classes, C=C, class_balanced=balanced)
+    _set_weights(head, w, b)
     result = ProbeResult(
         head=head,
         C=C,
@@ -345,7 +350,8 @@ def probe_bank_cv(
         path=path,
         seconds=time.perf_counter() - t0,
         folds=k,
-        oof_logits=oof[C].double().numpy(),
+        oof_logits=oof[C, balanced].double().numpy(),
+        class_balanced=balanced,
         edge=_edge(C, Cs),
     )
     _log_edge(result, bank.spec.name)
