@@ -239,6 +239,14 @@ def test_decide_keeps_the_single_best_when_the_ensemble_loses_accuracy():
     assert choice.selection.members == [0, 1]  # the selection took b (lower NLL) ...
     assert choice.valid["ensemble"]["acc"] < choice.valid["single"]["acc"]
     assert choice.deployed == "single" and choice.members == ["a"]  # ... but valid accuracy says no
+    from tune_rice.summary import final_lines
+
+    by_f1 = final.decide(["a", "b"], [z0, z1], y, k=2, rounds=2, metric="valid/macro_f1")
+    v = by_f1.valid
+    assert by_f1.deployed == "single" and final_lines(by_f1.to_dict())[0].startswith(
+        f"FINAL: the single best trial (an ensemble of 2 was not deployed on valid: macro_f1 "
+        f"{v['ensemble']['macro_f1']:.4f} vs {v['single']['macro_f1']:.4f})"
+    )
 
 
 # ------------------------------------------------------------------- the best trial against the probe

@@ -175,9 +175,11 @@ def final_lines(record: dict) -> list[str]:
         members = ", ".join(f"{m} {w:.2f}" for m, w in zip(record["members"], record["weights"]))
         head = f"FINAL: an ensemble of {len(record['members'])} ({members})"
     elif len(sel["members"]) > 1:
+        key = record["metric"].split("/")[-1]
+        key = key if key in v["ensemble"] else "acc"  # the figure the decision was made on, where kept
         head = (
             f"FINAL: {single} (an ensemble of {len(sel['members'])} was not deployed on valid: "
-            f"acc {v['ensemble']['acc']:.4f} vs {v['single']['acc']:.4f})"
+            f"{key} {v['ensemble'][key]:.4f} vs {v['single'][key]:.4f})"
         )
     else:
         head = f"FINAL: {single}"
