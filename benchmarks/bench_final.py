@@ -98,6 +98,7 @@ def _best_state(trial_dir: Path, mode: str) -> dict:
 def rebuilt_models(exp: Path, record: dict, seed: int):
     """The selected ensemble and the single best, from the selected trials' best checkpoints."""
     choice = final.FinalChoice.from_dict(record)
+    choice.lead = {}  # the selected members only: not the probe the test pass also scores
     names = [choice.candidates[i] for i in choice.selection.members]
     pool = []
     for name in names:

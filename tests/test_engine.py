@@ -66,6 +66,17 @@ def test_compute_metrics_by_hand():
     assert perfect["acc"] == 1.0 and perfect["macro_f1"] == 1.0
 
 
+def test_macro_f1_and_balanced_accuracy_are_scikit_learns_over_all_classes():
+    from sklearn.metrics import balanced_accuracy_score, f1_score
+
+    y_true = np.array([0, 0, 1, 1, 1, 2, 2, 0])  # class 3 never occurs and is predicted once; 4 neither
+    y_pred = np.array([0, 1, 1, 1, 3, 2, 0, 0])
+    m = compute_metrics(y_true, y_pred, 5)
+    assert m["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, labels=range(5), average="macro", zero_division=0))
+    with pytest.warns(UserWarning):  # scikit-learn warns of the class predicted but absent
+        assert m["balanced_acc"] == pytest.approx(balanced_accuracy_score(y_true, y_pred))
+
+
 # -------------------------------------------------------------------------------------------- batches
 def _view_bank(n: int = 40, k: int = 4) -> SplitFeatures:
     """Feature value = 10 * image + view, so each drawn row says which image and view it came from."""
@@ -316,6 +327,25 @@ def test_head_run_resume_matches_an_uninterrupted_run(tmp_path):
     resumed.load_state_dict(torch.load(tmp_path / "checkpoint.pt", weights_only=True))
     assert resumed.epoch == 2
     assert [resumed.step() for _ in range(2)] == expected[2:]  # bit-identical metrics, dropout included
+
+
+def test_min_steps_repeats_passes_within_each_epoch_and_the_schedule_spans_them():
+    from tune_rice.engine import CVHeadRun, make_criterion
+
+    bank = synthetic_bank(n_train=60)  # batch 32: 2 steps a pass
+    cfg = TrialConfig.from_dict({**CFG, "batch_size": 32, "epochs": 3, "min_steps": 40})
+    run = HeadRun(cfg, bank=bank, device="cpu")
+    assert run.passes == math.ceil(40 / (3 * 2)) == 7
+    for _ in range(3):
+        run.step()
+    assert run.scheduler.last_epoch == 3 * 7 * 2  # optimiser steps taken, at least min_steps
+    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # the cosine ends with the steps
+    cv = CVHeadRun(cfg, bank=bank, folds=np.arange(90) % 3, device="cpu")
+    cv.step()
+    assert cv.passes == math.ceil(40 / (3 * len(cv.batches))) and cv.scheduler.last_epoch == cv.passes * len(cv.batches)
+    # label smoothing is for hidden layers only: a linear head trains on the plain targets
+    assert make_criterion(TrialConfig(hidden=0, label_smoothing=0.1), np.ones(3), "cpu").label_smoothing == 0.0
+    assert make_criterion(TrialConfig(hidden=8, label_smoothing=0.1), np.ones(3), "cpu").label_smoothing == 0.1
 
 
 def test_head_run_needs_exactly_one_source():

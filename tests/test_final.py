@@ -167,8 +167,9 @@ def test_decide_deploys_the_ensemble_only_when_valid_says_so():
     logits, y = _candidates(0)
     names = [f"t{i}" for i in range(len(logits))]
     choice = final.decide(names, logits, y, k=5)
-    ens = final.ensemble_logits(logits, choice.selection.members, choice.selection.weights)
-    better = np.mean(ens.argmax(1) == y) >= np.mean(logits[0].argmax(1) == y)
+    calibrated = [z / t for z, t in zip(logits, choice.candidate_temperatures)]  # each at its own temperature
+    ens = final.ensemble_logits(calibrated, choice.selection.members, choice.selection.weights)
+    better = np.mean(ens.argmax(1) == y) > np.mean(logits[0].argmax(1) == y)  # a tie keeps the smaller model
     assert choice.deployed == ("ensemble" if better else "single")
     deployed = ens if better else logits[0]
     assert choice.temperature == pytest.approx(final.fit_temperature(deployed, y))
@@ -187,15 +188,65 @@ def test_decide_deploys_the_ensemble_only_when_valid_says_so():
     assert one.temperature == pytest.approx(final.fit_temperature(logits[0], y))
 
 
+def test_selection_is_made_on_each_candidates_calibrated_logits():
+    logits, y = _candidates(0)
+    choice = final.decide([f"t{i}" for i in range(len(logits))], logits, y, k=5)
+    temps = [final.fit_temperature(z, y) for z in logits]
+    assert choice.candidate_temperatures == pytest.approx(temps) and choice.single_temperature == temps[0]
+    again = final.select_ensemble([z / t for z, t in zip(logits, temps)], y, k=5)
+    assert again == choice.selection
+    ens = final.ensemble_logits([z / t for z, t in zip(logits, temps)], again.members, again.weights)
+    assert choice.ensemble_temperature == pytest.approx(final.fit_temperature(ens, y))
+    assert choice.valid["ensemble"]["nll"] == pytest.approx(final.nll(ens, y))
+    names = [choice.candidates[i] for i in again.members]
+    assert choice.mix(names, again.weights) == pytest.approx(
+        [w / temps[i] for i, w in zip(again.members, again.weights)]
+    )
+
+
+def test_cross_fitted_temperature_and_threshold_by_direct_computation():
+    (z, *_), y = _candidates(3, n=120)
+    fold = final._crossfit_folds(len(y), 5)
+    assert sorted(np.bincount(fold)) == [24] * 5
+    scaled = np.empty_like(z)
+    kept = right = 0
+    for f in range(5):
+        t = final.fit_temperature(z[fold != f], y[fold != f])
+        scaled[fold == f] = z[fold == f] / t
+        th = final.suggest_threshold(final.softmax(z[fold != f] / t), y[fold != f], target_accuracy=0.8)["threshold"]
+        p = final.softmax(z[fold == f] / t)
+        keep = p.max(1) >= th
+        kept += keep.sum()
+        right += (p.argmax(1)[keep] == y[fold == f][keep]).sum()
+    assert final.crossfit_calibration(z, y)["ece"] == pytest.approx(final.ece(final.softmax(scaled), y))
+    got = final.crossfit_threshold(z, y, target_accuracy=0.8)
+    assert got["coverage"] == pytest.approx(kept / len(y)) and got["accuracy"] == pytest.approx(right / kept)
+    # on test: the share kept at the valid threshold and the accuracy among them
+    on_test = final.threshold_on_test(final.softmax(z), y, {"threshold": 0.6, "target_accuracy": 0.8})
+    keep = final.softmax(z).max(1) >= 0.6
+    assert on_test["coverage"] == pytest.approx(keep.mean()) and on_test["kept"] == keep.sum()
+    assert on_test["accuracy"] == pytest.approx((z.argmax(1)[keep] == y[keep]).mean())
+
+
 def test_decide_keeps_the_single_best_when_the_ensemble_loses_accuracy():
-    # Candidate 1 lowers NLL (it is sure where candidate 0 hesitates) but flips two right answers.
-    y = np.array([0, 0, 1, 1, 0, 1])
-    z0 = np.array([[0.2, 0.0], [0.2, 0.0], [0.0, 0.2], [0.0, 0.2], [0.2, 0.0], [0.0, 0.2]])  # all right, unsure
-    z1 = np.array([[0.0, 0.3], [0.0, 0.3], [0.0, 5.0], [0.0, 5.0], [5.0, 0.0], [0.0, 5.0]])
+    # Candidate 1 (each at its own temperature) lowers the NLL but flips two right answers.
+    y = np.array([1, 0, 1, 1, 1, 0, 0, 1])
+    z0 = np.array([[0.8, -0.3], [2.1, 0.9], [1.5, 2.1], [1.1, 1.5], [-0.3, 0.7], [0.8, 0.2], [0.3, -0.7], [1.4, -0.4]])
+    z1 = np.array(
+        [[2.2, 4.1], [-2.0, 2.8], [-0.2, 2.9], [-1.1, 2.6], [-1.4, -2.6], [3.5, -1.7], [-2.5, 0.1], [-0.6, 2.4]]
+    )
     choice = final.decide(["a", "b"], [z0, z1], y, k=2, rounds=2)
     assert choice.selection.members == [0, 1]  # the selection took b (lower NLL) ...
     assert choice.valid["ensemble"]["acc"] < choice.valid["single"]["acc"]
     assert choice.deployed == "single" and choice.members == ["a"]  # ... but valid accuracy says no
+    from tune_rice.summary import final_lines
+
+    by_f1 = final.decide(["a", "b"], [z0, z1], y, k=2, rounds=2, metric="valid/macro_f1")
+    v = by_f1.valid
+    assert by_f1.deployed == "single" and final_lines(by_f1.to_dict())[0].startswith(
+        f"FINAL: the single best trial (an ensemble of 2 was not deployed on valid: macro_f1 "
+        f"{v['ensemble']['macro_f1']:.4f} vs {v['single']['macro_f1']:.4f})"
+    )
 
 
 # ------------------------------------------------------------------- the best trial against the probe
@@ -204,30 +255,6 @@ def _right_wrong(pattern, c=3):
     z = np.zeros((len(pattern), c))
     z[np.arange(len(pattern)), np.where(np.asarray(pattern) == 1, 0, 1)] = 2.0
     return z
-
-
-def test_paired_advantage_by_hand():
-    y = np.zeros(10, dtype=int)
-    a = _right_wrong([1, 1, 1, 1, 1, 1, 1, 0, 0, 0])  # 7 of 10
-    b = _right_wrong([1, 1, 1, 1, 1, 0, 0, 1, 0, 0])  # 6 of 10; a and b differ on 3 images
-    adv, se = final.paired_advantage(a, b, y, metric="valid/acc", mode="max")
-    d = np.array([0, 0, 0, 0, 0, 1, 1, -1, 0, 0])
-    assert adv == pytest.approx(0.1) and se == pytest.approx(d.std(ddof=1) / np.sqrt(10))
-    assert not final.clearly_better(a, b, y, metric="valid/acc", mode="max")  # 0.1 < 0.18: noise
-    # the same one-image lead with no image where a is the worse one stands out
-    a2 = _right_wrong([1, 1, 1, 1, 1, 1, 0, 0, 0, 0])
-    b2 = _right_wrong([1, 1, 1, 1, 1, 0, 0, 0, 0, 0])
-    assert final.paired_advantage(a2, b2, y, metric="valid/acc", mode="max") == (pytest.approx(0.1), pytest.approx(0.1))
-    assert not final.clearly_better(a2, b2, y, metric="valid/acc", mode="max")  # more than one SE is needed
-    a3 = _right_wrong([1] * 8 + [0] * 2)
-    assert final.clearly_better(a3, b2, y, metric="valid/acc", mode="max")  # 3 images more, never fewer
-    # valid/loss (mode min): per-image NLL differences; lower NLL is the advantage
-    logits, yy = _candidates(3, n=200)
-    adv, se = final.paired_advantage(logits[0], logits[5], yy, metric="valid/loss", mode="min")
-    rows = np.arange(len(yy))
-    d = final.log_softmax(logits[0])[rows, yy] - final.log_softmax(logits[5])[rows, yy]
-    assert adv == pytest.approx(final.nll(logits[5], yy) - final.nll(logits[0], yy)) == pytest.approx(d.mean())
-    assert se == pytest.approx(d.std(ddof=1) / np.sqrt(len(d)))
 
 
 def _fake_candidates(names, baseline=()):
@@ -239,24 +266,35 @@ def _fake_candidates(names, baseline=()):
     return [final.Candidate(n, spec, head, baseline=n in baseline) for n in names]
 
 
-@pytest.mark.parametrize("trial_pattern, leader", [([1] * 7 + [0] * 3, "probe:b"), ([1] * 9 + [0], "t0")])
-def test_the_probe_leads_unless_the_best_trial_clearly_beats_it(trial_pattern, leader):
-    y = np.zeros(10, dtype=int)
-    probe = _right_wrong([1, 1, 1, 1, 1, 0, 0, 1, 0, 0])  # 6 of 10
-    other = _right_wrong([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+@pytest.mark.parametrize("lead_by, leader", [(2, "probe:b"), (9, "t0")])
+def test_the_probe_leads_unless_the_best_trial_beats_it_beyond_the_pick(lead_by, leader):
+    """The best trial right on ``lead_by`` images the probe gets wrong (and never the other way): 2-0 is
+    what picking the best gives by chance (the exact sign test alone says p = 0.25), 9-0 is not."""
+    n = 40
+    y = np.zeros(n, dtype=int)
+    probe = _right_wrong([1] * 20 + [0] * 20)
+    best = _right_wrong([1] * (20 + lead_by) + [0] * (20 - lead_by))
+    other = _right_wrong([1] * 19 + [0] * 21)
     pool = _fake_candidates(["t0", "t1", "probe:b"], baseline=["probe:b"])
-    choice = final.choose_final(pool, [_right_wrong(trial_pattern), other, probe], y, k=3, metric="valid/acc")
+    choice = final.choose_final(pool, [best, other, probe], y, k=3, metric="valid/acc", trials_run=6)
     assert choice.candidates[0] == leader and choice.lead["leader"] == leader
-    assert choice.lead["trial"] == "t0" and choice.lead["probe"] == "probe:b" and choice.lead["count"] == 10
-    adv, se = final.paired_advantage(_right_wrong(trial_pattern), probe, y, metric="valid/acc", mode="max")
-    assert choice.lead["advantage"] == pytest.approx(adv) and choice.lead["standard_error"] == pytest.approx(se)
+    assert choice.lead["trial"] == "t0" and choice.lead["probe"] == "probe:b" and choice.lead["count"] == n
+    assert choice.lead["advantage"] == pytest.approx(lead_by / n)
+    assert choice.lead["compared"] == 2 and choice.lead["trials"] == 6
+    # the record is stats.lead_test's on the two trials, with the 6 the search ran counted
+    from tune_rice import stats
+
+    again = stats.lead_test([best, other], probe, y, metric="valid/acc", mode="max", trials_run=6)
+    assert choice.lead["p_value"] == pytest.approx(again["p_value"]) and choice.lead["clear"] == (leader == "t0")
     assert sorted(choice.candidates) == ["probe:b", "t0", "t1"]
     assert final.FinalChoice.from_dict(json.loads(json.dumps(choice.to_dict()))) == choice
     text = " ".join(final.lead_lines(choice.to_dict()))
-    assert ("within noise" in text) == (leader == "probe:b")
+    assert ("what picking the best gives by chance" in text) == (leader == "probe:b")
+    assert "given the best of 6 trials was picked" in text
     # the report names who was deployed and why the probe led
     import pandas as pd
 
+    from tune_rice.probe import probe_verdict, search_beats_probe
     from tune_rice.report import Experiment, final_lines
 
     md = "\n".join(
@@ -267,12 +305,12 @@ def test_the_probe_leads_unless_the_best_trial_clearly_beats_it(trial_pattern, l
     )
     deployed = "the linear probe's head" if leader == "probe:b" else "the single best trial's head"
     assert f"Deployed: {deployed}" in md and ("the simpler probe led the final model" in md) == (leader == "probe:b")
-    if leader == "probe:b":  # the trials join the probe only if that clearly beats the probe alone
-        ens = final.ensemble_logits(
-            [probe, _right_wrong(trial_pattern), other], choice.selection.members, choice.selection.weights
-        )
-        wanted = final.clearly_better(ens, probe, y, metric="valid/acc", mode="max")
-        assert choice.deployed == ("ensemble" if wanted and len(choice.selection.members) > 1 else "single")
+    # one verdict: the probe line of the summary and the report reads the same record
+    assert search_beats_probe(choice.lead) == (leader == "t0")
+    verdict = probe_verdict(choice.lead, metric="valid/acc")
+    assert verdict.startswith("the search beat" if leader == "t0" else "the search did NOT beat")
+    if leader == "probe:b":  # the trials join the probe only if that beats the probe beyond the pick too
+        assert choice.deployed == ("ensemble" if choice.lead.get("ensemble", {}).get("clear") else "single")
         assert choice.deployed == "single" and choice.members == ["probe:b"]
 
 
@@ -369,7 +407,8 @@ def test_the_deployed_model_on_images_is_the_choice_made_on_bank_logits(tiny_can
         assert np.allclose(a, b, atol=2e-2, rtol=1e-2), np.abs(a - b).max()
     assert np.allclose(logits[-1], (logits[1] + logits[2]) / 2)  # pool order = candidates order here
     members = [choice.candidates.index(m) for m in choice.members]
-    want = final.ensemble_logits(logits, members, choice.weights) / choice.temperature  # (N, C)
+    mix = choice.mix(choice.members, choice.weights) if choice.deployed == "ensemble" else choice.weights
+    want = final.ensemble_logits(logits, members, mix) / choice.temperature  # (N, C)
     # ... and the deployed model, run on the decoded valid images, gives the same calibrated logits
     # (the bank holds float16 features, hence the tolerance).
     model, resolved, _ = final.build_final_model(choice, pool, {"resnet18": weights})
@@ -436,7 +475,11 @@ def test_candidates_from_checkpoint_states_plain_and_cross_validated(separable, 
 
 def test_make_final_model_and_its_record_rebuild_the_same_model(tiny_candidates):
     candidates, banks, table, weights = tiny_candidates
-    fm = final.make_final_model(candidates, weights={"resnet18": weights}, banks=banks, k=3)
+    # the last trial's head stands in for a linear probe: the test pass scores it beside the deployed model
+    probe = final.Candidate("probe:b", candidates[0].spec, candidates[-1].heads, candidates[-1].score, baseline=True)
+    candidates = [*candidates[:-1], probe]
+    fm = final.make_final_model(candidates, weights={"resnet18": weights}, banks=banks, k=3, trials_run=8)
+    assert fm.choice.lead["probe"] == "probe:b" and fm.choice.lead["trials"] == 8
     assert set(fm.seconds) == {"valid_logits", "select_and_calibrate", "build"}
     record = json.loads(json.dumps(fm.record()))
     assert [c["name"] for c in record["candidate_info"]] == record["candidates"]
@@ -452,6 +495,28 @@ def test_make_final_model_and_its_record_rebuild_the_same_model(tiny_candidates)
     assert scores["test_count"] == len(table.split("test")) and scores["deployed"] == fm.choice.deployed
     # the members' weights have their own key: "weights" in test_metrics.json is the backbone identity
     assert scores["member_weights"] == fm.choice.weights and "weights" not in scores
+    # test figures carry intervals: Wilson for the accuracy, a bootstrap for macro-F1
+    from tune_rice.data import build_transform, load_image
+    from tune_rice.model import Classifier
+    from tune_rice.probe import wilson_interval
+
+    n = scores["test_count"]
+    assert scores["accuracy_interval"] == pytest.approx(list(wilson_interval(round(scores["accuracy"] * n), n)))
+    assert scores["macro_f1_interval"][0] <= scores["macro_f1"] <= scores["macro_f1_interval"][1]
+    # ... and the deployed model against the probe (or, when the probe is deployed, the best trial) it was
+    # chosen over, on the same test images: reported, with the exact McNemar counts
+    other = "trial" if fm.choice.deployed == "single" and fm.choice.candidates[0] == "probe:b" else "probe"
+    assert list(scores["compared"]) == [other]
+    got = scores["compared"][other]
+    head = probe.heads[0] if other == "probe" else candidates[0].heads[0]
+    backbone = fm.model.backbone if isinstance(fm.model, Classifier) else fm.model.backbones[0]
+    xt = torch.stack([build_transform(32, train=False)(load_image(p)) for p in table.paths("test")])
+    with torch.no_grad():
+        right = head(backbone(xt)).argmax(1).numpy() == table.targets("test")
+        deployed_right = fm.model(xt).argmax(1).numpy() == table.targets("test")
+    assert got["trial_id"] == fm.choice.lead[other] and got["accuracy"] == pytest.approx(right.mean())
+    assert got["mcnemar"]["deployed_only"] == int((deployed_right & ~right).sum())
+    assert got["mcnemar"]["other_only"] == int((right & ~deployed_right).sum())
 
 
 def test_probes_join_the_candidates_behind_the_single_best(separable, tmp_path):

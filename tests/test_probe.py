@@ -42,6 +42,26 @@ def test_logistic_fit_matches_scikit_learn():
     np.testing.assert_allclose(result.head.net[-1].weight.detach().numpy(), ref.coef_, atol=2e-3)
 
 
+def test_class_balanced_probe_matches_scikit_learn_and_is_tried_for_macro_f1():
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    bank = synthetic_bank(n_train=90, n_valid=30, d=12)
+    x, y = bank.splits["train"].features[:, 0].astype(np.float32), bank.splits["train"].targets
+    keep = (y != 2) | (np.arange(len(y)) % 4 == 0)  # class 2 is a quarter as frequent
+    x, y = x[keep], y[keep]
+    result = fit_probe(x, y, x[:10], y[:10], n_classes=3, Cs=(0.05,), tol=1e-9, metric="macro_f1")
+    assert {r["class_balanced"] for r in result.path} == {False, True}
+    from tune_rice.probe import fit_logistic
+
+    z = standardize(result.head, x)
+    w, b = fit_logistic(z, torch.as_tensor(y), 3, C=0.05, tol=1e-9, class_balanced=True)
+    ref = sklearn.LogisticRegression(C=0.05, tol=1e-10, max_iter=10_000, class_weight="balanced").fit(z.numpy(), y)
+    np.testing.assert_allclose(w.numpy(), ref.coef_, atol=2e-3)
+    # acc tries the plain fit only; a C at the end of the grid is flagged
+    plain = fit_probe(x, y, x[:10], y[:10], n_classes=3, Cs=(1e-3, 1e-2), metric="acc")
+    assert {r["class_balanced"] for r in plain.path} == {False} and plain.edge in ("lowest", "highest")
+    assert fit_probe(x, y, x[:10], y[:10], n_classes=3, Cs=(0.05,)).edge is None
+
+
 def test_probe_keeps_the_c_that_scores_best_on_valid():
     bank = synthetic_bank(n_train=60, n_valid=60, d=24)
     result = probe_bank(bank, Cs=(1e-4, 1e-2, 1.0, 100.0))
@@ -66,6 +86,11 @@ def test_probe_cv_refits_on_everything():
     z = standardize(result.head, x)
     w, b = fit_logistic(z, torch.as_tensor(y), 3, C=result.C)
     np.testing.assert_allclose(result.head.net[-1].weight.detach().numpy(), w.float().numpy(), atol=1e-5)
+    # macro_f1: class-balanced weights tried too, the refit uses the weighting chosen out of fold
+    f1 = probe_bank_cv(bank, folds, Cs=(0.01, 1.0), metric="macro_f1")
+    assert [(r["C"], r["class_balanced"]) for r in f1.path] == [(0.01, False), (1.0, False), (0.01, True), (1.0, True)]
+    w, b = fit_logistic(z, torch.as_tensor(y), 3, C=f1.C, class_balanced=f1.class_balanced)
+    np.testing.assert_allclose(f1.head.net[-1].weight.detach().numpy(), w.float().numpy(), atol=1e-5)
 
 
 def test_wilson_interval_by_hand():
@@ -214,8 +239,12 @@ def test_probe_and_folds_on_generated_images(tmp_path, family):
 # ------------------------------------------------------------------------------------------ report
 @pytest.mark.parametrize("probe_value, beaten", [(0.70, True), (0.80, False)])
 def test_report_puts_the_probe_beside_the_best_trial(tmp_path, probe_value, beaten):
+    """The report's verdict is final.json's lead record (the one verdict), not a comparison of its own."""
+    import json
+
     import pandas as pd
 
+    from tune_rice import stats
     from tune_rice.report import load_experiment, write_report
 
     rows = [
@@ -250,11 +279,18 @@ def test_report_puts_the_probe_beside_the_best_trial(tmp_path, probe_value, beat
         },
     ]
     pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
+    y = np.zeros(40, dtype=int)  # the best trial right on 30 of 40 valid images; the probe on 22 or 32
+    trial, probe = np.tile([0.0, 1.0], (40, 1)), np.tile([0.0, 1.0], (40, 1))  # class 1 on top: wrong
+    trial[:30] = probe[: 22 if beaten else 32] = [1.0, 0.0]
+    lead = stats.lead_test([trial], probe, y, metric="valid/acc", mode="max", trials_run=2)
+    lead.update(trial="t1", probe="probe:bank", leader="t1" if lead["clear"] else "probe:bank")
+    (tmp_path / "final.json").write_text(json.dumps({"lead": lead}))
     exp = load_experiment(tmp_path)
     assert list(exp.results["trial_id"]) == ["t1", "t2"] and list(exp.probes["trial_id"]) == ["probe:bank"]
     text = write_report(tmp_path).read_text()
     assert "trials: 2:" in text
     assert f"linear probe baseline (`probe:bank`, C=0.1, C chosen on valid): valid/acc {probe_value:.4f}" in text
     assert "valid acc 0.750 on 40 [0.60, 0.86]" in text  # the best trial's size and interval
-    assert ("the search beat the linear probe" in text) == beaten
-    assert ("did NOT beat the linear probe on valid/acc: 0.75 vs 0.8" in text) == (not beaten)
+    assert ("the search beat the linear probe on valid/acc: the best trial's +0.2 on 40 valid images" in text) == beaten
+    assert ("did NOT beat the linear probe on valid/acc: the best trial's -0.05" in text) == (not beaten)
+    assert f"p = {lead['p_value']:.3g} given it was the best of 2 trials" in text

@@ -480,6 +480,8 @@ def test_same_data_seed_and_space_give_the_same_search(ray_local, tmp_path):  # 
                 record.pop("trial_id", None)
                 if "members" in record:  # an ensemble's members name trials by those ids
                     record["members"] = len(record["members"])
+        for other in test.get("compared", {}).values():  # the probe or the best trial compared on test
+            other.pop("trial_id")
         runs.append(
             {
                 "labels": (folder / "labels.csv").read_bytes(),

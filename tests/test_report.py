@@ -152,7 +152,12 @@ def test_final_model_section_shows_members_figures_and_the_suggested_threshold(t
         assert f"| {m} | {w:.4g} |" in section
     v, n, t = choice.valid, len(choice.members), choice.temperature
     assert (
-        f"| ensemble of {n} (deployed) | valid | 1 | {v['ensemble']['acc']:.4g} | {v['ensemble']['macro_f1']:.4g} |"
+        f"| ensemble of {n} (deployed) | valid (in-sample) | 1 | {v['ensemble']['acc']:.4g} | "
+        f"{v['ensemble']['macro_f1']:.4g} |" in section
+    )
+    cf = v["deployed_crossfit"]  # the temperature on images it was not fitted on
+    assert (
+        f"| ensemble of {n} (deployed) | valid (cross-fitted) | fitted on the other folds | {cf['acc']:.4g} |"
         in section
     )
     after = test["calibration"]["after"]
@@ -163,7 +168,16 @@ def test_final_model_section_shows_members_figures_and_the_suggested_threshold(t
     single = test["single_best"]["calibration"]["after"]
     assert f"| single best | test | {choice.single_temperature:.3g} | {single['acc']:.4g} |" in section
     th = choice.threshold
-    assert th["threshold"] and f"--min-confidence {th['threshold']:.3g}` keeps {th['coverage']:.0%}" in section
+    assert (
+        th["threshold"]
+        and (
+            f"--min-confidence {th['threshold']:.3g} keeps {th['coverage']:.0%} of valid at {th['accuracy']:.1%} "
+            f"accuracy in-sample (target 95%); chosen on the other folds of valid it kept {th['crossfit']['coverage']:.0%}"
+        )
+        in section
+    )
+    on_test = test["threshold"]  # what it did on test, against its target
+    assert f"--min-confidence {th['threshold']:.3g} on test: keeps {on_test['coverage']:.0%} at" in section
     assert v["deployed_calibrated"]["ece"] < v["deployed"]["ece"]  # the temperature helped here, as drawn
     assert f"the deployed ensemble of {len(choice.members)} heads" in md
     assert "](reliability.png)" in md and "](coverage.png)" in md

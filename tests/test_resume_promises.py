@@ -305,3 +305,13 @@ def test_summary_names_the_linear_probe_when_it_was_the_single_best_beside_a_dep
         single = {"trial_id": single_id, "deployed": False, "accuracy": 0.6, "macro_f1": 0.5}
         text = format_summary(df, {**test, "single_best": single}, **kwargs)
         assert f"  {label} (same pass, not deployed): accuracy 0.6000, macro-F1 0.5000" in text, text
+    # test figures with their intervals, and the paired comparison with the probe: reported, not chosen
+    test |= {"accuracy_interval": [0.71, 0.87], "macro_f1_interval": [0.6, 0.79]}
+    mcnemar = {"deployed_only": 14, "other_only": 6, "p_value": 0.115}
+    compared = {"trial_id": "probe:bank", "accuracy": 0.75, "macro_f1": 0.7, "mcnemar": mcnemar}
+    text = format_summary(df, {**test, "compared": {"probe": compared}}, **kwargs)
+    assert "accuracy 0.8000 [0.71, 0.87], macro-F1 0.7000 [0.60, 0.79] on 5 images" in text, text
+    assert (
+        "  the linear probe (probe:bank) on test, same pass, not chosen on it: accuracy 0.7500, macro-F1 0.7000; "
+        "the deployed model was right on 14 images it got wrong and wrong on 6 it got right (exact McNemar p = 0.115)"
+    ) in text, text

@@ -115,6 +115,32 @@ def test_space_metric_mode_and_constants(tmp_path):
     assert (space.metric, space.mode, space.max_epochs) == ("valid/loss", "min", 3)
     assert space.constants == {"backbone": "resnet18", "image_size": 32}
     assert space.tune_space()["backbone"] == "resnet18"
+    # --metric overrides the file's metric (higher is better); nothing else changes
+    from tune_rice.space import with_metric
+
+    f1 = with_metric(space, "macro_f1")
+    assert (f1.metric, f1.mode, f1.max_epochs, f1.constants) == ("valid/macro_f1", "max", 3, space.constants)
+    assert with_metric(space, None) is space
+    with pytest.raises(UserError, match="valid choices are acc, macro_f1, balanced_acc"):
+        with_metric(space, "loss")
+
+
+@pytest.mark.parametrize("name", ["default", "quick", "zoo"])
+def test_bundled_spaces_search_class_balancing_and_start_from_a_linear_head(name):
+    from tune_rice.space import linear_point
+
+    space = load_search_space(name)
+    assert space.distributions["class_balanced"] == ("choice", [False, True])
+    assert space.constants.get("min_steps") == (None if name == "quick" else 300)
+    low = {n: space.distributions[n][1][0] for n in ("dropout", "label_smoothing")}
+    assert linear_point(space) == {"hidden": 0, **low, "class_balanced": False}
+
+
+def test_no_linear_point_where_the_space_has_no_linear_head(tmp_path):
+    from tune_rice.space import linear_point
+
+    assert linear_point(load_search_space(_write(tmp_path, BASE + "  hidden: {choice: [32, 64]}\n"))) == {}
+    assert linear_point(load_search_space(_write(tmp_path, BASE + "  lr: {loguniform: [1.0e-3, 1.0e-2]}\n"))) == {}
 
 
 # ---------------------------------------------------------------------------------------- errors

@@ -55,6 +55,9 @@ class TrialConfig:
     schedule: str = "cosine"
     warmup_epochs: int = 0
     class_balanced: bool = False  # inverse-frequency class weights in the loss
+    # At least this many optimiser steps over all epochs: on a small train set each epoch then makes
+    # several passes (177 images at batch 128 give 2 steps an epoch, 40 in 20 epochs). 0 = one pass.
+    min_steps: int = 0
     epochs: int = 10
     seed: int = 0
 
@@ -91,6 +94,7 @@ class TrialConfig:
             (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
             (self.grad_clip >= 0, "grad_clip must be >= 0"),
             (self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
+            (self.min_steps >= 0, "min_steps must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -131,7 +135,10 @@ def _coerce(name: str, value, kind: type):
 
 # -------------------------------------------------------------------------------------------- metrics
 def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> dict:
-    """Accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix (rows = true)."""
+    """Accuracy, macro-F1 and balanced accuracy, per-class precision/recall/F1 and the confusion matrix
+    (rows = true). Macro-F1 averages all ``n_classes`` (a class neither present nor predicted counts 0), as
+    scikit-learn's ``f1_score(labels=range(n_classes), average="macro")``; balanced accuracy is the mean
+    recall of the classes present, as its ``balanced_accuracy_score``."""
     cm = np.zeros((n_classes, n_classes), dtype=np.int64)
     np.add.at(cm, (np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)), 1)
     tp = np.diag(cm).astype(np.float64)
@@ -145,7 +152,8 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> d
     n = int(cm.sum())
     return {
         "acc": float(tp.sum() / n) if n else 0.0,
-        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "macro_f1": float(f1.mean()) if n_classes else 0.0,
+        "balanced_acc": float(recall[present].mean()) if present.any() else 0.0,
         "precision": precision.tolist(),
         "recall": recall.tolist(),
         "f1": f1.tolist(),
@@ -246,6 +254,11 @@ def make_optimizer(params: Iterable[torch.Tensor], cfg: TrialConfig) -> torch.op
     raise UserError(f"Invalid optimizer {cfg.optimizer}. Only {', '.join(OPTIMIZERS)} are supported.")
 
 
+def passes_per_epoch(cfg: TrialConfig, batches_per_pass: int) -> int:
+    """Passes over the train set in each epoch, so that the epochs make at least ``cfg.min_steps`` steps."""
+    return max(1, math.ceil(cfg.min_steps / (cfg.epochs * max(1, batches_per_pass))))
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrialConfig, steps_per_epoch: int):
     """Per-step LR multiplier: linear warmup over ``warmup_epochs``, then cosine to 0 or constant."""
     total = max(1, cfg.epochs * steps_per_epoch)
@@ -268,7 +281,9 @@ def make_criterion(cfg: TrialConfig, class_counts: np.ndarray, device) -> nn.Mod
         counts = np.maximum(np.asarray(class_counts, dtype=np.float64), 1.0)
         w = counts.sum() / (len(counts) * counts)  # inverse frequency, mean weight ~1
         weight = torch.tensor(w, dtype=torch.float32, device=device)
-    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    # No label smoothing for a linear head: it caps the logits' scale, which the probe it competes with
+    # and the temperature fitted afterwards set better; only hidden layers have use for it.
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing if cfg.hidden else 0.0)
 
 
 def train_one_epoch(model: nn.Module, batches, *, optimizer, criterion, scheduler=None, grad_clip: float = 0.0) -> dict:
@@ -401,21 +416,24 @@ class HeadRun:
             counts = np.bincount(table.targets("train"), minlength=n_classes)
         self.n_classes = n_classes
         self.optimizer = make_optimizer(self.head.parameters(), cfg)
-        self.scheduler = make_scheduler(self.optimizer, cfg, len(self.train_batches))
+        self.passes = passes_per_epoch(cfg, len(self.train_batches))
+        self.scheduler = make_scheduler(self.optimizer, cfg, len(self.train_batches) * self.passes)
         self.criterion = make_criterion(cfg, counts, self.device)
 
     def train_epoch(self) -> dict:
-        """Train one epoch; returns ``{"epoch", "lr", "train/loss", "train/acc"}``."""
-        self.train_batches.epoch = self.epoch
+        """Train one epoch (``self.passes`` passes over train); returns ``{"epoch", "lr", "train/loss",
+        "train/acc"}`` of its last pass."""
         lr = self.optimizer.param_groups[0]["lr"]
-        tr = train_one_epoch(
-            self.model,
-            self.train_batches,
-            optimizer=self.optimizer,
-            criterion=self.criterion,
-            scheduler=self.scheduler,
-            grad_clip=self.cfg.grad_clip,
-        )
+        for p in range(self.passes):
+            self.train_batches.epoch = self.epoch * self.passes + p  # each pass draws its own views
+            tr = train_one_epoch(
+                self.model,
+                self.train_batches,
+                optimizer=self.optimizer,
+                criterion=self.criterion,
+                scheduler=self.scheduler,
+                grad_clip=self.cfg.grad_clip,
+            )
         self.epoch += 1
         return {"epoch": self.epoch, "lr": lr, "train/loss": tr["loss"], "train/acc": tr["acc"]}
 
@@ -428,6 +446,7 @@ class HeadRun:
                 "valid/loss": va["loss"],
                 "valid/acc": va["acc"],
                 "valid/macro_f1": va["macro_f1"],
+                "valid/balanced_acc": va["balanced_acc"],
                 "valid_count": va["count"],
             }
         )
@@ -658,14 +677,14 @@ class CVHeadRun:
         self.stack = HeadStack(heads).to(self.device)
         self.last_logits: torch.Tensor | None = None
         self.optimizer = make_optimizer(self.stack.parameters(), cfg)
-        self.scheduler = make_scheduler(self.optimizer, cfg, len(self.batches))
+        self.passes = passes_per_epoch(cfg, len(self.batches))
+        self.scheduler = make_scheduler(self.optimizer, cfg, len(self.batches) * self.passes)
 
     def train_epoch(self) -> dict:
-        self.batches.epoch = self.epoch
         lr = self.optimizer.param_groups[0]["lr"]
         self.stack.train()
         total, correct, n = 0.0, 0, 0
-        for x, y, mask in self.batches:
+        for x, y, mask in self._passes():
             logits = self.stack(x)  # (K, B, C)
             losses = [self.criteria[f](logits[f][mask[f]], y[f][mask[f]]) for f in range(self.k) if mask[f].any()]
             loss = torch.stack(losses).sum()  # each head's gradient is that of its own loss
@@ -683,6 +702,12 @@ class CVHeadRun:
             raise FloatingPointError("training loss is not finite (learning rate too high?)")
         self.epoch += 1
         return {"epoch": self.epoch, "lr": lr, "train/loss": total / n, "train/acc": correct / n}
+
+    def _passes(self):
+        """The batches of this epoch's passes over the pooled train rows (each pass its own views)."""
+        for p in range(self.passes):
+            self.batches.epoch = self.epoch * self.passes + p
+            yield from self.batches
 
     @torch.inference_mode()
     def out_of_fold_logits(self) -> torch.Tensor:
@@ -710,6 +735,7 @@ class CVHeadRun:
                 "valid/loss": float(nn.functional.cross_entropy(logits, y)),
                 "valid/acc": va["acc"],
                 "valid/macro_f1": va["macro_f1"],
+                "valid/balanced_acc": va["balanced_acc"],
                 "valid_count": va["count"],
                 "cv_folds": self.k,
                 "valid/acc_sd": float(fold_acc.std(ddof=1)) if self.k > 1 else 0.0,

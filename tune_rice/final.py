@@ -26,7 +26,7 @@ import torch
 from scipy.optimize import minimize_scalar
 from torch import nn
 
-from . import UserError
+from . import UserError, stats
 from .engine import BankBatches, TrialConfig, compute_metrics, fold_heads, predict_logits
 from .features import FeatureBank, FeatureSpec
 from .model import Classifier, Ensemble, Head, ResolvedWeights, build_backbone, build_ensemble, build_head
@@ -268,46 +268,63 @@ def suggest_threshold(probs, targets, *, target_accuracy: float = DEFAULT_TARGET
     return out
 
 
+CROSSFIT_FOLDS = 5
+
+
+def _crossfit_folds(n: int, folds: int, seed: int = 0) -> np.ndarray:
+    """A fold index per image: a seeded shuffle dealt round-robin (``min(folds, n)`` folds)."""
+    order = np.random.default_rng(seed).permutation(n)
+    out = np.empty(n, dtype=np.int64)
+    out[order] = np.arange(n) % max(1, min(folds, n))
+    return out
+
+
+def crossfit_calibration(logits, targets, *, folds: int = CROSSFIT_FOLDS) -> dict:
+    """:func:`calibration_metrics` of valid logits each scaled by a temperature fitted on the other folds:
+    what the temperature achieves on images it was not fitted on (the in-sample "after" figure is
+    optimistic). Adds ``folds``."""
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(targets, dtype=np.int64)
+    fold = _crossfit_folds(len(y), folds)
+    scaled = np.empty_like(z)
+    for f in np.unique(fold):
+        out = fold == f
+        scaled[out] = z[out] / fit_temperature(z[~out], y[~out]) if (~out).any() else z[out]
+    return {**calibration_metrics(scaled, y), "folds": int(fold.max()) + 1}
+
+
+def crossfit_threshold(logits, targets, *, target_accuracy: float, folds: int = CROSSFIT_FOLDS) -> dict:
+    """What the confidence threshold achieves on images it was not chosen on: for each fold, the temperature
+    and the threshold (:func:`suggest_threshold`) fitted on the other folds, applied to it. Returns the
+    share of valid images kept and the accuracy among them, pooled over the folds."""
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(targets, dtype=np.int64)
+    fold = _crossfit_folds(len(y), folds)
+    kept = right = 0
+    for f in np.unique(fold):
+        out = fold == f
+        if not (~out).any():
+            continue
+        t = fit_temperature(z[~out], y[~out])
+        th = suggest_threshold(softmax(z[~out] / t), y[~out], target_accuracy=target_accuracy)["threshold"]
+        if th is None:  # no threshold reached the target on the other folds: this fold keeps nothing
+            continue
+        p = softmax(z[out] / t)
+        keep = p.max(1) >= th
+        kept += int(keep.sum())
+        right += int((p.argmax(1)[keep] == y[out][keep]).sum())
+    return {
+        "coverage": kept / max(1, len(y)),
+        "accuracy": right / kept if kept else None,
+        "folds": int(fold.max()) + 1,
+    }
+
+
 # ------------------------------------------------------------------------------------ the decision
-_METRIC_KEYS = {"valid/acc": "acc", "valid/macro_f1": "macro_f1", "valid/loss": "nll"}
-
-
 def valid_score(logits, targets, metric: str) -> float:
-    """The search metric computed on valid logits (valid/acc, valid/macro_f1, valid/loss = NLL)."""
-    key = _METRIC_KEYS.get(metric)
-    if key is None:
-        raise UserError(
-            f"the final model is decided on valid/acc, valid/macro_f1 or valid/loss; the search metric is {metric!r}"
-        )
-    return float(calibration_metrics(logits, targets)[key])
-
-
-def paired_advantage(a_logits, b_logits, targets, *, metric: str, mode: str) -> tuple[float, float]:
-    """How far model ``a`` beats model ``b`` on the same valid images by the search ``metric`` (> 0: ``a``
-    is better), and the standard error of that difference: ``std(d) / sqrt(n)`` over the per-image
-    differences ``d`` (right-or-wrong for acc, NLL for loss). Both models are scored on the same images,
-    so the noise of their difference is the paired one, far smaller than either accuracy's own interval
-    when they agree on most images. macro-F1 has no per-image terms: the accuracy's differences stand in.
-    With fewer than two images the error is infinite (nothing can be told apart)."""
-    za, zb = np.asarray(a_logits, dtype=np.float64), np.asarray(b_logits, dtype=np.float64)
-    y = _targets(targets, len(za))
-    sign = 1.0 if mode == "max" else -1.0
-    advantage = sign * (valid_score(za, y, metric) - valid_score(zb, y, metric))
-    if metric == "valid/loss":
-        rows = np.arange(len(y))
-        d = log_softmax(zb)[rows, y] - log_softmax(za)[rows, y]  # NLL of a minus NLL of b, per image
-    else:
-        d = (za.argmax(1) == y).astype(np.float64) - (zb.argmax(1) == y).astype(np.float64)
-    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("inf")
-    return float(advantage), se
-
-
-def clearly_better(a_logits, b_logits, targets, *, metric: str, mode: str) -> bool:
-    """``a`` beats ``b`` on valid by more than one paired standard error (:func:`paired_advantage`):
-    the one-standard-error rule (Breiman et al. 1984; Hastie et al., ESL 7.10), which keeps the simpler
-    model unless the other's advantage stands out of the noise of the valid set."""
-    advantage, se = paired_advantage(a_logits, b_logits, targets, metric=metric, mode=mode)
-    return advantage > se
+    """The search metric computed on valid logits (valid/acc, valid/macro_f1, valid/balanced_acc, or
+    valid/loss = NLL); see :func:`tune_rice.stats.score`."""
+    return stats.score(logits, targets, metric)
 
 
 @dataclass
@@ -329,6 +346,15 @@ class FinalChoice:
     metric: str = "valid/acc"
     mode: str = "max"
     lead: dict = field(default_factory=dict)  # the best trial against the linear probe (see lead_index)
+    # each candidate's own temperature on valid (candidates' order): the ensemble is the weighted mean of
+    # its members' logits each divided by its own, then divided by ``ensemble_temperature``
+    candidate_temperatures: list[float] = field(default_factory=list)
+
+    def mix(self, names: Sequence[str], weights: Sequence[float]) -> list[float]:
+        """Each ensemble member's factor on its raw logits: its weight over its own temperature."""
+        if not self.candidate_temperatures:  # a final.json from before members had their own
+            return [float(w) for w in weights]
+        return [float(w) / self.candidate_temperatures[self.candidates.index(n)] for n, w in zip(names, weights)]
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -356,26 +382,37 @@ def decide(
     rounds: int = DEFAULT_ROUNDS,
     target_accuracy: float = DEFAULT_TARGET_ACCURACY,
     baseline: bool = False,
+    trials_run: int | None = None,
 ) -> FinalChoice:
     """Select an ensemble, decide it against the single best (``names[0]``), calibrate the deployed one.
 
-    The ensemble is deployed when it has at least two distinct members and is not worse than the single
-    best on the search ``metric`` on valid (its valid NLL is lower by construction). When ``baseline``
-    (``names[0]`` is the linear probe, the simpler model), the ensemble must beat it by more than one
-    paired standard error instead (:func:`clearly_better`), the rule that let the probe lead. The
-    temperature is fitted on the deployed model's valid logits.
+    The ensemble is deployed when it has at least two distinct members and beats the single best on the
+    search ``metric`` on valid (its valid NLL is lower by construction; a tie keeps the smaller model).
+    When ``baseline`` (``names[0]`` is the linear probe, the simpler model), the ensemble must beat it by
+    the rule that let the probe lead (:func:`tune_rice.stats.lead_test`), counted as one more pick among
+    the other candidates (``trials_run`` of them in the search). The temperature is fitted on the
+    deployed model's valid logits.
     """
     if len(names) != len(logits_list):
         raise ValueError("one name per candidate")
     y = np.asarray(targets, dtype=np.int64)
-    sel = select_ensemble(logits_list, y, k=k, rounds=rounds, start=0)
+    # each candidate at its own temperature: the selection then cannot favour a member for fixing an
+    # overconfidence that temperature scaling fixes for free
+    temperatures = [fit_temperature(z, y) for z in logits_list]
+    calibrated = [np.asarray(z, dtype=np.float64) / t for z, t in zip(logits_list, temperatures)]
+    sel = select_ensemble(calibrated, y, k=k, rounds=rounds, start=0)
     single = np.asarray(logits_list[0], dtype=np.float64)
-    ens = ensemble_logits(logits_list, sel.members, sel.weights)
+    ens = ensemble_logits(calibrated, sel.members, sel.weights)
     s_single, s_ens = valid_score(single, y, metric), valid_score(ens, y, metric)
-    if baseline:
-        good_enough = clearly_better(ens, single, y, metric=metric, mode=mode)
+    tested: dict = {}
+    if baseline and len(sel.members) > 1:
+        family = [*logits_list[1:], ens]
+        tested = stats.lead_test(
+            family, single, y, metric=metric, mode=mode, lead=len(family) - 1, trials_run=trials_run
+        )
+        good_enough = tested["clear"]
     else:
-        good_enough = s_ens >= s_single if mode == "max" else s_ens <= s_single
+        good_enough = s_ens > s_single if mode == "max" else s_ens < s_single
     use_ensemble = len(sel.members) > 1 and good_enough
     if len(sel.members) > 1 and not use_ensemble:
         log.info(
@@ -387,10 +424,10 @@ def decide(
         )
     members, weights = (sel.members, sel.weights) if use_ensemble else ([0], [1.0])
     deployed = ens if use_ensemble else single
-    t_single = fit_temperature(single, y)
-    t_ens = fit_temperature(ens, y) if len(sel.members) > 1 else t_single
+    t_single, t_ens = temperatures[0], fit_temperature(ens, y)
     t = t_ens if use_ensemble else t_single
     p_before, p_after = softmax(deployed), softmax(deployed / t)
+    threshold = suggest_threshold(p_after, y, target_accuracy=target_accuracy)
     return FinalChoice(
         candidates=list(names),
         selection=sel,
@@ -407,12 +444,15 @@ def decide(
             "ensemble_calibrated": calibration_metrics(ens, y, temperature=t_ens),
             "deployed": calibration_metrics(deployed, y),
             "deployed_calibrated": calibration_metrics(deployed, y, temperature=t),
+            "deployed_crossfit": crossfit_calibration(deployed, y),
         },
-        threshold=suggest_threshold(p_after, y, target_accuracy=target_accuracy),
+        threshold={**threshold, "crossfit": crossfit_threshold(deployed, y, target_accuracy=target_accuracy)},
         reliability={"before": reliability_bins(p_before, y), "after": reliability_bins(p_after, y)},
         coverage=coverage_curve(p_after, y),
         metric=metric,
         mode=mode,
+        lead={"ensemble": tested} if tested else {},
+        candidate_temperatures=temperatures,
     )
 
 
@@ -564,11 +604,13 @@ def choose_final(
     mode: str = "max",
     rounds: int = DEFAULT_ROUNDS,
     target_accuracy: float = DEFAULT_TARGET_ACCURACY,
+    trials_run: int | None = None,
 ) -> FinalChoice:
-    """:func:`decide` over the pool's valid logits, led by ``pool[0]`` (the search's best trial) or, when
-    that does not clearly beat it (:func:`lead_index`), by the best linear probe. ``choice.candidates``
-    lists the names in the order decided on: the leader first."""
-    lead, record = lead_index(pool, logits, targets, metric=metric, mode=mode)
+    """:func:`decide` over the pool's valid logits, led by the search's best trial or, when that does not
+    beat the best linear probe by more than picking the best of ``trials_run`` trials explains
+    (:func:`lead_index`), by that probe. ``choice.candidates`` lists the names in the order decided on:
+    the leader first."""
+    lead, record = lead_index(pool, logits, targets, metric=metric, mode=mode, trials_run=trials_run)
     order = [lead, *(i for i in range(len(pool)) if i != lead)]
     choice = decide(
         [pool[i].name for i in order],
@@ -580,63 +622,74 @@ def choose_final(
         rounds=rounds,
         target_accuracy=target_accuracy,
         baseline=pool[lead].baseline,
+        trials_run=trials_run,
     )
-    choice.lead = record
+    choice.lead = {**record, **choice.lead}
     return choice
 
 
 def lead_index(
-    pool: Sequence[Candidate], logits: Sequence[np.ndarray], targets, *, metric: str, mode: str
+    pool: Sequence[Candidate],
+    logits: Sequence[np.ndarray],
+    targets,
+    *,
+    metric: str,
+    mode: str,
+    trials_run: int | None = None,
 ) -> tuple[int, dict]:
-    """Who leads the final model: ``pool[0]`` (the best trial) when it beats the best linear probe in the
-    pool by more than one paired standard error on valid (:func:`clearly_better`), else that probe.
+    """Who leads the final model: the best trial (the first in ``pool`` that is not a probe) when it beats
+    the best linear probe in the pool on valid by more than picking the best of the search's trials gives
+    by chance (:func:`tune_rice.stats.lead_test`: every trial in the pool is resampled with it, and the
+    ``trials_run`` the search ran are counted), else that probe.
 
     Why: the best trial's valid figure is the best of many trials and epochs on the same images, so it
     is biased upward by the choice itself (the winner's curse), while the probe's is one of a few values
-    of C. A lead of one or two valid images is what that choice alone produces. Returns the index and
-    a record for final.json (empty when the pool holds no probe or a probe leads already)."""
+    of C. Returns the index and the record final.json keeps as ``lead`` (empty when the pool holds no
+    probe or no trial); its ``clear`` is the search's one verdict against the probe."""
     probes = [i for i, c in enumerate(pool) if c.baseline]
-    if not probes or pool[0].baseline:
+    trials = [i for i, c in enumerate(pool) if not c.baseline]
+    if not probes or not trials:
         return 0, {}
     sign = 1.0 if mode == "max" else -1.0
     best = max(probes, key=lambda i: (sign * valid_score(logits[i], targets, metric), -i))
-    advantage, se = paired_advantage(logits[0], logits[best], targets, metric=metric, mode=mode)
-    lead = 0 if advantage > se else best
-    record = {
-        "rule": "one paired standard error",
-        "trial": pool[0].name,
-        "probe": pool[best].name,
-        "advantage": advantage,
-        "standard_error": se,
-        "count": len(np.asarray(targets)),
-        "leader": pool[lead].name,
-    }
-    if lead:
-        log.info(
-            "the linear probe %s leads the final model: the best trial's %s lead over it on valid, %+.4f, is "
-            "within one standard error (%.4f)",
-            pool[best].name,
-            metric,
-            advantage,
-            se,
-        )
+    test = stats.lead_test(
+        [logits[i] for i in trials], logits[best], targets, metric=metric, mode=mode, trials_run=trials_run
+    )
+    lead = trials[0] if test["clear"] else best
+    record = {**test, "trial": pool[trials[0]].name, "probe": pool[best].name, "leader": pool[lead].name}
+    log.info(
+        "%s leads the final model: the best trial's %s lead over the probe %s on valid, %+.4f, has p = %.3g "
+        "given the best of %d trials was picked (lead when <= %g)",
+        pool[lead].name,
+        metric,
+        pool[best].name,
+        test["advantage"],
+        test["p_value"],
+        test["trials"],
+        test["alpha"],
+    )
     return lead, record
+
+
+def lead_gap(lead: dict, metric: str) -> str:
+    """``valid/acc +0.0500 on 300 images, p = 0.012 given the best of 30 trials was picked``."""
+    return (
+        f"{metric} {lead['advantage']:+.4f} on {lead['count']} images, p = {lead['p_value']:.3g} given the best "
+        f"of {lead['trials']} trials was picked"
+    )
 
 
 def lead_lines(record: dict) -> list[str]:
     """The summary's line on who led the final model (final.json's ``lead``), or none."""
     lead = record.get("lead") or {}
-    if not lead:
+    if "trial" not in lead:
         return []
-    gap = (
-        f"{record['metric']} {lead['advantage']:+.4f} against one paired standard error of "
-        f"{lead['standard_error']:.4f} on {lead['count']} images"
-    )
+    gap = lead_gap(lead, record["metric"])
     if lead["leader"] == lead["trial"]:
-        return [f"  the best trial clearly beat the linear probe on valid ({gap}), so it led the final model"]
+        return [f"  the best trial led the final model: it beat the linear probe on valid ({gap} <= {lead['alpha']:g})"]
     return [
-        f"  the best trial's lead over the linear probe on valid is within noise ({gap}): the simpler "
-        "probe led the final model"
+        f"  the best trial's lead over the linear probe on valid is what picking the best gives by chance ({gap} "
+        f"> {lead['alpha']:g}): the simpler probe led the final model"
     ]
 
 
@@ -679,14 +732,23 @@ def build_final_model(
     the fitted temperature. Also returns the weights of each distinct backbone, in the model's order
     (what ``save_artifact`` records), and each head's member position (for :class:`MemberLogits`)."""
     if selection:
-        return _assemble(
-            pool,
-            [choice.candidates[i] for i in choice.selection.members],
-            choice.selection.weights,
-            choice.ensemble_temperature,
-            weights,
-        )
+        names = scored_names(choice)
+        k = len(choice.selection.members)
+        mix = [*choice.mix(names[:k], choice.selection.weights), *[0.0] * (len(names) - k)]
+        return _assemble(pool, names, mix, choice.ensemble_temperature, weights)
+    if choice.deployed == "ensemble":
+        return _assemble(pool, choice.members, choice.mix(choice.members, choice.weights), choice.temperature, weights)
     return _assemble(pool, choice.members, choice.weights, choice.temperature, weights)
+
+
+def scored_names(choice: FinalChoice) -> list[str]:
+    """The candidates the one test pass scores: the selected ensemble's members, then the best trial and
+    the linear probe the lead rule compared (``choice.lead``) where they are not members (weight 0 in
+    the selected model), so that test can report the deployed model against the probe."""
+    names = [choice.candidates[i] for i in choice.selection.members]
+    return names + [
+        n for n in dict.fromkeys((choice.lead.get("trial"), choice.lead.get("probe"))) if n and n not in names
+    ]
 
 
 class MemberLogits(nn.Module):
@@ -718,12 +780,14 @@ def record_test_scores(member_logits, targets, classes: Sequence[str], choice: F
 
     z = np.asarray(member_logits, dtype=np.float64)
     y = np.asarray(targets, dtype=np.int64)
-    if z.shape[1] != len(choice.selection.members):
-        raise ValueError(f"logits of {z.shape[1]} members for a selection of {len(choice.selection.members)}")
+    names = scored_names(choice)
+    if z.shape[1] != len(names):
+        raise ValueError(f"logits of {z.shape[1]} members for {len(names)} scored ({', '.join(names[:3])}...)")
     yt = torch.from_numpy(y)
+    k = len(choice.selection.members)
     raw = {
         "single": z[:, 0],
-        "ensemble": np.einsum("nmc,m->nc", z, np.asarray(choice.selection.weights, dtype=np.float64)),
+        "ensemble": np.einsum("nmc,m->nc", z[:, :k], np.asarray(choice.mix(names[:k], choice.selection.weights))),
     }
     temperature = {"single": choice.single_temperature, "ensemble": choice.ensemble_temperature}
 
@@ -731,6 +795,7 @@ def record_test_scores(member_logits, targets, classes: Sequence[str], choice: F
         m = metrics_record(torch.from_numpy(raw[which] / temperature[which]), yt, classes)
         return {
             **m,
+            **test_intervals(raw[which], y),
             "temperature": temperature[which],
             "calibration": {
                 "before": calibration_metrics(raw[which], y),
@@ -741,7 +806,16 @@ def record_test_scores(member_logits, targets, classes: Sequence[str], choice: F
     deployed = scored(choice.deployed)
     out = {**deployed, "deployed": choice.deployed, "members": list(choice.members)}
     out["member_weights"] = list(choice.weights)  # "weights" in test_metrics.json is the backbone identity
-    keep = ("accuracy", "macro_f1", "loss", "test_count", "temperature", "calibration")
+    keep = (
+        "accuracy",
+        "accuracy_interval",
+        "macro_f1",
+        "macro_f1_interval",
+        "loss",
+        "test_count",
+        "temperature",
+        "calibration",
+    )
     single = deployed if choice.deployed == "single" else scored("single")
     out["single_best"] = {
         "trial_id": choice.candidates[0],
@@ -756,7 +830,60 @@ def record_test_scores(member_logits, targets, classes: Sequence[str], choice: F
             "deployed": choice.deployed == "ensemble",
             **{k: ens[k] for k in keep},
         }
+    shown = raw[choice.deployed]
+    out["threshold"] = threshold_on_test(softmax(shown / temperature[choice.deployed]), y, choice.threshold)
+    out["compared"] = {
+        role: compared_on_test(z[:, names.index(name)], shown, y, name)
+        for role, name in (("trial", choice.lead.get("trial")), ("probe", choice.lead.get("probe")))
+        if name and not (choice.deployed == "single" and name == choice.candidates[0])
+    }
     return out
+
+
+def threshold_on_test(probs, targets, valid_threshold: dict) -> dict:
+    """What the threshold suggested on valid (``--min-confidence``) does on test: the share of test images
+    at or above it and the accuracy among them, beside its target. Empty when valid suggested none."""
+    th = valid_threshold.get("threshold")
+    if th is None:
+        return {}
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(targets, dtype=np.int64)
+    keep = p.max(1) >= th
+    return {
+        "threshold": float(th),
+        "target_accuracy": valid_threshold["target_accuracy"],
+        "coverage": float(keep.mean()) if len(y) else 0.0,
+        "accuracy": float((p.argmax(1)[keep] == y[keep]).mean()) if keep.any() else None,
+        "kept": int(keep.sum()),
+    }
+
+
+def test_intervals(logits, targets) -> dict:
+    """95% intervals of a test figure: Wilson for the accuracy, a percentile bootstrap for macro-F1."""
+    from .probe import wilson_interval
+
+    y = np.asarray(targets, dtype=np.int64)
+    right = int((np.asarray(logits).argmax(1) == y).sum())
+    return {
+        "accuracy_interval": list(wilson_interval(right, len(y))),
+        "macro_f1_interval": list(stats.bootstrap_interval(logits, y, "macro_f1")),
+    }
+
+
+def compared_on_test(logits, deployed_logits, targets, name: str) -> dict:
+    """A candidate the deployed model was chosen over (the probe, or the best trial), scored in the same
+    test pass: its accuracy and macro-F1 with intervals, and the exact McNemar test of the deployed model
+    against it on the same images (``deployed_only``: images only the deployed model got right). A figure
+    to read, never a choice: the test split decides nothing."""
+    y = np.asarray(targets, dtype=np.int64)
+    m = stats.mcnemar(deployed_logits, logits, y)
+    return {
+        "trial_id": name,
+        "accuracy": stats.score(logits, y, "acc"),
+        "macro_f1": stats.score(logits, y, "macro_f1"),
+        **test_intervals(logits, y),
+        "mcnemar": {"deployed_only": m["a_only"], "other_only": m["b_only"], "p_value": m["p_value"]},
+    }
 
 
 # ---------------------------------------------------------------------------------- the final phase
@@ -806,11 +933,13 @@ def make_final_model(
     mode: str = "max",
     recorded: dict | None = None,
     device="auto",
+    trials_run: int | None = None,
 ) -> FinalModel:
     """Choose (or, with ``recorded`` final.json, re-use the recorded choice) and build the final model.
 
     Valid logits come from ``banks`` (no image decoded) or, without banks, from one decode of the valid
-    images of ``table``. Nothing here reads the test split.
+    images of ``table``. ``trials_run``: how many trials the search ran (the lead rule counts them all).
+    Nothing here reads the test split.
     """
     t0 = time.perf_counter()
     pool = candidate_pool(candidates)
@@ -830,13 +959,13 @@ def make_final_model(
             logits, targets = valid_logits_from_images(pool, table, weights, device=device)
         seconds["valid_logits"] = time.perf_counter() - t0
         t = time.perf_counter()
-        choice = choose_final(pool, logits, targets, k=k, metric=metric, mode=mode)
+        choice = choose_final(pool, logits, targets, k=k, metric=metric, mode=mode, trials_run=trials_run)
         by_name = {c.name: c for c in pool}
         pool = [by_name[n] for n in choice.candidates]  # the leader first: FinalModel.single_best
         seconds["select_and_calibrate"] = time.perf_counter() - t
     t = time.perf_counter()
     model, resolved, _ = build_final_model(choice, pool, weights)
-    if choice.deployed == "ensemble":
+    if choice.deployed == "ensemble" and len(scored_names(choice)) == len(choice.selection.members):
         selected, groups = model, _groups(choice, pool)
     else:
         selected, _, groups = build_final_model(choice, pool, weights, selection=True)
@@ -877,3 +1006,67 @@ def score_final(fm: FinalModel, table, *, device="auto", batch_size: int = 64) -
 def single_best_label(record: dict) -> str:
     """What the single best candidate of a test record is: a trial, or the linear probe when it led."""
     return "linear probe" if is_probe_id(record.get("trial_id", "")) else "single best trial"
+
+
+def deployed_label(record: dict, *, heads: bool = False) -> str:
+    """What a test record's deployed model is: the ensemble of n, the linear probe, or the best trial's best
+    checkpoint (``heads``: "of n heads")."""
+    if record.get("deployed") == "ensemble":
+        return f"the deployed ensemble of {len(record['members'])}" + (" heads" if heads else "")
+    return "the linear probe" if is_probe_id(record.get("trial_id", "")) else "the best trial's best checkpoint"
+
+
+def test_figures(record: dict) -> str:
+    """``accuracy 0.8400 [0.79, 0.88], macro-F1 0.8100 [0.75, 0.86]``: a test record's figures with
+    their 95% intervals (where the record has them)."""
+
+    def with_interval(key: str) -> str:
+        lo_hi = record.get(f"{key}_interval")
+        return f"{record[key]:.4f}" + (f" [{lo_hi[0]:.2f}, {lo_hi[1]:.2f}]" if lo_hi else "")
+
+    return f"accuracy {with_interval('accuracy')}, macro-F1 {with_interval('macro_f1')}"
+
+
+def comparison_lines(test: dict) -> list[str]:
+    """The test pass's paired comparison of the deployed model with the probe (or the best trial) it was
+    chosen over, as one line each: reported, never used to choose."""
+    lines = []
+    for role, other in (test.get("compared") or {}).items():
+        m = other["mcnemar"]
+        what = "the linear probe" if role == "probe" else "the best trial"
+        lines.append(
+            f"{what} ({other['trial_id']}) on test, same pass, not chosen on it: {test_figures(other)}; "
+            f"the deployed model was right on {m['deployed_only']} images it got wrong and wrong on "
+            f"{m['other_only']} it got right (exact McNemar p = {m['p_value']:.3g})"
+        )
+    return lines
+
+
+def valid_ece_text(valid: dict) -> str:
+    """``valid ECE 0.120 -> 0.045 cross-fitted (0.031 in-sample)``: the temperature's effect on valid, on
+    images it was not fitted on where final.json has that figure."""
+    before, after = valid["deployed"]["ece"], valid["deployed_calibrated"]["ece"]
+    crossfit = valid.get("deployed_crossfit")
+    if crossfit is None:
+        return f"valid ECE {before:.3f} -> {after:.3f} in-sample"
+    return f"valid ECE {before:.3f} -> {crossfit['ece']:.3f} cross-fitted ({after:.3f} in-sample)"
+
+
+def threshold_lines(th: dict, *, split: str = "valid") -> list[str]:
+    """The suggested ``--min-confidence`` and what it keeps: on valid, in-sample (it was chosen there) and
+    cross-fitted (chosen on the other folds); on test, against its target."""
+    if not th.get("threshold"):
+        return []
+    target = f"target {th['target_accuracy']:.0%}"
+    if split == "test":
+        acc = "no image" if th["accuracy"] is None else f"{th['accuracy']:.1%} accuracy"
+        return [f"--min-confidence {th['threshold']:.3g} on test: keeps {th['coverage']:.0%} at {acc} ({target})"]
+    line = (
+        f"predict --min-confidence {th['threshold']:.3g} keeps {th['coverage']:.0%} of valid at "
+        f"{th['accuracy']:.1%} accuracy in-sample ({target})"
+    )
+    crossfit = th.get("crossfit")
+    if crossfit:
+        acc = "no image" if crossfit["accuracy"] is None else f"{crossfit['accuracy']:.1%}"
+        line += f"; chosen on the other folds of valid it kept {crossfit['coverage']:.0%} at {acc}"
+    return [line + "; the rest 'uncertain'"]

@@ -82,11 +82,14 @@ def fit_logistic(
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
     max_iter: int = 500,
     tol: float = 1e-5,
+    class_balanced: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression on ``z`` (N, D), labels ``y`` (N,): minimises
     ``0.5 * ||W||^2 + C * sum CE`` by full-batch L-BFGS (scipy's, as scikit-learn uses; the loss and
     gradient in torch); returns ``(W (C, D), b (C,))`` in float64. ``init`` warm-starts it (the fit at a
-    neighbouring C); ``tol`` bounds the gradient of the mean loss."""
+    neighbouring C); ``tol`` bounds the gradient of the mean loss. ``class_balanced``: each image's loss
+    weighted ``n / (classes * n_class)``, scikit-learn's ``class_weight="balanced"``. Logs a warning when
+    L-BFGS stops before converging."""
     from scipy.optimize import minimize
 
     x = torch.as_tensor(z, dtype=torch.float64)
@@ -94,11 +97,15 @@ def fit_logistic(
     n, d = x.shape
     # Scaled by 1/(C n): the same minimiser, and gradients of order 1 for the solver's tolerance.
     l2 = 1.0 / (C * n)
+    weight = None
+    if class_balanced:  # the weighted mean: sum_i w_i CE_i / sum_i w_i, and sum_i w_i = n for these weights
+        counts = torch.bincount(yt, minlength=n_classes).double()
+        weight = torch.where(counts > 0, n / (n_classes * counts.clamp(min=1)), torch.zeros_like(counts))
 
     def f(theta):
         t = torch.from_numpy(theta).requires_grad_(True)
         w, b = t[: n_classes * d].view(n_classes, d), t[n_classes * d :]
-        loss = F.cross_entropy(x @ w.T + b, yt) + 0.5 * l2 * (w * w).sum()
+        loss = F.cross_entropy(x @ w.T + b, yt, weight=weight) + 0.5 * l2 * (w * w).sum()
         loss.backward()
         return float(loss.detach()), t.grad.numpy()
 
@@ -114,6 +121,8 @@ def fit_logistic(
         res = minimize(f, theta0, jac=True, method="L-BFGS-B", options={"maxiter": max_iter, "gtol": tol})
     finally:
         torch.set_num_threads(threads)
+    if not res.success:
+        log.warning("linear probe at C=%g: L-BFGS stopped before converging (%s)", C, res.message)
     w, b = res.x[: n_classes * d].reshape(n_classes, d), res.x[n_classes * d :]
     return torch.from_numpy(w.copy()), torch.from_numpy(b.copy())
 
@@ -129,9 +138,19 @@ class ProbeResult:
     seconds: float = 0.0
     folds: int = 0  # 0: C chosen on valid; K: by K-fold cross-validation on train+valid pooled
     oof_logits: np.ndarray | None = None  # (N, C) out-of-fold logits of the chosen C (cross-validated only)
+    class_balanced: bool = False  # inverse-frequency class weights in the fit (tried for macro_f1, balanced_acc)
+    edge: str | None = None  # "lowest"/"highest": the chosen C is at the end of the grid tried
 
     def to_dict(self) -> dict:
-        return {"C": self.C, "valid": self.valid, "path": self.path, "seconds": self.seconds, "folds": self.folds}
+        return {
+            "C": self.C,
+            "valid": self.valid,
+            "path": self.path,
+            "seconds": self.seconds,
+            "folds": self.folds,
+            "class_balanced": self.class_balanced,
+            "edge": self.edge,
+        }
 
 
 @dataclass
@@ -167,7 +186,13 @@ def _scores(logits: torch.Tensor, y: np.ndarray, n_classes: int) -> dict:
 
     m = compute_metrics(y, logits.argmax(1).numpy(), n_classes)
     loss = float(F.cross_entropy(logits.double(), torch.as_tensor(y, dtype=torch.long)))
-    return {"acc": m["acc"], "macro_f1": m["macro_f1"], "loss": loss, "count": m["count"]}
+    return {
+        "acc": m["acc"],
+        "macro_f1": m["macro_f1"],
+        "balanced_acc": m["balanced_acc"],
+        "loss": loss,
+        "count": m["count"],
+    }
 
 
 def _chosen(best: dict | None) -> tuple[float, dict]:
@@ -175,7 +200,27 @@ def _chosen(best: dict | None) -> tuple[float, dict]:
     if best is None:
         raise ValueError("no value of C to try")
     scores = dict(best)
+    scores.pop("class_balanced", None)
     return float(scores.pop("C")), scores
+
+
+def weightings(metric: str) -> tuple[bool, ...]:
+    """Class weightings the probe tries: balanced too when the metric weighs every class alike."""
+    return (False, True) if metric in ("macro_f1", "balanced_acc") else (False,)
+
+
+def _edge(C: float, Cs: Sequence[float]) -> str | None:
+    """``lowest``/``highest`` when the chosen C is at the end of the grid: a wider grid might do better."""
+    if len(Cs) < 2:
+        return None
+    return "lowest" if C == min(Cs) else "highest" if C == max(Cs) else None
+
+
+def _log_edge(result: ProbeResult, name: str) -> None:
+    if result.edge:
+        log.warning(
+            "linear probe on %s: C=%g is the %s value tried; the best C may lie beyond it", name, result.C, result.edge
+        )
 
 
 def _better(a: dict, b: dict | None, metric: str) -> bool:
@@ -212,18 +257,31 @@ def fit_probe(
     z, zv = standardize(head, train_x), standardize(head, valid_x)
     y = torch.as_tensor(np.asarray(train_y), dtype=torch.long)
     best: dict | None = None
-    fits: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+    fits: dict[tuple[float, bool], tuple[torch.Tensor, torch.Tensor]] = {}
     path: list[dict] = []
-    init = None
-    for C in sorted(Cs):
-        init = fits[float(C)] = fit_logistic(z, y, n_classes, C=C, init=init, tol=tol)
-        scores = _scores((zv @ init[0].T + init[1]).float(), np.asarray(valid_y), n_classes)
-        path.append({"C": float(C), **scores})
-        if _better(scores, best, metric):
-            best = {**scores, "C": float(C)}
+    for balanced in weightings(metric):
+        init = None
+        for C in sorted(Cs):
+            init = fits[float(C), balanced] = fit_logistic(
+                z, y, n_classes, C=C, init=init, tol=tol, class_balanced=balanced
+            )
+            scores = _scores((zv @ init[0].T + init[1]).float(), np.asarray(valid_y), n_classes)
+            path.append({"C": float(C), "class_balanced": balanced, **scores})
+            if _better(scores, best, metric):
+                best = {**scores, "C": float(C), "class_balanced": balanced}
+    assert best is not None
+    balanced = bool(best["class_balanced"])
     C, valid = _chosen(best)
-    _set_weights(head, *fits[C])
-    return ProbeResult(head=head, C=C, valid=valid, path=path, seconds=time.perf_counter() - t0)
+    _set_weights(head, *fits[C, balanced])
+    return ProbeResult(
+        head=head,
+        C=C,
+        valid=valid,
+        path=path,
+        seconds=time.perf_counter() - t0,
+        class_balanced=balanced,
+        edge=_edge(C, Cs),
+    )
 
 
 def probe_bank(bank: FeatureBank, *, Cs: Sequence[float] = DEFAULT_CS, metric: str = "acc") -> ProbeResult:
@@ -241,6 +299,7 @@ def probe_bank(bank: FeatureBank, *, Cs: Sequence[float] = DEFAULT_CS, metric: s
         Cs=Cs,
         metric=metric,
     )
+    _log_edge(result, bank.spec.name)
     log.info(
         "linear probe on %s: C=%g, valid acc %s (%.1fs)",
         bank.spec.name,
@@ -260,25 +319,30 @@ def probe_bank_cv(
     t0 = time.perf_counter()
     x, y = pooled_view0(bank)
     n_classes, k = len(bank.classes), int(folds.max()) + 1
-    oof = {C: torch.zeros(len(y), n_classes) for C in Cs}
+    settings = [(float(C), b) for b in weightings(metric) for C in sorted(Cs)]  # (C, class_balanced)
+    oof = {s: torch.zeros(len(y), n_classes) for s in settings}
     for f in range(k):
         tr, va = folds != f, folds == f
         head = _linear_head(x.shape[1], n_classes, x[tr].mean(0), x[tr].std(0))
         z, zv = standardize(head, x[tr]), standardize(head, x[va])
-        init = None
-        for C in sorted(Cs):
-            init = fit_logistic(z, torch.as_tensor(y[tr]), n_classes, C=C, init=init)
-            oof[C][torch.as_tensor(np.flatnonzero(va))] = (zv @ init[0].T + init[1]).float()
+        for balanced in weightings(metric):
+            init = None
+            for C in sorted(Cs):
+                init = fit_logistic(z, torch.as_tensor(y[tr]), n_classes, C=C, init=init, class_balanced=balanced)
+                oof[float(C), balanced][torch.as_tensor(np.flatnonzero(va))] = (zv @ init[0].T + init[1]).float()
     best: dict | None = None
     path: list[dict] = []
-    for C in sorted(Cs):
-        scores = _scores(oof[C], y, n_classes)
-        path.append({"C": float(C), **scores})
+    for C, balanced in settings:
+        scores = _scores(oof[C, balanced], y, n_classes)
+        path.append({"C": C, "class_balanced": balanced, **scores})
         if _better(scores, best, metric):
-            best = {**scores, "C": float(C)}
+            best = {**scores, "C": C, "class_balanced": balanced}
+    assert best is not None
+    balanced = bool(best["class_balanced"])
     C, valid = _chosen(best)
     head = _linear_head(x.shape[1], n_classes, x.mean(0), x.std(0))
-    _set_weights(head, *fit_logistic(standardize(head, x), torch.as_tensor(y), n_classes, C=C))
+    w, b = fit_logistic(standardize(head, x), torch.as_tensor(y), n_classes, C=C, class_balanced=balanced)
+    _set_weights(head, w, b)
     result = ProbeResult(
         head=head,
         C=C,
@@ -286,8 +350,11 @@ def probe_bank_cv(
         path=path,
         seconds=time.perf_counter() - t0,
         folds=k,
-        oof_logits=oof[C].double().numpy(),
+        oof_logits=oof[C, balanced].double().numpy(),
+        class_balanced=balanced,
+        edge=_edge(C, Cs),
     )
+    _log_edge(result, bank.spec.name)
     log.info(
         "linear probe on %s, %d-fold CV: C=%g, out-of-fold acc %s (%.1fs)",
         bank.spec.name,
@@ -380,8 +447,8 @@ def is_probe_id(name) -> bool:
 def metric_key(metric: str) -> str:
     """``valid/acc`` -> ``acc``: the probe's score under a search space's metric name."""
     key = metric.split("/", 1)[-1]
-    if key not in ("acc", "macro_f1", "loss"):
-        raise UserError(f"the linear probe is scored by acc, macro_f1 or loss, not {metric!r}")
+    if key not in ("acc", "macro_f1", "balanced_acc", "loss"):
+        raise UserError(f"the linear probe is scored by acc, macro_f1, balanced_acc or loss, not {metric!r}")
     return key
 
 
@@ -416,20 +483,25 @@ def best_probe(probes: dict[str, ProbeResult], metric: str, mode: str) -> tuple[
     return name, probes[name]
 
 
-def search_beats_probe(trial_value: float | None, probe_value: float, mode: str) -> bool:
-    """Whether the best trial's valid metric beats the probe's. A tie goes to the probe: the simpler
-    model, fitted in seconds."""
-    if trial_value is None or not math.isfinite(trial_value):
-        return False
-    return trial_value > probe_value if mode == "max" else trial_value < probe_value
+def search_beats_probe(lead: dict | None) -> bool:
+    """The search's one verdict against the linear probe, from final.json's ``lead`` record
+    (``final.lead_index``): its best trial beat the probe on valid by more than picking the best of its
+    trials gives by chance. No record (no probe, or no trial to compare): False."""
+    return bool((lead or {}).get("clear"))
 
 
-def probe_verdict(trial_value: float | None, probe_value: float, *, metric: str, mode: str) -> str:
-    """One plain line: did the search's best trial beat the probe on valid."""
-    if search_beats_probe(trial_value, probe_value, mode):
-        return f"the search beat the linear probe on {metric}: {trial_value:.4g} vs {probe_value:.4g}"
-    shown = "no trial finished" if trial_value is None else f"{trial_value:.4g} vs {probe_value:.4g}"
-    return f"the search did NOT beat the linear probe on {metric}: {shown}"
+def probe_verdict(lead: dict | None, *, metric: str) -> str:
+    """One plain line: did the search beat the probe on valid, once the pick of its best trial is
+    accounted for (``lead``: final.json's record; see :func:`search_beats_probe`)."""
+    if not lead or "trial" not in lead:
+        return f"the search was not compared with the linear probe on {metric} (no trial and probe on the same input)"
+    shown = (
+        f"the best trial's {lead['advantage']:+.4g} on {lead['count']} valid images has p = {lead['p_value']:.3g} "
+        f"given it was the best of {lead['trials']} trials"
+    )
+    if search_beats_probe(lead):
+        return f"the search beat the linear probe on {metric}: {shown} (<= {lead['alpha']:g})"
+    return f"the search did NOT beat the linear probe on {metric}: {shown} (> {lead['alpha']:g}: within chance)"
 
 
 def write_probe_tensorboard(folder, probes: dict[str, ProbeResult], *, max_epochs: int) -> None:

@@ -48,10 +48,17 @@ from . import UserError, cli
 from .devices import resolve_device
 from .engine import TrialConfig
 from .explain import gallery_section
-from .final import lead_lines, single_best_label
+from .final import (
+    comparison_lines,
+    deployed_label,
+    lead_lines,
+    single_best_label,
+    test_figures,
+    threshold_lines,
+)
 from .probe import is_probe_id
 from .report_html import PAGE, write_html
-from .space import METRICS, SearchSpace, load_search_space
+from .space import METRICS, SearchSpace, load_search_space, with_metric
 from .study import best_values, load_study
 
 log = logging.getLogger(__name__)
@@ -205,7 +212,7 @@ def load_experiment(exp_dir: str | os.PathLike) -> Experiment:
     space = None
     if args.get("search_space"):
         try:
-            space = load_search_space(args["search_space"])
+            space = with_metric(load_search_space(args["search_space"]), args.get("metric"))
         except UserError as e:
             log.warning("search space not readable (%s): bounds and scales are guessed from results.csv", e)
     if space is not None:
@@ -739,7 +746,7 @@ def final_lines(exp: Experiment, fin: dict) -> list[str]:
     )
     md += [line.strip() for line in lead_lines(fin)]
     if fin["deployed"] == "single" and len(fin["selection"]["members"]) > 1:
-        bar = "beat the probe by more than one paired standard error on" if probe_led else "improve"
+        bar = "beat the probe by more than picking the best explains on" if probe_led else "improve"
         md.append(
             f"An ensemble of {len(fin['selection']['members'])} lowered the valid NLL but did not {bar} "
             f"{fin['metric']}, so it was not deployed."
@@ -759,9 +766,13 @@ def final_lines(exp: Experiment, fin: dict) -> list[str]:
     for label, key, t in kinds:
         mark = " (deployed)" if fin["deployed"] == key else ""
         scores += [
-            (f"{label}{mark}", "valid", "1", v[key]),
-            (f"{label}{mark}", "valid", f"{t:.3g}", v[f"{key}_calibrated"]),
+            (f"{label}{mark}", "valid (in-sample)", "1", v[key]),
+            (f"{label}{mark}", "valid (in-sample)", f"{t:.3g}", v[f"{key}_calibrated"]),
         ]
+        if mark and "deployed_crossfit" in v:
+            scores.append(
+                (f"{label}{mark}", "valid (cross-fitted)", "fitted on the other folds", v["deployed_crossfit"])
+            )
         scored = test.get("single_best" if key == "single" else "ensemble")
         if scored and scored.get("calibration"):
             scores += [
@@ -783,8 +794,9 @@ def final_lines(exp: Experiment, fin: dict) -> list[str]:
         markdown_table(frame),
         "",
         "ECE: expected calibration error over 15 bins of the top probability; NLL: mean negative log "
-        "likelihood; Brier: mean squared error of the probability vector. Valid figures are optimistic: "
-        "valid chose the ensemble and fitted the temperature.",
+        "likelihood; Brier: mean squared error of the probability vector. In-sample valid figures are "
+        "optimistic: valid chose the ensemble and fitted the temperature. Cross-fitted: each fifth of valid "
+        "scaled by a temperature fitted on the other four.",
         "",
     ]
     th = fin["threshold"]
@@ -793,12 +805,8 @@ def final_lines(exp: Experiment, fin: dict) -> list[str]:
     elif th["threshold"] == 0:
         md += [f"All valid images together reach {th['target_accuracy']:.0%} accuracy: no threshold is needed.", ""]
     else:
-        md += [
-            f"`predict --min-confidence {th['threshold']:.3g}` keeps {th['coverage']:.0%} of the valid images "
-            f"at {th['accuracy']:.1%} accuracy (target {th['target_accuracy']:.0%}); the rest are labelled "
-            "`uncertain`.",
-            "",
-        ]
+        md += threshold_lines(th)
+        md += [""] + threshold_lines(test.get("threshold") or {}, split="test") + [""]
     return md
 
 
@@ -829,7 +837,8 @@ def _valid_size(row) -> str:
 
 
 def probe_lines(exp: Experiment) -> list[str]:
-    """The linear-probe baseline beside the best trial, and plainly whether the search beat it."""
+    """The linear-probe baseline beside the best trial, and plainly whether the search beat it (the one
+    verdict, final.json's ``lead``)."""
     from .probe import probe_verdict
 
     if exp.probes.empty or exp.key not in exp.probes:
@@ -841,9 +850,7 @@ def probe_lines(exp: Experiment) -> list[str]:
         f"- linear probe baseline (`{best['trial_id']}`, C={best['config/C']:g}, {how}): "
         f"{exp.metric} {best[exp.key]:.4f}" + _valid_size(best)
     ]
-    trials = exp.results[exp.key].dropna() if exp.key in exp.results else pd.Series(dtype=float)
-    top = (trials.max() if exp.mode == "max" else trials.min()) if len(trials) else None
-    lines.append(f"- {probe_verdict(top, float(best[exp.key]), metric=exp.metric, mode=exp.mode)}")
+    lines.append(f"- {probe_verdict((exp.final or {}).get('lead'), metric=exp.metric)}")
     return lines
 
 
@@ -936,22 +943,12 @@ def write_report(exp_dir: str | os.PathLike) -> Path:
     md += probe_lines(exp)
     if exp.test:
         t = exp.test
-        scored = (
-            f"the deployed ensemble of {len(t['members'])} heads"
-            if t.get("deployed") == "ensemble"
-            else "the best trial's best checkpoint"
-        )
-        md.append(
-            f"- test (scored once, {scored}): accuracy {t['accuracy']:.4f}, "
-            f"macro-F1 {t['macro_f1']:.4f} on {t['test_count']} images"
-        )
+        scored = deployed_label(t, heads=True)
+        md.append(f"- test (scored once, {scored}): {test_figures(t)} on {t['test_count']} images")
         single = t.get("single_best")
         if single and not single.get("deployed"):
-            single_label = single_best_label(single)
-            md.append(
-                f"- {single_label} on test (same pass, not deployed): accuracy {single['accuracy']:.4f}, "
-                f"macro-F1 {single['macro_f1']:.4f}"
-            )
+            md.append(f"- {single_best_label(single)} on test (same pass, not deployed): {test_figures(single)}")
+        md += [f"- {line}" for line in comparison_lines(t)]
     md.append(
         f"- backbone weights: `{exp.weights}`"
         + (" (randomly initialised)" if exp.weights.startswith("random:") else "")

@@ -217,9 +217,13 @@ class Winner:
 
     def save(self, folder: Path, extra_metrics: dict | None = None) -> Path:
         c = self.fm.choice
+        cv = any(cand.oof_logits is not None for cand in self.fm.pool)
         calibration = {
             "method": "temperature scaling",
-            "fitted_on": "valid",
+            # with --cv the heads trained on valid too: the choice and T were made on out-of-fold logits
+            "fitted_on": "out-of-fold logits over train+valid (one fold head per image; the model averages them)"
+            if cv
+            else "valid",
             "temperature": c.temperature,
             "valid_before": c.valid["deployed"],
             "valid_after": c.valid["deployed_calibrated"],
@@ -255,9 +259,7 @@ def save_winner(
     probes, once the search fits them)."""
     exp_dir = paths.local
     candidates, info = final_candidates(result_grid, base, space, weights=weights)
-    candidates = _lead_with_a_better_probe(
-        final.merge_candidates(candidates, extra, mode=space.mode), extra, space.mode
-    )
+    candidates = final.merge_candidates(candidates, extra, mode=space.mode)  # final.lead_index: who leads
     for c in extra:  # a probe has no epochs; its config names its bank and a linear head
         info[c.name] = (
             None,
@@ -287,6 +289,7 @@ def save_winner(
         metric=space.metric,
         mode=space.mode,
         recorded=json.loads(recorded) if recorded else None,
+        trials_run=len(_ranked_results(result_grid, space.metric, space.mode)),
     )
     single = fm.single_best
     epoch, cfg = info[single.name]
@@ -318,18 +321,6 @@ def save_winner(
         )
     )
     return winner
-
-
-def _lead_with_a_better_probe(candidates: list, probes: Sequence, mode: str) -> list:
-    """The linear probe is a candidate like any trial: when one beats the best trial on valid (strictly;
-    a tie keeps the trial), it is the single best and the selection starts from it."""
-    if not probes or not candidates:
-        return candidates
-    sign = 1.0 if mode == "max" else -1.0
-    lead = max(probes, key=lambda c: sign * c.score)
-    if sign * lead.score > sign * candidates[0].score:
-        return [lead, *[c for c in candidates if c is not lead]]
-    return candidates
 
 
 # --------------------------------------------------------------------- the one read of the test split

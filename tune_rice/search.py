@@ -36,7 +36,7 @@ from .features import FeatureBank, FeatureSpec, by_reference, extract_banks
 from .model import ResolvedWeights, fetch_hint, resolve_weights
 from .probe import CV_AUTO_BELOW, CV_AUTO_FOLDS, Baseline, bank_folds, fit_probes, resolve_folds
 from .results import TOP_CANDIDATES, Winner, collect_results, save_winner, score_winner
-from .space import SearchSpace, load_search_space
+from .space import CLI_METRICS, SearchSpace, linear_point, load_search_space, with_metric
 from .storage import ARGS_FILE, ExperimentPaths
 from .summary import BASELINE_FILE, baseline_record, format_summary
 
@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--path-col", metavar="NAME", help="a CSV of images: its column of paths or ids (default: found)")
     p.add_argument("--label-col", metavar="NAME", help="a CSV of images: its column of labels (default: found)")
     p.add_argument("--num-samples", type=int, default=30, help="number of trials")
+    p.add_argument(
+        "--metric",
+        choices=CLI_METRICS,
+        help="what the trials, the probe and the final model are judged by on valid (default: the space's metric; "
+        "macro_f1 or balanced_acc for imbalanced classes)",
+    )
     p.add_argument(
         "--search-space",
         default="default",
@@ -311,7 +317,7 @@ def _restore_experiment(args, paths: ExperimentPaths) -> None:
 
 def load_space(args) -> tuple[SearchSpace, int]:
     """The search space and the epochs per trial."""
-    space = load_search_space(args.search_space)
+    space = with_metric(load_search_space(args.search_space), getattr(args, "metric", None))
     max_epochs = args.max_epochs or space.max_epochs or 10
     if args.grace_period > max_epochs:
         raise UserError(f"--grace-period {args.grace_period} is more than the {max_epochs} epochs per trial")
@@ -624,6 +630,7 @@ def make_tuner(args, paths: ExperimentPaths, space: SearchSpace, base: dict, dat
         mode=space.mode,
         seed=args.seed,
         max_t=max_epochs,
+        first=[point] if (point := linear_point(space)) else [],  # a linear head, tried first
         storage=study.study_storage(paths.local),
         study_name=args.name,
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -24,7 +24,8 @@ from .features import FeatureSpec
 # copies the linked files) finds them as well as a source tree or an editable install.
 SPACES_DIR = Path(__file__).resolve().parent / "search_spaces"
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
-METRICS = {"valid/acc": "max", "valid/macro_f1": "max", "valid/loss": "min"}
+METRICS = {"valid/acc": "max", "valid/macro_f1": "max", "valid/balanced_acc": "max", "valid/loss": "min"}
+CLI_METRICS = ("acc", "macro_f1", "balanced_acc")  # --metric: what imbalanced sets are judged by
 FEATURE_PARAMS = ("backbone", "image_size", "head", "aug_policy", "views")
 # Set by the command line, not by a space: the epoch budget and the seed.
 RESERVED = ("epochs", "seed")
@@ -208,3 +209,32 @@ def load_search_space(name_or_path: str | os.PathLike) -> SearchSpace:
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
     return space
+
+
+def with_metric(space: SearchSpace, metric: str | None) -> SearchSpace:
+    """``space`` optimising ``valid/<metric>`` (``--metric``: acc, macro_f1 or balanced_acc; higher is
+    better) instead of the metric its file names; unchanged when ``metric`` is empty."""
+    if not metric:
+        return space
+    if metric not in CLI_METRICS:
+        raise UserError(f"--metric {metric!r}: valid choices are {', '.join(CLI_METRICS)}")
+    return replace(space, metric=f"valid/{metric}", mode="max")
+
+
+def linear_point(space: SearchSpace) -> dict:
+    """The searched parameters of a linear head, the probe's model trained by the trial's optimiser:
+    ``hidden`` 0 with the lowest dropout and label smoothing and no class weights the space allows (the
+    rest left to the searcher). Every search tries it first, so the best trial is never worse than the
+    space's own linear head. Empty when ``hidden`` is not searched or 0 is not among its choices."""
+    d = space.distributions
+    kind, args = d.get("hidden", (None, None))
+    if kind != "choice" or 0 not in args:
+        return {}
+    point: dict = {"hidden": 0}
+    for name in ("dropout", "label_smoothing"):
+        if name in d:
+            kind, args = d[name]
+            point[name] = min(args) if kind == "choice" else args[0]
+    if "class_balanced" in d and False in d["class_balanced"][1]:
+        point["class_balanced"] = False
+    return point

@@ -67,34 +67,24 @@ def format_summary(
             )
         lines.append(f"top {min(top, len(table))} by {metric}:")
         lines.append(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    lines += probe_summary(df, probes or {}, metric=metric, mode=mode or "max")
+    lines += probe_summary(probes or {}, (final_record or {}).get("lead"), metric=metric)
     if final_record:
         lines += final_lines(final_record)
     cheaper = cheaper_choice(cost_frontier(df, key, mode), mode) if mode else ""
     if cheaper:
         lines.append(cheaper[0].upper() + cheaper[1:] + " (report/cost.png)")
     if test:
-        what = (
-            f"the deployed ensemble of {len(test['members'])}"
-            if test.get("deployed") == "ensemble"
-            else "the linear probe"
-            if is_probe_id(test.get("trial_id", ""))
-            else "the best trial's best checkpoint"
-        )
+        what = final.deployed_label(test)
         cal = test.get("calibration")
         ece = f", ECE {cal['before']['ece']:.3f} -> {cal['after']['ece']:.3f} with the temperature" if cal else ""
-        lines.append(
-            f"TEST (scored once, {what}): accuracy {test['accuracy']:.4f}, "
-            f"macro-F1 {test['macro_f1']:.4f} on {test['test_count']} images{ece}"
-        )
+        lines.append(f"TEST (scored once, {what}): {final.test_figures(test)} on {test['test_count']} images{ece}")
         for which in ("single_best", "ensemble"):
             other = test.get(which)
             if other and not other.get("deployed"):
                 label = "selected ensemble" if which == "ensemble" else final.single_best_label(other)
-                lines.append(
-                    f"  {label} (same pass, not deployed): accuracy {other['accuracy']:.4f}, "
-                    f"macro-F1 {other['macro_f1']:.4f}"
-                )
+                lines.append(f"  {label} (same pass, not deployed): {final.test_figures(other)}")
+        lines += [f"  {line}" for line in final.comparison_lines(test)]
+        lines += [f"  {line}" for line in final.threshold_lines(test.get("threshold") or {}, split="test")]
     random = {b: w for b, w in (backbones or {}).items() if w.startswith("random:")}
     n_backbones = len(backbones or {})
     if random and (n_backbones > 1 or not weights.startswith("random:")):
@@ -121,7 +111,7 @@ BASELINE_FILE = "baseline.json"
 def baseline_record(df: pd.DataFrame, baseline: Baseline, winner: Winner, space: SearchSpace) -> dict:
     """baseline.json: every probe, the best trial, whether it beat the best probe on valid, and the
     deployed model's valid figures (out-of-fold with --cv)."""
-    from .probe import best_probe, metric_key, search_beats_probe
+    from .probe import best_probe, search_beats_probe
 
     key = f"best/{space.metric}"
     trials = df[df[key].notna()] if key in df else df.iloc[:0]
@@ -148,20 +138,22 @@ def baseline_record(df: pd.DataFrame, baseline: Baseline, winner: Winner, space:
         "members": list(winner.fm.choice.members),
     }
     if baseline.probes:
-        name, probe = best_probe(baseline.probes, space.metric, space.mode)
+        name, _ = best_probe(baseline.probes, space.metric, space.mode)
         out["best_probe"] = name
-        out["search_beat_probe"] = search_beats_probe(num(top, key), probe.valid[metric_key(space.metric)], space.mode)
+        out["search_beat_probe"] = search_beats_probe(winner.fm.choice.lead)  # the one verdict: final.lead_index
+        out["lead"] = winner.fm.choice.lead
     # the deployed model on the logits the choice was made on (valid, or out-of-fold), before its temperature
     deployed = winner.fm.choice.valid["deployed"]
     out["deployed_valid_acc"], out["deployed_valid_count"] = deployed["acc"], deployed["count"]
     return out
 
 
-def probe_summary(df: pd.DataFrame, probes: dict[str, ProbeResult], *, metric: str, mode: str) -> list[str]:
-    """The linear probe of each bank with its valid figures, then one plain line: was it beaten."""
+def probe_summary(probes: dict[str, ProbeResult], lead: dict | None, *, metric: str) -> list[str]:
+    """The linear probe of each bank with its valid figures, then one plain line: was it beaten (``lead``:
+    final.json's record, the one verdict)."""
     if not probes:
         return []
-    from .probe import best_probe, metric_key
+    from .probe import metric_key
 
     lines = []
     for name, p in probes.items():
@@ -170,11 +162,7 @@ def probe_summary(df: pd.DataFrame, probes: dict[str, ProbeResult], *, metric: s
             f"linear probe on {name} ({how}: {p.C:g}): valid acc "
             f"{format_accuracy(p.valid['acc'], p.valid['count'])}, {metric} {p.valid[metric_key(metric)]:.4g}"
         )
-    _, best = best_probe(probes, metric, mode)
-    key = f"best/{metric}"
-    values = df[key].dropna() if key in df else pd.Series(dtype=float)
-    top = (values.max() if mode == "max" else values.min()) if len(values) else None
-    lines.append(probe_verdict(top, best.valid[metric_key(metric)], metric=metric, mode=mode))
+    lines.append(probe_verdict(lead, metric=metric))
     return lines
 
 
@@ -187,21 +175,18 @@ def final_lines(record: dict) -> list[str]:
         members = ", ".join(f"{m} {w:.2f}" for m, w in zip(record["members"], record["weights"]))
         head = f"FINAL: an ensemble of {len(record['members'])} ({members})"
     elif len(sel["members"]) > 1:
+        key = record["metric"].split("/")[-1]
+        key = key if key in v["ensemble"] else "acc"  # the figure the decision was made on, where kept
         head = (
             f"FINAL: {single} (an ensemble of {len(sel['members'])} was not deployed on valid: "
-            f"acc {v['ensemble']['acc']:.4f} vs {v['single']['acc']:.4f})"
+            f"{key} {v['ensemble'][key]:.4f} vs {v['single'][key]:.4f})"
         )
     else:
         head = f"FINAL: {single}"
     lines = [
         f"{head}; chosen on valid among {len(record['candidates'])} candidates; temperature "
-        f"{record['temperature']:.3g} (valid ECE {v['deployed']['ece']:.3f} -> {v['deployed_calibrated']['ece']:.3f})"
+        f"{record['temperature']:.3g} ({final.valid_ece_text(v)})"
     ]
     lines += final.lead_lines(record)
-    th = record["threshold"]
-    if th.get("threshold"):
-        lines.append(
-            f"  predict --min-confidence {th['threshold']:.3g} keeps {th['coverage']:.0%} of valid at "
-            f"{th['accuracy']:.1%} accuracy (target {th['target_accuracy']:.0%}); the rest 'uncertain'"
-        )
+    lines += [f"  {line}" for line in final.threshold_lines(record["threshold"])]
     return lines

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from . import UserError
@@ -41,9 +42,19 @@ def optuna_search_cls():
         when a result comes with it (OptunaSearch would tell it COMPLETE).
         """
 
-        def __init__(self, *args, max_t: int, **kwargs):
+        def __init__(self, *args, max_t: int, first: Sequence[dict] = (), **kwargs):
             super().__init__(*args, **kwargs)
             self._max_t = max_t
+            self._first = [dict(p) for p in first]
+
+        def _setup_study(self, mode):
+            super()._setup_study(mode)
+            # Trials to run first, each may fix only some parameters (the rest are sampled). Enqueued
+            # here rather than through points_to_evaluate, which wants every parameter; a resumed
+            # search's study holds them already and skips them.
+            assert self._ot_study is not None
+            for point in self._first:
+                self._ot_study.enqueue_trial(point, skip_if_exists=True)
 
         def suggest(self, trial_id):
             config = super().suggest(trial_id)
