@@ -43,9 +43,10 @@ def optuna_search_cls():
         """
 
         def __init__(self, *args, max_t: int, first: Sequence[dict] = (), **kwargs):
-            super().__init__(*args, **kwargs)
+            # Set before OptunaSearch.__init__, which sets the study up (_setup_study) when given a space.
             self._max_t = max_t
             self._first = [dict(p) for p in first]
+            super().__init__(*args, **kwargs)
 
         def _setup_study(self, mode):
             super()._setup_study(mode)
