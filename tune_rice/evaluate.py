@@ -36,7 +36,7 @@ from .data import (
     dataset_for_split,
     read_labels_checked,
 )
-from .devices import add_device_args, default_num_workers, device_from_arg, resolve_device
+from .devices import add_device_args, device_from_arg, loader_workers, resolve_device
 from .engine import ImageBatches, compute_metrics, predict_logits
 from .model import load_model
 from .storage import TEST_MARK
@@ -94,8 +94,9 @@ def split_logits(
     if table.split(split).empty:
         raise UserError(f"{table.csv_path}: the {split} split has no images")
     device = resolve_device(device)
-    workers = default_num_workers(4) if num_workers is None else num_workers
-    ds = dataset_for_split(table, split, build_transform(preprocessing, train=False))
+    workers = loader_workers(device, batches=-(-len(table.split(split)) // batch_size), most=4)
+    workers = workers if num_workers is None else num_workers
+    ds = dataset_for_split(table, split, build_transform(preprocessing, train=False, normalize=False))
     batches = ImageBatches(ds, batch_size=batch_size, train=False, num_workers=workers, device=device)
     try:
         return predict_logits(model.to(device), batches)
