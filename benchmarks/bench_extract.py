@@ -172,17 +172,20 @@ def full_size_dataset(table, spec) -> ImageDataset:
     )
 
 
-def mean_ms(fn, items, warmup: int = 2) -> float:
+def mean_ms(fn, items, warmup: int = 2) -> tuple[float, float]:
+    """Wall and CPU milliseconds (this process, all its threads) per call of ``fn`` over ``items``: the
+    CPU figure is what the work costs whatever else loads the machine."""
     for item in items[:warmup]:
         fn(item)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for item in items:
         fn(item)
-    return 1000 * (time.perf_counter() - t0) / len(items)
+    return 1000 * (time.perf_counter() - t0) / len(items), 1000 * (time.process_time() - c0) / len(items)
 
 
-def phases(table, spec, *, device, bare_views_per_s: float, batch_size: int, n: int) -> dict:
-    """What one image costs, phase by phase, in one process (ms per image, K views)."""
+def phases(table, spec, *, device, bare: tuple[float, float], batch_size: int, n: int) -> dict:
+    """What one image costs, phase by phase, in one process: wall ms per image (K views) and CPU ms
+    (``*_cpu_ms``). ``bare``: the bare forward's views/s and CPU seconds per view."""
     ds = pass_dataset(table, [spec], "train")
     old = full_size_dataset(table, spec)
     paths = table.paths("train")[:n]
@@ -200,18 +203,40 @@ def phases(table, spec, *, device, bare_views_per_s: float, batch_size: int, n: 
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    return {
-        "decode_ms": mean_ms(lambda i: ds.decode.open(paths[i]), items),
-        "transforms_ms": mean_ms(lambda i: ds._transform(images[i], i), items),
-        "copy_ms": mean_ms(copy, items[: max(3, len(items) // 4)]) / per_batch,
-        "forward_ms": 1000 * spec.views / bare_views_per_s,
-        "full_size_decode_ms": mean_ms(lambda i: FULL_DECODE.open(paths[i]), items),
-        "full_size_transforms_ms": mean_ms(lambda i: old._transform(full[i], i), items),
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a loader worker: idle intra-op threads would count as CPU time
+    timed = {
+        "decode": mean_ms(lambda i: ds.decode.open(paths[i]), items),
+        "transforms": mean_ms(lambda i: ds._transform(images[i], i), items),
+        "copy": tuple(v / per_batch for v in mean_ms(copy, items[: max(3, len(items) // 4)])),
+        "forward": (1000 * spec.views / bare[0], 1000 * spec.views * bare[1]),
+        "full_size_decode": mean_ms(lambda i: FULL_DECODE.open(paths[i]), items),
+        "full_size_transforms": mean_ms(lambda i: old._transform(full[i], i), items),
     }
+    torch.set_num_threads(threads)
+    out = {f"{k}_ms": v[0] for k, v in timed.items()}
+    out.update({f"{k}_cpu_ms": v[1] for k, v in timed.items()})
+    out["cpu_ms"] = sum(out[f"{k}_cpu_ms"] for k in ("decode", "transforms", "copy", "forward"))
+    out["full_size_cpu_ms"] = sum(
+        out[f"{k}_cpu_ms"] for k in ("full_size_decode", "full_size_transforms", "copy", "forward")
+    )
+    return out
+
+
+def lite0_network(path: str) -> tuple[torch.nn.Module, data.Preprocessing]:
+    """timm's tf_efficientnet_lite0 with the EfficientNet-Lite0 ImageNet state dict at ``path`` (as
+    ``python -m tune_rice.backbones --write-lite0 FILE`` writes it), pooled output, and its preprocessing
+    (224 px, resize 256, bicubic, mean and std 0.5): real ImageNet features for the feature shift."""
+    import timm
+
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    net.load_state_dict({k: v for k, v in state.items() if not k.startswith("classifier.")})
+    return net.eval(), data.Preprocessing(224, 256, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
 @torch.inference_mode()
-def feature_shift(table, spec, n: int) -> dict:
+def feature_shift(table, spec, n: int, *, network=None) -> dict:
     """Pooled features (random init) of the same photos, sized decode against full size. ``eval_view``:
     the evaluation view. ``augmented_crop``: one RandomResizedCrop box per photo (drawn at the policy's
     scales and ratios, in fractions of the image), cut from the working image and from the full-size
@@ -220,8 +245,8 @@ def feature_shift(table, spec, n: int) -> dict:
     feature taken out: random-init pooled features share a large positive mean)."""
     from torchvision.transforms.v2 import functional as TF
 
-    backbone, _ = build_backbone(spec.backbone, weights="none", seed=spec.seed)
-    pre = spec.preprocessing
+    backbone, pre = network if network is not None else (build_backbone(spec.backbone, weights="none")[0], None)
+    pre = pre or spec.preprocessing
     eval_tf = build_transform(pre, normalize=False)
     decode = data.decode_for(pre, spec.policy)
     interp = data.INTERPOLATIONS[pre.interpolation]
@@ -301,11 +326,22 @@ def photo_sizes(args, device) -> dict:
         x_all = x.repeat(max(1, 4 * args.batch_size // len(x)), 1, 1, 1)
         backbone, _ = build_backbone(args.backbone, weights="none", seed=0)
         backbone = backbone.to(device).to(memory_format=torch.channels_last)
-        bare = bare_rate(backbone, x_all, args.batch_size, device, repeats=3)  # views/s
         row = {"size": name, **describe(csv), "views": spec.views, "workers": workers}
+        if args.only_shift:
+            row["feature_shift"] = feature_shift(table, spec, args.feature_shift)
+            if args.shift_lite0:
+                row["feature_shift_lite0"] = feature_shift(
+                    table, spec, args.feature_shift, network=lite0_network(args.shift_lite0)
+                )
+            rows.append(row)
+            print(f"  {name}: {json.dumps({k: v for k, v in row.items() if k.startswith('feature_shift')})}")
+            continue
+        c0 = time.process_time()
+        bare = bare_rate(backbone, x_all, args.batch_size, device, repeats=3)  # views/s
+        bare_cpu = (time.process_time() - c0) / (3 * len(x_all) + args.batch_size)  # CPU s per view (warm-up too)
         row["decode_short_side"] = ds.decode.size
         row["bare_images_per_s"] = bare / spec.views
-        row["phases"] = phases(table, spec, device=device, bare_views_per_s=bare, batch_size=args.batch_size, n=16)
+        row["phases"] = phases(table, spec, device=device, bare=(bare, bare_cpu), batch_size=args.batch_size, n=16)
         row["pipeline"] = timed_pass(ds, spec, device=device, batch_size=args.batch_size, workers=workers)
         row["full_size_pipeline"] = timed_pass(
             full_size_dataset(table, spec), spec, device=device, batch_size=args.batch_size, workers=workers
@@ -318,21 +354,33 @@ def photo_sizes(args, device) -> dict:
             row["wall_full_size_s"] = wall_extract(wall_csv, spec, device, args.batch_size, workers, full_size=True)
         if args.feature_shift:
             row["feature_shift"] = feature_shift(table, spec, args.feature_shift)
+            if args.shift_lite0:
+                row["feature_shift_lite0"] = feature_shift(
+                    table, spec, args.feature_shift, network=lite0_network(args.shift_lite0)
+                )
         if args.gpu_decode:
             row["gpu_decode"] = gpu_decode(table, spec, device=device)
         rows.append(row)
         ph = row["phases"]
         print(
-            f"  {name:>5} ({row['megapixels']} MP, {row['mean_mb']:.2f} MB): decode {ph['decode_ms']:.1f} ms "
-            f"(full size {ph['full_size_decode_ms']:.1f}), transforms {ph['transforms_ms']:.1f} ms (full size "
-            f"{ph['full_size_transforms_ms']:.1f}), copy {ph['copy_ms']:.2f} ms, forward {ph['forward_ms']:.1f} ms | "
+            f"  {name:>5} ({row['megapixels']} MP, {row['mean_mb']:.2f} MB), CPU ms per image: decode "
+            f"{ph['decode_cpu_ms']:.1f} (full size {ph['full_size_decode_cpu_ms']:.1f}), transforms "
+            f"{ph['transforms_cpu_ms']:.1f} (full size {ph['full_size_transforms_cpu_ms']:.1f}), copy "
+            f"{ph['copy_cpu_ms']:.2f}, forward {ph['forward_cpu_ms']:.1f} | "
             f"pipeline {row['pipeline']['steady_images_per_s']:.1f} img/s (full-size decode "
             f"{row['full_size_pipeline']['steady_images_per_s']:.1f}), bare {row['bare_images_per_s']:.1f}, "
             f"efficiency {row['efficiency']:.2f}"
             + (f" | wall {row['wall_s']:.1f} s (full size {row['wall_full_size_s']:.1f} s)" if args.wall_images else "")
         )
-    base = next((r for r in rows if r["size"] == "256"), None)
+    base = next((r for r in rows if r["size"] == "256" and "phases" in r), None)
     for r in rows:
+        if base is not None and "phases" in r:
+            # CPU per image against the same images at 256 px: the cost on a machine whose cores this
+            # work alone keeps busy; and forward CPU / total CPU, the share of the bare forward's rate
+            # that the pipeline can reach when decoding and the forward share the cores
+            r["cpu_vs_256"] = r["phases"]["cpu_ms"] / base["phases"]["cpu_ms"]
+            r["full_size_cpu_vs_256"] = r["phases"]["full_size_cpu_ms"] / base["phases"]["full_size_cpu_ms"]
+            r["cpu_bound_efficiency"] = r["phases"]["forward_cpu_ms"] / r["phases"]["cpu_ms"]
         if base is not None and "wall_s" in r:
             r["wall_vs_256"] = r["wall_s"] / base["wall_s"]
             r["wall_full_size_vs_256"] = r["wall_full_size_s"] / base["wall_s"]
@@ -394,6 +442,8 @@ def main() -> int:
     p.add_argument("--wall-images", type=int, default=64, help="--photos: images of the extract_bank wall time")
     p.add_argument("--feature-shift", type=int, default=32, help="--photos: images for the feature cosine (0: off)")
     p.add_argument("--gpu-decode", action="store_true", help="--photos: also time nvjpeg decoding (CUDA)")
+    p.add_argument("--shift-lite0", metavar="FILE", help="--photos: the feature shift with Lite0 ImageNet weights too")
+    p.add_argument("--only-shift", action="store_true", help="--photos: the feature shift alone (no timings)")
     p.add_argument("--out", help="write the figures as JSON here")
     args = p.parse_args()
 

@@ -39,8 +39,10 @@ def parse_size(text: str) -> tuple[int, int] | None:
 
 
 def cache_root() -> Path:
-    base = os.environ.get("TUNE_RICE_CACHE")
-    return (Path(base).expanduser() if base else Path.home() / ".cache" / "tune_rice") / "bench_photos"
+    """Beside the demo sets: ``$TUNE_RICE_CACHE/bench_photos`` (default ``~/.cache/tune_rice/bench_photos``)."""
+    from tune_rice.demo import default_demo_dir
+
+    return default_demo_dir().parent / "bench_photos"
 
 
 def demo_train(per_class: int = 200, seed: int = 0) -> tuple[Path, pd.DataFrame]:
