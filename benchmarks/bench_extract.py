@@ -11,8 +11,8 @@ dataset size and with K (views per training image).
 ``--photos 256 2mp 12mp``: the same at photo sizes (benchmarks/photos.py makes the JPEGs once, into a
 cache folder), K views per image as a training pass extracts them: per size the phases one image costs
 in one process (decode, transforms, copy to the device with normalisation, forward), the whole pipeline's
-steady-state images/s (from its first batch on, so worker start is not counted) against the bare forward,
-the same pipeline on full-size decodes (today's pixels before the sized decode), the wall time of a fresh
+steady-state images/s (from its second batch on: worker start and the first fill not counted) against the
+bare forward, the same pipeline on full-size decodes (today's pixels before the sized decode), the wall time of a fresh
 ``extract_bank`` over ``--wall-images`` photos both ways, and how far pooled features move (cosine, sized
 against full-size decode, on the same photos). ``--gpu-decode`` (CUDA only) also times batched JPEG
 decoding on the GPU (``torchvision.io.decode_jpeg(device="cuda")``) against the CPU's draft decode.
@@ -129,16 +129,17 @@ def full_rate(csv, spec, *, batch_size, device, workers, splits=("train",)) -> t
 
 # ------------------------------------------------------------------------------------------ photo sizes
 class FirstBatchClock:
-    """A loader that notes when its first batch arrived: steady state is measured from there on."""
+    """A loader that notes when the first batch was done with (the next one asked for): steady state is
+    the rest of the pass, every later batch's decode and forward, worker start and the first fill not."""
 
     def __init__(self, loader):
         self.loader, self.first_at, self.first_images = loader, None, 0
 
     def __iter__(self):
         for batch in self.loader:
+            yield batch
             if self.first_at is None:
                 self.first_at, self.first_images = time.perf_counter(), len(batch[2])
-            yield batch
 
 
 def timed_pass(ds, spec, *, device, batch_size: int, workers: int) -> dict:
@@ -347,11 +348,6 @@ def photo_sizes(args, device) -> dict:
             full_size_dataset(table, spec), spec, device=device, batch_size=args.batch_size, workers=workers
         )
         row["efficiency"] = row["pipeline"]["steady_images_per_s"] / row["bare_images_per_s"]
-        if args.wall_images:
-            wall_csv = photo_set(parse_size(name), args.wall_images, distinct=args.distinct, per_class=args.per_class)
-            row["wall_images"] = args.wall_images
-            row["wall_s"] = wall_extract(wall_csv, spec, device, args.batch_size, workers, full_size=False)
-            row["wall_full_size_s"] = wall_extract(wall_csv, spec, device, args.batch_size, workers, full_size=True)
         if args.feature_shift:
             row["feature_shift"] = feature_shift(table, spec, args.feature_shift)
             if args.shift_lite0:
@@ -370,8 +366,23 @@ def photo_sizes(args, device) -> dict:
             f"pipeline {row['pipeline']['steady_images_per_s']:.1f} img/s (full-size decode "
             f"{row['full_size_pipeline']['steady_images_per_s']:.1f}), bare {row['bare_images_per_s']:.1f}, "
             f"efficiency {row['efficiency']:.2f}"
-            + (f" | wall {row['wall_s']:.1f} s (full size {row['wall_full_size_s']:.1f} s)" if args.wall_images else "")
         )
+    if args.wall_images and not args.only_shift:
+        # Round robin over the sizes, the least of the repeats kept: on a shared machine the load moves
+        # between measurements minutes apart, and the sizes are compared with each other.
+        for row in rows:
+            row["wall_images"], row["wall_runs"], row["wall_full_size_runs"] = args.wall_images, [], []
+        spec = FeatureSpec(backbone=args.backbone, image_size=args.image_size, views=args.views, policy="standard")
+        for _ in range(args.wall_repeats):
+            for row in rows:
+                csv = photo_set(
+                    parse_size(row["size"]), args.wall_images, distinct=args.distinct, per_class=args.per_class
+                )
+                for full_size, key in ((False, "wall_runs"), (True, "wall_full_size_runs")):
+                    row[key].append(wall_extract(csv, spec, device, args.batch_size, workers, full_size=full_size))
+        for row in rows:
+            row["wall_s"], row["wall_full_size_s"] = min(row["wall_runs"]), min(row["wall_full_size_runs"])
+            print(f"  {row['size']:>5}: extract_bank {row['wall_s']:.1f} s (full size {row['wall_full_size_s']:.1f} s)")
     base = next((r for r in rows if r["size"] == "256" and "phases" in r), None)
     for r in rows:
         if base is not None and "phases" in r:
@@ -440,6 +451,7 @@ def main() -> int:
     p.add_argument("--images", type=int, default=128, help="--photos: images per size for the steady state")
     p.add_argument("--distinct", type=int, default=0, help="--photos: distinct files, listed in turn (0: all)")
     p.add_argument("--wall-images", type=int, default=64, help="--photos: images of the extract_bank wall time")
+    p.add_argument("--wall-repeats", type=int, default=2, help="--photos: wall times per size (the least is kept)")
     p.add_argument("--feature-shift", type=int, default=32, help="--photos: images for the feature cosine (0: off)")
     p.add_argument("--gpu-decode", action="store_true", help="--photos: also time nvjpeg decoding (CUDA)")
     p.add_argument("--shift-lite0", metavar="FILE", help="--photos: the feature shift with Lite0 ImageNet weights too")

@@ -54,7 +54,7 @@ print(f"device {e['device']} {e.get('gpu') or ''} | torch {e['torch']} | {e['bac
 print(f"extraction: bare {e['bare_images_per_s']:.0f} img/s, full {e['full_images_per_s']:.0f} img/s, efficiency {e['efficiency']:.2f}")
 ph = json.loads((out / "photos.json").read_text())
 print(f"photo sizes: {ph['backbone']} @ {ph['image_size']}px, {ph['views']} views, {ph['images']} images "
-      f"({ph['distinct_images'] or ph['images']} distinct), ms per image in one process; img/s of the pipeline from its first batch")
+      f"({ph['distinct_images'] or ph['images']} distinct), ms per image in one process; img/s of the pipeline from its second batch on")
 print("| size | MP | MB | decode | transforms | copy | forward | pipeline | full-size decode | bare | pipeline/bare | workers | GPU decode | CPU draft decode (all workers) |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for r in ph["rows"]:
