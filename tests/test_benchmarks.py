@@ -25,6 +25,9 @@ def test_gpu_check_script_tiny_cpu(tmp_path):
         "EPOCHS": "2",
         "BACKBONE": "resnet18",
         "SIZE": "32",
+        "PHOTOS": "256 320x240",
+        "PHOTO_IMAGES": "8",
+        "PHOTO_DISTINCT": "4",
         "OUT": str(tmp_path / "out"),
         "PYTHON": sys.executable,
     }
@@ -49,6 +52,9 @@ def test_gpu_check_script_tiny_cpu(tmp_path):
     assert "efficiency" in tail and "search on" in tail and "search off" in tail and "speed-up" in tail
     extract = json.loads((tmp_path / "out" / "extract.json").read_text())
     assert extract["full_images_per_s"] > 0 and 0 < extract["efficiency"]
+    photos = json.loads((tmp_path / "out" / "photos.json").read_text())
+    assert [r["size"] for r in photos["rows"]] == ["256", "320x240"] and "| 320x240 | 0.08 |" in tail
+    assert all(r["pipeline"]["pass_images_per_s"] > 0 and r["gpu_decode"]["measured"] is False for r in photos["rows"])
     runs = [r for m in ("on", "off") for r in json.loads((tmp_path / "out" / f"search_{m}.json").read_text())["runs"]]
     assert [r["mode"] for r in runs] == ["on", "off"]
     assert all(r["trials"] == 2 and 0 <= r["test_acc"] <= 1 for r in runs)

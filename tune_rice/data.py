@@ -7,6 +7,7 @@ feature bank, the inline training path, evaluation and prediction all see the sa
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as TF
 
 from . import UserError
 
@@ -283,32 +285,130 @@ def as_preprocessing(value: int | Preprocessing | dict) -> Preprocessing:
     return Preprocessing.for_size(int(value))
 
 
+# RandomResizedCrop's area share (smallest, largest) per training policy, and its aspect ratios
+# (torchvision's default): what a training decode must keep enough pixels for (decode_for).
+CROP_SCALE = {"light": (0.7, 1.0), "standard": (0.5, 1.0), "strong": (0.3, 1.0)}
+CROP_RATIO = (3 / 4, 4 / 3)
+# Bumped whenever decoding changes the pixels the views are cut from: it is part of the feature banks'
+# cache key (features.bank_key), so banks decoded another way are extracted again, never reused.
+# 1: JPEG draft scaling and one resize to the working size (decode_for); before it, every image was
+# decoded at full size.
+DECODE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Decode:
+    """How an image file becomes the picture its views are cut from.
+
+    ``size`` is the short side the views need (0: full size, every pixel). :meth:`open` decodes a JPEG at
+    the coarsest scale its decoder offers (1/2, 1/4 or 1/8: it then skips most of the inverse DCT) that
+    still keeps a short side of at least ``size``; other formats (PNG, TIFF, WebP, ...) decode in full.
+    :meth:`working` then resizes the short side down to ``size`` (never up), with ``interpolation`` and
+    antialiasing, exactly as ``T.Resize(size)`` does; calling the Decode does both. Made by
+    :func:`decode_for`, from the preprocessing and the augmentation policy.
+    """
+
+    size: int = 0
+    interpolation: str = "bilinear"
+
+    def __post_init__(self):
+        if int(self.size) < 0 or self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"not a decode: size {self.size}, interpolation {self.interpolation!r}")
+        object.__setattr__(self, "size", int(self.size))
+
+    def open(self, path: str | os.PathLike) -> Image.Image:
+        """The file decoded (RGB, EXIF orientation applied), JPEGs at the draft scale that keeps ``size``."""
+        return load_image(path, draft_size=self.size or None)
+
+    def working(self, image: Image.Image) -> Image.Image:
+        """``image`` with its short side brought down to ``size`` (unchanged when it is no larger)."""
+        if not self.size or min(image.size) <= self.size:
+            return image
+        return TF.resize(image, [self.size], interpolation=INTERPOLATIONS[self.interpolation], antialias=True)
+
+    def __call__(self, path: str | os.PathLike) -> Image.Image:
+        return self.working(self.open(path))
+
+    def to_dict(self) -> dict:
+        """What changes the pixels: part of the feature banks' cache key."""
+        return {"version": DECODE_VERSION, "size": self.size, "interpolation": self.interpolation}
+
+
+FULL_DECODE = Decode(0)  # every pixel, no resize: today's reference for how far the sized decode moves features
+
+
+def view_short_side(preprocessing: int | Preprocessing | dict, policy: str | None = None) -> int:
+    """The short side (px) a source image needs so that no view of ``preprocessing`` under ``policy``
+    (None or ``none``: the evaluation view alone) loses pixels it would have had from a larger one.
+
+    Evaluation view: the short side is resized to ``resize`` then centre-cropped, so ``resize`` px.
+    Augmented views: RandomResizedCrop keeps an area share s >= s_min (the policy's ``CROP_SCALE``) at an
+    aspect ratio r in ``CROP_RATIO``, then resizes it to ``crop``; its shorter side is sqrt(s * A * r) for
+    an image of area A >= short side squared, at least short * sqrt(s_min * r_min). It keeps >= ``crop``
+    px (the views downscale, never upscale) when short >= crop / sqrt(s_min * r_min). Rotation and colour
+    jitter act on the crop afterwards and need nothing more.
+    """
+    pre = as_preprocessing(preprocessing)
+    if policy is None or policy == "none":
+        return pre.resize
+    if policy not in CROP_SCALE:
+        raise UserError(f"unknown augmentation policy {policy!r}; valid: {', '.join(AUG_POLICIES)}")
+    smallest = math.sqrt(CROP_SCALE[policy][0] * min(CROP_RATIO[0], 1 / CROP_RATIO[1]))
+    return max(pre.resize, math.ceil(pre.crop / smallest - 1e-9))
+
+
+def decode_for(preprocessing: int | Preprocessing | dict, policy: str | None = None) -> Decode:
+    """The one place that decides how images are decoded for ``preprocessing``: the JPEG draft scale and
+    the working size are :func:`view_short_side` of the preprocessing and the augmentation ``policy``
+    (None: evaluation, prediction), so no view loses source pixels. Every image-reading path takes its
+    decode from here (through :func:`build_transform`'s ``decode``)."""
+    pre = as_preprocessing(preprocessing)
+    return Decode(view_short_side(pre, policy), pre.interpolation)
+
+
+class ImageTransform(T.Compose):
+    """:func:`build_transform`'s result: the views' transforms, with the :class:`Decode` they need
+    (``decode``) and the :class:`Preprocessing` they apply (``preprocessing``); ``normalize`` False means
+    it ends in a uint8 tensor that :func:`to_model_input` scales and normalises on the model's device."""
+
+    def __init__(self, transforms, *, decode: Decode, preprocessing: Preprocessing, normalize: bool):
+        super().__init__(transforms)
+        self.decode, self.preprocessing, self.normalize = decode, preprocessing, normalize
+
+
 def build_transform(
-    preprocessing: int | Preprocessing | dict = 224, *, train: bool = False, policy: str = "standard"
-) -> T.Compose:
-    """The preprocessing for one image: PIL RGB -> float tensor (3, S, S), normalised.
+    preprocessing: int | Preprocessing | dict = 224,
+    *,
+    train: bool = False,
+    policy: str = "standard",
+    normalize: bool = True,
+) -> ImageTransform:
+    """The preprocessing for one image: PIL RGB -> float tensor (3, S, S), normalised; with
+    ``normalize=False``, a uint8 tensor (3, S, S) for :func:`to_model_input` to scale and normalise on
+    the model's device (a quarter of the bytes to pin and copy; the same numbers).
 
     ``preprocessing``: a :class:`Preprocessing` (resize, crop, interpolation, mean, std), its dict form, or
     a bare image size (ResNet convention: resize 256/224 of it, bilinear, ImageNet mean/std).
     ``train=False`` (or policy ``none``) is deterministic: resize the short side then centre-crop.
     Training policies: ``light`` (crop + horizontal flip), ``standard`` (RandomResizedCrop, flips, small
     rotation, ColorJitter: the seed recipe's augmentation), ``strong`` (wider crops and jitter).
+    The result's ``decode`` (:func:`decode_for`) is how files must be decoded for it.
     """
     if policy not in AUG_POLICIES:
         raise UserError(f"unknown augmentation policy {policy!r}; valid: {', '.join(AUG_POLICIES)}")
     pre = as_preprocessing(preprocessing)
     size, interp = pre.crop, INTERPOLATIONS[pre.interpolation]
-    tail = [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(pre.mean, pre.std)]
+    tail: list = [T.ToImage()]
+    tail += [T.ToDtype(torch.float32, scale=True), T.Normalize(pre.mean, pre.std)] if normalize else [T.ToPureTensor()]
     if not train or policy == "none":
-        return T.Compose([T.Resize(pre.resize, interpolation=interp, antialias=True), T.CenterCrop(size), *tail])
+        steps = [T.Resize(pre.resize, interpolation=interp, antialias=True), T.CenterCrop(size)]
+        return ImageTransform([*steps, *tail], decode=decode_for(pre), preprocessing=pre, normalize=normalize)
+    crop = T.RandomResizedCrop(size, scale=CROP_SCALE[policy], ratio=CROP_RATIO, interpolation=interp, antialias=True)
     if policy == "light":
-        aug = [
-            T.RandomResizedCrop(size, scale=(0.7, 1.0), interpolation=interp, antialias=True),
-            T.RandomHorizontalFlip(),
-        ]
+        aug = [crop, T.RandomHorizontalFlip()]
     elif policy == "standard":
         aug = [
-            T.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=interp, antialias=True),
+            crop,
             T.RandomHorizontalFlip(),
             T.RandomVerticalFlip(),
             T.RandomRotation(15),
@@ -316,13 +416,31 @@ def build_transform(
         ]
     else:  # strong
         aug = [
-            T.RandomResizedCrop(size, scale=(0.3, 1.0), interpolation=interp, antialias=True),
+            crop,
             T.RandomHorizontalFlip(),
             T.RandomVerticalFlip(),
             T.RandomRotation(30),
             T.ColorJitter(brightness=0.35, contrast=0.35, saturation=0.35, hue=0.05),
         ]
-    return T.Compose([*aug, *tail])
+    return ImageTransform([*aug, *tail], decode=decode_for(pre, policy), preprocessing=pre, normalize=normalize)
+
+
+def to_model_input(
+    x: torch.Tensor, device: torch.device | str, preprocessing: int | Preprocessing | dict | None = None
+) -> torch.Tensor:
+    """A loader batch on ``device`` as the model's input. uint8 images (``normalize=False`` transforms,
+    (..., 3, S, S)) are copied as they are (non-blocking from the loader's pinned memory on CUDA) and
+    scaled and normalised there with the arithmetic of ``ToDtype(scale=True)`` then ``Normalize``, so the
+    numbers equal the CPU transform's; float batches were normalised by their transform and only move."""
+    x = x.to(device, non_blocking=True)
+    if x.dtype != torch.uint8:
+        return x
+    if preprocessing is None:
+        raise ValueError("a uint8 image batch needs its preprocessing (mean, std) to be normalised")
+    pre = as_preprocessing(preprocessing)
+    mean = torch.as_tensor(pre.mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    std = torch.as_tensor(pre.std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    return (x.to(torch.float32).mul_(1.0 / 255) - mean) / std
 
 
 def preprocessing_spec(image_size: int | Preprocessing) -> dict:
@@ -336,6 +454,10 @@ class ImageDataset(Dataset):
 
     ``views`` > 1 returns a stacked tensor (V, 3, S, S) of ``views`` transforms of one decode: view 0
     through ``first_transform`` (un-augmented) when given, the rest through ``transform``.
+    ``decode`` (default: ``transform.decode``, from :func:`decode_for`; the full-size decode for a
+    transform without one) reads each file: a JPEG at its draft scale, then one resize to the working
+    size the augmented views are cut from. View 0 is cut from the decoded image before that resize, so
+    it equals the evaluation path's view whenever the draft scale is the same.
     ``seed`` makes random augmentation a function of (seed, index): the same views whatever the number
     of loader workers or the batch size.
     """
@@ -348,7 +470,7 @@ class ImageDataset(Dataset):
         *,
         views: int = 1,
         first_transform=None,
-        draft_size: int | None = None,
+        decode: Decode | None = None,
         seed: int | None = None,
     ):
         self.paths = [Path(p) for p in paths]
@@ -358,7 +480,7 @@ class ImageDataset(Dataset):
         self.transform = transform
         self.first_transform = first_transform
         self.views = int(views)
-        self.draft_size = draft_size
+        self.decode = decode if decode is not None else getattr(transform, "decode", FULL_DECODE)
         self.seed = seed
         self.epoch = 0  # set by callers that want fresh augmentation per epoch
 
@@ -366,7 +488,7 @@ class ImageDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        image = load_image(self.paths[i], draft_size=self.draft_size)
+        image = self.decode.open(self.paths[i])
         if self.seed is None:
             return self._transform(image, i)
         with torch.random.fork_rng(devices=[]):
@@ -375,10 +497,11 @@ class ImageDataset(Dataset):
 
     def _transform(self, image, i: int):
         if self.views == 1:
-            return self.transform(image), int(self.targets[i]), i
-        first = self.first_transform or self.transform
-        stack = [first(image)] + [self.transform(image) for _ in range(self.views - 1)]
-        return torch.stack(stack), int(self.targets[i]), i
+            return self.transform(self.decode.working(image)), int(self.targets[i]), i
+        first = self.first_transform(image) if self.first_transform is not None else None
+        work = self.decode.working(image)
+        rest = [self.transform(work) for _ in range(self.views - (first is not None))]
+        return torch.stack(rest if first is None else [first, *rest]), int(self.targets[i]), i
 
 
 def dataset_for_split(table: LabelTable, split: str, transform, **kwargs) -> ImageDataset:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import torch
 
@@ -17,6 +18,41 @@ def usable_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def assigned_cpus() -> int:
+    """CPUs this process may use for its work: those Ray assigned to the task or actor it runs in (Ray
+    pins no CPUs, so the affinity mask would name the whole node), else :func:`usable_cpus`."""
+    ray = sys.modules.get("ray")  # imported by whoever runs under Ray; never imported here
+    if ray is not None and ray.is_initialized():
+        try:
+            ctx = ray.get_runtime_context()
+            if ctx.worker.mode == ray.WORKER_MODE:  # a task or actor, not the driver
+                return max(1, int(ctx.get_assigned_resources().get("CPU", 1)))
+        except Exception:  # noqa: BLE001 - an older or newer Ray without these: fall back to the mask
+            pass
+    return usable_cpus()
+
+
+# A GPU's loader gets every CPU but the one feeding the GPU, up to this many worker processes (each holds
+# a torch import, a few hundred MB).
+MAX_GPU_WORKERS = 32
+
+
+def loader_workers(
+    device: str | torch.device = "cpu", *, cpus: int | None = None, batches: int | None = None, most: int = 8
+) -> int:
+    """Image-decoding worker processes for a loader that feeds ``device``, given ``cpus`` (default
+    :func:`assigned_cpus`: Ray's share inside a task, else the affinity mask).
+
+    CUDA: one CPU feeds the GPU and every other one decodes (up to ``MAX_GPU_WORKERS``): a 16-core node
+    with one GPU decodes on 15 worker processes. CPU: the forward needs the cores too, so as before, one
+    CPU is left and at most ``most`` decode. One CPU: decoding in the calling process (0). Never more
+    than there are ``batches`` to decode."""
+    cpus = assigned_cpus() if cpus is None else int(cpus)
+    cap = MAX_GPU_WORKERS if torch.device(device).type == "cuda" else most
+    n = max(0, min(cap, cpus - 1))
+    return n if batches is None else max(0, min(n, batches))
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

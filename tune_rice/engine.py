@@ -20,8 +20,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import UserError
-from .data import AUG_POLICIES, LabelTable, build_transform, dataset_for_split
-from .devices import default_num_workers, resolve_device
+from .data import AUG_POLICIES, LabelTable, Preprocessing, build_transform, dataset_for_split, to_model_input
+from .devices import loader_workers, resolve_device
 from .features import FeatureBank, FeatureSpec, SplitFeatures, run_backbone
 from .model import HEAD_KINDS, Classifier, Head, ResolvedWeights, build_backbone, build_head, feature_layer_for
 
@@ -201,7 +201,10 @@ class BankBatches:
 
 
 class ImageBatches:
-    """Mini-batches of images through a DataLoader (the inline path); yields (x, y) like BankBatches."""
+    """Mini-batches of images through a DataLoader (the inline path); yields (x, y) like BankBatches.
+
+    uint8 items (transforms built with ``normalize=False``) are normalised on ``device`` with
+    ``preprocessing`` (default: the dataset transform's own)."""
 
     def __init__(
         self,
@@ -212,9 +215,11 @@ class ImageBatches:
         seed: int = 0,
         num_workers: int = 0,
         device: torch.device | str = "cpu",
+        preprocessing: Preprocessing | None = None,
     ):
         self.dataset, self.batch_size, self.train, self.seed = dataset, int(batch_size), train, seed
         self.num_workers, self.device = num_workers, torch.device(device)
+        self.preprocessing = preprocessing or getattr(getattr(dataset, "transform", None), "preprocessing", None)
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -233,7 +238,7 @@ class ImageBatches:
         )
         for x, y, _ in loader:
             yield (
-                x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last),
+                to_model_input(x, self.device, self.preprocessing).contiguous(memory_format=torch.channels_last),
                 y.to(self.device, non_blocking=True),
             )
 
@@ -379,11 +384,17 @@ class HeadRun:
             )
             self.weights = resolved.identity
             backbone = backbone.to(self.device).to(memory_format=torch.channels_last)
-            workers = default_num_workers() if num_workers is None else num_workers
-            eval_tf = build_transform(spec.preprocessing, train=False)
-            train_tf = build_transform(spec.preprocessing, train=True, policy=spec.policy)
+            workers = loader_workers(self.device) if num_workers is None else num_workers
+            # uint8 items, normalised on the device; files decoded as data.decode_for says for each transform
+            eval_tf = build_transform(spec.preprocessing, train=False, normalize=False)
+            train_tf = build_transform(spec.preprocessing, train=True, policy=spec.policy, normalize=False)
             # Standardisation statistics from un-augmented train images: the same numbers the bank uses.
-            stats_loader = DataLoader(dataset_for_split(table, "train", eval_tf), batch_size=64, num_workers=workers)
+            stats_loader = DataLoader(
+                dataset_for_split(table, "train", eval_tf),
+                batch_size=64,
+                num_workers=workers,
+                pin_memory=self.device.type == "cuda",
+            )
             f0 = run_backbone(
                 backbone,
                 stats_loader,
@@ -392,6 +403,7 @@ class HeadRun:
                 device=self.device,
                 desc="feature statistics",
                 progress=False,
+                preprocessing=spec.preprocessing,
             )[:, 0].astype(np.float32)
             self.head = build_head(
                 cfg.head, in_dim=f0.shape[1], n_classes=n_classes, hidden=cfg.hidden, dropout=cfg.dropout

@@ -39,7 +39,7 @@ from .data import (
     is_labels_file,
     read_labels_checked,
 )
-from .devices import add_device_args, default_num_workers, device_from_arg, resolve_device
+from .devices import add_device_args, device_from_arg, loader_workers, resolve_device
 from .engine import ImageBatches, compute_metrics, predict_logits
 from .model import load_model
 from .storage import TEST_MARK
@@ -154,12 +154,13 @@ def split_logits(
     if rows.empty:
         raise UserError(f"{table.csv_path}: the {split} split has no images")
     device = resolve_device(device)
-    workers = default_num_workers(4) if num_workers is None else num_workers
+    workers = loader_workers(device, batches=-(-len(rows) // batch_size), most=4)
+    workers = workers if num_workers is None else num_workers
     index = {c: i for i, c in enumerate(table.classes)}
     ds = ImageDataset(
         [table.root / q for q in rows["path"]],
         np.asarray([index[c] for c in rows["label"]], dtype=np.int64),
-        build_transform(preprocessing, train=False),
+        build_transform(preprocessing, train=False, normalize=False),
     )
     batches = ImageBatches(ds, batch_size=batch_size, train=False, num_workers=workers, device=device)
     try:

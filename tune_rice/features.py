@@ -39,9 +39,12 @@ from .data import (
     Preprocessing,
     build_transform,
     dataset_for_split,
+    decode_for,
     read_labels,
+    to_model_input,
 )
-from .devices import default_num_workers, resolve_device
+from .devices import default_num_workers as default_num_workers  # re-exported: benchmarks import it here
+from .devices import loader_workers, resolve_device
 from .model import FEATURE_LAYERS, FrozenBackbone, ResolvedWeights, build_backbone, resolve_weights
 
 log = logging.getLogger(__name__)
@@ -145,6 +148,13 @@ def data_fingerprint(table: LabelTable, splits) -> str:
     return h.hexdigest()
 
 
+def decode_policy(spec: FeatureSpec) -> dict:
+    """How a pass decodes the images of ``spec`` (``data.decode_for``): train (augmented views) and the
+    evaluation view. Part of the bank's cache key, so banks decoded another way are never reused."""
+    pre = spec.preprocessing
+    return {"train": decode_for(pre, spec.policy).to_dict(), "eval": decode_for(pre).to_dict()}
+
+
 def bank_key(
     table: LabelTable, spec: FeatureSpec, weights_identity: str, splits, *, fingerprint: str | None = None
 ) -> str:
@@ -156,6 +166,7 @@ def bank_key(
             "data": data,
             "spec": asdict(spec),
             "preprocessing": spec.preprocessing.to_dict(),
+            "decode": decode_policy(spec),
             "weights": weights_identity,
             "splits": sorted(splits),
         },
@@ -222,15 +233,17 @@ def run_backbones(
     desc: str = "extract",
     progress: bool = True,
     first: int = 0,
+    preprocessing: Preprocessing | None = None,
 ) -> dict[tuple[str, str], np.ndarray]:
     """Pass every item of ``loader`` (decoded and transformed once) through each backbone; returns
     ``(n, views, D)`` per (backbone name, feature layer): float16, or float32 for features that float16
     cannot hold (:func:`fits_float16`; every reader casts to float32 anyway). ``first``: the dataset index
-    of row 0 (a shard)."""
+    of row 0 (a shard). uint8 batches are normalised on ``device`` with ``preprocessing``
+    (``data.to_model_input``)."""
     out: dict[tuple[str, str], np.ndarray] = {}
     bar = tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False, dynamic_ncols=True)
     for x, _, idx in loader:
-        x = x.to(device, non_blocking=True)
+        x = to_model_input(x, device, preprocessing)
         if x.dim() == 5:  # (B, V, 3, S, S) -> (B*V, 3, S, S)
             x = x.flatten(0, 1)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -353,11 +366,19 @@ def run_backbone(
     device: torch.device,
     desc: str = "extract",
     progress: bool = True,
+    preprocessing: Preprocessing | None = None,
 ) -> np.ndarray:
     """Pass every item of ``loader`` through ``backbone``; returns ``(n, views, D)`` as :func:`run_backbones`."""
     key = (backbone.name, backbone.feature_layer)
     return run_backbones(
-        {key[0]: (backbone, (key[1],))}, loader, n=n, views=views, device=device, desc=desc, progress=progress
+        {key[0]: (backbone, (key[1],))},
+        loader,
+        n=n,
+        views=views,
+        device=device,
+        desc=desc,
+        progress=progress,
+        preprocessing=preprocessing,
     )[key]
 
 
@@ -413,7 +434,7 @@ def extract_banks(
             plan.todo.setdefault(pass_key(spec), []).append(spec)
 
     device = resolve_device(device)
-    workers = default_num_workers() if num_workers is None else num_workers
+    workers = loader_workers(device) if num_workers is None else num_workers
     for group in plan.todo.values():
         nets = pass_networks(group, resolved, device)
         batch = fit_batch_size(group, batch_size, device)
@@ -521,10 +542,12 @@ def pass_networks(group: list[FeatureSpec], resolved: dict, device: torch.device
 
 def pass_dataset(table: LabelTable, group: list[FeatureSpec], split: str) -> ImageDataset:
     """The images of ``split`` as one pass decodes them: train with the pass's K views (view 0 the plain
-    eval transform, the others augmented with the pass's seed), valid with one."""
+    eval transform, the others augmented with the pass's seed), valid with one. Files are decoded as
+    ``data.decode_for`` says for the views (the JPEG draft scale, one resize to the working size); items
+    are uint8, normalised on the device (``run_backbones``)."""
     first = group[0]
-    eval_tf = build_transform(first.preprocessing, train=False)
-    train_tf = build_transform(first.preprocessing, train=True, policy=first.policy)
+    eval_tf = build_transform(first.preprocessing, train=False, normalize=False)
+    train_tf = build_transform(first.preprocessing, train=True, policy=first.policy, normalize=False)
     views = first.views if split == "train" else 1
     return dataset_for_split(
         table, split, train_tf if views > 1 else eval_tf, views=views, first_transform=eval_tf, seed=first.seed
@@ -555,15 +578,7 @@ def extract_pass_shard(
     ds = pass_dataset(table, group, split)
     views = ds.views
     images = ds if (start, stop) == (0, len(ds)) else torch.utils.data.Subset(ds, range(start, stop))
-    loader = DataLoader(
-        images,
-        batch_size=max(1, batch // views),
-        shuffle=False,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-        prefetch_factor=4 if num_workers else None,
-    )
+    loader = pass_loader(images, device, batch_size=max(1, batch // views), num_workers=num_workers)
     out = run_backbones(
         nets,
         loader,
@@ -573,8 +588,31 @@ def extract_pass_shard(
         desc=f"features {split}",
         progress=progress,
         first=start,
+        preprocessing=group[0].preprocessing,
     )
     return {f"{name}|{layer}": f for (name, layer), f in out.items()}
+
+
+def pass_loader(images, device: torch.device, *, batch_size: int, num_workers: int) -> DataLoader:
+    """The loader of an extraction pass: in order, ``num_workers`` decoding processes a few batches
+    ahead, and (on CUDA) pinned batches so that the copy to the GPU is asynchronous."""
+    return DataLoader(
+        images,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        **loader_options(device, num_workers),
+    )
+
+
+def loader_options(device: torch.device | str, num_workers: int) -> dict:
+    """DataLoader settings for a loader that feeds ``device``: pinned memory on CUDA (the batches then go
+    over with ``non_blocking`` copies), and ``num_workers`` workers each keeping 4 batches ready."""
+    return {
+        "pin_memory": torch.device(device).type == "cuda",
+        "persistent_workers": False,
+        "prefetch_factor": 4 if num_workers else None,
+    }
 
 
 def assemble_pass(

@@ -33,8 +33,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import UserError, cli
-from .data import IMAGE_EXTENSIONS, Preprocessing, build_transform, find_images, load_image
-from .devices import add_device_args, default_num_workers, device_from_arg
+from .data import FULL_DECODE, IMAGE_EXTENSIONS, Preprocessing, build_transform, find_images, to_model_input
+from .devices import add_device_args, device_from_arg, loader_workers
 from .model import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
@@ -43,19 +43,24 @@ DEFAULT_TOPK = 3
 UNCERTAIN = "uncertain"  # the label of an image whose top probability is below --min-confidence
 
 
-def eval_transform(preprocessing: dict):
+def eval_transform(preprocessing: dict, *, normalize: bool = True):
     """The evaluation transform for a stored preprocessing spec (resize, crop, interpolation, mean, std);
-    refuses a spec this version cannot honour."""
-    return build_transform(Preprocessing.from_dict(preprocessing), train=False)
+    refuses a spec this version cannot honour. ``normalize=False``: uint8 output, for
+    ``data.to_model_input`` to normalise on the model's device."""
+    return build_transform(Preprocessing.from_dict(preprocessing), train=False, normalize=normalize)
 
 
 # ---------------------------------------------------------------------------------------------- images
 class PredictImages(Dataset):
-    """Item ``i``: ``(tensor (3, S, S), i, "")``, or ``(None, i, "why")`` for a file that will not decode."""
+    """Item ``i``: ``(tensor (3, S, S), i, "")``, or ``(None, i, "why")`` for a file that will not decode.
+
+    Files are decoded as the transform needs them (its ``decode``: ``data.decode_for`` of the model's
+    preprocessing, a JPEG at its draft scale)."""
 
     def __init__(self, paths: Sequence[Path], transform):
         self.paths = list(paths)
         self.transform = transform
+        self.decode = getattr(transform, "decode", FULL_DECODE)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -63,7 +68,7 @@ class PredictImages(Dataset):
     def __getitem__(self, i: int):
         path = self.paths[i]
         try:
-            return self.transform(load_image(path)), i, ""
+            return self.transform(self.decode(path)), i, ""
         except UserError as e:  # ImageDecodeError: the message already names the file
             return None, i, str(e)
         except Exception as e:  # noqa: BLE001 - one odd file must not end a run over thousands
@@ -139,7 +144,7 @@ def predict_files(
     device = torch.device(device)
     model = loaded.module.to(device).eval()
     loader = DataLoader(
-        PredictImages(files, eval_transform(loaded.preprocessing)),
+        PredictImages(files, eval_transform(loaded.preprocessing, normalize=False)),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
@@ -162,7 +167,7 @@ def predict_files(
             errors[i] = err
             log.debug("skipped %s", err)  # the caller reports them all at the end
         if x is not None:
-            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)  # (B, 3, S, S)
+            x = to_model_input(x, device, loaded.preprocessing).contiguous(memory_format=torch.channels_last)
             p = torch.softmax(model(x).float(), dim=1)  # (B, C)
             top_p, top_i = p.topk(topk, dim=1)  # (B, K)
             probs[idx] = top_p.cpu().numpy()
@@ -253,7 +258,7 @@ def _main(argv: Sequence[str] | None) -> int:
     workers = (
         args.num_workers
         if args.num_workers is not None
-        else default_num_workers(4, batches=len(files) // args.batch_size)
+        else loader_workers(device, batches=len(files) // args.batch_size, most=4)
     )
     pred = predict_files(
         loaded,

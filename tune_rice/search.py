@@ -477,22 +477,15 @@ def _extract_banks(
     if use_gpu:
         import ray
 
-        from .shards import extract_banks_sharded
+        from .shards import extract_banks_sharded, shard_cpus
 
-        # 2 CPUs to decode for the GPU, but never more than a GPU node has: a task that no node can hold
-        # waits forever (a GPU node started with 1 CPU would hang the search here).
-        gpu_node_cpus = [
-            n["Resources"].get("CPU", 0.0)
-            for n in ray.nodes()
-            if n.get("Alive") and n["Resources"].get("GPU", 0.0) >= 1
-        ]
         banks = extract_banks_sharded(
             table,
             specs,
             weights=weights,
             splits=("train", "valid"),
             cache_dir=cache_dir,
-            num_cpus=min(2.0, max(gpu_node_cpus, default=1.0)),
+            num_cpus=shard_cpus(ray.nodes()),  # a GPU's share of its node's CPUs, all decoding for it
         )
     else:
         banks = extract_banks(table, specs, weights=weights, splits=("train", "valid"), cache_dir=cache_dir)

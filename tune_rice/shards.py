@@ -29,7 +29,7 @@ import ray
 import torch
 
 from .data import LabelTable
-from .devices import resolve_device
+from .devices import loader_workers, resolve_device
 from .features import (
     FeatureBank,
     FeatureSpec,
@@ -119,11 +119,35 @@ def _node() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
+def shard_cpus(nodes: Sequence[dict]) -> float:
+    """CPUs a shard task asks for (``nodes``: ``ray.nodes()``), all of them to decode for its GPU: the
+    share of one GPU in the node's CPUs, less one left to Ray's other tasks (assembly, probes, loads) on
+    the node, at least 2 (or the node's all when it has fewer). On the GPU node with the smallest share:
+    a task that no node can hold waits forever, and one that only larger nodes can hold leaves the smaller
+    nodes' GPUs idle. A 16-core node with one GPU: 15 (14 decoding workers and the process feeding the
+    GPU); 96 cores and 8 GPUs: 11 each."""
+    shares = []
+    for node in nodes:
+        cpu, gpu = node["Resources"].get("CPU", 0.0), node["Resources"].get("GPU", 0.0)
+        if node.get("Alive") and gpu >= 1 and cpu > 0:
+            shares.append(max(min(2.0, cpu), float(math.floor((cpu - 1) / gpu))))
+    return min(shares, default=1.0)
+
+
 def _shard(table, group, resolved, split, start, stop, batch_size):
     t0 = time.perf_counter()
     cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
+    device = resolve_device("auto")
     feats = extract_pass_shard(
-        table, group, resolved, split, start, stop, batch_size=batch_size, num_workers=max(0, cpus - 1)
+        table,
+        group,
+        resolved,
+        split,
+        start,
+        stop,
+        device=device,
+        batch_size=batch_size,
+        num_workers=loader_workers(device, cpus=cpus),
     )
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the process stays for the next shard (max_calls=0): free what it cached
