@@ -336,7 +336,7 @@ def _lead_with_a_better_probe(candidates: list, probes: Sequence, mode: str) -> 
 def score_winner(winner: Winner, table: LabelTable, paths: ExperimentPaths) -> dict:
     """The one read of the test split; writes test_metrics.json, the test TensorBoard run and the test
     scores into best/model.pt, and copies them to a URI storage path at once. Returns what
-    test_metrics.json holds."""
+    test_metrics.json holds, and ``predictions``: the deployed model's class per test image."""
     exp_dir = paths.local
     best_dir = exp_dir / "best"
     mark_test_started(paths, winner, table)
@@ -349,7 +349,8 @@ def score_winner(winner: Winner, table: LabelTable, paths: ExperimentPaths) -> d
         ) from None
     winner.save(best_dir, {"test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"]})
     test_out = {"trial_id": winner.trial_id, "weights": winner.identity, "pretrained": winner.pretrained, **test}
-    (exp_dir / "test_metrics.json").write_text(json.dumps(test_out, indent=1))
+    saved = {k: v for k, v in test_out.items() if k != "predictions"}  # per image: returned, not saved
+    (exp_dir / "test_metrics.json").write_text(json.dumps(saved, indent=1))
     write_test_tensorboard(exp_dir / "test", test_out, winner.cfg.to_dict(), winner.trial_id)
     if paths.remote:
         storage.upload(exp_dir, paths.ray_path, names=("best", "test_metrics.json", "test"))

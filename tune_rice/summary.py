@@ -33,12 +33,13 @@ def format_summary(
     probes: dict[str, ProbeResult] | None = None,
     folds: int = 0,
     notes: Sequence[str] = (),
+    audit: Sequence[str] = (),
 ) -> str:
     """The console summary; the top-trials table shows only the ``searched`` parameters (default: all),
     each valid figure with its size and 95% interval; then the linear probe, and whether it was beaten.
     With ``mode`` and several backbones, it names the best one under a phone-sized cost when that is not
     the overall best. ``weights``: the deployed model's backbone weights; ``backbones``: every backbone's
-    (name -> identity). ``notes`` follow the count of trials."""
+    (name -> identity). ``notes`` follow the count of trials; ``audit`` (the data audit's lines) the test score."""
     lines = []
     if folds:
         lines.append(f"cross-validated: {folds} folds over train+valid; every valid figure is out-of-fold")
@@ -95,6 +96,7 @@ def format_summary(
                     f"  {label} (same pass, not deployed): accuracy {other['accuracy']:.4f}, "
                     f"macro-F1 {other['macro_f1']:.4f}"
                 )
+    lines.extend(audit)
     random = {b: w for b, w in (backbones or {}).items() if w.startswith("random:")}
     n_backbones = len(backbones or {})
     if random and (n_backbones > 1 or not weights.startswith("random:")):
