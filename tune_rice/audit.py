@@ -385,6 +385,7 @@ class DataAudit:
     issues: pd.DataFrame
     checked: dict[str, int] = field(default_factory=dict)  # images looked at, per split
     label_source: str = ""
+    label_checked: int = 0  # train+valid images the label audit looked at
     test: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
     data_root: str = ""  # where the paths are (the report's gallery reads the images)
@@ -402,6 +403,7 @@ class DataAudit:
             "checked": self.checked,
             "leaked": leaked,
             "label_issues": len(self.issues),
+            "label_checked": self.label_checked,
             "label_source": self.label_source,
             "test": self.test,
             "seconds": self.seconds,
@@ -483,6 +485,7 @@ def audit_before_trials(
         issues=issues,
         checked={"valid": len(valid)},
         label_source=source,
+        label_checked=0 if source.startswith("not searched") else len(train) + len(valid),
         seconds=seconds,
         data_root=str(table.root),
         source=first_view(bank),
@@ -627,8 +630,8 @@ def summary_lines(record: dict, leaks: pd.DataFrame, issues: pd.DataFrame) -> li
             f"{test['accuracy_without_leaked']:.4f} on {test['count_without_leaked']} (all: {test['accuracy']:.4f})"
         )
     lines.append(
-        f"likely label errors: {record['label_issues']} train/valid images (confident learning on "
-        f"out-of-fold probe probabilities); ranked in {LABEL_ISSUES_FILE}"
+        f"likely label errors: {record['label_issues']} of {record.get('label_checked', '?')} train+valid images "
+        f"(confident learning on out-of-fold probe probabilities); ranked in {LABEL_ISSUES_FILE}"
     )
     for _, r in issues.head(2).iterrows():
         lines.append(
@@ -676,7 +679,8 @@ def report_section(exp_dir: Path, out: Path) -> list[str]:
         shown = leaks.drop_duplicates("path").head(REPORT_ROWS)[["split", "path", "train_path", "similarity"]]
         md += [_table(shown), ""]
     md += [
-        f"**Likely label errors** (`{LABEL_ISSUES_FILE}`): {rec['label_issues']} train and valid images, by "
+        f"**Likely label errors** (`{LABEL_ISSUES_FILE}`): {rec['label_issues']} of {rec.get('label_checked', '?')} "
+        "train and valid images, by "
         f"confident learning on out-of-fold probabilities ({rec.get('label_source', '')}), the lowest "
         "probability of the given label first. Check them by eye: some are ambiguous images, not errors.",
         "",
@@ -717,7 +721,7 @@ def gallery_figure(issues: pd.DataFrame, root: Path):
         image = load_image(root / r.path)
         image.thumbnail((160, 160))
         ax.imshow(image)
-        ax.set_title(f"{r.given_label} -> {r.suggested_label}\np(given) {r.label_quality:.2f}", fontsize=8)
+        ax.set_title(f"labelled {r.given_label}\nlooks {r.suggested_label} (p {r.suggested_prob:.2f})", fontsize=8)
         ax.set_xlabel(Path(r.path).name, fontsize=6)
         ax.set_xticks([])
         ax.set_yticks([])
