@@ -51,7 +51,7 @@ ISSUE_COLUMNS = ("path", "split", "given_label", "suggested_label", "label_quali
 
 # The copies planted to calibrate the threshold: the kinds near-copies come in (tune_rice.demo.copy_image).
 COPY_KINDS = ("jpeg", "brightness", "crop", "shift", "flip")
-CALIBRATION_SOURCES = 24  # train images copied (each once per kind)
+CALIBRATION_SOURCES = 16  # train images copied (each once per kind: 80 copies)
 NEIGHBOURS = 3  # train neighbours kept per valid/test image
 DISTINCT_QUANTILE = 0.99  # the threshold stays above this share of distinct images' nearest similarity
 COPY_QUANTILE = 0.05  # ... and is set midway to this quantile of the copies' when the two are apart
@@ -543,7 +543,14 @@ def audit_test(audit: DataAudit, table, *, predictions: np.ndarray | None, devic
     test = table.split("test")
     spec = dataclasses.replace(bank.spec, views=1)
     feats = extract_pass_shard(
-        table, [spec], {spec: audit.resolved}, "test", 0, len(test), device=device, num_workers=default_num_workers(4)
+        table,
+        [spec],
+        {spec: audit.resolved},
+        "test",
+        0,
+        len(test),
+        device=device,
+        num_workers=default_num_workers(4, batches=len(test) // 64),  # none for less than a batch
     )
     test_x = next(iter(feats.values()))[:, 0].astype(np.float32)
     train = bank.splits["train"]
