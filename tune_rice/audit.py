@@ -18,8 +18,9 @@ each off-diagonal count of the joint that many images of the given class with th
 train+valid images), so no image is scored by a model that saw its label. Ranked by the out-of-fold
 probability of the given label, lowest first.
 
-No Ray here: plain functions on numpy arrays, and the two passes that need the backbone
-(:func:`calibrate`, :func:`audit_test`).
+No Ray here: plain functions on numpy arrays, and the passes that need the backbone (:func:`calibrate`;
+the test images' features come from the search's scoring pass when the backbone takes the scored model's
+input, :func:`feature_network`, else from a pass of their own in :func:`audit_test`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from PIL import Image
 
 from . import UserError
 from .features import FeatureBank, FeatureSpec, SplitFeatures
+from .model import ResolvedWeights
 
 log = logging.getLogger(__name__)
 
@@ -391,7 +393,7 @@ class DataAudit:
     data_root: str = ""  # where the paths are (the report's gallery reads the images)
     # what the test pass needs: the bank's un-augmented view (train) and the backbone's resolved weights
     source: FeatureBank | None = field(default=None, repr=False)
-    resolved: object = field(default=None, repr=False)
+    resolved: ResolvedWeights | None = field(default=None, repr=False)
 
     def record(self) -> dict:
         leaked = {s: int(self.leaks.loc[self.leaks["split"] == s, "path"].nunique()) for s in self.checked}
@@ -529,30 +531,41 @@ def _label_issues(
     return label_issue_table(y, probs, paths=paths, splits=splits, classes=list(bank.classes)), source
 
 
-def audit_test(audit: DataAudit, table, *, predictions: np.ndarray | None, device="auto") -> DataAudit:
-    """The test images' train neighbours above the calibrated threshold (one more pass of the audit's
-    backbone over the test images), and the deployed model's test accuracy without the leaked ones
-    (``predictions``: its class per test image, in labels.csv order)."""
-    from .devices import default_num_workers
-    from .features import extract_pass_shard
+def feature_network(audit: DataAudit | None, preprocessing) -> torch.nn.Module | None:
+    """The audit's backbone (its bank's view 0) when it takes ``preprocessing`` (the scored model's
+    input): then the test pass gives the test images' features from its own decode. None otherwise."""
+    if audit is None or audit.source is None or audit.resolved is None:
+        return None
+    if audit.source.spec.preprocessing != preprocessing:
+        return None
+    from .model import build_backbone
 
+    spec = audit.source.spec
+    return build_backbone(spec.backbone, weights=audit.resolved, seed=spec.seed, feature_layer=spec.feature_layer)[0]
+
+
+def audit_test(
+    audit: DataAudit,
+    table,
+    *,
+    predictions: np.ndarray | None,
+    features: np.ndarray | None = None,
+    device="auto",
+) -> DataAudit:
+    """The test images' train neighbours above the calibrated threshold, and the deployed model's test
+    accuracy without the leaked ones (``predictions``: its class per test image, in labels.csv order).
+    ``features``: the test images' view-0 features from the scoring pass (:func:`feature_network`);
+    without them, one more pass of the audit's backbone over the test images."""
     t0 = time.perf_counter()
     bank = audit.source
     if bank is None:
         raise ValueError("this audit holds no bank to compare the test images with")
     test = table.split("test")
     spec = dataclasses.replace(bank.spec, views=1)
-    feats = extract_pass_shard(
-        table,
-        [spec],
-        {spec: audit.resolved},
-        "test",
-        0,
-        len(test),
-        device=device,
-        num_workers=default_num_workers(4, batches=len(test) // 64),  # none for less than a batch
-    )
-    test_x = next(iter(feats.values()))[:, 0].astype(np.float32)
+    if features is not None:
+        test_x = np.asarray(features, dtype=np.float32)
+    else:
+        test_x = _test_features(table, spec, audit.resolved, len(test), device)
     train = bank.splits["train"]
     classes = list(bank.classes)
     leaks = find_leaks(
@@ -578,6 +591,25 @@ def audit_test(audit: DataAudit, table, *, predictions: np.ndarray | None, devic
     audit.test = record
     audit.seconds["test"] = time.perf_counter() - t0
     return audit
+
+
+def _test_features(table, spec: FeatureSpec, weights, n: int, device) -> np.ndarray:
+    """The test images' view-0 features (n, D) from a pass of their own (when the scoring pass could
+    not give them: the audit's backbone takes another input than the scored model)."""
+    from .devices import default_num_workers
+    from .features import extract_pass_shard
+
+    feats = extract_pass_shard(
+        table,
+        [spec],
+        {spec: weights},
+        "test",
+        0,
+        n,
+        device=device,
+        num_workers=default_num_workers(4, batches=n // 64),  # none for less than a batch
+    )
+    return next(iter(feats.values()))[:, 0].astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------ files

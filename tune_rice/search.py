@@ -31,7 +31,16 @@ import numpy as np
 import pandas as pd
 
 from . import UserError, cli, final, storage, study, tune_glue
-from .audit import DataAudit, audit_bank, audit_before_trials, audit_test, first_view, summary_lines, write_audit
+from .audit import (
+    DataAudit,
+    audit_bank,
+    audit_before_trials,
+    audit_test,
+    feature_network,
+    first_view,
+    summary_lines,
+    write_audit,
+)
 from .data import LabelTable, read_labels_checked
 from .features import FeatureBank, FeatureSpec, by_reference, extract_banks
 from .model import ResolvedWeights, hub_weights_file, resolve_weights
@@ -239,9 +248,12 @@ def run_search(args) -> dict:
         probes = final.probe_candidates(baseline.probes, baseline.banks, metric=space.metric)
         winner = save_winner(result_grid, base, weights, space, table, banks, paths, k=args.ensemble, extra=probes)
     with clock("test"):
-        test = score_winner(winner, table, paths)
+        net = feature_network(data_audit, winner.fm.single_best.spec.preprocessing)
+        test = score_winner(winner, table, paths, features=net)
     with clock("test audit"):
-        audit_lines = audit_test_split(data_audit, table, test.pop("predictions", None), paths)
+        audit_lines = audit_test_split(
+            data_audit, table, test.pop("predictions", None), test.pop("features", None), paths
+        )
     if not args.no_report:
         with clock("report"):
             write_report_or_warn(paths.local)
@@ -564,13 +576,17 @@ def audit_train_valid(
         return None
 
 
-def audit_test_split(audit: DataAudit | None, table: LabelTable, predictions, paths: ExperimentPaths) -> list[str]:
-    """The test images' near-copies in train and the test accuracy without them; leakage.csv,
-    label_issues.csv and audit.json; the summary's lines."""
+def audit_test_split(
+    audit: DataAudit | None, table: LabelTable, predictions, features, paths: ExperimentPaths
+) -> list[str]:
+    """The test images' near-copies in train (``features``: theirs from the scoring pass, or None) and
+    the test accuracy without them; leakage.csv, label_issues.csv and audit.json; the summary's lines."""
     if audit is None:
         return []
     try:
-        audit_test(audit, table, predictions=None if predictions is None else np.asarray(predictions))
+        audit_test(
+            audit, table, predictions=None if predictions is None else np.asarray(predictions), features=features
+        )
     except Exception as e:  # noqa: BLE001 - the test scores are saved already; the audit only adds to them
         log.warning("data audit of the test split not done (%s: %s)", type(e).__name__, e)
     write_audit(paths.local, audit)
