@@ -164,6 +164,12 @@ def test_planted_copies_are_found_with_the_grouping_off(leaky, tmp_path):
     assert lines[0].startswith("data audit") and "leakage.csv" in lines[0]
     assert sum(line.startswith("  e.g.") for line in lines) <= 4
     assert any("label_issues.csv" in line for line in lines)
+    # the report's section: the counts, the random-init caveat, the gallery of the likeliest label errors
+    out = tmp_path / "report"
+    out.mkdir()
+    md = "\n".join(audit.report_section(tmp_path, out))
+    assert "## Data audit" in md and f"{rec['leaked']} of {n_test} test images" in md and "randomly initialised" in md
+    assert (out / audit.GALLERY_FILE).is_file() == (len(files.issues) > 0)
 
 
 def test_first_view_keeps_view_zero():

@@ -707,6 +707,12 @@ def report_section(exp_dir: Path, out: Path) -> list[str]:
         "which reach it.",
         "",
     ]
+    if str(rec.get("weights", "")).startswith("random:"):
+        md += [
+            "The backbone is randomly initialised: its features find re-encoded copies and little else, and the "
+            "label errors below are mostly images the probe gets wrong (BENCHMARKS.md, section 11).",
+            "",
+        ]
     test = rec.get("test") or {}
     if "accuracy_without_leaked" in test:
         md += [
