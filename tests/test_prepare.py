@@ -212,7 +212,8 @@ def test_near_duplicates_share_a_group_and_a_split(tmp_path):
     exact = pairs[pairs["check"] == "exact"]
     assert sorted(zip(exact["path_a"], exact["path_b"])) == [(planted[k][1], planted[k][0]) for k in range(4)]
     near = pairs[pairs["check"] == "near"]
-    assert (near["similarity"].astype(float) >= 0.7).all()
+    # a near pair passed the detail check (0.7), or kept its outline (0.8) with strong keypoint agreement
+    assert ((near["similarity"].astype(float) >= 0.7) | (near["outline"].astype(float) >= 0.8)).all()
 
 
 def test_duplicate_across_classes_is_kept_together_and_reported(dataset, caplog):

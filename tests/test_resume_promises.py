@@ -154,7 +154,7 @@ def test_a_resume_after_a_started_test_read_refuses_to_score_again(tiny_model, t
     winner = _winner(tiny_model)
     winner.save(exp / "best")
 
-    def score(fm, table):
+    def score(fm, table, **_):
         assert json.loads((exp / storage.TEST_MARK).read_text())["trial_id"] == "t1"
         assert (remote / storage.TEST_MARK).read_bytes() == (exp / storage.TEST_MARK).read_bytes()
         assert (remote / "best" / "model.pt").is_file()  # the model that is being scored, beside the mark
@@ -188,7 +188,7 @@ def test_test_results_reach_the_storage_uri_as_soon_as_they_exist(tiny_model, tm
     monkeypatch.setattr(
         results,
         "score_on_test",  # the tiny model on the real test images
-        lambda fm, table: evaluate.evaluate_model(winner.model, table, "test", winner.cfg.image_size),
+        lambda fm, table, **_: evaluate.evaluate_model(winner.model, table, "test", winner.cfg.image_size),
     )
     test = results.score_winner(winner, table, storage.experiment_paths(where, "r"))
     remote = tmp_path / "bucket" / "r"

@@ -23,7 +23,7 @@ from helpers_study import assert_study_matches_results
 from search_driver import kill_mid_search, terminated, trial_states
 from torch.utils.tensorboard import SummaryWriter
 
-from tune_rice import search, tune_glue
+from tune_rice import audit, search, tune_glue
 from tune_rice.data import build_transform, load_image, read_labels
 from tune_rice.model import load_artifact
 from tune_rice.study import load_study
@@ -230,6 +230,16 @@ def test_search_end_to_end(ray_local, labels, tmp_path, capsys, monkeypatch):
     # the deployed model on the decoded valid images agrees with the choice made on the banks' float16
     # features (at most one image of 12 may flip at a near tie)
     assert abs(float((valid_pred == table.targets("valid")).mean()) - record["valid"]["deployed"]["acc"]) <= 1 / 12
+
+    # the data audit: leaks among valid and test, likely label errors, and the test accuracy recomputed from
+    # the deployed model's per-image predictions (which test_metrics.json does not keep)
+    leaks = pd.read_csv(exp / audit.LEAKAGE_FILE)
+    assert list(leaks.columns) == list(audit.LEAKAGE_COLUMNS) and set(leaks["split"]) <= {"valid", "test"}
+    assert list(pd.read_csv(exp / audit.LABEL_ISSUES_FILE).columns) == list(audit.ISSUE_COLUMNS)
+    audited = json.loads((exp / audit.AUDIT_FILE).read_text())
+    assert audited["checked"] == {"valid": 12, "test": 12} and "predictions" not in test
+    assert audited["test"]["accuracy"] == pytest.approx(test["accuracy"])
+    assert "data audit (resnet18 features)" in out and "likely label errors: " in out
 
     # the console summary
     assert "TEST" in out and "3 trials:" in out and str(exp) in out and "FINAL: " in out

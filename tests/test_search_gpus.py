@@ -106,6 +106,8 @@ def test_fractional_logical_gpus_run_trials_side_by_side(ray_with_logical_gpus, 
     # the trials and the probe reached it by reference: timings.json names each shard's node
     (bank,) = json.loads((exp / "timings.json").read_text())["banks"].values()
     assert not bank["from_cache"] and len(bank["shards"]) >= 2 and all(s["node"] for s in bank["shards"])
+    # the data audit read the bank's view 0 from the object store, and the test images at the end
+    assert json.loads((exp / "audit.json").read_text())["checked"] == {"valid": 9, "test": 9}
 
     # 4 trials x 0.5 GPU on 2 GPUs and 2 CPUs: they overlap in time rather than queue
     epochs = [(int(pid), float(a), float(b)) for pid, a, b in (line.split() for line in log.read_text().splitlines())]

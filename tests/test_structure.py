@@ -30,6 +30,7 @@ RAY_FREE = (
     "final",
     "stats",
     "probe",
+    "audit",
     "storage",
     "study",
     *AFTER_SEARCH,

@@ -33,6 +33,10 @@ finds chains a whole class into one group. So two stages:
    give few keypoints (copies there may share only 5), pass the check again on the 128 px images at
    a detail similarity of 0.8 and an outline of 0.98, where veins and marks the thumbnail blurs away
    tell look-alikes apart (copies 0.85 or more, look-alikes 0.73 or less on the generated sets).
+4. **Noise.** Sensor noise in small images lowers the detail similarity of a copy under 0.7 (0.33-0.69
+   on noisy 96 px leaves) but not the geometry of its keypoints: a pair whose outlines still correlate
+   (0.8 or more) and that shares at least 30 keypoint inliers (copies there: 33-160; look-alikes: 12 at
+   most) passes the check however low its detail similarity (:func:`check_pairs`).
 
 Groups are joined only through verified pairs, and only when one of the two groups' centres passes the
 check against every member of both, and every member of one group passes a looser check against every
@@ -335,6 +339,10 @@ _ROUGH_MIN = 0.8  # outlines correlating less than this at the profile alignment
 _AMBIGUOUS = 0.9  # pairs passing below this detail similarity must also pass the keypoint check
 _MIN_INLIERS = 15  # keypoint matches one similarity transform must explain (look-alikes: <= 12)
 _FINE_MIN, _FINE_MIN_OUTLINE = 0.8, 0.98  # ... or the check at 128 px (copies: 0.85+, look-alikes: <= 0.73)
+# Keypoints that agree this strongly accept a pair whose detail similarity noise has lowered (sensor noise
+# in small images: copies at 0.33-0.69 detail share 33-160 inliers; look-alikes share 12 at most), as long
+# as the outlines still match.
+_STRONG_INLIERS, _STRONG_MIN_OUTLINE = 30, _ROUGH_MIN
 
 
 def _dihedral(t: np.ndarray) -> np.ndarray:
@@ -766,7 +774,8 @@ def check_pairs(
     from its keypoints' map (:func:`keypoint_aligned`), and the better of the two alignments counts.
     A pair passes with a detail similarity of at least ``need`` and an outline of at least
     ``min_outline``, and, below a detail similarity of 0.9, with keypoints that agree
-    (:func:`keypoint_inliers`)."""
+    (:func:`keypoint_inliers`); or, whatever its detail similarity, with an outline of at least 0.8 and
+    at least 30 keypoint inliers (a copy whose detail sensor noise has blurred)."""
     checked = verify_pairs(thumbs, i, j, flips=flips, views=views)
     ok = (checked.similarity >= need) & (checked.outline >= min_outline)
     retry = np.flatnonzero(~ok & ((checked.outline >= _COARSE_MIN) | every_turn))
@@ -785,6 +794,9 @@ def check_pairs(
         checked.outline[at], checked.similarity[at], checked.scale[at] = outline[better], detail[better], scale[better]
         checked.orientation[at] = turn[better]
     ok = (checked.similarity >= need) & (checked.outline >= min_outline)
+    noisy = np.flatnonzero(~ok & (checked.outline >= _STRONG_MIN_OUTLINE))
+    if len(noisy):
+        ok[noisy] = keypoint_inliers(fines, i[noisy], j[noisy], checked.orientation[noisy]) >= _STRONG_INLIERS
     return checked, _confirmed(fines, i, j, checked, ok, flips)
 
 
@@ -871,7 +883,9 @@ def group_images(
         # _GUARD of each): two edits of one original (a re-encoded and a shifted copy) are each close to
         # it but farther from each other, while two look-alike originals and their copies are not.
         strict = {(int(x), int(y)): bool(v) for x, y, v in zip(ci, cj, ok)}
-        loose_ok = (checked.similarity >= min_similarity - _GUARD_SLACK) & (checked.outline >= min_outline - 0.05)
+        # a pair that passes the check passes the looser one too (strong keypoints may pass a pair whose
+        # detail similarity is under the loose need)
+        loose_ok = ok | (checked.similarity >= min_similarity - _GUARD_SLACK) & (checked.outline >= min_outline - 0.05)
         loose = {(int(x), int(y)): bool(v) for x, y, v in zip(ci, cj, loose_ok)}
         degree = np.bincount(np.concatenate([ci[ok], cj[ok]]), minlength=n)
         members = {int(r): [int(r)] for r in reps}  # byte copies share their representative's check
@@ -902,7 +916,7 @@ def group_images(
                 )
                 fair = (got.similarity >= min_similarity - _GUARD_SLACK) & (got.outline >= min_outline - 0.05)
                 for t, v, f in zip(todo, good, fair):
-                    loose[t] = loose.get(t, False) or bool(f)
+                    loose[t] = loose.get(t, False) or bool(f) or bool(v)
                     if t not in view_only:  # those keep the stricter need they failed
                         strict[t] = strict.get(t, False) or bool(v)
                 retried.update(again)

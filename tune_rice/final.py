@@ -805,6 +805,7 @@ def record_test_scores(member_logits, targets, classes: Sequence[str], choice: F
 
     deployed = scored(choice.deployed)
     out = {**deployed, "deployed": choice.deployed, "members": list(choice.members)}
+    out["predictions"] = raw[choice.deployed].argmax(1).tolist()  # per test image (the data audit's use)
     out["member_weights"] = list(choice.weights)  # "weights" in test_metrics.json is the backbone identity
     keep = (
         "accuracy",

@@ -19,13 +19,15 @@ Writes ``runs/<name>/report/``:
 - ``mistakes.png`` and ``correct.png``: the deployed model on the valid images, the highest losses and the
   most confident right ones per class, each with its activation map (``explain.gallery_section``; also
   into the TensorBoard run ``valid``), and per-class recall;
+- ``label_issues.png``: the data audit's likeliest label errors (``audit.report_section``: with the
+  near-copies of train images among valid and test, from audit.json, leakage.csv, label_issues.csv);
 - ``report.md``: the headline numbers, flags (best value at the edge of the space, errored and stopped
   trials, a randomly initialised backbone), the top trials and the figures;
 - ``index.html``: report.md as one self-contained page (images inlined), readable on a phone.
 
 Reads only files the search wrote (results.csv, search_args.json, test_metrics.json, final.json,
-trial_*/result.json or trial_*/progress.csv, best/model.pt, optuna_journal.log) and the valid images;
-no Ray.
+trial_*/result.json or trial_*/progress.csv, best/model.pt, optuna_journal.log, the audit's files), the
+valid images and the images the audit flags; no Ray.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import numpy as np
 import pandas as pd
 
 from . import UserError, cli
+from .audit import report_section as audit_section
 from .devices import resolve_device
 from .engine import TrialConfig
 from .explain import gallery_section
@@ -1050,6 +1053,10 @@ def write_report(exp_dir: str | os.PathLike) -> Path:
                 "Rows are the true class, columns the predicted class.",
                 "",
             ]
+    try:
+        md += audit_section(exp.exp_dir, out)
+    except Exception as e:  # noqa: BLE001 - like a figure: a failed section costs the section, not the report
+        log.warning("report: data audit not shown (%s: %s)", type(e).__name__, e)
     try:
         md += gallery_section(exp.exp_dir, out, device=resolve_device("auto"))
     except Exception as e:  # noqa: BLE001 - like a figure: a failed gallery costs the gallery, not the report

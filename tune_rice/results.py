@@ -324,15 +324,18 @@ def save_winner(
 
 
 # --------------------------------------------------------------------- the one read of the test split
-def score_winner(winner: Winner, table: LabelTable, paths: ExperimentPaths) -> dict:
+def score_winner(
+    winner: Winner, table: LabelTable, paths: ExperimentPaths, *, features: torch.nn.Module | None = None
+) -> dict:
     """The one read of the test split; writes test_metrics.json, the test TensorBoard run and the test
     scores into best/model.pt, and copies them to a URI storage path at once. Returns what
-    test_metrics.json holds."""
+    test_metrics.json holds, and ``predictions``: the deployed model's class per test image (with
+    ``features``, a network taking the model's input: ``features``, its outputs, from the same pass)."""
     exp_dir = paths.local
     best_dir = exp_dir / "best"
     mark_test_started(paths, winner, table)
     try:
-        test = score_on_test(winner.fm, table)
+        test = score_on_test(winner.fm, table, features=features)
     except UserError as e:  # an unreadable test image, already reduced to one line
         raise UserError(
             f"scoring the test split failed: {e}. The final model is saved at {best_dir / 'model.pt'}; "
@@ -340,7 +343,8 @@ def score_winner(winner: Winner, table: LabelTable, paths: ExperimentPaths) -> d
         ) from None
     winner.save(best_dir, {"test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"]})
     test_out = {"trial_id": winner.trial_id, "weights": winner.identity, "pretrained": winner.pretrained, **test}
-    (exp_dir / "test_metrics.json").write_text(json.dumps(test_out, indent=1))
+    saved = {k: v for k, v in test_out.items() if k not in ("predictions", "features")}  # per image: not saved
+    (exp_dir / "test_metrics.json").write_text(json.dumps(saved, indent=1))
     write_test_tensorboard(exp_dir / "test", test_out, winner.cfg.to_dict(), winner.trial_id)
     if paths.remote:
         storage.upload(exp_dir, paths.ray_path, names=("best", "test_metrics.json", "test"))
@@ -361,10 +365,40 @@ def mark_test_started(paths: ExperimentPaths, winner: Winner, table: LabelTable)
         storage.upload(paths.local, paths.ray_path, names=("best", storage.TEST_MARK))
 
 
-def score_on_test(fm: final.FinalModel, table: LabelTable, *, device="auto", batch_size: int = 64) -> dict:
+def score_on_test(
+    fm: final.FinalModel,
+    table: LabelTable,
+    *,
+    device="auto",
+    batch_size: int = 64,
+    features: torch.nn.Module | None = None,
+) -> dict:
     """The one read of the test split: the deployed model on the test images, the single best (and the
-    selected ensemble when it is not deployed) scored in the same pass (see ``final.score_final``)."""
-    return final.score_final(fm, table, device=device, batch_size=batch_size)
+    selected ensemble when it is not deployed) scored in the same pass (see ``final.score_final``). With
+    ``features`` (a network on the same input, e.g. the data audit's backbone), its outputs on each test
+    image from that same decode, as ``features`` (N, D)."""
+    if features is None:
+        return final.score_final(fm, table, device=device, batch_size=batch_size)
+    from .evaluate import split_logits
+
+    members = final.MemberLogits(fm.selected, fm.groups)
+    both = _WithFeatures(members, features)
+    out, y = split_logits(both, table, "test", fm.single_best.spec.preprocessing, device, batch_size=batch_size)
+    m, c = len(fm.choice.selection.members), len(table.classes)
+    z = out[:, : m * c].reshape(len(out), m, c)  # (N, M, C)
+    record = final.record_test_scores(z.double().numpy(), y.numpy(), table.classes, fm.choice)
+    return {**record, "features": out[:, m * c :].numpy()}
+
+
+class _WithFeatures(torch.nn.Module):
+    """Images -> each member's logits (flattened, M * C) then ``features``' outputs (D), one row each."""
+
+    def __init__(self, members: torch.nn.Module, features: torch.nn.Module):
+        super().__init__()
+        self.members, self.features = members, features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.members(x).flatten(1).float(), self.features(x).float()], dim=1)
 
 
 def write_test_tensorboard(folder: Path, test: dict, config: dict, trial_id: str) -> None:

@@ -31,6 +31,16 @@ import numpy as np
 import pandas as pd
 
 from . import UserError, cli, final, storage, study, tune_glue
+from .audit import (
+    DataAudit,
+    audit_bank,
+    audit_before_trials,
+    audit_test,
+    feature_network,
+    first_view,
+    summary_lines,
+    write_audit,
+)
 from .data import LabelTable, is_labels_file, prepared_labels_path, read_labels_checked
 from .features import FeatureBank, FeatureSpec, by_reference, extract_banks
 from .model import ResolvedWeights, fetch_hint, resolve_weights
@@ -231,6 +241,8 @@ def run_search(args) -> dict:
         banks = search_banks(args, specs, table, weights)
     with clock("probe"):
         baseline = fit_baseline(args, table, banks, specs, weights, space)
+    with clock("audit"):
+        data_audit = audit_train_valid(args, table, banks, baseline, weights)
     base = {"epochs": max_epochs, "seed": args.seed}
     with clock("trials"):
         if not args.resume:  # only now: an input error found above leaves no folder behind
@@ -246,12 +258,19 @@ def run_search(args) -> dict:
         probes = final.probe_candidates(baseline.probes, baseline.banks, metric=space.metric)
         winner = save_winner(result_grid, base, weights, space, table, banks, paths, k=args.ensemble, extra=probes)
     with clock("test"):
-        test = score_winner(winner, table, paths)
+        net = feature_network(data_audit, winner.fm.single_best.spec.preprocessing)
+        test = score_winner(winner, table, paths, features=net)
+    with clock("test audit"):
+        audit_lines = audit_test_split(
+            data_audit, table, test.pop("predictions", None), test.pop("features", None), paths
+        )
     if not args.no_report:
         with clock("report"):
             write_report_or_warn(paths.local)
     notes = budget_notes(args, df, ended, clock.phases["trials"])
-    summary = write_outputs(paths, df, test, space, winner, weights, clock, result_grid, banks, baseline, notes=notes)
+    summary = write_outputs(
+        paths, df, test, space, winner, weights, clock, result_grid, banks, baseline, notes=notes, audit=audit_lines
+    )
     print("\n" + summary, flush=True)
     return {
         "exp_dir": paths.local,
@@ -551,6 +570,52 @@ def _log_folds(args, baseline: Baseline) -> None:
         )
 
 
+# ------------------------------------------------------------------------------------------ data audit
+def audit_train_valid(
+    args, table: LabelTable, banks: dict | None, baseline: Baseline, weights: dict[str, ResolvedWeights]
+) -> DataAudit | None:
+    """The data audit on one bank (``audit.audit_bank``): valid images with a near-copy in train, likely
+    label errors among train+valid. On a GPU cluster the bank's view 0 is fetched from the object store.
+    A failure costs the audit (a warning), not the search."""
+    source: dict = banks if banks is not None else baseline.banks  # FeatureBank or shards.BankRef by name
+    name = audit_bank({n: baseline.banks[n] for n in source})
+    try:
+        bank = source[name]
+        if by_reference(source):
+            import ray
+
+            bank = ray.get(ray.remote(num_cpus=1)(first_view).remote(bank.ref))
+        probe = baseline.probes[name]
+        return audit_before_trials(
+            table,
+            bank,
+            weights[bank.spec.backbone],
+            oof_logits=probe.oof_logits,
+            probe_C=probe.C,
+            seed=args.seed,
+        )
+    except Exception as e:  # noqa: BLE001 - the audit reports on the data; the search goes on without it
+        log.warning("data audit not done (%s: %s)", type(e).__name__, e)
+        return None
+
+
+def audit_test_split(
+    audit: DataAudit | None, table: LabelTable, predictions, features, paths: ExperimentPaths
+) -> list[str]:
+    """The test images' near-copies in train (``features``: theirs from the scoring pass, or None) and
+    the test accuracy without them; leakage.csv, label_issues.csv and audit.json; the summary's lines."""
+    if audit is None:
+        return []
+    try:
+        audit_test(
+            audit, table, predictions=None if predictions is None else np.asarray(predictions), features=features
+        )
+    except Exception as e:  # noqa: BLE001 - the test scores are saved already; the audit only adds to them
+        log.warning("data audit of the test split not done (%s: %s)", type(e).__name__, e)
+    write_audit(paths.local, audit)
+    return summary_lines(audit.record(), audit.leaks, audit.issues)
+
+
 # ------------------------------------------------------------------------------------------- the tuner
 def trial_data(
     table: LabelTable,
@@ -694,9 +759,10 @@ def write_outputs(
     baseline: Baseline,
     *,
     notes: Sequence[str] = (),
+    audit: Sequence[str] = (),
 ) -> str:
     """summary.txt, baseline.json and timings.json, everything copied to a URI storage path; returns the
-    summary. ``notes``: extra summary lines after the count of trials."""
+    summary. ``notes``: extra summary lines after the count of trials; ``audit``: the data audit's."""
     seconds = clock.total()
     identities = {b: w.identity for b, w in sorted(weights.items())}
     summary = format_summary(
@@ -714,6 +780,7 @@ def write_outputs(
         probes=baseline.probes,
         folds=baseline.k,
         notes=notes,
+        audit=audit,
     )
     (paths.local / "summary.txt").write_text(summary + "\n")
     (paths.local / BASELINE_FILE).write_text(json.dumps(baseline_record(df, baseline, winner, space), indent=1))

@@ -33,12 +33,13 @@ def format_summary(
     probes: dict[str, ProbeResult] | None = None,
     folds: int = 0,
     notes: Sequence[str] = (),
+    audit: Sequence[str] = (),
 ) -> str:
     """The console summary; the top-trials table shows only the ``searched`` parameters (default: all),
     each valid figure with its size and 95% interval; then the linear probe, and whether it was beaten.
     With ``mode`` and several backbones, it names the best one under a phone-sized cost when that is not
     the overall best. ``weights``: the deployed model's backbone weights; ``backbones``: every backbone's
-    (name -> identity). ``notes`` follow the count of trials."""
+    (name -> identity). ``notes`` follow the count of trials; ``audit`` (the data audit's lines) the test score."""
     lines = []
     if folds:
         lines.append(f"cross-validated: {folds} folds over train+valid; every valid figure is out-of-fold")
@@ -85,6 +86,7 @@ def format_summary(
                 lines.append(f"  {label} (same pass, not deployed): {final.test_figures(other)}")
         lines += [f"  {line}" for line in final.comparison_lines(test)]
         lines += [f"  {line}" for line in final.threshold_lines(test.get("threshold") or {}, split="test")]
+    lines.extend(audit)
     random = {b: w for b, w in (backbones or {}).items() if w.startswith("random:")}
     n_backbones = len(backbones or {})
     if random and (n_backbones > 1 or not weights.startswith("random:")):
