@@ -665,7 +665,7 @@ def summary_lines(record: dict, leaks: pd.DataFrame, issues: pd.DataFrame) -> li
     test = record.get("test") or {}
     if "accuracy_without_leaked" in test and test.get("leaked"):
         lines.append(
-            f"  test accuracy without the {test['leaked']} leaked test images: "
+            f"  test accuracy without the {test['leaked']} leaked test image{'' if test['leaked'] == 1 else 's'}: "
             f"{test['accuracy_without_leaked']:.4f} on {test['count_without_leaked']} (all: {test['accuracy']:.4f})"
         )
     lines.append(

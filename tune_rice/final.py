@@ -1037,7 +1037,8 @@ def comparison_lines(test: dict) -> list[str]:
         what = "the linear probe" if role == "probe" else "the best trial"
         lines.append(
             f"{what} ({other['trial_id']}) on test, same pass, not chosen on it: {test_figures(other)}; "
-            f"the deployed model was right on {m['deployed_only']} images it got wrong and wrong on "
+            f"the deployed model was right on {m['deployed_only']} image{'' if m['deployed_only'] == 1 else 's'} "
+            f"it got wrong and wrong on "
             f"{m['other_only']} it got right (exact McNemar p = {m['p_value']:.3g})"
         )
     return lines
