@@ -708,3 +708,29 @@ def test_a_csv_of_images_is_prepared_once_and_a_later_change_is_said(tmp_path, c
     caplog.clear()
     assert search.resolve_data(str(source)) == prepared
     assert "train.csv changed after train.labels.csv was prepared from it" in caplog.text
+
+
+# ------------------------------------------------------------------------------------ last-stage tuning
+def test_a_search_mixes_frozen_heads_and_last_stage_tuning(ray_local, labels, tmp_path):
+    """Optuna and ASHA over frozen heads and trials tuning layer4 from a stage bank (docs/finetune.md):
+    both kinds train, both reach the final choice, and test is read once."""
+    space = tmp_path / "finetune.yaml"
+    space.write_text(
+        SPACE.format(metric="valid/acc", epochs=2, views=2)
+        + "  tune_last_stage: {choice: [false, true]}\n  stage_lr_fraction: {loguniform: [0.05, 0.5]}\n"
+    )
+    storage = tmp_path / "runs"
+    assert search.main(search_argv(labels, space, storage, "stage", "--num-samples", 2, "--seed", 1)) == 0
+    exp = storage / "stage"
+    df = pd.read_csv(exp / "results.csv")
+    trials = df.query("kind == 'trial'")
+    assert set(trials["config/tune_last_stage"]) == {False, True} and set(trials["status"]) == {"TERMINATED"}
+    assert (df["kind"] == "probe").sum() == 1  # the probe fits the pooled bank only
+    record = json.loads((exp / "final.json").read_text())
+    tuned = set(trials.loc[trials["config/tune_last_stage"], "trial_id"])
+    assert tuned & set(record["candidates"])
+    test = json.loads((exp / "test_metrics.json").read_text())
+    assert test["test_count"] == len(read_labels(labels).split("test"))
+    _, meta = load_artifact(exp / "best" / "model.pt")
+    stage_members = [m for m in meta["members"] if m["name"] in tuned]
+    assert all(m["weights"] == f"random:seed=1+stage:{m['name']}" for m in stage_members)

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
+STAGE_BN = ("frozen", "update")
+STAGE_DECAY = ("pretrained", "zero")
 
 
 @dataclass
@@ -58,6 +60,11 @@ class TrialConfig:
     # At least this many optimiser steps over all epochs: on a small train set each epoch then makes
     # several passes (177 images at batch 128 give 2 steps an epoch, 40 in 20 epochs). 0 = one pass.
     min_steps: int = 0
+    # last-stage tuning (finetune.py): the backbone's last stage trains with the head, from a stage bank
+    tune_last_stage: bool = False
+    stage_lr_fraction: float = 0.1  # the stage's learning rate as a fraction of lr
+    stage_bn: str = "frozen"  # frozen: its BatchNorm keeps the running statistics; update: they follow the batches
+    stage_decay: str = "pretrained"  # weight decay pulls the stage towards its pretrained weights, or to zero
     epochs: int = 10
     seed: int = 0
 
@@ -95,6 +102,10 @@ class TrialConfig:
             (self.grad_clip >= 0, "grad_clip must be >= 0"),
             (self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
             (self.min_steps >= 0, "min_steps must be >= 0"),
+            (not self.tune_last_stage or self.head == "pooled", "tune_last_stage needs head: pooled"),
+            (self.stage_lr_fraction > 0, "stage_lr_fraction must be > 0"),
+            (self.stage_bn in STAGE_BN, f"stage_bn must be one of {STAGE_BN}"),
+            (self.stage_decay in STAGE_DECAY, f"stage_decay must be one of {STAGE_DECAY}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -104,7 +115,7 @@ class TrialConfig:
         return FeatureSpec(
             backbone=self.backbone,
             image_size=int(self.image_size),
-            feature_layer=feature_layer_for(self.head),
+            feature_layer="stage" if self.tune_last_stage else feature_layer_for(self.head),
             policy=self.aug_policy,
             views=int(self.views),
             seed=int(self.seed),

@@ -46,6 +46,8 @@ from .data import (
 from .devices import default_num_workers as default_num_workers  # re-exported: benchmarks import it here
 from .devices import loader_workers, resolve_device
 from .model import FEATURE_LAYERS, FrozenBackbone, ResolvedWeights, build_backbone, resolve_weights
+from .stage import StagePrefix, StageTail, bank_bytes_per_view, stage_shape
+from .torchutil import safe_torch_load
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,8 @@ class FeatureSpec:
             raise UserError(f"image_size must be >= 16 (or 0 for the weights' own), got {self.image_size}")
         # resolves the size and refuses one the architecture cannot take (ViT), naming the backbone
         object.__setattr__(self, "image_size", preprocessing_for(self.backbone, int(self.image_size) or None).crop)
+        if self.feature_layer == "stage":
+            stage_shape(self.backbone, self.image_size)  # refuses, in one line, a family without a known last stage
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -123,6 +127,9 @@ class FeatureBank:
     seconds: float = 0.0  # extraction time (0 when loaded from cache)
     from_cache: bool = False
     info: dict = field(default_factory=dict)
+    # A stage bank's (feature_layer "stage") last stage at the backbone's weights: stage.StageTail's
+    # state dict, what a trial tuning the stage starts from; its input shape is info["stage_shape"].
+    stage: dict | None = None
 
     @property
     def dim(self) -> int:
@@ -494,6 +501,7 @@ def plan_banks(
         if table.split(s).empty:
             raise UserError(f"{table.csv_path}: split {s!r} has no images")
     specs = list(dict.fromkeys(specs))
+    check_stage_memory(table, specs, splits)
     resolved = {}
     for spec in specs:
         w = weights.get(spec.backbone, "auto") if isinstance(weights, dict) else weights
@@ -511,8 +519,40 @@ def plan_banks(
     return BankPlan(specs=specs, resolved=resolved, keys=keys, cache=cache, hits=hits, todo=todo)
 
 
+def stage_bank_bytes(table: LabelTable, spec: FeatureSpec, splits) -> int:
+    """Bytes of ``spec``'s stage bank over ``splits``: every train image ``spec.views`` times, every other once."""
+    rows = sum(len(table.split(s)) * (spec.views if s == "train" else 1) for s in splits)
+    return rows * bank_bytes_per_view(spec.backbone, spec.image_size)
+
+
+def check_stage_memory(table: LabelTable, specs, splits, *, free: int | None = None) -> None:
+    """Refuse stage banks (``feature_layer="stage"``) that together exceed ``MEMORY_SHARE`` of this node's
+    free memory, before any image is decoded: they are held in memory by every search that trains on them."""
+    stage = [s for s in specs if s.feature_layer == "stage"]
+    if not stage:
+        return
+    need = sum(stage_bank_bytes(table, s, splits) for s in stage)
+    for s in stage:
+        log.info(
+            "stage bank %s: %.1f KB per image and view (the %s activations entering the last stage, float16)",
+            s.name,
+            bank_bytes_per_view(s.backbone, s.image_size) / 1e3,
+            "x".join(map(str, stage_shape(s.backbone, s.image_size))),
+        )
+    free = available_memory(torch.device("cpu")) if free is None else free
+    if free is not None and need > MEMORY_SHARE * free:
+        worst = max(stage, key=lambda s: stage_bank_bytes(table, s, splits))
+        raise UserError(
+            f"stage banks need {need / 1e9:.2f} GB ({worst.backbone} at {worst.image_size} px: "
+            f"{bank_bytes_per_view(worst.backbone, worst.image_size) / 1e3:.0f} KB per image and view, "
+            f"{worst.views} train views) and this node has {free / 1e9:.1f} GB free: lower image_size or "
+            "views, or set tune_last_stage: false"
+        )
+
+
 def _net_key(spec: FeatureSpec, resolved: dict) -> str:  # one network per backbone and weights within a pass
-    return f"{spec.backbone}|{resolved[spec].identity}"
+    # a stage bank's network stops at the last stage: one of its own
+    return f"{spec.backbone}|{resolved[spec].identity}" + ("|stage" if spec.feature_layer == "stage" else "")
 
 
 def shard_align(spec: FeatureSpec, split: str, batch_size: int = 64) -> int:
@@ -536,6 +576,8 @@ def pass_networks(group: list[FeatureSpec], resolved: dict, device: torch.device
             seed=spec.seed,
             feature_layer="logits" if "logits" in layers else "pooled",
         )
+        if layers == {"stage"}:
+            backbone = StagePrefix(backbone)
         nets[name] = (backbone.to(device).to(memory_format=torch.channels_last), tuple(sorted(layers)))
     return nets
 
@@ -636,8 +678,18 @@ def assemble_pass(
             )
             for split, shards in parts.items()
         }
-        banks.append(_finish_bank(table, spec, resolved[spec], result, keys[spec], seconds, device, shared=len(group)))
+        bank = _finish_bank(table, spec, resolved[spec], result, keys[spec], seconds, device, shared=len(group))
+        if spec.feature_layer == "stage":
+            bank.stage = initial_stage(spec, resolved[spec])
+            bank.info["stage_shape"] = list(stage_shape(spec.backbone, spec.image_size))
+        banks.append(bank)
     return banks
+
+
+def initial_stage(spec: FeatureSpec, resolved: ResolvedWeights) -> dict:
+    """The last stage of ``spec``'s backbone at ``resolved`` weights (StageTail's state dict, on the CPU)."""
+    backbone, _ = build_backbone(spec.backbone, weights=resolved, seed=spec.seed)
+    return {k: v.detach().cpu().clone() for k, v in StageTail(backbone.net, name=spec.backbone).state_dict().items()}
 
 
 def _finish_bank(
@@ -750,6 +802,8 @@ def save_bank(bank: FeatureBank, final: Path) -> Path:
             (tmp / f"{split}_paths.json").write_text(json.dumps(sf.paths))
         np.save(tmp / "mean.npy", bank.mean)
         np.save(tmp / "std.npy", bank.std)
+        if bank.stage is not None:
+            torch.save(bank.stage, tmp / "stage.pt")
         meta = {
             "format": BANK_FORMAT,
             "spec": asdict(bank.spec),
@@ -803,9 +857,22 @@ def load_bank(path: str | os.PathLike) -> FeatureBank:
         seconds=0.0,
         from_cache=True,
         info=meta.get("info", {}),
+        stage=safe_torch_load(path / "stage.pt", what="stage bank") if (path / "stage.pt").is_file() else None,
     )
 
 
 def by_reference(banks: dict) -> bool:
     """Whether ``banks`` are references to banks in the object store (shards.BankRef), not the arrays."""
     return any(hasattr(b, "ref") for b in banks.values())
+
+
+def pooled_banks(banks: dict | None) -> dict | None:
+    """``banks`` (FeatureBank or shards.BankRef by spec name) without the stage banks."""
+    if banks is None:
+        return None
+    # a shards.BankRef has no spec, only the spec's name: "<backbone>-<size>px-<layer>-<policy>-k<views>"
+    return {
+        name: b
+        for name, b in banks.items()
+        if (b.spec.feature_layer if hasattr(b, "spec") else name.split("px-", 1)[-1].split("-", 1)[0]) != "stage"
+    }

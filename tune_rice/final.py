@@ -29,7 +29,17 @@ from torch import nn
 from . import UserError, stats
 from .engine import BankBatches, TrialConfig, compute_metrics, fold_heads, predict_logits
 from .features import FeatureBank, FeatureSpec
-from .model import Classifier, Ensemble, Head, ResolvedWeights, build_backbone, build_ensemble, build_head
+from .finetune import stage_valid_logits, tuned_backbone, tuned_weights
+from .model import (
+    Classifier,
+    Ensemble,
+    FrozenBackbone,
+    Head,
+    ResolvedWeights,
+    build_backbone,
+    build_ensemble,
+    build_head,
+)
 from .probe import is_probe_id, probe_id
 
 log = logging.getLogger(__name__)
@@ -471,6 +481,7 @@ class Candidate:
     # heads saw valid in training: the choice is then made on these instead of the bank's valid split.
     oof_logits: np.ndarray | None = None
     baseline: bool = False  # the linear probe: the simpler model the search must clearly beat
+    stage: dict | None = None  # a trial that tuned the last stage: the stage's state dict (finetune.py)
 
     def __post_init__(self):
         if isinstance(self.heads, Head):
@@ -495,7 +506,7 @@ def candidate_from_state(name: str, state: dict, cfg: TrialConfig, *, score: flo
         dropout=cfg.dropout,
     )
     head.load_state_dict(state["head"])
-    return Candidate(name, cfg.feature_spec(), [head.eval()], score)
+    return Candidate(name, cfg.feature_spec(), [head.eval()], score, stage=state.get("stage"))
 
 
 def probe_candidates(probes: dict, banks: dict[str, FeatureBank], *, metric: str) -> list[Candidate]:
@@ -571,7 +582,13 @@ def valid_logits_from_banks(
     for c in pool:
         if banks[c.spec.name].splits["valid"].paths != reference.paths:
             raise RuntimeError(f"bank {c.spec.name}: its valid images differ from those of {pool[0].spec.name}")
-    return [head_valid_logits(c.heads, banks[c.spec.name]) for c in pool], np.asarray(reference.targets)
+    logits = [
+        head_valid_logits(c.heads, banks[c.spec.name])
+        if c.stage is None
+        else stage_valid_logits(c.heads, c.stage, banks[c.spec.name])
+        for c in pool
+    ]
+    return logits, np.asarray(reference.targets)
 
 
 def valid_logits_from_images(
@@ -708,8 +725,12 @@ def _assemble(
     members, head_weights, head_names, groups = [], [], [], []
     for i, (name, w) in enumerate(zip(names, mix)):
         spec, heads = by_name[name].spec, by_name[name].heads
-        key = (spec.backbone, spec.feature_layer, spec.seed)
-        if key not in built:
+        # a tuned stage makes a backbone of its own: the frozen one with the candidate's stage in it
+        tuned = by_name[name].stage is not None
+        key = (spec.backbone, spec.feature_layer, spec.seed, name if tuned else "")
+        if tuned:
+            built[key] = _tuned(by_name[name], weights[spec.backbone])
+        elif key not in built:
             built[key] = build_backbone(
                 spec.backbone, weights=weights[spec.backbone], seed=spec.seed, feature_layer=spec.feature_layer
             )
@@ -722,6 +743,14 @@ def _assemble(
     backbones = list(model.backbones) if isinstance(model, Ensemble) else [model.backbone]
     resolved = {id(b): r for b, r in built.values()}
     return model, [resolved[id(b)] for b in backbones], groups
+
+
+def _tuned(candidate: Candidate, resolved: ResolvedWeights) -> tuple[FrozenBackbone, ResolvedWeights]:
+    """A tuned-stage candidate's backbone: its weights with its trial's last stage, pooled features."""
+    spec = candidate.spec
+    backbone, _ = build_backbone(spec.backbone, weights=resolved, seed=spec.seed)
+    assert candidate.stage is not None
+    return tuned_backbone(backbone, candidate.stage), tuned_weights(resolved, candidate.name)
 
 
 def build_final_model(

@@ -40,7 +40,7 @@ from .torchutil import safe_torch_load
 
 log = logging.getLogger(__name__)
 
-FEATURE_LAYERS = ("pooled", "logits")
+FEATURE_LAYERS = ("pooled", "logits", "stage")  # stage: the input of the last stage (stage.StagePrefix)
 HEAD_KINDS = ("pooled", "seed")
 ARTIFACT_FORMAT = "tune-rice-model"
 ARTIFACT_VERSION = 2  # 2: backbones/heads lists, ensemble weights and temperature; 1 (one head) still loads
@@ -195,8 +195,13 @@ class FrozenBackbone(nn.Module):
             raise UserError(f"unknown feature layer {feature_layer!r}; valid: {', '.join(FEATURE_LAYERS)}")
         self.name = name
         self.feature_layer = feature_layer
-        self._out_dim = cut_classifier(net) if feature_layer == "pooled" else classifier_dims(net)[1]
-        if not self._out_dim:  # a timm network built for feature-only weights (DINOv2): no classifier
+        if feature_layer == "stage":  # a network already cut, whose forward stage.StagePrefix replaces
+            self._out_dim = 0
+        else:
+            self._out_dim = cut_classifier(net) if feature_layer == "pooled" else classifier_dims(net)[1]
+        if (
+            not self._out_dim and feature_layer != "stage"
+        ):  # a timm network built for feature-only weights (DINOv2): no classifier
             raise UserError(f"backbone {name} has no classifier, so no logits: use a pooled head (head: pooled)")
         self.net = net
         for p in self.net.parameters():

@@ -42,7 +42,7 @@ from .audit import (
     write_audit,
 )
 from .data import LabelTable, is_labels_file, prepared_labels_path, read_labels_checked
-from .features import FeatureBank, FeatureSpec, by_reference, extract_banks
+from .features import FeatureBank, FeatureSpec, by_reference, extract_banks, pooled_banks
 from .model import ResolvedWeights, fetch_hint, resolve_weights
 from .probe import CV_AUTO_BELOW, CV_AUTO_FOLDS, Baseline, bank_folds, fit_probes, resolve_folds
 from .results import TOP_CANDIDATES, Winner, collect_results, save_winner, score_winner
@@ -537,7 +537,14 @@ def fit_baseline(
     if k and banks is None:  # --cv auto with --feature-cache off (an explicit K was refused up front)
         log.info("--cv auto: off, since trials read the images (--feature-cache off)")
         k = 0
+    if k and any(s.feature_layer == "stage" for s in specs):
+        if args.cv != "auto":
+            raise UserError(f"--cv {args.cv} does not combine with tune_last_stage (drop one of the two)")
+        log.info("--cv auto: off, since trials tune the last stage (tune_last_stage)")
+        k = 0
     groups = dict(zip(table.frame["path"], table.frame["group"]))
+    banks = pooled_banks(banks)  # a stage bank holds activations inside the network, not features to probe
+    specs = [s for s in specs if s.feature_layer != "stage"]
     if banks is not None and by_reference(banks):  # banks in the object store: the probes fit where they are
         from .shards import final_views, fit_probes_remote
 
@@ -577,7 +584,7 @@ def audit_train_valid(
     """The data audit on one bank (``audit.audit_bank``): valid images with a near-copy in train, likely
     label errors among train+valid. On a GPU cluster the bank's view 0 is fetched from the object store.
     A failure costs the audit (a warning), not the search."""
-    source: dict = banks if banks is not None else baseline.banks  # FeatureBank or shards.BankRef by name
+    source: dict = pooled_banks(banks) or {} if banks is not None else baseline.banks  # FeatureBank or BankRef
     name = audit_bank({n: baseline.banks[n] for n in source})
     try:
         bank = source[name]

@@ -26,7 +26,7 @@ SPACES_DIR = Path(__file__).resolve().parent / "search_spaces"
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
 METRICS = {"valid/acc": "max", "valid/macro_f1": "max", "valid/balanced_acc": "max", "valid/loss": "min"}
 CLI_METRICS = ("acc", "macro_f1", "balanced_acc")  # --metric: what imbalanced sets are judged by
-FEATURE_PARAMS = ("backbone", "image_size", "head", "aug_policy", "views")
+FEATURE_PARAMS = ("backbone", "image_size", "head", "aug_policy", "views", "tune_last_stage")
 # Set by the command line, not by a space: the epoch budget and the seed.
 RESERVED = ("epochs", "seed")
 TOP_LEVEL_KEYS = ("metric", "mode", "max_epochs", "params", "description")
@@ -96,13 +96,15 @@ class SearchSpace:
             else:
                 axes.append([self.constants.get(name, getattr(defaults, name))])
         specs = []
-        for backbone, size, head, policy, views in itertools.product(*axes):
+        for backbone, size, head, policy, views, stage in itertools.product(*axes):
             cfg = TrialConfig(
                 backbone=backbone, image_size=int(size), head=head, aug_policy=policy, views=int(views), seed=seed
             )
-            spec = cfg.feature_spec()
-            if spec not in specs:
-                specs.append(spec)
+            # a stage bank comes with the pooled bank of the same backbone: the linear probe's baseline
+            wanted = [cfg, replace(cfg, tune_last_stage=True)] if stage else [cfg]
+            for spec in (c.feature_spec() for c in wanted):
+                if spec not in specs:
+                    specs.append(spec)
         return specs
 
 
@@ -204,6 +206,12 @@ def load_search_space(name_or_path: str | os.PathLike) -> SearchSpace:
         space.distributions[name] = (kind, [lo, hi])
     if not space.distributions:
         raise UserError(f"{path}: params: nothing to search (every parameter is a constant)")
+    heads = space.distributions.get("head", ("choice", [space.constants.get("head", "pooled")]))[1]
+    stages = space.distributions.get("tune_last_stage", ("choice", [space.constants.get("tune_last_stage", False)]))[1]
+    if "seed" in heads and any(stages):
+        raise UserError(
+            f"{path}: tune_last_stage trains the stage under a pooled head; a space with it takes head: pooled"
+        )
     try:
         space.feature_specs()  # every backbone, weights name and image size it can ask for exists and fits
     except UserError as e:
@@ -223,8 +231,8 @@ def with_metric(space: SearchSpace, metric: str | None) -> SearchSpace:
 
 def linear_point(space: SearchSpace) -> dict:
     """The searched parameters of a linear head, the probe's model trained by the trial's optimiser:
-    ``hidden`` 0 with the lowest dropout and label smoothing and no class weights the space allows (the
-    rest left to the searcher). Every search tries it first, so the best trial is never worse than the
+    ``hidden`` 0 with the lowest dropout and label smoothing and no class weights the space allows, on
+    the frozen backbone where ``tune_last_stage`` is searched (the rest left to the searcher). Every search tries it first, so the best trial is never worse than the
     space's own linear head. Empty when ``hidden`` is not searched or 0 is not among its choices."""
     d = space.distributions
     kind, args = d.get("hidden", (None, None))
@@ -237,4 +245,6 @@ def linear_point(space: SearchSpace) -> dict:
             point[name] = min(args) if kind == "choice" else args[0]
     if "class_balanced" in d and False in d["class_balanced"][1]:
         point["class_balanced"] = False
+    if "tune_last_stage" in d and False in d["tune_last_stage"][1]:
+        point["tune_last_stage"] = False  # the probe's model is a head on the frozen backbone
     return point

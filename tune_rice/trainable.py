@@ -16,9 +16,11 @@ import ray
 import torch
 from ray import tune
 
+from . import UserError
 from .data import read_labels
 from .engine import CVHeadRun, HeadRun, TrialConfig
 from .features import FeatureBank
+from .finetune import StageRun
 from .model import ResolvedWeights
 
 CHECKPOINT_FILE = "state.pt"
@@ -62,19 +64,23 @@ def trial_device() -> str:
 
 def start_run(cfg: TrialConfig, data: TrialData, device: str) -> HeadRun | CVHeadRun:
     """The trial's HeadRun on its bank, its K fold heads (CVHeadRun) with folds, or a HeadRun on the
-    images (decoded by the CPUs Ray gave it, less one)."""
+    images (decoded by the CPUs Ray gave it, less one); a StageRun instead of a HeadRun for a trial
+    that tunes the last stage."""
     if isinstance(data, CVBanks):
+        if cfg.tune_last_stage:
+            raise UserError("tune_last_stage does not combine with --cv (the fold heads share one frozen backbone)")
         return CVHeadRun(cfg, bank=_fetch(data.banks[cfg.feature_spec().name]), folds=data.folds, device=device)
+    run = StageRun if cfg.tune_last_stage else HeadRun  # StageRun: the last stage trains with the head
     if isinstance(data, ImageSource):
         cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
-        return HeadRun(
+        return run(
             cfg,
             table=read_labels(data.labels_csv, root=data.data_root),
             weights=data.weights[cfg.backbone],
             device=device,
             num_workers=max(0, cpus - 1),
         )
-    return HeadRun(cfg, bank=_fetch(data[cfg.feature_spec().name]), device=device)
+    return run(cfg, bank=_fetch(data[cfg.feature_spec().name]), device=device)
 
 
 def _fetch(bank: FeatureBank | ray.ObjectRef) -> FeatureBank:
