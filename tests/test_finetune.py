@@ -14,7 +14,7 @@ import torch
 from conftest import make_separable_dataset
 from torch.utils.data import DataLoader
 
-from tune_rice import UserError, export, final, predict
+from tune_rice import UserError, evaluate, export, final, predict
 from tune_rice.data import build_transform, load_image, read_labels, to_model_input
 from tune_rice.engine import TrialConfig
 from tune_rice.features import check_stage_memory, extract_bank, pass_dataset, stage_bank_bytes
@@ -178,6 +178,12 @@ def test_a_tuned_stage_artifact_round_trips_through_predict_and_both_exports(lab
     bank_logits = stage_valid_logits(candidate.heads, state["stage"], stage)
     assert (logits.argmax(1).numpy() == bank_logits.argmax(1)).mean() >= 8 / 9
     np.testing.assert_allclose(logits.numpy(), bank_logits, atol=0.05 * np.abs(bank_logits).max())
+    # evaluate on valid gives the accuracy of those logits
+    ev = tmp_path / "ev.json"
+    args = ["--model", str(path), "--data", str(labels.parent), "--split", "valid", "--out", str(ev)]
+    assert evaluate.main([*args, "--num-workers", "0"]) == 0
+    y = table.targets("valid")
+    assert json.loads(ev.read_text())["accuracy"] == pytest.approx(float((logits.argmax(1).numpy() == y).mean()))
     # predict, TorchScript and ONNX (export checks each file against the artifact before it keeps it)
     out = tmp_path / "pred.csv"
     assert predict.main(["--model", str(path), str(labels.parent / "beta"), "--out", str(out)]) == 0
