@@ -379,7 +379,7 @@ def score_on_test(
     image from that same decode, as ``features`` (N, D)."""
     if features is None:
         return final.score_final(fm, table, device=device, batch_size=batch_size)
-    from .evaluate import split_logits
+    from .engine import split_logits
 
     members = final.MemberLogits(fm.selected, fm.groups)
     both = _WithFeatures(members, features)
