@@ -76,7 +76,8 @@ def test_the_ledger_counts_test_reads_across_tools_and_extend_grows_the_search(f
     assert scored["accuracy"] == pytest.approx(result.test_metrics["accuracy"]) and scored["test_reads"] == 2
     assert evaluate.main(["--model", str(result.path), "--data", str(labels), "--out", str(tmp_path / "e.json")]) == 0
     assert "this test split has now been read 3 times" in capsys.readouterr().out
-    assert evaluate.main(["--model", str(result.path), "--data", str(labels), "--split", "valid"]) == 0  # no read
+    valid = ["--split", "valid", "--out", str(tmp_path / "v.json")]
+    assert evaluate.main(["--model", str(result.path), "--data", str(labels), *valid]) == 0  # not a test read
 
     before = pd.read_csv(result.path / "results.csv").query("kind == 'trial'")
     argv = ["--name", "api", "--storage-path", str(result.path.parent), "--extend", "1", "--no-report"]
