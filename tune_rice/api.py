@@ -120,7 +120,7 @@ class SearchResult:
             if not (exp / name).is_file():
                 raise UserError(f"{exp}: no {name}; not a finished tune-rice search")
         metrics = json.loads((exp / "test_metrics.json").read_text())
-        return cls(exp, load(exp), metrics, pd.read_csv(exp / "results.csv"))
+        return cls(exp, Model(load_model(exp)), metrics, pd.read_csv(exp / "results.csv"))
 
     def __repr__(self) -> str:
         acc = self.test_metrics.get("accuracy", float("nan"))

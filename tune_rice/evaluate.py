@@ -236,7 +236,7 @@ def evaluate_data(
     )
     scored = sorted(set(table.frame["split"]) if split == ALL else {split})
     record: dict = {"model": str(loaded.path), "data": str(table.csv_path), "split": split, "weights": loaded.weights}
-    if "test" in scored and is_labels_file(table.csv_path):
+    if "test" in scored and table.csv_path.is_file() and is_labels_file(table.csv_path):
         exp = loaded.path.parent.parent if loaded.path.parent.name == "best" else loaded.path.parent
         reads = ledger.record_test_read(table.csv_path, table.frame, tool="evaluate", experiment=exp, model=loaded.path)
         record["test_reads"] = reads
