@@ -438,9 +438,7 @@ def test_trials_never_read_the_test_split_with_the_feature_cache_off(ray_local, 
     trace.unlink(missing_ok=True)
     storage = tmp_path / "runs"
     rc = search.main(
-        search_argv(
-            labels, _space(tmp_path, epochs=2, views=1), storage, "inline", "--num-samples", 2, "--bank", "off"
-        )
+        search_argv(labels, _space(tmp_path, epochs=2, views=1), storage, "inline", "--num-samples", 2, "--bank", "off")
     )
     assert rc == 0
     table = read_labels(labels)
