@@ -8,6 +8,7 @@ every read. The tests without a search (options, the renamed flag, help groups) 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -64,6 +65,10 @@ def test_search_returns_the_experiment_and_load_predicts_as_the_predict_tool(fin
         probs = table[model.classes].to_numpy()
         assert probs.sum(axis=1) == pytest.approx(1.0) and (probs.max(axis=1) == table["score"]).all()
     assert list(in_memory["image"][:2]) == ["image[0]", "image[1]"]
+
+    maps = model.explain([files[0], Image.open(files[1])], tmp_path / "maps")
+    assert list(maps["label"]) == list(tool["label"][:2]) and (tmp_path / "maps" / "inputs" / "image-1.png").is_file()
+    assert all((tmp_path / "maps" / Path(png).name).is_file() for png in maps["overlay"])
 
 
 @pytest.mark.slow

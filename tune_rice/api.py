@@ -84,12 +84,13 @@ class Model:
         self, images: ImageLike | Sequence[ImageLike], out: str | os.PathLike = "explain", *, method: str | None = None
     ) -> pd.DataFrame:
         """Class activation maps: one overlay PNG per image in ``out`` and the table of ``tune-rice
-        explain`` (path, overlay, label, score, top-k, peak). In-memory images are saved to ``out`` first."""
+        explain`` (path, overlay, label, score, top-k, peak). In-memory images are saved to ``out/inputs/``
+        first."""
         from .explain import DEFAULT_METHOD, explain_files
 
         out = Path(out)
         items, names = _inputs(images)
-        files = [_as_file(item, out / f"input-{i}.png") for i, item in enumerate(items)]
+        files = [_as_file(item, out / "inputs" / f"image-{i}.png") for i, item in enumerate(items)]
         table = explain_files(
             self.loaded, files, out, method=method or DEFAULT_METHOD, device=self.device, progress=False
         )
