@@ -135,3 +135,14 @@ def test_search_help_groups_its_options_and_lists_the_bundled_spaces(capsys):
     bundled = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
     assert "zoo" in bundled and f"bundled space ({', '.join(bundled)})" in " ".join(text.split())
     assert SearchConfig().ensemble == DEFAULT_ENSEMBLE and "--feature-cache" not in text
+
+
+def test_extend_refuses_an_experiment_that_has_not_finished(tmp_path, capsys):
+    from tune_rice import storage
+
+    assert search.main(["--extend", "3"]) == 2
+    assert "--extend needs --name" in error_line(capsys.readouterr().err)
+    storage.save_args(tmp_path / "runs" / "half", SearchConfig(name="half").saved())  # started, never scored
+    assert search.main(["--name", "half", "--storage-path", str(tmp_path / "runs"), "--extend", "3"]) == 2
+    assert "'half' has not finished (no test_metrics.json" in error_line(capsys.readouterr().err)
+    assert sorted(p.name for p in (tmp_path / "runs" / "half").iterdir()) == ["search_args.json"]
