@@ -33,6 +33,9 @@ RAY_FREE = (
     "audit",
     "storage",
     "study",
+    "config",
+    "ledger",
+    "api",
     *AFTER_SEARCH,
 )
 

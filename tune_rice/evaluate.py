@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import UserError, cli
+from . import UserError, cli, ledger
 from .data import (
     SPLITS,
     LabelTable,
@@ -38,7 +38,7 @@ from .data import (
 )
 from .devices import add_device_args, device_from_arg
 from .engine import ALL, metrics_record, split_logits
-from .model import load_model
+from .model import LoadedModel, load_model
 from .storage import TEST_MARK
 
 log = logging.getLogger(__name__)
@@ -146,6 +146,35 @@ def evaluate_model(
     return metrics_record(logits, y, table.classes)
 
 
+def evaluate_data(
+    loaded: LoadedModel,
+    data: str | os.PathLike,
+    *,
+    split: str | None = None,
+    data_root: str | os.PathLike | None = None,
+    path_col: str | None = None,
+    label_col: str | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 64,
+    num_workers: int | None = None,
+) -> dict:
+    """``loaded`` scored on ``data`` (see :func:`load_scored`): the record ``--out`` holds, with ``splits``
+    (the splits scored) and, when the test split of a labels.csv was scored, that read in its ledger and
+    ``test_reads`` (how many it holds now)."""
+    table, split = load_scored(data, data_root, split, path_col=path_col, label_col=label_col)
+    table = align_classes(table, loaded.classes)
+    result = evaluate_model(
+        loaded.module, table, split, loaded.preprocessing, device, batch_size=batch_size, num_workers=num_workers
+    )
+    scored = sorted(set(table.frame["split"]) if split == ALL else {split})
+    record: dict = {"model": str(loaded.path), "data": str(table.csv_path), "split": split, "weights": loaded.weights}
+    if "test" in scored and table.csv_path.is_file() and is_labels_file(table.csv_path):
+        exp = loaded.path.parent.parent if loaded.path.parent.name == "best" else loaded.path.parent
+        reads = ledger.record_test_read(table.csv_path, table.frame, tool="evaluate", experiment=exp, model=loaded.path)
+        record["test_reads"] = reads
+    return {**record, **result, "splits": scored}
+
+
 def second_look(model_path: Path) -> str:
     """Why scoring a search's model on test is a second look at the test split ('' when it is not known to be).
 
@@ -244,29 +273,22 @@ def _main(argv: Sequence[str] | None) -> int:
         )
     device = device_from_arg(args.device)
     loaded = load_model(args.model, device=device)
-    table, split = load_scored(args.data, args.data_root, args.split, path_col=args.path_col, label_col=args.label_col)
-    out = Path(args.out) if args.out else Path(f"eval_{split}.json")
-    table = align_classes(table, loaded.classes)
-    result = evaluate_model(
-        loaded.module,
-        table,
-        split,
-        loaded.preprocessing,
-        device,
+    record = evaluate_data(
+        loaded,
+        args.data,
+        split=args.split,
+        data_root=args.data_root,
+        path_col=args.path_col,
+        label_col=args.label_col,
+        device=device,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
     )
-    record = {
-        "model": str(loaded.path),
-        "data": str(table.csv_path),
-        "split": split,
-        "weights": loaded.weights,
-        **result,
-    }
+    split, scored = record["split"], set(record.pop("splits"))
+    out = Path(args.out) if args.out else Path(f"eval_{split}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1))
-    print(format_metrics(result, title=f"{loaded.path} on {table.csv_path} [{split}]"))
-    scored = set(table.frame["split"]) if split == ALL else {split}
+    print(format_metrics(record, title=f"{loaded.path} on {record['data']} [{split}]"))
     seen = sorted(scored & {"train", "valid"})
     if seen:
         print(
@@ -277,6 +299,9 @@ def _main(argv: Sequence[str] | None) -> int:
         second = second_look(loaded.path)
         if second:
             print(f"note: {second}")
+        reads = ledger.reads_note(record.get("test_reads"), record["data"])
+        if reads:
+            print(f"note: {reads}")
     if loaded.weights.startswith("random:"):
         print(f"note: this model's backbone was RANDOMLY INITIALISED ({loaded.weights})")
     print(f"wrote {out}")

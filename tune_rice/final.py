@@ -583,7 +583,7 @@ def valid_logits_from_images(
     num_workers: int | None = None,
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """Each candidate's valid logits from one decode of the valid images, each backbone run once: the
-    path without banks (``--feature-cache off``). Returns the logits and the valid targets."""
+    path without banks (``--bank off``). Returns the logits and the valid targets."""
     from .engine import split_logits
 
     everyone, _, groups = _assemble(pool, [c.name for c in pool], [1.0 / len(pool)] * len(pool), 1.0, weights)
