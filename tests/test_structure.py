@@ -31,6 +31,7 @@ RAY_FREE = (
     "stats",
     "probe",
     "audit",
+    "pixels",
     "storage",
     "study",
     *AFTER_SEARCH,
