@@ -34,6 +34,7 @@ RAY_FREE = (
     "pixels",
     "storage",
     "study",
+    "tracking",
     *AFTER_SEARCH,
 )
 

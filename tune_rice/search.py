@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import UserError, cli, final, storage, study, tune_glue
+from . import UserError, cli, final, storage, study, tracking, tune_glue
 from .audit import (
     DataAudit,
     audit_bank,
@@ -159,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
         f"top {TOP_CANDIDATES} trials, up to K heads; deployed only when not worse than the single "
         "best on valid. 1 = the single best trial",
     )
+    p.add_argument(
+        "--log-to",
+        action="append",
+        metavar="TRACKER",
+        help="also log to an experiment tracker: mlflow[=URI] or wandb[=PROJECT] (repeat, or a comma list): "
+        "each trial's parameters and per-epoch metrics, then the final model's test metrics and files as a "
+        "run of its own (docs/trackers.md; extras tune-rice[mlflow], tune-rice[wandb])",
+    )
     p.add_argument("--no-report", action="store_true", help="skip the plots and report.md at the end")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -191,6 +199,7 @@ def _validate_args(args) -> None:
     if args.resume and not args.name:
         raise UserError("--resume needs --name of the experiment to continue")
     resolve_folds(args.cv, 0)  # a bad value is one line before anything starts
+    tracking.parse_log_to(getattr(args, "log_to", None))  # unknown or not installed: one line, before any work
     if args.feature_cache != "on" and args.cv not in ("off", "auto"):
         raise UserError("--cv needs the feature bank: it trains K heads per trial on it (drop --feature-cache off)")
 
@@ -270,6 +279,12 @@ def run_search(args) -> dict:
     notes = budget_notes(args, df, ended, clock.phases["trials"])
     summary = write_outputs(
         paths, df, test, space, winner, weights, clock, result_grid, banks, baseline, notes=notes, audit=audit_lines
+    )
+    tracking.log_final(
+        tracking.parse_log_to(getattr(args, "log_to", None)),
+        experiment=args.name,
+        storage_path=args.storage_path,
+        exp_dir=paths.local,
     )
     print("\n" + summary, flush=True)
     return {
@@ -678,6 +693,12 @@ def make_tuner(args, paths: ExperimentPaths, space: SearchSpace, base: dict, dat
             JsonLoggerCallback(),
             tune_glue.tensorboard_callback_cls()(
                 params=space.searched, metrics=dict.fromkeys([space.metric, "valid/acc", "valid/loss"])
+            ),
+            *tracking.tune_callbacks(
+                tracking.parse_log_to(getattr(args, "log_to", None)),
+                experiment=args.name,
+                storage_path=args.storage_path,
+                folder=paths.local,
             ),
         ],
     )
