@@ -67,7 +67,7 @@ def tracked(tmp_path_factory):
         mp.setenv("WANDB_SILENT", "true")
         for name in ("WANDB_DIR", "WANDB_PROJECT", "MLFLOW_TRACKING_URI", tracking.MLFLOW_FILE_STORE_OK):
             mp.delenv(name, raising=False)
-        argv = search_argv(labels, work / "space.yaml", work / "runs", "t", "--num-samples", "2")
+        argv = search_argv(labels, work / "space.yaml", work / "runs", "t", "--num-samples", "2", "--ensemble", "1")
         assert search.main([*argv, "--log-to", f"mlflow={uri},wandb=leaves"]) == 0
         yield work / "runs" / "t", uri
 
