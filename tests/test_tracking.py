@@ -77,6 +77,7 @@ def _epochs(trial_dir: Path) -> pd.DataFrame:
     return pd.read_json(trial_dir / "result.json", lines=True).sort_values("training_iteration")
 
 
+@pytest.mark.slow
 def test_mlflow_holds_a_run_per_trial_and_the_final_model(tracked, monkeypatch, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -150,6 +151,7 @@ def _wandb_run(path: Path) -> dict:
     return run
 
 
+@pytest.mark.slow
 def test_wandb_offline_runs_hold_every_trial_and_the_final_model(tracked):
     exp, _ = tracked
     runs = [_wandb_run(f) for f in sorted(exp.glob("wandb/offline-run-*/run-*.wandb"))]
