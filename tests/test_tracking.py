@@ -57,7 +57,7 @@ def test_mlflow_defaults_to_a_file_store_under_the_storage_path(tmp_path, monkey
 # ------------------------------------------------------------------------------ one search, both trackers
 @pytest.fixture(scope="module")
 def tracked(tmp_path_factory):
-    """A search of 2 trials logging to MLflow (a file store) and W&B (offline); (experiment folder, URI)."""
+    """A search of 1 trial (2 epochs) logging to MLflow (a file store) and W&B (offline); (experiment folder, URI)."""
     work = tmp_path_factory.mktemp("tracked")
     labels = make_separable_dataset(work / "data", per_class=8, size=32)
     (work / "space.yaml").write_text(SMALL_SPACE)
@@ -67,7 +67,7 @@ def tracked(tmp_path_factory):
         mp.setenv("WANDB_SILENT", "true")
         for name in ("WANDB_DIR", "WANDB_PROJECT", "MLFLOW_TRACKING_URI", tracking.MLFLOW_FILE_STORE_OK):
             mp.delenv(name, raising=False)
-        argv = search_argv(labels, work / "space.yaml", work / "runs", "t", "--num-samples", "2", "--ensemble", "1")
+        argv = search_argv(labels, work / "space.yaml", work / "runs", "t", "--num-samples", "1", "--ensemble", "1")
         assert search.main([*argv, "--log-to", f"mlflow={uri},wandb=leaves"]) == 0
         yield work / "runs" / "t", uri
 
