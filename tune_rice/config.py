@@ -71,6 +71,7 @@ class SearchConfig:
     name: str | None = None
     resume: bool = False
     extend: int = 0
+    log_to: list[str] | None = None  # experiment trackers: mlflow[=URI], wandb[=PROJECT]
     no_report: bool = False
     verbose: bool = False
     # filled in by the search
@@ -133,6 +134,11 @@ class SearchConfig:
         from .probe import resolve_folds
 
         resolve_folds(self.cv, 0)  # a bad value is one line before anything starts
+        if isinstance(self.log_to, str):  # tune_rice.search(log_to="mlflow")
+            self.log_to = [self.log_to]
+        from .tracking import parse_log_to
+
+        parse_log_to(self.log_to)  # unknown or not installed: one line, before any work
         if self.bank != "on" and self.cv not in ("off", "auto"):
             raise UserError("--cv needs the feature bank: it trains K heads per trial on it (drop --bank off)")
 

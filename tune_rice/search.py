@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from . import UserError, cli, final, ledger, storage, study, tune_glue
+from . import UserError, cli, final, ledger, storage, study, tracking, tune_glue
 from .audit import (
     DataAudit,
     audit_bank,
@@ -193,6 +193,14 @@ def _experiment_options(g) -> None:
         help="add N trials to the finished experiment --name (same space, Optuna warm-started from its "
         "study), choose the final model again over all trials and score it on test again (a recorded read)",
     )
+    g.add_argument(
+        "--log-to",
+        action="append",
+        metavar="TRACKER",
+        help="also log to an experiment tracker: mlflow[=URI] or wandb[=PROJECT] (repeat, or a comma list): "
+        "each trial's parameters and per-epoch metrics, then the final model's test metrics and files as a "
+        "run of its own (docs/trackers.md; extras tune-rice[mlflow], tune-rice[wandb])",
+    )
     g.add_argument("--no-report", action="store_true", help="skip the plots and report.md at the end")
 
 
@@ -295,6 +303,12 @@ def run_search(config: SearchConfig) -> dict:
     notes = budget_notes(config, df, ended, clock.phases["trials"]) + extend_notes(config, df, reads, table)
     summary = write_outputs(
         paths, df, test, space, winner, weights, clock, result_grid, banks, baseline, notes=notes, audit=audit_lines
+    )
+    tracking.log_final(
+        tracking.parse_log_to(config.log_to),
+        experiment=paths.local.name,
+        storage_path=config.storage_path,
+        exp_dir=paths.local,
     )
     print("\n" + summary, flush=True)
     return {
@@ -756,6 +770,12 @@ def make_tuner(
             JsonLoggerCallback(),
             tune_glue.tensorboard_callback_cls()(
                 params=space.searched, metrics=dict.fromkeys([space.metric, "valid/acc", "valid/loss"])
+            ),
+            *tracking.tune_callbacks(
+                tracking.parse_log_to(config.log_to),
+                experiment=paths.local.name,
+                storage_path=config.storage_path,
+                folder=paths.local,
             ),
         ],
     )
