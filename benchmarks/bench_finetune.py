@@ -12,7 +12,7 @@ same network at random init), at ``--image-size`` px:
   0.5. Test accuracy with its Wilson interval, and the exact McNemar test of each tuned trial against the
   frozen head on the same test images;
 - the seconds of one trial-epoch of last-stage tuning from the stage bank, against the same trial on the
-  images (``--feature-cache off``: decode, frozen prefix forward, stage forward and backward), and of the
+  images (``--bank off``: decode, frozen prefix forward, stage forward and backward), and of the
   frozen head on its bank.
 
 No Ray: the trials are ``engine.HeadRun`` and ``finetune.StageRun``, as the search's trainable runs them.
@@ -151,7 +151,7 @@ def one(name: str, features: str, work: Path, size: int, weights, *, time_images
     for label in variants:
         row[label]["mcnemar_vs_frozen"] = stats.mcnemar(logits[label], logits["frozen"], y)
     row["stage_epoch_from_bank_s"] = row["stage_pretrained_decay"]["epoch_s_median"]
-    if time_images:  # one trial-epoch of the same stage trial on the images (the --feature-cache off path)
+    if time_images:  # one trial-epoch of the same stage trial on the images (the --bank off path)
         inline = StageRun(stage_cfg, table=table, weights=resolved, device="cpu", num_workers=1)
         t = time.perf_counter()
         inline.train_epoch()

@@ -1,4 +1,4 @@
-"""The same search with the feature bank and with the backbone inline (``--feature-cache off``).
+"""The same search with the feature bank and with the backbone inline (``--bank off``).
 
 Each run is a fresh ``python -m tune_rice.search`` process (its own local Ray) on the demo dataset with
 the same space, seed, sample count and epochs; the feature cache is emptied before each run so the bank
@@ -36,7 +36,7 @@ def one_run(mode: str, args, work: Path, concurrency: int) -> dict:
     name = f"bench-{Path(args.space).stem}-{mode}-c{concurrency}-{time.strftime('%H%M%S')}"
     shutil.rmtree(work / "cache" / "features", ignore_errors=True)  # every run pays its own extraction
     options = ["--num-samples", args.num_samples, "--seed", args.seed, "--weights", args.weights]
-    options += ["--feature-cache", mode, "--cpus-per-trial", args.cpus_per_trial, "--max-concurrent", concurrency]
+    options += ["--bank", mode, "--cpus-per-trial", args.cpus_per_trial, "--max-concurrent", concurrency]
     if args.max_epochs:
         options += ["--max-epochs", args.max_epochs]
     if args.gpus_per_trial:

@@ -6,7 +6,7 @@
 #      phases per image (decode, transforms, copy, forward), the pipeline's steady-state img/s against
 #      the bare forward and against full-size decodes, and batched GPU JPEG decoding (nvjpeg) against
 #      the CPU's draft decode (a measurement: the pipeline decodes on the CPU);
-#   3. the quick search, 30 samples, with the feature bank vs --feature-cache off, trials on
+#   3. the quick search, 30 samples, with the feature bank vs --bank off, trials on
 #      fractional GPUs (results.csv records each trial's device and GPU ids).
 # Runs from the source tree (PYTHONPATH), --weights none, a demo set generated on the spot.
 # Tiny CPU setting for tests: DEVICE=cpu SAMPLES=2 PER_CLASS=8 EPOCHS=2 BACKBONE=resnet18 SIZE=32

@@ -15,7 +15,7 @@ when a check fails.
 
     python benchmarks/node_failure.py [--kill raylet|node] [--workers 1|2] [--epochs 50] [--keep]
 
-Trials run with ``--feature-cache off`` (the backbone inside every epoch) so that an epoch takes a
+Trials run with ``--bank off`` (the backbone inside every epoch) so that an epoch takes a
 fraction of a second on CPU and the kill lands mid-trial. The space optimises ``valid/loss``, which keeps
 improving, so each epoch writes a checkpoint and a restored trial visibly resumes at a later epoch
 (``search.py`` checkpoints a trial only when its metric improves).
@@ -158,7 +158,7 @@ def run(args, cluster: LocalCluster | None = None) -> int:
             str(args.num_samples),
             "--weights",
             "none",
-            "--feature-cache",
+            "--bank",
             "off",
             "--grace-period",
             str(args.epochs),

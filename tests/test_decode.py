@@ -178,7 +178,7 @@ def test_the_inline_path_uses_the_sized_decode(photos, spy):
 
 
 def test_evaluate_and_the_test_pass_use_the_sized_decode(photos, spy):
-    from tune_rice.evaluate import split_logits
+    from tune_rice.engine import split_logits
     from tune_rice.model import build_backbone
 
     backbone, _ = build_backbone("resnet18", weights="none", seed=0)

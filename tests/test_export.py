@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -180,3 +181,106 @@ def test_an_ensemble_exports_as_one_graph_with_its_weights_and_temperature(ensem
     assert torch.allclose(got, want, atol=export.ATOL, rtol=export.RTOL), float((got - want).abs().max())
     assert info["temperature"] == 1.6 and [m["name"] for m in info["members"]] == ["t0", "t1", "t2"]
     assert [m["weight"] for m in info["members"]] == [0.4, 0.4, 0.2]
+
+
+# --------------------------------------------------------------------------------- raw-pixel exports
+@pytest.fixture(scope="module")
+def photos(tiny_model, tmp_path_factory):
+    """The data set's leaves as a user's photos: JPEG and PNG, non-square, at four sizes, one JPEG large
+    enough for predict's draft-scale decode (2x the model's resize on its short side)."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("photos")
+    sources = sorted(tiny_model.root.glob("*/*_01[01].png"))  # two leaves of each class
+    sizes = [((97, 61), "png"), ((150, 110), "jpg"), ((45, 80), "jpg"), ((300, 200), "png")]
+    files = []
+    for i, src in enumerate(sources):
+        (w, h), ext = sizes[i % len(sizes)]
+        out = folder / f"{src.stem}_{w}x{h}.{ext}"
+        Image.open(src).convert("RGB").resize((w, h), Image.BICUBIC).save(out, quality=90)
+        files.append(out)
+    return files
+
+
+def _calibrated_bicubic_copy(tiny_model, folder):
+    """The tiny model with a temperature of 1.7 and bicubic resizing, as a timm backbone's preset has."""
+    from tune_rice.model import save_artifact
+
+    net, meta = load_artifact(tiny_model.model_path)
+    net.temperature = 1.7
+    pre = dict(meta["preprocessing"], interpolation="bicubic")
+    return save_artifact(
+        folder / "model.pt",
+        net,
+        classes=meta["classes"],
+        preprocessing=pre,
+        weights=meta["weights"],
+        config=meta["config"],
+    )
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", pytest.param("onnx", marks=needs_onnx)])
+def test_raw_input_export_agrees_with_predict_on_photo_files(tiny_model, photos, fmt, tmp_path, capsys):
+    from tune_rice.data import decode_for
+
+    # TorchScript: the tiny model (bilinear, temperature 1); ONNX: its calibrated bicubic copy.
+    path = tiny_model.model_path if fmt == "torchscript" else _calibrated_bicubic_copy(tiny_model, tmp_path)
+    out = tmp_path / ("raw.ts" if fmt == "torchscript" else "raw.onnx")
+    assert export.main(["--model", str(path), "--format", fmt, "--raw-input", "--out", str(out)]) == 0
+    assert "probabilities match predict's" in capsys.readouterr().out
+    csv = tmp_path / "pred.csv"
+    assert predict.main(["--model", str(path), *map(str, photos), "--out", str(csv)]) == 0
+    table = pd.read_csv(csv)
+    if fmt == "torchscript":
+        graph, info = model.read_torchscript(out)
+        run = lambda x: graph(torch.from_numpy(x.copy())).detach().numpy()  # noqa: E731
+    else:
+        import onnxruntime as ort
+
+        info = json.loads(out.with_name(out.name + ".json").read_text())
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        run = lambda x: session.run(["probabilities"], {"image": x})[0]  # noqa: E731
+    assert info["input"]["raw"] and info["input"]["dtype"] == "uint8" and info["output"]["name"] == "probabilities"
+    if fmt == "torchscript":  # predict takes the normalised exports; this one is refused in one line
+        assert predict.main(["--model", str(out), str(photos[0])]) == 2
+        assert "a raw-pixel export" in capsys.readouterr().err
+    classes = info["classes"]
+    decode = decode_for(info["preprocessing"])  # the pixels predict sees: a large JPEG at its draft scale
+    worst = 0.0
+    for path_, row in zip(photos, table.itertuples()):
+        pixels = np.asarray(decode.open(path_))[None]  # (1, H, W, 3) uint8
+        probs = run(pixels)[0]
+        assert probs.shape == (3,) and abs(float(probs.sum()) - 1) < 1e-5
+        want = {getattr(row, f"top{k}_label"): getattr(row, f"top{k}_score") for k in (1, 2, 3)}
+        assert classes[int(np.argmax(probs))] == row.label
+        worst = max(worst, max(abs(float(p) - want[c]) for c, p in zip(classes, probs)))
+    print(f"{fmt}: max |probability difference| from predict over {len(photos)} photos: {worst:.2g}")
+    assert worst <= export.RAW_ATOL
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_the_graphs_preprocessing_gives_predicts_pixels_within_one_level(interpolation):
+    from PIL import Image
+
+    from tune_rice.data import Preprocessing, build_transform
+    from tune_rice.pixels import RawPreprocess
+
+    pre = Preprocessing(crop=32, resize=37, interpolation=interpolation)
+    tf = build_transform(pre, train=False, normalize=False)  # predict's transform, on PIL images
+    graph = torch.jit.script(RawPreprocess(pre))
+    mean, std = torch.tensor(pre.mean).view(3, 1, 1), torch.tensor(pre.std).view(3, 1, 1)
+    rng = np.random.default_rng(0)
+    for h, w in ((90, 120), (120, 90), (37, 50), (41, 41), (400, 301)):  # down, equal and up to the short side
+        pixels = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+        want = tf(tf.decode.working(Image.fromarray(pixels))).float()  # (3, S, S) 0..255
+        got = (graph(torch.from_numpy(pixels)[None])[0] * std + mean) * 255  # back to 0..255
+        off = (got - want).abs()
+        assert float(off.max()) < 1.001 and float((off > 0.5).float().mean()) < 0.02, (h, w, float(off.max()))
+
+
+def test_nearest_resizing_is_refused_for_raw_input():
+    from tune_rice import UserError
+    from tune_rice.pixels import RawPreprocess
+
+    with pytest.raises(UserError, match="only bilinear and bicubic"):
+        RawPreprocess({"image_size": 32, "interpolation": "nearest"})

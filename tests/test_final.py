@@ -388,7 +388,7 @@ def tiny_candidates(request, tmp_path):
 
 def test_the_deployed_model_on_images_is_the_choice_made_on_bank_logits(tiny_candidates):
     from tune_rice.data import build_transform, load_image
-    from tune_rice.evaluate import split_logits
+    from tune_rice.engine import split_logits
 
     candidates, banks, table, weights = tiny_candidates
     # A cross-validated trial's fold heads are one candidate: their logits averaged.

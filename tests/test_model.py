@@ -452,6 +452,6 @@ def test_a_search_on_user_data_refuses_missing_pretrained_weights_before_any_wor
     _, cached = hub_weights_file("resnet18")
     assert str(cached) in line and "--weights FILE" in line and "--weights auto" in line, line
     assert not read and not (tmp_path / "runs").exists()
-    assert search.default_weights(search.build_parser().parse_args([])) == "auto"  # the demo set
-    args = search.build_parser().parse_args([*argv, "--weights", "auto"])
-    assert search.backbone_weights(args, [], None) == {} and args.weights == "auto"
+    assert search.default_weights(search.parse_config([])) == "auto"  # the demo set
+    config = search.parse_config([*argv, "--weights", "auto"])
+    assert search.backbone_weights(config, [], None) == {} and config.weights == "auto"

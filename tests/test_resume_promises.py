@@ -34,11 +34,9 @@ def _started_experiment(
     resolved weights. Returns (storage path, local experiment folder)."""
     (tmp_path / "space.yaml").write_text(SMALL_SPACE)
     storage_path = storage_path or str(tmp_path / "runs")
-    args = search.build_parser().parse_args(
-        search_argv(labels, tmp_path / "space.yaml", storage_path, "r", weights=weights_arg)
-    )
+    config = search.parse_config(search_argv(labels, tmp_path / "space.yaml", storage_path, "r", weights=weights_arg))
     paths = storage.experiment_paths(storage_path, "r")
-    storage.save_args(paths.local, args, weights=recorded)
+    storage.save_args(paths.local, config.saved(), weights=recorded)
     if paths.remote:
         storage.upload(paths.local, paths.ray_path)
     return storage_path, paths.local
@@ -80,10 +78,10 @@ def test_resume_keeps_random_weights_when_the_cache_now_has_imagenet(separable, 
     torch.save(torchvision.models.resnet18().state_dict(), cached)  # what a download would have left
     assert resolve_weights("resnet18", "auto").identity == f"imagenet:{w}"
     where, exp = _started_experiment(tmp_path, separable, "auto", {"resnet18": "random:seed=0"})
-    args = search.build_parser().parse_args(["--resume", "--name", "r", "--storage-path", where])
-    storage.restore_args(exp, args)
-    space, _ = search.load_space(args)
-    weights = search.backbone_weights(args, space.feature_specs(seed=0), storage.experiment_paths(where, "r"))
+    config = search.parse_config(["--resume", "--name", "r", "--storage-path", where])
+    config.restore(storage.load_args(exp))
+    space, _ = search.load_space(config)
+    weights = search.backbone_weights(config, space.feature_specs(seed=0), storage.experiment_paths(where, "r"))
     assert {b: r.identity for b, r in weights.items()} == {"resnet18": "random:seed=0"}
 
 

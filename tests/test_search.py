@@ -438,9 +438,7 @@ def test_trials_never_read_the_test_split_with_the_feature_cache_off(ray_local, 
     trace.unlink(missing_ok=True)
     storage = tmp_path / "runs"
     rc = search.main(
-        search_argv(
-            labels, _space(tmp_path, epochs=2, views=1), storage, "inline", "--num-samples", 2, "--feature-cache", "off"
-        )
+        search_argv(labels, _space(tmp_path, epochs=2, views=1), storage, "inline", "--num-samples", 2, "--bank", "off")
     )
     assert rc == 0
     table = read_labels(labels)
@@ -503,7 +501,7 @@ def test_resume_after_the_driver_is_killed(ray_local, labels, tmp_path):
 def test_data_root_reaches_the_trials_that_read_images(ray_local, labels, tmp_path):
     """A Kaggle-style CSV of image ids (no extension) and labels kept outside the images' folder, with
     --data-root: the search prepares labels.csv beside the CSV, its paths relative to the root, and the
-    root reaches the trials that decode the images themselves (--feature-cache off)."""
+    root reaches the trials that decode the images themselves (--bank off)."""
     meta = tmp_path / "meta" / "train.csv"
     meta.parent.mkdir()
     frame = pd.read_csv(labels)
@@ -518,7 +516,7 @@ def test_data_root_reaches_the_trials_that_read_images(ray_local, labels, tmp_pa
         "root",
         "--num-samples",
         1,
-        "--feature-cache",
+        "--bank",
         "off",
         "--grace-period",
         1,

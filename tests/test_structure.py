@@ -33,8 +33,13 @@ RAY_FREE = (
     "stats",
     "probe",
     "audit",
+    "pixels",
     "storage",
     "study",
+    "config",
+    "ledger",
+    "api",
+    "tracking",
     *AFTER_SEARCH,
 )
 

@@ -2,6 +2,10 @@
 
 The core (``data``, ``prepare``, ``model``, ``features``, ``engine``) runs without Ray;
 ``space``, ``trainable`` and ``search`` put it on Ray Tune.
+
+From Python: ``tune_rice.search(data=..., num_samples=30, **options)`` runs a search (the ``search``
+module, callable) and ``tune_rice.load(path)`` loads its model (``api.py``); both are imported on first
+use, so ``import tune_rice`` stays light.
 """
 
 __version__ = "0.1.0"
@@ -9,3 +13,15 @@ __version__ = "0.1.0"
 
 class UserError(Exception):
     """A problem with the user's input: the CLI prints it as one line and exits with code 2."""
+
+
+def __getattr__(name: str):
+    if name == "search":
+        import importlib
+
+        return importlib.import_module(f"{__name__}.search")
+    if name == "load":
+        from .api import load
+
+        return load
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

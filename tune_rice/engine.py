@@ -20,7 +20,17 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import UserError
-from .data import AUG_POLICIES, LabelTable, Preprocessing, build_transform, dataset_for_split, to_model_input
+from .data import (
+    AUG_POLICIES,
+    SPLITS,
+    ImageDataset,
+    ImageDecodeError,
+    LabelTable,
+    Preprocessing,
+    build_transform,
+    dataset_for_split,
+    to_model_input,
+)
 from .devices import loader_workers, resolve_device
 from .features import FeatureBank, FeatureSpec, SplitFeatures, run_backbone
 from .model import HEAD_KINDS, Classifier, Head, ResolvedWeights, build_backbone, build_head, feature_layer_for
@@ -335,6 +345,72 @@ def predict_logits(model: nn.Module, batches) -> tuple[torch.Tensor, torch.Tenso
         outs.append(model(x).float().cpu())
         ys.append(y.cpu())
     return torch.cat(outs), torch.cat(ys)
+
+
+ALL = "all"  # a split value meaning every labelled image, whatever its split
+
+
+def split_logits(
+    model: nn.Module,
+    table: LabelTable,
+    split: str,
+    preprocessing: int | dict | Preprocessing,
+    device: str | torch.device = "auto",
+    *,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``model``'s outputs on the ``split`` images of ``table`` (``all``: every row; decoded once, in
+    order) and the targets.
+
+    ``preprocessing``: the model's (as saved with it), or a bare image size for the ResNet convention.
+    """
+    if split not in (*SPLITS, ALL):
+        raise UserError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}, {ALL}")
+    rows = table.frame if split == ALL else table.split(split)
+    if rows.empty:
+        raise UserError(f"{table.csv_path}: the {split} split has no images")
+    device = resolve_device(device)
+    workers = loader_workers(device, batches=-(-len(rows) // batch_size), most=4)
+    workers = workers if num_workers is None else num_workers
+    index = {c: i for i, c in enumerate(table.classes)}
+    ds = ImageDataset(
+        [table.root / q for q in rows["path"]],
+        np.asarray([index[c] for c in rows["label"]], dtype=np.int64),
+        build_transform(preprocessing, train=False, normalize=False),
+    )
+    batches = ImageBatches(ds, batch_size=batch_size, train=False, num_workers=workers, device=device)
+    try:
+        return predict_logits(model.to(device), batches)
+    except ImageDecodeError as e:
+        # From a loader worker the message is a whole traceback; its last line is the one that matters.
+        last = str(e).strip().splitlines()[-1].split("ImageDecodeError: ", 1)[-1]
+        raise UserError(
+            f"{last} (every image of the split must decode; fix it or drop its row from {table.csv_path.name})"
+        ) from None
+
+
+def metrics_record(logits: torch.Tensor, y: torch.Tensor, classes: Sequence[str]) -> dict:
+    """The dict of a search's test_metrics.json from logits (N, C) and targets (N,)."""
+    classes = list(classes)
+    metrics = compute_metrics(y.numpy(), logits.argmax(1).numpy(), len(classes))
+    return {
+        "accuracy": metrics["acc"],
+        "macro_f1": metrics["macro_f1"],
+        "loss": float(nn.functional.cross_entropy(logits.float(), y)),
+        "test_count": metrics["count"],
+        "classes": classes,
+        "per_class": {
+            c: {
+                "precision": metrics["precision"][i],
+                "recall": metrics["recall"][i],
+                "f1": metrics["f1"][i],
+                "support": metrics["support"][i],
+            }
+            for i, c in enumerate(classes)
+        },
+        "confusion_matrix": metrics["confusion"],
+    }
 
 
 def evaluate(model: nn.Module, batches, *, n_classes: int, criterion: nn.Module | None = None) -> dict:

@@ -28,25 +28,20 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import UserError, cli
+from . import UserError, cli, ledger
 from .data import (
     SPLITS,
-    ImageDataset,
-    ImageDecodeError,
     LabelTable,
     Preprocessing,
-    build_transform,
     is_labels_file,
     read_labels_checked,
 )
-from .devices import add_device_args, device_from_arg, loader_workers, resolve_device
-from .engine import ImageBatches, compute_metrics, predict_logits
-from .model import load_model
+from .devices import add_device_args, device_from_arg
+from .engine import ALL, metrics_record, split_logits
+from .model import LoadedModel, load_model
 from .storage import TEST_MARK
 
 log = logging.getLogger(__name__)
-
-ALL = "all"  # --split all: every labelled image, whatever its split
 
 
 def resolve_labels(data: str | os.PathLike) -> Path:
@@ -133,69 +128,6 @@ def align_classes(table: LabelTable, model_classes: Sequence[str]) -> LabelTable
     return dataclasses.replace(table, classes=model_classes)
 
 
-def split_logits(
-    model: nn.Module,
-    table: LabelTable,
-    split: str,
-    preprocessing: int | dict | Preprocessing,
-    device: str | torch.device = "auto",
-    *,
-    batch_size: int = 64,
-    num_workers: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``model``'s outputs on the ``split`` images of ``table`` (``all``: every row; decoded once, in
-    order) and the targets.
-
-    ``preprocessing``: the model's (as saved with it), or a bare image size for the ResNet convention.
-    """
-    if split not in (*SPLITS, ALL):
-        raise UserError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}, {ALL}")
-    rows = table.frame if split == ALL else table.split(split)
-    if rows.empty:
-        raise UserError(f"{table.csv_path}: the {split} split has no images")
-    device = resolve_device(device)
-    workers = loader_workers(device, batches=-(-len(rows) // batch_size), most=4)
-    workers = workers if num_workers is None else num_workers
-    index = {c: i for i, c in enumerate(table.classes)}
-    ds = ImageDataset(
-        [table.root / q for q in rows["path"]],
-        np.asarray([index[c] for c in rows["label"]], dtype=np.int64),
-        build_transform(preprocessing, train=False, normalize=False),
-    )
-    batches = ImageBatches(ds, batch_size=batch_size, train=False, num_workers=workers, device=device)
-    try:
-        return predict_logits(model.to(device), batches)
-    except ImageDecodeError as e:
-        # From a loader worker the message is a whole traceback; its last line is the one that matters.
-        last = str(e).strip().splitlines()[-1].split("ImageDecodeError: ", 1)[-1]
-        raise UserError(
-            f"{last} (every image of the split must decode; fix it or drop its row from {table.csv_path.name})"
-        ) from None
-
-
-def metrics_record(logits: torch.Tensor, y: torch.Tensor, classes: Sequence[str]) -> dict:
-    """The dict of a search's test_metrics.json from logits (N, C) and targets (N,)."""
-    classes = list(classes)
-    metrics = compute_metrics(y.numpy(), logits.argmax(1).numpy(), len(classes))
-    return {
-        "accuracy": metrics["acc"],
-        "macro_f1": metrics["macro_f1"],
-        "loss": float(nn.functional.cross_entropy(logits.float(), y)),
-        "test_count": metrics["count"],
-        "classes": classes,
-        "per_class": {
-            c: {
-                "precision": metrics["precision"][i],
-                "recall": metrics["recall"][i],
-                "f1": metrics["f1"][i],
-                "support": metrics["support"][i],
-            }
-            for i, c in enumerate(classes)
-        },
-        "confusion_matrix": metrics["confusion"],
-    }
-
-
 def evaluate_model(
     model: nn.Module,
     table: LabelTable,
@@ -212,6 +144,35 @@ def evaluate_model(
     """
     logits, y = split_logits(model, table, split, preprocessing, device, batch_size=batch_size, num_workers=num_workers)
     return metrics_record(logits, y, table.classes)
+
+
+def evaluate_data(
+    loaded: LoadedModel,
+    data: str | os.PathLike,
+    *,
+    split: str | None = None,
+    data_root: str | os.PathLike | None = None,
+    path_col: str | None = None,
+    label_col: str | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 64,
+    num_workers: int | None = None,
+) -> dict:
+    """``loaded`` scored on ``data`` (see :func:`load_scored`): the record ``--out`` holds, with ``splits``
+    (the splits scored) and, when the test split of a labels.csv was scored, that read in its ledger and
+    ``test_reads`` (how many it holds now)."""
+    table, split = load_scored(data, data_root, split, path_col=path_col, label_col=label_col)
+    table = align_classes(table, loaded.classes)
+    result = evaluate_model(
+        loaded.module, table, split, loaded.preprocessing, device, batch_size=batch_size, num_workers=num_workers
+    )
+    scored = sorted(set(table.frame["split"]) if split == ALL else {split})
+    record: dict = {"model": str(loaded.path), "data": str(table.csv_path), "split": split, "weights": loaded.weights}
+    if "test" in scored and table.csv_path.is_file() and is_labels_file(table.csv_path):
+        exp = loaded.path.parent.parent if loaded.path.parent.name == "best" else loaded.path.parent
+        reads = ledger.record_test_read(table.csv_path, table.frame, tool="evaluate", experiment=exp, model=loaded.path)
+        record["test_reads"] = reads
+    return {**record, **result, "splits": scored}
 
 
 def second_look(model_path: Path) -> str:
@@ -312,29 +273,22 @@ def _main(argv: Sequence[str] | None) -> int:
         )
     device = device_from_arg(args.device)
     loaded = load_model(args.model, device=device)
-    table, split = load_scored(args.data, args.data_root, args.split, path_col=args.path_col, label_col=args.label_col)
-    out = Path(args.out) if args.out else Path(f"eval_{split}.json")
-    table = align_classes(table, loaded.classes)
-    result = evaluate_model(
-        loaded.module,
-        table,
-        split,
-        loaded.preprocessing,
-        device,
+    record = evaluate_data(
+        loaded,
+        args.data,
+        split=args.split,
+        data_root=args.data_root,
+        path_col=args.path_col,
+        label_col=args.label_col,
+        device=device,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
     )
-    record = {
-        "model": str(loaded.path),
-        "data": str(table.csv_path),
-        "split": split,
-        "weights": loaded.weights,
-        **result,
-    }
+    split, scored = record["split"], set(record.pop("splits"))
+    out = Path(args.out) if args.out else Path(f"eval_{split}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1))
-    print(format_metrics(result, title=f"{loaded.path} on {table.csv_path} [{split}]"))
-    scored = set(table.frame["split"]) if split == ALL else {split}
+    print(format_metrics(record, title=f"{loaded.path} on {record['data']} [{split}]"))
     seen = sorted(scored & {"train", "valid"})
     if seen:
         print(
@@ -345,6 +299,9 @@ def _main(argv: Sequence[str] | None) -> int:
         second = second_look(loaded.path)
         if second:
             print(f"note: {second}")
+        reads = ledger.reads_note(record.get("test_reads"), record["data"])
+        if reads:
+            print(f"note: {reads}")
     if loaded.weights.startswith("random:"):
         print(f"note: this model's backbone was RANDOMLY INITIALISED ({loaded.weights})")
     print(f"wrote {out}")

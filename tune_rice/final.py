@@ -600,8 +600,8 @@ def valid_logits_from_images(
     num_workers: int | None = None,
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """Each candidate's valid logits from one decode of the valid images, each backbone run once: the
-    path without banks (``--feature-cache off``). Returns the logits and the valid targets."""
-    from .evaluate import split_logits
+    path without banks (``--bank off``). Returns the logits and the valid targets."""
+    from .engine import split_logits
 
     everyone, _, groups = _assemble(pool, [c.name for c in pool], [1.0 / len(pool)] * len(pool), 1.0, weights)
     z, y = split_logits(
@@ -805,7 +805,7 @@ def record_test_scores(member_logits, targets, classes: Sequence[str], choice: F
     ``choice.selection`` order: the deployed model's metrics at the top level (calibrated logits), its
     calibration before/after the temperature, and ``single_best`` and ``ensemble`` (when the selection has
     several members) each with its own temperature, marked ``deployed`` or not."""
-    from .evaluate import metrics_record
+    from .engine import metrics_record
 
     z = np.asarray(member_logits, dtype=np.float64)
     y = np.asarray(targets, dtype=np.int64)
@@ -1020,7 +1020,7 @@ def _groups(choice: FinalChoice, pool: Sequence[Candidate]) -> list[int]:
 def score_final(fm: FinalModel, table, *, device="auto", batch_size: int = 64) -> dict:
     """The one read of the test split: the selected ensemble's members on the test images, decoded once;
     the deployed model's figures at the top level, the single best and the ensemble beside them."""
-    from .evaluate import split_logits
+    from .engine import split_logits
 
     z, y = split_logits(
         MemberLogits(fm.selected, fm.groups),

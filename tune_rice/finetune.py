@@ -5,7 +5,7 @@ for the same input, so a stage bank holds it and a trial runs only the stage, it
 forward and backward, on the bank's rows. The stage learns at ``lr * stage_lr_fraction``; its
 BatchNorm keeps its running statistics (``stage_bn: frozen``) or follows the batches (``update``); its
 weight decay pulls it towards the pretrained stage (``stage_decay: pretrained``, decoupled as AdamW's)
-or towards zero (``zero``: the optimiser's own decay). Without banks (``--feature-cache off``) the same
+or towards zero (``zero``: the optimiser's own decay). Without banks (``--bank off``) the same
 trial runs the prefix on the images in every epoch: the reference the bank path is checked against.
 
 The tuned stage is written into a copy of the backbone (:func:`tuned_backbone`), so the deployed model

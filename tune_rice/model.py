@@ -709,6 +709,11 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
                 ) from None
             raise  # refused pickles and foreign torch files: model.py's message says it all
     module, meta = read_torchscript(path, map_location=device)
+    if meta.get("input", {}).get("raw"):
+        raise UserError(
+            f"{path}: a raw-pixel export (export --raw-input: uint8 pixels in, probabilities out) is for "
+            "serving; here pass best/model.pt or an export without --raw-input"
+        )
     return LoadedModel(
         module,
         list(meta["classes"]),

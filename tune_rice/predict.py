@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -55,9 +56,10 @@ class PredictImages(Dataset):
     """Item ``i``: ``(tensor (3, S, S), i, "")``, or ``(None, i, "why")`` for a file that will not decode.
 
     Files are decoded as the transform needs them (its ``decode``: ``data.decode_for`` of the model's
-    preprocessing, a JPEG at its draft scale)."""
+    preprocessing, a JPEG at its draft scale); an RGB PIL image (the Python API's) is brought to the same
+    working size as a decoded file."""
 
-    def __init__(self, paths: Sequence[Path], transform):
+    def __init__(self, paths: Sequence[Path | Image.Image], transform):
         self.paths = list(paths)
         self.transform = transform
         self.decode = getattr(transform, "decode", FULL_DECODE)
@@ -68,7 +70,8 @@ class PredictImages(Dataset):
     def __getitem__(self, i: int):
         path = self.paths[i]
         try:
-            return self.transform(self.decode(path)), i, ""
+            image = self.decode.working(path) if isinstance(path, Image.Image) else self.decode(path)
+            return self.transform(image), i, ""
         except UserError as e:  # ImageDecodeError: the message already names the file
             return None, i, str(e)
         except Exception as e:  # noqa: BLE001 - one odd file must not end a run over thousands
@@ -89,6 +92,7 @@ class Predictions:
     classes: list[str]
     topk: int
     min_confidence: float | None = None
+    probabilities: np.ndarray | None = None  # (N, C) every class's probability; NaN rows for skipped files
 
     @property
     def skipped(self) -> pd.DataFrame:
@@ -118,7 +122,7 @@ def check_min_confidence(p: float) -> None:
 @torch.inference_mode()
 def predict_files(
     loaded: LoadedModel,
-    files: Sequence[Path],
+    files: Sequence[Path | Image.Image],
     *,
     topk: int | None = None,
     batch_size: int = 64,
@@ -152,6 +156,7 @@ def predict_files(
         pin_memory=device.type == "cuda",
     )
     probs = np.full((len(files), topk), np.nan, dtype=np.float64)
+    every = np.full((len(files), n_classes), np.nan, dtype=np.float64)
     labels = np.full((len(files), topk), -1, dtype=np.int64)
     errors = [""] * len(files)
     bar = tqdm(
@@ -170,6 +175,7 @@ def predict_files(
             x = to_model_input(x, device, loaded.preprocessing).contiguous(memory_format=torch.channels_last)
             p = torch.softmax(model(x).float(), dim=1)  # (B, C)
             top_p, top_i = p.topk(topk, dim=1)  # (B, K)
+            every[idx] = p.cpu().numpy()
             probs[idx] = top_p.cpu().numpy()
             labels[idx] = top_i.cpu().numpy()
         bar.update(len(idx) + len(failures))
@@ -185,7 +191,7 @@ def predict_files(
         rows[f"top{k + 1}_label"] = names[labels[:, k]]
         rows[f"top{k + 1}_score"] = probs[:, k]
     rows["error"] = errors
-    return Predictions(pd.DataFrame(rows), list(loaded.classes), topk, min_confidence)
+    return Predictions(pd.DataFrame(rows), list(loaded.classes), topk, min_confidence, every)
 
 
 def format_summary(pred: Predictions, *, out: Path | None = None) -> str:

@@ -152,6 +152,8 @@ def _prune_checkpoints(result_grid, metric: str, mode: str) -> None:
             keep.add(r.get_best_checkpoint(metric, mode).path)
         for checkpoint, _ in r.best_checkpoints or []:
             if checkpoint.path not in keep:
+                if checkpoint.filesystem.get_file_info(checkpoint.path).type.name == "NotFound":
+                    continue  # pruned already: an --extend reads the earlier trials back
                 try:
                     checkpoint.filesystem.delete_dir(checkpoint.path)
                 except OSError as e:
@@ -379,7 +381,7 @@ def score_on_test(
     image from that same decode, as ``features`` (N, D)."""
     if features is None:
         return final.score_final(fm, table, device=device, batch_size=batch_size)
-    from .evaluate import split_logits
+    from .engine import split_logits
 
     members = final.MemberLogits(fm.selected, fm.groups)
     both = _WithFeatures(members, features)

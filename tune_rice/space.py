@@ -9,6 +9,7 @@ trials start.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 from dataclasses import dataclass, field, replace
@@ -36,6 +37,33 @@ def searchable_params() -> tuple[str, ...]:
     return tuple(f for f in TrialConfig.fields() if f not in RESERVED)
 
 
+def bundled_spaces() -> list[str]:
+    """The names of the spaces that come with the package (the YAML files of ``SPACES_DIR``)."""
+    return sorted(q.stem for q in SPACES_DIR.glob("*.yaml"))
+
+
+def space_difference(before: dict, after: dict) -> list[str]:
+    """How the space ``after`` differs from ``before`` (both :meth:`SearchSpace.record`), one phrase per
+    change: ``lr: loguniform [0.001, 0.03] -> loguniform [0.0001, 0.1]``, ``hidden: added``, ..."""
+
+    def params(r: dict) -> dict:
+        out = {n: repr(v) for n, v in r.get("constants", {}).items()}
+        return {**out, **{n: f"{kind} {args}" for n, (kind, args) in r.get("distributions", {}).items()}}
+
+    changes = [
+        f"{k}: {before.get(k)} -> {after.get(k)}" for k in ("metric", "max_epochs") if before.get(k) != after.get(k)
+    ]
+    old, new = params(before), params(after)
+    for name in sorted(set(old) | set(new)):
+        if name not in new:
+            changes.append(f"{name}: removed (was {old[name]})")
+        elif name not in old:
+            changes.append(f"{name}: added ({new[name]})")
+        elif old[name] != new[name]:
+            changes.append(f"{name}: {old[name]} -> {new[name]}")
+    return changes
+
+
 def resolve_space_path(name_or_path: str | os.PathLike) -> Path:
     """A file path, or the name of a bundled space (``quick`` or ``quick.yaml``)."""
     p = Path(name_or_path).expanduser()
@@ -44,7 +72,7 @@ def resolve_space_path(name_or_path: str | os.PathLike) -> Path:
     for candidate in (SPACES_DIR / p.name, SPACES_DIR / f"{p.name}.yaml"):
         if not p.parent.parts and candidate.is_file():
             return candidate.resolve()
-    bundled = ", ".join(sorted(q.stem for q in SPACES_DIR.glob("*.yaml"))) or "none found"
+    bundled = ", ".join(bundled_spaces()) or "none found"
     raise UserError(f"{name_or_path}: search space file not found (bundled spaces: {bundled})")
 
 
@@ -69,6 +97,18 @@ class SearchSpace:
     def bounds(self) -> dict:
         """Numeric bounds of the searched parameters, for edge-of-space checks."""
         return {n: tuple(args) for n, (kind, args) in self.distributions.items() if kind != "choice"}
+
+    def record(self) -> dict:
+        """What the trials are drawn from (the metric, the epochs, every parameter), as plain JSON values:
+        kept in the experiment so that ``--extend`` can tell the same space from a changed one."""
+        record = {
+            "metric": self.metric,
+            "mode": self.mode,
+            "max_epochs": self.max_epochs,
+            "constants": dict(sorted(self.constants.items())),
+            "distributions": {n: [kind, list(args)] for n, (kind, args) in sorted(self.distributions.items())},
+        }
+        return json.loads(json.dumps(record))
 
     def tune_space(self) -> dict:
         """The ``param_space`` for ``tune.Tuner``: Tune domains and constants."""

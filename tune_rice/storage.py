@@ -25,6 +25,8 @@ ARGS_FILE = "search_args.json"
 TEST_MARK = "test_started.json"
 # The resolved identity of each backbone's weights, kept in ARGS_FILE under this key (see save_args).
 WEIGHTS_KEY = "resolved_weights"
+# The search space as searched (``SearchSpace.record()``), kept in ARGS_FILE: --extend refuses another.
+SPACE_KEY = "searched_space"
 # What the driver copies to a URI storage path (files and folders of the local experiment folder).
 OUTPUTS = (
     "results.csv",
@@ -84,35 +86,24 @@ def experiment_paths(storage_path: str, name: str) -> ExperimentPaths:
 
 
 # ------------------------------------------------------------------------------------------ arguments
-def save_args(exp_dir: Path, args, *, weights: dict[str, str] | None = None) -> None:
-    """``args`` as search_args.json, with ``weights`` (backbone -> the identity its weights resolved to)."""
+def save_args(exp_dir: Path, settings: dict, *, weights: dict[str, str] | None = None) -> None:
+    """``settings`` (``SearchConfig.saved()``) as search_args.json, with ``weights`` (backbone -> the
+    identity its weights resolved to)."""
     exp_dir.mkdir(parents=True, exist_ok=True)
-    # --resume may run from another working directory: keep paths absolute.
-    if args.data is not None:
-        args.data = str(Path(args.data).expanduser().resolve())
-    if args.data_root is not None:
-        args.data_root = str(Path(args.data_root).expanduser().resolve())
-    if Path(args.search_space).expanduser().is_file():
-        args.search_space = str(Path(args.search_space).expanduser().resolve())
-    if args.weights not in ("auto", "imagenet", "none") and Path(args.weights).expanduser().is_file():
-        args.weights = str(Path(args.weights).expanduser().resolve())
-    keep = {k: v for k, v in vars(args).items() if k not in ("resume", "verbose", "address")}
+    keep = dict(settings)
     if weights is not None:
         keep[WEIGHTS_KEY] = dict(sorted(weights.items()))
     write_durably(exp_dir / ARGS_FILE, json.dumps(keep, indent=1))
 
 
-def restore_args(exp_dir: Path, args) -> None:
-    saved = json.loads((exp_dir / ARGS_FILE).read_text())
-    for key, value in saved.items():
-        if key not in ("name", "storage_path", WEIGHTS_KEY):
-            setattr(args, key, value)
+def load_args(exp_dir: Path) -> dict:
+    """search_args.json as saved (``SearchConfig.restore`` takes it back)."""
+    return json.loads((exp_dir / ARGS_FILE).read_text())
 
 
 def recorded_weights(exp_dir: Path) -> dict[str, str] | None:
     """Backbone -> weights identity as resolved when the search started (None: not recorded)."""
-    saved = json.loads((exp_dir / ARGS_FILE).read_text())
-    return saved.get(WEIGHTS_KEY)
+    return load_args(exp_dir).get(WEIGHTS_KEY)
 
 
 def write_durably(path: Path, text: str) -> None:

@@ -28,7 +28,7 @@ CHECKPOINT_FILE = "state.pt"
 
 @dataclass(frozen=True)
 class ImageSource:
-    """A trial's data when there are no banks (``--feature-cache off``, the reference path): the images
+    """A trial's data when there are no banks (``--bank off``, the reference path): the images
     listed in ``labels_csv`` (relative to ``data_root``, default its folder) and, per backbone name, the
     weights resolved when the search started."""
 
