@@ -45,8 +45,8 @@ def cache_root() -> Path:
     return default_demo_dir().parent / "bench_photos"
 
 
-def demo_train(per_class: int = 200, seed: int = 0) -> tuple[Path, pd.DataFrame]:
-    """The demo set's folder and its train rows (generated and prepared first when missing)."""
+def demo_train(per_class: int = 200, seed: int = 0, splits: tuple[str, ...] = ("train",)) -> tuple[Path, pd.DataFrame]:
+    """The demo set's folder and its rows of ``splits`` (generated and prepared first when missing)."""
     from tune_rice.demo import ensure_demo
 
     folder = ensure_demo(per_class=per_class, size=256, seed=seed)
@@ -56,7 +56,16 @@ def demo_train(per_class: int = 200, seed: int = 0) -> tuple[Path, pd.DataFrame]
 
         prepare_dataset(folder, seed=seed, progress=False)
     frame = pd.read_csv(csv, dtype=str, keep_default_na=False)
-    return folder, frame[frame["split"] == "train"].reset_index(drop=True)
+    if splits == ("train",):
+        return folder, frame[frame["split"] == "train"].reset_index(drop=True)
+    # Several splits: in the order given, each split's rows in turn over the classes, so that any prefix of
+    # a split is stratified.
+    parts = []
+    for split in splits:
+        rows = frame[frame["split"] == split]
+        turn = rows.groupby("label").cumcount()
+        parts.append(rows.assign(_turn=turn).sort_values(["_turn", "label"], kind="stable").drop(columns="_turn"))
+    return folder, pd.concat(parts).reset_index(drop=True)
 
 
 def photo_set(
@@ -68,19 +77,22 @@ def photo_set(
     seed: int = 0,
     quality: int = 90,
     jobs: int | None = None,
+    splits: tuple[str, ...] = ("train",),
 ) -> Path:
-    """labels.csv of ``images`` train photos (all split ``train``) at ``size`` (W, H; None: the demo's own
+    """labels.csv of ``images`` photos of the demo set's ``splits`` (their split kept) at ``size`` (W, H; None: the demo's own
     256 px files, listed where they are). Made once; later calls find them. ``distinct`` > 0: only that
     many files, listed in turn (a GPU-sized run needs thousands of images; decoding one costs the same
     whether it was listed before or not, and every file is in the page cache once written). The photos are
     made from the demo set of ``per_class`` images per class, ``jobs`` processes at a time (default: the
     usable CPUs)."""
-    folder, rows = demo_train(per_class=per_class, seed=seed)
+    folder, rows = demo_train(per_class=per_class, seed=seed, splits=splits)
     distinct = min(distinct or images, images)
     if len(rows) < distinct:
-        raise SystemExit(f"the demo set has {len(rows)} train images, fewer than {distinct}")
+        raise SystemExit(f"the demo set has {len(rows)} {'+'.join(splits)} images, fewer than {distinct}")
     rows = rows.iloc[[i % distinct for i in range(images)]].reset_index(drop=True)
     tag = f"n{images}" + (f"d{distinct}" if distinct < images else "")
+    if splits != ("train",):
+        tag += "-" + "-".join(splits)
     if size is None:  # the demo's own files: a labels file of these rows beside them (paths are relative)
         csv = folder / f"labels_train_{tag}.csv"
         if not csv.is_file():
