@@ -196,3 +196,28 @@ def test_a_tuned_stage_artifact_round_trips_through_predict_and_both_exports(lab
     with torch.no_grad():
         assert torch.allclose(scripted(x), logits, atol=export.ATOL, rtol=export.RTOL)
     capsys.readouterr()
+
+
+def test_a_stage_bank_from_shards_is_the_whole_pass(labels, banks):
+    """The sharded extraction (shards.py runs these as Ray tasks over the GPUs) assembles the same stage bank
+    (at another batch size: equal to float16 rounding) and the same pretrained stage."""
+    from tune_rice.features import assemble_pass, extract_pass_shard, plan_banks, shard_align
+    from tune_rice.shards import plan_shards
+
+    stage, _, _ = banks
+    table = read_labels(labels)
+    plan = plan_banks(table, [stage.spec], weights="none", use_cache=False)
+    (group,) = plan.todo.values()
+    parts = {
+        split: [
+            extract_pass_shard(table, group, plan.resolved, split, a, b, device="cpu", batch_size=4)
+            for a, b in plan_shards(len(table.split(split)), shard_align(group[0], split, 4), 3)
+        ]
+        for split in ("train", "valid")
+    }
+    (got,) = assemble_pass(table, group, plan.resolved, plan.keys, parts, 0.0, "cpu")
+    assert got.key == stage.key and got.info["stage_shape"] == stage.info["stage_shape"]
+    for split in ("train", "valid"):
+        assert len(parts[split]) >= 2
+        np.testing.assert_allclose(got.splits[split].features, stage.splits[split].features, rtol=2**-10, atol=1e-3)
+    assert all(torch.equal(got.stage[k], v) for k, v in stage.stage.items())
