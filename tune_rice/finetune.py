@@ -145,11 +145,15 @@ class StageRun(HeadRun):
                 num_workers=workers,
                 device=self.device,
             )
-            self.valid_batches = ImageBatches(
-                dataset_for_split(table, "valid", eval_tf), batch_size=64, train=False, device=self.device
-            )
-            stats_batches = ImageBatches(
-                dataset_for_split(table, "train", eval_tf), batch_size=64, train=False, device=self.device
+            self.valid_batches, stats_batches = (
+                ImageBatches(
+                    dataset_for_split(table, split, eval_tf),
+                    batch_size=64,
+                    train=False,
+                    num_workers=workers,
+                    device=self.device,
+                )
+                for split in ("valid", "train")  # train un-augmented: the head's standardisation statistics
             )
             targets = table.targets("train")
         self.n_classes = len(self.classes)
