@@ -181,6 +181,7 @@ def test_cli_writes_an_overlay_per_photo_and_skips_unreadable_ones(tiny_model, p
     rc = cli.main(["explain", "--model", str(tiny_model.model_path), str(photos), "--out", str(out)])
     stdout, stderr = capsys.readouterr()
     assert rc == 0, stderr
+    assert "note: --out is now --out-dir" in stderr  # the old spelling still works and names the new one
     assert "3 of 5 images explained" in stdout and "skipped 2 unreadable" in stderr
     table = pd.read_csv(out / "explain.csv", keep_default_na=False)
     assert len(table) == 5
@@ -204,10 +205,10 @@ def test_cli_bad_inputs_are_one_line_and_write_nothing(tiny_model, tmp_path, cap
     out = tmp_path / "nothing"
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert explain.main(["--model", str(tiny_model.model_path), str(empty), "--out", str(out)]) == 2
+    assert explain.main(["--model", str(tiny_model.model_path), str(empty), "--out-dir", str(out)]) == 2
     assert "no images found" in capsys.readouterr().err
     photo = tiny_model.root / "alpha" / "alpha_000.png"
-    assert explain.main(["--model", str(tmp_path / "missing.pt"), str(photo), "--out", str(out)]) == 2
+    assert explain.main(["--model", str(tmp_path / "missing.pt"), str(photo), "--out-dir", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "missing.pt" in err
     assert not out.exists()
@@ -220,7 +221,7 @@ def test_a_torchscript_export_is_refused_in_one_line(tiny_model, tmp_path, capsy
     assert export.main(["--model", str(tiny_model.model_path), "--format", "torchscript", "--out", str(ts)]) == 0
     capsys.readouterr()
     photo = tiny_model.root / "alpha" / "alpha_000.png"
-    assert explain.main(["--model", str(ts), str(photo), "--out", str(tmp_path / "x")]) == 2
+    assert explain.main(["--model", str(ts), str(photo), "--out-dir", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{ts}: a TorchScript export has no layers to hook" in err
     assert not (tmp_path / "x").exists()

@@ -458,6 +458,7 @@ def backbone_rows(family: str | None = None) -> list[dict]:
         if not archs:
             families = sorted({family_of(a) for a in architectures()})
             raise UserError(f"--family {family!r}: no such family; valid: {', '.join(families)}")
+    archs = sorted(archs, key=cli.natural_key)  # resnet18 before resnet101
     dims = feature_dims(archs)
     rows = []
     for arch in archs:
@@ -511,15 +512,17 @@ def format_table(rows: list[dict], *, provider: str = "torchvision") -> str:
     cached = sum(r["cached"] for r in rows)
     if provider == "timm":
         lines.append(
-            f"{len(rows)} pretrained timm models in {len({r['family'] for r in rows})} families; {cached} in the "
+            f"{cli.counted(len(rows), 'pretrained timm model')} in "
+            f"{cli.counted(len({r['family'] for r in rows}), 'family', 'families')}; {cached} in the "
             f"local caches ({timm_zoo.hub_cache_dir()}). GFLOPs: measured (torch's FlopCounterMode at the native "
             "crop, multiply-adds as torchvision counts them); top-1 and file size: timm does not ship them. "
             "Use as backbone timm:NAME."
         )
         return "\n".join(lines)
     lines.append(
-        f"{len(rows)} weights of {len({r['backbone'].split(':')[0] for r in rows})} models in "
-        f"{len({r['family'] for r in rows})} families; {cached} in the local cache "
+        f"{cli.counted(len(rows), 'weights', 'weights')} of "
+        f"{cli.counted(len({r['backbone'].split(':')[0] for r in rows}), 'model')} in "
+        f"{cli.counted(len({r['family'] for r in rows}), 'family', 'families')}; {cached} in the local cache "
         f"({Path(torch.hub.get_dir()) / 'checkpoints'}). A bare name means the default weights; "
         "name others as MODEL:WEIGHTS. top-1: ImageNet-1K, torchvision's figures for those weights."
     )

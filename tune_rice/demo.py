@@ -897,12 +897,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--size", type=int, default=256, metavar="PX", help="image side in pixels (default: %(default)s)"
     )
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default: %(default)s)")
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        metavar="W",
-        help="drawing processes (default: 1 below 2000 images; the files do not depend on it)",
+    cli.add_num_workers_arg(
+        parser, help="drawing processes (default: 1 below 2000 images; the files do not depend on it)"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
@@ -915,10 +911,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     cli.setup_logging(args.verbose)
     _check_params(args.per_class, args.size, args.seed, names=("--per-class", "--size", "--seed"))
-    if args.workers is not None and args.workers < 1:
-        raise UserError(f"--workers must be >= 1, got {args.workers}")
+    if args.num_workers is not None and args.num_workers < 1:
+        raise UserError(f"--num-workers must be >= 1, got {args.num_workers}")
     generate_demo(
-        args.out, per_class=args.per_class, size=args.size, seed=args.seed, family=args.family, workers=args.workers
+        args.out, per_class=args.per_class, size=args.size, seed=args.seed, family=args.family, workers=args.num_workers
     )
     return 0
 

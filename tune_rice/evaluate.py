@@ -294,7 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="which images to score: a split, or all of them (default: test; all for data with no split)",
     )
-    p.add_argument("--out", help="JSON file to write (default: eval_<split>.json in the current folder)")
+    p.add_argument(
+        "--out", metavar="FILE", help="the JSON file to write (default: eval_<split>.json in the current folder)"
+    )
+    cli.add_force_arg(p, "--out")
     add_device_args(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -314,6 +317,7 @@ def _main(argv: Sequence[str] | None) -> int:
     loaded = load_model(args.model, device=device)
     table, split = load_scored(args.data, args.data_root, args.split, path_col=args.path_col, label_col=args.label_col)
     out = Path(args.out) if args.out else Path(f"eval_{split}.json")
+    cli.refuse_overwrite([out], args.force)
     table = align_classes(table, loaded.classes)
     result = evaluate_model(
         loaded.module,

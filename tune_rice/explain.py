@@ -683,7 +683,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("paths", nargs="+", metavar="PHOTO", help="image files or folders (searched recursively)")
     p.add_argument("--model", required=True, help="runs/<name>/best/model.pt or an experiment folder")
-    p.add_argument("--out", default="explain", help="folder for the PNGs and explain.csv")
+    p.add_argument("--out-dir", metavar="DIR", default="explain", help="the folder for the PNGs and explain.csv")
+    cli.add_old_spelling(p, "--out", "--out-dir")
     p.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD, help="pytorch-grad-cam method")
     p.add_argument(
         "--earlier",
@@ -719,9 +720,9 @@ def _main(argv: Sequence[str] | None) -> int:
     if not files:
         raise UserError(f"no images found in {', '.join(args.paths)} (looked for {', '.join(IMAGE_EXTENSIONS)})")
     loaded = load_model(args.model, device=device)
-    out = Path(args.out)
+    out = Path(args.out_dir)
     if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a folder")
+        raise UserError(f"--out-dir {out}: exists and is not a folder")
     table = explain_files(
         loaded,
         files,

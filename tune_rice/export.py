@@ -175,12 +175,7 @@ def export_model(
     if out.resolve() == model_path.resolve():
         raise UserError(f"--out {out}: that is the model file itself")
     written = [out] + ([out.with_name(out.name + ".json")] if fmt == "onnx" else [])
-    existing = [str(p) for p in written if p.exists()]
-    if existing and not force:
-        raise UserError(
-            f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}: "
-            "pass --force to overwrite, or --out elsewhere"
-        )
+    cli.refuse_overwrite(written, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     diff: float | None
@@ -209,8 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="runs/<name>/best/model.pt (or the experiment folder)")
     p.add_argument("--format", choices=tuple(FORMATS), default="torchscript", help="what to write")
-    p.add_argument("--out", help="file to write (default: next to the model, model.ts / model.onnx)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument(
+        "--out", metavar="FILE", help="the file to write (default: next to the model, model.ts / model.onnx)"
+    )
+    cli.add_force_arg(p, "--out")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 

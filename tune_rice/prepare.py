@@ -1401,7 +1401,7 @@ def _parser() -> argparse.ArgumentParser:
         help="also lay out OUT_DIR/{train,valid,test}/<class>/ as hard links (copies across "
         "devices); OUT_DIR must be empty or new, and outside DATA_DIR",
     )
-    p.add_argument("--workers", type=int, default=None, help="decoding threads (default: CPUs + 2, at most 16)")
+    cli.add_num_workers_arg(p, help="decoding threads (default: CPUs + 2, at most 16)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -1429,7 +1429,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         min_similarity=args.dup_min_similarity,
         flips=not args.dup_no_flips,
         allow_small_classes=args.allow_small_classes,
-        workers=args.workers,
+        workers=args.num_workers,
         progress=not args.no_progress,
         path_col=args.path_col,
         label_col=args.label_col,

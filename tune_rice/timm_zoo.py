@@ -492,7 +492,7 @@ def family_summary(limit_examples: int = 3) -> str:
     for family, members in groups:
         lines.append(f"{family:<{width}}  {len(members):>6}  {', '.join(members[:limit_examples])}")
     lines.append(
-        f"{len(names)} pretrained timm models (timm {version()}) in {len(groups)} families. "
+        f"{len(names)} pretrained timm models (timm {version()}) in {len(groups)} famil{'y' if len(groups) == 1 else 'ies'}. "
         "Pick one with --family FAMILY, a name prefix or a wildcard ('*dinov2*') for its sizes, cost and "
         "cache state; use it as backbone timm:NAME."
     )
