@@ -295,12 +295,14 @@ def test_the_probe_leads_unless_the_best_trial_beats_it_beyond_the_pick(lead_by,
     import pandas as pd
 
     from tune_rice.probe import probe_verdict, search_beats_probe
+    from tune_rice.records import FinalRecord
     from tune_rice.report import Experiment, final_lines
 
+    record = FinalRecord.from_dict(choice.to_dict())
     md = "\n".join(
         final_lines(
-            Experiment(Path("."), pd.DataFrame(), "valid/acc", "max", None, None, final=choice.to_dict()),
-            choice.to_dict(),
+            Experiment(Path("."), pd.DataFrame(), "valid/acc", "max", None, None, final=record),
+            record,
         )
     )
     deployed = "the linear probe's head" if leader == "probe:b" else "the single best trial's head"

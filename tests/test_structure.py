@@ -33,6 +33,7 @@ RAY_FREE = (
     "audit",
     "storage",
     "study",
+    "records",
     *AFTER_SEARCH,
 )
 

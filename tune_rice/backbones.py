@@ -43,6 +43,7 @@ from torchvision.models import WeightsEnum
 
 from . import UserError, cli, timm_zoo
 from .data import Preprocessing
+from .records import Direction, cache_root
 from .torchutil import weightless as _weightless
 
 log = logging.getLogger(__name__)
@@ -368,7 +369,7 @@ def cost_frontier(results, key: str, mode: str, *, extraction_rates: dict[str, f
     sizes = ran["config/image_size"] if "config/image_size" in ran else pd.Series(0, index=ran.index)
     rows = []
     for (value, size), group in ran.groupby([ran["config/backbone"], sizes.fillna(0).astype(int)]):
-        best = group.loc[group[key].idxmax() if mode == "max" else group[key].idxmin()]
+        best = group.loc[Direction(mode).best_label(group[key])]
         crop = preprocessing_for(value, size or None).crop
         row = {
             "backbone": value,
@@ -380,8 +381,8 @@ def cost_frontier(results, key: str, mode: str, *, extraction_rates: dict[str, f
         if extraction_rates is not None:
             row["extract_img_s"] = extraction_rates.get(value)
         rows.append(row)
-    frame = pd.DataFrame(rows).sort_values(["gflops", "best"], ascending=[True, mode == "min"])
-    sign = 1 if mode == "max" else -1
+    frame = pd.DataFrame(rows).sort_values(["gflops", "best"], ascending=[True, Direction(mode).ascending])
+    sign = Direction(mode).sign
     frame["pareto"] = [
         not any(
             o.gflops <= r.gflops
@@ -400,7 +401,7 @@ def cheaper_choice(frontier, mode: str, *, budget: float = COST_BUDGET_GFLOPS) -
     it is, or if none is that cheap)."""
     if frontier is None or len(frontier) < 2:
         return ""
-    sign = 1 if mode == "max" else -1
+    sign = Direction(mode).sign
     overall = frontier.loc[(sign * frontier["best"]).idxmax()]
     cheap = frontier[frontier["gflops"] <= budget]
     if cheap.empty:
@@ -417,8 +418,7 @@ def cheaper_choice(frontier, mode: str, *, budget: float = COST_BUDGET_GFLOPS) -
 
 # -------------------------------------------------------------------------------------------- the table
 def _dims_cache() -> Path:
-    base = os.environ.get("TUNE_RICE_CACHE")
-    root = Path(base).expanduser() if base else Path.home() / ".cache" / "tune_rice"
+    root = cache_root()
     return root / f"backbone-dims-torchvision-{torchvision.__version__}.json"
 
 

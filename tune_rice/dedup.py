@@ -52,6 +52,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -801,12 +802,26 @@ def check_pairs(
 
 
 # -------------------------------------------------------------------------------------- grouping
+class DuplicatePair(NamedTuple):
+    """A verified pair of copies: images ``i`` < ``j`` (indices into the inputs), how they were found
+    (``exact``: same bytes; ``near``: passed the check), the check's detail and outline similarity, how
+    ``j`` is turned against ``i`` (one of ORIENTATIONS), and whether the pair joined their groups."""
+
+    i: int
+    j: int
+    check: str
+    similarity: float
+    outline: float
+    orientation: str
+    joined: bool
+
+
 @dataclass
 class Grouping:
     """The outcome of :func:`group_images`."""
 
     group: np.ndarray  # (N,) int64 group ids 0..G-1, numbered by first member
-    pairs: list[tuple]  # (i, j, check, similarity, outline, orientation, joined) per accepted pair
+    pairs: list[DuplicatePair]  # per verified pair, strongest first after the exact copies
     n_candidates: int  # candidate pairs checked
     n_blocked: int  # verified pairs not joined because some members of their two groups do not match
 
@@ -846,13 +861,13 @@ def group_images(
             x = int(parent[x])
         return x
 
-    pairs: list[tuple] = []
+    pairs: list[DuplicatePair] = []
     n_candidates = n_blocked = 0
     if mode != "off":
         for a, b in _exact_pairs(sha1s):
             ra, rb = find(a), find(b)
             parent[max(ra, rb)] = min(ra, rb)
-            pairs.append((a, b, "exact", 1.0, 1.0, "same", True))
+            pairs.append(DuplicatePair(a, b, "exact", 1.0, 1.0, "same", True))
     if mode == "near" and n > 1:
         if signatures is None or len(signatures) != n:
             raise ValueError("near mode needs one signature per image")
@@ -953,7 +968,7 @@ def group_images(
                     joined = False
                     n_blocked += 1
             pairs.append(
-                (
+                DuplicatePair(
                     a,
                     b,
                     "near",

@@ -56,6 +56,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from . import UserError, cli
+from .records import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -832,8 +833,7 @@ def dataset_name(*, per_class: int = 200, size: int = 256, seed: int = 0, family
 
 def default_demo_dir() -> Path:
     """Where :func:`ensure_demo` keeps datasets: ``$TUNE_RICE_CACHE/demo`` or ``~/.cache/tune_rice/demo``."""
-    base = os.environ.get("TUNE_RICE_CACHE")
-    return (Path(base).expanduser() if base else Path.home() / ".cache" / "tune_rice") / "demo"
+    return cache_root() / "demo"
 
 
 def ensure_demo(

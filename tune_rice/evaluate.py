@@ -42,7 +42,7 @@ from .data import (
 from .devices import add_device_args, device_from_arg, loader_workers, resolve_device
 from .engine import ImageBatches, compute_metrics, predict_logits
 from .model import load_model
-from .storage import TEST_MARK
+from .records import BEST_DIR, LABELS_FILE, TEST_MARK, TEST_METRICS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,8 @@ def resolve_labels(data: str | os.PathLike) -> Path:
     if p.is_file():
         return p
     if p.is_dir():
-        if (p / "labels.csv").is_file():
-            return p / "labels.csv"
+        if (p / LABELS_FILE).is_file():
+            return p / LABELS_FILE
         raise UserError(f"{p}: no labels.csv in this folder; write one with `python -m tune_rice.prepare {p}`")
     raise UserError(f"--data {data}: no such file or folder")
 
@@ -75,7 +75,7 @@ def load_scored(
     pre-split tree or a CSV of images is read as it is (nothing is written, nothing decoded yet); only
     a pre-split tree has a split, the others are scored with ``all``."""
     p = Path(data).expanduser()
-    if (p.is_file() and is_labels_file(p)) or (p.is_dir() and (p / "labels.csv").is_file()):
+    if (p.is_file() and is_labels_file(p)) or (p.is_dir() and (p / LABELS_FILE).is_file()):
         split = split or "test"
         splits = SPLITS if split == ALL else (split,)
         return read_labels_checked(resolve_labels(p), data_root, splits=splits), split
@@ -219,11 +219,11 @@ def second_look(model_path: Path) -> str:
 
     The search scores its model on test once (test_metrics.json) and marks the start of that read
     (test_started.json); either next to ``best/`` means the test images have been read for this model."""
-    exp = model_path.parent.parent if model_path.parent.name == "best" else model_path.parent
-    if (exp / "test_metrics.json").is_file():
+    exp = model_path.parent.parent if model_path.parent.name == BEST_DIR else model_path.parent
+    if (exp / TEST_METRICS_FILE).is_file():
         return (
             f"a second look at the test split: the search scored this model on it once already "
-            f"({exp / 'test_metrics.json'}); that first score is the one to report"
+            f"({exp / TEST_METRICS_FILE}); that first score is the one to report"
         )
     if (exp / TEST_MARK).is_file():
         try:
@@ -308,9 +308,9 @@ def _main(argv: Sequence[str] | None) -> int:
     cli.setup_logging(args.verbose)
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.out and Path(args.out).name == "test_metrics.json":
+    if args.out and Path(args.out).name == TEST_METRICS_FILE:
         raise UserError(
-            f"--out {args.out}: refusing to write test_metrics.json (the search's own record of its "
+            f"--out {args.out}: refusing to write {TEST_METRICS_FILE} (the search's own record of its "
             "one test read); choose another name"
         )
     device = device_from_arg(args.device)

@@ -40,6 +40,7 @@ from torch.utils.hooks import RemovableHandle
 
 from . import UserError, cli
 from .devices import add_device_args
+from .records import ARGS_FILE, LABELS_FILE, MODEL_PATH
 
 if TYPE_CHECKING:
     from .data import LabelTable
@@ -456,7 +457,7 @@ def gallery_data(exp_dir: Path) -> tuple[LoadedModel, LabelTable] | str:
     from .evaluate import align_classes, resolve_labels
     from .model import load_model
 
-    model_path = exp_dir / "best" / "model.pt"
+    model_path = exp_dir / MODEL_PATH
     if not model_path.is_file():
         return f"no {model_path.relative_to(exp_dir)} in the experiment"
     args = _read_args(exp_dir)
@@ -467,7 +468,7 @@ def gallery_data(exp_dir: Path) -> tuple[LoadedModel, LabelTable] | str:
         else:  # the search's default: the demo set in the cache, never generated here
             from .demo import dataset_name, default_demo_dir
 
-            csv = default_demo_dir() / dataset_name() / "labels.csv"
+            csv = default_demo_dir() / dataset_name() / LABELS_FILE
         loaded = load_model(model_path)
         if loaded.kind != "artifact":
             return f"{model_path.name} is not a tune-rice model file"
@@ -483,7 +484,7 @@ def _read_args(exp_dir: Path) -> dict:
     import json
 
     try:
-        return json.loads((exp_dir / "search_args.json").read_text())
+        return json.loads((exp_dir / ARGS_FILE).read_text())
     except (OSError, ValueError):
         return {}
 

@@ -31,6 +31,7 @@ from .engine import BankBatches, TrialConfig, compute_metrics, fold_heads, predi
 from .features import FeatureBank, FeatureSpec
 from .model import Classifier, Ensemble, Head, ResolvedWeights, build_backbone, build_ensemble, build_head
 from .probe import is_probe_id, probe_id
+from .records import Direction
 
 log = logging.getLogger(__name__)
 
@@ -412,7 +413,7 @@ def decide(
         )
         good_enough = tested["clear"]
     else:
-        good_enough = s_ens > s_single if mode == "max" else s_ens < s_single
+        good_enough = Direction(mode).better(s_ens, s_single)
     use_ensemble = len(sel.members) > 1 and good_enough
     if len(sel.members) > 1 and not use_ensemble:
         log.info(
@@ -513,8 +514,8 @@ def merge_candidates(candidates: Sequence[Candidate], extra: Sequence[Candidate]
     score; the single best stays first: the selection starts from the search's own best trial."""
     if not candidates:
         return list(extra)
-    sign = -1.0 if mode == "max" else 1.0
-    rest = sorted([*candidates[1:], *extra], key=lambda c: sign * c.score)  # stable: trials before probes on ties
+    sign = Direction(mode).sign
+    rest = sorted([*candidates[1:], *extra], key=lambda c: -sign * c.score)  # stable: trials before probes on ties
     return [candidates[0], *rest]
 
 
@@ -650,7 +651,7 @@ def lead_index(
     trials = [i for i, c in enumerate(pool) if not c.baseline]
     if not probes or not trials:
         return 0, {}
-    sign = 1.0 if mode == "max" else -1.0
+    sign = Direction(mode).sign
     best = max(probes, key=lambda i: (sign * valid_score(logits[i], targets, metric), -i))
     test = stats.lead_test(
         [logits[i] for i in trials], logits[best], targets, metric=metric, mode=mode, trials_run=trials_run

@@ -36,6 +36,7 @@ from .backbones import (
     validate,
     weights_file,
 )
+from .records import MODEL_FILE, MODEL_PATH
 from .torchutil import safe_torch_load
 
 log = logging.getLogger(__name__)
@@ -637,7 +638,7 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
     """``--model`` may also name an experiment folder (``runs/<name>``) or its ``best/`` folder."""
     p = Path(path).expanduser()
     if p.is_dir():
-        for candidate in (p / "best" / "model.pt", p / "model.pt"):
+        for candidate in (p / MODEL_PATH, p / MODEL_FILE):
             if candidate.is_file():
                 return candidate
         raise UserError(f"{p}: a folder without best/model.pt or model.pt; pass the model file")

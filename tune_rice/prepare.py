@@ -38,6 +38,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import UserError, cli, data, dedup
+from .records import ARGS_FILE, LABELS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -659,7 +660,7 @@ def check_fractions(valid_frac: float, test_frac: float) -> tuple[float, float, 
 
 def resolve_out(data_dir: Path, out: str | os.PathLike | None) -> Path:
     """Where labels.csv goes; refuses a path inside a class folder (or a future one)."""
-    out_path = data_dir / "labels.csv" if out is None else Path(out).expanduser()
+    out_path = data_dir / LABELS_FILE if out is None else Path(out).expanduser()
     out_path = out_path.parent.resolve() / out_path.name
     if out_path.is_dir():
         raise UserError(f"{out_path}: is a folder; --out needs a file name (e.g. {out_path / 'labels.csv'})")
@@ -687,7 +688,7 @@ def check_dedup(mode: str, min_similarity: float) -> None:
 def duplicates_path(labels_csv: Path) -> Path:
     """Where the grouped pairs go: ``duplicates.csv`` beside ``labels.csv`` (``<stem>.duplicates.csv``
     beside a labels file of another name)."""
-    name = "duplicates.csv" if labels_csv.name == "labels.csv" else f"{labels_csv.stem}.duplicates.csv"
+    name = "duplicates.csv" if labels_csv.name == LABELS_FILE else f"{labels_csv.stem}.duplicates.csv"
     return labels_csv.with_name(name)
 
 
@@ -839,7 +840,7 @@ def prepare_dataset(
     merged = group_size[group_size > 1]
     biggest = np.argsort(-group_size, kind="stable")[:5]
     largest = [sorted(paths[k] for k in np.flatnonzero(group == g)) for g in biggest if group_size[g] > 1]
-    checks = [p[2] for p in grouping.pairs]
+    checks = [p.check for p in grouping.pairs]
     return PrepareResult(
         labels_csv=out_path,
         data_dir=root,
@@ -930,17 +931,17 @@ def _leakage_frame(
     grouping: dedup.Grouping, split_row: np.ndarray, paths: list[str], labels: list[str]
 ) -> pd.DataFrame:
     """One row per copy pair whose two images sit in different splits."""
-    rows = sorted((p for p in grouping.pairs if split_row[p[0]] != split_row[p[1]]), key=lambda p: (p[0], p[1]))
+    rows = sorted((p for p in grouping.pairs if split_row[p.i] != split_row[p.j]), key=lambda p: (p.i, p.j))
     return pd.DataFrame(
         {
-            "path_a": [paths[p[0]] for p in rows],
-            "split_a": [data.SPLITS[split_row[p[0]]] for p in rows],
-            "label_a": [labels[p[0]] for p in rows],
-            "path_b": [paths[p[1]] for p in rows],
-            "split_b": [data.SPLITS[split_row[p[1]]] for p in rows],
-            "label_b": [labels[p[1]] for p in rows],
-            "check": [p[2] for p in rows],
-            "similarity": [f"{p[3]:.3f}" for p in rows],
+            "path_a": [paths[p.i] for p in rows],
+            "split_a": [data.SPLITS[split_row[p.i]] for p in rows],
+            "label_a": [labels[p.i] for p in rows],
+            "path_b": [paths[p.j] for p in rows],
+            "split_b": [data.SPLITS[split_row[p.j]] for p in rows],
+            "label_b": [labels[p.j] for p in rows],
+            "check": [p.check for p in rows],
+            "similarity": [f"{p.similarity:.3f}" for p in rows],
         },
         columns=list(LEAKAGE_COLUMNS),
     )
@@ -962,13 +963,13 @@ def _layout_line(scan: Scan, resplit: bool, seed: int, fractions: Sequence[float
 def default_out(scan: Scan) -> Path:
     """labels.csv at the top of DATA_DIR; for a CSV, ``<stem>.labels.csv`` beside it."""
     if scan.csv is None:
-        return scan.data_dir / "labels.csv"
+        return scan.data_dir / LABELS_FILE
     return data.prepared_labels_path(scan.csv)
 
 
 def leakage_path(labels_csv: Path) -> Path:
     """Where a kept split's cross-split copies go: ``leakage.csv`` beside ``labels.csv``."""
-    name = "leakage.csv" if labels_csv.name == "labels.csv" else f"{labels_csv.stem}.leakage.csv"
+    name = "leakage.csv" if labels_csv.name == LABELS_FILE else f"{labels_csv.stem}.leakage.csv"
     return labels_csv.with_name(name)
 
 
@@ -1031,7 +1032,7 @@ def experiments_using(labels_csv: Path, runs_dir: str | os.PathLike) -> list[str
     """The experiments under ``runs_dir`` whose saved arguments (search_args.json) read ``labels_csv``:
     by the labels file they recorded, else by their --data (a folder, the file, or a CSV it was prepared from)."""
     found = []
-    for args_file in sorted(Path(runs_dir).expanduser().glob("*/search_args.json")):
+    for args_file in sorted(Path(runs_dir).expanduser().glob(f"*/{ARGS_FILE}")):
         try:
             saved = json.loads(args_file.read_text())
         except (OSError, ValueError):
@@ -1040,7 +1041,7 @@ def experiments_using(labels_csv: Path, runs_dir: str | os.PathLike) -> list[str
         if not used:
             continue
         p = Path(used)
-        if labels_csv in (p, p / "labels.csv") or (
+        if labels_csv in (p, p / LABELS_FILE) or (
             p.suffix.lower() == ".csv" and labels_csv == data.prepared_labels_path(p)
         ):
             found.append(str(args_file.parent))
@@ -1066,19 +1067,19 @@ def _duplicates_frame(
 ) -> pd.DataFrame:
     """One row per accepted pair: its group, the two images, the check that accepted it and its scores
     (``joined`` is false where the chain guard kept the two groups apart)."""
-    rows = sorted(grouping.pairs, key=lambda p: (group[p[0]], p[0], p[1]))
+    rows = sorted(grouping.pairs, key=lambda p: (group[p.i], p.i, p.j))
     return pd.DataFrame(
         {
-            "group": [f"g{group[a]:0{width}d}" for a, *_ in rows],
-            "path_a": [paths[a] for a, *_ in rows],
-            "label_a": [labels[a] for a, *_ in rows],
-            "path_b": [paths[b] for _, b, *_ in rows],
-            "label_b": [labels[b] for _, b, *_ in rows],
-            "check": [p[2] for p in rows],
-            "similarity": [f"{p[3]:.3f}" for p in rows],
-            "outline": [f"{p[4]:.3f}" for p in rows],
-            "orientation": [p[5] for p in rows],
-            "joined": [str(p[6]).lower() for p in rows],
+            "group": [f"g{group[p.i]:0{width}d}" for p in rows],
+            "path_a": [paths[p.i] for p in rows],
+            "label_a": [labels[p.i] for p in rows],
+            "path_b": [paths[p.j] for p in rows],
+            "label_b": [labels[p.j] for p in rows],
+            "check": [p.check for p in rows],
+            "similarity": [f"{p.similarity:.3f}" for p in rows],
+            "outline": [f"{p.outline:.3f}" for p in rows],
+            "orientation": [p.orientation for p in rows],
+            "joined": [str(p.joined).lower() for p in rows],
         },
         columns=list(DUPLICATE_COLUMNS),
     )

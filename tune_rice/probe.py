@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from . import UserError
 from .features import FeatureBank
 from .model import Head, build_head
+from .records import Direction
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +229,7 @@ def _better(a: dict, b: dict | None, metric: str) -> bool:
     among C values scoring the same on a small valid set the better-calibrated one wins."""
     if b is None:
         return True
-    sign = -1 if metric == "loss" else 1
+    sign = Direction.MIN.sign if metric == "loss" else Direction.MAX.sign
     return (sign * a[metric], -a["loss"]) > (sign * b[metric], -b["loss"])
 
 
@@ -478,7 +479,7 @@ def probe_row(name: str, result: ProbeResult, bank: FeatureBank, metric: str) ->
 def best_probe(probes: dict[str, ProbeResult], metric: str, mode: str) -> tuple[str, ProbeResult]:
     """The probe (one per bank) with the best valid ``metric``."""
     key = metric_key(metric)
-    sign = 1 if mode == "max" else -1
+    sign = Direction(mode).sign
     name = max(probes, key=lambda n: sign * probes[n].valid[key])
     return name, probes[name]
 

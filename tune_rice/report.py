@@ -60,6 +60,15 @@ from .final import (
     threshold_lines,
 )
 from .probe import is_probe_id
+from .records import (
+    ARGS_FILE,
+    RESULTS_FILE,
+    TIMINGS_FILE,
+    Direction,
+    FinalRecord,
+    TestMetrics,
+    read_json,
+)
 from .report_html import PAGE, write_html
 from .space import METRICS, SearchSpace, load_search_space, with_metric
 from .study import best_values, load_study
@@ -90,9 +99,9 @@ class Experiment:
     max_epochs: int | None
     space: SearchSpace | None
     args: dict = field(default_factory=dict)
-    test: dict | None = None
+    test: TestMetrics | None = None  # test_metrics.json: the one read of the test split
     histories: dict = field(default_factory=dict)  # trial_id -> progress.csv frame
-    final: dict | None = None  # final.json: how the deployed model was chosen and calibrated on valid
+    final: FinalRecord | None = None  # final.json: how the deployed model was chosen and calibrated on valid
     probes: pd.DataFrame = field(default_factory=pd.DataFrame)  # results.csv rows of kind "probe"
 
     @property
@@ -119,8 +128,8 @@ class Experiment:
     def weights(self) -> str:
         # test_metrics.json's "weights": the backbone identity (files written before "member_weights" held the
         # ensemble's member weights there, a list; then the trials' rows say where the numbers came from)
-        if self.test and isinstance(self.test.get("weights"), str):
-            return self.test["weights"]
+        if self.test and isinstance(self.test.weights, str):
+            return self.test.weights
         if "weights" in self.results and self.results["weights"].notna().any():
             return str(self.results["weights"].dropna().iloc[0])
         return str(self.args.get("weights", "unknown"))
@@ -171,16 +180,6 @@ def _read_history(trial_dir: Path) -> pd.DataFrame | None:
     return hist
 
 
-def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        log.warning("%s: not valid JSON (%s); ignored", path, e)
-        return None
-
-
 def _trial_dir(exp_dir: Path, row) -> Path | None:
     """The trial's folder: under ``exp_dir`` first (the experiment may have moved), then as recorded."""
     candidates = []
@@ -193,7 +192,7 @@ def _trial_dir(exp_dir: Path, row) -> Path | None:
 
 def load_experiment(exp_dir: str | os.PathLike) -> Experiment:
     exp_dir = Path(exp_dir).expanduser().resolve()
-    csv = exp_dir / "results.csv"
+    csv = exp_dir / RESULTS_FILE
     if not exp_dir.is_dir():
         raise UserError(f"{exp_dir}: no such experiment folder")
     if not csv.is_file():
@@ -211,7 +210,7 @@ def load_experiment(exp_dir: str | os.PathLike) -> Experiment:
     if "kind" in results:  # the linear-probe baseline has rows of its own kind; the rest are trials
         probes = results[results["kind"] == "probe"].reset_index(drop=True)
         results = results[results["kind"] != "probe"].reset_index(drop=True)
-    args = _read_json(exp_dir / "search_args.json") or {}
+    args = read_json(exp_dir / ARGS_FILE) or {}
     space = None
     if args.get("search_space"):
         try:
@@ -236,13 +235,13 @@ def load_experiment(exp_dir: str | os.PathLike) -> Experiment:
         int(max_epochs),
         space,
         args,
-        _read_json(exp_dir / "test_metrics.json"),
-        final=_read_json(exp_dir / "final.json"),
+        TestMetrics.read(exp_dir),
+        final=FinalRecord.read(exp_dir),
         probes=probes,
     )
     if exp.key in results:
         exp.results = results.sort_values(
-            exp.key, ascending=(mode == "min"), na_position="last", kind="stable"
+            exp.key, ascending=Direction(mode).ascending, na_position="last", kind="stable"
         ).reset_index(drop=True)
     for _, row in exp.results.iterrows():
         d = _trial_dir(exp_dir, row)
@@ -546,7 +545,7 @@ def importances(exp: Experiment) -> tuple[dict[str, float] | None, str]:
     previous = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.create_study(direction="maximize" if exp.mode == "max" else "minimize")
+        study = optuna.create_study(direction=Direction(exp.mode).optuna)
         kept = load_study(exp.exp_dir)
         if kept is not None:
             # The searcher's own study: its params and distributions exactly as searched; each trial's
@@ -641,22 +640,19 @@ def draw_confusion(cm: np.ndarray, classes, *, title: str = "confusion matrix", 
     return fig
 
 
-def confusion_figure(test: dict):
+def confusion_figure(test: TestMetrics):
     """The test confusion matrix of test_metrics.json."""
-    title = (
-        f"test confusion matrix (trial {test.get('trial_id', '?')}): "
-        f"accuracy {test['accuracy']:.3f}, n={test['test_count']}"
-    )
-    return draw_confusion(test["confusion_matrix"], test["classes"], title=title, min_size=(6.0, 5.0))
+    title = f"test confusion matrix (trial {test.trial_id or '?'}): accuracy {test.accuracy:.3f}, n={test.test_count}"
+    return draw_confusion(np.asarray(test.confusion_matrix), test.classes, title=title, min_size=(6.0, 5.0))
 
 
-def reliability_figure(final: dict):
+def reliability_figure(final: FinalRecord):
     """The deployed model on valid: accuracy per bin of top probability, before and after its temperature."""
     fig = _figure(figsize=(10, 4.4))
     axes = fig.subplots(1, 2, sharey=True)
-    valid = final["valid"]
+    valid = final.valid
     for ax, key, label in ((axes[0], "before", "deployed"), (axes[1], "after", "deployed_calibrated")):
-        bins = final["reliability"][key]
+        bins = final.reliability[key]
         lo, hi = np.asarray(bins["lower"]), np.asarray(bins["upper"])
         count = np.asarray(bins["count"])
         acc = np.asarray([np.nan if a is None else a for a in bins["accuracy"]], dtype=float)
@@ -685,7 +681,7 @@ def reliability_figure(final: dict):
         ax.plot([0, 1], [0, 1], color="black", ls="--", lw=1, label="perfect calibration")
         for x, h, n in zip(lo[full], acc[full], count[full]):
             ax.text(x + (hi - lo)[0] / 2, min(h, 0.93) + 0.02, str(int(n)), ha="center", fontsize=7)
-        t = final["temperature"] if key == "after" else 1.0
+        t = final.temperature if key == "after" else 1.0
         m = valid[label]
         ax.set_title(
             f"valid, {'after' if key == 'after' else 'before'} temperature (T = {t:.3g}): "
@@ -701,11 +697,11 @@ def reliability_figure(final: dict):
     return fig
 
 
-def coverage_figure(final: dict):
+def coverage_figure(final: FinalRecord):
     """Valid accuracy among the images kept against the share kept, with the suggested threshold."""
     fig = _figure(figsize=(7, 4.6))
     ax = fig.add_subplot()
-    curve, th = final["coverage"], final["threshold"]
+    curve, th = final.coverage, final.threshold
     ax.plot(
         curve["coverage"],
         curve["accuracy"],
@@ -733,41 +729,41 @@ def coverage_figure(final: dict):
     return fig
 
 
-def final_lines(exp: Experiment, fin: dict) -> list[str]:
+def final_lines(exp: Experiment, fin: FinalRecord) -> list[str]:
     """The report's section on the deployed model (``fin``: final.json): members, weights, valid and test
     figures."""
-    test = exp.test or {}
+    test = exp.test or TestMetrics()
     md = ["## Final model", ""]
-    n = len(fin["members"])
-    probe_led = is_probe_id(fin["candidates"][0])
+    n = len(fin.members)
+    probe_led = is_probe_id(fin.candidates[0])
     single = "the linear probe's head" if probe_led else "the single best trial's head"
-    what = f"an ensemble of {n} heads" if fin["deployed"] == "ensemble" else single
+    what = f"an ensemble of {n} heads" if fin.deployed == "ensemble" else single
     md.append(
-        f"Deployed: {what}, chosen on valid among {len(fin['candidates'])} candidates (the best "
+        f"Deployed: {what}, chosen on valid among {len(fin.candidates)} candidates (the best "
         f"checkpoints of the top trials and the linear probe) by greedy selection with replacement, up to "
-        f"{fin.get('k', '?')} members; temperature {fin['temperature']:.4g} fitted on valid."
+        f"{fin.k or '?'} members; temperature {fin.temperature:.4g} fitted on valid."
     )
-    md += [line.strip() for line in lead_lines(fin)]
-    if fin["deployed"] == "single" and len(fin["selection"]["members"]) > 1:
+    md += [line.strip() for line in lead_lines(fin.to_dict())]
+    if fin.deployed == "single" and len(fin.selection["members"]) > 1:
         bar = "beat the probe by more than picking the best explains on" if probe_led else "improve"
         md.append(
-            f"An ensemble of {len(fin['selection']['members'])} lowered the valid NLL but did not {bar} "
-            f"{fin['metric']}, so it was not deployed."
+            f"An ensemble of {len(fin.selection['members'])} lowered the valid NLL but did not {bar} "
+            f"{fin.metric}, so it was not deployed."
         )
     md.append("")
-    specs = {c["name"]: c for c in fin.get("candidate_info", [])}
+    specs = {c["name"]: c for c in fin.candidate_info}
     rows = [
         {"member": m, "weight": w, **{k: specs.get(m, {}).get(k) for k in ("score", "backbone", "head", "hidden")}}
-        for m, w in zip(fin["members"], fin["weights"])
+        for m, w in zip(fin.members, fin.weights)
     ]
     md += [markdown_table(pd.DataFrame(rows).rename(columns={"score": f"best {exp.metric}"})), ""]
-    v = fin["valid"]
-    kinds = [("single best", "single", fin["single_temperature"])]
-    if len(fin["selection"]["members"]) > 1:
-        kinds.append((f"ensemble of {len(fin['selection']['members'])}", "ensemble", fin["ensemble_temperature"]))
+    v = fin.valid
+    kinds = [("single best", "single", fin.single_temperature)]
+    if len(fin.selection["members"]) > 1:
+        kinds.append((f"ensemble of {len(fin.selection['members'])}", "ensemble", fin.ensemble_temperature))
     scores = []  # (model, split, temperature, metrics)
     for label, key, t in kinds:
-        mark = " (deployed)" if fin["deployed"] == key else ""
+        mark = " (deployed)" if fin.deployed == key else ""
         scores += [
             (f"{label}{mark}", "valid (in-sample)", "1", v[key]),
             (f"{label}{mark}", "valid (in-sample)", f"{t:.3g}", v[f"{key}_calibrated"]),
@@ -776,7 +772,7 @@ def final_lines(exp: Experiment, fin: dict) -> list[str]:
             scores.append(
                 (f"{label}{mark}", "valid (cross-fitted)", "fitted on the other folds", v["deployed_crossfit"])
             )
-        scored = test.get("single_best" if key == "single" else "ensemble")
+        scored = test.single_best if key == "single" else test.ensemble
         if scored and scored.get("calibration"):
             scores += [
                 (f"{label}{mark}", "test", "1", scored["calibration"]["before"]),
@@ -802,14 +798,14 @@ def final_lines(exp: Experiment, fin: dict) -> list[str]:
         "scaled by a temperature fitted on the other four.",
         "",
     ]
-    th = fin["threshold"]
+    th = fin.threshold
     if th.get("threshold") is None:
         md += [f"No confidence threshold reaches {th['target_accuracy']:.0%} accuracy on valid.", ""]
     elif th["threshold"] == 0:
         md += [f"All valid images together reach {th['target_accuracy']:.0%} accuracy: no threshold is needed.", ""]
     else:
         md += threshold_lines(th)
-        md += [""] + threshold_lines(test.get("threshold") or {}, split="test") + [""]
+        md += [""] + threshold_lines(test.threshold or {}, split="test") + [""]
     return md
 
 
@@ -846,21 +842,21 @@ def probe_lines(exp: Experiment) -> list[str]:
 
     if exp.probes.empty or exp.key not in exp.probes:
         return []
-    sign = 1 if exp.mode == "max" else -1
+    sign = Direction(exp.mode).sign
     best = exp.probes.loc[(sign * exp.probes[exp.key]).idxmax()]
     how = f"C by {int(best['cv_folds'])}-fold CV on train+valid" if best.get("cv_folds") else "C chosen on valid"
     lines = [
         f"- linear probe baseline (`{best['trial_id']}`, C={best['config/C']:g}, {how}): "
         f"{exp.metric} {best[exp.key]:.4f}" + _valid_size(best)
     ]
-    lines.append(f"- {probe_verdict((exp.final or {}).get('lead'), metric=exp.metric)}")
+    lines.append(f"- {probe_verdict(exp.final.lead if exp.final else None, metric=exp.metric)}")
     return lines
 
 
 def extraction_rates(exp: Experiment) -> dict[str, float]:
     """Images/s of each backbone's bank extraction in this search (timings.json; a bank read from the
     cache has none). Banks extracted in one pass share its rate."""
-    timings = _read_json(exp.exp_dir / "timings.json") or {}
+    timings = read_json(exp.exp_dir / TIMINGS_FILE) or {}
     rates: dict[str, float] = {}
     for name, info in (timings.get("banks") or {}).items():
         if isinstance(info, dict) and info.get("images_per_s") and not info.get("from_cache"):
@@ -945,10 +941,10 @@ def write_report(exp_dir: str | os.PathLike) -> Path:
         md.append(f"- best trial: `{best['trial_id']}`, {exp.metric} {best[exp.key]:.4f}{epoch}" + _valid_size(best))
     md += probe_lines(exp)
     if exp.test:
-        t = exp.test
+        t = exp.test.to_dict()  # the figures' format is shared with the console summary's dicts
         scored = deployed_label(t, heads=True)
-        md.append(f"- test (scored once, {scored}): {test_figures(t)} on {t['test_count']} images")
-        single = t.get("single_best")
+        md.append(f"- test (scored once, {scored}): {test_figures(t)} on {exp.test.test_count} images")
+        single = exp.test.single_best
         if single and not single.get("deployed"):
             md.append(f"- {single_best_label(single)} on test (same pass, not deployed): {test_figures(single)}")
         md += [f"- {line}" for line in comparison_lines(t)]
@@ -1038,13 +1034,13 @@ def write_report(exp_dir: str | os.PathLike) -> Path:
         fin = exp.final
         try:
             md += final_lines(exp, fin)
-        except (KeyError, TypeError, ValueError) as e:  # a final.json from another version
+        except (KeyError, IndexError, TypeError, ValueError) as e:  # a final.json from another version
             md += [f"(final.json not understood: {type(e).__name__}: {e})", ""]
         if draw("reliability.png", lambda: reliability_figure(fin)):
             md += ["![reliability diagram on valid, before and after the temperature](reliability.png)", ""]
         if draw("coverage.png", lambda: coverage_figure(fin)):
             md += ["![accuracy against coverage on valid](coverage.png)", ""]
-    if exp.test and exp.test.get("confusion_matrix"):
+    if exp.test and exp.test.confusion_matrix:
         md += ["## Test confusion matrix", ""]
         if draw("confusion.png", lambda: confusion_figure(exp.test)):
             md += [

@@ -45,10 +45,20 @@ from .data import LabelTable, is_labels_file, prepared_labels_path, read_labels_
 from .features import FeatureBank, FeatureSpec, by_reference, extract_banks
 from .model import ResolvedWeights, fetch_hint, resolve_weights
 from .probe import CV_AUTO_BELOW, CV_AUTO_FOLDS, Baseline, bank_folds, fit_probes, resolve_folds
+from .records import (
+    ARGS_FILE,
+    BASELINE_FILE,
+    LABELS_FILE,
+    MODEL_PATH,
+    SUMMARY_FILE,
+    TEST_MARK,
+    TEST_METRICS_FILE,
+    TIMINGS_FILE,
+)
 from .results import TOP_CANDIDATES, Winner, collect_results, save_winner, score_winner
 from .space import CLI_METRICS, SearchSpace, linear_point, load_search_space, with_metric
-from .storage import ARGS_FILE, ExperimentPaths
-from .summary import BASELINE_FILE, baseline_record, format_summary
+from .storage import ExperimentPaths
+from .summary import baseline_record, format_summary
 
 log = logging.getLogger("tune_rice.search")
 
@@ -308,20 +318,20 @@ def _restore_experiment(args, paths: ExperimentPaths) -> None:
     if not args_file.is_file():
         raise UserError(f"--resume: no experiment {args.name!r} under {args.storage_path} ({args_file} not found)")
     storage.restore_args(paths.local, args)
-    if paths.read("test_metrics.json") is not None:
+    if paths.read(TEST_METRICS_FILE) is not None:
         # Finished already: the test split was scored once; scoring it again would break that promise.
-        summary = paths.read("summary.txt")
+        summary = paths.read(SUMMARY_FILE)
         print(summary.decode() if summary else f"{paths.where()}: finished", flush=True)
         raise UserError(
             f"--resume: {args.name!r} already finished (test split scored, results in "
             f"{paths.where()}); nothing to resume"
         )
-    started = paths.read(storage.TEST_MARK)
+    started = paths.read(TEST_MARK)
     if started is not None:
         # Scoring began and left no result (killed, or a test image failed): the test split may have been
         # read already, and a second score would be a second look presented as the first.
         mark = json.loads(started)
-        model = mark.get("model") or str(paths.local / "best" / "model.pt")
+        model = mark.get("model") or str(paths.local / MODEL_PATH)
         if paths.remote and not Path(model).is_file():
             model = f"{model} (a copy of {paths.ray_path}/best/model.pt)"
         raise UserError(
@@ -427,7 +437,7 @@ def resolve_data(
 
         # The demo data and its split stay fixed (seed 0) whatever --seed: seeds compare searches, not data.
         folder = ensure_demo()
-        csv = folder / "labels.csv"
+        csv = folder / LABELS_FILE
         if not csv.is_file():
             prepare_dataset(folder, progress=False)
         log.info("no --data given: using the synthetic rice-leaf demo set at %s", folder)
@@ -437,7 +447,7 @@ def resolve_data(
         return p
     if not p.exists():
         raise UserError(f"--data {data}: no such file or folder")
-    csv = prepared_labels_path(p) if p.is_file() else p / "labels.csv"
+    csv = prepared_labels_path(p) if p.is_file() else p / LABELS_FILE
     if csv.is_file():
         log.info("using %s", csv)
         if p.is_file() and p.stat().st_mtime > csv.stat().st_mtime:
@@ -782,10 +792,10 @@ def write_outputs(
         notes=notes,
         audit=audit,
     )
-    (paths.local / "summary.txt").write_text(summary + "\n")
+    (paths.local / SUMMARY_FILE).write_text(summary + "\n")
     (paths.local / BASELINE_FILE).write_text(json.dumps(baseline_record(df, baseline, winner, space), indent=1))
     trial_seconds = [float(r.metrics.get("time_total_s", 0.0)) for r in result_grid if r.metrics]
-    (paths.local / "timings.json").write_text(
+    (paths.local / TIMINGS_FILE).write_text(
         json.dumps(
             {
                 "seconds": seconds,

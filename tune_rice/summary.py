@@ -107,9 +107,6 @@ def format_summary(
     return "\n".join(lines)
 
 
-BASELINE_FILE = "baseline.json"
-
-
 def baseline_record(df: pd.DataFrame, baseline: Baseline, winner: Winner, space: SearchSpace) -> dict:
     """baseline.json: every probe, the best trial, whether it beat the best probe on valid, and the
     deployed model's valid figures (out-of-fold with --cv)."""

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from . import UserError
+from .records import cache_root
 from .torchutil import safe_torch_load, weightless
 
 log = logging.getLogger(__name__)
@@ -367,8 +368,7 @@ def measured_gflops(net: nn.Module, image_size: int) -> float:
 
 
 def _stats_cache() -> Path:
-    base = os.environ.get("TUNE_RICE_CACHE")
-    root = Path(base).expanduser() if base else Path.home() / ".cache" / "tune_rice"
+    root = cache_root()
     return root / f"backbone-stats-timm-{version()}.json"
 
 
@@ -553,8 +553,7 @@ def write_lite0_weights(path: str | os.PathLike, *, source: str | os.PathLike | 
 def lite0_weights_file() -> Path:
     """The mapped Lite0 file in tune-rice's cache (``$TUNE_RICE_CACHE/weights/``), written on first use:
     for benchmarks and tests that need real ImageNet features on a machine that cannot download them."""
-    base = os.environ.get("TUNE_RICE_CACHE")
-    root = Path(base).expanduser() if base else Path.home() / ".cache" / "tune_rice"
+    root = cache_root()
     path = root / "weights" / LITE0_FILE_NAME
     if not path.is_file():
         write_lite0_weights(path)

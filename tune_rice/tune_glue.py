@@ -3,6 +3,12 @@ and the console reporter.
 
 Everything here is about Ray and Tune, and nothing here knows how a trial trains (``trainable.py``) or
 what a search does in which order (``search.py``).
+
+Ray and Optuna are imported inside the functions that need them, never at the top: ``tune-rice search``
+reads and checks its arguments and data (and answers ``--help`` or a user error) before it pays the few
+seconds Ray Tune and Optuna take to import. That is why the Tune subclasses (the searcher, the TensorBoard
+callback, the reporter) are defined inside the ``*_cls`` / ``progress_reporter`` factories: their base
+classes exist only once Ray is imported.
 """
 
 from __future__ import annotations
