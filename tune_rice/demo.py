@@ -764,18 +764,7 @@ def generate_demo(
         out.parent.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
-        for label in CLASSES:
-            (tmp / label).mkdir(parents=True)
-        duplicates = []
-        args = [(job, size, seed, family) for job in jobs]
-        with _progress(len(jobs)) as bar:
-            if workers > 1:
-                ctx = multiprocessing.get_context("spawn")  # no fork of a parent that may hold torch threads
-                with ctx.Pool(workers) as pool:
-                    results = pool.imap(_render_star, args, chunksize=8)
-                    duplicates = _write_all(tmp, jobs, results, bar)
-            else:
-                duplicates = _write_all(tmp, jobs, map(_render_star, args), bar)
+        duplicates = _draw_all(tmp, jobs, size=size, seed=seed, family=family, workers=workers)
         marker = {
             **params,
             "classes": list(CLASSES),
@@ -810,6 +799,20 @@ def generate_demo(
         time.perf_counter() - t0,
     )
     return out
+
+
+def _draw_all(tmp: Path, jobs: list[_Job], *, size: int, seed: int, family: str, workers: int) -> list[dict]:
+    """Draw and write every image into ``tmp/<class>/`` (in ``workers`` processes); the near-duplicates'
+    records."""
+    for label in CLASSES:
+        (tmp / label).mkdir(parents=True)
+    args = [(job, size, seed, family) for job in jobs]
+    with _progress(len(jobs)) as bar:
+        if workers > 1:
+            ctx = multiprocessing.get_context("spawn")  # no fork of a parent that may hold torch threads
+            with ctx.Pool(workers) as pool:
+                return _write_all(tmp, jobs, pool.imap(_render_star, args, chunksize=8), bar)
+        return _write_all(tmp, jobs, map(_render_star, args), bar)
 
 
 def _write_all(tmp: Path, jobs: list[_Job], results, bar) -> list[dict]:

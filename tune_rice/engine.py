@@ -362,75 +362,83 @@ class HeadRun:
         self.train_batches: BankBatches | ImageBatches
         self.valid_batches: BankBatches | ImageBatches
         if bank is not None:
-            self.classes = bank.classes
-            self.weights = bank.weights
-            n_classes = len(bank.classes)
-            self.head = build_head(
-                cfg.head, in_dim=bank.dim, n_classes=n_classes, hidden=cfg.hidden, dropout=cfg.dropout
-            )
-            self.head.set_standardization(bank.mean, bank.std)
-            self.model = self.head.to(self.device)
-            self.train_batches = BankBatches(
-                bank.splits["train"], batch_size=cfg.batch_size, train=True, seed=cfg.seed, device=self.device
-            )
-            self.valid_batches = BankBatches(bank.splits["valid"], batch_size=512, train=False, device=self.device)
-            counts = np.bincount(bank.splits["train"].targets, minlength=n_classes)
+            counts = self._on_bank(bank)
         elif table is not None:
-            self.classes = table.classes
-            n_classes = len(table.classes)
-            spec = cfg.feature_spec()
-            backbone, resolved = build_backbone(
-                spec.backbone, weights=weights, seed=cfg.seed, feature_layer=spec.feature_layer
-            )
-            self.weights = resolved.identity
-            backbone = backbone.to(self.device).to(memory_format=torch.channels_last)
-            workers = loader_workers(self.device) if num_workers is None else num_workers
-            # uint8 items, normalised on the device; files decoded as data.decode_for says for each transform
-            eval_tf = build_transform(spec.preprocessing, train=False, normalize=False)
-            train_tf = build_transform(spec.preprocessing, train=True, policy=spec.policy, normalize=False)
-            # Standardisation statistics from un-augmented train images: the same numbers the bank uses.
-            stats_loader = DataLoader(
-                dataset_for_split(table, "train", eval_tf),
-                batch_size=64,
-                num_workers=workers,
-                pin_memory=self.device.type == "cuda",
-            )
-            f0 = run_backbone(
-                backbone,
-                stats_loader,
-                n=len(table.split("train")),
-                views=1,
-                device=self.device,
-                desc="feature statistics",
-                progress=False,
-                preprocessing=spec.preprocessing,
-            )[:, 0].astype(np.float32)
-            self.head = build_head(
-                cfg.head, in_dim=f0.shape[1], n_classes=n_classes, hidden=cfg.hidden, dropout=cfg.dropout
-            )
-            self.head.set_standardization(f0.mean(0), f0.std(0))
-            self.model = Classifier(backbone, self.head).to(self.device)
-            self.train_batches = ImageBatches(
-                dataset_for_split(table, "train", train_tf, seed=cfg.seed),
-                batch_size=cfg.batch_size,
-                train=True,
-                seed=cfg.seed,
-                num_workers=workers,
-                device=self.device,
-            )
-            self.valid_batches = ImageBatches(
-                dataset_for_split(table, "valid", eval_tf),
-                batch_size=64,
-                train=False,
-                num_workers=workers,
-                device=self.device,
-            )
-            counts = np.bincount(table.targets("train"), minlength=n_classes)
-        self.n_classes = n_classes
+            counts = self._on_images(table, weights, num_workers)
+        self.n_classes = len(self.classes)
         self.optimizer = make_optimizer(self.head.parameters(), cfg)
         self.passes = passes_per_epoch(cfg, len(self.train_batches))
         self.scheduler = make_scheduler(self.optimizer, cfg, len(self.train_batches) * self.passes)
         self.criterion = make_criterion(cfg, counts, self.device)
+
+    def _on_bank(self, bank: FeatureBank) -> np.ndarray:
+        """The head on the bank's features and its batches; the train split's class counts."""
+        cfg = self.cfg
+        self.classes = bank.classes
+        self.weights = bank.weights
+        n_classes = len(bank.classes)
+        self.head = build_head(cfg.head, in_dim=bank.dim, n_classes=n_classes, hidden=cfg.hidden, dropout=cfg.dropout)
+        self.head.set_standardization(bank.mean, bank.std)
+        self.model = self.head.to(self.device)
+        self.train_batches = BankBatches(
+            bank.splits["train"], batch_size=cfg.batch_size, train=True, seed=cfg.seed, device=self.device
+        )
+        self.valid_batches = BankBatches(bank.splits["valid"], batch_size=512, train=False, device=self.device)
+        return np.bincount(bank.splits["train"].targets, minlength=n_classes)
+
+    def _on_images(self, table: LabelTable, weights: str | ResolvedWeights, num_workers: int | None) -> np.ndarray:
+        """The backbone and the head on decoded images, and their batches; the train split's class counts."""
+        cfg = self.cfg
+        self.classes = table.classes
+        n_classes = len(table.classes)
+        spec = cfg.feature_spec()
+        backbone, resolved = build_backbone(
+            spec.backbone, weights=weights, seed=cfg.seed, feature_layer=spec.feature_layer
+        )
+        self.weights = resolved.identity
+        backbone = backbone.to(self.device).to(memory_format=torch.channels_last)
+        workers = loader_workers(self.device) if num_workers is None else num_workers
+        # uint8 items, normalised on the device; files decoded as data.decode_for says for each transform
+        eval_tf = build_transform(spec.preprocessing, train=False, normalize=False)
+        train_tf = build_transform(spec.preprocessing, train=True, policy=spec.policy, normalize=False)
+        # Standardisation statistics from un-augmented train images: the same numbers the bank uses.
+        stats_loader = DataLoader(
+            dataset_for_split(table, "train", eval_tf),
+            batch_size=64,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        f0 = run_backbone(
+            backbone,
+            stats_loader,
+            n=len(table.split("train")),
+            views=1,
+            device=self.device,
+            desc="feature statistics",
+            progress=False,
+            preprocessing=spec.preprocessing,
+        )[:, 0].astype(np.float32)
+        self.head = build_head(
+            cfg.head, in_dim=f0.shape[1], n_classes=n_classes, hidden=cfg.hidden, dropout=cfg.dropout
+        )
+        self.head.set_standardization(f0.mean(0), f0.std(0))
+        self.model = Classifier(backbone, self.head).to(self.device)
+        self.train_batches = ImageBatches(
+            dataset_for_split(table, "train", train_tf, seed=cfg.seed),
+            batch_size=cfg.batch_size,
+            train=True,
+            seed=cfg.seed,
+            num_workers=workers,
+            device=self.device,
+        )
+        self.valid_batches = ImageBatches(
+            dataset_for_split(table, "valid", eval_tf),
+            batch_size=64,
+            train=False,
+            num_workers=workers,
+            device=self.device,
+        )
+        return np.bincount(table.targets("train"), minlength=n_classes)
 
     def train_epoch(self) -> dict:
         """Train one epoch (``self.passes`` passes over train); returns ``{"epoch", "lr", "train/loss",

@@ -404,25 +404,9 @@ def decide(
     sel = select_ensemble(calibrated, y, k=k, rounds=rounds, start=0)
     single = np.asarray(logits_list[0], dtype=np.float64)
     ens = ensemble_logits(calibrated, sel.members, sel.weights)
-    s_single, s_ens = valid_score(single, y, metric), valid_score(ens, y, metric)
-    tested: dict = {}
-    if baseline and len(sel.members) > 1:
-        family = [*logits_list[1:], ens]
-        tested = stats.lead_test(
-            family, single, y, metric=metric, mode=mode, lead=len(family) - 1, trials_run=trials_run
-        )
-        good_enough = tested["clear"]
-    else:
-        good_enough = Direction(mode).better(s_ens, s_single)
-    use_ensemble = len(sel.members) > 1 and good_enough
-    if len(sel.members) > 1 and not use_ensemble:
-        log.info(
-            "ensemble of %d not deployed: %s %.4f on valid vs the single best's %.4f",
-            len(sel.members),
-            metric,
-            s_ens,
-            s_single,
-        )
+    use_ensemble, tested = _ensemble_wins(
+        logits_list, ens, len(sel.members), y, metric=metric, mode=mode, baseline=baseline, trials_run=trials_run
+    )
     members, weights = (sel.members, sel.weights) if use_ensemble else ([0], [1.0])
     deployed = ens if use_ensemble else single
     t_single, t_ens = temperatures[0], fit_temperature(ens, y)
@@ -455,6 +439,43 @@ def decide(
         lead={"ensemble": tested} if tested else {},
         candidate_temperatures=temperatures,
     )
+
+
+def _ensemble_wins(
+    logits_list: Sequence[np.ndarray],
+    ens: np.ndarray,
+    n_members: int,
+    y: np.ndarray,
+    *,
+    metric: str,
+    mode: str,
+    baseline: bool,
+    trials_run: int | None,
+) -> tuple[bool, dict]:
+    """Whether the selected ensemble (``ens``, its valid logits; ``n_members`` distinct members) is deployed
+    instead of the single best (``logits_list[0]``), and the lead test when that is a probe (see
+    :func:`decide`)."""
+    single = np.asarray(logits_list[0], dtype=np.float64)
+    s_single, s_ens = valid_score(single, y, metric), valid_score(ens, y, metric)
+    tested: dict = {}
+    if baseline and n_members > 1:
+        family = [*logits_list[1:], ens]
+        tested = stats.lead_test(
+            family, single, y, metric=metric, mode=mode, lead=len(family) - 1, trials_run=trials_run
+        )
+        good_enough = tested["clear"]
+    else:
+        good_enough = Direction(mode).better(s_ens, s_single)
+    use_ensemble = n_members > 1 and good_enough
+    if n_members > 1 and not use_ensemble:
+        log.info(
+            "ensemble of %d not deployed: %s %.4f on valid vs the single best's %.4f",
+            n_members,
+            metric,
+            s_ens,
+            s_single,
+        )
+    return use_ensemble, tested
 
 
 # ------------------------------------------------------------------------ candidates, model, test

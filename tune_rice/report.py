@@ -909,6 +909,27 @@ def top_table(exp: Experiment, n: int = TOP_TABLE) -> pd.DataFrame:
     return out
 
 
+class _Page:
+    """The report being written: its markdown lines, its folder and the figures drawn into it."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.md: list[str] = []
+        self.drawn: list[str] = []
+
+    def draw(self, name: str, make) -> bool:
+        """Save the figure ``make()`` returns as ``name``; a failure costs that figure, not the report."""
+        try:
+            fig = make()
+            fig.savefig(self.out / name, dpi=DPI)
+            self.drawn.append(name)
+            return True
+        except Exception as e:  # noqa: BLE001 - the search calls this after its results are safe on disk
+            log.warning("report: %s not drawn (%s: %s)", name, type(e).__name__, e)
+            self.md.extend([f"({name} could not be drawn: {type(e).__name__}: {e})", ""])
+            return False
+
+
 def write_report(exp_dir: str | os.PathLike) -> Path:
     """Write ``<exp_dir>/report/`` (report.md and PNGs) for a finished search; returns report.md's path."""
     exp = load_experiment(exp_dir)
@@ -916,8 +937,23 @@ def write_report(exp_dir: str | os.PathLike) -> Path:
     out.mkdir(exist_ok=True)
     for name in FIGURES:  # a figure this run cannot draw must not be left over from an earlier run
         (out / name).unlink(missing_ok=True)
+    page = _Page(out)
+    page.md += overview_lines(exp)
+    page.md += flag_lines(exp)
+    page.md += ["## Top trials", "", markdown_table(top_table(exp)), ""]
+    for section in (curves_section, cost_section, params_section, importance_section, final_section, confusion_section):
+        section(exp, page)
+    page.md += other_sections(exp, out)
+    path = out / "report.md"
+    path.write_text("\n".join(page.md))
+    write_html(path)
+    log.info("report: %s and %s (%s)", path, PAGE, ", ".join(page.drawn) or "no figures")
+    return path
+
+
+def overview_lines(exp: Experiment) -> list[str]:
+    """The report's title and its first list: data, space, trials, the best, the probe, the one test score."""
     df = exp.results
-    n = len(df)
     statuses = [exp.status(r) for _, r in df.iterrows()]
     md = [f"# Search report: {exp.exp_dir.name}", ""]
     md.append(f"- experiment: `{exp.exp_dir}`")
@@ -932,7 +968,7 @@ def write_report(exp_dir: str | os.PathLike) -> Path:
         f"- search space: {space_name}; optimised `{exp.metric}` ({exp.mode}), up to {exp.max_epochs} epochs per trial"
     )
     md.append(
-        f"- trials: {n}: {statuses.count('completed')} ran to the end, "
+        f"- trials: {len(df)}: {statuses.count('completed')} ran to the end, "
         f"{statuses.count('stopped early')} stopped early by ASHA, {statuses.count('errored')} errored"
     )
     if exp.key in df and df[exp.key].notna().any():
@@ -952,76 +988,73 @@ def write_report(exp_dir: str | os.PathLike) -> Path:
         f"- backbone weights: `{exp.weights}`"
         + (" (randomly initialised)" if exp.weights.startswith("random:") else "")
     )
-    md.append("")
+    return md + [""]
 
-    md += ["## Flags", ""]
+
+def flag_lines(exp: Experiment) -> list[str]:
+    """The report's flags: best values at a range's edge, trials that errored or stopped, the weights."""
+    md = ["## Flags", ""]
     flags = edge_flags(exp)
     md += [f"- {f}" for f in flags] or ["- No best value sits at the edge of a numeric search range."]
     md += [f"- {f}" for f in trial_flags(exp)]
     md += [f"- {weights_flag(exp)}"]
     md += [f"- {flag}" for flag in [random_weights_flag(exp)] if flag]
-    md.append("")
+    return md + [""]
 
-    md += ["## Top trials", "", markdown_table(top_table(exp)), ""]
 
-    drawn = []
-
-    def draw(name: str, make) -> bool:
-        """Save the figure ``make()`` returns as ``name``; a failure costs that figure, not the report."""
-        try:
-            fig = make()
-            fig.savefig(out / name, dpi=DPI)
-            drawn.append(name)
-            return True
-        except Exception as e:  # noqa: BLE001 - the search calls this after its results are safe on disk
-            log.warning("report: %s not drawn (%s: %s)", name, type(e).__name__, e)
-            md.extend([f"({name} could not be drawn: {type(e).__name__}: {e})", ""])
-            return False
-
-    md += ["## Learning curves", ""]
+def curves_section(exp: Experiment, page: _Page) -> None:
+    page.md += ["## Learning curves", ""]
     if not exp.histories:
-        md += ["No trial folder with a progress.csv was found.", ""]
-    elif draw("curves.png", lambda: curves_figure(exp)):
-        md += [
+        page.md += ["No trial folder with a progress.csv was found.", ""]
+    elif page.draw("curves.png", lambda: curves_figure(exp)):
+        page.md += [
             f"![{exp.metric} per epoch for every trial](curves.png)",
             "",
             f"The best {min(TOP_CURVES, len(exp.histories))} trials are in colour; an `x` marks a trial "
             "ASHA stopped before the last epoch.",
             "",
         ]
-    frontier = cost_table(exp)
-    if not frontier.empty:
-        from .backbones import cheaper_choice
 
-        md += ["## Accuracy against cost", ""]
-        if draw("cost.png", lambda: cost_figure(frontier, exp.metric)):
-            md += ["![best metric per backbone against GFLOPs](cost.png)", ""]
-        md += [
-            markdown_table(
-                frontier.rename(
-                    columns={"best": f"best {exp.metric}", "extract_img_s": "extraction img/s (this search)"}
-                )
-            ),
-            "",
-        ]
-        line = cheaper_choice(frontier, exp.mode)
-        md += [
-            f"The {line}." if line else "The best backbone is also the cheapest good one here.",
-            "",
-            "GFLOPs are torchvision's figures for the weights at their crop, scaled by area to the image "
-            "size; the Pareto front holds the backbones no other one beats at equal or lower cost.",
-            "",
-        ]
+
+def cost_section(exp: Experiment, page: _Page) -> None:
+    frontier = cost_table(exp)
+    if frontier.empty:
+        return
+    from .backbones import cheaper_choice
+
+    page.md += ["## Accuracy against cost", ""]
+    if page.draw("cost.png", lambda: cost_figure(frontier, exp.metric)):
+        page.md += ["![best metric per backbone against GFLOPs](cost.png)", ""]
+    page.md += [
+        markdown_table(
+            frontier.rename(columns={"best": f"best {exp.metric}", "extract_img_s": "extraction img/s (this search)"})
+        ),
+        "",
+    ]
+    line = cheaper_choice(frontier, exp.mode)
+    page.md += [
+        f"The {line}." if line else "The best backbone is also the cheapest good one here.",
+        "",
+        "GFLOPs are torchvision's figures for the weights at their crop, scaled by area to the image "
+        "size; the Pareto front holds the backbones no other one beats at equal or lower cost.",
+        "",
+    ]
+
+
+def params_section(exp: Experiment, page: _Page) -> None:
     if exp.searched:
-        md += ["## Hyperparameters", ""]
-        if draw("params.png", lambda: params_figure(exp)):
-            md += ["![best metric against each hyperparameter](params.png)", ""]
+        page.md += ["## Hyperparameters", ""]
+        if page.draw("params.png", lambda: params_figure(exp)):
+            page.md += ["![best metric against each hyperparameter](params.png)", ""]
+
+
+def importance_section(exp: Experiment, page: _Page) -> None:
     values, note = importances(exp)
-    md += ["## Hyperparameter importance", ""]
+    page.md += ["## Hyperparameter importance", ""]
     if not values:
-        md += [f"Not computed: {note}.", ""]
-    elif draw("importance.png", lambda: importance_figure(values, note)):
-        md += [
+        page.md += [f"Not computed: {note}.", ""]
+    elif page.draw("importance.png", lambda: importance_figure(values, note)):
+        page.md += [
             "![hyperparameter importance](importance.png)",
             "",
             f"Optuna's PED-ANOVA evaluator on {note}: how much each parameter's distribution among the best "
@@ -1030,25 +1063,38 @@ def write_report(exp_dir: str | os.PathLike) -> Path:
             markdown_table(pd.DataFrame({"parameter": list(values), "importance": list(values.values())})),
             "",
         ]
-    if exp.final:
-        fin = exp.final
-        try:
-            md += final_lines(exp, fin)
-        except (KeyError, IndexError, TypeError, ValueError) as e:  # a final.json from another version
-            md += [f"(final.json not understood: {type(e).__name__}: {e})", ""]
-        if draw("reliability.png", lambda: reliability_figure(fin)):
-            md += ["![reliability diagram on valid, before and after the temperature](reliability.png)", ""]
-        if draw("coverage.png", lambda: coverage_figure(fin)):
-            md += ["![accuracy against coverage on valid](coverage.png)", ""]
-    if exp.test and exp.test.confusion_matrix:
-        md += ["## Test confusion matrix", ""]
-        if draw("confusion.png", lambda: confusion_figure(exp.test)):
-            md += [
+
+
+def final_section(exp: Experiment, page: _Page) -> None:
+    fin = exp.final
+    if not fin:
+        return
+    try:
+        page.md += final_lines(exp, fin)
+    except (KeyError, IndexError, TypeError, ValueError) as e:  # a final.json from another version
+        page.md += [f"(final.json not understood: {type(e).__name__}: {e})", ""]
+    if page.draw("reliability.png", lambda: reliability_figure(fin)):
+        page.md += ["![reliability diagram on valid, before and after the temperature](reliability.png)", ""]
+    if page.draw("coverage.png", lambda: coverage_figure(fin)):
+        page.md += ["![accuracy against coverage on valid](coverage.png)", ""]
+
+
+def confusion_section(exp: Experiment, page: _Page) -> None:
+    test = exp.test
+    if test and test.confusion_matrix:
+        page.md += ["## Test confusion matrix", ""]
+        if page.draw("confusion.png", lambda: confusion_figure(test)):
+            page.md += [
                 "![test confusion matrix](confusion.png)",
                 "",
                 "Rows are the true class, columns the predicted class.",
                 "",
             ]
+
+
+def other_sections(exp: Experiment, out: Path) -> list[str]:
+    """The data audit's and the valid gallery's sections; a failure costs the section, not the report."""
+    md = []
     try:
         md += audit_section(exp.exp_dir, out)
     except Exception as e:  # noqa: BLE001 - like a figure: a failed section costs the section, not the report
@@ -1058,11 +1104,7 @@ def write_report(exp_dir: str | os.PathLike) -> Path:
     except Exception as e:  # noqa: BLE001 - like a figure: a failed gallery costs the gallery, not the report
         log.warning("report: gallery not drawn (%s: %s)", type(e).__name__, e)
         md += [f"(the valid gallery could not be drawn: {type(e).__name__}: {e})", ""]
-    path = out / "report.md"
-    path.write_text("\n".join(md))
-    write_html(path)
-    log.info("report: %s and %s (%s)", path, PAGE, ", ".join(drawn) or "no figures")
-    return path
+    return md
 
 
 # ------------------------------------------------------------------------------------------------- CLI

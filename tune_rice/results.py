@@ -270,21 +270,8 @@ def save_winner(
     exp_dir = paths.local
     candidates, info = final_candidates(result_grid, base, space, weights=weights)
     candidates = final.merge_candidates(candidates, extra, mode=space.mode)  # final.lead_index: who leads
-    for c in extra:  # a probe has no epochs; its config names its bank and a linear head
-        info[c.name] = (
-            None,
-            TrialConfig(
-                backbone=c.spec.backbone,
-                image_size=c.spec.image_size,
-                head="seed" if c.spec.feature_layer == "logits" else "pooled",
-                aug_policy=c.spec.policy,
-                views=c.spec.views,
-                hidden=0,
-                dropout=0.0,
-                epochs=1,
-                seed=base["seed"],
-            ),
-        )
+    for c in extra:  # a probe has no epochs
+        info[c.name] = (None, _probe_config(c, base["seed"]))
     recorded = paths.read(FINAL_FILE)
     if banks is not None and by_reference(banks):
         from .shards import final_views
@@ -331,6 +318,21 @@ def save_winner(
         )
     )
     return winner
+
+
+def _probe_config(c: final.Candidate, seed: int) -> TrialConfig:
+    """A linear probe's configuration, as a trial's: its bank and a linear head."""
+    return TrialConfig(
+        backbone=c.spec.backbone,
+        image_size=c.spec.image_size,
+        head="seed" if c.spec.feature_layer == "logits" else "pooled",
+        aug_policy=c.spec.policy,
+        views=c.spec.views,
+        hidden=0,
+        dropout=0.0,
+        epochs=1,
+        seed=seed,
+    )
 
 
 # --------------------------------------------------------------------- the one read of the test split
