@@ -13,7 +13,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from tune_rice import UserError, cli, explain, predict
+from tune_rice import UserError, cli, explain, predict, report_gallery
 from tune_rice.model import Classifier, FrozenBackbone, build_backbone, build_ensemble, build_head, read_torchscript
 
 pytest_plugins = ["helpers_artifacts"]
@@ -276,8 +276,8 @@ def test_report_gallery_from_valid_only_with_maps_tensorboard_and_a_self_contain
     assert "randomly initialised: maps from its last spatial layer" in md  # the tiny model is random init
     table = read_labels(csv)
     valid = set(table.split("valid")["path"])
-    loaded, labels = explain.gallery_data(exp)
-    g = explain.build_gallery(loaded, labels, n_mistakes=5)
+    loaded, labels = report_gallery.gallery_data(exp)
+    g = report_gallery.build_gallery(loaded, labels, n_mistakes=5)
     assert set(g.table["path"]) == valid  # every valid image scored, and nothing from train or test
     assert g.table["loss"].iloc[g.mistakes].is_monotonic_decreasing and len(g.mistakes) == 5
     assert g.table.loc[g.mistakes[0], "loss"] == g.table["loss"].max()
@@ -289,7 +289,7 @@ def test_report_gallery_from_valid_only_with_maps_tensorboard_and_a_self_contain
         if len(mine):
             assert recall[c] == pytest.approx((mine["pred"] == c).mean())
     out = md_path.parent
-    for name in explain.GALLERY_FILES:
+    for name in report_gallery.GALLERY_FILES:
         with Image.open(out / name) as im:
             assert im.format == "PNG" and min(im.size) >= 100
     assert sum(f.stat().st_size for f in out.iterdir()) < 3e6  # the whole report stays a few MB at most
@@ -310,7 +310,7 @@ def test_report_gallery_from_valid_only_with_maps_tensorboard_and_a_self_contain
             assert f">{line[3:].strip()}</h2>" in page.replace("&amp;", "&")
     assert 'name="viewport"' in page
 
-    acc = EventAccumulator(str(exp / explain.VALID_RUN), size_guidance={"images": 0})
+    acc = EventAccumulator(str(exp / report_gallery.VALID_RUN), size_guidance={"images": 0})
     acc.Reload()
     assert set(acc.Tags()["images"]) == {"valid/mistakes", "valid/correct"}
     assert not (exp / "test").exists() or not any((exp / "test").glob("*valid*"))
@@ -343,9 +343,9 @@ def test_the_gallery_run_reaches_a_uri_storage_path(tmp_path):
     exp = tmp_path / "runs" / "e"
     fig = Figure(figsize=(2, 2))
     fig.add_subplot().plot([0, 1], [1, 0])
-    explain.write_tensorboard_gallery(exp, {"valid/mistakes": fig})
+    report_gallery.write_tensorboard_gallery(exp, {"valid/mistakes": fig})
     storage.upload(exp, f"file://{tmp_path}/bucket/e")
-    acc = EventAccumulator(str(tmp_path / "bucket" / "e" / explain.VALID_RUN), size_guidance={"images": 0})
+    acc = EventAccumulator(str(tmp_path / "bucket" / "e" / report_gallery.VALID_RUN), size_guidance={"images": 0})
     acc.Reload()
     assert acc.Tags()["images"] == ["valid/mistakes"]
 

@@ -13,7 +13,17 @@ import tune_rice
 
 PACKAGE = Path(tune_rice.__file__).parent
 MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
-AFTER_SEARCH = ("evaluate", "predict", "report", "report_html", "explain", "export")
+AFTER_SEARCH = (
+    "evaluate",
+    "predict",
+    "report",
+    "report_data",
+    "report_figures",
+    "report_gallery",
+    "report_html",
+    "explain",
+    "export",
+)
 SEARCH_SIDE = ("search", "results", "summary", "tune_glue", "trainable", "shards")  # space.py: a YAML file they read
 RAY_FREE = (
     "data",
@@ -27,6 +37,8 @@ RAY_FREE = (
     "model",
     "features",
     "engine",
+    "cv",
+    "calibration",
     "final",
     "stats",
     "probe",

@@ -335,7 +335,7 @@ def feature_layer_for(head_kind: str) -> str:
 
 class Classifier(nn.Module):
     """Frozen backbone + head: images (B, 3, S, S) -> logits (B, C), divided by ``temperature`` (1 while
-    training; the deployed model's is fitted on valid, see ``final.fit_temperature``)."""
+    training; the deployed model's is fitted on valid, see ``calibration.fit_temperature``)."""
 
     def __init__(self, backbone: FrozenBackbone, head: Head, *, temperature: float = 1.0):
         super().__init__()

@@ -418,7 +418,7 @@ def write_test_tensorboard(folder: Path, test: dict, config: dict, trial_id: str
     single best's beside them, the confusion matrix image, the members and the best config."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from .report import draw_confusion
+    from .report_figures import draw_confusion
 
     writer = SummaryWriter(str(folder))
     writer.add_scalar("test/acc", test["accuracy"], 0)

@@ -41,10 +41,11 @@ from .audit import (
     summary_lines,
     write_audit,
 )
+from .cv import CV_AUTO_BELOW, CV_AUTO_FOLDS, bank_folds, resolve_folds
 from .data import LabelTable, is_labels_file, prepared_labels_path, read_labels_checked
 from .features import FeatureBank, FeatureSpec, by_reference, extract_banks
 from .model import ResolvedWeights, fetch_hint, resolve_weights
-from .probe import CV_AUTO_BELOW, CV_AUTO_FOLDS, Baseline, bank_folds, fit_probes, resolve_folds
+from .probe import Baseline, fit_probes
 from .records import (
     ARGS_FILE,
     BASELINE_FILE,

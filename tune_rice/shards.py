@@ -28,6 +28,7 @@ import numpy as np
 import ray
 import torch
 
+from .cv import bank_folds
 from .data import LabelTable
 from .devices import loader_workers, resolve_device
 from .features import (
@@ -41,7 +42,7 @@ from .features import (
     save_bank,
     shard_align,
 )
-from .probe import ProbeResult, bank_folds, fit_probes
+from .probe import ProbeResult, fit_probes
 
 log = logging.getLogger(__name__)
 

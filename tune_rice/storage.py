@@ -46,7 +46,7 @@ OUTPUTS = (
     ARGS_FILE,
     BEST_DIR,
     "test",
-    "valid",  # the report's gallery run (explain.VALID_RUN), beside test and the trials
+    "valid",  # the report's gallery run (report_gallery.VALID_RUN), beside test and the trials
     "report",
     "probe",
     STUDY_FILE,

@@ -16,8 +16,9 @@ import ray
 import torch
 from ray import tune
 
+from .cv import CVHeadRun
 from .data import read_labels
-from .engine import CVHeadRun, HeadRun, TrialConfig
+from .engine import HeadRun, TrialConfig
 from .features import FeatureBank
 from .model import ResolvedWeights
 from .records import Direction
