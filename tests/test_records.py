@@ -4,6 +4,7 @@ file, unknown keys survive, one Direction for max and min, one cache root."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -49,13 +50,15 @@ def test_one_direction_for_max_and_min(mode):
 
 
 def test_one_cache_root(monkeypatch, tmp_path):
-    from tune_rice import backbones, demo, features, timm_zoo
+    from tune_rice import demo
 
     monkeypatch.setenv("TUNE_RICE_CACHE", str(tmp_path / "c"))
-    assert records.cache_root() == tmp_path / "c"
-    assert features.default_cache_dir() == tmp_path / "c" / "features"
-    assert demo.default_demo_dir() == tmp_path / "c" / "demo"
-    assert backbones._dims_cache().parent == timm_zoo._stats_cache().parent == tmp_path / "c"
+    assert records.cache_root() == tmp_path / "c" and demo.default_demo_dir() == tmp_path / "c" / "demo"
     monkeypatch.delenv("TUNE_RICE_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert records.cache_root() == tmp_path / "home" / ".cache" / "tune_rice"
+    # resolved in one place: no other module reads the variable (the feature, weight and size caches
+    # call cache_root; importing them to check costs seconds of torch import)
+    package = Path(records.__file__).parent
+    readers = [p.name for p in package.glob("*.py") if '"TUNE_RICE_CACHE"' in p.read_text()]
+    assert readers == ["records.py"]
