@@ -131,7 +131,7 @@ def explain_misses(
 ) -> list[dict]:
     """Why each planted copy missing from its source's group is missing, from the pair itself: its
     scores under the check, its keypoint inliers, and whether the grouping checked and accepted it."""
-    listed = {(min(p[0], p[1]), max(p[0], p[1])): p for p in grouping.pairs}
+    listed = {(min(p.i, p.j), max(p.i, p.j)): p for p in grouping.pairs}
     out = []
     for kind, s, c, how in zip(kinds, sources, copies, hows):
         if grouping.group[s] == grouping.group[c]:

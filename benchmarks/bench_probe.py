@@ -136,10 +136,11 @@ def probe_only(csv: Path, space: Path, cache: Path, weights: str) -> dict:
 
 def probe_figures(csv: Path, space: Path, cache: Path, folds_k: int, weights: str = "none"):
     """The probe's figures on the search's bank (C on valid, and by K-fold CV), and the bank."""
+    from tune_rice.cv import bank_folds
     from tune_rice.data import read_labels
     from tune_rice.engine import BankBatches, evaluate
     from tune_rice.features import extract_banks
-    from tune_rice.probe import bank_folds, probe_bank, probe_bank_cv
+    from tune_rice.probe import probe_bank, probe_bank_cv
     from tune_rice.space import load_search_space
 
     spec = load_search_space(space).feature_specs(seed=0)[0]

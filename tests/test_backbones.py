@@ -382,7 +382,9 @@ def test_the_backbones_table_is_offline_and_knows_the_cache(capsys):
     text = capsys.readouterr().out.splitlines()
     assert text[0].split()[:3] == ["backbone", "family", "dim"]
     assert [ln.split()[-1] for ln in text if ln.startswith("mobilenet_v3_small")] == ["yes"]
-    assert "3 weights of 2 models in 1 families; 1 in the local cache" in text[-1]
+    assert "3 weights of 2 models in 1 family; 1 in the local cache" in text[-1]
+    rows_in_order = [ln.split()[0] for ln in text[1:-1]]  # models by name, then each one's weights in order
+    assert rows_in_order == ["mobilenet_v3_large:IMAGENET1K_V1", "mobilenet_v3_large", "mobilenet_v3_small"]
     assert backbones.main(["--family", "lenet"]) == 2
     assert "no such family; valid: AlexNet, ConvNeXt" in capsys.readouterr().err
 

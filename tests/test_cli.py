@@ -30,3 +30,29 @@ def test_an_unrelated_tool_name_lists_the_tools(capsys):
 def test_the_installed_command_answers_version():
     out = subprocess.run([sys.executable, "-m", "tune_rice.cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == f"tune-rice {tune_rice.__version__}"
+
+
+def test_old_option_spellings_answer_with_the_new_name(capsys):
+    from tune_rice import demo, prepare
+
+    for parser in (demo.build_parser(), prepare._parser()):
+        args = parser.parse_args(["somewhere", "--workers", "3"])
+        assert args.num_workers == 3
+        assert capsys.readouterr().err == "note: --workers is now --num-workers\n"
+        assert parser.parse_args(["somewhere", "--num-workers", "2"]).num_workers == 2
+        assert capsys.readouterr().err == ""
+        assert "--num-workers" in parser.format_help() and "--workers" not in parser.format_help()
+
+
+def test_names_sort_naturally_and_counts_agree():
+    names = ["resnet152", "resnet18", "resnet101", "resnet50", "resnet34", "regnet_y_16gf", "regnet_y_1_6gf"]
+    assert sorted(names, key=cli.natural_key) == [
+        "regnet_y_1_6gf",
+        "regnet_y_16gf",
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "resnet101",
+        "resnet152",
+    ]
+    assert [cli.counted(n, "family", "families") for n in (0, 1, 2)] == ["0 families", "1 family", "2 families"]

@@ -188,9 +188,10 @@ def test_evaluate_and_the_test_pass_use_the_sized_decode(photos, spy):
 
 
 def test_predict_and_explain_use_the_sized_decode(tiny_model, photos, spy, tmp_path):
-    from tune_rice.explain import build_gallery, explain_files
+    from tune_rice.explain import explain_files
     from tune_rice.model import load_model
     from tune_rice.predict import predict_files
+    from tune_rice.report_gallery import build_gallery
 
     loaded = load_model(tiny_model.model_path)
     want = decode_for(Preprocessing.from_dict(loaded.preprocessing)).size

@@ -64,8 +64,8 @@ def test_each_kind_of_copy_is_grouped_and_nothing_else(family):
     assert missed == KNOWN_MISSES.get(name, []), (name, missed)
     # distinct originals stay apart: one group per original
     assert len(set(g[:n].tolist())) == n, name
-    near = [p for p in grouping.pairs if p[2] == "near"]
-    assert all(p[3] >= dedup.DEFAULT_MIN_SIMILARITY and p[4] >= dedup.DEFAULT_MIN_OUTLINE for p in near)
+    near = [p for p in grouping.pairs if p.check == "near"]
+    assert all(p.similarity >= dedup.DEFAULT_MIN_SIMILARITY and p.outline >= dedup.DEFAULT_MIN_OUTLINE for p in near)
 
 
 def test_distinct_look_alikes_are_not_merged(tmp_path):
@@ -151,7 +151,7 @@ def test_exact_copies_always_grouped_and_modes():
     assert dedup.group_images(sha1s, sigs).group.tolist() == [0, 1, 0, 2, 1]
     exact = dedup.group_images(sha1s, None, mode="exact")
     assert exact.group.tolist() == [0, 1, 0, 2, 1] and exact.n_candidates == 0
-    assert [p[:3] for p in exact.pairs] == [(0, 2, "exact"), (1, 4, "exact")]
+    assert [(p.i, p.j, p.check) for p in exact.pairs] == [(0, 2, "exact"), (1, 4, "exact")]
     off = dedup.group_images(sha1s, None, mode="off")
     assert off.group.tolist() == [0, 1, 2, 3, 4] and off.pairs == []
 

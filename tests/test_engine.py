@@ -330,7 +330,8 @@ def test_head_run_resume_matches_an_uninterrupted_run(tmp_path):
 
 
 def test_min_steps_repeats_passes_within_each_epoch_and_the_schedule_spans_them():
-    from tune_rice.engine import CVHeadRun, make_criterion
+    from tune_rice.cv import CVHeadRun
+    from tune_rice.engine import make_criterion
 
     bank = synthetic_bank(n_train=60)  # batch 32: 2 steps a pass
     cfg = TrialConfig.from_dict({**CFG, "batch_size": 32, "epochs": 3, "min_steps": 40})

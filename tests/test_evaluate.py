@@ -93,6 +93,13 @@ def test_default_out_and_never_test_metrics_json(tiny_model, tmp_path, monkeypat
     assert evaluate.main(base + ["--split", "train"]) == 0
     assert "optimistic" in capsys.readouterr().out
     assert json.loads((tmp_path / "eval_train.json").read_text())["test_count"] == 18
+    (tmp_path / "eval_train.json").write_text("{}")  # a run again refuses to overwrite it without --force
+    assert evaluate.main(base + ["--split", "train"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: eval_train.json already exists: pass --force to overwrite, or --out another file\n"
+    assert (tmp_path / "eval_train.json").read_text() == "{}"
+    assert evaluate.main(base + ["--split", "train", "--force"]) == 0
+    assert json.loads((tmp_path / "eval_train.json").read_text())["test_count"] == 18
 
 
 def test_classes_that_differ_from_the_models_are_a_user_error(tiny_model, tmp_path, capsys):

@@ -13,7 +13,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from tune_rice import UserError, cli, explain, predict
+from tune_rice import UserError, cli, explain, predict, report_gallery
 from tune_rice.model import Classifier, FrozenBackbone, build_backbone, build_ensemble, build_head, read_torchscript
 
 pytest_plugins = ["helpers_artifacts"]
@@ -181,6 +181,7 @@ def test_cli_writes_an_overlay_per_photo_and_skips_unreadable_ones(tiny_model, p
     rc = cli.main(["explain", "--model", str(tiny_model.model_path), str(photos), "--out", str(out)])
     stdout, stderr = capsys.readouterr()
     assert rc == 0, stderr
+    assert "note: --out is now --out-dir" in stderr  # the old spelling still works and names the new one
     assert "3 of 5 images explained" in stdout and "skipped 2 unreadable" in stderr
     table = pd.read_csv(out / "explain.csv", keep_default_na=False)
     assert len(table) == 5
@@ -204,10 +205,10 @@ def test_cli_bad_inputs_are_one_line_and_write_nothing(tiny_model, tmp_path, cap
     out = tmp_path / "nothing"
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert explain.main(["--model", str(tiny_model.model_path), str(empty), "--out", str(out)]) == 2
+    assert explain.main(["--model", str(tiny_model.model_path), str(empty), "--out-dir", str(out)]) == 2
     assert "no images found" in capsys.readouterr().err
     photo = tiny_model.root / "alpha" / "alpha_000.png"
-    assert explain.main(["--model", str(tmp_path / "missing.pt"), str(photo), "--out", str(out)]) == 2
+    assert explain.main(["--model", str(tmp_path / "missing.pt"), str(photo), "--out-dir", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "missing.pt" in err
     assert not out.exists()
@@ -220,7 +221,7 @@ def test_a_torchscript_export_is_refused_in_one_line(tiny_model, tmp_path, capsy
     assert export.main(["--model", str(tiny_model.model_path), "--format", "torchscript", "--out", str(ts)]) == 0
     capsys.readouterr()
     photo = tiny_model.root / "alpha" / "alpha_000.png"
-    assert explain.main(["--model", str(ts), str(photo), "--out", str(tmp_path / "x")]) == 2
+    assert explain.main(["--model", str(ts), str(photo), "--out-dir", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{ts}: a TorchScript export has no layers to hook" in err
     assert not (tmp_path / "x").exists()
@@ -275,8 +276,8 @@ def test_report_gallery_from_valid_only_with_maps_tensorboard_and_a_self_contain
     assert "randomly initialised: maps from its last spatial layer" in md  # the tiny model is random init
     table = read_labels(csv)
     valid = set(table.split("valid")["path"])
-    loaded, labels = explain.gallery_data(exp)
-    g = explain.build_gallery(loaded, labels, n_mistakes=5)
+    loaded, labels = report_gallery.gallery_data(exp)
+    g = report_gallery.build_gallery(loaded, labels, n_mistakes=5)
     assert set(g.table["path"]) == valid  # every valid image scored, and nothing from train or test
     assert g.table["loss"].iloc[g.mistakes].is_monotonic_decreasing and len(g.mistakes) == 5
     assert g.table.loc[g.mistakes[0], "loss"] == g.table["loss"].max()
@@ -288,7 +289,7 @@ def test_report_gallery_from_valid_only_with_maps_tensorboard_and_a_self_contain
         if len(mine):
             assert recall[c] == pytest.approx((mine["pred"] == c).mean())
     out = md_path.parent
-    for name in explain.GALLERY_FILES:
+    for name in report_gallery.GALLERY_FILES:
         with Image.open(out / name) as im:
             assert im.format == "PNG" and min(im.size) >= 100
     assert sum(f.stat().st_size for f in out.iterdir()) < 3e6  # the whole report stays a few MB at most
@@ -309,7 +310,7 @@ def test_report_gallery_from_valid_only_with_maps_tensorboard_and_a_self_contain
             assert f">{line[3:].strip()}</h2>" in page.replace("&amp;", "&")
     assert 'name="viewport"' in page
 
-    acc = EventAccumulator(str(exp / explain.VALID_RUN), size_guidance={"images": 0})
+    acc = EventAccumulator(str(exp / report_gallery.VALID_RUN), size_guidance={"images": 0})
     acc.Reload()
     assert set(acc.Tags()["images"]) == {"valid/mistakes", "valid/correct"}
     assert not (exp / "test").exists() or not any((exp / "test").glob("*valid*"))
@@ -342,9 +343,9 @@ def test_the_gallery_run_reaches_a_uri_storage_path(tmp_path):
     exp = tmp_path / "runs" / "e"
     fig = Figure(figsize=(2, 2))
     fig.add_subplot().plot([0, 1], [1, 0])
-    explain.write_tensorboard_gallery(exp, {"valid/mistakes": fig})
+    report_gallery.write_tensorboard_gallery(exp, {"valid/mistakes": fig})
     storage.upload(exp, f"file://{tmp_path}/bucket/e")
-    acc = EventAccumulator(str(tmp_path / "bucket" / "e" / explain.VALID_RUN), size_guidance={"images": 0})
+    acc = EventAccumulator(str(tmp_path / "bucket" / "e" / report_gallery.VALID_RUN), size_guidance={"images": 0})
     acc.Reload()
     assert acc.Tags()["images"] == ["valid/mistakes"]
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tune_rice import UserError, final
+from tune_rice import UserError, calibration, final
 
 
 def _candidates(seed=0, n=300, c=4, m=8):
@@ -25,11 +25,11 @@ def _candidates(seed=0, n=300, c=4, m=8):
 def test_nll_and_brier_match_torch_and_the_definition():
     logits, y = _candidates(1)[0][0], _candidates(1)[1]
     ref = torch.nn.functional.cross_entropy(torch.tensor(logits), torch.tensor(y)).item()
-    assert final.nll(logits, y) == pytest.approx(ref, rel=1e-12)
+    assert calibration.nll(logits, y) == pytest.approx(ref, rel=1e-12)
     p = torch.softmax(torch.tensor(logits), 1).numpy()
-    assert np.allclose(final.softmax(logits), p)
+    assert np.allclose(calibration.softmax(logits), p)
     by_hand = np.mean([sum((p[i, c] - (c == y[i])) ** 2 for c in range(p.shape[1])) for i in range(len(y))])
-    assert final.brier(p, y) == pytest.approx(by_hand, rel=1e-12)
+    assert calibration.brier(p, y) == pytest.approx(by_hand, rel=1e-12)
 
 
 def test_ece_against_a_hand_computation():
@@ -41,8 +41,8 @@ def test_ece_against_a_hand_computation():
     # bin 14: 2 images, conf 0.95, acc 0.5 -> |0.5 - 0.95| = 0.45
     # bin 8: 3 images, conf (0.6 + 0.6 + 0.55) / 3 = 0.58333, acc 2/3 -> |0.66667 - 0.58333| = 0.08333
     expected = 2 / 5 * 0.45 + 3 / 5 * abs(2 / 3 - 1.75 / 3)
-    assert final.ece(probs, y) == pytest.approx(expected, abs=1e-12)
-    bins = final.reliability_bins(probs, y)
+    assert calibration.ece(probs, y) == pytest.approx(expected, abs=1e-12)
+    bins = calibration.reliability_bins(probs, y)
     assert bins["count"][14] == 2 and bins["count"][8] == 3 and sum(bins["count"]) == 5
     assert bins["accuracy"][8] == pytest.approx(2 / 3) and bins["accuracy"][0] is None
     # A bin's upper edge belongs to it: conf exactly 0.6 = 9/15 is in bin 8, not bin 9.
@@ -51,10 +51,10 @@ def test_ece_against_a_hand_computation():
 
 def test_calibration_metrics_at_a_temperature_are_those_of_the_scaled_logits():
     (z, *_), y = _candidates(2)
-    m = final.calibration_metrics(z, y, temperature=2.5)
-    p = final.softmax(z / 2.5)
-    assert m["nll"] == pytest.approx(final.nll(z / 2.5, y))
-    assert m["ece"] == pytest.approx(final.ece(p, y)) and m["brier"] == pytest.approx(final.brier(p, y))
+    m = calibration.calibration_metrics(z, y, temperature=2.5)
+    p = calibration.softmax(z / 2.5)
+    assert m["nll"] == pytest.approx(calibration.nll(z / 2.5, y))
+    assert m["ece"] == pytest.approx(calibration.ece(p, y)) and m["brier"] == pytest.approx(calibration.brier(p, y))
     assert m["acc"] == pytest.approx(np.mean(z.argmax(1) == y))  # a temperature never changes the argmax
 
 
@@ -63,10 +63,10 @@ def test_calibration_metrics_at_a_temperature_are_those_of_the_scaled_logits():
 def test_fitted_temperature_minimises_valid_nll_on_a_grid(seed):
     logits, y = _candidates(seed)
     for z in (logits[0], logits[-1], sum(logits)):  # under-confident, over-confident, a sum
-        t = final.fit_temperature(z, y)
+        t = calibration.fit_temperature(z, y)
         grid = np.exp(np.linspace(np.log(0.05), np.log(20), 4001))
-        losses = np.array([final.nll(z / g, y) for g in grid])
-        assert final.nll(z / t, y) <= losses.min() + 1e-9
+        losses = np.array([calibration.nll(z / g, y) for g in grid])
+        assert calibration.nll(z / t, y) <= losses.min() + 1e-9
         # the grid's best is next to it (grid step in log T: 0.0015)
         assert abs(np.log(t) - np.log(grid[losses.argmin()])) < 0.003
 
@@ -74,25 +74,25 @@ def test_fitted_temperature_minimises_valid_nll_on_a_grid(seed):
 def test_temperature_stops_at_its_bound_when_valid_is_separated():
     y = np.array([0, 1, 0, 1])
     z = np.array([[3.0, 0.0], [0.0, 3.0], [2.0, 0.0], [0.0, 2.0]])  # all right: NLL falls as T -> 0
-    assert final.fit_temperature(z, y) == pytest.approx(final.TEMPERATURE_BOUNDS[0])
+    assert calibration.fit_temperature(z, y) == pytest.approx(calibration.TEMPERATURE_BOUNDS[0])
 
 
 # ----------------------------------------------------------------------------------------- selection
 def test_ensemble_logits_are_the_weighted_mean_of_the_members():
     logits, _ = _candidates(0)
-    got = final.ensemble_logits(logits, [3, 0, 5], [0.5, 0.3, 0.2])
+    got = calibration.ensemble_logits(logits, [3, 0, 5], [0.5, 0.3, 0.2])
     assert np.allclose(got, 0.5 * logits[3] + 0.3 * logits[0] + 0.2 * logits[5], rtol=0, atol=1e-12)
 
 
 def test_greedy_selection_replays_by_direct_computation():
     logits, y = _candidates(0)
-    sel = final.select_ensemble(logits, y, k=5, rounds=12)
+    sel = calibration.select_ensemble(logits, y, k=5, rounds=12)
     assert sel.picks[0] == 0 and len(sel.picks) == 12 and len(set(sel.picks)) <= 5
     # Replay: each pick is the argmin over the allowed candidates of the NLL of the mean of all picks.
     for step in range(1, len(sel.picks)):
         before = sel.picks[:step]
         allowed = sorted(set(before)) if len(set(before)) >= 5 else range(len(logits))
-        scores = {c: final.nll(np.mean([logits[i] for i in before + [c]], axis=0), y) for c in allowed}
+        scores = {c: calibration.nll(np.mean([logits[i] for i in before + [c]], axis=0), y) for c in allowed}
         assert sel.picks[step] == min(scores, key=lambda c: (scores[c], c))
         assert sel.history[step] == pytest.approx(scores[sel.picks[step]], abs=1e-12)
     # The kept prefix is the best one; members/weights are its pick counts.
@@ -102,39 +102,39 @@ def test_greedy_selection_replays_by_direct_computation():
     assert sel.weights == pytest.approx([kept.count(m) / keep for m in sel.members]) and sum(
         sel.weights
     ) == pytest.approx(1)
-    ens = final.ensemble_logits(logits, sel.members, sel.weights)
-    assert final.nll(ens, y) == pytest.approx(min(sel.history), abs=1e-12)
-    assert final.nll(ens, y) < final.nll(logits[0], y)  # on this data averaging helps
+    ens = calibration.ensemble_logits(logits, sel.members, sel.weights)
+    assert calibration.nll(ens, y) == pytest.approx(min(sel.history), abs=1e-12)
+    assert calibration.nll(ens, y) < calibration.nll(logits[0], y)  # on this data averaging helps
     assert len(sel.members) >= 2
     # Deterministic: same inputs, same ensemble.
-    assert final.select_ensemble(logits, y, k=5, rounds=12) == sel
+    assert calibration.select_ensemble(logits, y, k=5, rounds=12) == sel
 
 
 def test_selection_with_k1_or_no_improvement_is_the_single_best():
     logits, y = _candidates(0)
-    sel = final.select_ensemble(logits, y, k=1)
+    sel = calibration.select_ensemble(logits, y, k=1)
     assert sel.members == [0] and sel.weights == [1.0]
     # Candidate 0 is perfect and confident; the others are noise: nothing is added.
     rng = np.random.default_rng(0)
     good = np.eye(4)[y] * 8.0
     noise = [rng.normal(0, 1, good.shape) for _ in range(3)]
-    sel = final.select_ensemble([good] + noise, y, k=5)
+    sel = calibration.select_ensemble([good] + noise, y, k=5)
     assert sel.members == [0] and sel.weights == [1.0]
 
 
 def test_selection_limits_distinct_members_to_k():
     logits, y = _candidates(5, m=10)
     for k in (2, 3):
-        sel = final.select_ensemble(logits, y, k=k, rounds=30)
+        sel = calibration.select_ensemble(logits, y, k=k, rounds=30)
         assert len(set(sel.picks)) <= k
 
 
 def test_bad_selection_inputs_are_clear():
     logits, y = _candidates(0)
     with pytest.raises(UserError, match="--ensemble must be >= 1"):
-        final.select_ensemble(logits, y, k=0)
+        calibration.select_ensemble(logits, y, k=0)
     with pytest.raises(ValueError, match="candidate 1"):
-        final.select_ensemble([logits[0], logits[1][:, :3]], y)
+        calibration.select_ensemble([logits[0], logits[1][:, :3]], y)
 
 
 # ------------------------------------------------------------------------------------------ coverage
@@ -142,22 +142,22 @@ def test_coverage_curve_and_threshold_by_hand():
     # top probabilities 0.9 (right), 0.8 (right), 0.8 (wrong), 0.6 (right), 0.5 (wrong)
     probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.2, 0.8], [0.4, 0.6], [0.5, 0.5]])
     y = np.array([0, 0, 0, 1, 1])
-    curve = final.coverage_curve(probs, y)
+    curve = calibration.coverage_curve(probs, y)
     assert curve["threshold"] == pytest.approx([0.9, 0.8, 0.6, 0.5])
     assert curve["coverage"] == pytest.approx([0.2, 0.6, 0.8, 1.0])  # the tie at 0.8 is kept together
     assert curve["accuracy"] == pytest.approx([1.0, 2 / 3, 3 / 4, 3 / 5])
-    assert final.suggest_threshold(probs, y, target_accuracy=0.7) == pytest.approx(
+    assert calibration.suggest_threshold(probs, y, target_accuracy=0.7) == pytest.approx(
         {"target_accuracy": 0.7, "threshold": 0.6, "coverage": 0.8, "accuracy": 0.75}
     )
-    assert final.suggest_threshold(probs, y, target_accuracy=0.6)["threshold"] == 0.0  # all kept already
-    assert final.suggest_threshold(probs, y, target_accuracy=1.0)["threshold"] == pytest.approx(0.9)
+    assert calibration.suggest_threshold(probs, y, target_accuracy=0.6)["threshold"] == 0.0  # all kept already
+    assert calibration.suggest_threshold(probs, y, target_accuracy=1.0)["threshold"] == pytest.approx(0.9)
     wrong = np.array([1, 1, 1, 0, 0])
-    assert final.suggest_threshold(probs, wrong, target_accuracy=0.9)["threshold"] is None
+    assert calibration.suggest_threshold(probs, wrong, target_accuracy=0.9)["threshold"] is None
 
 
 def test_coverage_curve_is_thinned_but_keeps_full_coverage():
     logits, y = _candidates(0, n=1000)
-    curve = final.coverage_curve(final.softmax(logits[0]), y, max_points=50)
+    curve = calibration.coverage_curve(calibration.softmax(logits[0]), y, max_points=50)
     assert len(curve["coverage"]) <= 50 and curve["coverage"][-1] == 1.0
     assert curve["accuracy"][-1] == pytest.approx(np.mean(logits[0].argmax(1) == y))
 
@@ -168,11 +168,11 @@ def test_decide_deploys_the_ensemble_only_when_valid_says_so():
     names = [f"t{i}" for i in range(len(logits))]
     choice = final.decide(names, logits, y, k=5)
     calibrated = [z / t for z, t in zip(logits, choice.candidate_temperatures)]  # each at its own temperature
-    ens = final.ensemble_logits(calibrated, choice.selection.members, choice.selection.weights)
+    ens = calibration.ensemble_logits(calibrated, choice.selection.members, choice.selection.weights)
     better = np.mean(ens.argmax(1) == y) > np.mean(logits[0].argmax(1) == y)  # a tie keeps the smaller model
     assert choice.deployed == ("ensemble" if better else "single")
     deployed = ens if better else logits[0]
-    assert choice.temperature == pytest.approx(final.fit_temperature(deployed, y))
+    assert choice.temperature == pytest.approx(calibration.fit_temperature(deployed, y))
     assert choice.valid["deployed_calibrated"]["nll"] <= choice.valid["deployed"]["nll"] + 1e-12
     assert choice.valid["single"]["acc"] == pytest.approx(np.mean(logits[0].argmax(1) == y))
     d = choice.to_dict()
@@ -185,19 +185,19 @@ def test_decide_deploys_the_ensemble_only_when_valid_says_so():
     # --ensemble 1: the single best, calibrated.
     one = final.decide(names, logits, y, k=1)
     assert one.deployed == "single" and one.members == ["t0"] and one.weights == [1.0]
-    assert one.temperature == pytest.approx(final.fit_temperature(logits[0], y))
+    assert one.temperature == pytest.approx(calibration.fit_temperature(logits[0], y))
 
 
 def test_selection_is_made_on_each_candidates_calibrated_logits():
     logits, y = _candidates(0)
     choice = final.decide([f"t{i}" for i in range(len(logits))], logits, y, k=5)
-    temps = [final.fit_temperature(z, y) for z in logits]
+    temps = [calibration.fit_temperature(z, y) for z in logits]
     assert choice.candidate_temperatures == pytest.approx(temps) and choice.single_temperature == temps[0]
-    again = final.select_ensemble([z / t for z, t in zip(logits, temps)], y, k=5)
+    again = calibration.select_ensemble([z / t for z, t in zip(logits, temps)], y, k=5)
     assert again == choice.selection
-    ens = final.ensemble_logits([z / t for z, t in zip(logits, temps)], again.members, again.weights)
-    assert choice.ensemble_temperature == pytest.approx(final.fit_temperature(ens, y))
-    assert choice.valid["ensemble"]["nll"] == pytest.approx(final.nll(ens, y))
+    ens = calibration.ensemble_logits([z / t for z, t in zip(logits, temps)], again.members, again.weights)
+    assert choice.ensemble_temperature == pytest.approx(calibration.fit_temperature(ens, y))
+    assert choice.valid["ensemble"]["nll"] == pytest.approx(calibration.nll(ens, y))
     names = [choice.candidates[i] for i in again.members]
     assert choice.mix(names, again.weights) == pytest.approx(
         [w / temps[i] for i, w in zip(again.members, again.weights)]
@@ -206,24 +206,28 @@ def test_selection_is_made_on_each_candidates_calibrated_logits():
 
 def test_cross_fitted_temperature_and_threshold_by_direct_computation():
     (z, *_), y = _candidates(3, n=120)
-    fold = final._crossfit_folds(len(y), 5)
+    fold = calibration._crossfit_folds(len(y), 5)
     assert sorted(np.bincount(fold)) == [24] * 5
     scaled = np.empty_like(z)
     kept = right = 0
     for f in range(5):
-        t = final.fit_temperature(z[fold != f], y[fold != f])
+        t = calibration.fit_temperature(z[fold != f], y[fold != f])
         scaled[fold == f] = z[fold == f] / t
-        th = final.suggest_threshold(final.softmax(z[fold != f] / t), y[fold != f], target_accuracy=0.8)["threshold"]
-        p = final.softmax(z[fold == f] / t)
+        th = calibration.suggest_threshold(calibration.softmax(z[fold != f] / t), y[fold != f], target_accuracy=0.8)[
+            "threshold"
+        ]
+        p = calibration.softmax(z[fold == f] / t)
         keep = p.max(1) >= th
         kept += keep.sum()
         right += (p.argmax(1)[keep] == y[fold == f][keep]).sum()
-    assert final.crossfit_calibration(z, y)["ece"] == pytest.approx(final.ece(final.softmax(scaled), y))
-    got = final.crossfit_threshold(z, y, target_accuracy=0.8)
+    assert calibration.crossfit_calibration(z, y)["ece"] == pytest.approx(
+        calibration.ece(calibration.softmax(scaled), y)
+    )
+    got = calibration.crossfit_threshold(z, y, target_accuracy=0.8)
     assert got["coverage"] == pytest.approx(kept / len(y)) and got["accuracy"] == pytest.approx(right / kept)
     # on test: the share kept at the valid threshold and the accuracy among them
-    on_test = final.threshold_on_test(final.softmax(z), y, {"threshold": 0.6, "target_accuracy": 0.8})
-    keep = final.softmax(z).max(1) >= 0.6
+    on_test = final.threshold_on_test(calibration.softmax(z), y, {"threshold": 0.6, "target_accuracy": 0.8})
+    keep = calibration.softmax(z).max(1) >= 0.6
     assert on_test["coverage"] == pytest.approx(keep.mean()) and on_test["kept"] == keep.sum()
     assert on_test["accuracy"] == pytest.approx((z.argmax(1)[keep] == y[keep]).mean())
 
@@ -295,12 +299,14 @@ def test_the_probe_leads_unless_the_best_trial_beats_it_beyond_the_pick(lead_by,
     import pandas as pd
 
     from tune_rice.probe import probe_verdict, search_beats_probe
+    from tune_rice.records import FinalRecord
     from tune_rice.report import Experiment, final_lines
 
+    record = FinalRecord.from_dict(choice.to_dict())
     md = "\n".join(
         final_lines(
-            Experiment(Path("."), pd.DataFrame(), "valid/acc", "max", None, None, final=choice.to_dict()),
-            choice.to_dict(),
+            Experiment(Path("."), pd.DataFrame(), "valid/acc", "max", None, None, final=record),
+            record,
         )
     )
     deployed = "the linear probe's head" if leader == "probe:b" else "the single best trial's head"
@@ -408,7 +414,7 @@ def test_the_deployed_model_on_images_is_the_choice_made_on_bank_logits(tiny_can
     assert np.allclose(logits[-1], (logits[1] + logits[2]) / 2)  # pool order = candidates order here
     members = [choice.candidates.index(m) for m in choice.members]
     mix = choice.mix(choice.members, choice.weights) if choice.deployed == "ensemble" else choice.weights
-    want = final.ensemble_logits(logits, members, mix) / choice.temperature  # (N, C)
+    want = calibration.ensemble_logits(logits, members, mix) / choice.temperature  # (N, C)
     # ... and the deployed model, run on the decoded valid images, gives the same calibrated logits
     # (the bank holds float16 features, hence the tolerance).
     model, resolved, _ = final.build_final_model(choice, pool, {"resnet18": weights})
@@ -431,20 +437,23 @@ def test_the_deployed_model_on_images_is_the_choice_made_on_bank_logits(tiny_can
         deployed, ensemble = model(xt), selected(xt)
         single = candidates[0].heads[0](model.backbone(xt) if choice.deployed == "single" else model.backbones[0](xt))
     assert record["accuracy"] == pytest.approx(float((deployed.argmax(1).numpy() == yt).mean()))
-    assert record["calibration"]["after"]["nll"] == pytest.approx(final.nll(deployed.double().numpy(), yt), abs=1e-4)
+    assert record["calibration"]["after"]["nll"] == pytest.approx(
+        calibration.nll(deployed.double().numpy(), yt), abs=1e-4
+    )
     assert record["single_best"]["accuracy"] == pytest.approx(float((single.argmax(1).numpy() == yt).mean()))
     assert record["single_best"]["deployed"] == (choice.deployed == "single")
     assert record["members"] == choice.members and record["temperature"] == choice.temperature
     if len(choice.selection.members) > 1:
         assert record["ensemble"]["accuracy"] == pytest.approx(float((ensemble.argmax(1).numpy() == yt).mean()))
         assert record["ensemble"]["calibration"]["after"]["nll"] == pytest.approx(
-            final.nll(ensemble.double().numpy(), yt), abs=1e-4
+            calibration.nll(ensemble.double().numpy(), yt), abs=1e-4
         )
         assert record["ensemble"]["deployed"] == (choice.deployed == "ensemble")
 
 
 def test_candidates_from_checkpoint_states_plain_and_cross_validated(separable, tmp_path):
     from tune_rice import engine
+    from tune_rice.cv import CVHeadRun
 
     cfg = _tiny_config(epochs=2, hidden=16)
     bank = _bank(separable, cfg, tmp_path)
@@ -455,7 +464,7 @@ def test_candidates_from_checkpoint_states_plain_and_cross_validated(separable, 
     assert np.array_equal(final.head_valid_logits(plain.heads, bank), final.head_valid_logits(run.head.eval(), bank))
 
     folds = np.arange(len(bank.splits["train"]) + len(bank.splits["valid"])) % 3
-    cv = engine.CVHeadRun(cfg, bank=bank, folds=folds, device="cpu")
+    cv = CVHeadRun(cfg, bank=bank, folds=folds, device="cpu")
     cv.step()
     fold = final.candidate_from_state("cv0", cv.state_dict(), cfg)
     assert len(fold.heads) == 3

@@ -58,6 +58,10 @@ def test_predict_folder_lists_bad_files_and_matches_the_model(tiny_model, photo_
     out_csv = tmp_path / "pred.csv"
     rc, out, err = _run(capsys, "--model", tiny_model.model_path, photo_folder, "--out", out_csv, "--topk", "2")
     assert rc == 0, err
+    before = out_csv.read_bytes()
+    refused = _run(capsys, "--model", tiny_model.model_path, photo_folder, "--out", out_csv, "--topk", "1")
+    assert refused[:2] == (2, "") and out_csv.read_bytes() == before  # one overwrite policy: --force
+    assert refused[2] == f"error: {out_csv} already exists: pass --force to overwrite, or --out another file\n"
     table = pd.read_csv(out_csv, keep_default_na=False)
     assert list(table.columns) == [
         "path",

@@ -12,17 +12,14 @@ import torch
 from test_engine import synthetic_bank
 
 from tune_rice import UserError
-from tune_rice.engine import CVHeadRun, HeadStack, TrialConfig, fold_heads, make_criterion, make_optimizer
+from tune_rice.cv import CVHeadRun, HeadStack, bank_folds, fold_heads, fold_split, pooled_view0, resolve_folds
+from tune_rice.engine import TrialConfig, make_criterion, make_optimizer
 from tune_rice.model import build_head
 from tune_rice.probe import (
-    bank_folds,
     fit_logistic,
     fit_probe,
-    fold_split,
-    pooled_view0,
     probe_bank,
     probe_bank_cv,
-    resolve_folds,
     standardize,
     wilson_interval,
 )

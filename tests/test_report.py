@@ -140,7 +140,7 @@ def test_final_model_section_shows_members_figures_and_the_suggested_threshold(t
     z = np.stack([lg[:50] for lg in logits], 1)[:, choice.selection.members]
     test = {
         **json.loads((exp / "test_metrics.json").read_text()),
-        **final.record_test_scores(z, y[:50], report.load_experiment(exp).test["classes"], choice),
+        **final.record_test_scores(z, y[:50], report.load_experiment(exp).test.classes, choice),
     }
     (exp / "test_metrics.json").write_text(json.dumps(test))
 

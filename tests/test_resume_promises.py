@@ -215,7 +215,7 @@ def test_evaluate_on_test_says_it_is_a_second_look(tiny_model, tmp_path, capsys,
     assert evaluate.main(argv + ["--split", "test"]) == 0
     out = capsys.readouterr().out
     assert "note: a second look at the test split" in out and record in out, out
-    assert evaluate.main(argv + ["--split", "valid"]) == 0
+    assert evaluate.main(argv + ["--split", "valid", "--force"]) == 0
     assert "second look" not in capsys.readouterr().out
 
 

@@ -15,8 +15,9 @@ from search_driver import kill_mid_search, terminated
 from test_engine import synthetic_bank
 
 from tune_rice import search
+from tune_rice.cv import CVHeadRun
 from tune_rice.data import build_transform, load_image, read_labels
-from tune_rice.engine import CVHeadRun, TrialConfig
+from tune_rice.engine import TrialConfig
 from tune_rice.model import Ensemble, load_artifact
 
 SPACE = """\

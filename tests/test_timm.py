@@ -190,7 +190,7 @@ def test_the_artifact_the_exports_and_the_maps_of_a_timm_model(value, tmp_path, 
     rng = np.random.default_rng(0)
     for i in range(2):
         Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(photos / f"p{i}.png")
-    assert explain.main(["--model", str(path), str(photos), "--out", str(tmp_path / "maps")]) == 0
+    assert explain.main(["--model", str(path), str(photos), "--out-dir", str(tmp_path / "maps")]) == 0
     table = pd.read_csv(tmp_path / "maps" / "explain.csv", keep_default_na=False)
     assert (table["error"] == "").all() and len(table) == 2 and (tmp_path / "maps" / "p0.png").is_file()
     assert "2 of 2 images explained" in capsys.readouterr().out

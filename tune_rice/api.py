@@ -28,6 +28,7 @@ from PIL import Image
 
 from . import UserError
 from .model import LoadedModel, load_model
+from .records import MODEL_PATH, RESULTS_FILE, TEST_METRICS_FILE
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
@@ -117,10 +118,10 @@ class SearchResult:
     @classmethod
     def read(cls, path: str | os.PathLike) -> SearchResult:
         exp = Path(path)
-        for name in ("best/model.pt", "test_metrics.json", "results.csv"):
+        for name in (MODEL_PATH, TEST_METRICS_FILE, RESULTS_FILE):
             if not (exp / name).is_file():
                 raise UserError(f"{exp}: no {name}; not a finished tune-rice search")
-        metrics = json.loads((exp / "test_metrics.json").read_text())
+        metrics = json.loads((exp / TEST_METRICS_FILE).read_text())
         return cls(exp, Model(load_model(exp)), metrics, pd.read_csv(exp / "results.csv"))
 
     def __repr__(self) -> str:

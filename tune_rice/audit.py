@@ -511,7 +511,8 @@ def audit_before_trials(
 def _label_issues(
     bank: FeatureBank, group_of: dict, oof_logits: np.ndarray | None, probe_C: float | None, seed: int
 ) -> tuple[pd.DataFrame, str]:
-    from .probe import bank_folds, pooled_view0, probe_bank_cv
+    from .cv import bank_folds, pooled_view0
+    from .probe import probe_bank_cv
 
     _, y = pooled_view0(bank)
     if oof_logits is None:

@@ -43,6 +43,7 @@ from torchvision.models import WeightsEnum
 
 from . import UserError, cli, timm_zoo
 from .data import Preprocessing
+from .records import Direction, cache_root
 from .torchutil import weightless as _weightless
 
 log = logging.getLogger(__name__)
@@ -368,7 +369,7 @@ def cost_frontier(results, key: str, mode: str, *, extraction_rates: dict[str, f
     sizes = ran["config/image_size"] if "config/image_size" in ran else pd.Series(0, index=ran.index)
     rows = []
     for (value, size), group in ran.groupby([ran["config/backbone"], sizes.fillna(0).astype(int)]):
-        best = group.loc[group[key].idxmax() if mode == "max" else group[key].idxmin()]
+        best = group.loc[Direction(mode).best_label(group[key])]
         crop = preprocessing_for(value, size or None).crop
         row = {
             "backbone": value,
@@ -380,8 +381,8 @@ def cost_frontier(results, key: str, mode: str, *, extraction_rates: dict[str, f
         if extraction_rates is not None:
             row["extract_img_s"] = extraction_rates.get(value)
         rows.append(row)
-    frame = pd.DataFrame(rows).sort_values(["gflops", "best"], ascending=[True, mode == "min"])
-    sign = 1 if mode == "max" else -1
+    frame = pd.DataFrame(rows).sort_values(["gflops", "best"], ascending=[True, Direction(mode).ascending])
+    sign = Direction(mode).sign
     frame["pareto"] = [
         not any(
             o.gflops <= r.gflops
@@ -400,7 +401,7 @@ def cheaper_choice(frontier, mode: str, *, budget: float = COST_BUDGET_GFLOPS) -
     it is, or if none is that cheap)."""
     if frontier is None or len(frontier) < 2:
         return ""
-    sign = 1 if mode == "max" else -1
+    sign = Direction(mode).sign
     overall = frontier.loc[(sign * frontier["best"]).idxmax()]
     cheap = frontier[frontier["gflops"] <= budget]
     if cheap.empty:
@@ -417,8 +418,7 @@ def cheaper_choice(frontier, mode: str, *, budget: float = COST_BUDGET_GFLOPS) -
 
 # -------------------------------------------------------------------------------------------- the table
 def _dims_cache() -> Path:
-    base = os.environ.get("TUNE_RICE_CACHE")
-    root = Path(base).expanduser() if base else Path.home() / ".cache" / "tune_rice"
+    root = cache_root()
     return root / f"backbone-dims-torchvision-{torchvision.__version__}.json"
 
 
@@ -458,6 +458,7 @@ def backbone_rows(family: str | None = None) -> list[dict]:
         if not archs:
             families = sorted({family_of(a) for a in architectures()})
             raise UserError(f"--family {family!r}: no such family; valid: {', '.join(families)}")
+    archs = sorted(archs, key=cli.natural_key)  # resnet18 before resnet101
     dims = feature_dims(archs)
     rows = []
     for arch in archs:
@@ -511,15 +512,17 @@ def format_table(rows: list[dict], *, provider: str = "torchvision") -> str:
     cached = sum(r["cached"] for r in rows)
     if provider == "timm":
         lines.append(
-            f"{len(rows)} pretrained timm models in {len({r['family'] for r in rows})} families; {cached} in the "
+            f"{cli.counted(len(rows), 'pretrained timm model')} in "
+            f"{cli.counted(len({r['family'] for r in rows}), 'family', 'families')}; {cached} in the "
             f"local caches ({timm_zoo.hub_cache_dir()}). GFLOPs: measured (torch's FlopCounterMode at the native "
             "crop, multiply-adds as torchvision counts them); top-1 and file size: timm does not ship them. "
             "Use as backbone timm:NAME."
         )
         return "\n".join(lines)
     lines.append(
-        f"{len(rows)} weights of {len({r['backbone'].split(':')[0] for r in rows})} models in "
-        f"{len({r['family'] for r in rows})} families; {cached} in the local cache "
+        f"{cli.counted(len(rows), 'weights', 'weights')} of "
+        f"{cli.counted(len({r['backbone'].split(':')[0] for r in rows}), 'model')} in "
+        f"{cli.counted(len({r['family'] for r in rows}), 'family', 'families')}; {cached} in the local cache "
         f"({Path(torch.hub.get_dir()) / 'checkpoints'}). A bare name means the default weights; "
         "name others as MODEL:WEIGHTS. top-1: ImageNet-1K, torchvision's figures for those weights."
     )

@@ -11,8 +11,10 @@ import difflib
 import importlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from . import UserError, __version__
 
@@ -42,6 +44,57 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         ):
             return text
         return super()._get_help_string(action)
+
+
+# ------------------------------------------------------------------ the options every tool spells alike
+class _Renamed(argparse.Action):
+    """An option's old spelling: stores into the new option and says the new name on stderr."""
+
+    def __init__(self, option_strings, dest, *, new: str, **kwargs):
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"note: {option_string} is now {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_num_workers_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup, help: str) -> None:
+    """``--num-workers N``, the one name of every tool's worker count; ``--workers`` (its old spelling in
+    prepare and demo) still works and answers with the new name."""
+    p.add_argument("--num-workers", type=int, default=None, metavar="N", help=help)
+    add_old_spelling(p, "--workers", "--num-workers", type=int)
+
+
+def add_old_spelling(p: argparse.ArgumentParser | argparse._ArgumentGroup, old: str, new: str, **kwargs) -> None:
+    """``old``, hidden from --help, sets what ``new`` sets and prints ``note: OLD is now NEW``."""
+    dest = new.lstrip("-").replace("-", "_")
+    p.add_argument(old, dest=dest, action=_Renamed, new=new, help=argparse.SUPPRESS, **kwargs)
+
+
+def add_force_arg(p: argparse.ArgumentParser, what: str = "the output") -> None:
+    """``--force``: the one way to overwrite an existing output; without it a tool refuses."""
+    p.add_argument("--force", action="store_true", help=f"overwrite {what} if it exists")
+
+
+def refuse_overwrite(paths: Sequence[Path], force: bool) -> None:
+    """The one overwrite policy: an existing output is replaced only with ``--force``."""
+    existing = [str(p) for p in paths if Path(p).exists()]
+    if existing and not force:
+        raise UserError(
+            f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}: "
+            "pass --force to overwrite, or --out another file"
+        )
+
+
+def natural_key(name: str) -> tuple:
+    """Sorts names as people read them: ``resnet18`` before ``resnet101``, ``vit_b_16`` before ``vit_b_32``."""
+    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t.lower()) for t in re.split(r"(\d+)", name) if t)
+
+
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``1 family``, ``3 families``: a count with its noun agreeing."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -131,7 +131,7 @@ class SearchConfig:
         if self.time_budget is not None:
             parse_duration(self.time_budget, what="--time-budget")
         self._validate_experiment()
-        from .probe import resolve_folds
+        from .cv import resolve_folds
 
         resolve_folds(self.cv, 0)  # a bad value is one line before anything starts
         if isinstance(self.log_to, str):  # tune_rice.search(log_to="mlflow")

@@ -52,6 +52,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -801,12 +802,26 @@ def check_pairs(
 
 
 # -------------------------------------------------------------------------------------- grouping
+class DuplicatePair(NamedTuple):
+    """A verified pair of copies: images ``i`` < ``j`` (indices into the inputs), how they were found
+    (``exact``: same bytes; ``near``: passed the check), the check's detail and outline similarity, how
+    ``j`` is turned against ``i`` (one of ORIENTATIONS), and whether the pair joined their groups."""
+
+    i: int
+    j: int
+    check: str
+    similarity: float
+    outline: float
+    orientation: str
+    joined: bool
+
+
 @dataclass
 class Grouping:
     """The outcome of :func:`group_images`."""
 
     group: np.ndarray  # (N,) int64 group ids 0..G-1, numbered by first member
-    pairs: list[tuple]  # (i, j, check, similarity, outline, orientation, joined) per accepted pair
+    pairs: list[DuplicatePair]  # per verified pair, strongest first after the exact copies
     n_candidates: int  # candidate pairs checked
     n_blocked: int  # verified pairs not joined because some members of their two groups do not match
 
@@ -820,6 +835,104 @@ def _exact_pairs(sha1s: Sequence[str]) -> list[tuple[int, int]]:
         else:
             first[s] = k
     return out
+
+
+class _UnionFind:
+    """Disjoint sets over 0..n-1 whose root is always the smallest member (groups number by first member)."""
+
+    def __init__(self, n: int):
+        self.parent = np.arange(n)
+
+    def find(self, x: int) -> int:
+        parent = self.parent
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = int(parent[x])
+        return x
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        self.parent[max(ra, rb)] = min(ra, rb)
+
+
+class _GroupJoiner:
+    """The state of joining verified pairs into groups: each group's members and centre, and every pair's
+    strict and loose verdict, re-checked (every flip and turn) where a join needs it. See group_images."""
+
+    def __init__(self, sets: _UnionFind, reps, checks, *, thumbs, fines, views, min_similarity, min_outline, flips):
+        ci, cj, checked, ok, need = checks
+        self.sets = sets
+        self.thumbs, self.fines, self.views = thumbs, fines, views
+        self.min_similarity, self.min_outline, self.flips = min_similarity, min_outline, flips
+        self.strict = {(int(x), int(y)): bool(v) for x, y, v in zip(ci, cj, ok)}
+        # a pair that passes the check passes the looser one too (strong keypoints may pass a pair whose
+        # detail similarity is under the loose need)
+        loose_ok = ok | (checked.similarity >= min_similarity - _GUARD_SLACK) & (checked.outline >= min_outline - 0.05)
+        self.loose = {(int(x), int(y)): bool(v) for x, y, v in zip(ci, cj, loose_ok)}
+        self.degree = np.bincount(np.concatenate([ci[ok], cj[ok]]), minlength=len(sets.parent))
+        self.members = {int(r): [int(r)] for r in reps}  # byte copies share their representative's check
+        self.centre = {r: r for r in self.members}
+        self.view_only = {(int(x), int(y)) for x, y, v in zip(ci, cj, need > min_similarity) if v}
+        self.retried: set[tuple[int, int]] = set()
+
+    def check(self, todo_pairs: set[tuple[int, int]]) -> None:
+        # New pairs, and candidate pairs that failed, once more with every flip and turn tried
+        # (the candidate check tried the likeliest only: a flipped and a moved copy of one source
+        # may need both a flip and the keypoints' alignment).
+        strict, loose = self.strict, self.loose
+        new = sorted(todo_pairs - strict.keys())
+        again = sorted(t for t in todo_pairs & strict.keys() if not (strict[t] and loose[t]) and t not in self.retried)
+        todo = new + again
+        if not todo:
+            return
+        ti, tj = np.array([t[0] for t in todo]), np.array([t[1] for t in todo])
+        got, good = check_pairs(
+            self.thumbs,
+            self.fines,
+            ti,
+            tj,
+            need=self.min_similarity,
+            min_outline=self.min_outline,
+            flips=self.flips,
+            views=self.views,
+            every_turn=True,  # few pairs
+        )
+        fair = (got.similarity >= self.min_similarity - _GUARD_SLACK) & (got.outline >= self.min_outline - 0.05)
+        for t, v, f in zip(todo, good, fair):
+            loose[t] = loose.get(t, False) or bool(f) or bool(v)
+            if t not in self.view_only:  # those keep the stricter need they failed
+                strict[t] = strict.get(t, False) or bool(v)
+        self.retried.update(again)
+
+    def can_join(self, ra: int, rb: int) -> int | None:
+        """The centre of the joined group, or None if the two may not join."""
+        members = self.members
+        cross = {(min(x, y), max(x, y)) for x in members[ra][:_GUARD] for y in members[rb][:_GUARD]}
+        self.check(cross)
+        if not all(self.loose[c] for c in cross):
+            return None
+        union = members[ra] + members[rb]
+        for c in sorted({self.centre[ra], self.centre[rb]}, key=lambda c: (-self.degree[c], c)):
+            spokes = {(min(c, m), max(c, m)) for m in union if m != c}
+            self.check(spokes)
+            if all(self.strict[t] for t in spokes):
+                return c
+        return None
+
+    def join(self, a: int, b: int) -> bool:
+        """Join the groups of verified pair (a, b) if the guard allows; whether they are one group now."""
+        ra, rb = self.sets.find(a), self.sets.find(b)
+        if ra == rb:
+            return True
+        chosen = self.can_join(ra, rb)
+        if chosen is None:
+            return False
+        lo, hi = min(ra, rb), max(ra, rb)
+        self.sets.parent[hi] = lo
+        self.members[lo] = sorted(self.members[lo] + self.members.pop(hi))
+        self.centre[lo] = chosen
+        self.centre.pop(hi)
+        return True
 
 
 def group_images(
@@ -838,133 +951,82 @@ def group_images(
     groups and pairs.
     """
     n = len(sha1s)
-    parent = np.arange(n)
-
-    def find(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = int(parent[x])
-        return x
-
-    pairs: list[tuple] = []
+    sets = _UnionFind(n)
+    pairs: list[DuplicatePair] = []
     n_candidates = n_blocked = 0
     if mode != "off":
         for a, b in _exact_pairs(sha1s):
-            ra, rb = find(a), find(b)
-            parent[max(ra, rb)] = min(ra, rb)
-            pairs.append((a, b, "exact", 1.0, 1.0, "same", True))
+            sets.union(a, b)
+            pairs.append(DuplicatePair(a, b, "exact", 1.0, 1.0, "same", True))
     if mode == "near" and n > 1:
         if signatures is None or len(signatures) != n:
             raise ValueError("near mode needs one signature per image")
-        reps = np.asarray([k for k in range(n) if find(k) == k])  # one image per set of byte copies
-        thumbs = np.stack([s.thumb for s in signatures])
-        fines = np.stack([s.fine for s in signatures])
-        views = np.stack([s.views for s in signatures])  # (N, V, D)
-        codes = [
-            np.asarray([signatures[k].phash for k in reps], dtype=np.uint64),
-            histogram_codes(np.stack([signatures[k].hist for k in reps])),
-        ]
-        found = [candidate_pairs(c, max_bits=b, per_image=per_image) for c, b in zip(codes, _MAX_BITS)]
-        by_hash = np.unique(np.concatenate([ci * len(reps) + cj for ci, cj in found]))
-        vi, vj = crop_pairs(view_codes(views[reps]))
-        key = np.union1d(by_hash, vi * len(reps) + vj)
-        ci, cj = reps[key // len(reps)], reps[key % len(reps)]
-        n_candidates = len(ci)
-        # A pair that only the views proposed (a cut or moved copy, its hashes far apart) had less going
-        # for it before the check than one whose hashes agree, so it must pass a stricter one.
-        need = np.where(np.isin(key, by_hash), min_similarity, max(min_similarity, _VIEW_ONLY_MIN))
-        checked, ok = check_pairs(thumbs, fines, ci, cj, need=need, min_outline=min_outline, flips=flips, views=views)
-        log.debug("%d candidate pairs, %d verified", n_candidates, int(ok.sum()))
-        # Strongest pairs first; two groups join through a pair only if (1) one of their centres -- the
-        # one with more verified pairs first, usually the original of a set of copies -- passes the check
-        # against every member of both: no member is more than two checks from another, so a chain of
-        # gradually changing images, each close to the next, cannot grow one group end to end; and (2)
-        # every member of one passes a looser check against every member of the other (the first
-        # _GUARD of each): two edits of one original (a re-encoded and a shifted copy) are each close to
-        # it but farther from each other, while two look-alike originals and their copies are not.
-        strict = {(int(x), int(y)): bool(v) for x, y, v in zip(ci, cj, ok)}
-        # a pair that passes the check passes the looser one too (strong keypoints may pass a pair whose
-        # detail similarity is under the loose need)
-        loose_ok = ok | (checked.similarity >= min_similarity - _GUARD_SLACK) & (checked.outline >= min_outline - 0.05)
-        loose = {(int(x), int(y)): bool(v) for x, y, v in zip(ci, cj, loose_ok)}
-        degree = np.bincount(np.concatenate([ci[ok], cj[ok]]), minlength=n)
-        members = {int(r): [int(r)] for r in reps}  # byte copies share their representative's check
-        centre = {r: r for r in members}
-
-        view_only = {(int(x), int(y)) for x, y, v in zip(ci, cj, need > min_similarity) if v}
-        retried: set[tuple[int, int]] = set()
-
-        def check(todo_pairs: set[tuple[int, int]]) -> None:
-            # New pairs, and candidate pairs that failed, once more with every flip and turn tried
-            # (the candidate check tried the likeliest only: a flipped and a moved copy of one source
-            # may need both a flip and the keypoints' alignment).
-            new = sorted(todo_pairs - strict.keys())
-            again = sorted(t for t in todo_pairs & strict.keys() if not (strict[t] and loose[t]) and t not in retried)
-            todo = new + again
-            if todo:
-                ti, tj = np.array([t[0] for t in todo]), np.array([t[1] for t in todo])
-                got, good = check_pairs(
-                    thumbs,
-                    fines,
-                    ti,
-                    tj,
-                    need=min_similarity,
-                    min_outline=min_outline,
-                    flips=flips,
-                    views=views,
-                    every_turn=True,  # few pairs
-                )
-                fair = (got.similarity >= min_similarity - _GUARD_SLACK) & (got.outline >= min_outline - 0.05)
-                for t, v, f in zip(todo, good, fair):
-                    loose[t] = loose.get(t, False) or bool(f) or bool(v)
-                    if t not in view_only:  # those keep the stricter need they failed
-                        strict[t] = strict.get(t, False) or bool(v)
-                retried.update(again)
-
-        def can_join(ra: int, rb: int) -> int | None:
-            """The centre of the joined group, or None if the two may not join."""
-            cross = {(min(x, y), max(x, y)) for x in members[ra][:_GUARD] for y in members[rb][:_GUARD]}
-            check(cross)
-            if not all(loose[c] for c in cross):
-                return None
-            union = members[ra] + members[rb]
-            for c in sorted({centre[ra], centre[rb]}, key=lambda c: (-degree[c], c)):
-                spokes = {(min(c, m), max(c, m)) for m in union if m != c}
-                check(spokes)
-                if all(strict[t] for t in spokes):
-                    return c
-            return None
-
-        idx = np.flatnonzero(ok)
-        idx = idx[np.lexsort((cj[idx], ci[idx], -checked.similarity[idx]))]
-        for k in idx:
-            a, b = int(ci[k]), int(cj[k])
-            ra, rb = find(a), find(b)
-            joined = True
-            if ra != rb:
-                chosen = can_join(ra, rb)
-                if chosen is not None:
-                    lo, hi = min(ra, rb), max(ra, rb)
-                    parent[hi] = lo
-                    members[lo] = sorted(members[lo] + members.pop(hi))
-                    centre[lo] = chosen
-                    centre.pop(hi)
-                else:
-                    joined = False
-                    n_blocked += 1
-            pairs.append(
-                (
-                    a,
-                    b,
-                    "near",
-                    float(checked.similarity[k]),
-                    float(checked.outline[k]),
-                    ORIENTATIONS[int(checked.orientation[k])],
-                    joined,
-                )
-            )
-    roots = np.asarray([find(k) for k in range(n)], dtype=np.int64)
+        near, n_candidates = _near_pairs(sets, signatures, min_similarity, min_outline, flips, per_image)
+        n_blocked = sum(not p.joined for p in near)
+        pairs += near
+    roots = np.asarray([sets.find(k) for k in range(n)], dtype=np.int64)
     _, group = np.unique(roots, return_inverse=True)  # roots are first members, so groups number by them
     return Grouping(
         group=group.astype(np.int64).reshape(n), pairs=pairs, n_candidates=n_candidates, n_blocked=n_blocked
     )
+
+
+def _near_pairs(
+    sets: _UnionFind, signatures: Sequence[Signature], min_similarity, min_outline, flips, per_image
+) -> tuple[list[DuplicatePair], int]:
+    """The verified near-copy pairs, strongest first, each joined into ``sets`` where the guard allows;
+    and the number of candidate pairs checked."""
+    n = len(signatures)
+    reps = np.asarray([k for k in range(n) if sets.find(k) == k])  # one image per set of byte copies
+    thumbs = np.stack([s.thumb for s in signatures])
+    fines = np.stack([s.fine for s in signatures])
+    views = np.stack([s.views for s in signatures])  # (N, V, D)
+    codes = [
+        np.asarray([signatures[k].phash for k in reps], dtype=np.uint64),
+        histogram_codes(np.stack([signatures[k].hist for k in reps])),
+    ]
+    found = [candidate_pairs(c, max_bits=b, per_image=per_image) for c, b in zip(codes, _MAX_BITS)]
+    by_hash = np.unique(np.concatenate([ci * len(reps) + cj for ci, cj in found]))
+    vi, vj = crop_pairs(view_codes(views[reps]))
+    key = np.union1d(by_hash, vi * len(reps) + vj)
+    ci, cj = reps[key // len(reps)], reps[key % len(reps)]
+    # A pair that only the views proposed (a cut or moved copy, its hashes far apart) had less going
+    # for it before the check than one whose hashes agree, so it must pass a stricter one.
+    need = np.where(np.isin(key, by_hash), min_similarity, max(min_similarity, _VIEW_ONLY_MIN))
+    checked, ok = check_pairs(thumbs, fines, ci, cj, need=need, min_outline=min_outline, flips=flips, views=views)
+    log.debug("%d candidate pairs, %d verified", len(ci), int(ok.sum()))
+    # Strongest pairs first; two groups join through a pair only if (1) one of their centres -- the
+    # one with more verified pairs first, usually the original of a set of copies -- passes the check
+    # against every member of both: no member is more than two checks from another, so a chain of
+    # gradually changing images, each close to the next, cannot grow one group end to end; and (2)
+    # every member of one passes a looser check against every member of the other (the first
+    # _GUARD of each): two edits of one original (a re-encoded and a shifted copy) are each close to
+    # it but farther from each other, while two look-alike originals and their copies are not.
+    joiner = _GroupJoiner(
+        sets,
+        reps,
+        (ci, cj, checked, ok, need),
+        thumbs=thumbs,
+        fines=fines,
+        views=views,
+        min_similarity=min_similarity,
+        min_outline=min_outline,
+        flips=flips,
+    )
+    idx = np.flatnonzero(ok)
+    idx = idx[np.lexsort((cj[idx], ci[idx], -checked.similarity[idx]))]
+    pairs = []
+    for k in idx:
+        a, b = int(ci[k]), int(cj[k])
+        pairs.append(
+            DuplicatePair(
+                a,
+                b,
+                "near",
+                float(checked.similarity[k]),
+                float(checked.outline[k]),
+                ORIENTATIONS[int(checked.orientation[k])],
+                joiner.join(a, b),
+            )
+        )
+    return pairs, len(ci)

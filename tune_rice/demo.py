@@ -56,6 +56,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from . import UserError, cli
+from .records import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -763,18 +764,7 @@ def generate_demo(
         out.parent.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
-        for label in CLASSES:
-            (tmp / label).mkdir(parents=True)
-        duplicates = []
-        args = [(job, size, seed, family) for job in jobs]
-        with _progress(len(jobs)) as bar:
-            if workers > 1:
-                ctx = multiprocessing.get_context("spawn")  # no fork of a parent that may hold torch threads
-                with ctx.Pool(workers) as pool:
-                    results = pool.imap(_render_star, args, chunksize=8)
-                    duplicates = _write_all(tmp, jobs, results, bar)
-            else:
-                duplicates = _write_all(tmp, jobs, map(_render_star, args), bar)
+        duplicates = _draw_all(tmp, jobs, size=size, seed=seed, family=family, workers=workers)
         marker = {
             **params,
             "classes": list(CLASSES),
@@ -811,6 +801,20 @@ def generate_demo(
     return out
 
 
+def _draw_all(tmp: Path, jobs: list[_Job], *, size: int, seed: int, family: str, workers: int) -> list[dict]:
+    """Draw and write every image into ``tmp/<class>/`` (in ``workers`` processes); the near-duplicates'
+    records."""
+    for label in CLASSES:
+        (tmp / label).mkdir(parents=True)
+    args = [(job, size, seed, family) for job in jobs]
+    with _progress(len(jobs)) as bar:
+        if workers > 1:
+            ctx = multiprocessing.get_context("spawn")  # no fork of a parent that may hold torch threads
+            with ctx.Pool(workers) as pool:
+                return _write_all(tmp, jobs, pool.imap(_render_star, args, chunksize=8), bar)
+        return _write_all(tmp, jobs, map(_render_star, args), bar)
+
+
 def _write_all(tmp: Path, jobs: list[_Job], results, bar) -> list[dict]:
     duplicates = []
     for job, (relpath, data, how) in zip(jobs, results):
@@ -832,8 +836,7 @@ def dataset_name(*, per_class: int = 200, size: int = 256, seed: int = 0, family
 
 def default_demo_dir() -> Path:
     """Where :func:`ensure_demo` keeps datasets: ``$TUNE_RICE_CACHE/demo`` or ``~/.cache/tune_rice/demo``."""
-    base = os.environ.get("TUNE_RICE_CACHE")
-    return (Path(base).expanduser() if base else Path.home() / ".cache" / "tune_rice") / "demo"
+    return cache_root() / "demo"
 
 
 def ensure_demo(
@@ -897,12 +900,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--size", type=int, default=256, metavar="PX", help="image side in pixels (default: %(default)s)"
     )
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default: %(default)s)")
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        metavar="W",
-        help="drawing processes (default: 1 below 2000 images; the files do not depend on it)",
+    cli.add_num_workers_arg(
+        parser, help="drawing processes (default: 1 below 2000 images; the files do not depend on it)"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
@@ -915,10 +914,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     cli.setup_logging(args.verbose)
     _check_params(args.per_class, args.size, args.seed, names=("--per-class", "--size", "--seed"))
-    if args.workers is not None and args.workers < 1:
-        raise UserError(f"--workers must be >= 1, got {args.workers}")
+    if args.num_workers is not None and args.num_workers < 1:
+        raise UserError(f"--num-workers must be >= 1, got {args.num_workers}")
     generate_demo(
-        args.out, per_class=args.per_class, size=args.size, seed=args.seed, family=args.family, workers=args.workers
+        args.out, per_class=args.per_class, size=args.size, seed=args.seed, family=args.family, workers=args.num_workers
     )
     return 0
 

@@ -39,7 +39,7 @@ from .data import (
 from .devices import add_device_args, device_from_arg
 from .engine import ALL, metrics_record, split_logits
 from .model import LoadedModel, load_model
-from .storage import TEST_MARK
+from .records import BEST_DIR, LABELS_FILE, TEST_MARK, TEST_METRICS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,8 @@ def resolve_labels(data: str | os.PathLike) -> Path:
     if p.is_file():
         return p
     if p.is_dir():
-        if (p / "labels.csv").is_file():
-            return p / "labels.csv"
+        if (p / LABELS_FILE).is_file():
+            return p / LABELS_FILE
         raise UserError(f"{p}: no labels.csv in this folder; write one with `python -m tune_rice.prepare {p}`")
     raise UserError(f"--data {data}: no such file or folder")
 
@@ -70,7 +70,7 @@ def load_scored(
     pre-split tree or a CSV of images is read as it is (nothing is written, nothing decoded yet); only
     a pre-split tree has a split, the others are scored with ``all``."""
     p = Path(data).expanduser()
-    if (p.is_file() and is_labels_file(p)) or (p.is_dir() and (p / "labels.csv").is_file()):
+    if (p.is_file() and is_labels_file(p)) or (p.is_dir() and (p / LABELS_FILE).is_file()):
         split = split or "test"
         splits = SPLITS if split == ALL else (split,)
         return read_labels_checked(resolve_labels(p), data_root, splits=splits), split
@@ -148,7 +148,7 @@ def evaluate_model(
 
 def evaluate_data(
     loaded: LoadedModel,
-    data: str | os.PathLike,
+    data: str | os.PathLike | LabelTable,
     *,
     split: str | None = None,
     data_root: str | os.PathLike | None = None,
@@ -160,8 +160,12 @@ def evaluate_data(
 ) -> dict:
     """``loaded`` scored on ``data`` (see :func:`load_scored`): the record ``--out`` holds, with ``splits``
     (the splits scored) and, when the test split of a labels.csv was scored, that read in its ledger and
-    ``test_reads`` (how many it holds now)."""
-    table, split = load_scored(data, data_root, split, path_col=path_col, label_col=label_col)
+    ``test_reads`` (how many it holds now). ``data`` may be a table :func:`load_scored` returned, with its
+    ``split``."""
+    if isinstance(data, LabelTable):
+        table, split = data, split or "test"
+    else:
+        table, split = load_scored(data, data_root, split, path_col=path_col, label_col=label_col)
     table = align_classes(table, loaded.classes)
     result = evaluate_model(
         loaded.module, table, split, loaded.preprocessing, device, batch_size=batch_size, num_workers=num_workers
@@ -180,11 +184,11 @@ def second_look(model_path: Path) -> str:
 
     The search scores its model on test once (test_metrics.json) and marks the start of that read
     (test_started.json); either next to ``best/`` means the test images have been read for this model."""
-    exp = model_path.parent.parent if model_path.parent.name == "best" else model_path.parent
-    if (exp / "test_metrics.json").is_file():
+    exp = model_path.parent.parent if model_path.parent.name == BEST_DIR else model_path.parent
+    if (exp / TEST_METRICS_FILE).is_file():
         return (
             f"a second look at the test split: the search scored this model on it once already "
-            f"({exp / 'test_metrics.json'}); that first score is the one to report"
+            f"({exp / TEST_METRICS_FILE}); that first score is the one to report"
         )
     if (exp / TEST_MARK).is_file():
         try:
@@ -255,7 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="which images to score: a split, or all of them (default: test; all for data with no split)",
     )
-    p.add_argument("--out", help="JSON file to write (default: eval_<split>.json in the current folder)")
+    p.add_argument(
+        "--out", metavar="FILE", help="the JSON file to write (default: eval_<split>.json in the current folder)"
+    )
+    cli.add_force_arg(p, "--out")
     add_device_args(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -266,26 +273,25 @@ def _main(argv: Sequence[str] | None) -> int:
     cli.setup_logging(args.verbose)
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.out and Path(args.out).name == "test_metrics.json":
+    if args.out and Path(args.out).name == TEST_METRICS_FILE:
         raise UserError(
-            f"--out {args.out}: refusing to write test_metrics.json (the search's own record of its "
+            f"--out {args.out}: refusing to write {TEST_METRICS_FILE} (the search's own record of its "
             "one test read); choose another name"
         )
     device = device_from_arg(args.device)
     loaded = load_model(args.model, device=device)
+    table, split = load_scored(args.data, args.data_root, args.split, path_col=args.path_col, label_col=args.label_col)
+    out = Path(args.out) if args.out else Path(f"eval_{split}.json")
+    cli.refuse_overwrite([out], args.force)  # before any image is read or any test read recorded
     record = evaluate_data(
         loaded,
-        args.data,
-        split=args.split,
-        data_root=args.data_root,
-        path_col=args.path_col,
-        label_col=args.label_col,
+        table,
+        split=split,
         device=device,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
     )
-    split, scored = record["split"], set(record.pop("splits"))
-    out = Path(args.out) if args.out else Path(f"eval_{split}.json")
+    scored = set(record.pop("splits"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1))
     print(format_metrics(record, title=f"{loaded.path} on {record['data']} [{split}]"))

@@ -312,12 +312,7 @@ def export_model(
     if out.resolve() == model_path.resolve():
         raise UserError(f"--out {out}: that is the model file itself")
     written = [out] + ([out.with_name(out.name + ".json")] if fmt == "onnx" else [])
-    existing = [str(p) for p in written if p.exists()]
-    if existing and not force:
-        raise UserError(
-            f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}: "
-            "pass --force to overwrite, or --out elsewhere"
-        )
+    cli.refuse_overwrite(written, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     diff: float | None
@@ -354,9 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
         "them inside as predict does, and returns calibrated probabilities (B, C)",
     )
     p.add_argument(
-        "--out", help="file to write (default: next to the model, model.ts / model.onnx; with --raw-input model-raw.*)"
+        "--out",
+        metavar="FILE",
+        help="the file to write (default: next to the model, model.ts / model.onnx; with --raw-input model-raw.*)",
     )
-    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    cli.add_force_arg(p, "--out")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 

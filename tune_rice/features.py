@@ -46,6 +46,7 @@ from .data import (
 from .devices import default_num_workers as default_num_workers  # re-exported: benchmarks import it here
 from .devices import loader_workers, resolve_device
 from .model import FEATURE_LAYERS, FrozenBackbone, ResolvedWeights, build_backbone, resolve_weights
+from .records import cache_root
 from .stage import StagePrefix, StageTail, bank_bytes_per_view, stage_shape
 from .torchutil import safe_torch_load
 
@@ -60,8 +61,7 @@ MEMORY_SHARE = 0.5
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("TUNE_RICE_CACHE")
-    return (Path(base).expanduser() if base else Path.home() / ".cache" / "tune_rice") / "features"
+    return cache_root() / "features"
 
 
 @dataclass(frozen=True)

@@ -114,48 +114,10 @@ class StageRun(HeadRun):
         self.valid_batches: BankBatches | ImageBatches
         stats_batches: BankBatches | ImageBatches
         if bank is not None:
-            self.classes, self.weights = bank.classes, bank.weights
-            tail, shape = stage_from_bank(bank, cfg.stage_bn)
-            prefix = None
-            self.train_batches = BankBatches(
-                bank.splits["train"], batch_size=cfg.batch_size, train=True, seed=cfg.seed, device=self.device
-            )
-            self.valid_batches = BankBatches(bank.splits["valid"], batch_size=256, train=False, device=self.device)
-            stats_batches = BankBatches(bank.splits["train"], batch_size=256, train=False, device=self.device)
-            targets = bank.splits["train"].targets
+            tail, shape, prefix, stats_batches, targets = self._on_bank(bank)
         else:
             assert table is not None
-            self.classes = table.classes
-            spec = cfg.feature_spec()
-            backbone, resolved = build_backbone(spec.backbone, weights=weights, seed=cfg.seed)
-            self.weights = resolved.identity
-            tail, shape = (
-                StageTail(backbone.net, name=spec.backbone, bn=cfg.stage_bn),
-                stage_shape(spec.backbone, spec.image_size),
-            )
-            prefix = StagePrefix(backbone)
-            workers = loader_workers(self.device) if num_workers is None else num_workers
-            eval_tf = build_transform(spec.preprocessing, train=False, normalize=False)
-            train_tf = build_transform(spec.preprocessing, train=True, policy=spec.policy, normalize=False)
-            self.train_batches = ImageBatches(
-                dataset_for_split(table, "train", train_tf, seed=cfg.seed),
-                batch_size=cfg.batch_size,
-                train=True,
-                seed=cfg.seed,
-                num_workers=workers,
-                device=self.device,
-            )
-            self.valid_batches, stats_batches = (
-                ImageBatches(
-                    dataset_for_split(table, split, eval_tf),
-                    batch_size=64,
-                    train=False,
-                    num_workers=workers,
-                    device=self.device,
-                )
-                for split in ("valid", "train")  # train un-augmented: the head's standardisation statistics
-            )
-            targets = table.targets("train")
+            tail, shape, prefix, stats_batches, targets = self._on_images(table, weights, num_workers)
         self.n_classes = len(self.classes)
         self.tail = tail.to(self.device)
         if prefix is not None:
@@ -166,6 +128,65 @@ class StageRun(HeadRun):
         )
         self.head.set_standardization(pooled.mean(0), pooled.std(0))
         self.model = StageModel(self.tail, self.head, shape, prefix).to(self.device)
+        self._optimizer()
+        self.passes = passes_per_epoch(cfg, len(self.train_batches))
+        self.scheduler = make_scheduler(self.optimizer, cfg, len(self.train_batches) * self.passes)
+        self.criterion = make_criterion(cfg, np.bincount(targets, minlength=self.n_classes), self.device)
+
+    def _on_bank(self, bank: FeatureBank):
+        """Batches from a stage bank; the stage rebuilt from the pretrained weights the bank carries."""
+        cfg = self.cfg
+        self.classes, self.weights = bank.classes, bank.weights
+        tail, shape = stage_from_bank(bank, cfg.stage_bn)
+        prefix = None
+        self.train_batches = BankBatches(
+            bank.splits["train"], batch_size=cfg.batch_size, train=True, seed=cfg.seed, device=self.device
+        )
+        self.valid_batches = BankBatches(bank.splits["valid"], batch_size=256, train=False, device=self.device)
+        stats_batches = BankBatches(bank.splits["train"], batch_size=256, train=False, device=self.device)
+        targets = bank.splits["train"].targets
+        return tail, shape, prefix, stats_batches, targets
+
+    def _on_images(self, table: LabelTable, weights: str | ResolvedWeights, num_workers: int | None):
+        """Batches decoded from the images (the inline path); the whole backbone, its prefix frozen."""
+        cfg = self.cfg
+        self.classes = table.classes
+        spec = cfg.feature_spec()
+        backbone, resolved = build_backbone(spec.backbone, weights=weights, seed=cfg.seed)
+        self.weights = resolved.identity
+        tail, shape = (
+            StageTail(backbone.net, name=spec.backbone, bn=cfg.stage_bn),
+            stage_shape(spec.backbone, spec.image_size),
+        )
+        prefix = StagePrefix(backbone)
+        workers = loader_workers(self.device) if num_workers is None else num_workers
+        eval_tf = build_transform(spec.preprocessing, train=False, normalize=False)
+        train_tf = build_transform(spec.preprocessing, train=True, policy=spec.policy, normalize=False)
+        self.train_batches = ImageBatches(
+            dataset_for_split(table, "train", train_tf, seed=cfg.seed),
+            batch_size=cfg.batch_size,
+            train=True,
+            seed=cfg.seed,
+            num_workers=workers,
+            device=self.device,
+        )
+        self.valid_batches, stats_batches = (
+            ImageBatches(
+                dataset_for_split(table, split, eval_tf),
+                batch_size=64,
+                train=False,
+                num_workers=workers,
+                device=self.device,
+            )
+            for split in ("valid", "train")  # train un-augmented: the head's standardisation statistics
+        )
+        targets = table.targets("train")
+        return tail, shape, prefix, stats_batches, targets
+
+    def _optimizer(self) -> None:
+        """The head's optimizer with the stage as a second group at ``lr * stage_lr_fraction``; decay towards
+        the pretrained stage (after every step) or plain decay."""
+        cfg = self.cfg
         self.optimizer = make_optimizer(self.head.parameters(), cfg)
         plain = cfg.stage_decay == "zero"
         self.optimizer.add_param_group(
@@ -178,9 +199,6 @@ class StageRun(HeadRun):
         if not plain:  # decoupled decay towards the pretrained stage (L2-SP), after every step
             self.anchor = [p.detach().clone() for p in self.tail.parameters()]
             self.optimizer.register_step_post_hook(self._pull_to_pretrained)
-        self.passes = passes_per_epoch(cfg, len(self.train_batches))
-        self.scheduler = make_scheduler(self.optimizer, cfg, len(self.train_batches) * self.passes)
-        self.criterion = make_criterion(cfg, np.bincount(targets, minlength=self.n_classes), self.device)
 
     @torch.no_grad()
     def _pull_to_pretrained(self, optimizer, args, kwargs) -> None:

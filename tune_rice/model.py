@@ -36,6 +36,7 @@ from .backbones import (
     validate,
     weights_file,
 )
+from .records import MODEL_FILE, MODEL_PATH
 from .torchutil import safe_torch_load
 
 log = logging.getLogger(__name__)
@@ -339,7 +340,7 @@ def feature_layer_for(head_kind: str) -> str:
 
 class Classifier(nn.Module):
     """Frozen backbone + head: images (B, 3, S, S) -> logits (B, C), divided by ``temperature`` (1 while
-    training; the deployed model's is fitted on valid, see ``final.fit_temperature``)."""
+    training; the deployed model's is fitted on valid, see ``calibration.fit_temperature``)."""
 
     def __init__(self, backbone: FrozenBackbone, head: Head, *, temperature: float = 1.0):
         super().__init__()
@@ -642,7 +643,7 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
     """``--model`` may also name an experiment folder (``runs/<name>``) or its ``best/`` folder."""
     p = Path(path).expanduser()
     if p.is_dir():
-        for candidate in (p / "best" / "model.pt", p / "model.pt"):
+        for candidate in (p / MODEL_PATH, p / MODEL_FILE):
             if candidate.is_file():
                 return candidate
         raise UserError(f"{p}: a folder without best/model.pt or model.pt; pass the model file")

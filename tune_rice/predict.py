@@ -231,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="runs/<name>/best/model.pt, an exported TorchScript file, or an experiment folder",
     )
-    p.add_argument("--out", default="predictions.csv", help="CSV file to write")
+    p.add_argument("--out", metavar="FILE", default="predictions.csv", help="the CSV file to write")
+    cli.add_force_arg(p, "--out")
     p.add_argument(
         "--topk",
         type=int,
@@ -254,6 +255,7 @@ def _main(argv: Sequence[str] | None) -> int:
     cli.setup_logging(args.verbose)
     if args.min_confidence is not None:
         check_min_confidence(args.min_confidence)
+    cli.refuse_overwrite([Path(args.out)], args.force)
     device = device_from_arg(args.device)
     files = find_images(args.paths)
     if not files:

@@ -38,6 +38,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import UserError, cli, data, dedup
+from .records import ARGS_FILE, LABELS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -659,7 +660,7 @@ def check_fractions(valid_frac: float, test_frac: float) -> tuple[float, float, 
 
 def resolve_out(data_dir: Path, out: str | os.PathLike | None) -> Path:
     """Where labels.csv goes; refuses a path inside a class folder (or a future one)."""
-    out_path = data_dir / "labels.csv" if out is None else Path(out).expanduser()
+    out_path = data_dir / LABELS_FILE if out is None else Path(out).expanduser()
     out_path = out_path.parent.resolve() / out_path.name
     if out_path.is_dir():
         raise UserError(f"{out_path}: is a folder; --out needs a file name (e.g. {out_path / 'labels.csv'})")
@@ -687,7 +688,7 @@ def check_dedup(mode: str, min_similarity: float) -> None:
 def duplicates_path(labels_csv: Path) -> Path:
     """Where the grouped pairs go: ``duplicates.csv`` beside ``labels.csv`` (``<stem>.duplicates.csv``
     beside a labels file of another name)."""
-    name = "duplicates.csv" if labels_csv.name == "labels.csv" else f"{labels_csv.stem}.duplicates.csv"
+    name = "duplicates.csv" if labels_csv.name == LABELS_FILE else f"{labels_csv.stem}.duplicates.csv"
     return labels_csv.with_name(name)
 
 
@@ -730,6 +731,140 @@ def prepare_dataset(
         raise UserError(f"--seed must be >= 0, got {seed}")
     scan = read_source(data_dir, path_col=path_col, label_col=label_col, image_dir=image_dir)
     root = scan.data_dir
+    out_path = _checked_scan(scan, data_dir, out, resplit)
+    rows, skipped, classes, empty_classes = _usable_rows(scan, workers, progress, near=dedup_mode == "near")
+    paths = [r[0] for r in rows]
+    labels = np.asarray([classes.index(r[1]) for r in rows])  # (N,)
+    grouping = _group_rows(rows, dedup_mode, min_similarity, flips)
+    group = grouping.group  # (N,)
+    n_groups = int(group.max()) + 1
+    group_size = np.bincount(group, minlength=n_groups)  # (G,)
+    group_class, votes = _group_classes(group, labels, len(classes))
+    warnings: list[str] = list(scan.notes)
+    cross = _cross_class_groups(group, votes, labels, classes, paths, warnings)
+    warnings.extend(_large_group_warnings(group, group_size, labels, classes, paths))
+    given = (  # the folders' split, kept unless --resplit
+        np.asarray([data.SPLITS.index(r[3]) for r in rows]) if scan.layout == "presplit" and not resplit else None
+    )
+    split_row = _split_rows(given, group, labels, group_class, fractions, seed, classes, allow_small_classes, warnings)
+    width = max(5, len(str(n_groups - 1)))
+    frame = _labels_frame(rows, split_row, group, width)
+    check_replace(out_path, frame, force=force, runs_dir=runs_dir)
+    leaks = _leakage_frame(grouping, split_row, paths, [r[1] for r in rows])
+    kept = scan.layout == "presplit" and not resplit and dedup_mode != "off"
+    leakage_csv, dup_path = _write_labels(out_path, frame, leaks if kept else None, grouping, width)
+    log.info("wrote %s (%d images, %d classes)", out_path, len(frame), len(classes))
+    return PrepareResult(
+        labels_csv=out_path,
+        data_dir=root,
+        frame=frame,
+        classes=classes,
+        skipped=skipped,
+        empty_classes=empty_classes,
+        cross_class_groups=cross,
+        warnings=warnings,
+        dedup=dedup_mode,
+        flips=flips,
+        duplicates_csv=dup_path,
+        **_grouping_counts(grouping, paths),
+        layout=_layout_line(scan, resplit, seed, fractions),
+        leakage=leaks if leakage_csv is not None else None,
+        leakage_csv=leakage_csv,
+    )
+
+
+def _split_rows(
+    given: np.ndarray | None,
+    group: np.ndarray,
+    labels: np.ndarray,
+    group_class: np.ndarray,
+    fractions,
+    seed: int,
+    classes: list[str],
+    allow_small_classes: bool,
+    warnings: list[str],
+) -> np.ndarray:
+    """Each image's split (N,): the ``given`` one kept (checked), or a fresh group-stratified one; its
+    warnings logged and added to ``warnings``."""
+    if given is not None:
+        split_row, split_warnings = keep_split(given, group, labels, fractions, seed=seed, classes=classes)
+        split_warnings = split_warnings + _missing_classes(split_row, labels, classes)
+    else:
+        group_size = np.bincount(group, minlength=int(group.max()) + 1)  # (G,)
+        split_of, split_warnings = split_groups(
+            group_class, group_size, fractions, seed=seed, classes=classes, allow_small_classes=allow_small_classes
+        )
+        split_row = split_of[group]
+    for w in split_warnings:
+        log.warning(w)
+    warnings.extend(split_warnings)
+    return split_row
+
+
+def _write_labels(
+    out_path: Path, frame: pd.DataFrame, leaks: pd.DataFrame | None, grouping: dedup.Grouping, width: int
+) -> tuple[Path | None, Path]:
+    """labels.csv, its duplicates.csv and (for a kept split: ``leaks``) its leakage.csv, each atomically,
+    labels last; (the leakage file or None, the duplicates file)."""
+    leakage_csv = None
+    if leaks is not None:
+        leakage_csv = leakage_path(out_path)
+        _write_atomic(leaks, leakage_csv)
+    dup_path = duplicates_path(out_path)
+    paths, labels = list(frame["path"]), list(frame["label"])
+    _write_atomic(_duplicates_frame(grouping, grouping.group, paths, labels, width), dup_path)
+    _write_atomic(frame, out_path)
+    return leakage_csv, dup_path
+
+
+def _group_rows(rows: list[tuple], dedup_mode: str, min_similarity: float, flips: bool) -> dedup.Grouping:
+    """The images' copy groups (by SHA-1 and, in ``near`` mode, by the signatures inspect_images made)."""
+    signatures = None
+    if dedup_mode == "near":  # inspect_images computed one per image in this mode
+        signatures = [sig for r in rows if (sig := r[2].signature) is not None]
+        assert len(signatures) == len(rows)
+    return dedup.group_images(
+        [r[2].sha1 for r in rows], signatures, mode=dedup_mode, min_similarity=min_similarity, flips=flips
+    )
+
+
+def _labels_frame(rows: list[tuple], split_row: np.ndarray, group: np.ndarray, width: int) -> pd.DataFrame:
+    """labels.csv's rows: each image's path, label, split, group and what was read of its file."""
+    return pd.DataFrame(
+        {
+            "path": [r[0] for r in rows],
+            "label": [r[1] for r in rows],
+            "split": [data.SPLITS[s] for s in split_row],
+            "group": [f"g{g:0{width}d}" for g in group],
+            "width": np.asarray([r[2].width for r in rows], dtype=np.int64),
+            "height": np.asarray([r[2].height for r in rows], dtype=np.int64),
+            "sha1": [r[2].sha1 for r in rows],
+            "dhash": [f"{r[2].dhash:016x}" for r in rows],
+        },
+        columns=list(COLUMNS),
+    )
+
+
+def _grouping_counts(grouping: dedup.Grouping, paths: list[str]) -> dict:
+    """The report's figures on the copy groups: groups of several images, the five largest, pairs by check."""
+    group = grouping.group
+    group_size = np.bincount(group, minlength=int(group.max()) + 1)  # (G,)
+    merged = group_size[group_size > 1]
+    biggest = np.argsort(-group_size, kind="stable")[:5]
+    checks = [p.check for p in grouping.pairs]
+    return {
+        "n_groups_merged": len(merged),
+        "n_images_in_merged": int(merged.sum()),
+        "largest_groups": [sorted(paths[k] for k in np.flatnonzero(group == g)) for g in biggest if group_size[g] > 1],
+        "n_candidates": grouping.n_candidates,
+        "n_pairs": {c: checks.count(c) for c in ("exact", "near")},
+        "n_blocked": grouping.n_blocked,
+    }
+
+
+def _checked_scan(scan: Scan, data_dir, out, resplit: bool) -> Path:
+    """Where the labels go, once the scan is known to be one prepare can split (else a UserError)."""
+    root = scan.data_dir
     if resplit and scan.layout != "presplit":
         raise UserError(
             f"{data_dir}: --resplit is for a pre-split train/ valid/ test/ tree; this split is made here anyway"
@@ -745,10 +880,16 @@ def prepare_dataset(
         )
         raise UserError(f"{root}: no class folders; expected {root}/<class>/<images>{hint}")
     _require_two_classes(root, {c.label for c in scan.candidates}, scan.classes)
+    return out_path
 
-    infos = inspect_images(
-        [c.path for c in scan.candidates], workers=workers, progress=progress, near=dedup_mode == "near"
-    )
+
+def _usable_rows(
+    scan: Scan, workers: int | None, progress: bool, *, near: bool
+) -> tuple[list[tuple], list[tuple[str, str]], list[str], list[str]]:
+    """Every candidate image inspected (``near``: with its near-copy signature): (rows (path, label, image
+    info, given split) of the images that decode, by path; the skipped files with why; the classes left;
+    the class folders left empty)."""
+    infos = inspect_images([c.path for c in scan.candidates], workers=workers, progress=progress, near=near)
     skipped = list(scan.skipped)
     rows = []
     for cand, info in zip(scan.candidates, infos):
@@ -762,31 +903,14 @@ def prepare_dataset(
     empty_classes = [c for c in scan.classes if c not in present]
     for c in empty_classes:
         log.warning("class folder %r has no usable images: skipped", c)
-    classes = sorted(present)
-    _require_two_classes(root, present, scan.classes)
+    _require_two_classes(scan.data_dir, present, scan.classes)
     if skipped:
         log.warning("skipped %d file(s) (listed in the report)", len(skipped))
+    return rows, skipped, sorted(present), empty_classes
 
-    paths = [r[0] for r in rows]
-    labels = np.asarray([classes.index(r[1]) for r in rows])  # (N,)
-    sha1s = [r[2].sha1 for r in rows]
-    signatures = None
-    if dedup_mode == "near":  # inspect_images computed one per image in this mode
-        signatures = [sig for r in rows if (sig := r[2].signature) is not None]
-        assert len(signatures) == len(rows)
-    grouping = dedup.group_images(
-        sha1s,
-        signatures,
-        mode=dedup_mode,
-        min_similarity=min_similarity,
-        flips=flips,
-    )
-    group = grouping.group  # (N,)
-    n_groups = int(group.max()) + 1
-    group_size = np.bincount(group, minlength=n_groups)  # (G,)
 
-    group_class, votes = _group_classes(group, labels, len(classes))
-    warnings: list[str] = list(scan.notes)
+def _cross_class_groups(group, votes, labels, classes, paths, warnings: list[str]) -> list[list[tuple[str, str]]]:
+    """The duplicate groups that hold images of several classes, as (path, class) lists; warned about."""
     cross = []
     for g in np.flatnonzero((votes > 0).sum(axis=1) > 1):
         cross.append([(paths[k], classes[labels[k]]) for k in np.flatnonzero(group == g)])
@@ -797,71 +921,7 @@ def prepare_dataset(
         )
         warnings.append(msg)
         log.warning("%s, e.g. %s", msg, _examples(cross[0]))
-    warnings.extend(_large_group_warnings(group, group_size, labels, classes, paths))
-
-    if scan.layout == "presplit" and not resplit:
-        given = np.asarray([data.SPLITS.index(r[3]) for r in rows])  # (N,)
-        split_row, split_warnings = keep_split(given, group, labels, fractions, seed=seed, classes=classes)
-        split_warnings = split_warnings + _missing_classes(split_row, labels, classes)
-    else:
-        split_of, split_warnings = split_groups(
-            group_class, group_size, fractions, seed=seed, classes=classes, allow_small_classes=allow_small_classes
-        )
-        split_row = split_of[group]
-    for w in split_warnings:
-        log.warning(w)
-    warnings.extend(split_warnings)
-
-    width = max(5, len(str(n_groups - 1)))
-    frame = pd.DataFrame(
-        {
-            "path": paths,
-            "label": [r[1] for r in rows],
-            "split": [data.SPLITS[s] for s in split_row],
-            "group": [f"g{g:0{width}d}" for g in group],
-            "width": np.asarray([r[2].width for r in rows], dtype=np.int64),
-            "height": np.asarray([r[2].height for r in rows], dtype=np.int64),
-            "sha1": sha1s,
-            "dhash": [f"{r[2].dhash:016x}" for r in rows],
-        },
-        columns=list(COLUMNS),
-    )
-    check_replace(out_path, frame, force=force, runs_dir=runs_dir)
-    leaks = _leakage_frame(grouping, split_row, paths, [r[1] for r in rows])
-    leakage_csv = None
-    if scan.layout == "presplit" and not resplit and dedup_mode != "off":
-        leakage_csv = leakage_path(out_path)
-        _write_atomic(leaks, leakage_csv)
-    dup_path = duplicates_path(out_path)
-    _write_atomic(_duplicates_frame(grouping, group, paths, [r[1] for r in rows], width), dup_path)
-    _write_atomic(frame, out_path)
-    log.info("wrote %s (%d images, %d classes)", out_path, len(frame), len(classes))
-    merged = group_size[group_size > 1]
-    biggest = np.argsort(-group_size, kind="stable")[:5]
-    largest = [sorted(paths[k] for k in np.flatnonzero(group == g)) for g in biggest if group_size[g] > 1]
-    checks = [p[2] for p in grouping.pairs]
-    return PrepareResult(
-        labels_csv=out_path,
-        data_dir=root,
-        frame=frame,
-        classes=classes,
-        skipped=skipped,
-        empty_classes=empty_classes,
-        n_groups_merged=len(merged),
-        n_images_in_merged=int(merged.sum()),
-        cross_class_groups=cross,
-        warnings=warnings,
-        dedup=dedup_mode,
-        flips=flips,
-        duplicates_csv=dup_path,
-        largest_groups=largest,
-        n_candidates=grouping.n_candidates,
-        n_pairs={c: checks.count(c) for c in ("exact", "near")},
-        n_blocked=grouping.n_blocked,
-        layout=_layout_line(scan, resplit, seed, fractions),
-        leakage=leaks if leakage_csv is not None else None,
-        leakage_csv=leakage_csv,
-    )
+    return cross
 
 
 def _group_classes(group: np.ndarray, labels: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -930,17 +990,17 @@ def _leakage_frame(
     grouping: dedup.Grouping, split_row: np.ndarray, paths: list[str], labels: list[str]
 ) -> pd.DataFrame:
     """One row per copy pair whose two images sit in different splits."""
-    rows = sorted((p for p in grouping.pairs if split_row[p[0]] != split_row[p[1]]), key=lambda p: (p[0], p[1]))
+    rows = sorted((p for p in grouping.pairs if split_row[p.i] != split_row[p.j]), key=lambda p: (p.i, p.j))
     return pd.DataFrame(
         {
-            "path_a": [paths[p[0]] for p in rows],
-            "split_a": [data.SPLITS[split_row[p[0]]] for p in rows],
-            "label_a": [labels[p[0]] for p in rows],
-            "path_b": [paths[p[1]] for p in rows],
-            "split_b": [data.SPLITS[split_row[p[1]]] for p in rows],
-            "label_b": [labels[p[1]] for p in rows],
-            "check": [p[2] for p in rows],
-            "similarity": [f"{p[3]:.3f}" for p in rows],
+            "path_a": [paths[p.i] for p in rows],
+            "split_a": [data.SPLITS[split_row[p.i]] for p in rows],
+            "label_a": [labels[p.i] for p in rows],
+            "path_b": [paths[p.j] for p in rows],
+            "split_b": [data.SPLITS[split_row[p.j]] for p in rows],
+            "label_b": [labels[p.j] for p in rows],
+            "check": [p.check for p in rows],
+            "similarity": [f"{p.similarity:.3f}" for p in rows],
         },
         columns=list(LEAKAGE_COLUMNS),
     )
@@ -962,13 +1022,13 @@ def _layout_line(scan: Scan, resplit: bool, seed: int, fractions: Sequence[float
 def default_out(scan: Scan) -> Path:
     """labels.csv at the top of DATA_DIR; for a CSV, ``<stem>.labels.csv`` beside it."""
     if scan.csv is None:
-        return scan.data_dir / "labels.csv"
+        return scan.data_dir / LABELS_FILE
     return data.prepared_labels_path(scan.csv)
 
 
 def leakage_path(labels_csv: Path) -> Path:
     """Where a kept split's cross-split copies go: ``leakage.csv`` beside ``labels.csv``."""
-    name = "leakage.csv" if labels_csv.name == "labels.csv" else f"{labels_csv.stem}.leakage.csv"
+    name = "leakage.csv" if labels_csv.name == LABELS_FILE else f"{labels_csv.stem}.leakage.csv"
     return labels_csv.with_name(name)
 
 
@@ -1031,7 +1091,7 @@ def experiments_using(labels_csv: Path, runs_dir: str | os.PathLike) -> list[str
     """The experiments under ``runs_dir`` whose saved arguments (search_args.json) read ``labels_csv``:
     by the labels file they recorded, else by their --data (a folder, the file, or a CSV it was prepared from)."""
     found = []
-    for args_file in sorted(Path(runs_dir).expanduser().glob("*/search_args.json")):
+    for args_file in sorted(Path(runs_dir).expanduser().glob(f"*/{ARGS_FILE}")):
         try:
             saved = json.loads(args_file.read_text())
         except (OSError, ValueError):
@@ -1040,7 +1100,7 @@ def experiments_using(labels_csv: Path, runs_dir: str | os.PathLike) -> list[str
         if not used:
             continue
         p = Path(used)
-        if labels_csv in (p, p / "labels.csv") or (
+        if labels_csv in (p, p / LABELS_FILE) or (
             p.suffix.lower() == ".csv" and labels_csv == data.prepared_labels_path(p)
         ):
             found.append(str(args_file.parent))
@@ -1066,19 +1126,19 @@ def _duplicates_frame(
 ) -> pd.DataFrame:
     """One row per accepted pair: its group, the two images, the check that accepted it and its scores
     (``joined`` is false where the chain guard kept the two groups apart)."""
-    rows = sorted(grouping.pairs, key=lambda p: (group[p[0]], p[0], p[1]))
+    rows = sorted(grouping.pairs, key=lambda p: (group[p.i], p.i, p.j))
     return pd.DataFrame(
         {
-            "group": [f"g{group[a]:0{width}d}" for a, *_ in rows],
-            "path_a": [paths[a] for a, *_ in rows],
-            "label_a": [labels[a] for a, *_ in rows],
-            "path_b": [paths[b] for _, b, *_ in rows],
-            "label_b": [labels[b] for _, b, *_ in rows],
-            "check": [p[2] for p in rows],
-            "similarity": [f"{p[3]:.3f}" for p in rows],
-            "outline": [f"{p[4]:.3f}" for p in rows],
-            "orientation": [p[5] for p in rows],
-            "joined": [str(p[6]).lower() for p in rows],
+            "group": [f"g{group[p.i]:0{width}d}" for p in rows],
+            "path_a": [paths[p.i] for p in rows],
+            "label_a": [labels[p.i] for p in rows],
+            "path_b": [paths[p.j] for p in rows],
+            "label_b": [labels[p.j] for p in rows],
+            "check": [p.check for p in rows],
+            "similarity": [f"{p.similarity:.3f}" for p in rows],
+            "outline": [f"{p.outline:.3f}" for p in rows],
+            "orientation": [p.orientation for p in rows],
+            "joined": [str(p.joined).lower() for p in rows],
         },
         columns=list(DUPLICATE_COLUMNS),
     )
@@ -1310,60 +1370,92 @@ def _parser() -> argparse.ArgumentParser:
         "train/valid/test split (a pre-split tree keeps its own, with its cross-split copies listed in "
         "leakage.csv). Images are never copied or modified.",
     )
-    p.add_argument(
+    _input_args(p.add_argument_group("what to read"))
+    _output_args(p.add_argument_group("what to write"))
+    _split_args(p.add_argument_group("the split"))
+    _copy_args(p.add_argument_group("near copies (grouped into one split)"))
+    cli.add_num_workers_arg(p, help="decoding threads (default: CPUs + 2, at most 16)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def _input_args(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
         "data_dir",
         metavar="DATA",
         help="folder with one subfolder per class; or with train/, valid/ (or val/), test/ folders of "
         "them; or a CSV with a path and a label column",
     )
-    p.add_argument(
+    g.add_argument(
+        "--path-col",
+        metavar="NAME",
+        help=f"CSV input: the column of image paths or ids (default: the first of {', '.join(PATH_COLUMNS)})",
+    )
+    g.add_argument(
+        "--label-col",
+        metavar="NAME",
+        help=f"CSV input: the column of labels (default: the first of {', '.join(LABEL_COLUMNS)})",
+    )
+    g.add_argument(
+        "--image-dir",
+        metavar="DIR",
+        help="CSV input: the folder its paths are relative to (default: the CSV's folder)",
+    )
+
+
+def _output_args(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
         "--out",
         metavar="FILE",
         default=None,
         help="where to write labels.csv (default: DATA_DIR/labels.csv, or NAME.labels.csv beside NAME.csv); paths in it "
         "stay relative to DATA_DIR (elsewhere: search and evaluate then need --data-root DATA_DIR)",
     )
-    p.add_argument(
+    g.add_argument(
         "--force",
         action="store_true",
         help="replace an existing labels file even when its split, classes or files would change",
     )
-    p.add_argument(
-        "--path-col",
-        metavar="NAME",
-        help=f"CSV input: the column of image paths or ids (default: the first of {', '.join(PATH_COLUMNS)})",
+    g.add_argument(
+        "--materialize",
+        metavar="OUT_DIR",
+        default=None,
+        help="also lay out OUT_DIR/{train,valid,test}/<class>/ as hard links (copies across "
+        "devices); OUT_DIR must be empty or new, and outside DATA_DIR",
     )
-    p.add_argument(
-        "--label-col",
-        metavar="NAME",
-        help=f"CSV input: the column of labels (default: the first of {', '.join(LABEL_COLUMNS)})",
-    )
-    p.add_argument(
-        "--image-dir",
-        metavar="DIR",
-        help="CSV input: the folder its paths are relative to (default: the CSV's folder)",
-    )
-    p.add_argument(
+
+
+def _split_args(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
         "--resplit",
         action="store_true",
         help="pre-split tree: ignore its train/valid/test folders and make a fresh grouped split",
     )
-    p.add_argument(
+    g.add_argument(
         "--valid-frac", type=float, default=0.15, help="fraction of each class's images for valid, > 0 (default 0.15)"
     )
-    p.add_argument(
+    g.add_argument(
         "--test-frac",
         type=float,
         default=0.15,
         help="fraction of each class's images for test, > 0 (default 0.15); the rest is train",
     )
-    p.add_argument(
+    g.add_argument(
         "--seed",
         type=int,
         default=0,
         help="seed of the split (default 0); the same seed gives a byte-identical labels.csv",
     )
-    p.add_argument(
+    g.add_argument(
+        "--allow-small-classes",
+        action="store_true",
+        help="accept classes with fewer than 3 distinct images (they get no valid/test member)",
+    )
+
+
+def _copy_args(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
         "--dedup",
         default="near",
         metavar="MODE",
@@ -1372,7 +1464,7 @@ def _parser() -> argparse.ArgumentParser:
         "perceptual hashes and each verified on aligned thumbnails; exact = byte copies "
         "only; off = no grouping (copies can leak from train into test)",
     )
-    p.add_argument(
+    g.add_argument(
         "--dup-min-similarity",
         type=float,
         default=dedup.DEFAULT_MIN_SIMILARITY,
@@ -1382,29 +1474,13 @@ def _parser() -> argparse.ArgumentParser:
         f"greyscale thumbnails (default {dedup.DEFAULT_MIN_SIMILARITY}); higher joins fewer "
         "pairs, lower catches more heavily edited copies",
     )
-    p.add_argument(
+    g.add_argument(
         "--dup-no-flips",
         action="store_true",
         help="near mode: a flipped or 90/180/270-degree turned copy is not a copy (by default "
         "it is: many public sets ship such augmented copies beside the originals)",
     )
-    p.add_argument("--dup-threshold", type=float, default=None, help=argparse.SUPPRESS)  # the old knob
-    p.add_argument(
-        "--allow-small-classes",
-        action="store_true",
-        help="accept classes with fewer than 3 distinct images (they get no valid/test member)",
-    )
-    p.add_argument(
-        "--materialize",
-        metavar="OUT_DIR",
-        default=None,
-        help="also lay out OUT_DIR/{train,valid,test}/<class>/ as hard links (copies across "
-        "devices); OUT_DIR must be empty or new, and outside DATA_DIR",
-    )
-    p.add_argument("--workers", type=int, default=None, help="decoding threads (default: CPUs + 2, at most 16)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    return p
+    g.add_argument("--dup-threshold", type=float, default=None, help=argparse.SUPPRESS)  # the old knob
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
@@ -1429,7 +1505,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         min_similarity=args.dup_min_similarity,
         flips=not args.dup_no_flips,
         allow_small_classes=args.allow_small_classes,
-        workers=args.workers,
+        workers=args.num_workers,
         progress=not args.no_progress,
         path_col=args.path_col,
         label_col=args.label_col,

@@ -1,4 +1,4 @@
-"""The linear-probe baseline and the cross-validation folds, on a feature bank.
+"""The linear-probe baseline on a feature bank (cross-validated on the folds of :mod:`tune_rice.cv`).
 
 The probe is the field's standard yardstick for frozen features: multinomial logistic regression fitted
 by full-batch L-BFGS on the un-augmented view of each training image, its L2 strength chosen on valid.
@@ -26,8 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from . import UserError
+from .cv import pooled_view0
 from .features import FeatureBank
 from .model import Head, build_head
+from .records import Direction
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +37,6 @@ log = logging.getLogger(__name__)
 # standardised features of the generated sets the chosen C ranged 1e-3 .. 1; weaker ones cost the most
 # solver iterations (nearly separable data) and never won.
 DEFAULT_CS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
-# --cv auto turns cross-validation on when valid holds fewer images than this: below it one image
-# moves a valid accuracy by more than a third of a point, and picking the best of many trials on it
-# mostly picks noise.
-CV_AUTO_BELOW = 300
-CV_AUTO_FOLDS = 5
 
 
 # ------------------------------------------------------------------------------------------ intervals
@@ -228,7 +225,7 @@ def _better(a: dict, b: dict | None, metric: str) -> bool:
     among C values scoring the same on a small valid set the better-calibrated one wins."""
     if b is None:
         return True
-    sign = -1 if metric == "loss" else 1
+    sign = Direction.MIN.sign if metric == "loss" else Direction.MAX.sign
     return (sign * a[metric], -a["loss"]) > (sign * b[metric], -b["loss"])
 
 
@@ -366,70 +363,6 @@ def probe_bank_cv(
     return result
 
 
-# ------------------------------------------------------------------------------------------ folds
-def pooled_view0(bank: FeatureBank) -> tuple[np.ndarray, np.ndarray]:
-    """Train then valid, un-augmented view: ``(x (N, D) float32, y (N,))``, the pooled order of the folds."""
-    train, valid = bank.splits["train"], bank.splits["valid"]
-    x = np.concatenate([train.features[:, 0], valid.features[:, 0]]).astype(np.float32)
-    return x, np.concatenate([train.targets, valid.targets]).astype(np.int64)
-
-
-def fold_split(labels: Sequence, groups: Sequence, k: int, *, seed: int = 0) -> np.ndarray:
-    """Fold index (0..k-1) per image, keeping each group in one fold and each class spread evenly.
-
-    Groups (near-duplicates, from labels.csv) are stratified by their majority class with the same
-    greedy assignment as the train/valid/test split (``prepare.split_groups``, equal fractions): per
-    class, largest groups first, each to the fold furthest below its share.
-    """
-    from .prepare import split_groups
-
-    if k < 2:
-        raise UserError(f"--cv needs at least 2 folds, got {k}")
-    classes, label_idx = np.unique(np.asarray(labels), return_inverse=True)
-    _, group_idx = np.unique(np.asarray(groups), return_inverse=True)
-    n_groups = int(group_idx.max()) + 1
-    if n_groups < k:
-        raise UserError(f"--cv {k}: train+valid hold only {n_groups} distinct image groups; use fewer folds")
-    votes = np.zeros((n_groups, len(classes)), dtype=np.int64)
-    np.add.at(votes, (group_idx, label_idx), 1)
-    fold_of_group, _ = split_groups(
-        votes.argmax(1),
-        votes.sum(1),
-        [1.0 / k] * k,
-        seed=seed,
-        classes=[str(c) for c in classes],
-        allow_small_classes=True,
-    )
-    return fold_of_group[group_idx].astype(np.int64)
-
-
-def resolve_folds(cv: str | int | None, n_valid: int) -> int:
-    """``--cv`` value -> number of folds (0 = off). ``auto``: ``CV_AUTO_FOLDS`` when valid has fewer
-    than ``CV_AUTO_BELOW`` images, else off."""
-    if cv in (None, "", "off", 0, "0"):
-        return 0
-    if cv == "auto":
-        return CV_AUTO_FOLDS if n_valid < CV_AUTO_BELOW else 0
-    try:
-        k = int(cv)
-    except (TypeError, ValueError):
-        raise UserError(f"--cv must be a number of folds (>= 2), 'auto' or 'off', got {cv!r}") from None
-    if k < 2:
-        raise UserError(f"--cv must be a number of folds (>= 2), 'auto' or 'off', got {cv!r}")
-    return k
-
-
-def bank_folds(bank: FeatureBank, group_of_path: dict[str, str], k: int, *, seed: int = 0) -> np.ndarray:
-    """Folds for ``bank``'s pooled train+valid images (order of :func:`pooled_view0`), grouped by the
-    labels.csv ``group`` of each path."""
-    paths = list(bank.splits["train"].paths) + list(bank.splits["valid"].paths)
-    _, y = pooled_view0(bank)
-    missing = [p for p in paths if p not in group_of_path]
-    if missing:
-        raise UserError(f"{len(missing)} bank image(s) have no group in labels.csv, e.g. {missing[:2]}")
-    return fold_split(np.asarray(bank.classes)[y], [group_of_path[p] for p in paths], k, seed=seed)
-
-
 # ------------------------------------------------------------------------------------------ in a search
 PROBE_KIND = "probe"
 PROBE_PREFIX = "probe:"  # a probe's name as a candidate and its trial_id in results.csv: probe:<bank>
@@ -478,7 +411,7 @@ def probe_row(name: str, result: ProbeResult, bank: FeatureBank, metric: str) ->
 def best_probe(probes: dict[str, ProbeResult], metric: str, mode: str) -> tuple[str, ProbeResult]:
     """The probe (one per bank) with the best valid ``metric``."""
     key = metric_key(metric)
-    sign = 1 if mode == "max" else -1
+    sign = Direction(mode).sign
     name = max(probes, key=lambda n: sign * probes[n].valid[key])
     return name, probes[name]
 

@@ -17,7 +17,7 @@ Writes ``runs/<name>/report/``:
   after its temperature, and its valid accuracy against coverage with the suggested ``--min-confidence``
   (from final.json, the record of the final model's choice);
 - ``mistakes.png`` and ``correct.png``: the deployed model on the valid images, the highest losses and the
-  most confident right ones per class, each with its activation map (``explain.gallery_section``; also
+  most confident right ones per class, each with its activation map (``report_gallery.gallery_section``; also
   into the TensorBoard run ``valid``), and per-class recall;
 - ``label_issues.png``: the data audit's likeliest label errors (``audit.report_section``: with the
   near-copies of train images among valid and test, from audit.json, leakage.csv, label_issues.csv);
@@ -33,14 +33,12 @@ valid images and the images the audit flags; no Ray.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
 import sys
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +48,6 @@ from . import UserError, cli
 from .audit import report_section as audit_section
 from .devices import resolve_device
 from .engine import TrialConfig
-from .explain import gallery_section
 from .final import (
     comparison_lines,
     deployed_label,
@@ -60,199 +57,36 @@ from .final import (
     threshold_lines,
 )
 from .probe import is_probe_id
+from .records import (
+    TIMINGS_FILE,
+    Direction,
+    FinalRecord,
+    TestMetrics,
+    read_json,
+)
+from .report_data import Experiment, load_experiment, match_choice, param_kind, plain
+from .report_figures import (
+    DPI,
+    TOP_CURVES,
+    confusion_figure,
+    cost_figure,
+    coverage_figure,
+    curves_figure,
+    importance_figure,
+    params_figure,
+    reliability_figure,
+)
+from .report_gallery import gallery_section
 from .report_html import PAGE, write_html
-from .space import METRICS, SearchSpace, load_search_space, with_metric
 from .study import best_values, load_study
 
 log = logging.getLogger(__name__)
 
 REPORT_DIR = "report"
 FIGURES = ("curves.png", "params.png", "importance.png", "confusion.png", "reliability.png", "coverage.png", "cost.png")
-TOP_CURVES = 5
 TOP_TABLE = 10
 EDGE_FRACTION = 0.05  # a best value this close to a bound (as a fraction of the range) says: widen the space
 MIN_TRIALS_FOR_IMPORTANCE = 4
-DPI = 130
-COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd")  # the top five, best first
-GREY = "#9a9a9a"
-ERROR_COLOUR = "#c0392b"
-
-
-# ------------------------------------------------------------------------------------------ reading
-@dataclass
-class Experiment:
-    """What a finished search left on disk, read and cross-checked."""
-
-    exp_dir: Path
-    results: pd.DataFrame  # results.csv, sorted best first; trial_id as str
-    metric: str
-    mode: str
-    max_epochs: int | None
-    space: SearchSpace | None
-    args: dict = field(default_factory=dict)
-    test: dict | None = None
-    histories: dict = field(default_factory=dict)  # trial_id -> progress.csv frame
-    final: dict | None = None  # final.json: how the deployed model was chosen and calibrated on valid
-    probes: pd.DataFrame = field(default_factory=pd.DataFrame)  # results.csv rows of kind "probe"
-
-    @property
-    def key(self) -> str:
-        return f"best/{self.metric}"
-
-    @property
-    def searched(self) -> list[str]:
-        if self.space is not None:
-            return [p for p in self.space.searched if f"config/{p}" in self.results]
-        # Space file gone (moved experiment): every config column that varies was searched.
-        return [
-            c[len("config/") :]
-            for c in self.results.columns
-            if c.startswith("config/") and self.results[c].nunique(dropna=True) > 1
-        ]
-
-    def status(self, row) -> str:
-        if row.get("status") == "ERROR":
-            return "errored"
-        return "stopped early" if _truthy(row.get("stopped_early")) else "completed"
-
-    @property
-    def weights(self) -> str:
-        # test_metrics.json's "weights": the backbone identity (files written before "member_weights" held the
-        # ensemble's member weights there, a list; then the trials' rows say where the numbers came from)
-        if self.test and isinstance(self.test.get("weights"), str):
-            return self.test["weights"]
-        if "weights" in self.results and self.results["weights"].notna().any():
-            return str(self.results["weights"].dropna().iloc[0])
-        return str(self.args.get("weights", "unknown"))
-
-    def trials_by_weights(self) -> dict[tuple[str, str], int]:
-        """(backbone, weights identity) -> number of trials, from results.csv."""
-        df = self.results
-        if "weights" not in df:
-            return {}
-        backbone = df["config/backbone"] if "config/backbone" in df else pd.Series("backbone", index=df.index)
-        pairs = pd.DataFrame({"backbone": backbone.astype(str), "weights": df["weights"]}).dropna()
-        return {(b, str(w)): int(n) for (b, w), n in pairs.value_counts(sort=False).sort_index().items()}
-
-
-def _truthy(value) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in ("true", "1", "yes")
-    return bool(value) and not (isinstance(value, float) and math.isnan(value))
-
-
-def _read_history(trial_dir: Path) -> pd.DataFrame | None:
-    """A trial's results, one row per epoch: its result.json (a JSON object a line), else progress.csv.
-
-    After ``--resume``, Tune appends to a restored trial's progress.csv with the columns of its first new
-    result under the old header (one column fewer shifts the rest), while result.json stays sound. An
-    epoch run again after a restore is listed twice; the later row is kept.
-    """
-    rows = []
-    if (trial_dir / "result.json").is_file():
-        for line in (trial_dir / "result.json").read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:  # a line cut short by a killed driver
-                continue
-            if isinstance(row, dict):
-                rows.append({k: v for k, v in row.items() if k != "config"})
-    if rows:
-        hist = pd.DataFrame(rows)
-    elif (trial_dir / "progress.csv").is_file():
-        try:
-            hist = pd.read_csv(trial_dir / "progress.csv")
-        except (pd.errors.ParserError, pd.errors.EmptyDataError):
-            return None
-    else:
-        return None
-    if "training_iteration" in hist:
-        hist = hist.drop_duplicates("training_iteration", keep="last").reset_index(drop=True)
-    return hist
-
-
-def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        log.warning("%s: not valid JSON (%s); ignored", path, e)
-        return None
-
-
-def _trial_dir(exp_dir: Path, row) -> Path | None:
-    """The trial's folder: under ``exp_dir`` first (the experiment may have moved), then as recorded."""
-    candidates = []
-    recorded = row.get("trial_dir")
-    if isinstance(recorded, str) and recorded:
-        candidates += [exp_dir / Path(recorded).name, Path(recorded)]
-    candidates.append(exp_dir / f"trial_{row['trial_id']}")
-    return next((c for c in candidates if c.is_dir()), None)
-
-
-def load_experiment(exp_dir: str | os.PathLike) -> Experiment:
-    exp_dir = Path(exp_dir).expanduser().resolve()
-    csv = exp_dir / "results.csv"
-    if not exp_dir.is_dir():
-        raise UserError(f"{exp_dir}: no such experiment folder")
-    if not csv.is_file():
-        raise UserError(
-            f"{exp_dir}: no results.csv (not a finished tune-rice search; runs/<name> after "
-            "`python -m tune_rice.search` finishes)"
-        )
-    try:
-        results = pd.read_csv(csv, dtype={"trial_id": str})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise UserError(f"{csv}: not a readable CSV ({e})") from None
-    if results.empty or "trial_id" not in results:
-        raise UserError(f"{csv}: no trials in it")
-    probes = pd.DataFrame()
-    if "kind" in results:  # the linear-probe baseline has rows of its own kind; the rest are trials
-        probes = results[results["kind"] == "probe"].reset_index(drop=True)
-        results = results[results["kind"] != "probe"].reset_index(drop=True)
-    args = _read_json(exp_dir / "search_args.json") or {}
-    space = None
-    if args.get("search_space"):
-        try:
-            space = with_metric(load_search_space(args["search_space"]), args.get("metric"))
-        except UserError as e:
-            log.warning("search space not readable (%s): bounds and scales are guessed from results.csv", e)
-    if space is not None:
-        metric, mode = space.metric, space.mode
-    else:
-        keys = [c[len("best/") :] for c in results.columns if c.startswith("best/")]
-        metric = keys[0] if keys else "valid/acc"
-        mode = METRICS.get(metric, "max")
-    max_epochs = args.get("max_epochs") or (space.max_epochs if space else None)
-    if not max_epochs:  # search's own default, unless the space that might have set it is gone
-        ran = pd.to_numeric(results.get("epochs"), errors="coerce") if "epochs" in results else None
-        max_epochs = 10 if space is not None or ran is None or ran.isna().all() else int(ran.max())
-    exp = Experiment(
-        exp_dir,
-        results,
-        metric,
-        mode,
-        int(max_epochs),
-        space,
-        args,
-        _read_json(exp_dir / "test_metrics.json"),
-        final=_read_json(exp_dir / "final.json"),
-        probes=probes,
-    )
-    if exp.key in results:
-        exp.results = results.sort_values(
-            exp.key, ascending=(mode == "min"), na_position="last", kind="stable"
-        ).reset_index(drop=True)
-    for _, row in exp.results.iterrows():
-        d = _trial_dir(exp_dir, row)
-        hist = _read_history(d) if d is not None else None
-        if hist is None:
-            continue
-        if metric in hist and not hist.empty:
-            x = "training_iteration" if "training_iteration" in hist else "epoch"
-            exp.histories[row["trial_id"]] = hist.assign(_epoch=hist[x].astype(int))
-    return exp
 
 
 # -------------------------------------------------------------------------------------------- flags
@@ -349,182 +183,7 @@ def random_weights_flag(exp: Experiment) -> str | None:
     )
 
 
-# ------------------------------------------------------------------------------------------- figures
-def _figure(**kwargs):
-    from matplotlib.figure import Figure
-
-    return Figure(layout="constrained", dpi=DPI, **kwargs)
-
-
-def curves_figure(exp: Experiment):
-    """Metric per epoch for every trial; the best five coloured; ASHA stops and errors marked."""
-    from matplotlib.lines import Line2D
-    from matplotlib.ticker import MaxNLocator
-
-    fig = _figure(figsize=(11, 5.5))
-    ax = fig.add_subplot()
-    order = list(exp.results["trial_id"])
-    top = [t for t in order if t in exp.histories][:TOP_CURVES]
-    handles = []
-    # Grey first, then the top five over them.
-    for trial_id in [t for t in order if t not in top] + top:
-        hist = exp.histories.get(trial_id)
-        if hist is None:
-            continue
-        row = exp.results.loc[exp.results["trial_id"] == trial_id].iloc[0]
-        status = exp.status(row)
-        is_top = trial_id in top
-        colour = COLOURS[top.index(trial_id)] if is_top else GREY
-        x, y = hist["_epoch"].to_numpy(), hist[exp.metric].to_numpy(dtype=float)
-        # The best is drawn widest and lowest, each next one narrower on top of it: curves that coincide
-        # (several trials at 100% accuracy) show as nested bands instead of hiding one another.
-        width = 1.6 + 0.8 * (len(top) - 1 - top.index(trial_id)) if is_top else 1.0
-        (line,) = ax.plot(
-            x,
-            y,
-            color=colour,
-            lw=width,
-            alpha=1.0 if is_top else 0.55,
-            marker="o" if is_top else None,
-            ms=1.5 + width,
-            zorder=3 + 0.1 * top.index(trial_id) if is_top else 2,
-        )
-        if status == "stopped early":
-            ax.plot(x[-1], y[-1], "x", color=colour, ms=9, mew=2.2, zorder=4)
-        elif status == "errored":
-            ax.plot(x[-1], y[-1], "s", color=ERROR_COLOUR, ms=7, mfc="none", mew=1.8, zorder=4)
-        if is_top:
-            best = row.get(exp.key)
-            handles.append((top.index(trial_id), line, f"#{top.index(trial_id) + 1} {trial_id}: {best:.4g}"))
-    labelled = [h[1:] for h in sorted(handles)]
-    extra = [Line2D([], [], color=GREY, lw=1.0, label="other trials")] if len(exp.histories) > len(top) else []
-    extra.append(Line2D([], [], color="black", marker="x", ls="none", ms=8, mew=2, label="stopped early (ASHA)"))
-    if any(exp.status(r) == "errored" for _, r in exp.results.iterrows()):
-        extra.append(
-            Line2D([], [], color=ERROR_COLOUR, marker="s", ls="none", mfc="none", ms=7, mew=1.8, label="errored")
-        )
-    if exp.max_epochs:
-        ax.axvline(exp.max_epochs, color="black", ls=":", lw=1)
-        extra.append(Line2D([], [], color="black", ls=":", lw=1, label=f"max epochs ({exp.max_epochs})"))
-    fig.legend(
-        [h[0] for h in labelled] + extra,
-        [h[1] for h in labelled] + [e.get_label() for e in extra],
-        loc="outside right upper",
-        fontsize=9,
-        title=f"top {len(labelled)} by best {exp.metric}",
-        title_fontsize=9,
-    )
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(f"{exp.metric} ({exp.mode} is better)")
-    ax.set_title(f"{exp.metric} per epoch: {len(exp.histories)} trials, best {len(labelled)} in colour")
-    ax.grid(alpha=0.3)
-    return fig
-
-
-def _match_choice(value, choices):
-    """The choice a CSV cell stands for (pandas reads 0 as 0, 0.0 or '0'; True as True or 'True')."""
-    for c in choices:
-        if isinstance(c, (int, float)) and not isinstance(c, bool):
-            try:
-                if not isinstance(value, bool) and float(value) == float(c):
-                    return c
-            except (TypeError, ValueError):
-                pass
-        if str(c).strip().lower() == str(value).strip().lower():
-            return c
-    return None
-
-
-def _param_kind(exp: Experiment, name: str) -> tuple[str, list | tuple]:
-    """(``log`` | ``linear`` | ``int`` | ``choice``, bounds or choices)."""
-    if exp.space is not None and name in exp.space.distributions:
-        kind, args = exp.space.distributions[name]
-        if kind == "choice":
-            return "choice", list(args)
-        return {"loguniform": "log", "uniform": "linear", "randint": "int"}[kind], tuple(args)
-    col = exp.results[f"config/{name}"].dropna()
-    numeric = pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col)
-    if numeric and col.nunique() > 5:  # a handful of distinct numbers was most likely a choice
-        lo, hi = float(col.min()), float(col.max())
-        # A guess without the space file: values spread over two decades or more were drawn log-uniformly.
-        return ("log" if lo > 0 and hi / lo >= 100 else "linear"), (lo, hi)
-    return "choice", sorted(col.unique(), key=float if numeric else str)
-
-
-def params_figure(exp: Experiment):
-    """Each trial's best metric against each searched hyperparameter."""
-    from matplotlib.lines import Line2D
-    from matplotlib.ticker import MaxNLocator
-
-    names = exp.searched
-    ncols = min(3, max(1, len(names)))
-    nrows = max(1, math.ceil(len(names) / ncols))
-    fig = _figure(figsize=(max(7.0, 4.3 * ncols + 0.4), 3.5 * nrows + 0.9))
-    df = exp.results
-    statuses = np.asarray([exp.status(r) for _, r in df.iterrows()])
-    y = df[exp.key].to_numpy(dtype=float) if exp.key in df else np.full(len(df), np.nan)
-    rng = np.random.default_rng(0)
-    kinds = set()
-    for k, name in enumerate(names):
-        ax = fig.add_subplot(nrows, ncols, k + 1)
-        kind, spec = _param_kind(exp, name)
-        kinds.add(kind)
-        raw = df[f"config/{name}"]
-        if kind == "choice":
-            index = {str(c): i for i, c in enumerate(spec)}
-            matched = [_match_choice(v, spec) for v in raw]
-            x = np.asarray([index[str(m)] if m is not None else np.nan for m in matched], dtype=float)
-            x = x + rng.uniform(-0.15, 0.15, len(x))
-            ax.set_xticks(range(len(spec)), [str(c) for c in spec])
-            ax.set_xlim(-0.6, len(spec) - 0.4)
-            for i in range(len(spec)):  # the mean of each category as a short bar
-                sel = (np.abs(x - i) < 0.5) & np.isfinite(y) & (statuses != "errored")
-                if sel.any():
-                    ax.plot([i - 0.28, i + 0.28], [y[sel].mean()] * 2, color="black", lw=1.5, alpha=0.7)
-        else:
-            x = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=float)
-            if kind == "log":
-                ax.set_xscale("log")
-            elif kind == "int":  # few distinct values: spread the points a little, tick whole numbers
-                x = x + rng.uniform(-0.12, 0.12, len(x)) * max(1.0, (spec[1] - spec[0]) / 10)
-                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        done = statuses == "completed"
-        early = statuses == "stopped early"
-        ax.scatter(x[done], y[done], s=30, color=COLOURS[0], alpha=0.8, zorder=3)
-        if kind != "choice" and exp.space is not None:  # without the space file the bounds are unknown
-            # drawn after the points: on an empty log axis matplotlib warns about singular limits
-            for bound in spec:
-                ax.axvline(float(bound), color="black", ls="--", lw=0.9, alpha=0.6)
-        ax.scatter(x[early], y[early], s=34, marker="x", color=GREY, linewidths=1.6, zorder=2)
-        failed = statuses == "errored"
-        ax.scatter(x[failed], y[failed], s=34, marker="s", facecolor="none", edgecolor=ERROR_COLOUR, lw=1.4, zorder=2)
-        finite = np.isfinite(y) & np.isfinite(x)
-        if finite.any():
-            b = int(np.flatnonzero(finite)[0])  # results are sorted best first
-            ax.scatter([x[b]], [y[b]], s=170, marker="*", color=COLOURS[1], edgecolor="black", lw=0.6, zorder=4)
-        ax.set_title(name + (" (log scale)" if kind == "log" else ""), fontsize=11)
-        ax.set_xlabel(name)
-        ax.set_ylabel(f"best {exp.metric}")
-        ax.grid(alpha=0.3)
-    legend = [
-        Line2D([], [], color=COLOURS[0], marker="o", ls="none", label="trial that ran to the end"),
-        Line2D([], [], color=GREY, marker="x", ls="none", mew=1.6, label="stopped early (ASHA)"),
-        Line2D([], [], color=COLOURS[1], marker="*", ls="none", ms=13, mec="black", label="best trial"),
-        Line2D([], [], color="black", ls="--", lw=0.9, label="search bounds"),
-        Line2D([], [], color="black", lw=1.5, label="mean per choice"),
-    ]
-    if exp.space is None or kinds <= {"choice"}:
-        legend = [h for h in legend if h.get_label() != "search bounds"]
-    if "choice" not in kinds:
-        legend = [h for h in legend if h.get_label() != "mean per choice"]
-    if (statuses == "errored").any():
-        legend.insert(2, Line2D([], [], color=ERROR_COLOUR, marker="s", ls="none", mfc="none", label="errored"))
-    fig.legend(handles=legend, loc="outside lower center", ncol=3 if ncols == 1 else len(legend), fontsize=9)
-    fig.suptitle(f"best {exp.metric} of each trial against each searched hyperparameter", fontsize=12)
-    return fig
-
-
+# ------------------------------------------------------------------------------- parameter importance
 def importances(exp: Experiment) -> tuple[dict[str, float] | None, str]:
     """PED-ANOVA importances of the searched parameters; (None, why) when they cannot be computed."""
     import optuna
@@ -535,9 +194,9 @@ def importances(exp: Experiment) -> tuple[dict[str, float] | None, str]:
         return None, "no metric values or no searched parameters"
     dists: dict[str, CategoricalDistribution | IntDistribution | FloatDistribution] = {}
     for name in names:
-        kind, spec = _param_kind(exp, name)
+        kind, spec = param_kind(exp, name)
         if kind == "choice":
-            dists[name] = CategoricalDistribution([_plain(c) for c in spec])
+            dists[name] = CategoricalDistribution([plain(c) for c in spec])
         elif kind == "int":
             dists[name] = IntDistribution(int(spec[0]), int(spec[1]))
         elif float(spec[0]) < float(spec[1]):
@@ -546,7 +205,7 @@ def importances(exp: Experiment) -> tuple[dict[str, float] | None, str]:
     previous = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.create_study(direction="maximize" if exp.mode == "max" else "minimize")
+        study = optuna.create_study(direction=Direction(exp.mode).optuna)
         kept = load_study(exp.exp_dir)
         if kept is not None:
             # The searcher's own study: its params and distributions exactly as searched; each trial's
@@ -564,7 +223,7 @@ def importances(exp: Experiment) -> tuple[dict[str, float] | None, str]:
             for name, dist in dists.items():
                 v = row.get(f"config/{name}")
                 if isinstance(dist, CategoricalDistribution):
-                    v = _match_choice(v, dist.choices)
+                    v = match_choice(v, dist.choices)
                     if v is None:
                         break
                 elif pd.isna(v):
@@ -599,175 +258,41 @@ def importances(exp: Experiment) -> tuple[dict[str, float] | None, str]:
     return {k: float(v) for k, v in result.items()}, f"{n} trials"
 
 
-def _plain(value):
-    return value.item() if hasattr(value, "item") else value
-
-
-def importance_figure(values: dict[str, float], note: str):
-    fig = _figure(figsize=(7.5, 1.0 + 0.55 * max(3, len(values))))
-    ax = fig.add_subplot()
-    names = list(values)[::-1]  # most important on top
-    bars = ax.barh(names, [values[n] for n in names], color=COLOURS[0])
-    ax.bar_label(bars, fmt="%.2f", padding=3, fontsize=9)
-    ax.set_xlim(0, max(1.0, max(values.values()) * 1.15))
-    ax.set_xlabel("importance (normalised, sums to 1)")
-    ax.set_ylabel("hyperparameter")
-    ax.set_title(f"hyperparameter importance (Optuna PED-ANOVA, {note})", fontsize=11)
-    ax.grid(axis="x", alpha=0.3)
-    return fig
-
-
-def draw_confusion(cm: np.ndarray, classes, *, title: str = "confusion matrix", min_size=(0.0, 0.0)):
-    """A confusion matrix (rows = true class) as a matplotlib Figure, counts written in the cells.
-
-    Object API only (no pyplot): the search draws this for TensorBoard in a process that may have a
-    display, and the figure is never shown on screen."""
-    from matplotlib.figure import Figure
-
-    cm = np.asarray(cm)
-    size = (max(1.2 * len(classes) + 2.5, min_size[0]), max(1.1 * len(classes) + 2, min_size[1]))
-    fig = Figure(figsize=size, layout="tight")
-    ax = fig.add_subplot()
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    top = cm.max() if cm.size else 0
-    for i in range(cm.shape[0]):
-        for j in range(cm.shape[1]):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > top / 2 else "black")
-    return fig
-
-
-def confusion_figure(test: dict):
-    """The test confusion matrix of test_metrics.json."""
-    title = (
-        f"test confusion matrix (trial {test.get('trial_id', '?')}): "
-        f"accuracy {test['accuracy']:.3f}, n={test['test_count']}"
-    )
-    return draw_confusion(test["confusion_matrix"], test["classes"], title=title, min_size=(6.0, 5.0))
-
-
-def reliability_figure(final: dict):
-    """The deployed model on valid: accuracy per bin of top probability, before and after its temperature."""
-    fig = _figure(figsize=(10, 4.4))
-    axes = fig.subplots(1, 2, sharey=True)
-    valid = final["valid"]
-    for ax, key, label in ((axes[0], "before", "deployed"), (axes[1], "after", "deployed_calibrated")):
-        bins = final["reliability"][key]
-        lo, hi = np.asarray(bins["lower"]), np.asarray(bins["upper"])
-        count = np.asarray(bins["count"])
-        acc = np.asarray([np.nan if a is None else a for a in bins["accuracy"]], dtype=float)
-        conf = np.asarray([np.nan if c is None else c for c in bins["confidence"]], dtype=float)
-        full = count > 0
-        ax.bar(
-            lo[full],
-            acc[full],
-            width=(hi - lo)[full],
-            align="edge",
-            color=COLOURS[0],
-            alpha=0.8,
-            edgecolor="white",
-            label="accuracy in the bin",
-        )
-        ax.bar(
-            lo[full],
-            conf[full] - acc[full],
-            bottom=acc[full],
-            width=(hi - lo)[full],
-            align="edge",
-            color=COLOURS[1],
-            alpha=0.25,
-            label="gap to the mean confidence",
-        )
-        ax.plot([0, 1], [0, 1], color="black", ls="--", lw=1, label="perfect calibration")
-        for x, h, n in zip(lo[full], acc[full], count[full]):
-            ax.text(x + (hi - lo)[0] / 2, min(h, 0.93) + 0.02, str(int(n)), ha="center", fontsize=7)
-        t = final["temperature"] if key == "after" else 1.0
-        m = valid[label]
-        ax.set_title(
-            f"valid, {'after' if key == 'after' else 'before'} temperature (T = {t:.3g}): "
-            f"ECE {m['ece']:.3f}, NLL {m['nll']:.3f}",
-            fontsize=10,
-        )
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_xlabel("top probability (15 bins; numbers: images per bin)")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("accuracy")
-    axes[0].legend(fontsize=8, loc="upper left")
-    return fig
-
-
-def coverage_figure(final: dict):
-    """Valid accuracy among the images kept against the share kept, with the suggested threshold."""
-    fig = _figure(figsize=(7, 4.6))
-    ax = fig.add_subplot()
-    curve, th = final["coverage"], final["threshold"]
-    ax.plot(
-        curve["coverage"],
-        curve["accuracy"],
-        color=COLOURS[0],
-        lw=2,
-        drawstyle="steps-post",
-        label="accuracy among the images kept",
-    )
-    ax.axhline(th["target_accuracy"], color="black", ls=":", lw=1, label=f"target {th['target_accuracy']:.0%}")
-    if th.get("threshold") is not None:
-        ax.plot(
-            [th["coverage"]],
-            [th["accuracy"]],
-            "o",
-            color=COLOURS[1],
-            ms=8,
-            label=f"--min-confidence {th['threshold']:.3g}: keeps {th['coverage']:.0%}",
-        )
-    ax.set_xlim(0, 1.02)
-    ax.set_xlabel("coverage (share of valid images with top probability >= P)")
-    ax.set_ylabel("accuracy")
-    ax.set_title("accuracy against coverage on valid (calibrated probabilities)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
-    return fig
-
-
-def final_lines(exp: Experiment, fin: dict) -> list[str]:
+def final_lines(exp: Experiment, fin: FinalRecord) -> list[str]:
     """The report's section on the deployed model (``fin``: final.json): members, weights, valid and test
     figures."""
-    test = exp.test or {}
+    test = exp.test or TestMetrics()
     md = ["## Final model", ""]
-    n = len(fin["members"])
-    probe_led = is_probe_id(fin["candidates"][0])
+    n = len(fin.members)
+    probe_led = is_probe_id(fin.candidates[0])
     single = "the linear probe's head" if probe_led else "the single best trial's head"
-    what = f"an ensemble of {n} heads" if fin["deployed"] == "ensemble" else single
+    what = f"an ensemble of {n} heads" if fin.deployed == "ensemble" else single
     md.append(
-        f"Deployed: {what}, chosen on valid among {len(fin['candidates'])} candidates (the best "
+        f"Deployed: {what}, chosen on valid among {len(fin.candidates)} candidates (the best "
         f"checkpoints of the top trials and the linear probe) by greedy selection with replacement, up to "
-        f"{fin.get('k', '?')} members; temperature {fin['temperature']:.4g} fitted on valid."
+        f"{fin.k or '?'} members; temperature {fin.temperature:.4g} fitted on valid."
     )
-    md += [line.strip() for line in lead_lines(fin)]
-    if fin["deployed"] == "single" and len(fin["selection"]["members"]) > 1:
+    md += [line.strip() for line in lead_lines(fin.to_dict())]
+    if fin.deployed == "single" and len(fin.selection["members"]) > 1:
         bar = "beat the probe by more than picking the best explains on" if probe_led else "improve"
         md.append(
-            f"An ensemble of {len(fin['selection']['members'])} lowered the valid NLL but did not {bar} "
-            f"{fin['metric']}, so it was not deployed."
+            f"An ensemble of {len(fin.selection['members'])} lowered the valid NLL but did not {bar} "
+            f"{fin.metric}, so it was not deployed."
         )
     md.append("")
-    specs = {c["name"]: c for c in fin.get("candidate_info", [])}
+    specs = {c["name"]: c for c in fin.candidate_info}
     rows = [
         {"member": m, "weight": w, **{k: specs.get(m, {}).get(k) for k in ("score", "backbone", "head", "hidden")}}
-        for m, w in zip(fin["members"], fin["weights"])
+        for m, w in zip(fin.members, fin.weights)
     ]
     md += [markdown_table(pd.DataFrame(rows).rename(columns={"score": f"best {exp.metric}"})), ""]
-    v = fin["valid"]
-    kinds = [("single best", "single", fin["single_temperature"])]
-    if len(fin["selection"]["members"]) > 1:
-        kinds.append((f"ensemble of {len(fin['selection']['members'])}", "ensemble", fin["ensemble_temperature"]))
+    v = fin.valid
+    kinds = [("single best", "single", fin.single_temperature)]
+    if len(fin.selection["members"]) > 1:
+        kinds.append((f"ensemble of {len(fin.selection['members'])}", "ensemble", fin.ensemble_temperature))
     scores = []  # (model, split, temperature, metrics)
     for label, key, t in kinds:
-        mark = " (deployed)" if fin["deployed"] == key else ""
+        mark = " (deployed)" if fin.deployed == key else ""
         scores += [
             (f"{label}{mark}", "valid (in-sample)", "1", v[key]),
             (f"{label}{mark}", "valid (in-sample)", f"{t:.3g}", v[f"{key}_calibrated"]),
@@ -776,7 +301,7 @@ def final_lines(exp: Experiment, fin: dict) -> list[str]:
             scores.append(
                 (f"{label}{mark}", "valid (cross-fitted)", "fitted on the other folds", v["deployed_crossfit"])
             )
-        scored = test.get("single_best" if key == "single" else "ensemble")
+        scored = test.single_best if key == "single" else test.ensemble
         if scored and scored.get("calibration"):
             scores += [
                 (f"{label}{mark}", "test", "1", scored["calibration"]["before"]),
@@ -802,14 +327,14 @@ def final_lines(exp: Experiment, fin: dict) -> list[str]:
         "scaled by a temperature fitted on the other four.",
         "",
     ]
-    th = fin["threshold"]
+    th = fin.threshold
     if th.get("threshold") is None:
         md += [f"No confidence threshold reaches {th['target_accuracy']:.0%} accuracy on valid.", ""]
     elif th["threshold"] == 0:
         md += [f"All valid images together reach {th['target_accuracy']:.0%} accuracy: no threshold is needed.", ""]
     else:
         md += threshold_lines(th)
-        md += [""] + threshold_lines(test.get("threshold") or {}, split="test") + [""]
+        md += [""] + threshold_lines(test.threshold or {}, split="test") + [""]
     return md
 
 
@@ -846,21 +371,21 @@ def probe_lines(exp: Experiment) -> list[str]:
 
     if exp.probes.empty or exp.key not in exp.probes:
         return []
-    sign = 1 if exp.mode == "max" else -1
+    sign = Direction(exp.mode).sign
     best = exp.probes.loc[(sign * exp.probes[exp.key]).idxmax()]
     how = f"C by {int(best['cv_folds'])}-fold CV on train+valid" if best.get("cv_folds") else "C chosen on valid"
     lines = [
         f"- linear probe baseline (`{best['trial_id']}`, C={best['config/C']:g}, {how}): "
         f"{exp.metric} {best[exp.key]:.4f}" + _valid_size(best)
     ]
-    lines.append(f"- {probe_verdict((exp.final or {}).get('lead'), metric=exp.metric)}")
+    lines.append(f"- {probe_verdict(exp.final.lead if exp.final else None, metric=exp.metric)}")
     return lines
 
 
 def extraction_rates(exp: Experiment) -> dict[str, float]:
     """Images/s of each backbone's bank extraction in this search (timings.json; a bank read from the
     cache has none). Banks extracted in one pass share its rate."""
-    timings = _read_json(exp.exp_dir / "timings.json") or {}
+    timings = read_json(exp.exp_dir / TIMINGS_FILE) or {}
     rates: dict[str, float] = {}
     for name, info in (timings.get("banks") or {}).items():
         if isinstance(info, dict) and info.get("images_per_s") and not info.get("from_cache"):
@@ -879,26 +404,6 @@ def cost_table(exp: Experiment) -> pd.DataFrame:
         return pd.DataFrame()
 
 
-def cost_figure(frontier: pd.DataFrame, metric: str):
-    """Best metric per backbone against GFLOPs (log axis); the Pareto front joined and in colour."""
-    fig = _figure(figsize=(8, 5))
-    ax = fig.add_subplot()
-    off = frontier[~frontier["pareto"]]
-    front = frontier[frontier["pareto"]].sort_values("gflops")
-    ax.scatter(off["gflops"], off["best"], color=GREY, label="dominated")
-    ax.plot(front["gflops"], front["best"], "o-", color=COLOURS[0], label="Pareto front")
-    for r in frontier.itertuples():
-        ax.annotate(
-            f"{r.backbone} {r.image_size}px", (r.gflops, r.best), textcoords="offset points", xytext=(4, 4), fontsize=7
-        )
-    ax.set_xscale("log")
-    ax.set_xlabel("GFLOPs per image (torchvision's figure, scaled to the image size)")
-    ax.set_ylabel(f"best {metric}")
-    ax.set_title("accuracy against cost, one point per backbone")
-    ax.legend(loc="best", fontsize=8)
-    return fig
-
-
 def top_table(exp: Experiment, n: int = TOP_TABLE) -> pd.DataFrame:
     df = exp.results.head(n)
     out = pd.DataFrame({"rank": range(1, len(df) + 1), "trial": df["trial_id"].to_numpy()})
@@ -913,6 +418,27 @@ def top_table(exp: Experiment, n: int = TOP_TABLE) -> pd.DataFrame:
     return out
 
 
+class _Page:
+    """The report being written: its markdown lines, its folder and the figures drawn into it."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.md: list[str] = []
+        self.drawn: list[str] = []
+
+    def draw(self, name: str, make) -> bool:
+        """Save the figure ``make()`` returns as ``name``; a failure costs that figure, not the report."""
+        try:
+            fig = make()
+            fig.savefig(self.out / name, dpi=DPI)
+            self.drawn.append(name)
+            return True
+        except Exception as e:  # noqa: BLE001 - the search calls this after its results are safe on disk
+            log.warning("report: %s not drawn (%s: %s)", name, type(e).__name__, e)
+            self.md.extend([f"({name} could not be drawn: {type(e).__name__}: {e})", ""])
+            return False
+
+
 def write_report(exp_dir: str | os.PathLike) -> Path:
     """Write ``<exp_dir>/report/`` (report.md and PNGs) for a finished search; returns report.md's path."""
     exp = load_experiment(exp_dir)
@@ -920,8 +446,23 @@ def write_report(exp_dir: str | os.PathLike) -> Path:
     out.mkdir(exist_ok=True)
     for name in FIGURES:  # a figure this run cannot draw must not be left over from an earlier run
         (out / name).unlink(missing_ok=True)
+    page = _Page(out)
+    page.md += overview_lines(exp)
+    page.md += flag_lines(exp)
+    page.md += ["## Top trials", "", markdown_table(top_table(exp)), ""]
+    for section in (curves_section, cost_section, params_section, importance_section, final_section, confusion_section):
+        section(exp, page)
+    page.md += other_sections(exp, out)
+    path = out / "report.md"
+    path.write_text("\n".join(page.md))
+    write_html(path)
+    log.info("report: %s and %s (%s)", path, PAGE, ", ".join(page.drawn) or "no figures")
+    return path
+
+
+def overview_lines(exp: Experiment) -> list[str]:
+    """The report's title and its first list: data, space, trials, the best, the probe, the one test score."""
     df = exp.results
-    n = len(df)
     statuses = [exp.status(r) for _, r in df.iterrows()]
     md = [f"# Search report: {exp.exp_dir.name}", ""]
     md.append(f"- experiment: `{exp.exp_dir}`")
@@ -936,7 +477,7 @@ def write_report(exp_dir: str | os.PathLike) -> Path:
         f"- search space: {space_name}; optimised `{exp.metric}` ({exp.mode}), up to {exp.max_epochs} epochs per trial"
     )
     md.append(
-        f"- trials: {n}: {statuses.count('completed')} ran to the end, "
+        f"- trials: {len(df)}: {statuses.count('completed')} ran to the end, "
         f"{statuses.count('stopped early')} stopped early by ASHA, {statuses.count('errored')} errored"
     )
     if exp.key in df and df[exp.key].notna().any():
@@ -945,10 +486,10 @@ def write_report(exp_dir: str | os.PathLike) -> Path:
         md.append(f"- best trial: `{best['trial_id']}`, {exp.metric} {best[exp.key]:.4f}{epoch}" + _valid_size(best))
     md += probe_lines(exp)
     if exp.test:
-        t = exp.test
+        t = exp.test.to_dict()  # the figures' format is shared with the console summary's dicts
         scored = deployed_label(t, heads=True)
-        md.append(f"- test (scored once, {scored}): {test_figures(t)} on {t['test_count']} images")
-        single = t.get("single_best")
+        md.append(f"- test (scored once, {scored}): {test_figures(t)} on {exp.test.test_count} images")
+        single = exp.test.single_best
         if single and not single.get("deployed"):
             md.append(f"- {single_best_label(single)} on test (same pass, not deployed): {test_figures(single)}")
         md += [f"- {line}" for line in comparison_lines(t)]
@@ -956,76 +497,73 @@ def write_report(exp_dir: str | os.PathLike) -> Path:
         f"- backbone weights: `{exp.weights}`"
         + (" (randomly initialised)" if exp.weights.startswith("random:") else "")
     )
-    md.append("")
+    return md + [""]
 
-    md += ["## Flags", ""]
+
+def flag_lines(exp: Experiment) -> list[str]:
+    """The report's flags: best values at a range's edge, trials that errored or stopped, the weights."""
+    md = ["## Flags", ""]
     flags = edge_flags(exp)
     md += [f"- {f}" for f in flags] or ["- No best value sits at the edge of a numeric search range."]
     md += [f"- {f}" for f in trial_flags(exp)]
     md += [f"- {weights_flag(exp)}"]
     md += [f"- {flag}" for flag in [random_weights_flag(exp)] if flag]
-    md.append("")
+    return md + [""]
 
-    md += ["## Top trials", "", markdown_table(top_table(exp)), ""]
 
-    drawn = []
-
-    def draw(name: str, make) -> bool:
-        """Save the figure ``make()`` returns as ``name``; a failure costs that figure, not the report."""
-        try:
-            fig = make()
-            fig.savefig(out / name, dpi=DPI)
-            drawn.append(name)
-            return True
-        except Exception as e:  # noqa: BLE001 - the search calls this after its results are safe on disk
-            log.warning("report: %s not drawn (%s: %s)", name, type(e).__name__, e)
-            md.extend([f"({name} could not be drawn: {type(e).__name__}: {e})", ""])
-            return False
-
-    md += ["## Learning curves", ""]
+def curves_section(exp: Experiment, page: _Page) -> None:
+    page.md += ["## Learning curves", ""]
     if not exp.histories:
-        md += ["No trial folder with a progress.csv was found.", ""]
-    elif draw("curves.png", lambda: curves_figure(exp)):
-        md += [
+        page.md += ["No trial folder with a progress.csv was found.", ""]
+    elif page.draw("curves.png", lambda: curves_figure(exp)):
+        page.md += [
             f"![{exp.metric} per epoch for every trial](curves.png)",
             "",
             f"The best {min(TOP_CURVES, len(exp.histories))} trials are in colour; an `x` marks a trial "
             "ASHA stopped before the last epoch.",
             "",
         ]
-    frontier = cost_table(exp)
-    if not frontier.empty:
-        from .backbones import cheaper_choice
 
-        md += ["## Accuracy against cost", ""]
-        if draw("cost.png", lambda: cost_figure(frontier, exp.metric)):
-            md += ["![best metric per backbone against GFLOPs](cost.png)", ""]
-        md += [
-            markdown_table(
-                frontier.rename(
-                    columns={"best": f"best {exp.metric}", "extract_img_s": "extraction img/s (this search)"}
-                )
-            ),
-            "",
-        ]
-        line = cheaper_choice(frontier, exp.mode)
-        md += [
-            f"The {line}." if line else "The best backbone is also the cheapest good one here.",
-            "",
-            "GFLOPs are torchvision's figures for the weights at their crop, scaled by area to the image "
-            "size; the Pareto front holds the backbones no other one beats at equal or lower cost.",
-            "",
-        ]
+
+def cost_section(exp: Experiment, page: _Page) -> None:
+    frontier = cost_table(exp)
+    if frontier.empty:
+        return
+    from .backbones import cheaper_choice
+
+    page.md += ["## Accuracy against cost", ""]
+    if page.draw("cost.png", lambda: cost_figure(frontier, exp.metric)):
+        page.md += ["![best metric per backbone against GFLOPs](cost.png)", ""]
+    page.md += [
+        markdown_table(
+            frontier.rename(columns={"best": f"best {exp.metric}", "extract_img_s": "extraction img/s (this search)"})
+        ),
+        "",
+    ]
+    line = cheaper_choice(frontier, exp.mode)
+    page.md += [
+        f"The {line}." if line else "The best backbone is also the cheapest good one here.",
+        "",
+        "GFLOPs are torchvision's figures for the weights at their crop, scaled by area to the image "
+        "size; the Pareto front holds the backbones no other one beats at equal or lower cost.",
+        "",
+    ]
+
+
+def params_section(exp: Experiment, page: _Page) -> None:
     if exp.searched:
-        md += ["## Hyperparameters", ""]
-        if draw("params.png", lambda: params_figure(exp)):
-            md += ["![best metric against each hyperparameter](params.png)", ""]
+        page.md += ["## Hyperparameters", ""]
+        if page.draw("params.png", lambda: params_figure(exp)):
+            page.md += ["![best metric against each hyperparameter](params.png)", ""]
+
+
+def importance_section(exp: Experiment, page: _Page) -> None:
     values, note = importances(exp)
-    md += ["## Hyperparameter importance", ""]
+    page.md += ["## Hyperparameter importance", ""]
     if not values:
-        md += [f"Not computed: {note}.", ""]
-    elif draw("importance.png", lambda: importance_figure(values, note)):
-        md += [
+        page.md += [f"Not computed: {note}.", ""]
+    elif page.draw("importance.png", lambda: importance_figure(values, note)):
+        page.md += [
             "![hyperparameter importance](importance.png)",
             "",
             f"Optuna's PED-ANOVA evaluator on {note}: how much each parameter's distribution among the best "
@@ -1034,25 +572,38 @@ def write_report(exp_dir: str | os.PathLike) -> Path:
             markdown_table(pd.DataFrame({"parameter": list(values), "importance": list(values.values())})),
             "",
         ]
-    if exp.final:
-        fin = exp.final
-        try:
-            md += final_lines(exp, fin)
-        except (KeyError, TypeError, ValueError) as e:  # a final.json from another version
-            md += [f"(final.json not understood: {type(e).__name__}: {e})", ""]
-        if draw("reliability.png", lambda: reliability_figure(fin)):
-            md += ["![reliability diagram on valid, before and after the temperature](reliability.png)", ""]
-        if draw("coverage.png", lambda: coverage_figure(fin)):
-            md += ["![accuracy against coverage on valid](coverage.png)", ""]
-    if exp.test and exp.test.get("confusion_matrix"):
-        md += ["## Test confusion matrix", ""]
-        if draw("confusion.png", lambda: confusion_figure(exp.test)):
-            md += [
+
+
+def final_section(exp: Experiment, page: _Page) -> None:
+    fin = exp.final
+    if not fin:
+        return
+    try:
+        page.md += final_lines(exp, fin)
+    except (KeyError, IndexError, TypeError, ValueError) as e:  # a final.json from another version
+        page.md += [f"(final.json not understood: {type(e).__name__}: {e})", ""]
+    if page.draw("reliability.png", lambda: reliability_figure(fin)):
+        page.md += ["![reliability diagram on valid, before and after the temperature](reliability.png)", ""]
+    if page.draw("coverage.png", lambda: coverage_figure(fin)):
+        page.md += ["![accuracy against coverage on valid](coverage.png)", ""]
+
+
+def confusion_section(exp: Experiment, page: _Page) -> None:
+    test = exp.test
+    if test and test.confusion_matrix:
+        page.md += ["## Test confusion matrix", ""]
+        if page.draw("confusion.png", lambda: confusion_figure(test)):
+            page.md += [
                 "![test confusion matrix](confusion.png)",
                 "",
                 "Rows are the true class, columns the predicted class.",
                 "",
             ]
+
+
+def other_sections(exp: Experiment, out: Path) -> list[str]:
+    """The data audit's and the valid gallery's sections; a failure costs the section, not the report."""
+    md = []
     try:
         md += audit_section(exp.exp_dir, out)
     except Exception as e:  # noqa: BLE001 - like a figure: a failed section costs the section, not the report
@@ -1062,11 +613,7 @@ def write_report(exp_dir: str | os.PathLike) -> Path:
     except Exception as e:  # noqa: BLE001 - like a figure: a failed gallery costs the gallery, not the report
         log.warning("report: gallery not drawn (%s: %s)", type(e).__name__, e)
         md += [f"(the valid gallery could not be drawn: {type(e).__name__}: {e})", ""]
-    path = out / "report.md"
-    path.write_text("\n".join(md))
-    write_html(path)
-    log.info("report: %s and %s (%s)", path, PAGE, ", ".join(drawn) or "no figures")
-    return path
+    return md
 
 
 # ------------------------------------------------------------------------------------------------- CLI

@@ -24,13 +24,23 @@ from .engine import TrialConfig
 from .features import FeatureBank, by_reference
 from .model import ResolvedWeights, save_artifact
 from .probe import Baseline, probe_row, write_probe_tensorboard
+from .records import (
+    BEST_DIR,
+    CONFIG_FILE,
+    FINAL_FILE,
+    MODEL_FILE,
+    MODEL_PATH,
+    RESULTS_FILE,
+    TEST_MARK,
+    TEST_METRICS_FILE,
+    Direction,
+    FinalRecord,
+    TestMetrics,
+)
 from .space import SearchSpace
 from .storage import ExperimentPaths
 
 log = logging.getLogger(__name__)
-
-FINAL_RECORD = "final.json"  # how the final model was chosen on valid; a resumed search reads it back
-
 
 TOP_CANDIDATES = 20  # the best checkpoints of this many top trials are the ensemble's candidates
 
@@ -53,7 +63,7 @@ def collect_results(
             rows[col] = rows[col].astype("boolean").fillna(False).astype(bool)
         elif pd.api.types.is_integer_dtype(df[col]):
             rows[col] = rows[col].astype("Int64")
-    rows.to_csv(exp_dir / "results.csv", index=False)
+    rows.to_csv(exp_dir / RESULTS_FILE, index=False)
     folder = exp_dir / "probe"  # the probe's TensorBoard run, beside the trials'
     shutil.rmtree(folder, ignore_errors=True)  # a resumed search writes the same numbers again
     write_probe_tensorboard(folder, baseline.probes, max_epochs=max_epochs)
@@ -82,7 +92,7 @@ def summarize_trials(result_grid, metric: str, mode: str, max_epochs: int) -> pd
         trial_id = last.get("trial_id") or Path(r.path).name
         row = {"kind": "trial", "trial_id": trial_id, "status": "ERROR" if r.error else "TERMINATED"}
         if hist is not None and not hist.empty and metric in hist:
-            best_i = hist[metric].idxmax() if mode == "max" else hist[metric].idxmin()
+            best_i = Direction(mode).best_label(hist[metric])
             epochs = int(hist["training_iteration"].max())
             row.update(
                 {
@@ -120,7 +130,7 @@ def summarize_trials(result_grid, metric: str, mode: str, max_epochs: int) -> pd
     df = pd.DataFrame(rows)
     key = f"best/{metric}"
     if key in df:
-        df = df.sort_values(key, ascending=(mode == "min"), na_position="last").reset_index(drop=True)
+        df = df.sort_values(key, ascending=Direction(mode).ascending, na_position="last").reset_index(drop=True)
     return df
 
 
@@ -139,8 +149,8 @@ def _ranked_results(result_grid, metric: str, mode: str) -> list:
         hist = r.metrics_dataframe
         if hist is None or hist.empty or metric not in hist or not r.best_checkpoints:
             continue
-        v = float(hist[metric].max() if mode == "max" else hist[metric].min())
-        keyed.append(((r.error is None, v if mode == "max" else -v), r))
+        best = float((Direction(mode).sign * hist[metric]).max())  # larger is better for either direction
+        keyed.append(((r.error is None, best), r))
     return [r for _, r in sorted(keyed, key=lambda kr: kr[0], reverse=True)]
 
 
@@ -231,7 +241,7 @@ class Winner:
             "valid_after": c.valid["deployed_calibrated"],
         }
         return save_artifact(
-            folder / "model.pt",
+            folder / MODEL_FILE,
             self.fm.model,
             classes=self.classes,
             preprocessing=self.cfg.feature_spec().preprocessing.to_dict(),
@@ -262,22 +272,9 @@ def save_winner(
     exp_dir = paths.local
     candidates, info = final_candidates(result_grid, base, space, weights=weights)
     candidates = final.merge_candidates(candidates, extra, mode=space.mode)  # final.lead_index: who leads
-    for c in extra:  # a probe has no epochs; its config names its bank and a linear head
-        info[c.name] = (
-            None,
-            TrialConfig(
-                backbone=c.spec.backbone,
-                image_size=c.spec.image_size,
-                head="seed" if c.spec.feature_layer == "logits" else "pooled",
-                aug_policy=c.spec.policy,
-                views=c.spec.views,
-                hidden=0,
-                dropout=0.0,
-                epochs=1,
-                seed=base["seed"],
-            ),
-        )
-    recorded = paths.read(FINAL_RECORD)
+    for c in extra:  # a probe has no epochs
+        info[c.name] = (None, _probe_config(c, base["seed"]))
+    recorded = paths.read(FINAL_FILE)
     if banks is not None and by_reference(banks):
         from .shards import final_views
 
@@ -303,9 +300,9 @@ def save_winner(
         "members": fm.choice.members,
     }
     winner = Winner(fm, cfg, single.name, metrics, single.score, table.classes)
-    winner.save(exp_dir / "best")
-    (exp_dir / FINAL_RECORD).write_text(json.dumps({**fm.record(), "k": k}, indent=1))
-    (exp_dir / "best" / "config.yaml").write_text(
+    winner.save(exp_dir / BEST_DIR)
+    FinalRecord.from_dict({**fm.record(), "k": k}).write(exp_dir)
+    (exp_dir / BEST_DIR / CONFIG_FILE).write_text(
         yaml.safe_dump(
             {
                 "trial_id": single.name,
@@ -325,6 +322,21 @@ def save_winner(
     return winner
 
 
+def _probe_config(c: final.Candidate, seed: int) -> TrialConfig:
+    """A linear probe's configuration, as a trial's: its bank and a linear head."""
+    return TrialConfig(
+        backbone=c.spec.backbone,
+        image_size=c.spec.image_size,
+        head="seed" if c.spec.feature_layer == "logits" else "pooled",
+        aug_policy=c.spec.policy,
+        views=c.spec.views,
+        hidden=0,
+        dropout=0.0,
+        epochs=1,
+        seed=seed,
+    )
+
+
 # --------------------------------------------------------------------- the one read of the test split
 def score_winner(
     winner: Winner, table: LabelTable, paths: ExperimentPaths, *, features: torch.nn.Module | None = None
@@ -334,7 +346,7 @@ def score_winner(
     test_metrics.json holds, and ``predictions``: the deployed model's class per test image (with
     ``features``, a network taking the model's input: ``features``, its outputs, from the same pass)."""
     exp_dir = paths.local
-    best_dir = exp_dir / "best"
+    best_dir = exp_dir / BEST_DIR
     mark_test_started(paths, winner, table)
     try:
         test = score_on_test(winner.fm, table, features=features)
@@ -346,10 +358,10 @@ def score_winner(
     winner.save(best_dir, {"test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"]})
     test_out = {"trial_id": winner.trial_id, "weights": winner.identity, "pretrained": winner.pretrained, **test}
     saved = {k: v for k, v in test_out.items() if k not in ("predictions", "features")}  # per image: not saved
-    (exp_dir / "test_metrics.json").write_text(json.dumps(saved, indent=1))
+    TestMetrics.from_dict(saved).write(exp_dir)
     write_test_tensorboard(exp_dir / "test", test_out, winner.cfg.to_dict(), winner.trial_id)
     if paths.remote:
-        storage.upload(exp_dir, paths.ray_path, names=("best", "test_metrics.json", "test"))
+        storage.upload(exp_dir, paths.ray_path, names=(BEST_DIR, TEST_METRICS_FILE, "test"))
     return test_out
 
 
@@ -358,13 +370,13 @@ def mark_test_started(paths: ExperimentPaths, winner: Winner, table: LabelTable)
     mark = {
         "started": datetime.now().astimezone().isoformat(timespec="seconds"),
         "trial_id": winner.trial_id,
-        "model": str(paths.local / "best" / "model.pt"),
+        "model": str(paths.local / MODEL_PATH),
         "labels": str(table.csv_path),
         "data_root": str(table.root) if table.root != table.csv_path.parent else None,
     }
-    storage.write_durably(paths.local / storage.TEST_MARK, json.dumps(mark, indent=1))
+    storage.write_durably(paths.local / TEST_MARK, json.dumps(mark, indent=1))
     if paths.remote:  # the model that is being scored goes with the mark
-        storage.upload(paths.local, paths.ray_path, names=("best", storage.TEST_MARK))
+        storage.upload(paths.local, paths.ray_path, names=(BEST_DIR, TEST_MARK))
 
 
 def score_on_test(
@@ -408,7 +420,7 @@ def write_test_tensorboard(folder: Path, test: dict, config: dict, trial_id: str
     single best's beside them, the confusion matrix image, the members and the best config."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from .report import draw_confusion
+    from .report_figures import draw_confusion
 
     writer = SummaryWriter(str(folder))
     writer.add_scalar("test/acc", test["accuracy"], 0)

@@ -47,10 +47,24 @@ from .audit import (
     write_audit,
 )
 from .config import SearchConfig, parse_duration
+from .cv import CV_AUTO_BELOW, CV_AUTO_FOLDS, bank_folds, resolve_folds
 from .data import LabelTable, is_labels_file, prepared_labels_path, read_labels_checked
 from .features import FeatureBank, FeatureSpec, by_reference, extract_banks, pooled_banks
 from .model import ResolvedWeights, fetch_hint, resolve_weights
-from .probe import CV_AUTO_BELOW, CV_AUTO_FOLDS, Baseline, bank_folds, fit_probes, resolve_folds
+from .probe import Baseline, fit_probes
+from .records import (
+    ARGS_FILE,
+    BASELINE_FILE,
+    BEST_DIR,
+    FINAL_FILE,
+    LABELS_FILE,
+    MODEL_PATH,
+    RESULTS_FILE,
+    SUMMARY_FILE,
+    TEST_MARK,
+    TEST_METRICS_FILE,
+    TIMINGS_FILE,
+)
 from .results import TOP_CANDIDATES, Winner, collect_results, save_winner, score_winner
 from .space import (
     CLI_METRICS,
@@ -61,8 +75,8 @@ from .space import (
     space_difference,
     with_metric,
 )
-from .storage import ARGS_FILE, SPACE_KEY, TEST_MARK, ExperimentPaths
-from .summary import BASELINE_FILE, baseline_record, format_summary
+from .storage import SPACE_KEY, ExperimentPaths
+from .summary import baseline_record, format_summary
 
 if TYPE_CHECKING:
     from .api import SearchResult
@@ -72,7 +86,7 @@ log = logging.getLogger("tune_rice.search")
 DEFAULT_GPU_FRACTION = tune_glue.DEFAULT_GPU_FRACTION
 EXTEND_PREFIX = "extend-"  # runs/<name>/extend-<k>/: the k-th --extend batch, a Ray experiment of its own
 # What an --extend replaces, moved to runs/<name>/extend-<k>/before/ first.
-ARCHIVED = ("best", "final.json", TEST_MARK, "test_metrics.json", "summary.txt", "results.csv", "test", "report")
+ARCHIVED = (BEST_DIR, FINAL_FILE, TEST_MARK, TEST_METRICS_FILE, SUMMARY_FILE, RESULTS_FILE, "test", "report")
 
 
 # ------------------------------------------------------------------------------------------ arguments
@@ -359,7 +373,7 @@ def _restore_finished(config: SearchConfig, paths: ExperimentPaths) -> None:
         raise UserError(f"--extend: {paths.ray_path}: extending works on a local --storage-path only")
     extend, space = config.extend, config.search_space
     _restore_saved(config, paths, "--extend")
-    if paths.read("test_metrics.json") is None:
+    if paths.read(TEST_METRICS_FILE) is None:
         raise UserError(
             f"--extend: {config.name!r} has not finished (no test_metrics.json in {paths.local}); "
             "--resume it first, or start a new --name"
@@ -372,20 +386,20 @@ def _restore_finished(config: SearchConfig, paths: ExperimentPaths) -> None:
 
 def _restore_experiment(config: SearchConfig, paths: ExperimentPaths) -> None:
     _restore_saved(config, paths, "--resume")
-    if paths.read("test_metrics.json") is not None:
+    if paths.read(TEST_METRICS_FILE) is not None:
         # Finished already: the test split was scored once; scoring it again would break that promise.
-        summary = paths.read("summary.txt")
+        summary = paths.read(SUMMARY_FILE)
         print(summary.decode() if summary else f"{paths.where()}: finished", flush=True)
         raise UserError(
             f"--resume: {config.name!r} already finished (test split scored, results in "
             f"{paths.where()}); nothing to resume"
         )
-    started = paths.read(storage.TEST_MARK)
+    started = paths.read(TEST_MARK)
     if started is not None:
         # Scoring began and left no result (killed, or a test image failed): the test split may have been
         # read already, and a second score would be a second look presented as the first.
         mark = json.loads(started)
-        model = mark.get("model") or str(paths.local / "best" / "model.pt")
+        model = mark.get("model") or str(paths.local / MODEL_PATH)
         if paths.remote and not Path(model).is_file():
             model = f"{model} (a copy of {paths.ray_path}/best/model.pt)"
         raise UserError(
@@ -514,7 +528,7 @@ def resolve_data(
 
         # The demo data and its split stay fixed (seed 0) whatever --seed: seeds compare searches, not data.
         folder = ensure_demo()
-        csv = folder / "labels.csv"
+        csv = folder / LABELS_FILE
         if not csv.is_file():
             prepare_dataset(folder, progress=False)
         log.info("no --data given: using the synthetic rice-leaf demo set at %s", folder)
@@ -524,7 +538,7 @@ def resolve_data(
         return p
     if not p.exists():
         raise UserError(f"--data {data}: no such file or folder")
-    csv = prepared_labels_path(p) if p.is_file() else p / "labels.csv"
+    csv = prepared_labels_path(p) if p.is_file() else p / LABELS_FILE
     if csv.is_file():
         log.info("using %s", csv)
         if p.is_file() and p.stat().st_mtime > csv.stat().st_mtime:
@@ -872,7 +886,7 @@ def archive_outputs(exp_dir: Path, batch: Path) -> None:
 # ------------------------------------------------------------------------------------------- outputs
 def record_test_read(table: LabelTable, tool: str, paths: ExperimentPaths) -> int | None:
     """The test read just made, in the ledger beside labels.csv; how many reads of this split it holds now."""
-    model = paths.local / "best" / "model.pt"
+    model = paths.local / MODEL_PATH
     return ledger.record_test_read(table.csv_path, table.frame, tool=tool, experiment=paths.where(), model=model)
 
 
@@ -948,10 +962,10 @@ def write_outputs(
         notes=notes,
         audit=audit,
     )
-    (paths.local / "summary.txt").write_text(summary + "\n")
+    (paths.local / SUMMARY_FILE).write_text(summary + "\n")
     (paths.local / BASELINE_FILE).write_text(json.dumps(baseline_record(df, baseline, winner, space), indent=1))
     trial_seconds = [float(r.metrics.get("time_total_s", 0.0)) for r in result_grid if r.metrics]
-    (paths.local / "timings.json").write_text(
+    (paths.local / TIMINGS_FILE).write_text(
         json.dumps(
             {
                 "seconds": seconds,

@@ -28,6 +28,7 @@ import numpy as np
 import ray
 import torch
 
+from .cv import bank_folds
 from .data import LabelTable
 from .devices import loader_workers, resolve_device
 from .features import (
@@ -41,7 +42,7 @@ from .features import (
     save_bank,
     shard_align,
 )
-from .probe import ProbeResult, bank_folds, fit_probes
+from .probe import ProbeResult, fit_probes
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +186,41 @@ def _summary(bank: FeatureBank) -> dict:
     }
 
 
+def _submit_pass(shard_task, table: LabelTable, group, resolved, splits, batch_size: int, slots: int):
+    """Every shard of one extraction pass submitted: (per split, its shards' feature refs; every shard's
+    info ref)."""
+    shard_refs, infos = [], []
+    for split in splits:
+        split_refs = []
+        for start, stop in plan_shards(len(table.split(split)), shard_align(group[0], split, batch_size), slots):
+            shard: Any = shard_task.remote(table, group, resolved, split, start, stop, batch_size)
+            feats, info = shard  # num_returns=2: (arrays, where and how long)
+            split_refs.append(feats)
+            infos.append(info)
+        shard_refs.append(split_refs)
+    return shard_refs, infos
+
+
+def _log_pass(group, shard_info: list[dict], seconds: float) -> None:
+    """One line per extraction pass: its banks, images, rate, shards and nodes."""
+    images = sum(i["stop"] - i["start"] for i in shard_info)
+    nodes = {i["node"] for i in shard_info}
+    log.info(
+        "extraction pass %dpx/%s/k%d (%d bank%s): %d images in %.1fs, %.1f img/s, %d shards on %d node%s",
+        group[0].image_size,
+        group[0].policy,
+        group[0].views,
+        len(group),
+        "s" * (len(group) > 1),
+        images,
+        seconds,
+        images / max(seconds, 1e-9),
+        len(shard_info),
+        len(nodes),
+        "s" * (len(nodes) > 1),
+    )
+
+
 def extract_banks_sharded(
     table: LabelTable,
     specs: Sequence[FeatureSpec],
@@ -219,16 +255,7 @@ def extract_banks_sharded(
     passes = []
     t0 = time.perf_counter()
     for group in plan.todo.values():  # every shard of every pass is submitted now: passes run at once
-        shard_refs, infos = [], []
-        for split in splits:
-            split_refs = []
-            for start, stop in plan_shards(len(table.split(split)), shard_align(group[0], split, batch_size), slots):
-                shard: Any = shard_task.remote(table, group, plan.resolved, split, start, stop, batch_size)
-                feats, info = shard  # num_returns=2: (arrays, where and how long)
-                split_refs.append(feats)
-                infos.append(info)
-            shard_refs.append(split_refs)
-        passes.append((group, shard_refs, infos))
+        passes.append((group, *_submit_pass(shard_task, table, group, plan.resolved, splits, batch_size, slots)))
     shards: dict[str, list[dict]] = {}
     for group, shard_refs, infos in passes:
         shard_info = ray.get(infos)  # small dicts; the arrays stay on the nodes that made them
@@ -250,22 +277,7 @@ def extract_banks_sharded(
         refs.update(zip(names, got[:-1]))
         summary_refs[names] = got[-1]
         shards.update({name: shard_info for name in names})
-        images = sum(i["stop"] - i["start"] for i in shard_info)
-        nodes = {i["node"] for i in shard_info}
-        log.info(
-            "extraction pass %dpx/%s/k%d (%d bank%s): %d images in %.1fs, %.1f img/s, %d shards on %d node%s",
-            group[0].image_size,
-            group[0].policy,
-            group[0].views,
-            len(group),
-            "s" * (len(group) > 1),
-            images,
-            seconds,
-            images / max(seconds, 1e-9),
-            len(shard_info),
-            len(nodes),
-            "s" * (len(nodes) > 1),
-        )
+        _log_pass(group, shard_info, seconds)
     banks = {}
     for names, summary_ref in summary_refs.items():
         for name, s in zip(names, ray.get(summary_ref)):

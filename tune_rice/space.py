@@ -203,47 +203,7 @@ def load_search_space(name_or_path: str | os.PathLike) -> SearchSpace:
         path=path, metric=metric, mode=mode, max_epochs=max_epochs, description=str(raw.get("description", ""))
     )
     for name, spec in params.items():
-        key = f"params.{name}"
-        if name not in valid:
-            hint = " (set by --max-epochs / --seed)" if name in RESERVED else ""
-            raise UserError(f"{path}: {key}: unknown parameter{hint}; valid: {', '.join(valid)}")
-        if not isinstance(spec, dict):
-            space.constants[name] = _check_value(path, key, name, spec)
-            continue
-        if len(spec) != 1:
-            raise UserError(f"{path}: {key}: expected one of {{{', '.join(DISTRIBUTIONS)}: ...}}, got {spec!r}")
-        ((kind, args),) = spec.items()
-        if kind not in DISTRIBUTIONS:
-            raise UserError(f"{path}: {key}: unknown distribution {kind!r}; valid: {', '.join(DISTRIBUTIONS)}")
-        if not isinstance(args, list) or not args:
-            raise UserError(f"{path}: {key}.{kind}: expected a non-empty list")
-        if kind == "choice":
-            space.distributions[name] = (kind, [_check_value(path, f"{key}.choice", name, v) for v in args])
-            continue
-        if name in FEATURE_PARAMS:
-            raise UserError(
-                f"{path}: {key}: a parameter that changes the feature bank must be a constant or a choice, not {kind}"
-            )
-        if len(args) != 2:
-            raise UserError(f"{path}: {key}.{kind}: expected [low, high], got {args!r}")
-        kind_type = type(getattr(TrialConfig(), name))
-        if kind_type is not float and kind != "randint" or kind_type not in (int, float):
-            hint = "randint" if kind_type is int else "choice"
-            raise UserError(f"{path}: {key}: {name} is a {kind_type.__name__}; use {hint}, not {kind}")
-        lo, hi = (_number(path, f"{key}.{kind}", v) for v in args)
-        if not lo < hi:
-            raise UserError(f"{path}: {key}.{kind}: low must be < high, got [{lo}, {hi}]")
-        if kind == "loguniform" and lo <= 0:
-            raise UserError(f"{path}: {key}.loguniform: bounds must be > 0, got [{lo}, {hi}]")
-        if kind == "randint":
-            if not (float(lo).is_integer() and float(hi).is_integer()):
-                raise UserError(f"{path}: {key}.randint: bounds must be whole numbers, got [{lo}, {hi}]")
-            lo, hi = int(lo), int(hi)
-        for v in (lo, hi):
-            _check_value(path, f"{key}.{kind}", name, v)
-        if not all(math.isfinite(float(v)) for v in (lo, hi)):
-            raise UserError(f"{path}: {key}.{kind}: bounds must be finite")
-        space.distributions[name] = (kind, [lo, hi])
+        _add_param(space, path, name, spec, valid)
     if not space.distributions:
         raise UserError(f"{path}: params: nothing to search (every parameter is a constant)")
     heads = space.distributions.get("head", ("choice", [space.constants.get("head", "pooled")]))[1]
@@ -257,6 +217,51 @@ def load_search_space(name_or_path: str | os.PathLike) -> SearchSpace:
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
     return space
+
+
+def _add_param(space: SearchSpace, path: Path, name: str, spec, valid) -> None:
+    """One entry of ``params:`` checked and added to ``space`` (a constant or a distribution)."""
+    key = f"params.{name}"
+    if name not in valid:
+        hint = " (set by --max-epochs / --seed)" if name in RESERVED else ""
+        raise UserError(f"{path}: {key}: unknown parameter{hint}; valid: {', '.join(valid)}")
+    if not isinstance(spec, dict):
+        space.constants[name] = _check_value(path, key, name, spec)
+        return
+    if len(spec) != 1:
+        raise UserError(f"{path}: {key}: expected one of {{{', '.join(DISTRIBUTIONS)}: ...}}, got {spec!r}")
+    ((kind, args),) = spec.items()
+    if kind not in DISTRIBUTIONS:
+        raise UserError(f"{path}: {key}: unknown distribution {kind!r}; valid: {', '.join(DISTRIBUTIONS)}")
+    if not isinstance(args, list) or not args:
+        raise UserError(f"{path}: {key}.{kind}: expected a non-empty list")
+    if kind == "choice":
+        space.distributions[name] = (kind, [_check_value(path, f"{key}.choice", name, v) for v in args])
+        return
+    if name in FEATURE_PARAMS:
+        raise UserError(
+            f"{path}: {key}: a parameter that changes the feature bank must be a constant or a choice, not {kind}"
+        )
+    if len(args) != 2:
+        raise UserError(f"{path}: {key}.{kind}: expected [low, high], got {args!r}")
+    kind_type = type(getattr(TrialConfig(), name))
+    if kind_type is not float and kind != "randint" or kind_type not in (int, float):
+        hint = "randint" if kind_type is int else "choice"
+        raise UserError(f"{path}: {key}: {name} is a {kind_type.__name__}; use {hint}, not {kind}")
+    lo, hi = (_number(path, f"{key}.{kind}", v) for v in args)
+    if not lo < hi:
+        raise UserError(f"{path}: {key}.{kind}: low must be < high, got [{lo}, {hi}]")
+    if kind == "loguniform" and lo <= 0:
+        raise UserError(f"{path}: {key}.loguniform: bounds must be > 0, got [{lo}, {hi}]")
+    if kind == "randint":
+        if not (float(lo).is_integer() and float(hi).is_integer()):
+            raise UserError(f"{path}: {key}.randint: bounds must be whole numbers, got [{lo}, {hi}]")
+        lo, hi = int(lo), int(hi)
+    for v in (lo, hi):
+        _check_value(path, f"{key}.{kind}", name, v)
+    if not all(math.isfinite(float(v)) for v in (lo, hi)):
+        raise UserError(f"{path}: {key}.{kind}: bounds must be finite")
+    space.distributions[name] = (kind, [lo, hi])
 
 
 def with_metric(space: SearchSpace, metric: str | None) -> SearchSpace:

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import UserError
+from .records import Direction
 
 DRAWS = 1000  # bootstrap draws: the p-value's resolution is 1/1001
 ALPHA = 0.05  # the chance that a search with no real advantage over the probe is said to beat it
@@ -202,7 +203,7 @@ def lead_test(
     y = np.asarray(targets, dtype=np.int64)
     terms = np.stack([score_terms(z, y, metric) for z in trials])
     ref = score_terms(reference, y, metric)
-    sign = 1.0 if mode == "max" else -1.0
+    sign = Direction(mode).sign
     advantage, p = selection_pvalue(
         terms, ref, metric, sign=sign, lead=lead, trials_run=trials_run, draws=draws, seed=seed
     )

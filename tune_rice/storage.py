@@ -15,31 +15,40 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import UserError
+from .records import (
+    ARGS_FILE,
+    BASELINE_FILE,
+    BEST_DIR,
+    FINAL_FILE,
+    RESULTS_FILE,
+    SUMMARY_FILE,
+    TEST_MARK,
+    TEST_METRICS_FILE,
+    TIMINGS_FILE,
+)
 from .study import STUDY_FILE
 
 log = logging.getLogger(__name__)
 
-ARGS_FILE = "search_args.json"
-# Written (and on a URI storage path, uploaded) before the first test image is read: a search that has it
-# and no test_metrics.json began scoring the test split, and --resume must not score it again.
-TEST_MARK = "test_started.json"
+# TEST_MARK is written (and on a URI storage path, uploaded) before the first test image is read: a search
+# that has it and no test_metrics.json began scoring the test split, and --resume must not score it again.
 # The resolved identity of each backbone's weights, kept in ARGS_FILE under this key (see save_args).
 WEIGHTS_KEY = "resolved_weights"
 # The search space as searched (``SearchSpace.record()``), kept in ARGS_FILE: --extend refuses another.
 SPACE_KEY = "searched_space"
 # What the driver copies to a URI storage path (files and folders of the local experiment folder).
 OUTPUTS = (
-    "results.csv",
-    "final.json",
+    RESULTS_FILE,
+    FINAL_FILE,
     TEST_MARK,
-    "test_metrics.json",
-    "summary.txt",
-    "timings.json",
-    "baseline.json",
+    TEST_METRICS_FILE,
+    SUMMARY_FILE,
+    TIMINGS_FILE,
+    BASELINE_FILE,
     ARGS_FILE,
-    "best",
+    BEST_DIR,
     "test",
-    "valid",  # the report's gallery run (explain.VALID_RUN), beside test and the trials
+    "valid",  # the report's gallery run (report_gallery.VALID_RUN), beside test and the trials
     "report",
     "probe",
     STUDY_FILE,

@@ -13,6 +13,8 @@ import logging
 import math
 from pathlib import Path
 
+from .records import Direction
+
 log = logging.getLogger(__name__)
 
 STUDY_FILE = "optuna_journal.log"
@@ -77,12 +79,11 @@ def best_values(study, mode: str) -> dict[int, float]:
     trials that ran at least one epoch and did not fail."""
     from optuna.trial import TrialState
 
-    pick = max if mode == "max" else min
     out = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
         values = [v for v in t.intermediate_values.values() if v is not None and math.isfinite(v)]
         if values:
-            out[t.number] = float(pick(values))
+            out[t.number] = float(Direction(mode).best(values))
         elif t.value is not None and math.isfinite(t.value):
             out[t.number] = float(t.value)
     return out

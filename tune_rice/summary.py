@@ -51,23 +51,7 @@ def format_summary(
     )
     lines.extend(notes)
     key = f"best/{metric}"
-    show = [c for c in ("trial_id", key, "best_epoch", "epochs") if c in df] + [
-        c for c in df.columns if c.startswith("config/") and (searched is None or c[7:] in searched)
-    ]
-    if key in df:
-        table = df[df[key].notna()].head(top)
-        shown = table[show].rename(columns=lambda c: c.replace("config/", ""))
-        if "valid_count" in table and "best/valid/acc" in table:
-            shown.insert(
-                2,
-                "valid acc, n [95% CI]",
-                [
-                    format_accuracy(float(a), int(n)) if pd.notna(a) and pd.notna(n) else ""
-                    for a, n in zip(table["best/valid/acc"], table["valid_count"])
-                ],
-            )
-        lines.append(f"top {min(top, len(table))} by {metric}:")
-        lines.append(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    lines += top_trials_lines(df, metric, searched=searched, top=top)
     lines += probe_summary(probes or {}, (final_record or {}).get("lead"), metric=metric)
     if final_record:
         lines += final_lines(final_record)
@@ -75,25 +59,63 @@ def format_summary(
     if cheaper:
         lines.append(cheaper[0].upper() + cheaper[1:] + " (report/cost.png)")
     if test:
-        what = final.deployed_label(test)
-        cal = test.get("calibration")
-        ece = f", ECE {cal['before']['ece']:.3f} -> {cal['after']['ece']:.3f} with the temperature" if cal else ""
-        lines.append(f"TEST (scored once, {what}): {final.test_figures(test)} on {test['test_count']} images{ece}")
-        for which in ("single_best", "ensemble"):
-            other = test.get(which)
-            if other and not other.get("deployed"):
-                label = "selected ensemble" if which == "ensemble" else final.single_best_label(other)
-                lines.append(f"  {label} (same pass, not deployed): {final.test_figures(other)}")
-        lines += [f"  {line}" for line in final.comparison_lines(test)]
-        lines += [f"  {line}" for line in final.threshold_lines(test.get("threshold") or {}, split="test")]
+        lines += scored_test_lines(test)
     lines.extend(audit)
-    random = {b: w for b, w in (backbones or {}).items() if w.startswith("random:")}
-    n_backbones = len(backbones or {})
-    if random and (n_backbones > 1 or not weights.startswith("random:")):
+    lines += random_weights_notes(weights, backbones or {})
+    lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in phases.items()) + f", total {seconds:.1f}s")
+    lines.append(f"outputs: {exp_dir}  (results.csv, best/model.pt, test_metrics.json, report/)")
+    lines.append(f"tensorboard --logdir {exp_dir}   # then open http://localhost:6006")
+    return "\n".join(lines)
+
+
+def top_trials_lines(df: pd.DataFrame, metric: str, *, searched: Sequence[str] | None, top: int) -> list[str]:
+    """The best ``top`` trials as a table of their ``searched`` parameters (default: all), each valid
+    figure with its size and 95% interval."""
+    key = f"best/{metric}"
+    if key not in df:
+        return []
+    show = [c for c in ("trial_id", key, "best_epoch", "epochs") if c in df] + [
+        c for c in df.columns if c.startswith("config/") and (searched is None or c[7:] in searched)
+    ]
+    table = df[df[key].notna()].head(top)
+    shown = table[show].rename(columns=lambda c: c.replace("config/", ""))
+    if "valid_count" in table and "best/valid/acc" in table:
+        shown.insert(
+            2,
+            "valid acc, n [95% CI]",
+            [
+                format_accuracy(float(a), int(n)) if pd.notna(a) and pd.notna(n) else ""
+                for a, n in zip(table["best/valid/acc"], table["valid_count"])
+            ],
+        )
+    return [f"top {min(top, len(table))} by {metric}:", shown.to_string(index=False, float_format=lambda v: f"{v:.4g}")]
+
+
+def scored_test_lines(test: dict) -> list[str]:
+    """The one test score of the deployed model, the models scored beside it and the threshold on test."""
+    what = final.deployed_label(test)
+    cal = test.get("calibration")
+    ece = f", ECE {cal['before']['ece']:.3f} -> {cal['after']['ece']:.3f} with the temperature" if cal else ""
+    lines = [f"TEST (scored once, {what}): {final.test_figures(test)} on {test['test_count']} images{ece}"]
+    for which in ("single_best", "ensemble"):
+        other = test.get(which)
+        if other and not other.get("deployed"):
+            label = "selected ensemble" if which == "ensemble" else final.single_best_label(other)
+            lines.append(f"  {label} (same pass, not deployed): {final.test_figures(other)}")
+    lines += [f"  {line}" for line in final.comparison_lines(test)]
+    lines += [f"  {line}" for line in final.threshold_lines(test.get("threshold") or {}, split="test")]
+    return lines
+
+
+def random_weights_notes(weights: str, backbones: dict[str, str]) -> list[str]:
+    """Loud notes where backbones ran on random weights: the deployed model's (``weights``) or others."""
+    lines = []
+    random = {b: w for b, w in backbones.items() if w.startswith("random:")}
+    if random and (len(backbones) > 1 or not weights.startswith("random:")):
         named = ", ".join(f"{b} ({w})" for b, w in list(random.items())[:2])
         more = f" and {len(random) - 2} more" if len(random) > 2 else ""
         lines.append(
-            f"NOTE: {len(random)} of {n_backbones} backbones ran on RANDOMLY INITIALISED weights: "
+            f"NOTE: {len(random)} of {len(backbones)} backbones ran on RANDOMLY INITIALISED weights: "
             f"{named}{more}; their trials' scores are far below what ImageNet weights give."
         )
     if weights.startswith("random:"):
@@ -101,13 +123,7 @@ def format_summary(
             f"NOTE: the deployed model's backbone was RANDOMLY INITIALISED ({weights}); ImageNet weights give far "
             "better features (see README: weights)."
         )
-    lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in phases.items()) + f", total {seconds:.1f}s")
-    lines.append(f"outputs: {exp_dir}  (results.csv, best/model.pt, test_metrics.json, report/)")
-    lines.append(f"tensorboard --logdir {exp_dir}   # then open http://localhost:6006")
-    return "\n".join(lines)
-
-
-BASELINE_FILE = "baseline.json"
+    return lines
 
 
 def baseline_record(df: pd.DataFrame, baseline: Baseline, winner: Winner, space: SearchSpace) -> dict:

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from . import UserError
+from .records import cache_root
 from .torchutil import safe_torch_load, weightless
 
 log = logging.getLogger(__name__)
@@ -367,8 +368,7 @@ def measured_gflops(net: nn.Module, image_size: int) -> float:
 
 
 def _stats_cache() -> Path:
-    base = os.environ.get("TUNE_RICE_CACHE")
-    root = Path(base).expanduser() if base else Path.home() / ".cache" / "tune_rice"
+    root = cache_root()
     return root / f"backbone-stats-timm-{version()}.json"
 
 
@@ -492,7 +492,7 @@ def family_summary(limit_examples: int = 3) -> str:
     for family, members in groups:
         lines.append(f"{family:<{width}}  {len(members):>6}  {', '.join(members[:limit_examples])}")
     lines.append(
-        f"{len(names)} pretrained timm models (timm {version()}) in {len(groups)} families. "
+        f"{len(names)} pretrained timm models (timm {version()}) in {len(groups)} famil{'y' if len(groups) == 1 else 'ies'}. "
         "Pick one with --family FAMILY, a name prefix or a wildcard ('*dinov2*') for its sizes, cost and "
         "cache state; use it as backbone timm:NAME."
     )
@@ -553,8 +553,7 @@ def write_lite0_weights(path: str | os.PathLike, *, source: str | os.PathLike | 
 def lite0_weights_file() -> Path:
     """The mapped Lite0 file in tune-rice's cache (``$TUNE_RICE_CACHE/weights/``), written on first use:
     for benchmarks and tests that need real ImageNet features on a machine that cannot download them."""
-    base = os.environ.get("TUNE_RICE_CACHE")
-    root = Path(base).expanduser() if base else Path.home() / ".cache" / "tune_rice"
+    root = cache_root()
     path = root / "weights" / LITE0_FILE_NAME
     if not path.is_file():
         write_lite0_weights(path)

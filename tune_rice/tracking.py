@@ -27,12 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import UserError
+from .records import MODEL_PATH, SUMMARY_FILE, TEST_METRICS_FILE
 
 log = logging.getLogger(__name__)
 
 TRACKERS = ("mlflow", "wandb")
 DEFAULT_WANDB_PROJECT = "tune-rice"
-FINAL_FILES = ("best/model.pt", "summary.txt", "test_metrics.json")  # the final run's artifacts
+FINAL_FILES = (MODEL_PATH, SUMMARY_FILE, TEST_METRICS_FILE)  # the final run's artifacts
 MLFLOW_FILE_STORE_OK = "MLFLOW_ALLOW_FILE_STORE"  # MLflow 3 refuses a file store unless this is true
 
 
@@ -124,7 +125,7 @@ def tune_callbacks(trackers: Sequence[Tracker], *, experiment: str, storage_path
 def final_record(exp_dir: Path) -> tuple[dict, dict]:
     """(parameters, metrics) of the deployed model, from test_metrics.json: the metrics are its numbers
     (``test/accuracy``, ``test/macro_f1``, ``test/<class>/f1``, ...), the parameters what it is."""
-    test = json.loads((exp_dir / "test_metrics.json").read_text())
+    test = json.loads((exp_dir / TEST_METRICS_FILE).read_text())
     params = {k: test[k] for k in ("trial_id", "weights", "pretrained", "deployed", "temperature") if k in test}
     if test.get("members"):
         params["members"] = ", ".join(map(str, test["members"]))

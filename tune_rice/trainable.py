@@ -17,11 +17,13 @@ import torch
 from ray import tune
 
 from . import UserError
+from .cv import CVHeadRun
 from .data import read_labels
-from .engine import CVHeadRun, HeadRun, TrialConfig
+from .engine import HeadRun, TrialConfig
 from .features import FeatureBank
 from .finetune import StageRun
 from .model import ResolvedWeights
+from .records import Direction
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -49,10 +51,6 @@ class CVBanks:
 # A trial's data: the feature banks (or their object references) by FeatureSpec name (the fast path),
 # the same with folds (--cv), or the images themselves.
 TrialData = dict[str, FeatureBank | ray.ObjectRef] | CVBanks | ImageSource
-
-
-def _better(value: float, best: float | None, mode: str) -> bool:
-    return best is None or (value > best if mode == "max" else value < best)
 
 
 def trial_device() -> str:
@@ -119,7 +117,7 @@ def train_head(
     }
     while run.epoch < cfg.epochs:
         metrics = {**run.step(), **where}
-        if _better(metrics[metric], best, mode):
+        if Direction(mode).better(metrics[metric], best):
             best = metrics[metric]
             with tempfile.TemporaryDirectory() as d:
                 torch.save({**run.state_dict(), "best": best}, Path(d) / CHECKPOINT_FILE)

@@ -3,6 +3,12 @@ and the console reporter.
 
 Everything here is about Ray and Tune, and nothing here knows how a trial trains (``trainable.py``) or
 what a search does in which order (``search.py``).
+
+Ray and Optuna are imported inside the functions that need them, never at the top: ``tune-rice search``
+reads and checks its arguments and data (and answers ``--help`` or a user error) before it pays the few
+seconds Ray Tune and Optuna take to import. That is why the Tune subclasses (the searcher, the TensorBoard
+callback, the reporter) are defined inside the ``*_cls`` / ``progress_reporter`` factories: their base
+classes exist only once Ray is imported.
 """
 
 from __future__ import annotations
@@ -26,7 +32,6 @@ DEFAULT_GPU_FRACTION = 0.25
 # ------------------------------------------------------------------------------------------- searcher
 def optuna_search_cls():
     import optuna
-    from optuna.trial import TrialState
     from ray.tune.search.optuna import OptunaSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory" per search
@@ -92,11 +97,8 @@ def optuna_search_cls():
             if not error and step is not None and value is not None:
                 if step not in self._reported(trial_id):
                     ot_trial.report(float(value), int(step))
-            if error:
-                state = TrialState.FAIL
-            elif step is not None and step < self._max_t:
-                state = TrialState.PRUNED  # Optuna takes the last reported value as its value
-            else:
+            state = _ended_state(error, step, self._max_t)
+            if state is None:
                 return super().on_trial_complete(trial_id, result, error)
             try:
                 self._ot_study.tell(ot_trial, state=state)
@@ -105,6 +107,19 @@ def optuna_search_cls():
             self._completed_trials.add(trial_id)
 
     return PruningAwareOptunaSearch
+
+
+def _ended_state(error: bool, step: int | None, max_t: int):
+    """How Optuna records a trial that Tune reports ended: FAIL when it errored, PRUNED when it stopped
+    before ``max_t`` epochs (Optuna takes the last reported value as its value), or None: COMPLETE, as
+    OptunaSearch tells it."""
+    from optuna.trial import TrialState
+
+    if error:
+        return TrialState.FAIL
+    if step is not None and step < max_t:
+        return TrialState.PRUNED
+    return None
 
 
 # ---------------------------------------------------------------------------------------- TensorBoard
