@@ -56,3 +56,15 @@ def test_names_sort_naturally_and_counts_agree():
         "resnet152",
     ]
     assert [cli.counted(n, "family", "families") for n in (0, 1, 2)] == ["0 families", "1 family", "2 families"]
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    """``tune-rice backbones | head -1``: a tool whose reader closes the pipe stops quietly (exit 141)."""
+    code = (
+        "import sys; from tune_rice import cli; sys.exit(cli.run(lambda argv: [print('x' * 99) for _ in range(10**5)]))"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline() == "x" * 99 + "\n"
+    proc.stdout.close()  # 10 MB more to write: the next write meets the closed pipe
+    err = proc.stderr.read() if proc.stderr else ""
+    assert proc.wait() == 141 and err == "", err
