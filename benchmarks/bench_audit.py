@@ -1,6 +1,6 @@
 """The data audit on planted leaks and planted label errors, per generated family and backbone.
 
-For each family (tune_rice.demo --family), the demo set is drawn and prepared with ``--dedup off`` (no
+For each family (tune_rice.data.demo --family), the demo set is drawn and prepared with ``--dedup off`` (no
 pixel grouping: the audit alone must find the copies), then copies of train images are added to valid
 and test, one of each kind in turn: audit.COPY_KINDS (what the threshold is calibrated on), plus
 ``rotate`` and ``issue`` (8% brighter, moved by 2 px, re-encoded at quality 75: the case grouping
@@ -36,11 +36,15 @@ from PIL import Image, ImageEnhance
 sys.path.insert(0, str(Path(__file__).parent))
 from run_info import run_info  # noqa: E402
 
-from tune_rice import audit, demo, prepare  # noqa: E402
-from tune_rice.data import load_image, read_labels  # noqa: E402
-from tune_rice.features import FeatureSpec, SplitFeatures, extract_banks  # noqa: E402
-from tune_rice.model import resolve_weights  # noqa: E402
-from tune_rice.probe import probe_bank  # noqa: E402
+from tune_rice.data import (
+    demo,
+    prepare,  # noqa: E402
+)
+from tune_rice.data.images import load_image, read_labels  # noqa: E402
+from tune_rice.features.bank import FeatureSpec, SplitFeatures, extract_banks  # noqa: E402
+from tune_rice.features.model import resolve_weights  # noqa: E402
+from tune_rice.heads import audit
+from tune_rice.heads.probe import probe_bank  # noqa: E402
 
 PLANTED_KINDS = (*audit.COPY_KINDS, "rotate", "issue")
 
@@ -186,7 +190,7 @@ def main() -> None:
     args = p.parse_args()
     request = args.weights
     if request == "lite0":
-        from tune_rice.timm_zoo import lite0_weights_file
+        from tune_rice.features.timm_zoo import lite0_weights_file
 
         request = str(lite0_weights_file())
     weights = resolve_weights(args.backbone, request)

@@ -39,8 +39,8 @@ LITE0_BACKBONE, LITE0_SIZE = "timm:tf_efficientnet_lite0", 128
 
 
 def make_set(family: str, work: Path) -> Path:
-    from tune_rice.demo import generate_demo
-    from tune_rice.prepare import prepare_dataset
+    from tune_rice.data.demo import generate_demo
+    from tune_rice.data.prepare import prepare_dataset
 
     per_class, seed = FAMILIES[family]
     folder = generate_demo(
@@ -115,7 +115,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         lite0 = None
         if args.lite0:
-            from tune_rice.timm_zoo import write_lite0_weights
+            from tune_rice.features.timm_zoo import write_lite0_weights
 
             lite0 = write_lite0_weights(Path(tmp) / "lite0.pth")
         for family in args.families:

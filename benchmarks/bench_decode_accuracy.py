@@ -34,11 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from photos import demo_train, describe, parse_size, photo_set  # noqa: E402
 from run_info import run_info  # noqa: E402
 
-from tune_rice import data  # noqa: E402
-from tune_rice.data import FULL_DECODE, read_labels  # noqa: E402
-from tune_rice.features import FeatureSpec, extract_bank  # noqa: E402
-from tune_rice.probe import fit_probe, wilson_interval  # noqa: E402
-from tune_rice.stats import mcnemar  # noqa: E402
+from tune_rice.data import images as data  # noqa: E402
+from tune_rice.data.images import FULL_DECODE, read_labels  # noqa: E402
+from tune_rice.features.bank import FeatureSpec, extract_bank  # noqa: E402
+from tune_rice.heads.probe import fit_probe, wilson_interval  # noqa: E402
+from tune_rice.heads.stats import mcnemar  # noqa: E402
 
 LITE0 = "timm:tf_efficientnet_lite0"
 BACKBONES = {"lite0": (LITE0, 224, "Lite0 ImageNet"), "resnet18": ("resnet18", 128, "random init")}
@@ -147,7 +147,7 @@ def main() -> None:
             for key in args.backbones:
                 weights = "none"
                 if key == "lite0":
-                    from tune_rice.timm_zoo import write_lite0_weights
+                    from tune_rice.features.timm_zoo import write_lite0_weights
 
                     lite0 = lite0 or write_lite0_weights(Path(tmp) / "lite0.pth")
                     weights = str(lite0)

@@ -1,7 +1,7 @@
 """Planted-duplicate benchmark of the near-duplicate grouping: old (dHash <= 6 bits, single linkage)
-against new (tune_rice.dedup: candidates, verification, chain guard), on five generated families.
+against new (tune_rice.data.dedup: candidates, verification, chain guard), on five generated families.
 
-For each family (tune_rice.demo --family field|plain|scans at 256 px; and two the grouping was not tuned
+For each family (tune_rice.data.demo --family field|plain|scans at 256 px; and two the grouping was not tuned
 on, NEW_FAMILIES: field and plain drawn at 96 px with sensor noise) the demo set is drawn (its own
 planted near copies count as copies of their source), then copies of every kind in demo.COPY_KINDS (and
 ``issue`` in the new families) are planted from distinct originals. Scored per method: pair recall per kind (copy grouped with its
@@ -34,7 +34,7 @@ import numpy as np
 import PIL
 from PIL import Image, ImageEnhance
 
-from tune_rice import dedup, demo, prepare
+from tune_rice.data import dedup, demo, prepare
 
 
 def old_groups(dhashes: np.ndarray, sha1s: list[str], threshold: int = 6) -> np.ndarray:

@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_extract import demo_labels  # noqa: E402
 from run_info import run_info  # noqa: E402
 
-from tune_rice.data import read_labels  # noqa: E402
-from tune_rice.engine import HeadRun, TrialConfig  # noqa: E402
-from tune_rice.features import extract_bank  # noqa: E402
+from tune_rice.data.images import read_labels  # noqa: E402
+from tune_rice.features.bank import extract_bank  # noqa: E402
+from tune_rice.heads.engine import HeadRun, TrialConfig  # noqa: E402
 
 
 def train(run: HeadRun, epochs: int) -> tuple[list[float], list[dict]]:

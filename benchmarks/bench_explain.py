@@ -38,12 +38,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tune_rice.data import build_transform, eval_resize, load_image, preprocessing_spec  # noqa: E402
-from tune_rice.demo import render_image  # noqa: E402
-from tune_rice.engine import HeadRun, TrialConfig  # noqa: E402
-from tune_rice.explain import METHODS, Explainer, mass_in_box  # noqa: E402
-from tune_rice.features import extract_bank  # noqa: E402
-from tune_rice.model import Classifier, build_backbone  # noqa: E402
+from tune_rice.data.demo import render_image  # noqa: E402
+from tune_rice.data.images import build_transform, eval_resize, load_image, preprocessing_spec  # noqa: E402
+from tune_rice.features.bank import extract_bank  # noqa: E402
+from tune_rice.features.model import Classifier, build_backbone  # noqa: E402
+from tune_rice.heads.engine import HeadRun, TrialConfig  # noqa: E402
+from tune_rice.tools.explain import METHODS, Explainer, mass_in_box  # noqa: E402
 
 CLASSES = ("clean", "lesion")
 MARK_DIAMETER = 0.2  # of the model's input side: the box is 4% of the image
@@ -124,7 +124,7 @@ def make_marked_dataset(
 def weights_arg(value: str) -> str:
     """``--weights``: none (random init), lite0 (the mapped EfficientNet-Lite0 ImageNet file), or a file."""
     if value == "lite0":
-        from tune_rice.timm_zoo import lite0_weights_file
+        from tune_rice.features.timm_zoo import lite0_weights_file
 
         return str(lite0_weights_file())
     return value
@@ -307,8 +307,8 @@ def _example(root: Path, png: Path, *, image_size: int, earlier: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    from tune_rice.explain import explain_files
-    from tune_rice.model import load_model, save_artifact
+    from tune_rice.features.model import load_model, save_artifact
+    from tune_rice.tools.explain import explain_files
 
     model, _ = train_model(root / "labels.csv", backbone="resnet18", image_size=image_size, cache_dir=root / "cache")
     art = save_artifact(

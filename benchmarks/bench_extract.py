@@ -37,17 +37,10 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tune_rice import data  # noqa: E402
-from tune_rice.data import (  # noqa: E402
-    FULL_DECODE,
-    ImageDataset,
-    build_transform,
-    load_image,
-    read_labels,
-    to_model_input,
-)
+from tune_rice.data import images as data  # noqa: E402
+from tune_rice.data.images import FULL_DECODE, ImageDataset, build_transform, load_image, read_labels, to_model_input  # noqa: E402
 from tune_rice.devices import loader_workers, resolve_device  # noqa: E402
-from tune_rice.features import (  # noqa: E402
+from tune_rice.features.bank import (  # noqa: E402
     FeatureSpec,
     _autocast,
     extract_bank,
@@ -57,16 +50,16 @@ from tune_rice.features import (  # noqa: E402
     pass_networks,
     run_backbones,
 )
-from tune_rice.model import build_backbone, resolve_weights  # noqa: E402
+from tune_rice.features.model import build_backbone, resolve_weights  # noqa: E402
 
 
 def demo_labels(per_class: int, size: int = 256, seed: int = 0) -> Path:
-    from tune_rice.demo import ensure_demo
+    from tune_rice.data.demo import ensure_demo
 
     folder = ensure_demo(per_class=per_class, size=size, seed=seed)
     csv = folder / "labels.csv"
     if not csv.is_file():  # prepared here only when missing (a folder prepared elsewhere may be copied in)
-        from tune_rice.prepare import prepare_dataset
+        from tune_rice.data.prepare import prepare_dataset
 
         prepare_dataset(folder, seed=seed, progress=False)
     return csv
@@ -226,7 +219,7 @@ def phases(table, spec, *, device, bare: tuple[float, float], batch_size: int, n
 
 def lite0_network(path: str) -> tuple[torch.nn.Module, data.Preprocessing]:
     """timm's tf_efficientnet_lite0 with the EfficientNet-Lite0 ImageNet state dict at ``path`` (as
-    ``python -m tune_rice.backbones --write-lite0 FILE`` writes it), pooled output, and its preprocessing
+    ``python -m tune_rice backbones --write-lite0 FILE`` writes it), pooled output, and its preprocessing
     (224 px, resize 256, bicubic, mean and std 0.5): real ImageNet features for the feature shift."""
     import timm
 

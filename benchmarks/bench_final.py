@@ -30,11 +30,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tune_rice import final  # noqa: E402
-from tune_rice.data import preprocessing_spec, read_labels  # noqa: E402
-from tune_rice.engine import TrialConfig  # noqa: E402
-from tune_rice.model import Classifier, Ensemble, resolve_weights  # noqa: E402
-from tune_rice.predict import LoadedModel, predict_files  # noqa: E402
+from tune_rice.data.images import preprocessing_spec, read_labels  # noqa: E402
+from tune_rice.features.model import Classifier, Ensemble, resolve_weights  # noqa: E402
+from tune_rice.heads import final  # noqa: E402
+from tune_rice.heads.engine import TrialConfig  # noqa: E402
+from tune_rice.tools.predict import LoadedModel, predict_files  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from search_child import run_logged, search_command, search_env  # noqa: E402
@@ -45,8 +45,8 @@ def dataset(family: str, per_class: int, root: Path) -> Path:
     prepared as a user would (``prepare``); the others get their split from the generator's own record of
     its near-duplicates (a group each, kept in one split), since today's ``prepare`` groups most of those
     near-identical layouts together."""
-    from tune_rice.demo import MARKER, ensure_demo
-    from tune_rice.prepare import prepare_dataset
+    from tune_rice.data.demo import MARKER, ensure_demo
+    from tune_rice.data.prepare import prepare_dataset
 
     folder = ensure_demo(per_class=per_class, size=256, seed=0, family=family, root=root)
     if family == "field":
@@ -194,7 +194,7 @@ def one_set(family: str, args, work: Path) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--families", nargs="+", default=["field", "plain"], help="demo families (tune_rice.demo)")
+    p.add_argument("--families", nargs="+", default=["field", "plain"], help="demo families (tune_rice.data.demo)")
     p.add_argument("--per-class", type=int, default=200, help="demo set size (images per class)")
     p.add_argument("--space", default="quick")
     p.add_argument("--num-samples", type=int, default=30)

@@ -1,7 +1,7 @@
 """Frozen head against last-stage tuning, and what the stage bank saves per trial-epoch.
 
 Per set (three generated families and scikit-learn's digits) and per kind of features
-(timm:tf_efficientnet_lite0 with its ImageNet weights, ``tune_rice.timm_zoo.write_lite0_weights``, and the
+(timm:tf_efficientnet_lite0 with its ImageNet weights, ``tune_rice.features.timm_zoo.write_lite0_weights``, and the
 same network at random init), at ``--image-size`` px:
 
 - the pooled bank and the stage bank (the activations entering ``blocks[6]``) of train (2 views), valid
@@ -52,8 +52,8 @@ STAGE = dict(tune_last_stage=True, stage_lr_fraction=0.3, stage_bn="frozen")
 
 
 def make_set(name: str, work: Path, size: int) -> Path:
-    from tune_rice.demo import generate_demo
-    from tune_rice.prepare import prepare_dataset
+    from tune_rice.data.demo import generate_demo
+    from tune_rice.data.prepare import prepare_dataset
 
     family, per_class, seed = SETS[name]
     if family == "digits":
@@ -72,7 +72,7 @@ def best_on_valid(run) -> tuple[object, int, list[float]]:
         t = time.perf_counter()
         out = run.train_epoch()
         seconds.append(time.perf_counter() - t)
-        from tune_rice.engine import evaluate
+        from tune_rice.heads.engine import evaluate
 
         acc = evaluate(run.model, run.valid_batches, n_classes=run.n_classes)["acc"]
         if acc > best_acc:
@@ -81,8 +81,8 @@ def best_on_valid(run) -> tuple[object, int, list[float]]:
 
 
 def test_scores(model, split, targets) -> tuple[dict, np.ndarray]:
-    from tune_rice.engine import BankBatches, predict_logits
-    from tune_rice.probe import wilson_interval
+    from tune_rice.heads.engine import BankBatches, predict_logits
+    from tune_rice.heads.probe import wilson_interval
 
     logits = predict_logits(model, BankBatches(split, batch_size=256, train=False))[0].numpy()
     right = int((logits.argmax(1) == targets).sum())
@@ -90,13 +90,13 @@ def test_scores(model, split, targets) -> tuple[dict, np.ndarray]:
 
 
 def one(name: str, features: str, work: Path, size: int, weights, *, time_images: bool) -> dict:
-    from tune_rice import stats
-    from tune_rice.data import read_labels
-    from tune_rice.engine import HeadRun, TrialConfig
-    from tune_rice.features import extract_banks
-    from tune_rice.finetune import StageRun
-    from tune_rice.model import resolve_weights
-    from tune_rice.stage import stage_shape
+    from tune_rice.data.images import read_labels
+    from tune_rice.features.bank import extract_banks
+    from tune_rice.features.model import resolve_weights
+    from tune_rice.features.stage import stage_shape
+    from tune_rice.heads import stats
+    from tune_rice.heads.engine import HeadRun, TrialConfig
+    from tune_rice.heads.finetune import StageRun
 
     csv = make_set(name, work, size)
     table = read_labels(csv)
@@ -175,7 +175,7 @@ def main() -> None:
     rows = []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        from tune_rice.timm_zoo import write_lite0_weights
+        from tune_rice.features.timm_zoo import write_lite0_weights
 
         lite0 = write_lite0_weights(Path(tmp) / "lite0.pth")
         for features in args.features:

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run_info import run_info  # noqa: E402
 
-from tune_rice.stats import simulate_lead  # noqa: E402
+from tune_rice.heads.stats import simulate_lead  # noqa: E402
 
 # (shared, own): how the trials' errors go together. (0.3, 0.3): trial and probe disagree on about 1
 # image in 8 at 80% accuracy; (0.5, 0.2): trials much alike; (0.0, 0.6): trials no more alike than the

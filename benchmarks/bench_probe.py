@@ -3,7 +3,7 @@ generated data sets of different character and size.
 
 Per data set: the probe (fitted here on the same bank as the search's, C chosen on valid, and with C chosen
 by K-fold CV on train+valid and refitted) scored on valid and test; then two fresh ``python -m
-tune_rice.search`` runs (``--cv off`` and ``--cv K``) of the bundled quick space at 64 px, whose summary
+tune_rice.search.run`` runs (``--cv off`` and ``--cv K``) of the bundled quick space at 64 px, whose summary
 files give the deployed model (the best trial or the probe, chosen on valid) and its one test score.
 The winner's curse is the deployed model's valid figure minus its test accuracy. For the record, the
 search's best trial is also scored here on the test bank (from its best checkpoint), whether or not it
@@ -73,8 +73,8 @@ def make_digits(folder: Path, *, per_class: int, size: int, seed: int) -> Path:
 
 
 def make_set(name: str, work: Path) -> Path:
-    from tune_rice.demo import generate_demo
-    from tune_rice.prepare import prepare_dataset
+    from tune_rice.data.demo import generate_demo
+    from tune_rice.data.prepare import prepare_dataset
 
     family, per_class, seed = SETS[name]
     if family == "digits":
@@ -102,7 +102,7 @@ def space_file(work: Path, backbone: str | None = None) -> Path:
 def weights_arg(value: str) -> str:
     """``--weights``: none (random init), lite0 (the mapped EfficientNet-Lite0 ImageNet file), or a file."""
     if value == "lite0":
-        from tune_rice.timm_zoo import lite0_weights_file
+        from tune_rice.features.timm_zoo import lite0_weights_file
 
         return str(lite0_weights_file())
     return value
@@ -115,10 +115,10 @@ def weights_label(value: str, backbone: str) -> str:
 
 def probe_only(csv: Path, space: Path, cache: Path, weights: str) -> dict:
     """The probe (C on valid) on ``weights``' bank: valid and test accuracy."""
-    from tune_rice.engine import BankBatches, evaluate
-    from tune_rice.features import extract_banks
-    from tune_rice.probe import probe_bank
-    from tune_rice.space import load_search_space
+    from tune_rice.experiment.space import load_search_space
+    from tune_rice.features.bank import extract_banks
+    from tune_rice.heads.engine import BankBatches, evaluate
+    from tune_rice.heads.probe import probe_bank
 
     spec = load_search_space(space).feature_specs(seed=0)[0]
     bank = extract_banks(
@@ -136,12 +136,12 @@ def probe_only(csv: Path, space: Path, cache: Path, weights: str) -> dict:
 
 def probe_figures(csv: Path, space: Path, cache: Path, folds_k: int, weights: str = "none"):
     """The probe's figures on the search's bank (C on valid, and by K-fold CV), and the bank."""
-    from tune_rice.cv import bank_folds
-    from tune_rice.data import read_labels
-    from tune_rice.engine import BankBatches, evaluate
-    from tune_rice.features import extract_banks
-    from tune_rice.probe import probe_bank, probe_bank_cv
-    from tune_rice.space import load_search_space
+    from tune_rice.data.images import read_labels
+    from tune_rice.experiment.space import load_search_space
+    from tune_rice.features.bank import extract_banks
+    from tune_rice.heads.cv import bank_folds
+    from tune_rice.heads.engine import BankBatches, evaluate
+    from tune_rice.heads.probe import probe_bank, probe_bank_cv
 
     spec = load_search_space(space).feature_specs(seed=0)[0]
     bank = extract_banks(
@@ -177,8 +177,8 @@ def trial_test_acc(exp: Path, trial_id: str, bank) -> float:
     import numpy as np
     import torch
 
-    from tune_rice.engine import TrialConfig
-    from tune_rice.final import candidate_from_state
+    from tune_rice.heads.engine import TrialConfig
+    from tune_rice.heads.final import candidate_from_state
 
     (folder,) = (exp / f"trial_{trial_id}").glob("checkpoint_*")
     state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)

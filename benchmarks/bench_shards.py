@@ -85,15 +85,15 @@ class PeakRSS:
 
 
 def dataset(root: Path, per_class: int):
-    from tune_rice.data import read_labels
-    from tune_rice.demo import generate_demo
-    from tune_rice.prepare import prepare_dataset
+    from tune_rice.data.demo import generate_demo
+    from tune_rice.data.images import read_labels
+    from tune_rice.data.prepare import prepare_dataset
 
     folder = generate_demo(root / "demo", per_class=per_class, size=128, seed=0, workers=1)
     return read_labels(prepare_dataset(folder, progress=False, allow_small_classes=True, workers=1).labels_csv)
 
 
-from tune_rice.features import FeatureSpec  # noqa: E402
+from tune_rice.features.bank import FeatureSpec  # noqa: E402
 
 
 def pass_specs(backbone: str, sizes: list[int]) -> list[FeatureSpec]:
@@ -142,8 +142,8 @@ def one_run(
     import numpy as np
     import ray
 
-    from tune_rice.data import read_labels
-    from tune_rice.shards import extract_banks_sharded
+    from tune_rice.data.images import read_labels
+    from tune_rice.search.shards import extract_banks_sharded
 
     table = read_labels(labels_csv)
     ray.init(address="auto", logging_level="WARNING")
@@ -205,7 +205,7 @@ def _decode(rows: dict, *, table, groups: list) -> dict:
     transformed exactly as a shard's loader does (``pass_dataset``, batches on the same boundaries)."""
     from torch.utils.data import default_collate
 
-    from tune_rice.features import pass_dataset
+    from tune_rice.features.bank import pass_dataset
 
     p, split, start, stop = int(rows["pass"][0]), str(rows["split"][0]), int(rows["start"][0]), int(rows["stop"][0])
     ds = pass_dataset(table, groups[p], split)
@@ -234,7 +234,7 @@ class _Forward:
         import torch
 
         from tune_rice.devices import resolve_device
-        from tune_rice.features import pass_networks, run_backbones
+        from tune_rice.features.bank import pass_networks, run_backbones
 
         device = resolve_device("auto")
         p, split = int(rows["pass"][0]), str(rows["split"][0])
@@ -259,7 +259,7 @@ class _Forward:
 
 def _assemble_data(dataset, table, groups: list, resolved: dict, keys: dict, seconds: float):
     """A task: the rows of every pass put in order and assembled as the shard path assembles its shards."""
-    from tune_rice.features import assemble_pass
+    from tune_rice.features.bank import assemble_pass
 
     rows = list(dataset.iter_rows())
     nodes = len({str(r["node"]) for r in rows})  # nodes whose forward actor ran a batch
@@ -279,7 +279,7 @@ def extract_banks_ray_data(table, specs, *, weights: dict, batch_size: int, gpus
     import ray
     import ray.data
 
-    from tune_rice.features import plan_banks, shard_align
+    from tune_rice.features.bank import plan_banks, shard_align
 
     plan = plan_banks(table, specs, weights=weights, use_cache=False)
     groups = list(plan.todo.values())
@@ -313,7 +313,7 @@ def extract_banks_ray_data(table, specs, *, weights: dict, batch_size: int, gpus
 
 
 def weights(specs) -> dict:
-    from tune_rice.model import resolve_weights
+    from tune_rice.features.model import resolve_weights
 
     return {s.backbone: resolve_weights(s.backbone, "none") for s in specs}
 

@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_extract import bare_rate, demo_labels, extraction_context  # noqa: E402
 
-from tune_rice import backbones  # noqa: E402
-from tune_rice.data import build_transform, dataset_for_split, load_image, read_labels  # noqa: E402
-from tune_rice.features import FeatureSpec, default_num_workers, resolve_device, run_backbones  # noqa: E402
-from tune_rice.model import build_backbone  # noqa: E402
+from tune_rice.data.images import build_transform, dataset_for_split, load_image, read_labels  # noqa: E402
+from tune_rice.features import backbones  # noqa: E402
+from tune_rice.features.bank import FeatureSpec, default_num_workers, resolve_device, run_backbones  # noqa: E402
+from tune_rice.features.model import build_backbone  # noqa: E402
 
 
 def smallest_members() -> dict[str, str]:
@@ -122,7 +122,7 @@ def main() -> int:
     if args.backbones:
         values = args.backbones
         if values == ["zoo"]:
-            from tune_rice.space import load_search_space  # noqa: PLC0415 (the only use of the space module)
+            from tune_rice.experiment.space import load_search_space  # noqa: PLC0415 (the only use of the space module)
 
             values = list(dict.fromkeys(s.backbone for s in load_search_space("zoo").feature_specs()))
         members = {v: v for v in values}

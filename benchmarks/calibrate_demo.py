@@ -28,7 +28,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from tune_rice.demo import CLASSES, MARKER, generate_demo
+from tune_rice.data.demo import CLASSES, MARKER, generate_demo
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

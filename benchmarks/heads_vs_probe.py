@@ -22,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tune_rice.engine import BankBatches, HeadRun, TrialConfig, evaluate  # noqa: E402
-from tune_rice.features import FeatureSpec, extract_banks  # noqa: E402
-from tune_rice.probe import probe_bank  # noqa: E402
+from tune_rice.features.bank import FeatureSpec, extract_banks  # noqa: E402
+from tune_rice.heads.engine import BankBatches, HeadRun, TrialConfig, evaluate  # noqa: E402
+from tune_rice.heads.probe import probe_bank  # noqa: E402
 
 # One change at a time from the centre of the quick space as it was (8 epochs, 3 views, label smoothing).
 BASE = dict(

@@ -40,19 +40,19 @@ def parse_size(text: str) -> tuple[int, int] | None:
 
 def cache_root() -> Path:
     """Beside the demo sets: ``$TUNE_RICE_CACHE/bench_photos`` (default ``~/.cache/tune_rice/bench_photos``)."""
-    from tune_rice.demo import default_demo_dir
+    from tune_rice.data.demo import default_demo_dir
 
     return default_demo_dir().parent / "bench_photos"
 
 
 def demo_train(per_class: int = 200, seed: int = 0, splits: tuple[str, ...] = ("train",)) -> tuple[Path, pd.DataFrame]:
     """The demo set's folder and its rows of ``splits`` (generated and prepared first when missing)."""
-    from tune_rice.demo import ensure_demo
+    from tune_rice.data.demo import ensure_demo
 
     folder = ensure_demo(per_class=per_class, size=256, seed=seed)
     csv = folder / "labels.csv"
     if not csv.is_file():
-        from tune_rice.prepare import prepare_dataset
+        from tune_rice.data.prepare import prepare_dataset
 
         prepare_dataset(folder, seed=seed, progress=False)
     frame = pd.read_csv(csv, dtype=str, keep_default_na=False)

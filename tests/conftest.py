@@ -119,7 +119,7 @@ params:
 
 
 def search_argv(labels: Path, space: Path, storage: Path | str, name: str, *extra, weights: str = "none") -> list[str]:
-    """``tune_rice.search`` arguments for a test search: no report, random init unless ``weights`` says."""
+    """``tune_rice.search.run`` arguments for a test search: no report, random init unless ``weights`` says."""
     return [
         "--data",
         str(labels),

@@ -14,7 +14,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tune_rice import data, engine, features, model
+from tune_rice.data import images as data
+from tune_rice.features import bank as features
+from tune_rice.features import model
+from tune_rice.heads import engine
 
 TINY_CONFIG = dict(backbone="resnet18", image_size=32, views=1, aug_policy="none", epochs=3, hidden=32, lr=3e-3, seed=0)
 
@@ -207,7 +210,7 @@ def real_search(tmp_path_factory) -> Path:
     """A real (tiny) Ray Tune search, run once per session: ~40 s on 2 CPUs. Returns runs/<name>."""
     from conftest import make_separable_dataset
 
-    from tune_rice import search
+    from tune_rice.search import run as search
 
     work = tmp_path_factory.mktemp("real_search")
     csv = make_separable_dataset(work / "data", per_class=12, size=40)

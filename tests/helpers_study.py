@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from conftest import make_separable_dataset
 
-from tune_rice import search
-from tune_rice.study import TRIAL_ID_ATTR, load_study
+from tune_rice.experiment.study import TRIAL_ID_ATTR, load_study
+from tune_rice.search import run as search
 
 
 def head_step_hook(*, sleep_s: float = 0.0, crash_lr_above: float | None = None):
@@ -20,7 +20,7 @@ def head_step_hook(*, sleep_s: float = 0.0, crash_lr_above: float | None = None)
     def hook():
         import time
 
-        from tune_rice.engine import HeadRun
+        from tune_rice.heads.engine import HeadRun
 
         step = HeadRun.step
 

@@ -143,7 +143,7 @@ def main() -> int:
         return init(*args, runtime_env=runtime_env, **kwargs)
 
     ray.init = init_with_hook
-    from tune_rice import search
+    from tune_rice.search import run as search
 
     return search.main(argv)
 

@@ -17,16 +17,19 @@ from conftest import SMALL_SPACE, error_line, local_ray, make_separable_dataset
 from PIL import Image
 
 import tune_rice
-from tune_rice import UserError, evaluate, ledger, predict, search
-from tune_rice.config import SearchConfig
-from tune_rice.final import DEFAULT_ENSEMBLE
-from tune_rice.space import SPACES_DIR
-from tune_rice.study import load_study
+from tune_rice import UserError
+from tune_rice.experiment import ledger
+from tune_rice.experiment.space import SPACES_DIR
+from tune_rice.experiment.study import load_study
+from tune_rice.heads.final import DEFAULT_ENSEMBLE
+from tune_rice.search import run as search
+from tune_rice.search.config import SearchConfig
+from tune_rice.tools import evaluate, predict
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    """A finished 2-trial search made through ``tune_rice.search``: (result, labels.csv, space file)."""
+    """A finished 2-trial search made through ``tune_rice.search.run``: (result, labels.csv, space file)."""
     work = tmp_path_factory.mktemp("api")
     labels = make_separable_dataset(work / "data", per_class=8, size=32)
     space = work / "space.yaml"
@@ -138,7 +141,7 @@ def test_search_help_groups_its_options_and_lists_the_bundled_spaces(capsys):
 
 
 def test_extend_refuses_an_experiment_that_has_not_finished(tmp_path, capsys):
-    from tune_rice import storage
+    from tune_rice.experiment import storage
 
     assert search.main(["--extend", "3"]) == 2
     assert "--extend needs --name" in error_line(capsys.readouterr().err)

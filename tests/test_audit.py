@@ -10,10 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tune_rice import audit, demo, prepare
-from tune_rice.data import load_image, read_labels
-from tune_rice.features import FeatureBank, FeatureSpec, SplitFeatures, extract_banks
-from tune_rice.model import resolve_weights
+from tune_rice.data import demo, prepare
+from tune_rice.data.images import load_image, read_labels
+from tune_rice.features.bank import FeatureBank, FeatureSpec, SplitFeatures, extract_banks
+from tune_rice.features.model import resolve_weights
+from tune_rice.heads import audit
 
 
 def _noisy_probs(rng, n: int, k: int):

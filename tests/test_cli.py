@@ -33,7 +33,7 @@ def test_the_installed_command_answers_version():
 
 
 def test_old_option_spellings_answer_with_the_new_name(capsys):
-    from tune_rice import demo, prepare
+    from tune_rice.data import demo, prepare
 
     for parser in (demo.build_parser(), prepare._parser()):
         args = parser.parse_args(["somewhere", "--workers", "3"])

@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tune_rice import UserError, data
-from tune_rice.data import ImageDecodeError, load_image, read_labels
+from tune_rice import UserError
+from tune_rice.data import images as data
+from tune_rice.data.images import ImageDecodeError, load_image, read_labels
 
 
 def _noise(h: int, w: int, seed: int = 0) -> np.ndarray:

@@ -13,8 +13,11 @@ import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from tune_rice import data, devices, features, shards
-from tune_rice.data import FULL_DECODE, Decode, Preprocessing, build_transform, decode_for, view_short_side
+from tune_rice import devices
+from tune_rice.data import images as data
+from tune_rice.data.images import FULL_DECODE, Decode, Preprocessing, build_transform, decode_for, view_short_side
+from tune_rice.features import bank as features
+from tune_rice.search import shards
 
 pytest_plugins = ["helpers_artifacts"]
 
@@ -165,7 +168,7 @@ def test_extraction_passes_use_the_sized_decode(photos, spy):
 
 
 def test_the_inline_path_uses_the_sized_decode(photos, spy):
-    from tune_rice.engine import HeadRun, TrialConfig
+    from tune_rice.heads.engine import HeadRun, TrialConfig
 
     cfg = TrialConfig(backbone="resnet18", image_size=64, views=1, aug_policy="standard", batch_size=4, epochs=1)
     run = HeadRun(cfg, table=data.read_labels(photos), weights="none", device="cpu", num_workers=0)
@@ -178,8 +181,8 @@ def test_the_inline_path_uses_the_sized_decode(photos, spy):
 
 
 def test_evaluate_and_the_test_pass_use_the_sized_decode(photos, spy):
-    from tune_rice.engine import split_logits
-    from tune_rice.model import build_backbone
+    from tune_rice.features.model import build_backbone
+    from tune_rice.heads.engine import split_logits
 
     backbone, _ = build_backbone("resnet18", weights="none", seed=0)
     z, y = split_logits(backbone, data.read_labels(photos), "valid", 64, "cpu", num_workers=0)
@@ -188,10 +191,10 @@ def test_evaluate_and_the_test_pass_use_the_sized_decode(photos, spy):
 
 
 def test_predict_and_explain_use_the_sized_decode(tiny_model, photos, spy, tmp_path):
-    from tune_rice.explain import explain_files
-    from tune_rice.model import load_model
-    from tune_rice.predict import predict_files
-    from tune_rice.report_gallery import build_gallery
+    from tune_rice.features.model import load_model
+    from tune_rice.tools.explain import explain_files
+    from tune_rice.tools.predict import predict_files
+    from tune_rice.tools.report_gallery import build_gallery
 
     loaded = load_model(tiny_model.model_path)
     want = decode_for(Preprocessing.from_dict(loaded.preprocessing)).size
@@ -204,7 +207,7 @@ def test_predict_and_explain_use_the_sized_decode(tiny_model, photos, spy, tmp_p
 
 
 def test_prepare_decodes_at_a_draft_scale(photos, spy):
-    from tune_rice.prepare import inspect_image
+    from tune_rice.data.prepare import inspect_image
 
     info = inspect_image(photos.parent / "a" / "0.jpg")
     assert (info.width, info.height) == (W, H)  # the full size is still reported
@@ -218,7 +221,7 @@ def test_features_move_little_against_the_full_size_path(photos):
     sized decode against the full-size decode. Measured: cosine 0.999998 (0.9996-0.9998 once the mean
     feature is taken out, since random-init pooled features share a large positive mean), each photo's
     sized features nearest to its own full-size ones. BENCHMARKS.md section 10: the same at 2 and 12 MP."""
-    from tune_rice.model import build_backbone
+    from tune_rice.features.model import build_backbone
 
     table = data.read_labels(photos)
     backbone, _ = build_backbone("resnet18", weights="none", seed=0)

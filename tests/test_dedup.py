@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tune_rice import dedup, demo
+from tune_rice.data import dedup, demo
 
 SIZE = 256
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tune_rice import UserError, demo
+from tune_rice import UserError
+from tune_rice.data import demo
 
 SIZE = 64
 
@@ -92,7 +93,7 @@ def test_images_do_not_depend_on_the_rest_of_the_set(small):
 
 def test_rerun_with_same_params_is_a_no_op(small, caplog):
     before = {p: p.stat().st_mtime_ns for p in small.rglob("*")}
-    with caplog.at_level("INFO", logger="tune_rice.demo"):
+    with caplog.at_level("INFO", logger="tune_rice.data.demo"):
         assert demo.generate_demo(small, per_class=8, size=SIZE, seed=0) == small
     assert "already there" in caplog.text
     assert {p: p.stat().st_mtime_ns for p in small.rglob("*")} == before

@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from tune_rice import UserError
-from tune_rice.engine import (
+from tune_rice.features.bank import FeatureBank, FeatureSpec, SplitFeatures
+from tune_rice.features.model import build_head
+from tune_rice.heads.engine import (
     BankBatches,
     HeadRun,
     TrialConfig,
@@ -21,8 +23,6 @@ from tune_rice.engine import (
     make_scheduler,
     train_one_epoch,
 )
-from tune_rice.features import FeatureBank, FeatureSpec, SplitFeatures
-from tune_rice.model import build_head
 
 
 def _split(n: int, k: int, d: int, *, seed: int, n_classes: int = 3, shift: float = 2.0) -> SplitFeatures:
@@ -330,8 +330,8 @@ def test_head_run_resume_matches_an_uninterrupted_run(tmp_path):
 
 
 def test_min_steps_repeats_passes_within_each_epoch_and_the_schedule_spans_them():
-    from tune_rice.cv import CVHeadRun
-    from tune_rice.engine import make_criterion
+    from tune_rice.heads.cv import CVHeadRun
+    from tune_rice.heads.engine import make_criterion
 
     bank = synthetic_bank(n_train=60)  # batch 32: 2 steps a pass
     cfg = TrialConfig.from_dict({**CFG, "batch_size": 32, "epochs": 3, "min_steps": 40})

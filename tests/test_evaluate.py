@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import error_line
 
-from tune_rice import evaluate
-from tune_rice.data import build_transform, load_image, read_labels
-from tune_rice.model import load_artifact
+from tune_rice.data.images import build_transform, load_image, read_labels
+from tune_rice.features.model import load_artifact
+from tune_rice.tools import evaluate
 
 # Shared session fixtures (tiny_model, real_search): registered once as a plugin so every module
 # gets the same trained model and the same real search.

@@ -13,8 +13,16 @@ import torch
 import torchvision
 from PIL import Image
 
-from tune_rice import UserError, cli, explain, predict, report_gallery
-from tune_rice.model import Classifier, FrozenBackbone, build_backbone, build_ensemble, build_head, read_torchscript
+from tune_rice import UserError, cli
+from tune_rice.features.model import (
+    Classifier,
+    FrozenBackbone,
+    build_backbone,
+    build_ensemble,
+    build_head,
+    read_torchscript,
+)
+from tune_rice.tools import explain, predict, report_gallery
 
 pytest_plugins = ["helpers_artifacts"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -215,7 +223,7 @@ def test_cli_bad_inputs_are_one_line_and_write_nothing(tiny_model, tmp_path, cap
 
 
 def test_a_torchscript_export_is_refused_in_one_line(tiny_model, tmp_path, capsys):
-    from tune_rice import export
+    from tune_rice.tools import export
 
     ts = tmp_path / "model.ts"
     assert export.main(["--model", str(tiny_model.model_path), "--format", "torchscript", "--out", str(ts)]) == 0
@@ -240,7 +248,7 @@ def gallery_experiment(request, tmp_path_factory):
 
     from helpers_artifacts import make_fake_experiment, train_tiny_artifact
 
-    from tune_rice.demo import generate_demo
+    from tune_rice.data.demo import generate_demo
 
     work = tmp_path_factory.mktemp(f"gallery_{request.param}")
     data = generate_demo(work / "data", per_class=8, size=48, family=request.param, workers=1)
@@ -266,8 +274,8 @@ def gallery_experiment(request, tmp_path_factory):
 def test_report_gallery_from_valid_only_with_maps_tensorboard_and_a_self_contained_page(gallery_experiment):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from tune_rice import report, report_html
-    from tune_rice.data import read_labels
+    from tune_rice.data.images import read_labels
+    from tune_rice.tools import report, report_html
 
     exp, csv = gallery_experiment
     md_path = report.write_report(exp)
@@ -319,7 +327,7 @@ def test_report_gallery_from_valid_only_with_maps_tensorboard_and_a_self_contain
 def test_gallery_without_a_model_or_data_says_why(tmp_path):
     from helpers_artifacts import make_fake_experiment
 
-    from tune_rice import report
+    from tune_rice.tools import report
 
     exp = make_fake_experiment(tmp_path)
     md = report.write_report(exp).read_text()
@@ -328,7 +336,7 @@ def test_gallery_without_a_model_or_data_says_why(tmp_path):
     page = (exp / "report" / "index.html").read_text()
     assert all(
         s.startswith("data:image/png;base64,")
-        for s in __import__("tune_rice.report_html").report_html.image_sources(page)
+        for s in __import__("tune_rice.tools.report_html", fromlist=["image_sources"]).image_sources(page)
     )
 
 
@@ -338,7 +346,7 @@ def test_the_gallery_run_reaches_a_uri_storage_path(tmp_path):
     from matplotlib.figure import Figure
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from tune_rice import storage
+    from tune_rice.experiment import storage
 
     exp = tmp_path / "runs" / "e"
     fig = Figure(figsize=(2, 2))

@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from tune_rice import export, model, predict
-from tune_rice.data import build_transform, load_image
-from tune_rice.model import load_artifact
+from tune_rice.data.images import build_transform, load_image
+from tune_rice.features import model
+from tune_rice.features.model import load_artifact
+from tune_rice.tools import export, predict
 
 # Shared session fixtures (tiny_model, real_search): registered once as a plugin so every module
 # gets the same trained model and the same real search.
@@ -136,7 +137,7 @@ def test_onnx_without_onnxruntime_is_written_but_says_it_was_not_checked(tiny_mo
 @pytest.fixture(scope="module")
 def ensemble_artifact(tmp_path_factory):
     """Three heads on two resnet18s (two heads share one), weights and a temperature, as the search saves."""
-    from tune_rice.model import Classifier, build_backbone, build_ensemble, build_head, save_artifact
+    from tune_rice.features.model import Classifier, build_backbone, build_ensemble, build_head, save_artifact
 
     members, identities = [], []
     for seed, backbone_seed in ((0, 0), (1, 0), (2, 5)):
@@ -204,7 +205,7 @@ def photos(tiny_model, tmp_path_factory):
 
 def _calibrated_bicubic_copy(tiny_model, folder):
     """The tiny model with a temperature of 1.7 and bicubic resizing, as a timm backbone's preset has."""
-    from tune_rice.model import save_artifact
+    from tune_rice.features.model import save_artifact
 
     net, meta = load_artifact(tiny_model.model_path)
     net.temperature = 1.7
@@ -221,7 +222,7 @@ def _calibrated_bicubic_copy(tiny_model, folder):
 
 @pytest.mark.parametrize("fmt", ["torchscript", pytest.param("onnx", marks=needs_onnx)])
 def test_raw_input_export_agrees_with_predict_on_photo_files(tiny_model, photos, fmt, tmp_path, capsys):
-    from tune_rice.data import decode_for
+    from tune_rice.data.images import decode_for
 
     # TorchScript: the tiny model (bilinear, temperature 1); ONNX: its calibrated bicubic copy.
     path = tiny_model.model_path if fmt == "torchscript" else _calibrated_bicubic_copy(tiny_model, tmp_path)
@@ -262,8 +263,8 @@ def test_raw_input_export_agrees_with_predict_on_photo_files(tiny_model, photos,
 def test_the_graphs_preprocessing_gives_predicts_pixels_within_one_level(interpolation):
     from PIL import Image
 
-    from tune_rice.data import Preprocessing, build_transform
-    from tune_rice.pixels import RawPreprocess
+    from tune_rice.data.images import Preprocessing, build_transform
+    from tune_rice.data.pixels import RawPreprocess
 
     pre = Preprocessing(crop=32, resize=37, interpolation=interpolation)
     tf = build_transform(pre, train=False, normalize=False)  # predict's transform, on PIL images
@@ -280,7 +281,7 @@ def test_the_graphs_preprocessing_gives_predicts_pixels_within_one_level(interpo
 
 def test_nearest_resizing_is_refused_for_raw_input():
     from tune_rice import UserError
-    from tune_rice.pixels import RawPreprocess
+    from tune_rice.data.pixels import RawPreprocess
 
     with pytest.raises(UserError, match="only bilinear and bicubic"):
         RawPreprocess({"image_size": 32, "interpolation": "nearest"})

@@ -15,11 +15,11 @@ import pytest
 import torch
 from conftest import make_separable_dataset
 
-import tune_rice.features as features
-from tune_rice.data import build_transform, load_image, read_labels
-from tune_rice.engine import HeadRun, TrialConfig, evaluate
-from tune_rice.features import FeatureSpec, bank_key, extract_bank, load_bank, save_bank
-from tune_rice.model import Classifier, FrozenBackbone, build_backbone
+import tune_rice.features.bank as features
+from tune_rice.data.images import build_transform, load_image, read_labels
+from tune_rice.features.bank import FeatureSpec, bank_key, extract_bank, load_bank, save_bank
+from tune_rice.features.model import Classifier, FrozenBackbone, build_backbone
+from tune_rice.heads.engine import HeadRun, TrialConfig, evaluate
 
 SPEC = FeatureSpec(backbone="resnet18", image_size=32, views=3, policy="standard", seed=0)
 QUICK = dict(weights="none", num_workers=0, progress=False, device="cpu")
@@ -269,7 +269,7 @@ def test_unreadable_bank_is_extracted_again_and_repaired(separable, tmp_path, mo
     bank = extract_bank(separable, SMALL, cache_dir=cache, **QUICK)
     features_file = cache / bank.key / "train_features.npy"
     features_file.write_bytes(features_file.read_bytes()[:200])  # truncated
-    with caplog.at_level(logging.WARNING, logger="tune_rice.features"):
+    with caplog.at_level(logging.WARNING, logger="tune_rice.features.bank"):
         again = extract_bank(separable, SMALL, cache_dir=cache, **QUICK)
     assert not again.from_cache and "unreadable" in caplog.text
     assert np.array_equal(again.splits["train"].features, bank.splits["train"].features)

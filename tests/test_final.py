@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from tune_rice import UserError, calibration, final
+from tune_rice import UserError
+from tune_rice.heads import calibration, final
 
 
 def _candidates(seed=0, n=300, c=4, m=8):
@@ -243,7 +244,7 @@ def test_decide_keeps_the_single_best_when_the_ensemble_loses_accuracy():
     assert choice.selection.members == [0, 1]  # the selection took b (lower NLL) ...
     assert choice.valid["ensemble"]["acc"] < choice.valid["single"]["acc"]
     assert choice.deployed == "single" and choice.members == ["a"]  # ... but valid accuracy says no
-    from tune_rice.summary import final_lines
+    from tune_rice.search.summary import final_lines
 
     by_f1 = final.decide(["a", "b"], [z0, z1], y, k=2, rounds=2, metric="valid/macro_f1")
     v = by_f1.valid
@@ -262,8 +263,8 @@ def _right_wrong(pattern, c=3):
 
 
 def _fake_candidates(names, baseline=()):
-    from tune_rice import engine
-    from tune_rice.model import build_head
+    from tune_rice.features.model import build_head
+    from tune_rice.heads import engine
 
     spec = engine.TrialConfig(backbone="resnet18", image_size=32).feature_spec()
     head = build_head("pooled", in_dim=4, n_classes=3, hidden=0, dropout=0.0)
@@ -286,7 +287,7 @@ def test_the_probe_leads_unless_the_best_trial_beats_it_beyond_the_pick(lead_by,
     assert choice.lead["advantage"] == pytest.approx(lead_by / n)
     assert choice.lead["compared"] == 2 and choice.lead["trials"] == 6
     # the record is stats.lead_test's on the two trials, with the 6 the search ran counted
-    from tune_rice import stats
+    from tune_rice.heads import stats
 
     again = stats.lead_test([best, other], probe, y, metric="valid/acc", mode="max", trials_run=6)
     assert choice.lead["p_value"] == pytest.approx(again["p_value"]) and choice.lead["clear"] == (leader == "t0")
@@ -298,9 +299,9 @@ def test_the_probe_leads_unless_the_best_trial_beats_it_beyond_the_pick(lead_by,
     # the report names who was deployed and why the probe led
     import pandas as pd
 
-    from tune_rice.probe import probe_verdict, search_beats_probe
+    from tune_rice.heads.probe import probe_verdict, search_beats_probe
     from tune_rice.records import FinalRecord
-    from tune_rice.report import Experiment, final_lines
+    from tune_rice.tools.report import Experiment, final_lines
 
     record = FinalRecord.from_dict(choice.to_dict())
     md = "\n".join(
@@ -333,7 +334,7 @@ def _scans_dataset(root):
     """Demo greyscale scans (4 classes), split by index within each class (no prepare: small and fixed)."""
     import pandas as pd
 
-    from tune_rice import demo
+    from tune_rice.data import demo
 
     folder = demo.generate_demo(root, per_class=10, size=64, family="scans", workers=1)
     rows = []
@@ -348,14 +349,14 @@ def _scans_dataset(root):
 
 def _tiny_config(**values):
     """A trial on random-init resnet18 features at 32 px, one view (seconds on a CPU)."""
-    from tune_rice import engine
+    from tune_rice.heads import engine
 
     return engine.TrialConfig(backbone="resnet18", image_size=32, views=1, aug_policy="none", **values)
 
 
 def _bank(labels, cfg, tmp_path):
     """``cfg``'s feature bank of ``labels``: random init, on the CPU, cached under ``tmp_path``."""
-    from tune_rice import features
+    from tune_rice.features import bank as features
 
     return features.extract_bank(
         labels,
@@ -373,7 +374,9 @@ def tiny_candidates(request, tmp_path):
     """Six heads trained a few epochs on one resnet18 bank (random init, 32 px), as trials would."""
     from conftest import make_separable_dataset
 
-    from tune_rice import data, engine, features
+    from tune_rice.data import images as data
+    from tune_rice.features import bank as features
+    from tune_rice.heads import engine
 
     labels = (
         make_separable_dataset(tmp_path / "data") if request.param == "colour" else _scans_dataset(tmp_path / "scans")
@@ -393,8 +396,8 @@ def tiny_candidates(request, tmp_path):
 
 
 def test_the_deployed_model_on_images_is_the_choice_made_on_bank_logits(tiny_candidates):
-    from tune_rice.data import build_transform, load_image
-    from tune_rice.engine import split_logits
+    from tune_rice.data.images import build_transform, load_image
+    from tune_rice.heads.engine import split_logits
 
     candidates, banks, table, weights = tiny_candidates
     # A cross-validated trial's fold heads are one candidate: their logits averaged.
@@ -452,8 +455,8 @@ def test_the_deployed_model_on_images_is_the_choice_made_on_bank_logits(tiny_can
 
 
 def test_candidates_from_checkpoint_states_plain_and_cross_validated(separable, tmp_path):
-    from tune_rice import engine
-    from tune_rice.cv import CVHeadRun
+    from tune_rice.heads import engine
+    from tune_rice.heads.cv import CVHeadRun
 
     cfg = _tiny_config(epochs=2, hidden=16)
     bank = _bank(separable, cfg, tmp_path)
@@ -505,9 +508,9 @@ def test_make_final_model_and_its_record_rebuild_the_same_model(tiny_candidates)
     # the members' weights have their own key: "weights" in test_metrics.json is the backbone identity
     assert scores["member_weights"] == fm.choice.weights and "weights" not in scores
     # test figures carry intervals: Wilson for the accuracy, a bootstrap for macro-F1
-    from tune_rice.data import build_transform, load_image
-    from tune_rice.model import Classifier
-    from tune_rice.probe import wilson_interval
+    from tune_rice.data.images import build_transform, load_image
+    from tune_rice.features.model import Classifier
+    from tune_rice.heads.probe import wilson_interval
 
     n = scores["test_count"]
     assert scores["accuracy_interval"] == pytest.approx(list(wilson_interval(round(scores["accuracy"] * n), n)))
@@ -529,7 +532,8 @@ def test_make_final_model_and_its_record_rebuild_the_same_model(tiny_candidates)
 
 
 def test_probes_join_the_candidates_behind_the_single_best(separable, tmp_path):
-    from tune_rice import features, probe
+    from tune_rice.features import bank as features
+    from tune_rice.heads import probe
 
     cfg = _tiny_config(epochs=2, hidden=16)
     bank = _bank(separable, cfg, tmp_path)

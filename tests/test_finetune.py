@@ -14,14 +14,16 @@ import torch
 from conftest import make_separable_dataset
 from torch.utils.data import DataLoader
 
-from tune_rice import UserError, evaluate, export, final, predict
-from tune_rice.data import build_transform, load_image, read_labels, to_model_input
-from tune_rice.engine import TrialConfig
-from tune_rice.features import check_stage_memory, extract_bank, pass_dataset, stage_bank_bytes
-from tune_rice.finetune import StageRun, stage_valid_logits
-from tune_rice.model import build_backbone, load_artifact, read_torchscript, save_artifact
-from tune_rice.space import load_search_space
-from tune_rice.stage import StagePrefix, StageTail, stage_shape
+from tune_rice import UserError
+from tune_rice.data.images import build_transform, load_image, read_labels, to_model_input
+from tune_rice.experiment.space import load_search_space
+from tune_rice.features.bank import check_stage_memory, extract_bank, pass_dataset, stage_bank_bytes
+from tune_rice.features.model import build_backbone, load_artifact, read_torchscript, save_artifact
+from tune_rice.features.stage import StagePrefix, StageTail, stage_shape
+from tune_rice.heads import final
+from tune_rice.heads.engine import TrialConfig
+from tune_rice.heads.finetune import StageRun, stage_valid_logits
+from tune_rice.tools import evaluate, export, predict
 
 CFG = dict(backbone="resnet18", image_size=32, views=2, aug_policy="standard", hidden=0, lr=1e-2, epochs=2, seed=0)
 
@@ -201,8 +203,8 @@ def test_a_tuned_stage_artifact_round_trips_through_predict_and_both_exports(lab
 def test_a_stage_bank_from_shards_is_the_whole_pass(labels, banks):
     """The sharded extraction (shards.py runs these as Ray tasks over the GPUs) assembles the same stage bank
     (at another batch size: equal to float16 rounding) and the same pretrained stage."""
-    from tune_rice.features import assemble_pass, extract_pass_shard, plan_banks, shard_align
-    from tune_rice.shards import plan_shards
+    from tune_rice.features.bank import assemble_pass, extract_pass_shard, plan_banks, shard_align
+    from tune_rice.search.shards import plan_shards
 
     stage, _, _ = banks
     table = read_labels(labels)

@@ -13,7 +13,7 @@ import torchvision
 from torch import nn
 
 from tune_rice import UserError
-from tune_rice.model import (
+from tune_rice.features.model import (
     ARTIFACT_FORMAT,
     Classifier,
     Ensemble,
@@ -133,7 +133,7 @@ def test_hub_cache_is_loaded_weights_only(tmp_path, monkeypatch, caplog):
     torch.save({"conv1.weight": torch.zeros(1), "x": _Evil(marker)}, cached)
     with pytest.raises(UserError, match="--weights"):
         resolve_weights("resnet18", "imagenet")
-    with caplog.at_level(logging.WARNING, logger="tune_rice.model"):
+    with caplog.at_level(logging.WARNING, logger="tune_rice.features.model"):
         assert resolve_weights("resnet18", "auto").identity == "random:seed=0"
     assert not marker.exists()
 
@@ -148,7 +148,7 @@ def test_imagenet_unavailable_offline(tmp_path, monkeypatch, caplog):
     message = str(err.value)
     assert str(cached) in message and "--weights" in message and "\n" not in message
 
-    with caplog.at_level(logging.WARNING, logger="tune_rice.model"):
+    with caplog.at_level(logging.WARNING, logger="tune_rice.features.model"):
         resolved = resolve_weights("resnet18", "auto", seed=0)
     assert resolved.identity == "random:seed=0" and not resolved.pretrained and resolved.state_dict is None
     assert any(r.levelno == logging.WARNING and "RANDOMLY INITIALISED" in r.getMessage() for r in caplog.records)
@@ -431,7 +431,8 @@ def test_a_search_on_user_data_refuses_missing_pretrained_weights_before_any_wor
     --weights auto keeps the fallback, and the demo set's default is auto (it must run offline)."""
     from conftest import SMALL_SPACE, error_line, make_separable_dataset
 
-    from tune_rice import search, tune_glue
+    from tune_rice.search import run as search
+    from tune_rice.search import tune_glue
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
     monkeypatch.setattr(tune_glue, "init_ray", lambda address: pytest.fail("Ray started"))

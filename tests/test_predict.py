@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 import torch
 
-from tune_rice import predict
-from tune_rice.data import build_transform, load_image
-from tune_rice.model import load_artifact
+from tune_rice.data.images import build_transform, load_image
+from tune_rice.features.model import load_artifact
+from tune_rice.tools import predict
 
 # Shared session fixtures (tiny_model, real_search): registered once as a plugin so every module
 # gets the same trained model and the same real search.

@@ -14,8 +14,10 @@ import pytest
 from conftest import error_line
 from PIL import Image, ImageEnhance
 
-from tune_rice import UserError, data, prepare
-from tune_rice.prepare import format_report, prepare_dataset
+from tune_rice import UserError
+from tune_rice.data import images as data
+from tune_rice.data import prepare
+from tune_rice.data.prepare import format_report, prepare_dataset
 
 SIZE = 64
 
@@ -447,7 +449,7 @@ def test_cli_refuses_bad_input_with_one_line_and_writes_nothing(tmp_path, datase
 
 def test_module_entry_point_exit_code(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "tune_rice.prepare", str(tmp_path / "missing")],
+        [sys.executable, "-m", "tune_rice.data.prepare", str(tmp_path / "missing")],
         capture_output=True,
         text=True,
         timeout=120,

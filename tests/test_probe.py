@@ -12,17 +12,10 @@ import torch
 from test_engine import synthetic_bank
 
 from tune_rice import UserError
-from tune_rice.cv import CVHeadRun, HeadStack, bank_folds, fold_heads, fold_split, pooled_view0, resolve_folds
-from tune_rice.engine import TrialConfig, make_criterion, make_optimizer
-from tune_rice.model import build_head
-from tune_rice.probe import (
-    fit_logistic,
-    fit_probe,
-    probe_bank,
-    probe_bank_cv,
-    standardize,
-    wilson_interval,
-)
+from tune_rice.features.model import build_head
+from tune_rice.heads.cv import CVHeadRun, HeadStack, bank_folds, fold_heads, fold_split, pooled_view0, resolve_folds
+from tune_rice.heads.engine import TrialConfig, make_criterion, make_optimizer
+from tune_rice.heads.probe import fit_logistic, fit_probe, probe_bank, probe_bank_cv, standardize, wilson_interval
 
 
 # ------------------------------------------------------------------------------------------ the probe
@@ -47,7 +40,7 @@ def test_class_balanced_probe_matches_scikit_learn_and_is_tried_for_macro_f1():
     x, y = x[keep], y[keep]
     result = fit_probe(x, y, x[:10], y[:10], n_classes=3, Cs=(0.05,), tol=1e-9, metric="macro_f1")
     assert {r["class_balanced"] for r in result.path} == {False, True}
-    from tune_rice.probe import fit_logistic
+    from tune_rice.heads.probe import fit_logistic
 
     z = standardize(result.head, x)
     w, b = fit_logistic(z, torch.as_tensor(y), 3, C=0.05, tol=1e-9, class_balanced=True)
@@ -205,10 +198,10 @@ def test_cv_run_resume_matches_an_uninterrupted_run():
 @pytest.mark.parametrize("family", ["field", "scans"])
 def test_probe_and_folds_on_generated_images(tmp_path, family):
     """Two demo families of different character (colour field photos, greyscale drawings)."""
-    from tune_rice.data import read_labels
-    from tune_rice.demo import generate_demo
-    from tune_rice.features import FeatureSpec, extract_bank
-    from tune_rice.prepare import prepare_dataset
+    from tune_rice.data.demo import generate_demo
+    from tune_rice.data.images import read_labels
+    from tune_rice.data.prepare import prepare_dataset
+    from tune_rice.features.bank import FeatureSpec, extract_bank
 
     folder = generate_demo(tmp_path / family, per_class=12, size=64, family=family, workers=1)
     csv = prepare_dataset(folder, valid_frac=0.25, test_frac=0.15, progress=False, workers=1).labels_csv
@@ -241,8 +234,8 @@ def test_report_puts_the_probe_beside_the_best_trial(tmp_path, probe_value, beat
 
     import pandas as pd
 
-    from tune_rice import stats
-    from tune_rice.report import load_experiment, write_report
+    from tune_rice.heads import stats
+    from tune_rice.tools.report import load_experiment, write_report
 
     rows = [
         {

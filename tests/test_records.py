@@ -50,7 +50,7 @@ def test_one_direction_for_max_and_min(mode):
 
 
 def test_one_cache_root(monkeypatch, tmp_path):
-    from tune_rice import demo
+    from tune_rice.data import demo
 
     monkeypatch.setenv("TUNE_RICE_CACHE", str(tmp_path / "c"))
     assert records.cache_root() == tmp_path / "c" and demo.default_demo_dir() == tmp_path / "c" / "demo"

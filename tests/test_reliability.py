@@ -29,10 +29,14 @@ from PIL import Image
 from search_driver import kill_mid_search, snapshot, terminated, trial_states
 from test_search import _optuna_trials, _scalars, _space, ray_local  # noqa: F401
 
-import tune_rice.data as data
-from tune_rice import audit, features, report, results, search
-from tune_rice.features import FeatureSpec, extract_bank, load_bank
-from tune_rice.model import load_artifact
+import tune_rice.data.images as data
+from tune_rice.features import bank as features
+from tune_rice.features.bank import FeatureSpec, extract_bank, load_bank
+from tune_rice.features.model import load_artifact
+from tune_rice.heads import audit
+from tune_rice.search import results
+from tune_rice.search import run as search
+from tune_rice.tools import report
 
 CLASSES = ("alpha", "beta", "gamma")
 
@@ -510,8 +514,8 @@ _EXTRACT_CHILD = textwrap.dedent("""\
     import sys, time
     from pathlib import Path
     import numpy as np
-    import tune_rice.features as features
-    from tune_rice.features import FeatureSpec, extract_bank
+    import tune_rice.features.bank as features
+    from tune_rice.features.bank import FeatureSpec, extract_bank
 
     labels, cache, mode = sys.argv[1:4]
     if mode == "saving":  # widen the window between the temp folder appearing and its rename

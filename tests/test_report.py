@@ -7,7 +7,8 @@ import json
 import pytest
 from PIL import Image
 
-from tune_rice import UserError, report
+from tune_rice import UserError
+from tune_rice.tools import report
 
 # Shared session fixtures (fake_experiment, real_search): registered once as a plugin so every module
 # gets the same trained model and the same real search.
@@ -118,7 +119,7 @@ def test_report_on_a_real_search(real_search, capsys):
 def test_final_model_section_shows_members_figures_and_the_suggested_threshold(tmp_path, fake_experiment):
     import numpy as np
 
-    from tune_rice import final
+    from tune_rice.heads import final
 
     exp = fake_experiment(tmp_path, n_trials=8, n_errored=0)
     df = __import__("pandas").read_csv(exp / "results.csv", dtype={"trial_id": str})

@@ -15,10 +15,14 @@ import torch
 import torchvision
 from conftest import SMALL_SPACE, error_line, search_argv
 
-from tune_rice import UserError, evaluate, report, results, search, storage, tune_glue
-from tune_rice.engine import TrialConfig
-from tune_rice.model import hub_weights_file, load_artifact, resolve_weights
-from tune_rice.summary import format_summary
+from tune_rice import UserError
+from tune_rice.experiment import storage
+from tune_rice.features.model import hub_weights_file, load_artifact, resolve_weights
+from tune_rice.heads.engine import TrialConfig
+from tune_rice.search import results, tune_glue
+from tune_rice.search import run as search
+from tune_rice.search.summary import format_summary
+from tune_rice.tools import evaluate, report
 
 pytest_plugins = ["helpers_artifacts"]
 
@@ -88,7 +92,7 @@ def test_resume_keeps_random_weights_when_the_cache_now_has_imagenet(separable, 
 def test_the_final_model_is_not_built_on_other_weights_than_its_heads_saw(tmp_path):
     from ray import tune
 
-    from tune_rice.space import load_search_space
+    from tune_rice.experiment.space import load_search_space
 
     (tmp_path / "ckpt").mkdir()
     torch.save(
@@ -115,8 +119,8 @@ def test_the_final_model_is_not_built_on_other_weights_than_its_heads_saw(tmp_pa
 # ---------------------------------------------------------------------------------------- the test read
 def _winner(tiny_model) -> SimpleNamespace:
     """What score_winner uses of results.Winner, around the tiny trained model (``model``: the module)."""
-    from tune_rice.data import preprocessing_spec
-    from tune_rice.model import save_artifact
+    from tune_rice.data.images import preprocessing_spec
+    from tune_rice.features.model import save_artifact
 
     model, meta = load_artifact(tiny_model.model_path)
     cfg = TrialConfig.from_dict(meta["config"])
@@ -141,7 +145,7 @@ def test_a_resume_after_a_started_test_read_refuses_to_score_again(tiny_model, t
     """The mark is on disk and on the URI storage path before the first test image is read; a scoring
     that ends without a result (a bad image here; a kill does the same) leaves it, and --resume, from
     another job's empty working folder, refuses to score again and says how to score deliberately."""
-    from tune_rice.data import read_labels
+    from tune_rice.data.images import read_labels
 
     _no_ray(monkeypatch)
     uri = f"file://{tmp_path / 'bucket'}"
@@ -170,11 +174,11 @@ def test_a_resume_after_a_started_test_read_refuses_to_score_again(tiny_model, t
     assert search.main(["--resume", "--name", "r", "--storage-path", where]) == 2
     err = _one_line_error(capsys)
     assert "began scoring the test split" in err and "not scored again" in err, err
-    assert f"python -m tune_rice.evaluate --model {exp / 'best' / 'model.pt'} --data {tiny_model.labels_csv}" in err
+    assert f"python -m tune_rice evaluate --model {exp / 'best' / 'model.pt'} --data {tiny_model.labels_csv}" in err
 
 
 def test_test_results_reach_the_storage_uri_as_soon_as_they_exist(tiny_model, tmp_path, monkeypatch):
-    from tune_rice.data import read_labels
+    from tune_rice.data.images import read_labels
 
     monkeypatch.chdir(tmp_path)
     where, exp = _started_experiment(

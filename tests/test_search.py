@@ -23,10 +23,12 @@ from helpers_study import assert_study_matches_results
 from search_driver import kill_mid_search, terminated, trial_states
 from torch.utils.tensorboard import SummaryWriter
 
-from tune_rice import audit, search, tune_glue
-from tune_rice.data import build_transform, load_image, read_labels
-from tune_rice.model import load_artifact
-from tune_rice.study import load_study
+from tune_rice.data.images import build_transform, load_image, read_labels
+from tune_rice.experiment.study import load_study
+from tune_rice.features.model import load_artifact
+from tune_rice.heads import audit
+from tune_rice.search import run as search
+from tune_rice.search import tune_glue
 
 ray = pytest.importorskip("ray")
 
@@ -53,8 +55,8 @@ def _worker_hook(trace: str, control: str):
         import json
         from pathlib import Path
 
-        import tune_rice.data as data
-        from tune_rice.engine import HeadRun
+        import tune_rice.data.images as data
+        from tune_rice.heads.engine import HeadRun
 
         load_image, step = data.load_image, HeadRun.step
 
@@ -556,7 +558,7 @@ def test_an_unreadable_test_image_keeps_the_best_model(ray_local, tmp_path, caps
     # the test split was opened once: a resume does not score it again, and says how to score deliberately
     assert search.main(["--resume", "--name", "broken", "--storage-path", str(storage)]) == 2
     err = error_line(capsys.readouterr().err)
-    assert "began scoring the test split" in err and "python -m tune_rice.evaluate" in err, err
+    assert "began scoring the test split" in err and "python -m tune_rice evaluate" in err, err
     assert not (exp / "test_metrics.json").exists()
 
     # A search killed after its final model was saved, before the test read began, has no mark (removed

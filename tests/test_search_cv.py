@@ -14,11 +14,11 @@ from conftest import local_ray, make_separable_dataset, search_argv
 from search_driver import kill_mid_search, terminated
 from test_engine import synthetic_bank
 
-from tune_rice import search
-from tune_rice.cv import CVHeadRun
-from tune_rice.data import build_transform, load_image, read_labels
-from tune_rice.engine import TrialConfig
-from tune_rice.model import Ensemble, load_artifact
+from tune_rice.data.images import build_transform, load_image, read_labels
+from tune_rice.features.model import Ensemble, load_artifact
+from tune_rice.heads.cv import CVHeadRun
+from tune_rice.heads.engine import TrialConfig
+from tune_rice.search import run as search
 
 SPACE = """\
 metric: valid/acc
@@ -124,7 +124,7 @@ def test_cv_search_end_to_end_with_resume(ray_local, labels, tmp_path):
 def test_a_cv_trial_deploys_its_fold_heads_averaged():
     """The final model's candidate for a cross-validated checkpoint: its K fold heads (averaged) and the
     out-of-fold logits of that epoch, on which the choice is made."""
-    from tune_rice import final
+    from tune_rice.heads import final
 
     bank = synthetic_bank(n_train=40, n_valid=20, d=16)
     folds = (np.arange(60) // 3) % 3

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from conftest import local_ray, make_separable_dataset, search_argv
 
-from tune_rice import search
+from tune_rice.search import run as search
 
 ray = pytest.importorskip("ray")
 
@@ -43,7 +43,7 @@ def _timing_hook(log: str, seconds: float):
         import time
         from pathlib import Path
 
-        from tune_rice.engine import HeadRun
+        from tune_rice.heads.engine import HeadRun
 
         step = HeadRun.step
         started = Path(log + ".started")

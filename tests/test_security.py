@@ -25,10 +25,12 @@ import torch
 from conftest import SMALL_SPACE, search_argv
 
 import tune_rice
-from tune_rice import evaluate, export, search, tune_glue
+from tune_rice.search import run as search
+from tune_rice.search import tune_glue
+from tune_rice.tools import evaluate, export
 
 PACKAGE = Path(tune_rice.__file__).resolve().parent
-SOURCES = sorted(PACKAGE.glob("*.py"))
+SOURCES = sorted(PACKAGE.rglob("*.py"))
 
 
 class _Evil:
@@ -49,7 +51,7 @@ def _calls(predicate):
             if isinstance(node, ast.Call):
                 name = ast.unparse(node.func)
                 if predicate(name):
-                    found.append((f"{path.name}:{node.lineno}", name, node))
+                    found.append((f"{path.relative_to(PACKAGE).as_posix()}:{node.lineno}", name, node))
     return found
 
 
@@ -66,7 +68,7 @@ def _is_true(value) -> bool:
 
 # ----------------------------------------------------------------------------------- source checks
 def test_the_package_is_parsed():
-    assert len(SOURCES) >= 10 and any(p.name == "search.py" for p in SOURCES)
+    assert len(SOURCES) >= 10 and any(p.name == "run.py" for p in SOURCES)
 
 
 def test_every_torch_load_is_weights_only():
@@ -119,10 +121,10 @@ def test_no_other_unsafe_deserialisation():
     # TorchScript archives carry their own code: loaded in one documented place only (model.py's
     # read_torchscript, for --model with an export; its docstring tells to load only exports you trust)
     jit = _calls(lambda n: n == "torch.jit.load")
-    assert [w.split(":")[0] for w, _, _ in jit] == ["model.py"]
+    assert [w.split(":")[0] for w, _, _ in jit] == ["features/model.py"]
     # Tune's experiment state is unpickled by Tuner.restore: only on --resume of the user's own --name
     restores = _calls(lambda n: n.endswith("Tuner.restore"))
-    assert [w.split(":")[0] for w, _, _ in restores] == ["search.py"]
+    assert [w.split(":")[0] for w, _, _ in restores] == ["search/run.py"]
 
 
 # ---------------------------------------------------------------------------------- planted pickles
@@ -206,7 +208,7 @@ def test_local_ray_is_started_without_a_dashboard(monkeypatch):
 _LISTENERS_CHILD = textwrap.dedent("""\
     import json, os, sys
     from pathlib import Path
-    from tune_rice import tune_glue
+    from tune_rice.search import tune_glue
     tune_glue.init_ray(None)
     import ray
     ray.get(ray.remote(lambda: 1).remote())  # a worker process up, as in a search

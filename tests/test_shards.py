@@ -21,8 +21,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from local_cluster import LocalCluster  # noqa: E402
 
-from tune_rice.data import read_labels  # noqa: E402
-from tune_rice.features import (  # noqa: E402
+from tune_rice.data.images import read_labels  # noqa: E402
+from tune_rice.features.bank import (  # noqa: E402
     FeatureSpec,
     assemble_pass,
     extract_banks,
@@ -31,7 +31,7 @@ from tune_rice.features import (  # noqa: E402
     plan_banks,
     shard_align,
 )
-from tune_rice.model import resolve_weights  # noqa: E402
+from tune_rice.features.model import resolve_weights  # noqa: E402
 
 ray = pytest.importorskip("ray")
 
@@ -43,7 +43,7 @@ SPECS = [
 
 
 def test_shard_ranges_start_on_batch_boundaries_and_cover_every_image():
-    from tune_rice.shards import plan_shards
+    from tune_rice.search.shards import plan_shards
 
     for n, align, k in [(37, 4, 4), (8, 4, 16), (1000, 32, 3), (5, 8, 2)]:
         ranges = plan_shards(n, align, k)
@@ -54,8 +54,8 @@ def test_shard_ranges_start_on_batch_boundaries_and_cover_every_image():
 
 
 def _dataset(root: Path, family: str) -> Path:
-    from tune_rice.demo import generate_demo
-    from tune_rice.prepare import prepare_dataset
+    from tune_rice.data.demo import generate_demo
+    from tune_rice.data.prepare import prepare_dataset
 
     folder = generate_demo(root / family, per_class=4, size=48, seed=0, family=family, workers=1)
     return prepare_dataset(folder, progress=False, allow_small_classes=True, workers=1).labels_csv
@@ -77,7 +77,7 @@ def torch_threads(n: int):
 
 @pytest.mark.parametrize("family", ["field", "scans"])
 def test_shards_of_every_pass_assemble_into_the_whole_pass_bit_for_bit(tmp_path, family):
-    from tune_rice.shards import plan_shards
+    from tune_rice.search.shards import plan_shards
 
     batch = 2  # so that every split of these few images makes several shards
     table = read_labels(_dataset(tmp_path, family))
@@ -124,10 +124,10 @@ import json, logging, sys
 from pathlib import Path
 import numpy as np
 import ray
-from tune_rice.data import read_labels
-from tune_rice.features import FeatureSpec
-from tune_rice.model import resolve_weights
-from tune_rice.shards import BankRef, extract_banks_sharded
+from tune_rice.data.images import read_labels
+from tune_rice.features.bank import FeatureSpec
+from tune_rice.features.model import resolve_weights
+from tune_rice.search.shards import BankRef, extract_banks_sharded
 
 labels, cache, out, batch = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
 specs = [FeatureSpec(**s) for s in json.loads(sys.argv[5])]

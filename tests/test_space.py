@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tune_rice import UserError
-from tune_rice.space import FEATURE_PARAMS, SPACES_DIR, load_search_space, searchable_params
+from tune_rice.experiment.space import FEATURE_PARAMS, SPACES_DIR, load_search_space, searchable_params
 
 BASE = "params:\n  backbone: resnet18\n  image_size: 32\n"
 
@@ -116,7 +116,7 @@ def test_space_metric_mode_and_constants(tmp_path):
     assert space.constants == {"backbone": "resnet18", "image_size": 32}
     assert space.tune_space()["backbone"] == "resnet18"
     # --metric overrides the file's metric (higher is better); nothing else changes
-    from tune_rice.space import with_metric
+    from tune_rice.experiment.space import with_metric
 
     f1 = with_metric(space, "macro_f1")
     assert (f1.metric, f1.mode, f1.max_epochs, f1.constants) == ("valid/macro_f1", "max", 3, space.constants)
@@ -127,7 +127,7 @@ def test_space_metric_mode_and_constants(tmp_path):
 
 @pytest.mark.parametrize("name", ["default", "quick", "zoo"])
 def test_bundled_spaces_search_class_balancing_and_start_from_a_linear_head(name):
-    from tune_rice.space import linear_point
+    from tune_rice.experiment.space import linear_point
 
     space = load_search_space(name)
     assert space.distributions["class_balanced"] == ("choice", [False, True])
@@ -137,7 +137,7 @@ def test_bundled_spaces_search_class_balancing_and_start_from_a_linear_head(name
 
 
 def test_no_linear_point_where_the_space_has_no_linear_head(tmp_path):
-    from tune_rice.space import linear_point
+    from tune_rice.experiment.space import linear_point
 
     assert linear_point(load_search_space(_write(tmp_path, BASE + "  hidden: {choice: [32, 64]}\n"))) == {}
     assert linear_point(load_search_space(_write(tmp_path, BASE + "  lr: {loguniform: [1.0e-3, 1.0e-2]}\n"))) == {}
@@ -225,7 +225,7 @@ def test_bad_file_structure_names_the_file(tmp_path, text, words):
 
 
 def test_search_cli_reports_a_bad_space_as_one_line(tmp_path, capsys, separable):
-    from tune_rice import search
+    from tune_rice.search import run as search
 
     bad = _write(tmp_path, BASE + "  lr: {normal: [0, 1]}\n")
     rc = search.main(

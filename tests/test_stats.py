@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tune_rice import stats
+from tune_rice.heads import stats
 
 
 def _right_wrong(pattern, c=3):

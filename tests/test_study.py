@@ -8,8 +8,8 @@ import pytest
 from conftest import local_ray
 from helpers_study import assert_study_matches_results, head_step_hook, run_small_search
 
-from tune_rice.report import importances, load_experiment
-from tune_rice.study import load_study
+from tune_rice.experiment.study import load_study
+from tune_rice.tools.report import importances, load_experiment
 
 ray = pytest.importorskip("ray")
 

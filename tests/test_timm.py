@@ -11,7 +11,9 @@ import pandas as pd
 import pytest
 import torch
 
-from tune_rice import UserError, backbones, cli, features, model, timm_zoo
+from tune_rice import UserError, cli
+from tune_rice.features import backbones, model, timm_zoo
+from tune_rice.features import bank as features
 
 timm = pytest.importorskip("timm")
 
@@ -159,7 +161,7 @@ def test_the_artifact_the_exports_and_the_maps_of_a_timm_model(value, tmp_path, 
     (each checked against the model by export itself), and explain draws its maps."""
     from PIL import Image
 
-    from tune_rice import explain, export, predict
+    from tune_rice.tools import explain, export, predict
 
     backbone, resolved = model.build_backbone(value, weights="none", seed=0)
     torch.manual_seed(0)

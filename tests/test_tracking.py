@@ -13,7 +13,9 @@ import pandas as pd
 import pytest
 from conftest import SMALL_SPACE, error_line, local_ray, make_separable_dataset, search_argv
 
-from tune_rice import UserError, search, tracking
+from tune_rice import UserError
+from tune_rice.search import run as search
+from tune_rice.search import tracking
 
 ray = pytest.importorskip("ray")
 mlflow = pytest.importorskip("mlflow")

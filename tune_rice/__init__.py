@@ -1,11 +1,13 @@
 """tune-rice: hyperparameter search for frozen-backbone image classifiers.
 
-The core (``data``, ``prepare``, ``model``, ``features``, ``engine``) runs without Ray;
-``space``, ``trainable`` and ``search`` put it on Ray Tune.
+One folder per stage of the flow (docs/architecture.md): ``data`` (images in, labels.csv out),
+``features`` (frozen backbones and their banks), ``heads`` (training and choosing on banks),
+``experiment`` (what a search leaves on disk), ``tools`` (predict, evaluate, explain, report, export) and
+``search`` (Ray Tune). Only ``search`` imports Ray.
 
 From Python: ``tune_rice.search(data=..., num_samples=30, **options)`` runs a search (the ``search``
-module, callable) and ``tune_rice.load(path)`` loads its model (``api.py``); both are imported on first
-use, so ``import tune_rice`` stays light.
+package is callable) and ``tune_rice.load(path)`` loads its model (``tools/api.py``); both are imported
+on first use, so ``import tune_rice`` stays light.
 """
 
 __version__ = "0.1.0"
@@ -21,7 +23,7 @@ def __getattr__(name: str):
 
         return importlib.import_module(f"{__name__}.search")
     if name == "load":
-        from .api import load
+        from .tools.api import load
 
         return load
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -29,6 +29,18 @@ TOOLS = {
     "export": "export a trained model to TorchScript or ONNX",
     "backbones": "list the usable backbones and their weights (offline)",
 }
+# Where each tool's main() lives: the folders follow the flow (data, features, heads, experiment, tools, search).
+TOOL_MODULES = {
+    "search": "tune_rice.search.run",
+    "prepare": "tune_rice.data.prepare",
+    "demo": "tune_rice.data.demo",
+    "predict": "tune_rice.tools.predict",
+    "explain": "tune_rice.tools.explain",
+    "evaluate": "tune_rice.tools.evaluate",
+    "report": "tune_rice.tools.report",
+    "export": "tune_rice.tools.export",
+    "backbones": "tune_rice.features.backbones",
+}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -136,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"\nerror: {unknown_tool(argv[0])}", file=sys.stderr)
             return 2
         return 0
-    module = importlib.import_module(f"tune_rice.{argv[0]}")
+    module = importlib.import_module(TOOL_MODULES[argv[0]])
     os.environ.setdefault("TUNE_RICE_PROG", f"tune-rice {argv[0]}")
     return module.main(argv[1:])
 

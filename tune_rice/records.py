@@ -128,7 +128,7 @@ class _Record:
 
 @dataclass
 class FinalRecord(_Record):
-    """final.json: the deployed model's choice on valid (``tune_rice.final.FinalChoice.to_dict``), the
+    """final.json: the deployed model's choice on valid (``tune_rice.heads.final.FinalChoice.to_dict``), the
     candidates' names, scores and settings, the ensemble size asked for and the seconds it took. Files
     from older versions may lack fields: they keep the defaults."""
 

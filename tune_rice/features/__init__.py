@@ -1,0 +1,1 @@
+"""Frozen backbones (torchvision and timm) and the feature banks they fill."""
