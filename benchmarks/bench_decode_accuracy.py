@@ -31,11 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from photos import demo_train, describe, parse_size, photo_set  # noqa: E402
+from photos import demo_train, describe, full_size_decode, parse_size, photo_set  # noqa: E402
 from run_info import run_info  # noqa: E402
 
-from tune_rice.data import images as data  # noqa: E402
-from tune_rice.data.images import FULL_DECODE, read_labels  # noqa: E402
+from tune_rice.data.images import read_labels  # noqa: E402
 from tune_rice.features.bank import FeatureSpec, extract_bank  # noqa: E402
 from tune_rice.heads.probe import fit_probe, wilson_interval  # noqa: E402
 from tune_rice.heads.stats import mcnemar  # noqa: E402
@@ -46,25 +45,19 @@ BACKBONES = {"lite0": (LITE0, 224, "Lite0 ImageNet"), "resnet18": ("resnet18", 1
 
 def bank_for(csv: Path, spec: FeatureSpec, weights: str, *, full_size: bool, workers: int):
     """A fresh bank (a cache folder of its own); ``full_size``: every file decoded at full size."""
-    real = data.decode_for
-    if full_size:
-        data.decode_for = lambda pre, policy=None: FULL_DECODE  # loader workers fork after this: they see it
-    try:
-        with tempfile.TemporaryDirectory() as cache:
-            t0 = time.perf_counter()
-            bank = extract_bank(
-                csv,
-                spec,
-                weights=weights,
-                splits=("train", "valid"),
-                cache_dir=cache,
-                num_workers=workers,
-                device=torch.device("cpu"),
-                progress=False,
-            )
-            return bank, time.perf_counter() - t0
-    finally:
-        data.decode_for = real
+    with full_size_decode(full_size), tempfile.TemporaryDirectory() as cache:
+        t0 = time.perf_counter()
+        bank = extract_bank(
+            csv,
+            spec,
+            weights=weights,
+            splits=("train", "valid"),
+            cache_dir=cache,
+            num_workers=workers,
+            device=torch.device("cpu"),
+            progress=False,
+        )
+        return bank, time.perf_counter() - t0
 
 
 def probes(bank) -> dict:

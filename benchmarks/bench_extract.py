@@ -37,6 +37,8 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from photos import full_size_decode  # noqa: E402
+
 from tune_rice.data import images as data  # noqa: E402
 from tune_rice.data.images import FULL_DECODE, ImageDataset, build_transform, load_image, read_labels, to_model_input  # noqa: E402
 from tune_rice.devices import loader_workers, resolve_device  # noqa: E402
@@ -401,27 +403,21 @@ def photo_sizes(args, device) -> dict:
 
 def wall_extract(csv, spec, device, batch_size: int, workers: int, *, full_size: bool) -> float:
     """Seconds of a fresh extract_bank (train split, a new cache folder) as a search would run it;
-    ``full_size``: with every file decoded at full size (data.decode_for replaced for the run)."""
-    real = data.decode_for
-    if full_size:
-        data.decode_for = lambda pre, policy=None: FULL_DECODE  # loader workers fork after this: they see it
-    try:
-        with tempfile.TemporaryDirectory() as cache:
-            t0 = time.perf_counter()
-            extract_bank(
-                csv,
-                spec,
-                weights="none",
-                splits=("train",),
-                cache_dir=cache,
-                device=device,
-                batch_size=batch_size,
-                num_workers=workers,
-                progress=False,
-            )
-            return time.perf_counter() - t0
-    finally:
-        data.decode_for = real
+    ``full_size``: with every file decoded at full size (photos.full_size_decode)."""
+    with full_size_decode(full_size), tempfile.TemporaryDirectory() as cache:
+        t0 = time.perf_counter()
+        extract_bank(
+            csv,
+            spec,
+            weights="none",
+            splits=("train",),
+            cache_dir=cache,
+            device=device,
+            batch_size=batch_size,
+            num_workers=workers,
+            progress=False,
+        )
+        return time.perf_counter() - t0
 
 
 def main() -> int:

@@ -14,6 +14,7 @@ The images are generated once into a cache folder (``$TUNE_RICE_CACHE/bench_phot
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
 import sys
@@ -151,6 +152,22 @@ def _make_photo(i: int, rel: str) -> None:
     tmp = target.with_name(f".{target.name}.tmp")
     Image.fromarray(noisy).save(tmp, format="JPEG", quality=quality)
     os.replace(tmp, target)  # a set cut short leaves no half-written photo
+
+
+@contextlib.contextmanager
+def full_size_decode(enabled: bool = True):
+    """While inside (and ``enabled``), every file is decoded at full size and the views cut from it: the
+    reading path before the sized decode (``images.decode_for`` replaced; loader workers fork inside, so
+    they see it too)."""
+    from tune_rice.data import images
+
+    real = images.decode_for
+    if enabled:
+        images.decode_for = lambda pre, policy=None: images.FULL_DECODE
+    try:
+        yield
+    finally:
+        images.decode_for = real
 
 
 def describe(csv: Path) -> dict:
