@@ -10,13 +10,14 @@
 #      fractional GPUs (results.csv records each trial's device and GPU ids).
 # Runs from the source tree (PYTHONPATH), --weights none, a demo set generated on the spot.
 # Tiny CPU setting for tests: DEVICE=cpu SAMPLES=2 PER_CLASS=8 EPOCHS=2 BACKBONE=resnet18 SIZE=32
-#   PHOTOS="256 320x240" PHOTO_IMAGES=8 PHOTO_DISTINCT=4
+#   PHOTOS="256 320x240" PHOTO_IMAGES=8 PHOTO_DISTINCT=4 MODES=on
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TUNE_RICE_OFFLINE=1
 DEVICE=${DEVICE:-cuda}; SAMPLES=${SAMPLES:-30}; PER_CLASS=${PER_CLASS:-200}
 BACKBONE=${BACKBONE:-resnet34}; SIZE=${SIZE:-224}; EPOCHS=${EPOCHS:-}
 PHOTOS=${PHOTOS:-256 2mp 12mp}; VIEWS=${VIEWS:-4}; PHOTO_IMAGES=${PHOTO_IMAGES:-4096}; PHOTO_DISTINCT=${PHOTO_DISTINCT:-256}
+MODES=${MODES:-on off}  # the searches of step 3: with the bank, without it
 OUT=${OUT:-${TMPDIR:-/tmp}/tune-rice-gpu-check}
 mkdir -p "$OUT"
 export TUNE_RICE_CACHE="$OUT/cache"
@@ -37,7 +38,8 @@ $PY benchmarks/bench_extract.py --device "$DEVICE" --backbone "$BACKBONE" --imag
     --batch-size 256 --per-class "$PER_CLASS" --photos $PHOTOS --views "$VIEWS" --images "$PHOTO_IMAGES" \
     --distinct "$PHOTO_DISTINCT" --wall-images 0 --feature-shift 0 --gpu-decode --out "$OUT/photos.json"
 # One JSON per mode, the bank first: a run cut short by a time limit still leaves the finished mode's figures.
-for mode in on off; do
+# shellcheck disable=SC2086  # MODES is a list of modes
+for mode in $MODES; do
   $PY benchmarks/bench_search.py --space quick --num-samples "$SAMPLES" --per-class "$PER_CLASS" --modes "$mode" \
       --work "$OUT/search" "${GPU_ARGS[@]}" "${EPOCH_ARGS[@]}" --out "$OUT/search_$mode.json"
 done

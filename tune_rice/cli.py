@@ -20,11 +20,11 @@ from . import UserError, __version__
 
 TOOLS = {
     "search": "run a hyperparameter search (the main job)",
-    "prepare": "scan class folders and write labels.csv with a leakage-safe split",
+    "prepare": "read class folders, a CSV or a pre-split tree; write labels.csv with a leakage-safe split",
     "demo": "generate the synthetic rice-leaf dataset",
     "predict": "classify new images with a trained model",
     "explain": "show where a trained model finds its evidence (class activation maps)",
-    "evaluate": "score a trained model on a labelled split",
+    "evaluate": "score a trained model on labelled images (a split, all of them, or another set)",
     "report": "write plots and tables for a finished search",
     "export": "export a trained model to TorchScript or ONNX",
     "backbones": "list the usable backbones and their weights (offline)",
