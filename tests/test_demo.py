@@ -324,6 +324,22 @@ def test_old_marker_without_family_is_a_field_set(small, tmp_path):
         demo.generate_demo(old, per_class=8, size=SIZE, seed=0, family="plain")
 
 
+def test_a_set_made_by_an_earlier_release_is_still_ready(small, tmp_path):
+    """The marker of a set generated before the package's folders moved (its id and fields as written then)
+    is the marker generated now: the cached demo set is reused, not refused."""
+    import shutil
+
+    old = tmp_path / "earlier"
+    shutil.copytree(small, old)
+    marker = _marker(old)
+    assert {k: marker[k] for k in ("generator", "format", "family")} == {
+        "generator": "tune_rice.demo",
+        "format": 1,
+        "family": "field",
+    }
+    assert demo.generate_demo(old, per_class=8, size=SIZE, seed=0) == old
+
+
 def test_family_names_and_cli(tmp_path, capsys, monkeypatch):
     with pytest.raises(UserError, match="unknown image family 'photos'.*field, plain, scans"):
         demo.generate_demo(tmp_path / "x", per_class=2, size=SIZE, family="photos")

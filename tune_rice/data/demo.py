@@ -67,6 +67,7 @@ PREFIXES = {"BrownSpot": "bs", "Healthy": "he", "Hispa": "hi", "LeafBlast": "lb"
 DUPLICATE_FRACTION = 0.02
 MARKER = ".tune_rice_demo.json"
 FORMAT = 1  # bump when the pictures change, so an old cached dataset is not taken for a new one
+GENERATOR = "tune_rice.demo"  # the marker's maker: an id kept as written, not this module's path
 MAX_PER_CLASS = 100_000
 # The kinds of picture: the same classes and marks, in three settings of different character.
 FAMILIES = {
@@ -654,7 +655,7 @@ def _render_star(args):
 # ---------------------------------------------------------------------------------- the dataset folder
 def _params(per_class: int, size: int, seed: int, family: str = DEFAULT_FAMILY) -> dict:
     return {
-        "generator": "tune_rice.data.demo",
+        "generator": GENERATOR,
         "format": FORMAT,
         "family": family,
         "per_class": per_class,
