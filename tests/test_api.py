@@ -210,6 +210,7 @@ def test_the_ledger_counts_test_reads_across_tools_and_extend_grows_the_search(f
     assert (
         "this test split has now been read 4 times" in summary and "--extend added 1 trial to the earlier 2" in summary
     )
+    assert "TEST (scored once here; the split's read 4 in all, " in summary  # not 'scored once' alone
     after = pd.read_csv(result.path / "results.csv").query("kind == 'trial'")
     assert len(after) == 3 and set(before["trial_id"]) < set(after["trial_id"])  # the old trials kept
     study = load_study(result.path)

@@ -309,6 +309,7 @@ def run_search(config: SearchConfig) -> dict:
         net = feature_network(data_audit, winner.fm.single_best.spec.preprocessing)
         test = score_winner(winner, table, paths, features=net)
         reads = record_test_read(table, "extend" if config.extend else "search", paths)
+        test["test_reads"] = reads  # the summary's TEST line says when this is not the split's first read
     with clock("test audit"):
         audit_lines = audit_test_split(
             data_audit, table, test.pop("predictions", None), test.pop("features", None), paths

@@ -96,7 +96,9 @@ def scored_test_lines(test: dict) -> list[str]:
     what = final.deployed_label(test)
     cal = test.get("calibration")
     ece = f", ECE {cal['before']['ece']:.3f} -> {cal['after']['ece']:.3f} with the temperature" if cal else ""
-    lines = [f"TEST (scored once, {what}): {final.test_figures(test)} on {test['test_count']} images{ece}"]
+    reads = test.get("test_reads") or 1
+    once = "scored once" if reads <= 1 else f"scored once here; the split's read {reads} in all"
+    lines = [f"TEST ({once}, {what}): {final.test_figures(test)} on {test['test_count']} images{ece}"]
     for which in ("single_best", "ensemble"):
         other = test.get(which)
         if other and not other.get("deployed"):
